@@ -1,0 +1,291 @@
+// CPU kernel of partial_attn: exact attention for an arbitrary set of query positions against a (possibly
+// compressed) KV cache. Flash-style: queries are sorted by position and tiled with the query heads of one KV head
+// (GQA shares each packed K/V tile), keys stream through in tiles with an online softmax, so no Nq x Nk score
+// matrix exists. KV tiles that no query of a tile can see are skipped; tiles every query sees fully skip the mask.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <vector>
+
+#include "../checks.h"
+
+namespace semshare {
+namespace {
+
+// 8 fp32 lanes through the compiler's vector extension: AVX2 + FMA where the build targets it (setup.py), plain
+// SSE pairs elsewhere. Kept in registers by the compiler, unlike arrays indexed at run time.
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf8_unaligned __attribute__((vector_size(32), aligned(4)));
+
+constexpr int64_t kBlockK = 64;       // keys per tile: 8 vectors, one row of S in 8 accumulators
+constexpr int64_t kRows = 64;         // target rows (query x head-in-group) per query tile
+constexpr int64_t kVChunk = 32;       // V columns per accumulator block: 4 vectors
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline vf8 splat(float x) { return vf8{x, x, x, x, x, x, x, x}; }
+
+// exp for the softmax, vectorisable (std::exp is not without -ffast-math). Cephes' expf: range reduction by
+// ln 2 in two parts, degree-6 polynomial, exponent by bit assembly; about 1 ulp over the range used here.
+// exp(-inf) and anything below the fp32 normal range give exactly 0, so masked keys add nothing.
+inline float fast_exp(float x) {
+  const float xc = std::max(x, -87.0f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : y * scale;
+}
+
+struct AlignedBuffer {
+  std::unique_ptr<float, decltype(&std::free)> ptr{nullptr, &std::free};
+  explicit AlignedBuffer(int64_t n) {
+    const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(n, 16)) * sizeof(float) + 63) / 64) * 64;
+    ptr.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+    TORCH_CHECK(ptr, "partial_attn: out of memory for a ", bytes, "-byte tile buffer");
+  }
+  float* get() const { return ptr.get(); }
+};
+
+// One unit of work: the queries sorted[q_begin, q_end) of sequence b, with every query head of KV head g.
+struct WorkItem {
+  int64_t b, g, q_begin, q_end, cost;
+};
+
+template <typename scalar_t>
+void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& q_pos, const std::optional<at::Tensor>& kv_pos, at::Tensor& out,
+                         at::Tensor& lse) {
+  const int64_t D = s.head_dim, Dv = s.v_head_dim, G = s.q_heads / s.kv_heads;
+  const int64_t Dvp = (Dv + kVChunk - 1) / kVChunk * kVChunk;  // V and O rows padded to whole accumulator blocks
+  const float scale = static_cast<float>(s.scale);
+
+  const at::Tensor qpos_c = q_pos.contiguous();
+  const int64_t* qpos = qpos_c.data_ptr<int64_t>();
+  at::Tensor kvpos_c;
+  const int64_t* kvpos = nullptr;
+  if (kv_pos.has_value()) {
+    kvpos_c = kv_pos->contiguous();
+    kvpos = kvpos_c.data_ptr<int64_t>();
+  }
+
+  // Queries of each sequence in position order: a tile's visible keys then end at its last query's position.
+  std::vector<int64_t> order(s.nq);
+  std::iota(order.begin(), order.end(), 0);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    std::stable_sort(order.begin() + s.cu_q[b], order.begin() + s.cu_q[b + 1],
+                     [&](int64_t a, int64_t c) { return qpos[a] < qpos[c]; });
+  }
+
+  const int64_t tile_q = std::max<int64_t>(1, kRows / G);
+  std::vector<WorkItem> items;
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int64_t nk_b = s.cu_k[b + 1] - s.cu_k[b];
+    for (int64_t t = s.cu_q[b]; t < s.cu_q[b + 1]; t += tile_q) {
+      const int64_t t_end = std::min(t + tile_q, s.cu_q[b + 1]);
+      // Cost estimate for scheduling: keys up to the tile's last position (exact without compression).
+      const int64_t reach = kvpos ? nk_b : std::min(nk_b, std::max<int64_t>(0, qpos[order[t_end - 1]] + 1));
+      for (int64_t g = 0; g < s.kv_heads; ++g) items.push_back({b, g, t, t_end, (t_end - t) * (reach + kBlockK)});
+    }
+  }
+  // Longest first, then handed out one at a time: causal tiles differ in cost by up to Nk / kBlockK times.
+  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& c) { return a.cost > c.cost; });
+
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  float* lp = lse.data_ptr<float>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1);
+  const int64_t os0 = out.stride(0), os1 = out.stride(1);
+
+  std::atomic<int64_t> next{0};
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n_items, 1));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const int64_t rows_max = tile_q * G;
+    AlignedBuffer qbuf(rows_max * D), kt(D * kBlockK), vbuf(kBlockK * Dvp), sbuf(rows_max * kBlockK),
+        obuf(rows_max * Dvp), mbuf(rows_max), lbuf(rows_max);
+    std::vector<int64_t> tile_qpos(tile_q), key_pos(kBlockK);
+    float* Q = qbuf.get();
+    float* Kt = kt.get();
+    float* V = vbuf.get();
+    float* S = sbuf.get();
+    float* O = obuf.get();
+    float* M = mbuf.get();
+    float* L = lbuf.get();
+
+    for (int64_t it = next++; it < n_items; it = next++) {
+      const WorkItem& w = items[it];
+      const int64_t nq = w.q_end - w.q_begin, rows = nq * G;
+      const int64_t k0 = s.cu_k[w.b], k1 = s.cu_k[w.b + 1];
+
+      // Q rows (query r, head-in-group hh) -> row r * G + hh, in fp32 with the softmax scale folded in.
+      for (int64_t r = 0; r < nq; ++r) {
+        const int64_t i = order[w.q_begin + r];
+        tile_qpos[r] = qpos[i];
+        for (int64_t hh = 0; hh < G; ++hh) {
+          const scalar_t* src = qp + i * qs0 + (w.g * G + hh) * qs1;
+          float* dst = Q + (r * G + hh) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * scale;
+        }
+      }
+      std::fill(O, O + rows * Dvp, 0.0f);
+      std::fill(M, M + rows, kNegInf);
+      std::fill(L, L + rows, 0.0f);
+      const int64_t q_min = tile_qpos[0], q_max = tile_qpos[nq - 1];
+
+      for (int64_t j0 = k0; j0 < k1; j0 += kBlockK) {
+        const int64_t nk = std::min(kBlockK, k1 - j0);
+        int64_t pos_min = std::numeric_limits<int64_t>::max(), pos_max = std::numeric_limits<int64_t>::min();
+        bool all_present = nk == kBlockK;
+        for (int64_t j = 0; j < kBlockK; ++j) {
+          const int64_t p = j < nk ? (kvpos ? kvpos[j0 + j] : j0 + j - k0) : -1;
+          key_pos[j] = p;
+          if (p < 0) {
+            all_present = false;
+          } else {
+            pos_min = std::min(pos_min, p);
+            pos_max = std::max(pos_max, p);
+          }
+        }
+        if (pos_min > q_max) continue;  // no query of the tile sees any key of this tile (or none is present)
+        const bool need_mask = !(all_present && pos_max <= q_min);
+
+        // Pack K transposed (Kt[d][j]) and V (V[j][e]) in fp32; padding keys and columns are zero.
+        for (int64_t j = 0; j < kBlockK; ++j) {
+          if (j < nk) {
+            const scalar_t* kr = kp + (j0 + j) * ks0 + w.g * ks1;
+            for (int64_t d = 0; d < D; ++d) Kt[d * kBlockK + j] = static_cast<float>(kr[d]);
+            const scalar_t* vr = vp + (j0 + j) * vs0 + w.g * vs1;
+            float* vrow = V + j * Dvp;
+            for (int64_t e = 0; e < Dv; ++e) vrow[e] = static_cast<float>(vr[e]);
+            std::fill(vrow + Dv, vrow + Dvp, 0.0f);
+          } else {
+            for (int64_t d = 0; d < D; ++d) Kt[d * kBlockK + j] = 0.0f;
+            std::fill(V + j * Dvp, V + (j + 1) * Dvp, 0.0f);
+          }
+        }
+
+        for (int64_t row = 0; row < rows; ++row) {
+          // S row = Q row . Kt: one broadcast and 8 FMAs per dim, the 64 scores held in 8 registers.
+          const float* qr = Q + row * D;
+          vf8 a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{};
+          for (int64_t d = 0; d < D; ++d) {
+            const vf8 x = splat(qr[d]);
+            const vf8* kv = reinterpret_cast<const vf8*>(Kt + d * kBlockK);
+            a0 += x * kv[0];
+            a1 += x * kv[1];
+            a2 += x * kv[2];
+            a3 += x * kv[3];
+            a4 += x * kv[4];
+            a5 += x * kv[5];
+            a6 += x * kv[6];
+            a7 += x * kv[7];
+          }
+          float* sr = S + row * kBlockK;
+          vf8* sv = reinterpret_cast<vf8*>(sr);
+          sv[0] = a0, sv[1] = a1, sv[2] = a2, sv[3] = a3, sv[4] = a4, sv[5] = a5, sv[6] = a6, sv[7] = a7;
+
+          if (need_mask) {
+            const int64_t qpos_r = tile_qpos[row / G];
+            for (int64_t j = 0; j < kBlockK; ++j) {
+              const int64_t p = key_pos[j];
+              sr[j] = (p >= 0 && p <= qpos_r) ? sr[j] : kNegInf;
+            }
+          }
+          float tile_max = kNegInf;
+          for (int64_t j = 0; j < kBlockK; ++j) tile_max = std::max(tile_max, sr[j]);
+          if (tile_max == kNegInf) {  // this row sees nothing here: leave its running state alone
+            std::fill(sr, sr + kBlockK, 0.0f);
+            continue;
+          }
+          const float m_new = std::max(M[row], tile_max);
+          const float alpha = fast_exp(M[row] - m_new);  // 0 on the first visible tile (M = -inf)
+          float sum = 0.0f;
+          for (int64_t j = 0; j < kBlockK; ++j) {
+            const float p = fast_exp(sr[j] - m_new);
+            sr[j] = p;
+            sum += p;
+          }
+          L[row] = L[row] * alpha + sum;
+          M[row] = m_new;
+
+          // O row = alpha * O row + P row . V, in blocks of 32 columns held in 4 registers.
+          const vf8 va = splat(alpha);
+          for (int64_t e0 = 0; e0 < Dvp; e0 += kVChunk) {
+            vf8* orow = reinterpret_cast<vf8*>(O + row * Dvp + e0);
+            vf8 o0 = orow[0] * va, o1 = orow[1] * va, o2 = orow[2] * va, o3 = orow[3] * va;
+            for (int64_t j = 0; j < nk; ++j) {
+              const vf8 pj = splat(sr[j]);
+              const vf8* vr = reinterpret_cast<const vf8*>(V + j * Dvp + e0);
+              o0 += pj * vr[0];
+              o1 += pj * vr[1];
+              o2 += pj * vr[2];
+              o3 += pj * vr[3];
+            }
+            orow[0] = o0, orow[1] = o1, orow[2] = o2, orow[3] = o3;
+          }
+        }
+      }
+
+      // out = O / L and lse = M + log L, one rounding to the output dtype; no visible key: 0 and -inf.
+      for (int64_t r = 0; r < nq; ++r) {
+        const int64_t i = order[w.q_begin + r];
+        for (int64_t hh = 0; hh < G; ++hh) {
+          const int64_t row = r * G + hh, h = w.g * G + hh;
+          scalar_t* dst = op + i * os0 + h * os1;
+          const float* orow = O + row * Dvp;
+          if (L[row] > 0.0f) {
+            const float inv = 1.0f / L[row];
+            for (int64_t e = 0; e < Dv; ++e) dst[e] = static_cast<scalar_t>(orow[e] * inv);
+            lp[i * s.q_heads + h] = M[row] + std::log(L[row]);
+          } else {
+            for (int64_t e = 0; e < Dv; ++e) dst[e] = static_cast<scalar_t>(0.0f);
+            lp[i * s.q_heads + h] = kNegInf;
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> partial_attn_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const at::Tensor& q_pos, const std::optional<at::Tensor>& kv_pos,
+                                                    const std::optional<at::Tensor>& cu_seqlens_q,
+                                                    const std::optional<at::Tensor>& cu_seqlens_k,
+                                                    std::optional<double> scale) {
+  const PartialAttnShape s = check_partial_attn_args(q, k, v, q_pos, kv_pos, cu_seqlens_q, cu_seqlens_k, scale);
+  at::Tensor out = at::empty({s.nq, s.q_heads, s.v_head_dim}, q.options());
+  at::Tensor lse = at::empty({s.nq, s.q_heads}, q.options().dtype(at::kFloat));
+  if (s.nq == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "partial_attn_cpu", [&] {
+    partial_attn_kernel<scalar_t>(s, q, k, v, q_pos, kv_pos, out, lse);
+  });
+  return {out, lse};
+}
+
+TORCH_LIBRARY_IMPL(semshare, CPU, m) { m.impl("partial_attn", &partial_attn_cpu); }
+
+}  // namespace semshare

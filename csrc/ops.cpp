@@ -1,0 +1,24 @@
+// Op schemas of the `semshare` namespace (SPEC.md section 3). Kernels register themselves per device in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) kernels are registered from Python in semshare_ops/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(semshare, m) {
+  m.def("simhash(Tensor x, Tensor planes) -> Tensor");
+  m.def("hamming_topk(Tensor q_codes, Tensor k_codes, int k) -> (Tensor dist, Tensor idx)");
+  m.def(
+      "rope_reuse_(Tensor(a!) k_dst, Tensor(b!) v_dst, Tensor k_src, Tensor v_src, Tensor src_idx, "
+      "Tensor dst_idx, Tensor delta, Tensor inv_freq, bool neox=True) -> ()");
+  m.def(
+      "partial_attn(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor? kv_pos=None, "
+      "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, float? scale=None) -> (Tensor out, Tensor lse)");
+}
+
+#ifdef SEMSHARE_PYTHON_MODULE
+// `import semshare_ops._C` loads this library (and so runs the registrations above) without pybind11:
+// an empty module is all Python needs. Built with the limited API so one wheel serves every CPython >= 3.10.
+#include <Python.h>
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+#endif

@@ -1,0 +1,47 @@
+"""Builds semshare_ops._C: the C++ CPU kernels always, the CUDA kernels when the installed torch has CUDA.
+
+Environment:
+  TORCH_CUDA_ARCH_LIST   CUDA targets (default "9.0": H100/H200). Honoured as torch's own builds honour it.
+  SEMSHARE_CPU_ONLY=1    skip the CUDA kernels even with a CUDA torch.
+  SEMSHARE_CPU_ARCH      -march for the CPU kernels on x86-64 (default x86-64-v3: AVX2+FMA+F16C, every x86
+                         server since 2013); set it empty for a portable build.
+  MAX_JOBS               parallel compile jobs (torch's ninja builder).
+"""
+import glob
+import os
+import platform
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def extension():
+    cxx = ["-O3", "-DSEMSHARE_PYTHON_MODULE", "-DPy_LIMITED_API=0x030A0000"]
+    cpu_arch = os.environ.get("SEMSHARE_CPU_ARCH", "x86-64-v3")
+    if platform.machine() in ("x86_64", "AMD64") and cpu_arch:
+        cxx.append(f"-march={cpu_arch}")
+    srcs = sources("csrc/ops.cpp") + sources("csrc/cpu/*.cpp")
+    cuda_srcs = sources("csrc/cuda/*.cu")
+    want_cuda = (torch.version.cuda is not None and CUDA_HOME is not None and cuda_srcs
+                 and os.environ.get("SEMSHARE_CPU_ONLY", "0") != "1")
+    if want_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        # No --use_fast_math: the spec asks for precise sin/cos and exp in fp32.
+        nvcc = ["-O3", "-lineinfo", "-DSEMSHARE_WITH_CUDA"]
+        return CUDAExtension("semshare_ops._C", srcs + cuda_srcs, py_limited_api=True,
+                             extra_compile_args={"cxx": cxx + ["-DSEMSHARE_WITH_CUDA"], "nvcc": nvcc})
+    return CppExtension("semshare_ops._C", srcs, py_limited_api=True, extra_compile_args={"cxx": cxx})
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
