@@ -39,6 +39,22 @@ inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const
               t.sizes());
 }
 
+// True when the byte ranges the two tensors span intersect in one storage. Coarser than an element-exact test
+// (two interleaved views of one buffer count as sharing), but exact for the common case of separate caches,
+// where ATen's get_overlap_status gives up on non-dense views (a cache prefix, a transposed HF cache).
+inline bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
+  auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const char* lo = static_cast<const char*>(t.data_ptr());
+    return std::pair{lo, lo + (last + 1) * t.element_size()};
+  };
+  const auto [a_lo, a_hi] = span(a);
+  const auto [b_lo, b_hi] = span(b);
+  return a_lo < b_hi && b_lo < a_hi;
+}
+
 // ---- simhash -------------------------------------------------------------------------------------------------
 
 inline void check_simhash_args(const at::Tensor& x, const at::Tensor& planes) {
@@ -136,7 +152,7 @@ inline RopeReuseShape check_rope_reuse_args(const at::Tensor& k_dst, const at::T
   at::assert_no_internal_overlap(k_dst);
   at::assert_no_internal_overlap(v_dst);
   auto no_overlap = [](const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn) {
-    TORCH_CHECK(at::get_overlap_status(a, b) == at::MemOverlapStatus::No, an, ": must not share memory with ", bn);
+    TORCH_CHECK(!may_share_memory(a, b), an, ": must not share memory with ", bn);
   };
   no_overlap(k_dst, v_dst, "k_dst", "v_dst");
   no_overlap(k_dst, k_src, "k_dst", "k_src");

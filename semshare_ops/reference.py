@@ -24,9 +24,11 @@ def simhash(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
 
 def hamming_distance(q_codes: torch.Tensor, k_codes: torch.Tensor) -> torch.Tensor:
     """[Nq, Nk] int64 Hamming distances between packed codes."""
-    diff = q_codes[:, None, :] ^ k_codes[None, :, :]
-    shifts = torch.arange(64, device=q_codes.device)
-    return ((diff[..., None] >> shifts) & 1).sum((-1, -2))
+    diff = q_codes[:, None, :] ^ k_codes[None, :, :]  # [Nq, Nk, W]
+    dist = torch.zeros(diff.shape[:2], dtype=torch.int64, device=diff.device)
+    for bit in range(64):  # one bit position at a time keeps memory at [Nq, Nk, W]
+        dist += ((diff >> bit) & 1).sum(-1)
+    return dist
 
 
 def hamming_topk(q_codes: torch.Tensor, k_codes: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:

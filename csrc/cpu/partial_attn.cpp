@@ -25,7 +25,6 @@ namespace {
 // 8 fp32 lanes through the compiler's vector extension: AVX2 + FMA where the build targets it (setup.py), plain
 // SSE pairs elsewhere. Kept in registers by the compiler, unlike arrays indexed at run time.
 typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf8_unaligned __attribute__((vector_size(32), aligned(4)));
 
 constexpr int64_t kBlockK = 64;       // keys per tile: 8 vectors, one row of S in 8 accumulators
 constexpr int64_t kRows = 64;         // target rows (query x head-in-group) per query tile
@@ -34,25 +33,54 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline vf8 splat(float x) { return vf8{x, x, x, x, x, x, x, x}; }
 
-// exp for the softmax, vectorisable (std::exp is not without -ffast-math). Cephes' expf: range reduction by
-// ln 2 in two parts, degree-6 polynomial, exponent by bit assembly; about 1 ulp over the range used here.
-// exp(-inf) and anything below the fp32 normal range give exactly 0, so masked keys add nothing.
-inline float fast_exp(float x) {
-  const float xc = std::max(x, -87.0f);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - n * 0.693359375f;
+// Vector loads and stores through memcpy: alias-safe with the scalar accesses to the same buffers, and
+// compiled to single vector moves.
+inline vf8 load8(const float* p) {
+  vf8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store8(float* p, vf8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+typedef int32_t vi8 __attribute__((vector_size(32)));
+
+// exp for the softmax, 8 lanes at a time (std::exp does not vectorise without -ffast-math). Cephes' expf:
+// n = round(x / ln 2), r = x - n ln 2 in two parts, a degree-6 polynomial, 2^n assembled in the exponent bits;
+// about 1 ulp. Inputs below -87 (exp(-inf) of masked keys included) give exactly 0, so masked keys add nothing.
+inline vf8 exp8(vf8 x) {
+  const vf8 lo = splat(-87.0f);
+  const vf8 xc = x < lo ? lo : x;
+  const vf8 magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+  const vf8 n = (xc * 1.44269504088896341f + magic) - magic;
+  vf8 r = xc - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
+  vf8 y = splat(1.9875691500e-4f);
   y = y * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : y * scale;
+  const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
+  vf8 two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  const vf8 result = y * two_n;
+  return x < lo ? splat(0.0f) : result;
+}
+
+inline float exp1(float x) { return exp8(splat(x))[0]; }
+
+inline float hmax(vf8 v) {
+  float m = v[0];
+  for (int i = 1; i < 8; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+inline float hsum(vf8 v) {
+  float t = 0.0f;
+  for (int i = 0; i < 8; ++i) t += v[i];
+  return t;
 }
 
 struct AlignedBuffer {
@@ -124,7 +152,7 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const int64_t rows_max = tile_q * G;
     AlignedBuffer qbuf(rows_max * D), kt(D * kBlockK), vbuf(kBlockK * Dvp), sbuf(rows_max * kBlockK),
-        obuf(rows_max * Dvp), mbuf(rows_max), lbuf(rows_max);
+        obuf(rows_max * Dvp), mbuf(rows_max), lbuf(rows_max), biasbuf(kBlockK);
     std::vector<int64_t> tile_qpos(tile_q), key_pos(kBlockK);
     float* Q = qbuf.get();
     float* Kt = kt.get();
@@ -133,6 +161,7 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
     float* O = obuf.get();
     float* M = mbuf.get();
     float* L = lbuf.get();
+    float* bias = biasbuf.get();
 
     for (int64_t it = next++; it < n_items; it = next++) {
       const WorkItem& w = items[it];
@@ -186,64 +215,66 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
           }
         }
 
-        for (int64_t row = 0; row < rows; ++row) {
-          // S row = Q row . Kt: one broadcast and 8 FMAs per dim, the 64 scores held in 8 registers.
-          const float* qr = Q + row * D;
-          vf8 a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{};
-          for (int64_t d = 0; d < D; ++d) {
-            const vf8 x = splat(qr[d]);
-            const vf8* kv = reinterpret_cast<const vf8*>(Kt + d * kBlockK);
-            a0 += x * kv[0];
-            a1 += x * kv[1];
-            a2 += x * kv[2];
-            a3 += x * kv[3];
-            a4 += x * kv[4];
-            a5 += x * kv[5];
-            a6 += x * kv[6];
-            a7 += x * kv[7];
-          }
-          float* sr = S + row * kBlockK;
-          vf8* sv = reinterpret_cast<vf8*>(sr);
-          sv[0] = a0, sv[1] = a1, sv[2] = a2, sv[3] = a3, sv[4] = a4, sv[5] = a5, sv[6] = a6, sv[7] = a7;
-
+        for (int64_t r = 0; r < nq; ++r) {
+          // Additive mask of this query over the tile (0 or -inf), shared by its G heads.
           if (need_mask) {
-            const int64_t qpos_r = tile_qpos[row / G];
+            const int64_t qpos_r = tile_qpos[r];
             for (int64_t j = 0; j < kBlockK; ++j) {
               const int64_t p = key_pos[j];
-              sr[j] = (p >= 0 && p <= qpos_r) ? sr[j] : kNegInf;
+              bias[j] = (p >= 0 && p <= qpos_r) ? 0.0f : kNegInf;
             }
           }
-          float tile_max = kNegInf;
-          for (int64_t j = 0; j < kBlockK; ++j) tile_max = std::max(tile_max, sr[j]);
-          if (tile_max == kNegInf) {  // this row sees nothing here: leave its running state alone
-            std::fill(sr, sr + kBlockK, 0.0f);
-            continue;
-          }
-          const float m_new = std::max(M[row], tile_max);
-          const float alpha = fast_exp(M[row] - m_new);  // 0 on the first visible tile (M = -inf)
-          float sum = 0.0f;
-          for (int64_t j = 0; j < kBlockK; ++j) {
-            const float p = fast_exp(sr[j] - m_new);
-            sr[j] = p;
-            sum += p;
-          }
-          L[row] = L[row] * alpha + sum;
-          M[row] = m_new;
+          for (int64_t row = r * G; row < (r + 1) * G; ++row) {
+            // S row = Q row . Kt: one broadcast and 8 FMAs per dim, the 64 scores held in 8 registers.
+            const float* qr = Q + row * D;
+            vf8 a[8] = {};
+            for (int64_t d = 0; d < D; ++d) {
+              const vf8 x = splat(qr[d]);
+              const float* kd = Kt + d * kBlockK;
+#pragma GCC unroll 8
+              for (int c = 0; c < 8; ++c) a[c] += x * load8(kd + 8 * c);
+            }
+            if (need_mask) {
+#pragma GCC unroll 8
+              for (int c = 0; c < 8; ++c) a[c] += load8(bias + 8 * c);
+            }
+            vf8 vmax = a[0];
+#pragma GCC unroll 8
+            for (int c = 1; c < 8; ++c) vmax = vmax > a[c] ? vmax : a[c];
+            const float tile_max = hmax(vmax);
+            if (tile_max == kNegInf) continue;  // this row sees nothing here: its running state stays
 
-          // O row = alpha * O row + P row . V, in blocks of 32 columns held in 4 registers.
-          const vf8 va = splat(alpha);
-          for (int64_t e0 = 0; e0 < Dvp; e0 += kVChunk) {
-            vf8* orow = reinterpret_cast<vf8*>(O + row * Dvp + e0);
-            vf8 o0 = orow[0] * va, o1 = orow[1] * va, o2 = orow[2] * va, o3 = orow[3] * va;
-            for (int64_t j = 0; j < nk; ++j) {
-              const vf8 pj = splat(sr[j]);
-              const vf8* vr = reinterpret_cast<const vf8*>(V + j * Dvp + e0);
-              o0 += pj * vr[0];
-              o1 += pj * vr[1];
-              o2 += pj * vr[2];
-              o3 += pj * vr[3];
+            // Online softmax: rescale what came before by alpha = exp(m_old - m_new).
+            const float m_new = std::max(M[row], tile_max);
+            const float alpha = exp1(M[row] - m_new);  // 0 on the first visible tile (M = -inf)
+            const vf8 vm = splat(m_new);
+            vf8 vsum = splat(0.0f);
+            float* pr = S + row * kBlockK;
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; ++c) {
+              const vf8 pc = exp8(a[c] - vm);
+              vsum += pc;
+              store8(pr + 8 * c, pc);
             }
-            orow[0] = o0, orow[1] = o1, orow[2] = o2, orow[3] = o3;
+            L[row] = L[row] * alpha + hsum(vsum);
+            M[row] = m_new;
+
+            // O row = alpha * O row + P row . V, in blocks of 32 columns held in 4 registers.
+            const vf8 va = splat(alpha);
+            for (int64_t e0 = 0; e0 < Dvp; e0 += kVChunk) {
+              float* orow = O + row * Dvp + e0;
+              vf8 o[4];
+#pragma GCC unroll 4
+              for (int c = 0; c < 4; ++c) o[c] = load8(orow + 8 * c) * va;
+              for (int64_t j = 0; j < nk; ++j) {
+                const vf8 pj = splat(pr[j]);
+                const float* vr = V + j * Dvp + e0;
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; ++c) o[c] += pj * load8(vr + 8 * c);
+              }
+#pragma GCC unroll 4
+              for (int c = 0; c < 4; ++c) store8(orow + 8 * c, o[c]);
+            }
           }
         }
       }

@@ -1,0 +1,47 @@
+# Two commands for a fresh CPU-only machine (see README):  make demo  |  make test
+# Everything lives in $(VENV); torch 2.13.0 (CPU) comes from the machine's local wheel, the rest from PyPI.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+CUDA_TORCH_VERSION ?= 2.14.1
+CUDA_VENV ?= .venv-cuda
+export MAX_JOBS ?= 2
+
+.PHONY: demo test build bench cuda-build cmake-build clean
+
+$(VENV)/.deps-stamp: Makefile pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy pytest ninja "setuptools>=64" wheel "transformers>=5"
+	touch $@
+
+# The extension builds in place (editable install) against the venv's torch; no isolated build env.
+build: $(VENV)/.deps-stamp
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+demo: build
+	$(PY) examples/ops_tour.py
+
+# pytest exit code 5 ("no tests collected") is not a failure of the build.
+test: build
+	$(PY) -m pytest python_tests -q -rs; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+bench: build
+	$(PY) bench/bench_ops.py --device cpu
+
+# Compile (not run) the CUDA kernels against a CUDA build of torch: catches CUDA compile errors without a GPU.
+cuda-build:
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q "torch==$(CUDA_TORCH_VERSION)" numpy ninja "setuptools>=64" wheel
+	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} $(CUDA_VENV)/bin/python setup.py build_ext --build-temp build/cuda-temp --build-lib build/cuda-lib
+
+# The same op library for C++ consumers, through CMake and torch's TorchConfig.cmake.
+cmake-build: $(VENV)/.deps-stamp
+	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DCMAKE_BUILD_TYPE=Release
+	cmake --build build/cmake -j $(MAX_JOBS)
+	$(PY) -c "import torch; torch.ops.load_library('build/cmake/libsemshare_ops.so'); \
+	  print('C++ library: simhash ->', tuple(torch.ops.semshare.simhash(torch.randn(2, 8), torch.randn(8, 70)).shape))"
+
+clean:
+	rm -rf build semshare_ops/_C*.so *.egg-info

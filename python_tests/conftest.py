@@ -1,0 +1,42 @@
+"""Shared fixtures for the semshare_ops op tests (SPEC.md section 3).
+
+Helpers that test modules import (tolerances per dtype, seeded data, bit-exact comparisons, error-message
+checks) live in ``op_testutils.py`` next to this file; this file holds the fixtures. The ``slow`` marker is
+registered in pyproject.toml; nothing here is slow (the whole op suite runs in well under a minute on CPU).
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+# Test modules import `op_testutils` by name; keep that working under --import-mode=importlib too.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from op_testutils import DEVICES, make_generator  # noqa: E402
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """"cpu" always; "cuda" only when torch.cuda.is_available() (skipped otherwise)."""
+    return request.param
+
+
+@pytest.fixture
+def gen():
+    """A freshly seeded CPU torch.Generator (data are drawn on CPU and moved, so every device sees the same data)."""
+    return make_generator(1234)
+
+
+@pytest.fixture
+def np_rng():
+    import numpy as np
+
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch_seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,115 @@
+"""torch.library.opcheck on every op (schema, fake kernel, autograd registration, AOT dispatch) and a
+torch.compile(fullgraph=True) smoke test of the in-place rope_reuse_ feeding partial_attn."""
+
+import pytest
+import torch
+
+from op_testutils import DTYPE_IDS, DTYPES, impl_module, make_generator, randint, randn, randperm, tol
+
+import semshare_ops  # noqa: F401  (registers torch.ops.semshare.*)
+
+
+def simhash_args(device, dtype=torch.float32):
+    gen = make_generator(1)
+    return (randn((3, 5, 48), gen=gen, dtype=dtype, device=device), randn((48, 130), gen=gen, device=device))
+
+
+def hamming_args(device):
+    gen = make_generator(2)
+    x = randn((40, 32), gen=gen, device=device)
+    planes = randn((32, 100), gen=gen, device=device)
+    codes = torch.ops.semshare.simhash(x, planes)
+    return (codes[:9].clone(), codes, 6)
+
+
+def rope_args(device, dtype=torch.float32, layers=None):
+    gen = make_generator(3)
+    lead = () if layers is None else (layers,)
+    t_dst, t_src, heads, dim, v_dim, pairs = 14, 11, 2, 32, 16, 7
+    src_idx = randperm(t_src, gen=gen, device=device)[:pairs]
+    src_idx[0] = -1
+    return (
+        randn(lead + (t_dst, heads, dim), gen=gen, dtype=dtype, device=device),
+        randn(lead + (t_dst, heads, v_dim), gen=gen, dtype=dtype, device=device),
+        randn(lead + (t_src, heads, dim), gen=gen, dtype=dtype, device=device),
+        randn(lead + (t_src, heads, v_dim), gen=gen, dtype=dtype, device=device),
+        src_idx,
+        randperm(t_dst, gen=gen, device=device)[:pairs],
+        randint(-500, 500, (pairs,), gen=gen, device=device),
+        (1.0 / 10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)).to(device),
+        True,
+    )
+
+
+def attn_args(device, dtype=torch.float32, ragged=False):
+    gen = make_generator(4)
+    nq, nk = 6, 40
+    q = randn((nq, 4, 32), gen=gen, dtype=dtype, device=device)
+    k = randn((nk, 2, 32), gen=gen, dtype=dtype, device=device)
+    v = randn((nk, 2, 24), gen=gen, dtype=dtype, device=device)
+    q_pos = torch.tensor([30, 2, 17, 17, 0, 39], device=device)
+    if not ragged:
+        return (q, k, v, q_pos)
+    kv_pos = torch.arange(nk, device=device) % 25
+    kv_pos[::6] = -1
+    cu_q = torch.tensor([0, 2, 6], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 15, 40], dtype=torch.int32, device=device)
+    return (q, k, v, q_pos, kv_pos, cu_q, cu_k, 0.25)
+
+
+def clone_args(args):
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_opcheck_simhash(device, dtype):
+    torch.library.opcheck(torch.ops.semshare.simhash.default, simhash_args(device, dtype))
+
+
+def test_opcheck_hamming_topk(device):
+    torch.library.opcheck(torch.ops.semshare.hamming_topk.default, hamming_args(device))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layers", [None, 3], ids=["3d", "4d"])
+def test_opcheck_rope_reuse(device, dtype, layers):
+    torch.library.opcheck(torch.ops.semshare.rope_reuse_.default, clone_args(rope_args(device, dtype, layers)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("ragged", [False, True], ids=["plain", "ragged"])
+def test_opcheck_partial_attn(device, dtype, ragged):
+    torch.library.opcheck(torch.ops.semshare.partial_attn.default, attn_args(device, dtype, ragged))
+
+
+def test_compile_fullgraph_matches_eager(device):
+    """rope_reuse_ (in place) then partial_attn over the updated cache, compiled with fullgraph=True."""
+    ops = impl_module("ops")
+    torch._dynamo.reset()
+    gen = make_generator(5)
+    t, heads, hq, dim = 24, 2, 4, 32
+    k_src = randn((t, heads, dim), gen=gen, device=device)
+    v_src = randn((t, heads, dim), gen=gen, device=device)
+    k_cache = randn((t, heads, dim), gen=gen, device=device)
+    v_cache = randn((t, heads, dim), gen=gen, device=device)
+    q = randn((5, hq, dim), gen=gen, device=device)
+    src_idx = randperm(t, gen=gen, device=device)[:16]
+    dst_idx = randperm(t, gen=gen, device=device)[:16]
+    delta = randint(-40, 40, (16,), gen=gen, device=device)
+    inv_freq = (1.0 / 10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)).to(device)
+    q_pos = torch.tensor([23, 4, 11, 11, 0], device=device)
+
+    def step(k_cache, v_cache):
+        ops.rope_reuse_(k_cache, v_cache, k_src, v_src, src_idx, dst_idx, delta, inv_freq, neox=True)
+        out, lse = ops.partial_attn(q, k_cache, v_cache, q_pos)
+        return out * 2.0, lse
+
+    ke, ve = k_cache.clone(), v_cache.clone()
+    want_out, want_lse = step(ke, ve)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    got_out, got_lse = torch.compile(step, fullgraph=True)(kc, vc)
+    torch.testing.assert_close(kc, ke, atol=0, rtol=0)  # the in-place update happened in the compiled graph
+    torch.testing.assert_close(vc, ve, atol=0, rtol=0)
+    assert not torch.equal(kc, k_cache)
+    torch.testing.assert_close(got_out, want_out, **tol(torch.float32))
+    torch.testing.assert_close(got_lse, want_lse, **tol(torch.float32))
