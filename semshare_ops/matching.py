@@ -83,7 +83,8 @@ def lsh_pairs(target_codes: torch.Tensor, reference_codes: torch.Tensor, target_
         return empty, empty, torch.empty(0, dtype=torch.bool)
     k = min(neighbours, reference_codes.shape[0])
     dist, idx = ops.hamming_topk(target_codes[candidates], reference_codes, k)
-    same = reference_ids[idx] == target_ids[candidates][:, None]  # exact token matches win over nearer codes
+    # An exact token match within range wins over nearer codes; out of range it does not shadow them.
+    same = (reference_ids[idx] == target_ids[candidates][:, None]) & (dist <= max_distance)
     choice = torch.where(same.any(1), same.float().argmax(1), torch.zeros_like(candidates))
     best = idx.gather(1, choice[:, None])[:, 0]
     best_dist = dist.gather(1, choice[:, None])[:, 0]
