@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -66,15 +67,15 @@ def _engine(args):
 
     import semshare_ops as ss
 
+    try:  # checked before the (slow) model load
+        config = ss.ReuseConfig(recompute_ratio=args.recompute_ratio)
+    except ValueError as e:
+        raise UsageError(f"--recompute-ratio: {e}") from e
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     try:
         model, tokenizer = ss.load_model(args.model, dtype=dtype, progress=not args.json)
     except FileNotFoundError as e:
         raise UsageError(f"--model: {e}") from e
-    try:
-        config = ss.ReuseConfig(recompute_ratio=args.recompute_ratio)
-    except ValueError as e:
-        raise UsageError(f"--recompute-ratio: {e}") from e
     engine = ss.ReuseEngine(model, tokenizer, config)
     engine.generate("Hello", max_new_tokens=1)  # warm-up: thread pools and first-call costs stay out of TTFT
     return engine
@@ -92,13 +93,22 @@ def compare(engine, reference: str, target: str, max_new_tokens: int) -> Dict:
             "speedup": round(full.stats["ttft_ms"] / max(reuse.stats["ttft_ms"], 1e-9), 3)}
 
 
+def _side_by_side(left_title: str, left: str, right_title: str, right: str, width: int = 52) -> str:
+    left_lines = [left_title, "-" * width] + textwrap.wrap(left.strip(), width)
+    right_lines = [right_title, "-" * width] + textwrap.wrap(right.strip(), width)
+    rows = max(len(left_lines), len(right_lines))
+    left_lines += [""] * (rows - len(left_lines))
+    right_lines += [""] * (rows - len(right_lines))
+    return "\n".join(f"{a:<{width}}  |  {b}" for a, b in zip(left_lines, right_lines))
+
+
 def _print_comparison(result: Dict) -> None:
     full, reuse = result["full"]["stats"], result["reuse"]["stats"]
     print(f"\nprompt: {full['prompt_tokens']} tokens; reuse mode '{reuse['mode']}', "
           f"{reuse['matched_tokens']} tokens matched (similarity {reuse['similarity'] or 0:.2f}), "
-          f"reuse ratio {reuse['reuse_ratio']:.2f}, KV {reuse['kv_bytes'] / 1e6:.1f} of {reuse['kv_bytes_full'] / 1e6:.1f} MB")
-    print(f"\n--- full prefill (TTFT {full['ttft_ms']:.0f} ms)\n{result['full']['text'].strip()}")
-    print(f"\n--- reuse (TTFT {reuse['ttft_ms']:.0f} ms)\n{result['reuse']['text'].strip()}")
+          f"reuse ratio {reuse['reuse_ratio']:.2f}, KV {reuse['kv_bytes'] / 1e6:.1f} of {reuse['kv_bytes_full'] / 1e6:.1f} MB\n")
+    print(_side_by_side(f"full prefill: TTFT {full['ttft_ms']:.0f} ms", result["full"]["text"],
+                        f"reuse: TTFT {reuse['ttft_ms']:.0f} ms", result["reuse"]["text"]))
     same = result["full"]["token_ids"] == result["reuse"]["token_ids"]
     print(f"\nspeedup of time to first token: {result['speedup']:.2f}x; outputs "
           f"{'identical' if same else 'differ'}")
