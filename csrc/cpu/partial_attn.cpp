@@ -93,6 +93,95 @@ struct AlignedBuffer {
   float* get() const { return ptr.get(); }
 };
 
+// One KV tile for NR consecutive rows (query x head-in-group): scores, mask, online softmax, P.V.
+// Scores go in two halves of 32 keys so the NR x 4 accumulators stay in registers (AVX2 has 16).
+template <int NR>
+inline void attend_rows(int64_t row0, int64_t D, int64_t Dvp, int64_t nk, int64_t G, bool need_mask, const float* Q,
+                        const float* Kt, const float* V, const float* bias, float* S, float* O, float* M, float* L) {
+  for (int half = 0; half < 2; ++half) {
+    vf8 acc[NR][4] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const float* kd = Kt + d * kBlockK + half * 32;
+      vf8 kv[4];
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) kv[c] = load8(kd + 8 * c);
+#pragma GCC unroll 2
+      for (int r = 0; r < NR; ++r) {
+        const vf8 x = splat(Q[(row0 + r) * D + d]);
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) acc[r][c] += x * kv[c];
+      }
+    }
+#pragma GCC unroll 2
+    for (int r = 0; r < NR; ++r) {
+      float* sr = S + (row0 + r) * kBlockK + half * 32;
+      const float* br = bias + ((row0 + r) / G) * kBlockK + half * 32;
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) store8(sr + 8 * c, need_mask ? acc[r][c] + load8(br + 8 * c) : acc[r][c]);
+    }
+  }
+
+  // Online softmax per row. A row that sees nothing in this tile keeps its state: alpha 1 and P 0.
+  float alpha[NR];
+  for (int r = 0; r < NR; ++r) {
+    const int64_t row = row0 + r;
+    float* pr = S + row * kBlockK;
+    vf8 a[8];
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) a[c] = load8(pr + 8 * c);
+    vf8 vmax = a[0];
+#pragma GCC unroll 8
+    for (int c = 1; c < 8; ++c) vmax = vmax > a[c] ? vmax : a[c];
+    const float tile_max = hmax(vmax);
+    if (tile_max == kNegInf) {
+      alpha[r] = 1.0f;
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) store8(pr + 8 * c, splat(0.0f));
+      continue;
+    }
+    const float m_new = std::max(M[row], tile_max);
+    alpha[r] = exp1(M[row] - m_new);  // 0 on the first visible tile (M = -inf)
+    const vf8 vm = splat(m_new);
+    vf8 vsum = splat(0.0f);
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) {
+      const vf8 pc = exp8(a[c] - vm);
+      vsum += pc;
+      store8(pr + 8 * c, pc);
+    }
+    L[row] = L[row] * alpha[r] + hsum(vsum);
+    M[row] = m_new;
+  }
+
+  // O rows = alpha * O rows + P rows . V, 32 columns at a time.
+  for (int64_t e0 = 0; e0 < Dvp; e0 += kVChunk) {
+    vf8 o[NR][4];
+#pragma GCC unroll 2
+    for (int r = 0; r < NR; ++r) {
+      const vf8 va = splat(alpha[r]);
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) o[r][c] = load8(O + (row0 + r) * Dvp + e0 + 8 * c) * va;
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      const float* vr = V + j * Dvp + e0;
+      vf8 vv[4];
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) vv[c] = load8(vr + 8 * c);
+#pragma GCC unroll 2
+      for (int r = 0; r < NR; ++r) {
+        const vf8 pj = splat(S[(row0 + r) * kBlockK + j]);
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) o[r][c] += pj * vv[c];
+      }
+    }
+#pragma GCC unroll 2
+    for (int r = 0; r < NR; ++r) {
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) store8(O + (row0 + r) * Dvp + e0 + 8 * c, o[r][c]);
+    }
+  }
+}
+
 // One unit of work: the queries sorted[q_begin, q_end) of sequence b, with every query head of KV head g.
 struct WorkItem {
   int64_t b, g, q_begin, q_end, cost;
@@ -146,17 +235,41 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1);
   const int64_t os0 = out.stride(0), os1 = out.stride(1);
 
+  // K and V packed once per call, in fp32 and in the tile layout the micro-kernels read (K transposed:
+  // Kt[d][j]; V rows padded to Dvp); every query tile of the KV head then shares them. Padding is zero.
+  std::vector<int64_t> tile_base(s.batch + 1, 0);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    tile_base[b + 1] = tile_base[b] + (s.cu_k[b + 1] - s.cu_k[b] + kBlockK - 1) / kBlockK;
+  }
+  const int64_t total_tiles = tile_base[s.batch];
+  AlignedBuffer kt_all(s.kv_heads * total_tiles * D * kBlockK), v_all(s.kv_heads * total_tiles * kBlockK * Dvp);
+  at::parallel_for(0, s.kv_heads * total_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t / total_tiles, tile = t % total_tiles;
+      const int64_t b = std::upper_bound(tile_base.begin(), tile_base.end(), tile) - tile_base.begin() - 1;
+      const int64_t j0 = s.cu_k[b] + (tile - tile_base[b]) * kBlockK, nk = std::min(kBlockK, s.cu_k[b + 1] - j0);
+      float* Kt = kt_all.get() + t * D * kBlockK;
+      float* V = v_all.get() + t * kBlockK * Dvp;
+      std::fill(Kt, Kt + D * kBlockK, 0.0f);
+      std::fill(V, V + kBlockK * Dvp, 0.0f);
+      for (int64_t j = 0; j < nk; ++j) {
+        const scalar_t* kr = kp + (j0 + j) * ks0 + g * ks1;
+        for (int64_t d = 0; d < D; ++d) Kt[d * kBlockK + j] = static_cast<float>(kr[d]);
+        const scalar_t* vr = vp + (j0 + j) * vs0 + g * vs1;
+        for (int64_t e = 0; e < Dv; ++e) V[j * Dvp + e] = static_cast<float>(vr[e]);
+      }
+    }
+  });
+
   std::atomic<int64_t> next{0};
   const int64_t n_items = static_cast<int64_t>(items.size());
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n_items, 1));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const int64_t rows_max = tile_q * G;
-    AlignedBuffer qbuf(rows_max * D), kt(D * kBlockK), vbuf(kBlockK * Dvp), sbuf(rows_max * kBlockK),
-        obuf(rows_max * Dvp), mbuf(rows_max), lbuf(rows_max), biasbuf(kBlockK);
+    AlignedBuffer qbuf(rows_max * D), sbuf(rows_max * kBlockK),
+        obuf(rows_max * Dvp), mbuf(rows_max), lbuf(rows_max), biasbuf(tile_q * kBlockK);
     std::vector<int64_t> tile_qpos(tile_q), key_pos(kBlockK);
     float* Q = qbuf.get();
-    float* Kt = kt.get();
-    float* V = vbuf.get();
     float* S = sbuf.get();
     float* O = obuf.get();
     float* M = mbuf.get();
@@ -200,83 +313,24 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
         if (pos_min > q_max) continue;  // no query of the tile sees any key of this tile (or none is present)
         const bool need_mask = !(all_present && pos_max <= q_min);
 
-        // Pack K transposed (Kt[d][j]) and V (V[j][e]) in fp32; padding keys and columns are zero.
-        for (int64_t j = 0; j < kBlockK; ++j) {
-          if (j < nk) {
-            const scalar_t* kr = kp + (j0 + j) * ks0 + w.g * ks1;
-            for (int64_t d = 0; d < D; ++d) Kt[d * kBlockK + j] = static_cast<float>(kr[d]);
-            const scalar_t* vr = vp + (j0 + j) * vs0 + w.g * vs1;
-            float* vrow = V + j * Dvp;
-            for (int64_t e = 0; e < Dv; ++e) vrow[e] = static_cast<float>(vr[e]);
-            std::fill(vrow + Dv, vrow + Dvp, 0.0f);
-          } else {
-            for (int64_t d = 0; d < D; ++d) Kt[d * kBlockK + j] = 0.0f;
-            std::fill(V + j * Dvp, V + (j + 1) * Dvp, 0.0f);
-          }
-        }
+        const int64_t tile_id = w.g * total_tiles + tile_base[w.b] + (j0 - k0) / kBlockK;
+        const float* Kt = kt_all.get() + tile_id * D * kBlockK;
+        const float* V = v_all.get() + tile_id * kBlockK * Dvp;
 
-        for (int64_t r = 0; r < nq; ++r) {
-          // Additive mask of this query over the tile (0 or -inf), shared by its G heads.
-          if (need_mask) {
-            const int64_t qpos_r = tile_qpos[r];
+        // Additive masks (0 or -inf) per query of the tile, shared by its G heads.
+        if (need_mask) {
+          for (int64_t r = 0; r < nq; ++r) {
+            float* br = bias + r * kBlockK;
             for (int64_t j = 0; j < kBlockK; ++j) {
               const int64_t p = key_pos[j];
-              bias[j] = (p >= 0 && p <= qpos_r) ? 0.0f : kNegInf;
-            }
-          }
-          for (int64_t row = r * G; row < (r + 1) * G; ++row) {
-            // S row = Q row . Kt: one broadcast and 8 FMAs per dim, the 64 scores held in 8 registers.
-            const float* qr = Q + row * D;
-            vf8 a[8] = {};
-            for (int64_t d = 0; d < D; ++d) {
-              const vf8 x = splat(qr[d]);
-              const float* kd = Kt + d * kBlockK;
-#pragma GCC unroll 8
-              for (int c = 0; c < 8; ++c) a[c] += x * load8(kd + 8 * c);
-            }
-            if (need_mask) {
-#pragma GCC unroll 8
-              for (int c = 0; c < 8; ++c) a[c] += load8(bias + 8 * c);
-            }
-            vf8 vmax = a[0];
-#pragma GCC unroll 8
-            for (int c = 1; c < 8; ++c) vmax = vmax > a[c] ? vmax : a[c];
-            const float tile_max = hmax(vmax);
-            if (tile_max == kNegInf) continue;  // this row sees nothing here: its running state stays
-
-            // Online softmax: rescale what came before by alpha = exp(m_old - m_new).
-            const float m_new = std::max(M[row], tile_max);
-            const float alpha = exp1(M[row] - m_new);  // 0 on the first visible tile (M = -inf)
-            const vf8 vm = splat(m_new);
-            vf8 vsum = splat(0.0f);
-            float* pr = S + row * kBlockK;
-#pragma GCC unroll 8
-            for (int c = 0; c < 8; ++c) {
-              const vf8 pc = exp8(a[c] - vm);
-              vsum += pc;
-              store8(pr + 8 * c, pc);
-            }
-            L[row] = L[row] * alpha + hsum(vsum);
-            M[row] = m_new;
-
-            // O row = alpha * O row + P row . V, in blocks of 32 columns held in 4 registers.
-            const vf8 va = splat(alpha);
-            for (int64_t e0 = 0; e0 < Dvp; e0 += kVChunk) {
-              float* orow = O + row * Dvp + e0;
-              vf8 o[4];
-#pragma GCC unroll 4
-              for (int c = 0; c < 4; ++c) o[c] = load8(orow + 8 * c) * va;
-              for (int64_t j = 0; j < nk; ++j) {
-                const vf8 pj = splat(pr[j]);
-                const float* vr = V + j * Dvp + e0;
-#pragma GCC unroll 4
-                for (int c = 0; c < 4; ++c) o[c] += pj * load8(vr + 8 * c);
-              }
-#pragma GCC unroll 4
-              for (int c = 0; c < 4; ++c) store8(orow + 8 * c, o[c]);
+              br[j] = (p >= 0 && p <= tile_qpos[r]) ? 0.0f : kNegInf;
             }
           }
         }
+        // Rows two at a time: every K^T and V vector loaded serves both rows.
+        int64_t row = 0;
+        for (; row + 2 <= rows; row += 2) attend_rows<2>(row, D, Dvp, nk, G, need_mask, Q, Kt, V, bias, S, O, M, L);
+        if (row < rows) attend_rows<1>(row, D, Dvp, nk, G, need_mask, Q, Kt, V, bias, S, O, M, L);
       }
 
       // out = O / L and lse = M + log L, one rounding to the output dtype; no visible key: 0 and -inf.
