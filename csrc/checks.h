@@ -69,6 +69,15 @@ inline void check_simhash_args(const at::Tensor& x, const at::Tensor& planes) {
 
 inline int64_t simhash_words(int64_t bits) { return (bits + 63) / 64; }
 
+// The projection both devices start from, as [rows, B] fp32 through the BLAS (cuBLAS on CUDA, which torch keeps
+// out of TF32 for fp32 unless the user allows it), and the empty int64 output [..., W] its signs are packed into.
+inline std::pair<at::Tensor, at::Tensor> simhash_projection(const at::Tensor& x, const at::Tensor& planes) {
+  const at::Tensor proj = at::matmul(x.reshape({-1, x.size(-1)}).to(at::kFloat), planes).contiguous();
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = simhash_words(planes.size(1));
+  return {proj, at::empty(out_shape, x.options().dtype(at::kLong))};
+}
+
 // ---- hamming_topk ----------------------------------------------------------------------------------------------
 
 inline void check_hamming_topk_args(const at::Tensor& q_codes, const at::Tensor& k_codes, int64_t k) {

@@ -52,3 +52,12 @@ def smollm2():
     from semshare_ops import models
 
     return models.load_model(progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast and does not collapse when the 2 cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

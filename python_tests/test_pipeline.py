@@ -32,13 +32,7 @@ STATS_KEYS = {"mode", "prompt_tokens", "matched_tokens", "recomputed_tokens", "r
               "kv_bytes_full", "ttft_ms", "similarity"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast and does not collapse when the 2 cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- tiny model, tokenizer and prompts --------------------------------------------------------------------------

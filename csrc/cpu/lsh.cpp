@@ -12,14 +12,11 @@ namespace semshare {
 
 at::Tensor simhash_cpu(const at::Tensor& x, const at::Tensor& planes) {
   check_simhash_args(x, planes);
-  const int64_t dim = x.size(-1), bits = planes.size(1), words = simhash_words(bits);
+  const int64_t bits = planes.size(1), words = simhash_words(bits);
   // The projection is a plain fp32 GEMM: the BLAS does it at the machine's peak, and fp32 accumulation is
   // what the spec asks for. The packing below is the part no library does.
-  const at::Tensor proj = at::matmul(x.reshape({-1, dim}).to(at::kFloat), planes).contiguous();
+  const auto [proj, out] = simhash_projection(x, planes);
   const int64_t rows = proj.size(0);
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = words;
-  at::Tensor out = at::empty(out_shape, x.options().dtype(at::kLong));
   const float* p = proj.data_ptr<float>();
   int64_t* o = out.data_ptr<int64_t>();
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(bits, 1)), [&](int64_t begin, int64_t end) {

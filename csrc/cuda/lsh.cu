@@ -111,13 +111,9 @@ __global__ void hamming_topk_kernel(const uint64_t* __restrict__ q_codes, int64_
 at::Tensor simhash_cuda(const at::Tensor& x, const at::Tensor& planes) {
   check_simhash_args(x, planes);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t dim = x.size(-1), bits = planes.size(1), words = simhash_words(bits);
-  // cuBLAS does the fp32 projection (torch keeps fp32 GEMMs out of TF32 unless the user allows it).
-  const at::Tensor proj = at::matmul(x.reshape({-1, dim}).to(at::kFloat), planes).contiguous();
+  const int64_t bits = planes.size(1), words = simhash_words(bits);
+  const auto [proj, out] = simhash_projection(x, planes);
   const int64_t rows = proj.size(0);
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = words;
-  at::Tensor out = at::empty(out_shape, x.options().dtype(at::kLong));
   if (rows * words == 0) return out;
   const int threads = 256;
   const int64_t blocks = (rows * words * 32 + threads - 1) / threads;
