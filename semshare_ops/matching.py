@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from . import ops
+from . import ops, reference
 
 
 @dataclass(frozen=True)
@@ -51,17 +51,14 @@ def edit_pairs(reference_ids: Sequence[int], target_ids: Sequence[int]) -> tuple
 
 
 def rotate_embeddings(embeddings: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """Row t rotated by angle t * base^(-2k/d) in each pair (2k, 2k+1): position folded into the hashed vector."""
+    """Row t rotated by angle t * base^(-2k/d) in each pair (2k, 2k+1): position folded into the hashed vector.
+
+    The rotation is the one rope_reuse_ applies (reference.rotate), with each row's delta its own index.
+    """
     tokens, dim = embeddings.shape
-    half = dim // 2
-    inv_freq = base ** (-torch.arange(half, dtype=torch.float32, device=embeddings.device) * 2 / dim)
-    angle = torch.arange(tokens, dtype=torch.float32, device=embeddings.device)[:, None] * inv_freq
-    x = embeddings.float()
-    x1, x2 = x[:, 0 : 2 * half : 2], x[:, 1 : 2 * half : 2]
-    out = x.clone()
-    out[:, 0 : 2 * half : 2] = x1 * angle.cos() - x2 * angle.sin()
-    out[:, 1 : 2 * half : 2] = x2 * angle.cos() + x1 * angle.sin()
-    return out
+    inv_freq = base ** (-torch.arange(dim // 2, dtype=torch.float32, device=embeddings.device) * 2 / dim)
+    positions = torch.arange(tokens, device=embeddings.device)
+    return reference.rotate(embeddings.float()[:, None, :], positions, inv_freq, neox=False)[:, 0, :]
 
 
 def lsh_planes(dim: int, bits: int, seed: int) -> torch.Tensor:
