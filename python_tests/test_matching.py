@@ -386,3 +386,49 @@ def test_lsh_pairs_only_candidates_and_empty_inputs():
     assert dst.numel() == src.numel() == exact.numel() == 0
     dst, _, _ = matching.lsh_pairs(tgt_codes, codes()[:0].reshape(0, 1), tgt_ids, ref_ids[:0], torch.tensor([0]), 64)
     assert dst.numel() == 0
+
+
+# ---- baselines of the benchmarks: prefix blocks and verbatim chunks ---------------------------------------------
+
+
+@pytest.mark.parametrize("common", [0, 15, 16, 47, 48, 100])
+def test_prefix_pairs_whole_blocks_of_the_common_prefix(common):
+    ref = random_tokens(120, seed=1)
+    tgt = ref[:common] + [(t + 1) % VOCAB for t in ref[common:common + 5]] + ref[common + 5:]
+    dst, src = matching.prefix_pairs(ref, tgt, block=16)
+    n = common - common % 16
+    assert dst == src == list(range(n))
+
+
+def test_prefix_pairs_stop_at_the_shorter_prompt():
+    ref = random_tokens(40, seed=2)
+    assert matching.prefix_pairs(ref, ref[:35], block=16)[0] == list(range(32))
+    assert matching.prefix_pairs(ref[:20], ref, block=16)[0] == list(range(16))
+
+
+def test_chunk_pairs_find_moved_chunks_at_any_offset():
+    ref = random_tokens(200, seed=3)
+    # target: 3 tokens of junk, then reference[50:114] (4 chunks worth, shifted), then an unrelated tail
+    junk = [VOCAB + 1, VOCAB + 2, VOCAB + 3]
+    tgt = junk + ref[50:114] + random_tokens(30, seed=4, vocab=7)
+    dst, src = matching.chunk_pairs(ref, tgt, chunk=16)
+    # target chunks are aligned at 0, 16, 32, ...: [0,16) holds junk; [16,32) .. [48,64) lie inside ref[50:114]
+    assert dst == list(range(16, 64))
+    assert src == [d - 3 + 50 for d in dst]
+    for d, s in zip(dst, src):
+        assert tgt[d] == ref[s]
+
+
+def test_chunk_pairs_nothing_in_common():
+    assert matching.chunk_pairs(random_tokens(64, seed=5), [VOCAB + 9] * 64) == ([], [])
+
+
+@pytest.mark.parametrize("method", ["prefix", "chunk"])
+def test_match_tokens_baseline_methods_are_exact(method):
+    ref = torch.tensor(random_tokens(160, seed=6))
+    tgt = torch.cat([ref[:70], torch.tensor(random_tokens(9, seed=7)), ref[70:]])
+    m = matching.match_tokens(ref, tgt, method)
+    assert m.matched > 0 and bool(m.exact.all())
+    assert torch.equal(tgt[m.dst], ref[m.src])
+    if method == "prefix":
+        assert m.dst.tolist() == list(range(64))

@@ -585,3 +585,76 @@ def test_rope_correction_off_still_runs_and_recompute_all_is_exact(model, tokeni
     partial = engine_for(model, tokenizer, rope_correction=False).generate(target, reference=ref_entry,
                                                                           max_new_tokens=NEW)
     assert partial.stats["mode"] == "reuse" and len(partial.token_ids) == NEW
+
+
+# ---- what benchmarks and the store use: baselines, match(), logits, entries --------------------------------------
+
+
+def test_prefix_baseline_recomputes_only_the_suffix_and_is_exact(model, tokenizer, reference_ids, ref_entry):
+    """Prefix caching: the block-aligned common prefix is exact, every later token is computed in every layer."""
+    target = reference_ids[:150] + rand_tokens(30, seed=7)
+    engine = engine_for(model, tokenizer, matching="prefix", recompute_ratio=0.0, min_similarity=0.0)
+    full, full_logits = generate_with_logits(engine, target, max_new_tokens=NEW)
+    out, logits = generate_with_logits(engine, target, reference=ref_entry, max_new_tokens=NEW)
+    assert out.stats["matched_tokens"] == 144  # 9 whole blocks of 16
+    assert out.stats["recomputed_tokens"] == [len(target) - 144] * LAYERS
+    assert out.token_ids == full.token_ids
+    torch.testing.assert_close(logits, full_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_chunk_baseline_reuses_shifted_chunks(model, tokenizer, reference_ids, ref_entry):
+    target = rand_tokens(5, seed=8) + reference_ids[:200]
+    engine = engine_for(model, tokenizer, matching="chunk", recompute_ratio=0.15, recompute_decay=1.0,
+                        check_layers=1)
+    out = engine.generate(target, reference=ref_entry, max_new_tokens=NEW)
+    assert out.stats["mode"] == "reuse" and out.stats["matched_tokens"] >= 176
+    assert out.stats["recomputed_tokens"][0] == len(target)
+    assert len(set(out.stats["recomputed_tokens"][1:])) == 1  # decay 1.0: a fixed count past the first layer
+
+
+def test_match_is_what_generate_uses(model, tokenizer, reference_ids, ref_entry):
+    engine = engine_for(model, tokenizer)
+    target = edited(reference_ids, "insert")
+    m = engine.match(ref_entry, target)
+    assert m.target_tokens == len(target)
+    out = engine.generate(target, reference=ref_entry, max_new_tokens=2)
+    assert out.stats["matched_tokens"] == m.matched
+    with pytest.raises(TypeError, match="reference"):
+        engine.match("not an entry", target)
+
+
+def test_generate_returns_logits_when_asked(model, tokenizer, reference_ids, ref_entry):
+    engine = engine_for(model, tokenizer)
+    target = edited(reference_ids, "replace")
+    out, hooked = generate_with_logits(engine, target, reference=ref_entry, max_new_tokens=4, output_logits=True,
+                                       return_dict_in_generate=True)
+    assert len(out.logits) == len(out.token_ids) == 4
+    torch.testing.assert_close(out.logits[0][0].float(), hooked)
+    assert engine.generate(target, max_new_tokens=2).logits is None
+
+
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_return_entry_holds_the_prompt_cache(model, tokenizer, reference_ids, ref_entry, with_reference):
+    engine = engine_for(model, tokenizer)
+    target = edited(reference_ids, "delete")
+    out = engine.generate(target, reference=ref_entry if with_reference else None, max_new_tokens=NEW,
+                          return_entry=True)
+    entry = out.entry
+    assert isinstance(entry, ReferenceEntry) and entry.token_ids.tolist() == target
+    assert entry.keys.shape[:2] == (LAYERS, len(target)) and entry.fingerprint == engine.fingerprint
+    if not with_reference:  # a full prefill's entry is the prefill of the same prompt
+        fresh = engine.prefill(target)
+        torch.testing.assert_close(entry.keys, fresh.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(entry.values, fresh.values, atol=1e-5, rtol=1e-5)
+        assert torch.equal(entry.codes, fresh.codes)
+    # the entry serves an identical request like a prefilled one: same output as a full prefill
+    again = engine.generate(target, reference=entry, max_new_tokens=NEW)
+    assert again.stats["matched_tokens"] == len(target)
+    if not with_reference:
+        assert again.token_ids == engine.generate(target, max_new_tokens=NEW).token_ids
+
+
+def test_return_entry_rejected_with_retention(model, tokenizer, reference_ids, ref_entry):
+    engine = engine_for(model, tokenizer, retain_ratio=0.5)
+    with pytest.raises(ValueError, match="return_entry"):
+        engine.generate(reference_ids, reference=ref_entry, max_new_tokens=2, return_entry=True)

@@ -8,6 +8,9 @@
   its nearest reference code by `hamming_topk`, preferring a candidate with the same token id, and is matched only
   within `max_distance` bits.
 - Hybrid: edit alignment first, LSH for the target tokens it left unmatched.
+- Baselines for the benchmarks, not for serving: "prefix" (the common prefix in whole 16-token blocks, what vLLM's
+  prefix caching reuses) and "chunk" (target chunks of 16 tokens found verbatim anywhere in the reference, what a
+  CacheBlend-style system reuses).
 Knows nothing of HF types: token ids and embedding matrices in, position pairs out.
 """
 from __future__ import annotations
@@ -47,6 +50,32 @@ def edit_pairs(reference_ids: Sequence[int], target_ids: Sequence[int]) -> tuple
     for i, j, n in matcher.get_matching_blocks():
         dst.extend(range(j, j + n))
         src.extend(range(i, i + n))
+    return dst, src
+
+
+def prefix_pairs(reference_ids: Sequence[int], target_ids: Sequence[int], block: int = 16) -> tuple[list[int], list[int]]:
+    """The common prefix, cut to whole blocks (a prefix cache hashes full blocks only)."""
+    n = 0
+    for a, b in zip(reference_ids, target_ids):
+        if a != b:
+            break
+        n += 1
+    n -= n % block
+    return list(range(n)), list(range(n))
+
+
+def chunk_pairs(reference_ids: Sequence[int], target_ids: Sequence[int], chunk: int = 16) -> tuple[list[int], list[int]]:
+    """Target chunks [i*chunk, (i+1)*chunk) that occur verbatim at any offset of the reference (first occurrence)."""
+    reference_ids, target_ids = list(reference_ids), list(target_ids)
+    where = {}
+    for i in range(len(reference_ids) - chunk + 1):
+        where.setdefault(tuple(reference_ids[i:i + chunk]), i)
+    dst, src = [], []
+    for j in range(0, len(target_ids) - chunk + 1, chunk):
+        i = where.get(tuple(target_ids[j:j + chunk]))
+        if i is not None:
+            dst.extend(range(j, j + chunk))
+            src.extend(range(i, i + chunk))
     return dst, src
 
 
@@ -92,12 +121,13 @@ def lsh_pairs(target_codes: torch.Tensor, reference_codes: torch.Tensor, target_
 def match_tokens(reference_ids: torch.Tensor, target_ids: torch.Tensor, method: str,
                  reference_codes: torch.Tensor | None = None, target_codes: torch.Tensor | None = None,
                  max_distance: int = 24) -> Match:
-    """Pairs target positions with reference positions by `method` in {"edit", "lsh", "hybrid"}."""
+    """Pairs target positions with reference positions by `method`: "edit", "lsh", "hybrid", "prefix", "chunk"."""
     n = int(target_ids.numel())
     dst = src = torch.empty(0, dtype=torch.long)
     exact = torch.empty(0, dtype=torch.bool)
-    if method in ("edit", "hybrid"):
-        d, s = edit_pairs(reference_ids.tolist(), target_ids.tolist())
+    exact_pairs = {"edit": edit_pairs, "hybrid": edit_pairs, "prefix": prefix_pairs, "chunk": chunk_pairs}
+    if method in exact_pairs:
+        d, s = exact_pairs[method](reference_ids.tolist(), target_ids.tolist())
         dst, src = torch.tensor(d, dtype=torch.long), torch.tensor(s, dtype=torch.long)
         exact = torch.ones(len(d), dtype=torch.bool)
     if method in ("lsh", "hybrid"):

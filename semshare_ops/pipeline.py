@@ -33,11 +33,14 @@ from .hf import SemShareCache, use_semshare_attention
 Prompt = Union[str, Sequence[int]]
 
 
+MATCHING_METHODS = ("edit", "lsh", "hybrid", "prefix", "chunk")
+
+
 @dataclass
 class ReuseConfig:
     """Knobs of the reuse path. Defaults are our own choices where the papers leave them open (see README)."""
 
-    matching: str = "hybrid"  # "edit" | "lsh" | "hybrid"
+    matching: str = "hybrid"  # "edit" | "lsh" | "hybrid"; baselines: "prefix" | "chunk" (see matching.py)
     recompute_ratio: float = 0.2  # share of prompt tokens recomputed, averaged over layers (mandatory ones count)
     retain_ratio: Optional[float] = None  # KV kept, averaged over layers; None keeps everything
     min_similarity: float = 0.5  # share of target tokens matched below which a request takes a full prefill
@@ -51,8 +54,9 @@ class ReuseConfig:
     embedding_rope_base: float = 10000.0
 
     def __post_init__(self):
-        if self.matching not in ("edit", "lsh", "hybrid"):
-            raise ValueError(f"matching: expected 'edit', 'lsh' or 'hybrid', got {self.matching!r}")
+        if self.matching not in MATCHING_METHODS:
+            raise ValueError(f"matching: expected one of {', '.join(map(repr, MATCHING_METHODS))}, "
+                             f"got {self.matching!r}")
         if not 0.0 <= self.recompute_ratio <= 1.0:
             raise ValueError(f"recompute_ratio: expected a value in [0, 1], got {self.recompute_ratio}")
         if self.retain_ratio is not None and not 0.0 < self.retain_ratio <= 1.0:
@@ -90,6 +94,8 @@ class GenerationOutput:
     text: str
     token_ids: List[int]
     stats: Dict = field(default_factory=dict)
+    logits: Optional[tuple] = None  # per new token [1, vocab], when generate is asked for output_logits=True
+    entry: Optional[ReferenceEntry] = None  # this request's prompt K/V, when generate(return_entry=True)
 
 
 class _FirstTokenTimer(BaseStreamer):
@@ -153,23 +159,33 @@ class ReuseEngine:
         cache = self._new_cache(capacity=len(ids))
         with cache.active():
             self.model(input_ids=ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        keys, values = cache.keys, cache.values  # [L, T, H, D]: the layers are views of these
-        embeddings = self._embed(ids)
-        return ReferenceEntry(ids.cpu(), keys, values, self._codes(embeddings).cpu(),
-                              embeddings.float().mean(0).cpu(), self.fingerprint)
+        return self._entry(ids, cache.keys, cache.values)  # [L, T, H, D]: the layers are views of these
+
+    @torch.inference_mode()
+    def match(self, reference: ReferenceEntry, prompt: Prompt) -> matching.Match:
+        """The token pairs a reuse request for `prompt` would take from `reference` (no model call)."""
+        self._check_reference(reference)
+        return self._match(reference, self._token_ids(prompt, 0))
 
     @torch.inference_mode()
     def generate(self, prompt: Prompt, reference: Optional[ReferenceEntry] = None, max_new_tokens: int = 64,
-                 **generate_kwargs) -> GenerationOutput:
-        """Generate from `prompt`, reusing `reference`'s KV when given and similar enough; else full prefill."""
+                 return_entry: bool = False, **generate_kwargs) -> GenerationOutput:
+        """Generate from `prompt`, reusing `reference`'s KV when given and similar enough; else full prefill.
+
+        return_entry=True also hands back this request's prompt K/V as a ReferenceEntry (`out.entry`), copied
+        out of the cache after decoding, so that a store can serve later requests from it. It needs every
+        layer to hold every prompt position (no retain_ratio).
+        """
         start = time.perf_counter()
+        if return_entry and self.config.retain_ratio is not None:
+            raise ValueError("return_entry: a request served with retain_ratio keeps a partial cache; "
+                             "an entry needs every prompt position in every layer")
         ids = self._token_ids(prompt, max_new_tokens)
         stats = {"mode": "full", "prompt_tokens": len(ids), "matched_tokens": 0,
                  "recomputed_tokens": [len(ids)] * self.num_layers, "similarity": None}
         cache, kv_bytes = None, None
         if reference is not None:
-            if reference.fingerprint != self.fingerprint:
-                raise ValueError("reference: it was made by another model or tokenizer than this engine's")
+            self._check_reference(reference)
             match = self._match(reference, ids)
             stats["matched_tokens"] = match.matched
             stats["similarity"] = match.matched / len(ids)
@@ -182,13 +198,14 @@ class ReuseEngine:
                 kv_bytes = cache.nbytes() + self.num_layers * self._token_bytes  # + the last prompt token
         if cache is None:
             cache = self._new_cache(capacity=len(ids) + max_new_tokens)
-        new_ids, ttft_s = self._decode(ids, cache, max_new_tokens, start, generate_kwargs)
+        new_ids, ttft_s, logits = self._decode(ids, cache, max_new_tokens, start, generate_kwargs)
         kv_full = self.num_layers * len(ids) * self._token_bytes
         stats.update(reuse_ratio=1.0 - sum(stats["recomputed_tokens"]) / (self.num_layers * len(ids)),
                      kv_bytes=kv_full if kv_bytes is None else kv_bytes, kv_bytes_full=kv_full,
                      ttft_ms=ttft_s * 1e3)
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-        return GenerationOutput(text, new_ids, stats)
+        entry = self._entry_from_cache(ids, cache) if return_entry else None
+        return GenerationOutput(text, new_ids, stats, logits, entry)
 
     # ---- steps -----------------------------------------------------------------------------------------------
 
@@ -213,6 +230,26 @@ class ReuseEngine:
         blob = json.dumps([cfg, type(self.tokenizer).__name__, len(self.tokenizer), probe], sort_keys=True,
                           default=str)
         return hashlib.sha1(blob.encode() + weights).hexdigest()
+
+    def _check_reference(self, reference: ReferenceEntry) -> None:
+        if not isinstance(reference, ReferenceEntry):
+            raise TypeError(f"reference: expected a ReferenceEntry, got {type(reference).__name__}")
+        if reference.fingerprint != self.fingerprint:
+            raise ValueError("reference: it was made by another model or tokenizer than this engine's")
+
+    def _entry_from_cache(self, ids: torch.Tensor, cache: SemShareCache) -> ReferenceEntry:
+        """Prompt positions 0..T-1 of every layer, copied out (the cache also holds the new tokens)."""
+        n = len(ids)
+        for layer in cache.layers:  # slot == position holds while no layer was compacted
+            torch._check(layer.used >= n and bool((layer.kv_pos[:n] == torch.arange(n, device=ids.device)).all()),
+                         lambda: "semshare cache: prompt slots are not in position order")
+        return self._entry(ids, torch.stack([layer.keys[:n] for layer in cache.layers]),
+                           torch.stack([layer.values[:n] for layer in cache.layers]))
+
+    def _entry(self, ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> ReferenceEntry:
+        embeddings = self._embed(ids)
+        return ReferenceEntry(ids.cpu(), keys, values, self._codes(embeddings).cpu(),
+                              embeddings.float().mean(0).cpu(), self.fingerprint)
 
     def _token_ids(self, prompt: Prompt, max_new_tokens: int) -> torch.Tensor:
         if isinstance(prompt, str):
@@ -271,12 +308,15 @@ class ReuseEngine:
             return [0] * num_layers
         # Average over layers of (count + 1 for the last token) should be recompute_ratio * (prefill + 1).
         target = max(0.0, cfg.recompute_ratio * (prefill + 1) - 1)
-        counts = decaying_counts(prefill, num_layers, cfg.check_layers, int(unmatched.sum()), target,
-                                 cfg.recompute_decay)
-        check = min(cfg.check_layers, num_layers) - 1
+        # A prefix-cache hit holds exactly the K/V a full prefill would: no layer needs checking.
+        lead = 0 if cfg.matching == "prefix" else cfg.check_layers
+        counts = decaying_counts(prefill, num_layers, lead, int(unmatched.sum()), target, cfg.recompute_decay)
+        check = min(lead, num_layers) - 1
         rows = torch.arange(prefill, device=self._device)
-        hidden = self._embed(ids)[None]
-        order = rows
+        order = torch.argsort((~unmatched).to(torch.int8), stable=True)  # unmatched first until ranked
+        if counts[0] < prefill:
+            rows = order[: counts[0]].sort().values
+        hidden = self._embed(ids[rows])[None]
         cache.observe = window
         for idx, layer in enumerate(self.decoder.layers):
             if len(rows) == 0:  # nested sets: every deeper layer reuses everything too
@@ -332,7 +372,9 @@ class ReuseEngine:
         with cache.active():
             out = self.model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None],
                                       past_key_values=cache, **kwargs)
-        return out[0, len(ids):].tolist(), timer.first_token_s
+        logits = getattr(out, "logits", None)  # a GenerateOutput when return_dict_in_generate=True
+        sequences = getattr(out, "sequences", out)
+        return sequences[0, len(ids):].tolist(), timer.first_token_s, logits
 
 
 _OBSERVER_WINDOW = 16  # last prompt tokens whose attention ranks KV entries for retention (SnapKV-style)
