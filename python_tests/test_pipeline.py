@@ -658,3 +658,11 @@ def test_return_entry_rejected_with_retention(model, tokenizer, reference_ids, r
     engine = engine_for(model, tokenizer, retain_ratio=0.5)
     with pytest.raises(ValueError, match="return_entry"):
         engine.generate(reference_ids, reference=ref_entry, max_new_tokens=2, return_entry=True)
+
+
+def test_recompute_tail_is_recomputed_in_every_layer(model, tokenizer, reference_ids, ref_entry):
+    engine = engine_for(model, tokenizer, recompute_ratio=0.0, recompute_tail=24, check_layers=1)
+    out = engine.generate(reference_ids, reference=ref_entry, max_new_tokens=2)
+    assert out.stats["recomputed_tokens"] == [len(reference_ids)] + [24 + 1] * (LAYERS - 1)
+    with pytest.raises(ValueError, match="recompute_tail"):
+        ReuseConfig(recompute_tail=-1)

@@ -47,6 +47,7 @@ class ReuseConfig:
     rope_correction: bool = True  # re-rotate reused keys by the position delta
     check_layers: int = 2  # leading layers recomputed in full; deviation is measured at the last of them
     recompute_decay: float = 0.9  # per-layer factor of the recompute count past the check layers
+    recompute_tail: int = 0  # last prompt tokens recomputed in every layer (the question, the chat template's end)
     retain_decay: float = 0.9  # per-layer factor of the KV kept, when retain_ratio is set
     lsh_bits: int = 128
     lsh_max_distance: int = 24  # fuzzy matches farther than this many bits stay unmatched
@@ -63,6 +64,8 @@ class ReuseConfig:
             raise ValueError(f"retain_ratio: expected None or a value in (0, 1], got {self.retain_ratio}")
         if not 0.0 <= self.min_similarity <= 1.0:
             raise ValueError(f"min_similarity: expected a value in [0, 1], got {self.min_similarity}")
+        if self.recompute_tail < 0:
+            raise ValueError(f"recompute_tail: expected >= 0, got {self.recompute_tail}")
         if self.check_layers < 1:
             raise ValueError(f"check_layers: expected >= 1, got {self.check_layers}")
         for name in ("recompute_decay", "retain_decay"):
@@ -295,6 +298,7 @@ class ReuseEngine:
         window = min(_OBSERVER_WINDOW, prefill) if cfg.retain_ratio is not None else 0
         unmatched = match.unmatched_mask()[:prefill].to(self._device)
         unmatched[prefill - window:] = True  # the observer window of retention is always recomputed
+        unmatched[max(0, prefill - cfg.recompute_tail):] = True
         with cache.active():
             counts = self._recompute(cache, ids[:prefill], unmatched, window)
         if cfg.retain_ratio is not None:
