@@ -9,10 +9,11 @@ from .ops import hamming_topk, partial_attn, rope_reuse_, simhash
 
 __version__ = "0.1.0"
 __all__ = ["simhash", "hamming_topk", "rope_reuse_", "partial_attn", "reference", "ReuseEngine", "ReuseConfig",
-           "ReferenceEntry", "GenerationOutput", "load_model"]
+           "ReferenceEntry", "GenerationOutput", "load_model", "KVStore"]
 
 _LAZY = {"ReuseEngine": "pipeline", "ReuseConfig": "pipeline", "ReferenceEntry": "pipeline",
-         "GenerationOutput": "pipeline", "load_model": "models"}
+         "GenerationOutput": "pipeline", "load_model": "models",
+         "KVStore": "store"}
 
 
 def __getattr__(name):
