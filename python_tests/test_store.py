@@ -1,6 +1,6 @@
 """KVStore (semshare_ops/store.py): retrieval, DELTA tree, budgets and tiers, tenants, threads, persistence.
 
-Runs on a tiny random Llama with a fake tokenizer (the fixture of test_pipeline.py, copied small). Prompts are
+Runs on a tiny random Llama with a fake tokenizer (the model and tokenizer of test_pipeline.py). Prompts are
 token-id lists: base prompts draw from ids [2, 400), edits insert ids from [400, 512) that occur nowhere else, so the
 token alignment (and with `matching="edit"` the engine's cost of a base) is known exactly.
 """
@@ -13,13 +13,12 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from semshare_ops.pipeline import ReuseConfig, ReuseEngine  # noqa: E402
 from semshare_ops.store import KVStore, edit_script, entry_checksum  # noqa: E402
 
-VOCAB = 512
-LAYERS, KV_HEADS, HEAD_DIM = 4, 2, 16
+from test_pipeline import HEAD_DIM, KV_HEADS, LAYERS, VOCAB, FakeTokenizer, build_model  # noqa: E402
+
 TOKEN_BYTES = LAYERS * 2 * KV_HEADS * HEAD_DIM * 4  # K/V bytes of one prompt token over all layers (fp32)
 NEW = 3
 STORE_KEYS = {"hit", "base_id", "tenant", "request_id", "mode", "prompt_tokens", "matched_tokens",
@@ -28,32 +27,9 @@ STORE_KEYS = {"hit", "base_id", "tenant", "request_id", "mode", "prompt_tokens",
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class FakeTokenizer:
-    pad_token_id = 0
-    eos_token_id = 1
-
-    def __call__(self, text):
-        return {"input_ids": [2 + (ord(c) * 7) % (VOCAB - 2) for c in text]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(f"t{int(i)}" for i in ids)
-
-    def __len__(self):
-        return VOCAB
-
-
-def build_model(seed: int = 0):
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=LAYERS,
-                                         num_attention_heads=4, num_key_value_heads=KV_HEADS, intermediate_size=128,
-                                         max_position_embeddings=1024))
-    model.generation_config.eos_token_id = None  # always NEW tokens
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def model():
-    return build_model()
+    return build_model("llama", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -366,7 +342,7 @@ def test_save_load_round_trip(engine, tmp_path):
 def test_load_rejects_other_model_version_and_bad_files(engine, tmp_path):
     store, _ = _filled_store(engine)
     store.save(tmp_path)
-    other = ReuseEngine(build_model(seed=1), FakeTokenizer(), ReuseConfig())
+    other = ReuseEngine(build_model("llama", seed=1), FakeTokenizer(), ReuseConfig())
     with pytest.raises(ValueError, match="another model"):
         KVStore.load(tmp_path, other)
     index = json.loads((tmp_path / "index.json").read_text())

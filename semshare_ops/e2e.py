@@ -72,12 +72,9 @@ def _percentile(values: List[float], q: float) -> float:
 
 
 def _serve(engine: ReuseEngine, config: Optional[ReuseConfig], target: List[int], entry, repeat: int) -> Dict:
-    base_config = engine.config
     cuda = engine._device.type == "cuda"
     ttfts, out = [], None
-    try:
-        if config is not None:
-            engine.config = config
+    with engine.using(config):
         for _ in range(repeat):
             if cuda:
                 torch.cuda.synchronize()
@@ -85,8 +82,6 @@ def _serve(engine: ReuseEngine, config: Optional[ReuseConfig], target: List[int]
                 before = torch.cuda.memory_allocated()
             out = engine.generate(target, reference=entry if config is not None else None, max_new_tokens=1)
             ttfts.append(out.stats["ttft_ms"])
-    finally:
-        engine.config = base_config
     stats = out.stats
     return {
         "mean_ttft_ms": statistics.fmean(ttfts), "median_ttft_ms": statistics.median(ttfts),

@@ -60,21 +60,17 @@ def evaluate_pair(engine: ReuseEngine, reference: str, target: str, ratios: Sequ
     full = _generate(engine, target, max_new_tokens=max_new_tokens)
     record: Dict = {"prompt_tokens": full.stats["prompt_tokens"], "ttft_ms_full": full.stats["ttft_ms"],
                     "full_text": full.text, "reuse": []}
-    base_config = engine.config
-    try:
-        for ratio in ratios:
-            engine.config = dataclasses.replace(base_config, recompute_ratio=ratio)
+    for ratio in ratios:
+        with engine.using(dataclasses.replace(engine.config, recompute_ratio=ratio)):
             reuse = _generate(engine, target, entry, max_new_tokens)
-            record["reuse"].append({
-                "recompute_ratio": ratio, "mode": reuse.stats["mode"], "similarity": reuse.stats["similarity"],
-                "reuse_ratio": reuse.stats["reuse_ratio"], "matched_tokens": reuse.stats["matched_tokens"],
-                "ttft_ms": reuse.stats["ttft_ms"], "kv_bytes": reuse.stats["kv_bytes"],
-                "rougeL": rouge_l(reuse.text, full.text),
-                "first_token_equal": reuse.token_ids[:1] == full.token_ids[:1],
-                "first8_equal": reuse.token_ids[:8] == full.token_ids[:8],
-                "kl_first_token": first_token_kl(full.logits, reuse.logits), "text": reuse.text})
-    finally:
-        engine.config = base_config
+        record["reuse"].append({
+            "recompute_ratio": ratio, "mode": reuse.stats["mode"], "similarity": reuse.stats["similarity"],
+            "reuse_ratio": reuse.stats["reuse_ratio"], "matched_tokens": reuse.stats["matched_tokens"],
+            "ttft_ms": reuse.stats["ttft_ms"], "kv_bytes": reuse.stats["kv_bytes"],
+            "rougeL": rouge_l(reuse.text, full.text),
+            "first_token_equal": reuse.token_ids[:1] == full.token_ids[:1],
+            "first8_equal": reuse.token_ids[:8] == full.token_ids[:8],
+            "kl_first_token": first_token_kl(full.logits, reuse.logits), "text": reuse.text})
     if baselines:
         noise = engine.generate(" " + target, max_new_tokens=max_new_tokens)
         cached = engine.generate(reference, max_new_tokens=max_new_tokens)

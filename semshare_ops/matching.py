@@ -53,13 +53,19 @@ def edit_pairs(reference_ids: Sequence[int], target_ids: Sequence[int]) -> tuple
     return dst, src
 
 
-def prefix_pairs(reference_ids: Sequence[int], target_ids: Sequence[int], block: int = 16) -> tuple[list[int], list[int]]:
-    """The common prefix, cut to whole blocks (a prefix cache hashes full blocks only)."""
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
     n = 0
-    for a, b in zip(reference_ids, target_ids):
-        if a != b:
+    for x, y in zip(a, b):
+        if x != y:
             break
         n += 1
+    return n
+
+
+def prefix_pairs(reference_ids: Sequence[int], target_ids: Sequence[int], block: int = 16) -> tuple[list[int], list[int]]:
+    """The common prefix, cut to whole blocks (a prefix cache hashes full blocks only)."""
+    n = common_prefix(reference_ids, target_ids)
     n -= n % block
     return list(range(n)), list(range(n))
 

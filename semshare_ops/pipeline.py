@@ -17,12 +17,13 @@ How a reuse request runs (target of T tokens):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -163,6 +164,20 @@ class ReuseEngine:
         with cache.active():
             self.model(input_ids=ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
         return self._entry(ids, cache.keys, cache.values)  # [L, T, H, D]: the layers are views of these
+
+    @contextlib.contextmanager
+    def using(self, config: Optional[ReuseConfig]) -> Iterator["ReuseEngine"]:
+        """Serve with `config` inside the block (None: keep the current one); the old config comes back after.
+
+        Not thread-safe on its own: callers that share an engine across threads hold their own lock around it.
+        """
+        previous = self.config
+        if config is not None:
+            self.config = config
+        try:
+            yield self
+        finally:
+            self.config = previous
 
     @torch.inference_mode()
     def match(self, reference: ReferenceEntry, prompt: Prompt) -> matching.Match:

