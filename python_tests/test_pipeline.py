@@ -666,3 +666,85 @@ def test_recompute_tail_is_recomputed_in_every_layer(model, tokenizer, reference
     assert out.stats["recomputed_tokens"] == [len(reference_ids)] + [24 + 1] * (LAYERS - 1)
     with pytest.raises(ValueError, match="recompute_tail"):
         ReuseConfig(recompute_tail=-1)
+
+
+# ---- the causal fast path: whole-cache steps go to SDPA ----------------------------------------------------------
+
+
+def count_attention_paths(monkeypatch) -> dict:
+    """Count the steps semshare_attention sends to SDPA's causal kernel and to partial_attn."""
+    from semshare_ops import hf
+
+    calls = {"sdpa": 0, "partial": 0}
+    causal, partial = hf._causal_sdpa, hf.ops.partial_attn
+
+    def sdpa_spy(*args, **kwargs):
+        calls["sdpa"] += 1
+        return causal(*args, **kwargs)
+
+    def partial_spy(*args, **kwargs):
+        calls["partial"] += 1
+        return partial(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "_causal_sdpa", sdpa_spy)
+    monkeypatch.setattr(hf.ops, "partial_attn", partial_spy)
+    return calls
+
+
+def force_general_path(monkeypatch) -> None:
+    """Make every step take partial_attn (what the fast path must agree with)."""
+    from semshare_ops import hf
+
+    def via_partial_attn(query, key, value, scale):
+        positions = torch.arange(key.shape[0])
+        return ss_ops.partial_attn(query[0].transpose(0, 1), key, value, positions, positions, scale=scale)[0]
+
+    monkeypatch.setattr(hf, "_causal_sdpa", via_partial_attn)
+
+
+def test_full_prefill_takes_causal_sdpa_and_agrees_with_partial_attn(model, tokenizer, reference_ids, monkeypatch):
+    target = edited(reference_ids, "replace")
+    engine = engine_for(model, tokenizer)
+    calls = count_attention_paths(monkeypatch)
+    fast, fast_logits = generate_with_logits(engine, target, max_new_tokens=NEW)
+    assert calls["sdpa"] == LAYERS  # the prompt, once per layer
+    assert calls["partial"] == LAYERS * (NEW - 1)  # every decode step sees the cache through positions
+    monkeypatch.undo()
+    force_general_path(monkeypatch)
+    general, general_logits = generate_with_logits(engine, target, max_new_tokens=NEW)
+    assert fast.token_ids == general.token_ids
+    torch.testing.assert_close(fast_logits, general_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("retain", [None, 0.6])
+def test_reuse_check_layers_take_causal_sdpa(model, tokenizer, reference_ids, ref_entry, retain, monkeypatch):
+    """Check layers recompute every position (fast path); deeper layers recompute a subset (partial_attn). With
+    retention the observer's scores come out the same either way."""
+    target = edited(reference_ids, "replace")
+    engine = engine_for(model, tokenizer, check_layers=2, recompute_ratio=0.6, retain_ratio=retain)
+    calls = count_attention_paths(monkeypatch)
+    fast, fast_logits = generate_with_logits(engine, target, reference=ref_entry, max_new_tokens=2)
+    counts = fast.stats["recomputed_tokens"]
+    full_layers = sum(c == len(target) for c in counts)
+    assert fast.stats["mode"] == "reuse" and full_layers == 2 and min(counts) < len(target)
+    assert calls["sdpa"] == full_layers
+    monkeypatch.undo()
+    force_general_path(monkeypatch)
+    general, general_logits = generate_with_logits(engine, target, reference=ref_entry, max_new_tokens=2)
+    assert general.stats == {**fast.stats, "ttft_ms": general.stats["ttft_ms"]}
+    torch.testing.assert_close(fast_logits, general_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_compacted_layers_leave_the_fast_path():
+    from semshare_ops.hf import TokenMajorLayer
+
+    layer = TokenMajorLayer(torch.randn(8, 2, 4), torch.randn(8, 2, 4))
+    layer.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    assert layer.causal_step and layer.in_order
+    layer.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+    assert not layer.causal_step and layer.in_order
+    layer.keep(torch.tensor([0, 2, 3, 4, 5]))
+    assert not layer.in_order
+    layer.write_positions = torch.arange(5)  # every live slot rewritten, but slots no longer hold positions 0..4
+    layer.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    assert not layer.causal_step
