@@ -91,7 +91,8 @@ def test_eval_bad_ratio_exits_2(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, name", [(["--lengths", "8"], "--lengths"), (["--edit-levels", "1.5"], "--edit-levels"),
-                                        (["--repeat", "0"], "--repeat"), (["--shape", "gpt-9"], "--shape")])
+                                        (["--repeat", "0"], "--repeat"), (["--shape", "gpt-9"], "--shape"),
+                                        (["--recompute-ratio", "0.2", "1.5"], "--recompute-ratio")])
 def test_bench_e2e_bad_arguments_exit_2(capsys, monkeypatch, argv, name):
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("must not load a model"))
     assert cli.main(["bench", "e2e"] + argv) == 2

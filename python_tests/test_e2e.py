@@ -69,6 +69,18 @@ def test_run_e2e_tiny_model():
     assert "cacheblend" in table and len(table.splitlines()) == len(records) + 2
 
 
+def test_run_e2e_sweeps_semshare_recompute_ratios():
+    engine = ReuseEngine(build_model("llama", seed=0), FakeTokenizer(), ReuseConfig())
+    reference = rand_tokens(300, seed=2)
+    records = e2e.run_e2e(engine, lambda n: reference[:n], [256], [0.1], methods=["full", "prefix", "semshare"],
+                          repeat=1, recompute_ratios=[0.1, 0.8])
+    assert [(r["method"], r["recompute_ratio"]) for r in records] == [
+        ("full", None), ("prefix", 0.0), ("semshare", 0.1), ("semshare", 0.8)]
+    low, high = records[2], records[3]
+    assert high["reuse_ratio"] < low["reuse_ratio"]  # the ratio really reached the engine
+    assert "0.80" in e2e.format_e2e(records)
+
+
 def test_run_e2e_rejects_unknown_method():
     engine = ReuseEngine(build_model("llama", seed=0), FakeTokenizer(), ReuseConfig())
     with pytest.raises(ValueError, match="methods"):

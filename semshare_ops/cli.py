@@ -187,7 +187,9 @@ def cmd_bench_e2e(args) -> Dict:
     from . import e2e
 
     device = _device(args)
-    config = _config(args.recompute_ratio)
+    config = _config(args.recompute_ratio[0])
+    for ratio in args.recompute_ratio[1:]:
+        _config(ratio)
     if any(n < 16 for n in args.lengths):
         raise UsageError("--lengths: every prompt length must be at least 16 tokens")
     if any(not 0 < x < 1 for x in args.edit_levels):
@@ -220,7 +222,8 @@ def cmd_bench_e2e(args) -> Dict:
                          f"of {limit}")
     records = e2e.run_e2e(engine, prompt, args.lengths, args.edit_levels, args.methods, args.repeat,
                           progress=(lambda r: None) if args.json else
-                          (lambda r: print(e2e.format_e2e([r]).splitlines()[2], flush=True)))
+                          (lambda r: print(e2e.format_e2e([r]).splitlines()[2], flush=True)),
+                          recompute_ratios=args.recompute_ratio if len(args.recompute_ratio) > 1 else ())
     result = {**_environment(device), "model": model_name, "dtype": args.dtype, "records": records}
     _write(args.out, result)
     return result
@@ -299,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", nargs="+", choices=["full", "prefix", "cacheblend", "semshare"],
                        default=["full", "prefix", "cacheblend", "semshare"])
     bench.add_argument("--repeat", type=int, default=3, help="e2e: runs per method and prompt")
-    bench.add_argument("--recompute-ratio", type=float, default=0.2, help="e2e: semshare's recompute ratio")
+    bench.add_argument("--recompute-ratio", type=float, nargs="+", default=[0.2],
+                       help="e2e: semshare's recompute ratio; several: one semshare row per ratio")
     bench.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                        help="e2e: default float32 for real models, bfloat16 for --shape")
     bench.add_argument("--out", default=None, help="also write the JSON result to this file")

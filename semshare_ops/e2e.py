@@ -95,12 +95,21 @@ def _serve(engine: ReuseEngine, config: Optional[ReuseConfig], target: List[int]
 
 def run_e2e(engine: ReuseEngine, reference_for_length: Callable[[int], List[int]], lengths: Sequence[int],
             edit_levels: Sequence[float] = EDIT_LEVELS, methods: Sequence[str] = METHODS, repeat: int = 3,
-            seed: int = 0, progress: Callable[[Dict], None] = lambda record: None) -> List[Dict]:
-    """One record per (length, edit level, method); speedups are against `full` on the same target."""
+            seed: int = 0, progress: Callable[[Dict], None] = lambda record: None,
+            recompute_ratios: Sequence[float] = ()) -> List[Dict]:
+    """One record per (length, edit level, method); speedups are against `full` on the same target.
+
+    `recompute_ratios` sweeps semshare over several ratios (one record each); empty: the engine's own ratio.
+    """
     configs = method_configs(engine.config)
     unknown = [m for m in methods if m not in configs]
     if unknown:
         raise ValueError(f"methods: unknown {unknown}; expected some of {list(configs)}")
+    variants = [(m, configs[m]) for m in methods if m != "full"]
+    if recompute_ratios and "semshare" in methods:
+        semshare = configs["semshare"]
+        variants = [v for v in variants if v[0] != "semshare"] + [
+            ("semshare", dataclasses.replace(semshare, recompute_ratio=r)) for r in recompute_ratios]
     engine.generate([1, 2, 3, 4], max_new_tokens=1)  # warm-up outside the timings
     records = []
     for length in lengths:
@@ -108,14 +117,12 @@ def run_e2e(engine: ReuseEngine, reference_for_length: Callable[[int], List[int]
         entry = engine.prefill(reference)
         for level in edit_levels:
             target = edit_tokens(reference, level, seed=seed + length)
-            full = None
-            for method in ("full",) + tuple(m for m in methods if m != "full"):
-                result = _serve(engine, configs[method], target, entry, repeat)
-                if method == "full":
-                    full = result
-                    if "full" not in methods:
-                        continue
-                record = {"method": method, "prompt_tokens": len(target), "edited_share": level, **result,
+            full = _serve(engine, None, target, entry, repeat)
+            runs = ([("full", None, full)] if "full" in methods else []) + [
+                (method, config, _serve(engine, config, target, entry, repeat)) for method, config in variants]
+            for method, config, result in runs:
+                record = {"method": method, "prompt_tokens": len(target), "edited_share": level,
+                          "recompute_ratio": None if config is None else config.recompute_ratio, **result,
                           "speedup_vs_full": full["mean_ttft_ms"] / max(result["mean_ttft_ms"], 1e-9)}
                 records.append(record)
                 progress(record)
@@ -123,12 +130,14 @@ def run_e2e(engine: ReuseEngine, reference_for_length: Callable[[int], List[int]
 
 
 def format_e2e(records: List[Dict]) -> str:
-    head = (f"{'tokens':>6} {'edited':>6} {'method':<10} {'mode':<8} {'similar':>7} {'reuse':>5} "
+    head = (f"{'tokens':>6} {'edited':>6} {'method':<10} {'ratio':>5} {'mode':<8} {'similar':>7} {'reuse':>5} "
             f"{'mean TTFT ms':>12} {'p99 ms':>8} {'speedup':>7} {'KV MB':>7}")
     lines = [head, "-" * len(head)]
     for r in records:
         sim = "-" if r["similarity"] is None else f"{r['similarity']:.2f}"
-        lines.append(f"{r['prompt_tokens']:>6} {r['edited_share']:>6.2f} {r['method']:<10} {r['mode']:<8} {sim:>7} "
+        ratio = "-" if r.get("recompute_ratio") is None else f"{r['recompute_ratio']:.2f}"
+        lines.append(f"{r['prompt_tokens']:>6} {r['edited_share']:>6.2f} {r['method']:<10} {ratio:>5} "
+                     f"{r['mode']:<8} {sim:>7} "
                      f"{r['reuse_ratio']:>5.2f} {r['mean_ttft_ms']:>12.1f} {r['p99_ttft_ms']:>8.1f} "
                      f"{r['speedup_vs_full']:>6.2f}x {r['kv_bytes'] / 1e6:>7.1f}")
     return "\n".join(lines)
