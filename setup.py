@@ -24,6 +24,12 @@ def sources(pattern):
 
 def extension():
     cxx = ["-O3", "-DSEMSHARE_PYTHON_MODULE", "-DPy_LIMITED_API=0x030A0000"]
+    link = []
+    if platform.system() == "Linux":
+        # at::parallel_for is a header template over `#pragma omp parallel`: without -fopenmp our kernels compile
+        # to one thread. The library resolves to the libgomp.so.1 torch has already loaded (one OpenMP runtime).
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     cpu_arch = os.environ.get("SEMSHARE_CPU_ARCH", "x86-64-v3")
     if platform.machine() in ("x86_64", "AMD64") and cpu_arch:
         cxx.append(f"-march={cpu_arch}")
@@ -35,9 +41,10 @@ def extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         # No --use_fast_math: the spec asks for precise sin/cos and exp in fp32.
         nvcc = ["-O3", "-lineinfo", "-DSEMSHARE_WITH_CUDA"]
-        return CUDAExtension("semshare_ops._C", srcs + cuda_srcs, py_limited_api=True,
+        return CUDAExtension("semshare_ops._C", srcs + cuda_srcs, py_limited_api=True, extra_link_args=link,
                              extra_compile_args={"cxx": cxx + ["-DSEMSHARE_WITH_CUDA"], "nvcc": nvcc})
-    return CppExtension("semshare_ops._C", srcs, py_limited_api=True, extra_compile_args={"cxx": cxx})
+    return CppExtension("semshare_ops._C", srcs, py_limited_api=True, extra_compile_args={"cxx": cxx},
+                        extra_link_args=link)
 
 
 setup(

@@ -26,9 +26,9 @@ namespace {
 // SSE pairs elsewhere. Kept in registers by the compiler, unlike arrays indexed at run time.
 typedef float vf8 __attribute__((vector_size(32)));
 
-constexpr int64_t kBlockK = 64;       // keys per tile: 8 vectors, one row of S in 8 accumulators
+constexpr int64_t kBlockK = 64;       // keys per tile: one row of S is 8 vectors
 constexpr int64_t kRows = 64;         // target rows (query x head-in-group) per query tile
-constexpr int64_t kVChunk = 32;       // V columns per accumulator block: 4 vectors
+constexpr int64_t kVChunk = 16;       // V and O rows padded to whole micro-kernel columns: 2 vectors
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline vf8 splat(float x) { return vf8{x, x, x, x, x, x, x, x}; }
@@ -93,54 +93,86 @@ struct AlignedBuffer {
   float* get() const { return ptr.get(); }
 };
 
-// One KV tile for NR consecutive rows (query x head-in-group): scores, mask, online softmax, P.V.
-// Scores go in two halves of 32 keys so the NR x 4 accumulators stay in registers (AVX2 has 16).
+// C[NR x 16] = A[NR x K] . B[K x 16] (+ row_scale[r] * C when row_scale is given), fp32. The GEMM shape of both
+// S = Q K^T (A = Q rows, B = K^T tile) and O = alpha O + P V (A = P rows, B = V tile). NR = 6 gives 12 accumulators
+// (2 FMA pipes x 4-5 cycles of latency need 8-10 in flight) plus 2 B vectors and 1 broadcast: 15 of AVX2's 16
+// registers, and 8 loads per 12 FMAs, so the FMA pipes, not the loads, set the pace.
 template <int NR>
-inline void attend_rows(int64_t row0, int64_t D, int64_t Dvp, int64_t nk, int64_t G, bool need_mask, const float* Q,
-                        const float* Kt, const float* V, const float* bias, float* S, float* O, float* M, float* L) {
-  for (int half = 0; half < 2; ++half) {
-    vf8 acc[NR][4] = {};
-    for (int64_t d = 0; d < D; ++d) {
-      const float* kd = Kt + d * kBlockK + half * 32;
-      vf8 kv[4];
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) kv[c] = load8(kd + 8 * c);
-#pragma GCC unroll 2
-      for (int r = 0; r < NR; ++r) {
-        const vf8 x = splat(Q[(row0 + r) * D + d]);
-#pragma GCC unroll 4
-        for (int c = 0; c < 4; ++c) acc[r][c] += x * kv[c];
-      }
-    }
-#pragma GCC unroll 2
-    for (int r = 0; r < NR; ++r) {
-      float* sr = S + (row0 + r) * kBlockK + half * 32;
-      const float* br = bias + ((row0 + r) / G) * kBlockK + half * 32;
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) store8(sr + 8 * c, need_mask ? acc[r][c] + load8(br + 8 * c) : acc[r][c]);
+inline void gemm_rows16(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                        const float* row_scale) {
+  vf8 acc[NR][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < NR; ++r) {
+    if (row_scale) {
+      const vf8 sr = splat(row_scale[r]);
+      acc[r][0] = load8(C + r * ldc) * sr;
+      acc[r][1] = load8(C + r * ldc + 8) * sr;
+    } else {
+      acc[r][0] = splat(0.0f);
+      acc[r][1] = splat(0.0f);
     }
   }
+  for (int64_t kk = 0; kk < K; ++kk) {
+    const vf8 b0 = load8(B + kk * ldb), b1 = load8(B + kk * ldb + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < NR; ++r) {
+      const vf8 a = splat(A[r * lda + kk]);
+      acc[r][0] += a * b0;
+      acc[r][1] += a * b1;
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < NR; ++r) {
+    store8(C + r * ldc, acc[r][0]);
+    store8(C + r * ldc + 8, acc[r][1]);
+  }
+}
+
+// C[rows x cols] (cols a multiple of 16) through the 6-row micro-kernel and a remainder kernel.
+inline void gemm_tile(int64_t rows, int64_t cols, int64_t K, const float* A, int64_t lda, const float* B,
+                      int64_t ldb, float* C, int64_t ldc, const float* row_scale) {
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6) {
+    for (int64_t c = 0; c < cols; c += 16) {
+      gemm_rows16<6>(K, A + r * lda, lda, B + c, ldb, C + r * ldc + c, ldc, row_scale ? row_scale + r : nullptr);
+    }
+  }
+  for (; r < rows; r += 2) {
+    for (int64_t c = 0; c < cols; c += 16) {
+      if (r + 2 <= rows) {
+        gemm_rows16<2>(K, A + r * lda, lda, B + c, ldb, C + r * ldc + c, ldc, row_scale ? row_scale + r : nullptr);
+      } else {
+        gemm_rows16<1>(K, A + r * lda, lda, B + c, ldb, C + r * ldc + c, ldc, row_scale ? row_scale + r : nullptr);
+      }
+    }
+  }
+}
+
+// One KV tile for every row (query x head-in-group) of a query tile: S = Q K^T, mask, online softmax, O += P V.
+inline void attend_tile(int64_t rows, int64_t D, int64_t Dvp, int64_t nk, int64_t G, bool need_mask, const float* Q,
+                        const float* Kt, const float* V, const float* bias, float* S, float* O, float* M, float* L,
+                        float* alpha) {
+  gemm_tile(rows, kBlockK, D, Q, D, Kt, kBlockK, S, kBlockK, nullptr);
 
   // Online softmax per row. A row that sees nothing in this tile keeps its state: alpha 1 and P 0.
-  float alpha[NR];
-  for (int r = 0; r < NR; ++r) {
-    const int64_t row = row0 + r;
+  for (int64_t row = 0; row < rows; ++row) {
     float* pr = S + row * kBlockK;
+    const float* br = bias + (row / G) * kBlockK;
     vf8 a[8];
 #pragma GCC unroll 8
-    for (int c = 0; c < 8; ++c) a[c] = load8(pr + 8 * c);
+    for (int c = 0; c < 8; ++c) a[c] = need_mask ? load8(pr + 8 * c) + load8(br + 8 * c) : load8(pr + 8 * c);
     vf8 vmax = a[0];
 #pragma GCC unroll 8
     for (int c = 1; c < 8; ++c) vmax = vmax > a[c] ? vmax : a[c];
     const float tile_max = hmax(vmax);
     if (tile_max == kNegInf) {
-      alpha[r] = 1.0f;
+      alpha[row] = 1.0f;
 #pragma GCC unroll 8
       for (int c = 0; c < 8; ++c) store8(pr + 8 * c, splat(0.0f));
       continue;
     }
     const float m_new = std::max(M[row], tile_max);
-    alpha[r] = exp1(M[row] - m_new);  // 0 on the first visible tile (M = -inf)
+    alpha[row] = exp1(M[row] - m_new);  // 0 on the first visible tile (M = -inf)
     const vf8 vm = splat(m_new);
     vf8 vsum = splat(0.0f);
 #pragma GCC unroll 8
@@ -149,37 +181,12 @@ inline void attend_rows(int64_t row0, int64_t D, int64_t Dvp, int64_t nk, int64_
       vsum += pc;
       store8(pr + 8 * c, pc);
     }
-    L[row] = L[row] * alpha[r] + hsum(vsum);
+    L[row] = L[row] * alpha[row] + hsum(vsum);
     M[row] = m_new;
   }
 
-  // O rows = alpha * O rows + P rows . V, 32 columns at a time.
-  for (int64_t e0 = 0; e0 < Dvp; e0 += kVChunk) {
-    vf8 o[NR][4];
-#pragma GCC unroll 2
-    for (int r = 0; r < NR; ++r) {
-      const vf8 va = splat(alpha[r]);
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) o[r][c] = load8(O + (row0 + r) * Dvp + e0 + 8 * c) * va;
-    }
-    for (int64_t j = 0; j < nk; ++j) {
-      const float* vr = V + j * Dvp + e0;
-      vf8 vv[4];
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) vv[c] = load8(vr + 8 * c);
-#pragma GCC unroll 2
-      for (int r = 0; r < NR; ++r) {
-        const vf8 pj = splat(S[(row0 + r) * kBlockK + j]);
-#pragma GCC unroll 4
-        for (int c = 0; c < 4; ++c) o[r][c] += pj * vv[c];
-      }
-    }
-#pragma GCC unroll 2
-    for (int r = 0; r < NR; ++r) {
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) store8(O + (row0 + r) * Dvp + e0 + 8 * c, o[r][c]);
-    }
-  }
+  // Keys past nk are zero padding in V (and P is finite there), so the full tile depth could be used; nk skips it.
+  gemm_tile(rows, Dvp, nk, S, kBlockK, V, Dvp, O, Dvp, alpha);
 }
 
 // One unit of work: the queries sorted[q_begin, q_end) of sequence b, with every query head of KV head g.
@@ -267,13 +274,14 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const int64_t rows_max = tile_q * G;
     AlignedBuffer qbuf(rows_max * D), sbuf(rows_max * kBlockK),
-        obuf(rows_max * Dvp), mbuf(rows_max), lbuf(rows_max), biasbuf(tile_q * kBlockK);
+        obuf(rows_max * Dvp), mbuf(rows_max), lbuf(rows_max), alphabuf(rows_max), biasbuf(tile_q * kBlockK);
     std::vector<int64_t> tile_qpos(tile_q), key_pos(kBlockK);
     float* Q = qbuf.get();
     float* S = sbuf.get();
     float* O = obuf.get();
     float* M = mbuf.get();
     float* L = lbuf.get();
+    float* alpha = alphabuf.get();
     float* bias = biasbuf.get();
 
     for (int64_t it = next++; it < n_items; it = next++) {
@@ -327,10 +335,7 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
             }
           }
         }
-        // Rows two at a time: every K^T and V vector loaded serves both rows.
-        int64_t row = 0;
-        for (; row + 2 <= rows; row += 2) attend_rows<2>(row, D, Dvp, nk, G, need_mask, Q, Kt, V, bias, S, O, M, L);
-        if (row < rows) attend_rows<1>(row, D, Dvp, nk, G, need_mask, Q, Kt, V, bias, S, O, M, L);
+        attend_tile(rows, D, Dvp, nk, G, need_mask, Q, Kt, V, bias, S, O, M, L, alpha);
       }
 
       // out = O / L and lse = M + log L, one rounding to the output dtype; no visible key: 0 and -inf.
