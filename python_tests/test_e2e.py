@@ -30,7 +30,7 @@ def test_edit_tokens_touches_about_the_share(share):
 
 def test_method_configs():
     configs = e2e.method_configs(ReuseConfig(recompute_ratio=0.3))
-    assert configs["full"] is None
+    assert configs["full"] is None and configs["hf"] is None
     assert configs["prefix"].matching == "prefix" and configs["prefix"].recompute_ratio == 0.0
     assert configs["cacheblend"].matching == "chunk" and configs["cacheblend"].recompute_ratio == 0.15
     assert configs["semshare"].recompute_ratio == 0.3 and configs["semshare"].matching == "hybrid"
@@ -56,6 +56,8 @@ def test_run_e2e_tiny_model():
     for (tokens, share, method), r in by.items():
         if method == "full":
             assert r["mode"] == "full" and r["reuse_ratio"] == 0.0 and r["speedup_vs_full"] == pytest.approx(1.0)
+        elif method == "hf":
+            assert r["mode"] == "full" and r["reuse_ratio"] == 0.0 and r["recompute_ratio"] is None
         else:
             assert r["mode"] == "reuse"
             assert r["kv_bytes"] == r["kv_bytes_full"]  # no retention in any method
@@ -67,6 +69,18 @@ def test_run_e2e_tiny_model():
                 assert by[(tokens, share, "semshare")]["matched_tokens"] >= by[(tokens, share, "cacheblend")]["matched_tokens"]
     table = e2e.format_e2e(records)
     assert "cacheblend" in table and len(table.splitlines()) == len(records) + 2
+
+
+def test_hf_method_runs_no_semshare_code(monkeypatch):
+    """The stock baseline must not touch partial_attn or the semshare cache: it is what the engine is timed against."""
+    from semshare_ops import hf
+
+    engine = ReuseEngine(build_model("llama", seed=0), FakeTokenizer(), ReuseConfig())
+    monkeypatch.setattr(hf.ops, "partial_attn", lambda *a, **k: pytest.fail("hf baseline ran partial_attn"))
+    monkeypatch.setattr(hf, "_causal_sdpa", lambda *a, **k: pytest.fail("hf baseline used the semshare cache"))
+    result = e2e._serve_stock(engine, rand_tokens(200, seed=5), repeat=2)
+    assert result["runs"] == 2 and result["mean_ttft_ms"] > 0 and result["mode"] == "full"
+    assert result["kv_bytes"] == engine.num_layers * 200 * engine._token_bytes
 
 
 def test_run_e2e_sweeps_semshare_recompute_ratios():

@@ -299,8 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--layers", type=int, default=None, help="e2e --shape: truncate to this many layers")
     bench.add_argument("--edit-levels", nargs="+", type=float, default=[0.02, 0.1, 0.3],
                        help="e2e: share of the reference's tokens edited to make each target")
-    bench.add_argument("--methods", nargs="+", choices=["full", "prefix", "cacheblend", "semshare"],
-                       default=["full", "prefix", "cacheblend", "semshare"])
+    bench.add_argument("--methods", nargs="+", choices=["full", "hf", "prefix", "cacheblend", "semshare"],
+                       default=["full", "hf", "prefix", "cacheblend", "semshare"],
+                       help="e2e: hf is the model's stock forward (SDPA, HF cache), timed in the same run")
     bench.add_argument("--repeat", type=int, default=3, help="e2e: runs per method and prompt")
     bench.add_argument("--recompute-ratio", type=float, nargs="+", default=[0.2],
                        help="e2e: semshare's recompute ratio; several: one semshare row per ratio")

@@ -2,7 +2,9 @@
 
 For each prompt length and similarity level a reference prompt is prefilled once and an edited target is served by
 every method, all through the same engine and decode path (one new token: the first-token time is the prefill):
-- `full`: full prefill of the target (the baseline every speedup is against);
+- `full`: full prefill of the target through the engine (the baseline every speedup is against);
+- `hf`: the model's own forward (SDPA, HF's DynamicCache, no semshare code on the path): stock transformers
+  measured in the same run, so the engine's full path is checked against it rather than assumed equal;
 - `prefix`: vLLM-style prefix caching, the common prefix in whole 16-token blocks reused, the rest prefilled;
 - `cacheblend`: CacheBlend-style, target chunks of 16 tokens found verbatim in the reference reused at their new
   positions, a fixed 15% of tokens recomputed in every layer past the first (bottom-right causal mask: the
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import statistics
+import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -28,13 +31,14 @@ import torch
 from .pipeline import ReuseConfig, ReuseEngine
 
 EDIT_LEVELS = (0.02, 0.1, 0.3)  # share of reference tokens touched by edits
-METHODS = ("full", "prefix", "cacheblend", "semshare")
+METHODS = ("full", "hf", "prefix", "cacheblend", "semshare")
 
 
 def method_configs(base: ReuseConfig) -> Dict[str, Optional[ReuseConfig]]:
     """The engine config each method runs with (`full` takes no reference)."""
     return {
         "full": None,
+        "hf": None,
         "prefix": dataclasses.replace(base, matching="prefix", recompute_ratio=0.0, min_similarity=0.0,
                                       retain_ratio=None),
         "cacheblend": dataclasses.replace(base, matching="chunk", recompute_ratio=0.15, recompute_decay=1.0,
@@ -93,6 +97,32 @@ def _serve(engine: ReuseEngine, config: Optional[ReuseConfig], target: List[int]
     }
 
 
+def _serve_stock(engine: ReuseEngine, target: List[int], repeat: int) -> Dict:
+    """TTFT of the model's own forward on the target: HF's attention and cache, greedy first token."""
+    cuda = engine._device.type == "cuda"
+    ids = torch.tensor([target], device=engine._device)
+    ttfts = []
+    with torch.inference_mode():
+        for _ in range(repeat):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            out = engine.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            int(out.logits[0, -1].argmax())  # the first token on the host, as a streamer would see it
+            ttfts.append((time.perf_counter() - start) * 1e3)
+            del out
+    kv_full = engine.num_layers * len(target) * engine._token_bytes
+    return {
+        "mean_ttft_ms": statistics.fmean(ttfts), "median_ttft_ms": statistics.median(ttfts),
+        "p99_ttft_ms": _percentile(ttfts, 99), "std_ttft_ms": statistics.pstdev(ttfts), "runs": len(ttfts),
+        "kv_bytes": kv_full, "kv_bytes_full": kv_full,
+        "peak_memory_bytes": (torch.cuda.max_memory_allocated() - before) if cuda else None,
+        "mode": "full", "matched_tokens": 0, "reuse_ratio": 0.0, "similarity": None,
+    }
+
+
 def run_e2e(engine: ReuseEngine, reference_for_length: Callable[[int], List[int]], lengths: Sequence[int],
             edit_levels: Sequence[float] = EDIT_LEVELS, methods: Sequence[str] = METHODS, repeat: int = 3,
             seed: int = 0, progress: Callable[[Dict], None] = lambda record: None,
@@ -105,7 +135,7 @@ def run_e2e(engine: ReuseEngine, reference_for_length: Callable[[int], List[int]
     unknown = [m for m in methods if m not in configs]
     if unknown:
         raise ValueError(f"methods: unknown {unknown}; expected some of {list(configs)}")
-    variants = [(m, configs[m]) for m in methods if m != "full"]
+    variants = [(m, configs[m]) for m in methods if m not in ("full", "hf")]
     if recompute_ratios and "semshare" in methods:
         semshare = configs["semshare"]
         variants = [v for v in variants if v[0] != "semshare"] + [
@@ -118,7 +148,8 @@ def run_e2e(engine: ReuseEngine, reference_for_length: Callable[[int], List[int]
         for level in edit_levels:
             target = edit_tokens(reference, level, seed=seed + length)
             full = _serve(engine, None, target, entry, repeat)
-            runs = ([("full", None, full)] if "full" in methods else []) + [
+            runs = ([("full", None, full)] if "full" in methods else []) + (
+                [("hf", None, _serve_stock(engine, target, repeat))] if "hf" in methods else []) + [
                 (method, config, _serve(engine, config, target, entry, repeat)) for method, config in variants]
             for method, config, result in runs:
                 record = {"method": method, "prompt_tokens": len(target), "edited_share": level,
