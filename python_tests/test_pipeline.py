@@ -668,13 +668,14 @@ def test_recompute_tail_is_recomputed_in_every_layer(model, tokenizer, reference
         ReuseConfig(recompute_tail=-1)
 
 
-# ---- the causal fast path: whole-cache steps go to SDPA ----------------------------------------------------------
+# ---- the causal fast path: whole-cache steps go to SDPA (CUDA by default; forced on here) ------------------------
 
 
 def count_attention_paths(monkeypatch) -> dict:
-    """Count the steps semshare_attention sends to SDPA's causal kernel and to partial_attn."""
+    """Count the steps semshare_attention sends to SDPA's causal kernel and to partial_attn (fast path on CPU too)."""
     from semshare_ops import hf
 
+    monkeypatch.setattr(hf, "CAUSAL_SDPA_DEVICE_TYPES", ("cpu", "cuda"))
     calls = {"sdpa": 0, "partial": 0}
     causal, partial = hf._causal_sdpa, hf.ops.partial_attn
 
@@ -694,6 +695,8 @@ def count_attention_paths(monkeypatch) -> dict:
 def force_general_path(monkeypatch) -> None:
     """Make every step take partial_attn (what the fast path must agree with)."""
     from semshare_ops import hf
+
+    monkeypatch.setattr(hf, "CAUSAL_SDPA_DEVICE_TYPES", ("cpu", "cuda"))
 
     def via_partial_attn(query, key, value, scale):
         positions = torch.arange(key.shape[0])

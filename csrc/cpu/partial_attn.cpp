@@ -27,7 +27,7 @@ namespace {
 typedef float vf8 __attribute__((vector_size(32)));
 
 constexpr int64_t kBlockK = 64;       // keys per tile: one row of S is 8 vectors
-constexpr int64_t kRows = 64;         // target rows (query x head-in-group) per query tile
+constexpr int64_t kRows = 64;         // about this many rows (query x head-in-group) per query tile
 constexpr int64_t kVChunk = 16;       // V and O rows padded to whole micro-kernel columns: 2 vectors
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -71,16 +71,22 @@ inline vf8 exp8(vf8 x) {
 
 inline float exp1(float x) { return exp8(splat(x))[0]; }
 
+// Horizontal max and sum in three shuffle steps (halves, quarters, pairs) instead of seven scalar ones.
 inline float hmax(vf8 v) {
-  float m = v[0];
-  for (int i = 1; i < 8; ++i) m = std::max(m, v[i]);
-  return m;
+  vf8 w = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v = v > w ? v : w;
+  w = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v = v > w ? v : w;
+  w = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+  v = v > w ? v : w;
+  return v[0];
 }
 
 inline float hsum(vf8 v) {
-  float t = 0.0f;
-  for (int i = 0; i < 8; ++i) t += v[i];
-  return t;
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+  return v[0];
 }
 
 struct AlignedBuffer {
@@ -128,21 +134,22 @@ inline void gemm_rows16(int64_t K, const float* A, int64_t lda, const float* B, 
   }
 }
 
-// C[rows x cols] (cols a multiple of 16) through the 6-row micro-kernel and a remainder kernel.
+// C[rows x cols] (cols a multiple of 16) through the 6-row micro-kernel; the last rows % 6 in one narrower call.
 inline void gemm_tile(int64_t rows, int64_t cols, int64_t K, const float* A, int64_t lda, const float* B,
                       int64_t ldb, float* C, int64_t ldc, const float* row_scale) {
-  int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) {
+  for (int64_t r = 0; r < rows; r += 6) {
+    const float* scale_r = row_scale ? row_scale + r : nullptr;
     for (int64_t c = 0; c < cols; c += 16) {
-      gemm_rows16<6>(K, A + r * lda, lda, B + c, ldb, C + r * ldc + c, ldc, row_scale ? row_scale + r : nullptr);
-    }
-  }
-  for (; r < rows; r += 2) {
-    for (int64_t c = 0; c < cols; c += 16) {
-      if (r + 2 <= rows) {
-        gemm_rows16<2>(K, A + r * lda, lda, B + c, ldb, C + r * ldc + c, ldc, row_scale ? row_scale + r : nullptr);
-      } else {
-        gemm_rows16<1>(K, A + r * lda, lda, B + c, ldb, C + r * ldc + c, ldc, row_scale ? row_scale + r : nullptr);
+      const float* a = A + r * lda;
+      const float* b = B + c;
+      float* out = C + r * ldc + c;
+      switch (std::min<int64_t>(6, rows - r)) {
+        case 6: gemm_rows16<6>(K, a, lda, b, ldb, out, ldc, scale_r); break;
+        case 5: gemm_rows16<5>(K, a, lda, b, ldb, out, ldc, scale_r); break;
+        case 4: gemm_rows16<4>(K, a, lda, b, ldb, out, ldc, scale_r); break;
+        case 3: gemm_rows16<3>(K, a, lda, b, ldb, out, ldc, scale_r); break;
+        case 2: gemm_rows16<2>(K, a, lda, b, ldb, out, ldc, scale_r); break;
+        default: gemm_rows16<1>(K, a, lda, b, ldb, out, ldc, scale_r); break;
       }
     }
   }
@@ -219,7 +226,15 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
                      [&](int64_t a, int64_t c) { return qpos[a] < qpos[c]; });
   }
 
-  const int64_t tile_q = std::max<int64_t>(1, kRows / G);
+  // About kRows rows per tile, rounded so rows (queries x G) fill whole 6-row micro-kernel blocks when a nearby
+  // count does (G = 3: 22 queries, 66 rows; G = 4: 18, 72; G = 8: 9, 72).
+  int64_t tile_q = std::max<int64_t>(1, (kRows + G - 1) / G);
+  for (int64_t t = tile_q; t * G <= kRows + kRows / 2; ++t) {
+    if ((t * G) % 6 == 0) {
+      tile_q = t;
+      break;
+    }
+  }
   std::vector<WorkItem> items;
   for (int64_t b = 0; b < s.batch; ++b) {
     const int64_t nk_b = s.cu_k[b + 1] - s.cu_k[b];
