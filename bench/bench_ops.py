@@ -1,9 +1,12 @@
-"""Op microbenchmarks: ours vs the pure-torch reference (and SDPA with a mask) at model shapes.
+"""Op microbenchmarks: ours vs the pure-torch reference, SDPA with a mask and FlexAttention, at model shapes.
 
     python bench/bench_ops.py --device cpu [--models smollm2-135m llama3-8b] [--lengths 1024 4096]
-                              [--out bench/results/ops_cpu.json]
+                              [--dtype bfloat16|float32|float16] [--out bench/results/ops_cpu.json]
 
-Writes a JSON file with the environment (device, versions, date, command) and one record per measurement.
+Lengths of 8192 and 16384 are for GPUs (`--device cuda --lengths 1024 4096 16384`). On a CPU without AMX or
+AVX512-BF16, float32 is the fast path (torch's bf16 GEMM there is a scalar loop: see the ceilings it prints).
+Writes a JSON file with the environment (device, versions, date, command), the device ceilings every percentage
+is computed against, and one record per measurement.
 """
 import argparse
 import datetime
@@ -15,7 +18,7 @@ import sys
 import torch
 
 from semshare_ops import __version__
-from semshare_ops.bench import SHAPES, format_table, run_ops
+from semshare_ops.bench import DTYPES, SHAPES, device_ceilings, format_ceilings, format_table, run_ops
 
 
 def environment(device: str) -> dict:
@@ -35,16 +38,22 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "llama3-8b"], choices=sorted(SHAPES))
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 1.0])
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--out", default=None, help="JSON file to write (default: print only)")
     args = parser.parse_args()
+    dtype = DTYPES[args.dtype]
+    ceilings = device_ceilings(args.device, dtype)
+    print(format_ceilings(ceilings), flush=True)
     records = run_ops(args.device, args.models, args.lengths, args.ratios,
-                      progress=lambda r: print(format_table([r]).splitlines()[1], flush=True))
+                      progress=lambda r: print(format_table([r]).splitlines()[1], flush=True),
+                      dtype=dtype, ceilings=ceilings)
     print()
     print(format_table(records))
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"environment": environment(args.device), "records": records}, f, indent=1)
+            json.dump({"environment": environment(args.device), "dtype": args.dtype, "ceilings": ceilings,
+                       "records": records}, f, indent=1)
         print(f"\nwrote {args.out}")
 
 

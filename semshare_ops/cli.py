@@ -74,7 +74,7 @@ def _config(recompute_ratio: float):
 def _dtype(args):
     import torch
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
 
 
 def _engine(args, config=None):
@@ -174,13 +174,26 @@ def _write(path: Optional[str], result: Dict) -> None:
 def cmd_bench(args) -> Dict:
     if args.what == "e2e":
         return cmd_bench_e2e(args)
-    from .bench import format_table, run_ops
+    from .bench import SHAPES, device_ceilings, format_ceilings, format_table, run_ops
 
+    unknown = [m for m in args.models if m not in SHAPES]
+    if unknown:
+        raise UsageError(f"--models: unknown {unknown}; expected some of {sorted(SHAPES)}")
+    if any(n < 2 for n in args.lengths):
+        raise UsageError("--lengths: every length must be at least 2 tokens")
+    if any(not 0 < r <= 1 for r in args.ratios):
+        raise UsageError("--ratios: every ratio must lie in (0, 1]")
     device = _device(args)
+    ceilings = device_ceilings(device, _dtype(args))  # once, so every record's percentage uses the same numbers
+    if not args.json:
+        print(format_ceilings(ceilings), flush=True)
     records = run_ops(device, args.models, args.lengths, args.ratios,
                       progress=(lambda r: None) if args.json else
-                      (lambda r: print(format_table([r]).splitlines()[1], flush=True)))
-    return {"device": device, "records": records}
+                      (lambda r: print(format_table([r]).splitlines()[1], flush=True)),
+                      dtype=_dtype(args), ceilings=ceilings)
+    result = {**_environment(device), "dtype": args.dtype, "ceilings": ceilings, "records": records}
+    _write(args.out, result)
+    return result
 
 
 def cmd_bench_e2e(args) -> Dict:
@@ -291,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None)
     bench.add_argument("--models", nargs="+", default=["smollm2-135m"], help="ops: model shapes")
     bench.add_argument("--lengths", nargs="+", type=int, default=None,
-                       help="prompt lengths in tokens (ops: 1024 4096; e2e: 1024 2048 4096)")
+                       help="prompt lengths in tokens (ops: 1024 4096, add 8192 16384 on GPUs; e2e: 1024 2048 4096)")
     bench.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 1.0], help="ops: recompute ratios")
     bench.add_argument("--model", default=None, help="e2e: local HF model directory (default: embedded SmolLM2)")
     bench.add_argument("--shape", default=None, help="e2e: random-weight model of a real shape (llama3-8b, "
@@ -305,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=3, help="e2e: runs per method and prompt")
     bench.add_argument("--recompute-ratio", type=float, nargs="+", default=[0.2],
                        help="e2e: semshare's recompute ratio; several: one semshare row per ratio")
-    bench.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                       help="e2e: default float32 for real models, bfloat16 for --shape")
+    bench.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                       help="ops: default bfloat16 (float32 is the fast path of CPUs without AMX); "
+                       "e2e: default float32 for real models, bfloat16 for --shape")
     bench.add_argument("--out", default=None, help="also write the JSON result to this file")
     bench.add_argument("--json", action="store_true")
     ev = sub.add_parser("eval", help="output quality of reuse vs full prefill on real similar-prompt pairs")
@@ -331,7 +345,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.lengths is None:
             args.lengths = [1024, 4096] if args.what == "ops" else [1024, 2048, 4096]
         if args.dtype is None:
-            args.dtype = "bfloat16" if args.shape else "float32"
+            args.dtype = "bfloat16" if args.shape or args.what == "ops" else "float32"
         if args.repeat < 1:
             print("semshare: error: --repeat: must be at least 1", file=sys.stderr)
             return 2
@@ -354,9 +368,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         print("\n" + format_e2e(result["records"]))
     else:
-        from .bench import format_table
+        from .bench import format_ceilings, format_table
 
-        print("\n" + format_table(result["records"]))
+        print("\n" + format_ceilings(result["ceilings"]) + "\n" + format_table(result["records"]))
     return 0
 
 
