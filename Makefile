@@ -8,7 +8,7 @@ CUDA_TORCH_VERSION ?= 2.14.1
 CUDA_VENV ?= .venv-cuda
 export MAX_JOBS ?= 2
 
-.PHONY: demo ops-tour test build bench cuda-build cmake-build clean
+.PHONY: demo ops-tour test build bench bench-suite cuda-build cmake-build clean
 
 $(VENV)/.deps-stamp: Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ test: build
 
 bench: build
 	$(PY) bench/bench_ops.py --device cpu
+
+# pytest-benchmark suites in bench/ (every op and its baselines at model shapes; TTFT full vs reuse), about a
+# minute on 2 cores; sizes come from SEMSHARE_BENCH_* (see bench/test_bench_*.py), extra flags from BENCH_ARGS.
+bench-suite: build
+	$(PY) -m pip install -q pytest-benchmark && $(PY) -m pytest bench --benchmark-only \
+	  --benchmark-columns=min,median,mean,rounds --benchmark-sort=name $(BENCH_ARGS)
 
 # Compile (not run) the CUDA kernels against a CUDA build of torch: catches CUDA compile errors without a GPU.
 cuda-build:
