@@ -179,3 +179,51 @@ def test_bench_ops_script_writes_the_ceilings(monkeypatch, tmp_path, capsys):
     written = json.loads(out.read_text())
     assert written["ceilings"] == fake and written["dtype"] == "float32" and written["records"] == []
     assert seen == {"dtype": torch.float32, "ceilings": fake}
+
+
+# ---- bench/plot_results.py ----------------------------------------------------------------------------------------
+
+def _plot_script():
+    spec = importlib.util.spec_from_file_location("plot_results_script", ROOT / "bench" / "plot_results.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def _e2e_record(method, tokens, share, ratio, speedup):
+    return {"method": method, "prompt_tokens": tokens, "edited_share": share, "recompute_ratio": ratio,
+            "mean_ttft_ms": 100.0 / speedup, "speedup_vs_full": speedup,
+            "reuse_ratio": 0.0 if ratio is None else 1 - ratio}
+
+
+def test_plot_results_length_groups():
+    groups = _plot_script().length_groups([1023, 1065, 1022, 2051, 2012, 4113, 4083])
+    assert groups[1022] == groups[1023] == groups[1065] and groups[2012] == groups[2051] != groups[1023]
+    assert len(set(groups.values())) == 3
+
+
+def test_plot_results_missing_folder_exits_2(tmp_path, capsys):
+    assert _plot_script().main(["--results", str(tmp_path / "missing")]) == 2
+    _one_error_line(capsys, "--results")
+
+
+@pytest.mark.parametrize("sweep", [True, False], ids=["ratio-sweep", "one-ratio"])
+def test_plot_results_writes_pngs(tmp_path, capsys, sweep):
+    pytest.importorskip("matplotlib")
+    ratios = [0.1, 0.3] if sweep else [0.2]
+    records = []
+    for tokens in (256, 1030):
+        for share in (0.02, 0.1):
+            records += [_e2e_record("full", tokens, share, None, 1.0), _e2e_record("prefix", tokens, share, 0.0, 1.1)]
+            records += [_e2e_record("semshare", tokens, share, r, 3.0 - r) for r in ratios]
+    (tmp_path / "e2e_test.json").write_text(json.dumps({"model": "tiny", "device": "cpu", "records": records}))
+    point = lambda r, rouge: {"recompute_ratio": r, "rougeL": rouge, "rougeL_noise_floor": 0.5, "pairs": 3}  # noqa
+    (tmp_path / "eval_test.json").write_text(json.dumps({
+        "model": "tiny", "sweep": [point(0.35, 0.9), point(0.1, 0.7)],
+        "sets": {"near_duplicate": [point(0.1, 0.6), point(0.35, 0.8)], "controlled_edit": [point(0.1, 0.8)]}}))
+    (tmp_path / "ops_test.json").write_text("{}")  # not a kind it plots: left alone
+    assert _plot_script().main(["--results", str(tmp_path)]) == 0
+    for name in ("e2e_test_speedup.png", "eval_test_quality.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["e2e_test_speedup.png", "eval_test_quality.png"]
+    assert capsys.readouterr().out.count("wrote") == 2
