@@ -410,18 +410,13 @@ def run_ops(device: str = "cpu", models: Optional[List[str]] = None, lengths: Op
     for name in models:
         shape = SHAPES[name]
         for tokens in lengths:
-            causal: List[float] = []  # dense causal SDPA at this shape and length: measured once for all ratios
-
-            def partial(r, shape=shape, tokens=tokens, causal=causal):
-                if not causal:
-                    causal.append(sdpa_causal_tflops(shape, tokens, dtype, device))
-                return bench_partial_attn(shape, tokens, device, ratio=r, dtype=dtype, ceilings=ceilings,
-                                          sdpa_causal_rate=causal[0], flex=flex)
-
+            # dense causal SDPA at this shape and length: measured once for all ratios
+            causal = sdpa_causal_tflops(shape, tokens, dtype, device)
             runs = [lambda: bench_simhash(shape, tokens, device, dtype=dtype, ceilings=ceilings),
                     lambda: bench_hamming_topk(shape, tokens, device, ceilings=ceilings),
                     lambda: bench_rope_reuse(shape, tokens, device, dtype=dtype, ceilings=ceilings)]
-            runs += [lambda r=r: partial(r) for r in ratios]
+            runs += [lambda r=r: bench_partial_attn(shape, tokens, device, ratio=r, dtype=dtype, ceilings=ceilings,
+                                                    sdpa_causal_rate=causal, flex=flex) for r in ratios]
             for run in runs:
                 record = run()
                 progress(record)

@@ -72,9 +72,9 @@ def _config(recompute_ratio: float):
 
 
 def _dtype(args):
-    import torch
+    from .bench import DTYPES
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    return DTYPES[args.dtype]
 
 
 def _engine(args, config=None):
@@ -200,9 +200,7 @@ def cmd_bench_e2e(args) -> Dict:
     from . import e2e
 
     device = _device(args)
-    config = _config(args.recompute_ratio[0])
-    for ratio in args.recompute_ratio[1:]:
-        _config(ratio)
+    configs = [_config(r) for r in args.recompute_ratio]  # every ratio is checked before a model loads
     if any(n < 16 for n in args.lengths):
         raise UsageError("--lengths: every prompt length must be at least 16 tokens")
     if any(not 0 < x < 1 for x in args.edit_levels):
@@ -228,7 +226,7 @@ def cmd_bench_e2e(args) -> Dict:
         model_name = model.name_or_path
     from .pipeline import ReuseEngine
 
-    engine = ReuseEngine(model, tokenizer, config)
+    engine = ReuseEngine(model, tokenizer, configs[0])
     limit = engine.max_positions
     if limit and max(args.lengths) * (1 + max(args.edit_levels)) + 1 > limit:
         raise UsageError(f"--lengths: edited prompts of {max(args.lengths)} tokens may exceed the model's context "

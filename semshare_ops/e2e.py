@@ -75,52 +75,50 @@ def _percentile(values: List[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def _serve(engine: ReuseEngine, config: Optional[ReuseConfig], target: List[int], entry, repeat: int) -> Dict:
+def _timed(engine: ReuseEngine, request: Callable[[], float], repeat: int) -> Dict:
+    """Run `request` (it returns its TTFT in ms) `repeat` times: the TTFT statistics and the CUDA peak memory."""
     cuda = engine._device.type == "cuda"
-    ttfts, out = [], None
+    ttfts, peak = [], None
+    for _ in range(repeat):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        ttfts.append(request())
+        if cuda:
+            peak = torch.cuda.max_memory_allocated() - before
+    return {"mean_ttft_ms": statistics.fmean(ttfts), "median_ttft_ms": statistics.median(ttfts),
+            "p99_ttft_ms": _percentile(ttfts, 99), "std_ttft_ms": statistics.pstdev(ttfts), "runs": len(ttfts),
+            "peak_memory_bytes": peak}
+
+
+def _serve(engine: ReuseEngine, config: Optional[ReuseConfig], target: List[int], entry, repeat: int) -> Dict:
+    last: Dict = {}
+
+    def request() -> float:
+        last.update(engine.generate(target, reference=entry if config is not None else None, max_new_tokens=1).stats)
+        return last["ttft_ms"]
+
     with engine.using(config):
-        for _ in range(repeat):
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-            out = engine.generate(target, reference=entry if config is not None else None, max_new_tokens=1)
-            ttfts.append(out.stats["ttft_ms"])
-    stats = out.stats
-    return {
-        "mean_ttft_ms": statistics.fmean(ttfts), "median_ttft_ms": statistics.median(ttfts),
-        "p99_ttft_ms": _percentile(ttfts, 99), "std_ttft_ms": statistics.pstdev(ttfts), "runs": len(ttfts),
-        "kv_bytes": stats["kv_bytes"], "kv_bytes_full": stats["kv_bytes_full"],
-        "peak_memory_bytes": (torch.cuda.max_memory_allocated() - before) if cuda else None,
-        "mode": stats["mode"], "matched_tokens": stats["matched_tokens"], "reuse_ratio": stats["reuse_ratio"],
-        "similarity": stats["similarity"],
-    }
+        timing = _timed(engine, request, repeat)
+    return {**timing, **{key: last[key] for key in ("kv_bytes", "kv_bytes_full", "mode", "matched_tokens",
+                                                    "reuse_ratio", "similarity")}}
 
 
 def _serve_stock(engine: ReuseEngine, target: List[int], repeat: int) -> Dict:
     """TTFT of the model's own forward on the target: HF's attention and cache, greedy first token."""
-    cuda = engine._device.type == "cuda"
     ids = torch.tensor([target], device=engine._device)
-    ttfts = []
-    with torch.inference_mode():
-        for _ in range(repeat):
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-            start = time.perf_counter()
-            out = engine.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            int(out.logits[0, -1].argmax())  # the first token on the host, as a streamer would see it
-            ttfts.append((time.perf_counter() - start) * 1e3)
-            del out
+
+    @torch.inference_mode()
+    def request() -> float:
+        start = time.perf_counter()
+        logits = engine.model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+        int(logits[0, -1].argmax())  # the first token on the host, as a streamer would see it
+        return (time.perf_counter() - start) * 1e3
+
     kv_full = engine.num_layers * len(target) * engine._token_bytes
-    return {
-        "mean_ttft_ms": statistics.fmean(ttfts), "median_ttft_ms": statistics.median(ttfts),
-        "p99_ttft_ms": _percentile(ttfts, 99), "std_ttft_ms": statistics.pstdev(ttfts), "runs": len(ttfts),
-        "kv_bytes": kv_full, "kv_bytes_full": kv_full,
-        "peak_memory_bytes": (torch.cuda.max_memory_allocated() - before) if cuda else None,
-        "mode": "full", "matched_tokens": 0, "reuse_ratio": 0.0, "similarity": None,
-    }
+    return {**_timed(engine, request, repeat), "kv_bytes": kv_full, "kv_bytes_full": kv_full, "mode": "full",
+            "matched_tokens": 0, "reuse_ratio": 0.0, "similarity": None}
 
 
 def run_e2e(engine: ReuseEngine, reference_for_length: Callable[[int], List[int]], lengths: Sequence[int],
