@@ -2,13 +2,17 @@
 // cache. Same semantics and tiling idea as csrc/cpu/partial_attn.cpp: queries sorted by position within each
 // sequence, one block per (query tile, KV head) holding every query head of the group (GQA reads each K/V tile
 // once), 32-key tiles staged in shared memory in fp32, online softmax, tiles no query can see skipped.
-// This first version computes on CUDA cores (fp32 FMAs); a tensor-core (mma/wgmma) path is the next step and
-// needs a GPU to be developed and measured.
+// Two kernels: fp16/bf16 with head_dim == v_head_dim in {64, 128} run on the tensor cores (mma.sync m16n8k16,
+// FlashAttention-2 style: S and O in registers, P re-used as the A operand of P.V without leaving registers);
+// everything else (fp32, other head dims, unaligned views) runs on the CUDA-core kernel, fp32 FMAs throughout.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 #include <vector>
@@ -22,13 +26,15 @@ constexpr int kBlockK = 32;  // keys per tile: one per lane
 constexpr int kRows = 32;    // query x head-in-group rows per block
 constexpr int kWarps = 4;
 
+// Arguments of both kernels.
 struct AttnArgs {
   const int64_t* order;    // [Nq] queries sorted by (sequence, position)
-  const int64_t* tiles;    // [n_tiles, 3]: sequence, first and end index into order
+  const int64_t* tiles;    // [n_tiles, 3]: sequence, first and end index into order; nullptr: one sequence
   const int64_t* q_pos;    // [Nq]
   const int64_t* kv_pos;   // [Nk] or nullptr (positions 0..n-1 within each sequence)
-  const int64_t* cu_k;     // [B + 1]
-  int64_t qs0, qs1, ks0, ks1, vs0, vs1, os0, os1;
+  const int64_t* cu_k;     // [B + 1]; nullptr: one sequence of all Nk keys
+  int64_t tile_q, n_tiles, nq_total, nk_total;
+  int64_t qs0, qs1, ks0, ks1, vs0, vs1, os0, os1;  // strides in elements
   int64_t q_heads, group, head_dim, v_head_dim;
   float scale;
 };
@@ -41,6 +47,30 @@ __device__ __forceinline__ float warp_max(float v) {
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
+}
+
+// A tile's sequence, first and end index into `order`, and its sequence's key range. Without cu_seqlens there is one
+// sequence and the tiles are plain cuts of it: nothing to build on the host or copy to the device, so such calls
+// have no host-device traffic and can be captured in a CUDA graph.
+struct TileBounds {
+  int64_t b, t0, t1, k0, k1;
+};
+
+template <typename Args>
+__device__ __forceinline__ TileBounds tile_bounds(const Args& a, int64_t tile) {
+  TileBounds t;
+  if (a.tiles) {
+    t.b = a.tiles[3 * tile];
+    t.t0 = a.tiles[3 * tile + 1];
+    t.t1 = a.tiles[3 * tile + 2];
+  } else {
+    t.b = 0;
+    t.t0 = tile * a.tile_q;
+    t.t1 = min(t.t0 + a.tile_q, a.nq_total);
+  }
+  t.k0 = a.cu_k ? a.cu_k[t.b] : 0;
+  t.k1 = a.cu_k ? a.cu_k[t.b + 1] : a.nk_total;
+  return t;
 }
 
 template <typename scalar_t>
@@ -61,7 +91,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   __shared__ int64_t row_pos[kRows];
   __shared__ int skip;
 
-  const int64_t b = a.tiles[3 * blockIdx.x], t0 = a.tiles[3 * blockIdx.x + 1], t1 = a.tiles[3 * blockIdx.x + 2];
+  const TileBounds tb = tile_bounds(a, blockIdx.x);
+  const int64_t t0 = tb.t0, t1 = tb.t1, k0 = tb.k0, k1 = tb.k1;
   const int64_t g = blockIdx.y, nq = t1 - t0, rows = nq * G;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
@@ -77,7 +108,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   __syncthreads();
   const int64_t q_max = row_pos[rows - 1];  // sorted: the last query of the tile sees the most
-  const int64_t k0 = a.cu_k[b], k1 = a.cu_k[b + 1];
 
   for (int64_t j0 = k0; j0 < k1; j0 += kBlockK) {
     const int64_t nk = min(static_cast<int64_t>(kBlockK), k1 - j0);
@@ -141,7 +171,263 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+
+// ---- tensor-core kernel ---------------------------------------------------------------------------------------
+// One block per (query tile, KV head): 4 warps, each owning 16 rows (query x head-in-group) of a 64-row tile.
+// Per 64-key tile: K is staged row-major and V transposed in shared memory (16-byte rows of padding keep every
+// fragment load of a warp on 32 distinct banks), S = Q K^T by mma.sync with Q's fragments held in registers for
+// the whole kernel, the online softmax on S's accumulator fragments (a row lives in the 4 lanes of a quad), then
+// P (rounded to the input type, as FlashAttention does) is the A operand of O += P V. Fragment layouts are those
+// of PTX's mma.m16n8k16 (.row.col): lane = 4 * group + thread_in_group.
+constexpr int kMmaWarps = 4;
+constexpr int kMmaRows = 16 * kMmaWarps;  // rows per block
+constexpr int kMmaKeys = 64;              // keys per K/V tile
+constexpr int kSmemPad = 8;               // 16 bytes of padding per shared-memory row
+
+template <bool kBf16>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (kBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats rounded to the input type, the first in the low half (the lower column of a fragment pair).
+template <bool kBf16>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (kBf16) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+}
+
+__device__ __forceinline__ uint32_t load_u32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+template <bool kBf16, int D>
+__global__ void __launch_bounds__(kMmaWarps * 32)
+    partial_attn_mma_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k,
+                            const uint16_t* __restrict__ v, uint16_t* __restrict__ out, float* __restrict__ lse,
+                            AttnArgs a) {  // q strides even, k/v strides multiples of 8 (see use_mma_kernel)
+  constexpr int kKStride = D + kSmemPad, kVStride = kMmaKeys + kSmemPad, kChunks = D / 8;
+  __shared__ __align__(16) uint16_t Ks[kMmaKeys * kKStride];  // [key][dim]
+  __shared__ __align__(16) uint16_t Vt[D * kVStride];         // [dim][key]
+  __shared__ int64_t key_pos[kMmaKeys];
+
+  // Tiles are in ascending position order; the last ones see the most keys, so they start first.
+  const TileBounds tb = tile_bounds(a, a.n_tiles - 1 - blockIdx.x);
+  const int64_t t0 = tb.t0, t1 = tb.t1, k0 = tb.k0, k1 = tb.k1;
+  const int64_t kvh = blockIdx.y, G = a.group, nq = t1 - t0;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, grp = lane / 4, tig = lane % 4;
+
+  // This lane's two rows: grp and grp + 8 of its warp's 16 (fragment registers 0/2 and 1/3 of A, 0-1 and 2-3 of C).
+  int64_t row_i[2], row_h[2], row_pos[2];
+  const uint16_t* q_row[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = warp * 16 + grp + 8 * r, ql = row / G;
+    const bool valid = ql < nq;
+    row_i[r] = valid ? a.order[t0 + ql] : -1;
+    row_h[r] = kvh * G + row % G;
+    row_pos[r] = valid ? a.q_pos[row_i[r]] : -1;  // -1: a padding row sees no key
+    q_row[r] = valid ? q + row_i[r] * a.qs0 + row_h[r] * a.qs1 : nullptr;
+  }
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int c = kk * 16 + 2 * tig;
+    qf[kk][0] = q_row[0] ? load_u32(q_row[0] + c) : 0u;
+    qf[kk][1] = q_row[1] ? load_u32(q_row[1] + c) : 0u;
+    qf[kk][2] = q_row[0] ? load_u32(q_row[0] + c + 8) : 0u;
+    qf[kk][3] = q_row[1] ? load_u32(q_row[1] + c + 8) : 0u;
+  }
+
+  const int64_t q_max = a.q_pos[a.order[t1 - 1]];  // sorted: the tile's last query sees the most
+  const float scale_log2 = a.scale * 1.4426950408889634f;  // the softmax runs on exp2
+  // Default positions are the key indices: keys past q_max are invisible to the whole tile.
+  const int64_t k_end = a.kv_pos ? k1 : min(k1, k0 + max(q_max + 1, static_cast<int64_t>(0)));
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this lane's share of the row sum
+
+  for (int64_t j0 = k0; j0 < k_end; j0 += kMmaKeys) {
+    __syncthreads();  // every warp is done reading the previous tile
+    bool seen = false;
+    if (threadIdx.x < kMmaKeys) {
+      const int64_t j = j0 + threadIdx.x;
+      const int64_t p = j < k1 ? (a.kv_pos ? a.kv_pos[j] : j - k0) : -1;
+      key_pos[threadIdx.x] = p;
+      seen = p >= 0 && p <= q_max;
+    }
+    if (!__syncthreads_or(seen)) continue;  // uniform: no query of the tile sees a key of this tile
+
+    // K tile: 16-byte loads, consecutive lanes along a key's row (coalesced). Keys past k1 are zeros.
+    for (int e = threadIdx.x; e < kMmaKeys * kChunks; e += blockDim.x) {
+      const int j = e / kChunks, c = e % kChunks;
+      uint4 x = make_uint4(0u, 0u, 0u, 0u);
+      if (j0 + j < k1) x = *reinterpret_cast<const uint4*>(k + (j0 + j) * a.ks0 + kvh * a.ks1 + c * 8);
+      *reinterpret_cast<uint4*>(Ks + j * kKStride + c * 8) = x;
+    }
+    // V tile, transposed: a lane takes keys 2p, 2p + 1 and 8 dims, consecutive lanes consecutive key pairs (so
+    // its 32-bit stores of key pairs land on distinct banks). Keys past k1 are zeros: P is 0 there, and 0 * a
+    // stale NaN would not be.
+    for (int e = threadIdx.x; e < (kMmaKeys / 2) * kChunks; e += blockDim.x) {
+      const int jp = e % (kMmaKeys / 2), c = e / (kMmaKeys / 2), j = 2 * jp;
+      uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
+      if (j0 + j < k1) x0 = *reinterpret_cast<const uint4*>(v + (j0 + j) * a.vs0 + kvh * a.vs1 + c * 8);
+      if (j0 + j + 1 < k1) x1 = *reinterpret_cast<const uint4*>(v + (j0 + j + 1) * a.vs0 + kvh * a.vs1 + c * 8);
+      const uint16_t* h0 = reinterpret_cast<const uint16_t*>(&x0);
+      const uint16_t* h1 = reinterpret_cast<const uint16_t*>(&x1);
+#pragma unroll
+      for (int d = 0; d < 8; ++d) {
+        *reinterpret_cast<uint32_t*>(Vt + (c * 8 + d) * kVStride + j) =
+            static_cast<uint32_t>(h0[d]) | (static_cast<uint32_t>(h1[d]) << 16);
+      }
+    }
+    __syncthreads();
+
+    // S = Q K^T: 8 n-tiles of 8 keys. B fragment: keys grp of the n-tile, dims 2 * tig (+1) and + 8.
+    float s[kMmaKeys / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kMmaKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
+        const uint16_t* kr = Ks + (nt * 8 + grp) * kKStride + kk * 16 + 2 * tig;
+        mma_m16n8k16<kBf16>(s[nt], qf[kk], load_u32(kr), load_u32(kr + 8));
+      }
+    }
+
+    // Online softmax. C fragment: s[nt][0..1] row grp, s[nt][2..3] row grp + 8; keys nt * 8 + 2 * tig (+1).
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t p = key_pos[nt * 8 + 2 * tig + (e & 1)];
+        const bool visible = p >= 0 && p <= row_pos[e / 2];
+        s[nt][e] = visible ? s[nt][e] * scale_log2 : -INFINITY;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[nt][e]);
+      }
+    }
+    float m_use[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {  // a row's 64 scores sit in the 4 lanes of a quad
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      const float m_new = fmaxf(m[r], tile_max[r]);
+      m_use[r] = m_new == -INFINITY ? 0.0f : m_new;  // nothing visible yet: p = exp2(-inf) = 0, no NaN
+      const float alpha = exp2f(m[r] - m_use[r]);   // 0 while m was -inf
+      m[r] = m_new;
+      l[r] *= alpha;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        o[dn][2 * r] *= alpha;
+        o[dn][2 * r + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - m_use[e / 2]);
+        l[e / 2] += s[nt][e];
+      }
+    }
+
+    // O += P V. P's C fragments of n-tiles 2kk and 2kk+1 are exactly the A fragment of keys 16kk..16kk+15.
+#pragma unroll
+    for (int kk = 0; kk < kMmaKeys / 16; ++kk) {
+      const uint32_t pa[4] = {pack2<kBf16>(s[2 * kk][0], s[2 * kk][1]), pack2<kBf16>(s[2 * kk][2], s[2 * kk][3]),
+                              pack2<kBf16>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack2<kBf16>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        const uint16_t* vr = Vt + (dn * 8 + grp) * kVStride + kk * 16 + 2 * tig;
+        mma_m16n8k16<kBf16>(o[dn], pa, load_u32(vr), load_u32(vr + 8));
+      }
+    }
+  }
+
+  constexpr float kLn2 = 0.6931471805599453f;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    if (row_i[r] < 0) continue;
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    uint16_t* orow = out + row_i[r] * a.os0 + row_h[r] * a.os1;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      *reinterpret_cast<uint32_t*>(orow + dn * 8 + 2 * tig) = pack2<kBf16>(o[dn][2 * r] * inv, o[dn][2 * r + 1] * inv);
+    }
+    if (tig == 0) lse[row_i[r] * a.q_heads + row_h[r]] = l[r] > 0.0f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
+  }
+}
+
 }  // namespace
+
+// Queries sorted by (sequence, position) and cut into tiles of at most tile_q queries that never span sequences.
+// One sequence (no cu_seqlens): a device argsort and no tile table (see tile_bounds).
+struct QueryTiles {
+  at::Tensor order, tiles;  // [Nq] and [n_tiles, 3] (sequence, first, end) on the device; tiles undefined: one sequence
+  int64_t n_tiles;
+};
+
+QueryTiles tile_queries(const PartialAttnShape& s, const at::Tensor& q_pos, int64_t tile_q, bool ragged) {
+  TORCH_CHECK(s.kv_heads <= 65535, "k: at most 65535 KV heads in one launch, got ", s.kv_heads);
+  if (!ragged) {
+    const int64_t n_tiles = (s.nq + tile_q - 1) / tile_q;
+    TORCH_CHECK(n_tiles <= INT32_MAX, "q: too many query tiles for one launch");
+    return {at::argsort(q_pos, /*stable=*/true), at::Tensor(), n_tiles};
+  }
+  const auto long_opts = q_pos.options().dtype(at::kLong);
+  std::vector<int64_t> counts(s.batch);
+  for (int64_t b = 0; b < s.batch; ++b) counts[b] = s.cu_q[b + 1] - s.cu_q[b];
+  const at::Tensor seq = at::repeat_interleave(at::arange(s.batch, long_opts),
+                                               at::tensor(counts, at::kLong).to(q_pos.device()));
+  // A stable sort by position, then a stable sort by sequence.
+  const at::Tensor by_pos = at::argsort(q_pos, /*stable=*/true);
+  const at::Tensor order = by_pos.index_select(0, at::argsort(seq.index_select(0, by_pos), /*stable=*/true));
+  std::vector<int64_t> tiles;
+  for (int64_t b = 0; b < s.batch; ++b) {
+    for (int64_t t = s.cu_q[b]; t < s.cu_q[b + 1]; t += tile_q) {
+      tiles.insert(tiles.end(), {b, t, std::min(t + tile_q, s.cu_q[b + 1])});
+    }
+  }
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 3;
+  TORCH_CHECK(n_tiles <= INT32_MAX, "q: too many query tiles for one launch");
+  return {order, at::tensor(tiles, at::kLong).to(q_pos.device()), n_tiles};
+}
+
+bool aligned(const at::Tensor& t, int64_t elems) {
+  const int64_t bytes = elems * static_cast<int64_t>(t.element_size());
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0 && t.stride(0) % elems == 0 &&
+         t.stride(1) % elems == 0;
+}
+
+// The tensor-core kernel takes fp16/bf16 with head_dim == v_head_dim in {64, 128}, up to 64 query heads per KV
+// head, q rows 4-byte aligned (its fragments are 32-bit loads) and K/V rows 16-byte aligned (16-byte loads).
+bool use_mma_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const PartialAttnShape& s) {
+  const bool half_type = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+  const bool dims = s.head_dim == s.v_head_dim && (s.head_dim == 64 || s.head_dim == 128);
+  return half_type && dims && s.q_heads / s.kv_heads <= kMmaRows && aligned(q, 2) && aligned(k, 8) &&
+         aligned(v, 8);
+}
 
 std::tuple<at::Tensor, at::Tensor> partial_attn_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const at::Tensor& q_pos, const std::optional<at::Tensor>& kv_pos,
@@ -154,47 +440,54 @@ std::tuple<at::Tensor, at::Tensor> partial_attn_cuda(const at::Tensor& q, const 
   at::Tensor lse = at::empty({s.nq, s.q_heads}, q.options().dtype(at::kFloat));
   if (s.nq == 0) return {out, lse};
   const int64_t G = s.q_heads / s.kv_heads;
-  TORCH_CHECK(G <= kRows, "q: the CUDA kernel takes at most ", kRows, " query heads per KV head, got ", G);
-
-  // Queries sorted by (sequence, position): a stable sort by position, then a stable sort by sequence.
-  const auto long_opts = q.options().dtype(at::kLong);
-  std::vector<int64_t> counts(s.batch);
-  for (int64_t b = 0; b < s.batch; ++b) counts[b] = s.cu_q[b + 1] - s.cu_q[b];
-  const at::Tensor seq = at::repeat_interleave(at::arange(s.batch, long_opts),
-                                               at::tensor(counts, at::kLong).to(q.device()));
-  const at::Tensor by_pos = at::argsort(q_pos, /*stable=*/true);
-  const at::Tensor order = by_pos.index_select(0, at::argsort(seq.index_select(0, by_pos), /*stable=*/true));
-
-  const int64_t tile_q = std::max<int64_t>(1, kRows / G);
-  std::vector<int64_t> tiles;
-  for (int64_t b = 0; b < s.batch; ++b) {
-    for (int64_t t = s.cu_q[b]; t < s.cu_q[b + 1]; t += tile_q) {
-      tiles.insert(tiles.end(), {b, t, std::min(t + tile_q, s.cu_q[b + 1])});
-    }
-  }
-  const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 3;
-  const at::Tensor tiles_d = at::tensor(tiles, at::kLong).to(q.device());
-  const at::Tensor cu_k = at::tensor(s.cu_k, at::kLong).to(q.device());
+  const bool ragged = cu_seqlens_q.has_value();
+  at::Tensor cu_k;
+  if (ragged) cu_k = at::tensor(s.cu_k, at::kLong).to(q.device());
+  const int64_t* cu_k_ptr = ragged ? cu_k.data_ptr<int64_t>() : nullptr;
   const at::Tensor q_pos_c = q_pos.contiguous();
   at::Tensor kv_pos_c;
   if (kv_pos.has_value()) kv_pos_c = kv_pos->contiguous();
+  const int64_t* kv_pos_ptr = kv_pos.has_value() ? kv_pos_c.data_ptr<int64_t>() : nullptr;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
 
-  AttnArgs a{order.data_ptr<int64_t>(), tiles_d.data_ptr<int64_t>(), q_pos_c.data_ptr<int64_t>(),
-             kv_pos.has_value() ? kv_pos_c.data_ptr<int64_t>() : nullptr, cu_k.data_ptr<int64_t>(),
-             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
-             out.stride(1), s.q_heads, G, s.head_dim, s.v_head_dim, static_cast<float>(s.scale)};
+  const bool mma = use_mma_kernel(q, k, v, s);
+  TORCH_CHECK(mma || G <= kRows, "q: the CUDA kernel takes at most ", kRows, " query heads per KV head, got ", G);
+  const int64_t tile_q = mma ? kMmaRows / G : std::max<int64_t>(1, kRows / G);
+  const QueryTiles t = tile_queries(s, q_pos_c, tile_q, ragged);
+  const AttnArgs a{t.order.data_ptr<int64_t>(), ragged ? t.tiles.data_ptr<int64_t>() : nullptr,
+                   q_pos_c.data_ptr<int64_t>(), kv_pos_ptr, cu_k_ptr, tile_q, t.n_tiles, s.nq, s.nk,
+                   q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+                   out.stride(1), s.q_heads, G, s.head_dim, s.v_head_dim, static_cast<float>(s.scale)};
+  const dim3 grid(static_cast<unsigned>(t.n_tiles), static_cast<unsigned>(s.kv_heads));
+
+  if (mma) {
+    const auto* qp = static_cast<const uint16_t*>(q.data_ptr());
+    const auto* kp = static_cast<const uint16_t*>(k.data_ptr());
+    const auto* vp = static_cast<const uint16_t*>(v.data_ptr());
+    auto* op = static_cast<uint16_t*>(out.data_ptr());
+    const bool bf16 = q.scalar_type() == at::kBFloat16;
+    const auto launch = [&](auto kernel) {
+      kernel<<<grid, kMmaWarps * 32, 0, stream>>>(qp, kp, vp, op, lse.data_ptr<float>(), a);
+    };
+    if (s.head_dim == 64) {
+      bf16 ? launch(partial_attn_mma_kernel<true, 64>) : launch(partial_attn_mma_kernel<false, 64>);
+    } else {
+      bf16 ? launch(partial_attn_mma_kernel<true, 128>) : launch(partial_attn_mma_kernel<false, 128>);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {out, lse};
+  }
+
   const int64_t D = s.head_dim, Dv = s.v_head_dim;
   const size_t smem = sizeof(float) * (kRows * D + kBlockK * (D + 1) + kBlockK * Dv + kRows * Dv + 2 * kRows +
                                        kWarps * kBlockK);
-  TORCH_CHECK(n_tiles <= INT32_MAX && s.kv_heads <= 65535, "q: too many query tiles or KV heads for one launch");
-  const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(s.kv_heads));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "partial_attn_cuda", [&] {
     auto kernel = partial_attn_kernel<scalar_t>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
-    kernel<<<grid, kWarps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(
-        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-        lse.data_ptr<float>(), a);
+    kernel<<<grid, kWarps * 32, smem, stream>>>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                                v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                                lse.data_ptr<float>(), a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, lse};
