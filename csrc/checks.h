@@ -104,7 +104,8 @@ struct RopeReuseShape {
 inline RopeReuseShape check_rope_reuse_args(const at::Tensor& k_dst, const at::Tensor& v_dst,
                                             const at::Tensor& k_src, const at::Tensor& v_src,
                                             const at::Tensor& src_idx, const at::Tensor& dst_idx,
-                                            const at::Tensor& delta, const at::Tensor& inv_freq) {
+                                            const at::Tensor& delta, const at::Tensor& inv_freq,
+                                            bool check_index_values = true) {
   const int64_t nd = k_dst.dim();
   TORCH_CHECK(nd == 3 || nd == 4, "k_dst: expected [T, H, D] or [L, T, H, D], got shape ", k_dst.sizes());
   check_dim(v_dst, nd, "v_dst");
@@ -169,8 +170,10 @@ inline RopeReuseShape check_rope_reuse_args(const at::Tensor& k_dst, const at::T
   no_overlap(v_dst, k_src, "v_dst", "k_src");
   no_overlap(v_dst, v_src, "v_dst", "v_src");
 
-  // Index values. Device-agnostic tensor ops: one host sync on CUDA, paid only once per call.
-  if (s.pairs > 0) {
+  // Index values. Device-agnostic tensor ops: host syncs on CUDA. A CUDA stream being captured into a graph
+  // cannot sync, so the CUDA caller skips these there; its kernels skip out-of-range pairs instead (memory-safe,
+  // but without the error).
+  if (check_index_values && s.pairs > 0) {
     TORCH_CHECK_VALUE(src_idx.max().item<int64_t>() < s.t_src, "src_idx: entries must be < ", s.t_src,
                       " (tokens of k_src); negative entries skip a pair");
     TORCH_CHECK_VALUE(dst_idx.max().item<int64_t>() < s.t_dst, "dst_idx: entries must be < ", s.t_dst,

@@ -1,10 +1,11 @@
-"""torch.library.opcheck on every op (schema, fake kernel, autograd registration, AOT dispatch) and a
-torch.compile(fullgraph=True) smoke test of the in-place rope_reuse_ feeding partial_attn."""
+"""torch.library.opcheck on every op (schema, fake kernel, autograd registration, AOT dispatch), a
+torch.compile(fullgraph=True) smoke test of the in-place rope_reuse_ feeding partial_attn, and on CUDA: all four ops
+captured in a CUDA graph and compiled with mode="reduce-overhead" (kernels on the current stream, no host syncs)."""
 
 import pytest
 import torch
 
-from op_testutils import DTYPE_IDS, DTYPES, impl_module, make_generator, randint, randn, randperm, tol
+from op_testutils import CUDA, DTYPE_IDS, DTYPES, impl_module, make_generator, randint, randn, randperm, tol
 
 import semshare_ops  # noqa: F401  (registers torch.ops.semshare.*)
 
@@ -113,3 +114,84 @@ def test_compile_fullgraph_matches_eager(device):
     assert not torch.equal(kc, k_cache)
     torch.testing.assert_close(got_out, want_out, **tol(torch.float32))
     torch.testing.assert_close(got_lse, want_lse, **tol(torch.float32))
+
+
+# ---- CUDA graphs ------------------------------------------------------------------------------------------------
+# Capture fails if a kernel runs on another stream or the host syncs (an .item(), a copy to or from the host), so
+# these check that every op launches on the current stream and that single-sequence calls stay on the device.
+# rope_reuse_ checks its index values on the host except while a stream is being captured.
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA not available")
+
+
+def graph_inputs(seed, dtype):
+    """Inputs of graph_step; head_dim 64 in fp16/bf16 takes partial_attn's tensor-core kernel, fp32 the other."""
+    gen = make_generator(100 + seed)
+    t, heads, hq, dim, pairs = 96, 2, 6, 64, 40
+    return dict(
+        k_cache=randn((2, t, heads, dim), gen=gen, dtype=dtype, device="cuda"),
+        v_cache=randn((2, t, heads, dim), gen=gen, dtype=dtype, device="cuda"),
+        k_src=randn((2, t, heads, dim), gen=gen, dtype=dtype, device="cuda"),
+        v_src=randn((2, t, heads, dim), gen=gen, dtype=dtype, device="cuda"),
+        src_idx=randperm(t, gen=gen, device="cuda")[:pairs],
+        dst_idx=randperm(t, gen=gen, device="cuda")[:pairs],
+        delta=randint(-300, 300, (pairs,), gen=gen, device="cuda"),
+        inv_freq=(1.0 / 10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)).cuda(),
+        q=randn((17, hq, dim), gen=gen, dtype=dtype, device="cuda"),
+        q_pos=randint(0, t, (17,), gen=gen, device="cuda"),
+        x=randn((30, 48), gen=gen, device="cuda"),
+        planes=randn((48, 128), gen=gen, device="cuda"),
+    )
+
+
+def graph_step(k_cache, v_cache, k_src, v_src, src_idx, dst_idx, delta, inv_freq, q, q_pos, x, planes):
+    """rope_reuse_ into copies of the caches (no input is mutated), partial_attn over the last layer, LSH."""
+    k, v = k_cache.clone(), v_cache.clone()
+    torch.ops.semshare.rope_reuse_(k, v, k_src, v_src, src_idx, dst_idx, delta, inv_freq, True)
+    out, lse = torch.ops.semshare.partial_attn(q, k[1], v[1], q_pos)
+    codes = torch.ops.semshare.simhash(x, planes)
+    dist, idx = torch.ops.semshare.hamming_topk(codes[:7], codes, 5)
+    return k, v, out, lse, codes, dist, idx
+
+
+def assert_same_results(got, want):
+    for name, g, w in zip(("k", "v", "out", "lse", "codes", "dist", "idx"), got, want):
+        assert torch.equal(g, w), f"{name} differs from eager"  # the same kernels on the same data
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_graph_capture_replays_on_new_inputs(dtype):
+    static = graph_inputs(0, dtype)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph asks
+        graph_step(**static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = graph_step(**static)
+    for seed in (1, 2):
+        fresh = graph_inputs(seed, dtype)
+        for name, tensor in fresh.items():
+            static[name].copy_(tensor)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = graph_step(**fresh)
+        assert not torch.equal(want[2], graph_step(**graph_inputs(0, dtype))[2])  # the inputs matter
+        assert_same_results(static_out, want)
+
+
+@needs_cuda
+def test_cuda_compile_reduce_overhead_matches_eager():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(graph_step, mode="reduce-overhead", fullgraph=True)
+    for seed in range(4):  # warm-up, recording, then replays of the CUDA graph on new values
+        inputs = graph_inputs(seed, torch.bfloat16)
+        want = graph_step(**inputs)
+        got = [t.clone() for t in compiled(**inputs)]  # a replay's outputs are overwritten by the next one
+        assert_same_results(got, want)
+    assert not counters["inductor"]["cudagraph_skips"], "the compiled step did not run as a CUDA graph"
