@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Everything a GPU lease is for, in as few device calls as possible (README, "GPU sessions").
+# Run from the repository root on the device machine, e.g. with the device tool:
+#   run(command="bash bench/gpu_session.sh", timeout_s=600)                       # env, build, test, ops smoke
+#   run(command="STAGES='ops' bash bench/gpu_session.sh", carry=["semshare_ops/_C.abi3.so"])
+#   run(command="STAGES='e2e' bash bench/gpu_session.sh", carry=["semshare_ops/_C.abi3.so"])
+# A warm machine is given back 30 s after a call and the next one starts bare, so the build stage copies the
+# extension it built to $OUT: carry it back in later calls and the build stage is skipped (it checks that the
+# library loads and has CUDA kernels). Every stage runs under its own time limit and writes $OUT/<stage>.log;
+# benchmark JSON (device, versions, date and command inside) goes to $OUT/*.json; the last lines printed are a
+# summary of each stage and of the test results.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/semshare-gpu}
+STAGES=${STAGES:-"env build test smoke"}
+PY=${PYTHON:-python3}
+export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+[ -d /usr/local/cuda ] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p "$OUT"
+SUMMARY=$OUT/summary.txt
+: > "$SUMMARY"
+
+stage() {  # stage NAME SECONDS: run NAME_stage under a limit, log to $OUT/NAME.log, one summary line
+  local name=$1 limit=$2 start rc
+  start=$(date +%s)
+  timeout "$limit" bash -c "${name}_stage" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "$name: rc=$rc in $(( $(date +%s) - start )) s ($OUT/$name.log)" | tee -a "$SUMMARY"
+  return $rc
+}
+
+has_cuda_kernels() {
+  $PY - <<'EOF' 2>/dev/null
+import torch, semshare_ops  # noqa: F401
+assert torch.cuda.is_available()
+assert torch._C._dispatch_has_kernel_for_dispatch_key("semshare::partial_attn", "CUDA")
+EOF
+}
+
+env_stage() {
+  nvidia-smi
+  $PY -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda); \
+p = torch.cuda.get_device_properties(0); print(p.name, p.multi_processor_count, 'SMs', p.total_memory >> 20, 'MiB')"
+  nvcc --version | tail -2
+  $PY -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|triton|numpy|pytest|ninja) "
+}
+
+build_stage() {
+  if has_cuda_kernels; then echo "semshare_ops/_C.abi3.so (carried) loads with CUDA kernels: no build"; return 0; fi
+  rm -rf build/gpu-temp
+  $PY setup.py build_ext --inplace --build-temp build/gpu-temp || return 1
+  has_cuda_kernels || { echo "built, but semshare::partial_attn has no CUDA kernel"; return 1; }
+  cp semshare_ops/_C.abi3.so "$OUT/"
+}
+
+# Every op test that has a CUDA parametrization (device=cuda), opcheck on CUDA included.
+test_stage() {
+  $PY -m pytest python_tests -q -rs -k cuda -p no:cacheprovider --maxfail=50 --junitxml="$OUT/tests_cuda.xml"
+}
+
+# Quick ops benchmark: bf16, the three model shapes, two lengths, so a first call already says where we stand.
+smoke_stage() {
+  $PY -m semshare_ops.cli bench ops --device cuda --dtype bfloat16 --models smollm2-135m llama3-8b \
+    --lengths 4096 --ratios 0.2 1.0 --out "$OUT/ops_cuda_smoke.json"
+}
+
+ops_stage() {
+  $PY -m semshare_ops.cli bench ops --device cuda --dtype bfloat16 \
+    --models smollm2-135m llama3-8b qwen2.5-7b --lengths 1024 4096 16384 --ratios 0.05 0.2 0.5 1.0 \
+    --out "$OUT/ops_cuda.json"
+}
+
+e2e_stage() {
+  $PY -m semshare_ops.cli bench e2e --device cuda --shape llama3-8b --lengths 1024 4096 \
+    --out "$OUT/e2e_llama3-8b_cuda.json"
+}
+
+export PY OUT
+export -f has_cuda_kernels env_stage build_stage test_stage smoke_stage ops_stage e2e_stage
+for s in $STAGES; do
+  case $s in
+    env) stage env 60 ;;
+    build) stage build 420 || break ;;
+    test) stage test 300 ;;
+    smoke) stage smoke 180 ;;
+    ops) stage ops 540 ;;
+    e2e) stage e2e 540 ;;
+    *) echo "unknown stage $s (expected env build test smoke ops e2e)" | tee -a "$SUMMARY" ;;
+  esac
+done
+
+echo "---- tails"
+for s in $STAGES; do
+  [ -f "$OUT/$s.log" ] && { echo "== $s"; tail -n 25 "$OUT/$s.log"; }
+done
+echo "---- summary"
+cat "$SUMMARY"
