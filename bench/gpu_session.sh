@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Everything a GPU lease is for, in as few device calls as possible (README, "GPU sessions").
-# Run from the repository root on the device machine, e.g. with the device tool:
-#   run(command="bash bench/gpu_session.sh", timeout_s=600)                       # env, build, test, ops smoke
-#   run(command="STAGES='ops' bash bench/gpu_session.sh", carry=["semshare_ops/_C.abi3.so"])
-#   run(command="STAGES='e2e' bash bench/gpu_session.sh", carry=["semshare_ops/_C.abi3.so"])
-# A warm machine is given back 30 s after a call and the next one starts bare, so the build stage copies the
-# extension it built to $OUT: carry it back in later calls and the build stage is skipped (it checks that the
-# library loads and has CUDA kernels). Every stage runs under its own time limit and writes $OUT/<stage>.log;
-# benchmark JSON (device, versions, date and command inside) goes to $OUT/*.json; the last lines printed are a
-# summary of each stage and of the test results.
+# Run from the repository root on the device machine, e.g. with the device tool, one call after the other:
+#   run(command="bash bench/gpu_session.sh", timeout_s=600)             # env, build, CUDA tests, quick ops bench
+#   run(command="STAGES='build ops' bash bench/gpu_session.sh")          # SmolLM2 and Llama-3-8B shapes, 1k-16k
+#   run(command="STAGES='build ops-qwen e2e' bash bench/gpu_session.sh") # Qwen2.5-7B shape; TTFT, Llama-3-8B shape
+# A machine stays warm (and keeps the in-place build) only 30 s after a call: make the next call at once. If it
+# went back anyway, carry the extension the first call copied to $OUT (carry=["semshare_ops/_C.abi3.so"]): the
+# build stage checks that the library there loads with CUDA kernels and skips the build. Every stage runs under
+# its own time limit and writes $OUT/<stage>.log; benchmark JSON (device, versions, date and command inside) goes
+# to $OUT/*.json, one file per invocation so a stage cut short keeps what finished; a summary prints last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/semshare-gpu}
@@ -65,10 +65,18 @@ smoke_stage() {
     --lengths 4096 --ratios 0.2 1.0 --out "$OUT/ops_cuda_smoke.json"
 }
 
+ops_model() {  # one model shape: bf16, 1k-16k tokens, recompute ratios 5%, 20%, 50% and full causal prefill
+  $PY -m semshare_ops.cli bench ops --device cuda --dtype bfloat16 --models "$1" --lengths 1024 4096 16384 \
+    --ratios 0.05 0.2 0.5 1.0 --out "$OUT/ops_cuda_$1.json"
+}
+
 ops_stage() {
-  $PY -m semshare_ops.cli bench ops --device cuda --dtype bfloat16 \
-    --models smollm2-135m llama3-8b qwen2.5-7b --lengths 1024 4096 16384 --ratios 0.05 0.2 0.5 1.0 \
-    --out "$OUT/ops_cuda.json"
+  ops_model smollm2-135m
+  ops_model llama3-8b
+}
+
+ops-qwen_stage() {
+  ops_model qwen2.5-7b
 }
 
 e2e_stage() {
@@ -77,7 +85,7 @@ e2e_stage() {
 }
 
 export PY OUT
-export -f has_cuda_kernels env_stage build_stage test_stage smoke_stage ops_stage e2e_stage
+export -f has_cuda_kernels env_stage build_stage test_stage smoke_stage ops_model ops_stage ops-qwen_stage e2e_stage
 for s in $STAGES; do
   case $s in
     env) stage env 60 ;;
@@ -85,8 +93,9 @@ for s in $STAGES; do
     test) stage test 300 ;;
     smoke) stage smoke 180 ;;
     ops) stage ops 540 ;;
-    e2e) stage e2e 540 ;;
-    *) echo "unknown stage $s (expected env build test smoke ops e2e)" | tee -a "$SUMMARY" ;;
+    ops-qwen) stage ops-qwen 300 ;;
+    e2e) stage e2e 300 ;;
+    *) echo "unknown stage $s (expected env build test smoke ops ops-qwen e2e)" | tee -a "$SUMMARY" ;;
   esac
 done
 

@@ -113,6 +113,21 @@ def test_a_failing_flex_attention_is_recorded_absent_and_said_once(monkeypatch, 
     assert len(err) == 1 and "FlexAttention" in err[0] and "no fused kernel here" in err[0]
 
 
+def test_baselines_too_big_or_out_of_memory_are_recorded_absent(monkeypatch, ceilings):
+    """The reference is skipped past its score budget; a baseline that runs out of memory is absent, not fatal."""
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 34.00 GiB\nmore")
+
+    monkeypatch.setattr(bench, "REFERENCE_MAX_SCORES_GIB", 0.0)
+    monkeypatch.setattr(bench, "_sdpa_masked", oom)
+    r = bench.bench_partial_attn(bench.SHAPES["smollm2-135m"], 48, "cpu", ratio=0.5, dtype=torch.float32,
+                                 ceilings=ceilings, sdpa_causal_rate=1.0, flex=False)
+    assert r["baselines_absent"]["reference"].startswith("skipped: its fp32 scores would take")
+    assert r["baselines_absent"]["sdpa_masked"] == "out of memory (CUDA out of memory. Tried to allocate 34.00 GiB)"
+    assert not r["baselines_us"] and not r["speedup"]
+    assert r["us"] > 0 and r["TFLOP/s"] > 0
+
+
 def test_inputs_and_work_counts_match_the_records():
     shape = bench.SHAPES["llama3-8b"]
     q, k, v, q_pos = bench.partial_attn_inputs(shape, 64, 1.0, torch.bfloat16)
