@@ -3,7 +3,7 @@
 # Run from the repository root on the device machine, e.g. with the device tool, one call after the other:
 #   run(command="bash bench/gpu_session.sh", timeout_s=600)             # env, build, CUDA tests, quick ops bench
 #   run(command="STAGES='build ops' bash bench/gpu_session.sh")          # SmolLM2 and Llama-3-8B shapes, 1k-16k
-#   run(command="STAGES='build ops-qwen e2e' bash bench/gpu_session.sh") # Qwen2.5-7B shape; TTFT, Llama-3-8B shape
+#   run(command="STAGES='build sanitize ops-qwen e2e' bash bench/gpu_session.sh")  # memcheck/racecheck; Qwen; TTFT
 # A machine stays warm (and keeps the in-place build) only 30 s after a call: make the next call at once. If it
 # went back anyway, carry the extension the first call copied to $OUT (carry=["semshare_ops/_C.abi3.so"]): the
 # build stage checks that the library there loads with CUDA kernels and skips the build. Every stage runs under
@@ -59,6 +59,22 @@ test_stage() {
   $PY -m pytest python_tests -q -rs -k cuda -p no:cacheprovider --maxfail=50 --junitxml="$OUT/tests_cuda.xml"
 }
 
+# compute-sanitizer on a subset of the op tests: out-of-bounds accesses (memcheck, with torch's caching allocator
+# off so that every tensor is its own allocation) and shared-memory races (racecheck) of our kernels.
+sanitize_stage() {
+  local attn="test_heads_and_dims or test_ragged_batch or test_key_counts_off_tiles or test_strided_views"
+  local rope="test_rotation_oracle or test_strided_hf_cache_views or test_layer_and_head_slices_as_views"
+  local lsh="test_hamming_topk_random or test_hamming_topk_ties or test_simhash_matches_numpy"
+  local rc=0
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 \
+    $PY -m pytest python_tests/test_partial_attn.py python_tests/test_rope_reuse.py python_tests/test_lsh.py -q \
+    -p no:cacheprovider -k "cuda and ($attn or $rope or $lsh)" || rc=1
+  compute-sanitizer --tool racecheck --error-exitcode 99 $PY -m pytest python_tests/test_partial_attn.py \
+    python_tests/test_lsh.py -q -p no:cacheprovider -k "cuda and (test_heads_and_dims or test_key_counts_off_tiles \
+    or test_hamming_topk_random)" || rc=1
+  return $rc
+}
+
 # Quick ops benchmark: bf16, the three model shapes, two lengths, so a first call already says where we stand.
 smoke_stage() {
   $PY -m semshare_ops.cli bench ops --device cuda --dtype bfloat16 --models smollm2-135m llama3-8b \
@@ -85,17 +101,18 @@ e2e_stage() {
 }
 
 export PY OUT
-export -f has_cuda_kernels env_stage build_stage test_stage smoke_stage ops_model ops_stage ops-qwen_stage e2e_stage
+export -f has_cuda_kernels env_stage build_stage test_stage sanitize_stage smoke_stage ops_model ops_stage ops-qwen_stage e2e_stage
 for s in $STAGES; do
   case $s in
     env) stage env 60 ;;
     build) stage build 420 || break ;;
     test) stage test 300 ;;
     smoke) stage smoke 180 ;;
+    sanitize) stage sanitize 300 ;;
     ops) stage ops 540 ;;
     ops-qwen) stage ops-qwen 300 ;;
     e2e) stage e2e 300 ;;
-    *) echo "unknown stage $s (expected env build test smoke ops ops-qwen e2e)" | tee -a "$SUMMARY" ;;
+    *) echo "unknown stage $s (expected env build test sanitize smoke ops ops-qwen e2e)" | tee -a "$SUMMARY" ;;
   esac
 done
 
