@@ -1,16 +1,21 @@
 """Reuse-side ablation on the built-in eval pairs: which ReuseConfig knobs buy quality, and at what TTFT.
 
-    python bench/ablate_reuse.py [--full-from bench/results/eval_cpu.json] [--limit N]
-                                 [--out bench/results/ablation_cpu.json]
+    python bench/ablate_reuse.py [--full-from bench/results/eval_cpu.json] [--limit N] [--sets ...]
+                                 [--variants ...] [--out bench/results/ablation_cpu.json]
 
 Only the reuse side runs: the full-prefill output of every pair is read from a recorded `semshare eval` result
-(same model, chat template and max_new_tokens, checked), so each variant costs one reuse request per pair. Every
-variant keeps recompute_ratio 0.2, so rows compare where the recompute budget goes, not how big it is:
-- `default`: two check layers in full, then decaying counts (ReuseConfig defaults);
+(same model and max_new_tokens; prompts with or without the chat template, as that run had them), so each variant
+costs one reuse request per pair. Every variant keeps recompute_ratio 0.2, so rows compare where the recompute
+budget goes (or which tokens are reused), not how big it is:
+- `default`: two check layers in full, then counts decaying by 5% a layer (ReuseConfig defaults);
 - `check_layers=1`: one full layer, more budget for the deeper ones;
 - `tail=16` / `tail=32`: the last prompt tokens (the end of the user turn and the chat template's assistant header)
   recomputed in every layer;
-- `check_layers=1, tail=16`.
+- `check_layers=1, tail=16`;
+- `edit only`: no fuzzy LSH pairs (tokens the edit alignment leaves unmatched are recomputed, not borrowed);
+- `lsh<=12`: fuzzy pairs only within 12 bits (default 24);
+- `decay=0.9` / `decay=1.0`: the recompute count shrinks by 10% per layer past the check layers (the default before
+  bench/results/ablation_decay_cpu.json), or not at all.
 """
 import argparse
 import dataclasses
@@ -32,6 +37,10 @@ VARIANTS = {
     "tail=16": {"recompute_tail": 16},
     "tail=32": {"recompute_tail": 32},
     "check_layers=1, tail=16": {"check_layers": 1, "recompute_tail": 16},
+    "edit only": {"matching": "edit"},
+    "lsh<=12": {"lsh_max_distance": 12},
+    "decay=0.9": {"recompute_decay": 0.9},
+    "decay=1.0": {"recompute_decay": 1.0},
 }
 
 
@@ -39,29 +48,34 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full-from", default="bench/results/eval_cpu.json")
     parser.add_argument("--limit", type=int, default=None, help="pairs per set")
+    parser.add_argument("--sets", nargs="+", choices=evalsets.SETS, default=list(evalsets.SETS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     recorded = json.load(open(args.full_from))
-    if not recorded.get("chat_template", True) or recorded.get("dtype") != "float32":
-        sys.exit(f"--full-from: expected a float32 run with the chat template, got {args.full_from}")
+    if recorded.get("dtype") != "float32":
+        sys.exit(f"--full-from: expected a float32 `semshare eval` run, got {args.full_from}")
+    chat = recorded.get("chat_template", True)
     full_text = {r["id"]: r["full_text"] for r in recorded["records"]}
     max_new = recorded["max_new_tokens"]
+    variants = {name: VARIANTS[name] for name in args.variants}
 
     model, tokenizer = load_model(progress=False)
     engine = ReuseEngine(model, tokenizer, ReuseConfig(recompute_ratio=0.2))
-    pairs = [p for p in evalsets.load_eval_pairs(limit=args.limit) if p["id"] in full_text]
-    rows = {name: [] for name in VARIANTS}
+    prompt = (lambda text: as_chat(tokenizer, text)) if chat else (lambda text: text)
+    pairs = [p for p in evalsets.load_eval_pairs(sets=args.sets, limit=args.limit) if p["id"] in full_text]
+    rows = {name: [] for name in variants}
     for i, pair in enumerate(pairs):
-        entry = engine.prefill(as_chat(tokenizer, pair["reference"]))
-        target = as_chat(tokenizer, pair["target"])
-        for name, overrides in VARIANTS.items():
+        entry = engine.prefill(prompt(pair["reference"]))
+        target = prompt(pair["target"])
+        for name, overrides in variants.items():
             with engine.using(dataclasses.replace(engine.config, **overrides)):
                 out = engine.generate(target, reference=entry, max_new_tokens=max_new)
             rows[name].append({"id": pair["id"], "set": pair["set"], "rougeL": rouge_l(out.text, full_text[pair["id"]]),
                                "exact": out.text == full_text[pair["id"]], "reuse_ratio": out.stats["reuse_ratio"],
                                "ttft_ms": out.stats["ttft_ms"]})
-        print(f"[{i + 1}/{len(pairs)}] " + ", ".join(f"{n} {rows[n][-1]['rougeL']:.2f}" for n in VARIANTS),
+        print(f"[{i + 1}/{len(pairs)}] " + ", ".join(f"{n} {rows[n][-1]['rougeL']:.2f}" for n in variants),
               flush=True)
 
     summary = {}
@@ -81,6 +95,7 @@ def main() -> int:
     if args.out:
         result = {"date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv),
                   "torch": torch.__version__, "threads": torch.get_num_threads(), "full_from": args.full_from,
+                  "chat_template": chat,
                   "recompute_ratio": 0.2, "max_new_tokens": max_new, "summary": summary, "records": rows}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
