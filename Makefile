@@ -35,7 +35,7 @@ test: build
 	$(PY) -m pytest python_tests -q -rs; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 bench: build
-	$(PY) bench/bench_ops.py --device cpu
+	$(VENV)/bin/semshare bench ops --device cpu --dtype float32 --models smollm2-135m llama3-8b
 
 # pytest-benchmark suites in bench/ (every op and its baselines at model shapes; TTFT full vs reuse), about a
 # minute on 2 cores; sizes come from SEMSHARE_BENCH_* (see bench/test_bench_*.py), extra flags from BENCH_ARGS.

@@ -1,4 +1,4 @@
-"""semshare_ops.bench (`semshare bench ops`, bench/bench_ops.py): ceilings, percentages, baselines, --dtype.
+"""semshare_ops.bench (`semshare bench ops`): ceilings, percentages, baselines, --dtype.
 
 Speed is never asserted (the 2 cores are shared): only that every number is there, positive, finite and in a
 sane range, which catches unit mistakes (a factor of 1e3) and missing fields.
@@ -179,20 +179,18 @@ def test_bench_ops_bad_arguments_exit_2(capsys, monkeypatch, argv, name):
     _one_error_line(capsys, name)
 
 
-def test_bench_ops_script_writes_the_ceilings(monkeypatch, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_ops_script", ROOT / "bench" / "bench_ops.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_bench_ops_passes_the_ceilings_it_writes(monkeypatch, tmp_path, capsys):
+    """Ceilings are measured once, handed to every record's percentage and written beside the records."""
     fake = {"device": "cpu", "dtype": "float32", "copy_GB/s": 10.0, "matmul_TFLOP/s": 0.1,
             "matmul_TFLOP/s_by_dtype": {"float32": 0.1}, "matmul_n": {"float32": 2048}}
     seen = {}
-    monkeypatch.setattr(script, "device_ceilings", lambda device, dtype: seen.setdefault("dtype", dtype) and fake)
-    monkeypatch.setattr(script, "run_ops", lambda *a, ceilings, **k: seen.setdefault("ceilings", ceilings) and [])
+    monkeypatch.setattr(bench, "device_ceilings", lambda device, dtype: seen.setdefault("dtype", dtype) and fake)
+    monkeypatch.setattr(bench, "run_ops", lambda *a, ceilings, **k: seen.setdefault("ceilings", ceilings) and [])
     out = tmp_path / "ops.json"
-    monkeypatch.setattr(sys, "argv", ["bench_ops.py", "--device", "cpu", "--dtype", "float32", "--out", str(out)])
-    script.main()
+    assert cli.main(["bench", "ops", "--device", "cpu", "--dtype", "float32", "--out", str(out)]) == 0
     written = json.loads(out.read_text())
     assert written["ceilings"] == fake and written["dtype"] == "float32" and written["records"] == []
+    assert written["device"] == "cpu" and written["command"]
     assert seen == {"dtype": torch.float32, "ceilings": fake}
 
 

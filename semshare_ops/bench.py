@@ -10,7 +10,7 @@ prefill kernel of the same device reaches when it skips nothing.
 
 The input construction of every op (`*_inputs`) and its work count (`*_work`: FLOPs, bytes) are public so that
 the pytest-benchmark suites in `bench/` time exactly what these functions time.
-Used by `bench/bench_ops.py`, `bench/test_bench_ops.py` and `semshare bench ops`.
+Used by `semshare bench ops` and `bench/test_bench_ops.py`.
 """
 from __future__ import annotations
 
