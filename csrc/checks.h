@@ -55,6 +55,16 @@ inline bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
   return a_lo < b_hi && b_lo < a_hi;
 }
 
+// For the CUDA kernels' vector paths: the data pointer is aligned to `elems` elements and every stride but the last
+// is a multiple of `elems`, so each row (and each `elems`-element chunk of it) starts on that alignment.
+inline bool rows_aligned(const at::Tensor& t, int64_t elems) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % (elems * static_cast<int64_t>(t.element_size())) != 0) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    if (t.stride(d) % elems != 0) return false;
+  }
+  return true;
+}
+
 // ---- simhash -------------------------------------------------------------------------------------------------
 
 inline void check_simhash_args(const at::Tensor& x, const at::Tensor& planes) {

@@ -56,8 +56,7 @@ struct TileBounds {
   int64_t b, t0, t1, k0, k1;
 };
 
-template <typename Args>
-__device__ __forceinline__ TileBounds tile_bounds(const Args& a, int64_t tile) {
+__device__ __forceinline__ TileBounds tile_bounds(const AttnArgs& a, int64_t tile) {
   TileBounds t;
   if (a.tiles) {
     t.b = a.tiles[3 * tile];
@@ -170,7 +169,6 @@ __global__ void __launch_bounds__(kWarps * 32)
     lse[i * a.q_heads + h] = Ls[row] > 0.0f ? Ms[row] + logf(Ls[row]) : -INFINITY;
   }
 }
-
 
 // ---- tensor-core kernel ---------------------------------------------------------------------------------------
 // One block per (query tile, KV head): 4 warps, each owning 16 rows (query x head-in-group) of a 64-row tile.
@@ -414,19 +412,13 @@ QueryTiles tile_queries(const PartialAttnShape& s, const at::Tensor& q_pos, int6
   return {order, at::tensor(tiles, at::kLong).to(q_pos.device()), n_tiles};
 }
 
-bool aligned(const at::Tensor& t, int64_t elems) {
-  const int64_t bytes = elems * static_cast<int64_t>(t.element_size());
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0 && t.stride(0) % elems == 0 &&
-         t.stride(1) % elems == 0;
-}
-
 // The tensor-core kernel takes fp16/bf16 with head_dim == v_head_dim in {64, 128}, up to 64 query heads per KV
 // head, q rows 4-byte aligned (its fragments are 32-bit loads) and K/V rows 16-byte aligned (16-byte loads).
 bool use_mma_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const PartialAttnShape& s) {
   const bool half_type = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
   const bool dims = s.head_dim == s.v_head_dim && (s.head_dim == 64 || s.head_dim == 128);
-  return half_type && dims && s.q_heads / s.kv_heads <= kMmaRows && aligned(q, 2) && aligned(k, 8) &&
-         aligned(v, 8);
+  return half_type && dims && s.q_heads / s.kv_heads <= kMmaRows && rows_aligned(q, 2) && rows_aligned(k, 8) &&
+         rows_aligned(v, 8);
 }
 
 std::tuple<at::Tensor, at::Tensor> partial_attn_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -195,14 +195,6 @@ __global__ void rope_reuse_vec_kernel(RopeArgs a) {
   }
 }
 
-bool chunk_aligned(const at::Tensor& t, int64_t vec) {
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
-    if (t.stride(d) % vec != 0) return false;
-  }
-  return true;
-}
-
 }  // namespace
 
 void rope_reuse_cuda(const at::Tensor& k_dst, const at::Tensor& v_dst, const at::Tensor& k_src,
@@ -224,8 +216,8 @@ void rope_reuse_cuda(const at::Tensor& k_dst, const at::Tensor& v_dst, const at:
   const size_t smem = 2 * s.half_rotary * sizeof(float);
   const int64_t vec = 16 / static_cast<int64_t>(k_dst.element_size());
   const bool chunked = s.head_dim % vec == 0 && s.v_head_dim % vec == 0 && s.half_rotary % vec == 0 &&
-                       chunk_aligned(k_dst, vec) && chunk_aligned(v_dst, vec) && chunk_aligned(k_src, vec) &&
-                       chunk_aligned(v_src, vec);
+                       rows_aligned(k_dst, vec) && rows_aligned(v_dst, vec) && rows_aligned(k_src, vec) &&
+                       rows_aligned(v_src, vec);
   const RopeArgs a{view_of(k_dst), view_of(v_dst), view_of(k_src), view_of(v_src), src_c.data_ptr<int64_t>(),
                    dst_c.data_ptr<int64_t>(), delta_c.data_ptr<int64_t>(), freq_c.data_ptr<float>(), s.t_src,
                    s.t_dst, s.heads, s.head_dim, s.v_head_dim, s.half_rotary, neox};
