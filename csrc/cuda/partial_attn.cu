@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "ptx.cuh"
 
 namespace semshare {
 namespace {
@@ -181,23 +182,6 @@ constexpr int kMmaWarps = 4;
 constexpr int kMmaRows = 16 * kMmaWarps;  // rows per block
 constexpr int kMmaKeys = 64;              // keys per K/V tile
 constexpr int kSmemPad = 8;               // 16 bytes of padding per shared-memory row
-
-template <bool kBf16>
-__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (kBf16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
 
 // Two floats rounded to the input type, the first in the low half (the lower column of a fragment pair).
 template <bool kBf16>

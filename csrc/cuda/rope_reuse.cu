@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "../checks.h"
+#include "ptx.cuh"
 
 namespace semshare {
 namespace {
@@ -128,17 +129,6 @@ struct Chunk {
     word(j) = (word(j) & ~(kMask << shift)) | (b << shift);
   }
 };
-
-// 16-byte global accesses written out: plain C++ stores of a 16-byte value came out as 4- and 8-byte stores.
-__device__ __forceinline__ ulonglong2 load16(const void* ptr) {
-  ulonglong2 x;
-  asm volatile("ld.global.v2.u64 {%0, %1}, [%2];\n" : "=l"(x.x), "=l"(x.y) : "l"(ptr));
-  return x;
-}
-
-__device__ __forceinline__ void store16(void* ptr, ulonglong2 x) {
-  asm volatile("st.global.v2.u64 [%0], {%1, %2};\n" ::"l"(ptr), "l"(x.x), "l"(x.y) : "memory");
-}
 
 // The same work in 16-byte chunks, for caches whose rows and strides are 16-byte aligned (every dense cache and
 // its slices by layer, token or head): each thread moves whole chunks, every load and store one 128-bit access.
