@@ -8,7 +8,7 @@ CUDA_TORCH_VERSION ?= 2.14.1
 CUDA_VENV ?= .venv-cuda
 export MAX_JOBS ?= 2
 
-.PHONY: demo ops-tour test build bench bench-suite cuda-build cmake-build clean
+.PHONY: demo ops-tour test build bench bench-suite cuda-build cuda-emulate cmake-build clean
 
 $(VENV)/.deps-stamp: Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,19 @@ cuda-build:
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip install -q "torch==$(CUDA_TORCH_VERSION)" numpy ninja "setuptools>=64" wheel
 	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} $(CUDA_VENV)/bin/python setup.py build_ext --build-temp build/cuda-temp --build-lib build/cuda-lib
+
+# The CUDA kernels' source run on the CPU by the SIMT emulator (python_tests/simt_emu). `make test` runs the op
+# tests' cuda_emulated cases with threads resumed in order; this runs them resumed in reverse and shuffled order
+# (a missing barrier shows under one of them), then under AddressSanitizer (out-of-bounds accesses).
+EMU_TESTS := python_tests/test_simt_emu.py python_tests/test_lsh.py python_tests/test_rope_reuse.py python_tests/test_partial_attn.py
+cuda-emulate: build
+	for order in reverse shuffle; do \
+	  SIMT_EMU_ORDER=$$order $(PY) -m pytest $(EMU_TESTS) -q -p no:cacheprovider -k "cuda_emulated or simt_emu" || exit 1; \
+	done
+	# libstdc++ preloaded beside libasan: ASan's __cxa_throw interceptor needs it at start (python does not link it).
+	SIMT_EMU_ASAN=1 ASAN_OPTIONS=detect_leaks=0 \
+	  LD_PRELOAD="$$($${CXX:-g++} -print-file-name=libasan.so) $$($${CXX:-g++} -print-file-name=libstdc++.so)" \
+	  $(PY) -m pytest $(EMU_TESTS) -q -p no:cacheprovider --capture=sys -k "cuda_emulated or simt_emu"
 
 # The same op library for C++ consumers, through CMake and torch's TorchConfig.cmake.
 cmake-build: $(VENV)/.deps-stamp

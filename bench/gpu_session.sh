@@ -58,7 +58,7 @@ build_stage() {
 test_stage() {
   # --continue-on-collection-errors: a test module that fails to import there (another transformers) must not stop
   # the others.
-  $PY -m pytest python_tests -q -rs -k cuda -p no:cacheprovider --maxfail=50 --continue-on-collection-errors \
+  $PY -m pytest python_tests -q -rs -k "cuda and not cuda_emulated" -p no:cacheprovider --maxfail=50 --continue-on-collection-errors \
     --junitxml="$OUT/tests_cuda.xml"
 }
 
@@ -71,9 +71,9 @@ sanitize_stage() {
   local rc=0
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 \
     $PY -m pytest python_tests/test_partial_attn.py python_tests/test_rope_reuse.py python_tests/test_lsh.py -q \
-    -p no:cacheprovider --continue-on-collection-errors -k "cuda and ($attn or $rope or $lsh)" || rc=1
+    -p no:cacheprovider --continue-on-collection-errors -k "cuda and not cuda_emulated and ($attn or $rope or $lsh)" || rc=1
   compute-sanitizer --tool racecheck --error-exitcode 99 $PY -m pytest python_tests/test_partial_attn.py \
-    python_tests/test_lsh.py -q -p no:cacheprovider -k "cuda and (test_heads_and_dims or test_key_counts_off_tiles \
+    python_tests/test_lsh.py -q -p no:cacheprovider -k "cuda and not cuda_emulated and (test_heads_and_dims or test_key_counts_off_tiles \
     or test_hamming_topk_random)" || rc=1
   return $rc
 }

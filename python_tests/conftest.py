@@ -14,13 +14,22 @@ import torch
 # Test modules import `op_testutils` by name; keep that working under --import-mode=importlib too.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from op_testutils import DEVICES, make_generator  # noqa: E402
+from op_testutils import DEVICES, IMPLS, impl_module, make_generator  # noqa: E402
 
 
 @pytest.fixture(params=DEVICES)
 def device(request):
     """"cpu" always; "cuda" only when torch.cuda.is_available() (skipped otherwise)."""
     return request.param
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    """An implementation of the ops (op_testutils.IMPLS); the emulated CUDA kernels take CPU tensors only."""
+    if request.param == "cuda_emulated" and "device" in request.fixturenames:
+        if request.getfixturevalue("device") != "cpu":
+            pytest.skip("the SIMT emulator runs the CUDA kernels on CPU tensors")
+    return impl_module(request.param)
 
 
 @pytest.fixture

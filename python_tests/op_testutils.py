@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 
@@ -18,14 +19,39 @@ DEVICES = [
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
-# Implementations under test: the C++ ops (through the Python wrappers) and the pure-torch reference. Both must
-# agree with the independent oracles written in the tests.
-IMPLS = ["ops", "reference"]
+# Implementations under test: the C++ ops (through the Python wrappers), the pure-torch reference, and the CUDA
+# kernels' source run on the CPU by the SIMT emulator (python_tests/simt_emu; CPU tensors only). All must agree
+# with the independent oracles written in the tests.
+IMPLS = ["ops", "reference", "cuda_emulated"]
 
 
+class EmulatedCudaOps:
+    """csrc/cuda/*.cu run on the CPU by python_tests/simt_emu, with the signatures of semshare_ops.ops."""
+
+    def __init__(self):
+        import simt_emu
+
+        self.ops = simt_emu.load()
+
+    def simhash(self, x, planes):
+        return self.ops.simhash(x, planes)
+
+    def hamming_topk(self, q_codes, k_codes, k):
+        return self.ops.hamming_topk(q_codes, k_codes, k)
+
+    def rope_reuse_(self, k_dst, v_dst, k_src, v_src, src_idx, dst_idx, delta, inv_freq, neox=True):
+        self.ops.rope_reuse_(k_dst, v_dst, k_src, v_src, src_idx, dst_idx, delta, inv_freq, neox)
+
+    def partial_attn(self, q, k, v, q_pos, kv_pos=None, cu_seqlens_q=None, cu_seqlens_k=None, scale=None):
+        return self.ops.partial_attn(q, k, v, q_pos, kv_pos, cu_seqlens_q, cu_seqlens_k, scale)
+
+
+@functools.lru_cache(maxsize=None)
 def impl_module(name: str):
     import semshare_ops  # noqa: F401  (registers torch.ops.semshare.*)
 
+    if name == "cuda_emulated":
+        return EmulatedCudaOps()
     return importlib.import_module(f"semshare_ops.{name}")
 
 

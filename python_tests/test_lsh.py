@@ -4,14 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from op_testutils import DTYPE_IDS, DTYPES, IMPLS, expect_arg_error, impl_module, make_generator, randn
+from op_testutils import DTYPE_IDS, DTYPES, expect_arg_error, impl_module, make_generator, randn
 
 BITS = [1, 63, 64, 65, 128, 200]
-
-
-@pytest.fixture(params=IMPLS)
-def impl(request):
-    return impl_module(request.param)
 
 
 # ---- numpy oracles ---------------------------------------------------------------------------------------------

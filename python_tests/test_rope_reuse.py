@@ -9,7 +9,6 @@ from op_testutils import (
     CUDA,
     DTYPE_IDS,
     DTYPES,
-    IMPLS,
     assert_bits_equal,
     bits,
     expect_arg_error,
@@ -35,11 +34,6 @@ from transformers.models.llama.modeling_llama import (  # noqa: E402
     apply_rotary_pos_emb,
     rotate_half,
 )
-
-
-@pytest.fixture(params=IMPLS)
-def impl(request):
-    return impl_module(request.param)
 
 
 # ---- oracles and helpers ---------------------------------------------------------------------------------------

@@ -61,6 +61,9 @@ __global__ void hamming_topk_kernel(const uint64_t* __restrict__ q_codes, int64_
   __shared__ int cut_s[kWarps];
   for (int pass = 0; pass < 2; ++pass) {
     if (pass == 1) {
+      // Every lane's pass-0 atomics must land before lane 0 reads the histogram (found by the SIMT emulator: on
+      // a GPU, lanes of a warp are not guaranteed to have reconverged at the end of the loop).
+      __syncthreads();
       if (active && lane == 0) {  // cut and bucket offsets (exclusive prefix sums up to the cut)
         int64_t below = 0;
         int cut = 0;
