@@ -50,17 +50,19 @@ cuda-build:
 	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} $(CUDA_VENV)/bin/python setup.py build_ext --build-temp build/cuda-temp --build-lib build/cuda-lib
 
 # The CUDA kernels' source run on the CPU by the SIMT emulator (python_tests/simt_emu). `make test` runs the op
-# tests' cuda_emulated cases with threads resumed in order; this runs them resumed in reverse and shuffled order
-# (a missing barrier shows under one of them), then under AddressSanitizer (out-of-bounds accesses).
+# tests' cuda_emulated cases with threads resumed round-robin in order and cp.async data landing at the wait; this
+# runs them again resumed in reverse (copies landing at issue), shuffled, and one warp at a time running ahead
+# (copies at issue): a missing barrier shows under one of them. Then under AddressSanitizer (out-of-bounds accesses).
 EMU_TESTS := python_tests/test_simt_emu.py python_tests/test_lsh.py python_tests/test_rope_reuse.py python_tests/test_partial_attn.py
+EMU_PYTEST = $(PY) -m pytest $(EMU_TESTS) -q -p no:cacheprovider -k "cuda_emulated or simt_emu"
 cuda-emulate: build
-	for order in reverse shuffle; do \
-	  SIMT_EMU_ORDER=$$order $(PY) -m pytest $(EMU_TESTS) -q -p no:cacheprovider -k "cuda_emulated or simt_emu" || exit 1; \
-	done
+	SIMT_EMU_ORDER=reverse SIMT_EMU_CP_ASYNC=eager $(EMU_PYTEST)
+	SIMT_EMU_ORDER=shuffle $(EMU_PYTEST)
+	SIMT_EMU_ORDER=warps-ahead SIMT_EMU_CP_ASYNC=eager $(EMU_PYTEST)
 	# libstdc++ preloaded beside libasan: ASan's __cxa_throw interceptor needs it at start (python does not link it).
 	SIMT_EMU_ASAN=1 ASAN_OPTIONS=detect_leaks=0 \
 	  LD_PRELOAD="$$($${CXX:-g++} -print-file-name=libasan.so) $$($${CXX:-g++} -print-file-name=libstdc++.so)" \
-	  $(PY) -m pytest $(EMU_TESTS) -q -p no:cacheprovider --capture=sys -k "cuda_emulated or simt_emu"
+	  $(EMU_PYTEST) --capture=sys
 
 # The same op library for C++ consumers, through CMake and torch's TorchConfig.cmake.
 cmake-build: $(VENV)/.deps-stamp

@@ -2,7 +2,7 @@
 
 The op tests run the CUDA kernels under it as the `cuda_emulated` implementation; these tests show that what it
 claims to catch (missing barriers, divergent warp collectives, deadlocks, misaligned accesses, shared memory read
-before written, launch limits, out-of-bounds accesses under ASan) is caught, and that its mma.m16n8k16 computes
+before written, cp.async data read before its wait, launch limits, out-of-bounds accesses under ASan) is caught, and that its mma.m16n8k16 computes
 A B from fragments laid out as the PTX ISA's tables say.
 """
 
@@ -16,7 +16,7 @@ import torch
 import simt_emu
 from op_testutils import make_generator, randn
 
-ORDERS = ["forward", "reverse", "shuffle"]
+ORDERS = ["forward", "reverse", "shuffle", "warps-ahead"]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,16 @@ def test_missing_barrier_shows(selftest):
         finally:
             del os.environ["SIMT_EMU_ORDER"]
     assert any(wrong)
+
+
+def test_cp_async_lands_at_the_wait(selftest, order, monkeypatch):
+    expected = 8.0 * ((torch.arange(64) + 1) % 8)
+    assert torch.equal(selftest.run("cp_async", 64), expected)
+    monkeypatch.setenv("SIMT_EMU_CP_ASYNC", "eager")
+    assert torch.equal(selftest.run("cp_async_no_wait", 64), expected)  # landed at issue: the race is hidden
+    monkeypatch.setenv("SIMT_EMU_CP_ASYNC", "deferred")
+    out = selftest.run("cp_async_no_wait", 64)
+    assert (out == 0xFFFF).any() and not torch.equal(out, expected)  # not landed yet: shared memory's 0xff bytes
 
 
 @pytest.mark.parametrize("kernel, message", [

@@ -173,15 +173,23 @@ __global__ void __launch_bounds__(kWarps * 32)
 
 // ---- tensor-core kernel ---------------------------------------------------------------------------------------
 // One block per (query tile, KV head): 4 warps, each owning 16 rows (query x head-in-group) of a 64-row tile.
-// Per 64-key tile: K is staged row-major and V transposed in shared memory (16-byte rows of padding keep every
-// fragment load of a warp on 32 distinct banks), S = Q K^T by mma.sync with Q's fragments held in registers for
-// the whole kernel, the online softmax on S's accumulator fragments (a row lives in the 4 lanes of a quad), then
-// P (rounded to the input type, as FlashAttention does) is the A operand of O += P V. Fragment layouts are those
-// of PTX's mma.m16n8k16 (.row.col): lane = 4 * group + thread_in_group.
+// K/V tiles of 64 keys go global -> shared by cp.async into two stages, so that tile i + 1 is in flight while
+// tile i is computed; both are row-major with 16 bytes of padding per row (every 8-row ldmatrix phase then hits
+// 32 distinct banks). S = Q K^T by mma.sync with Q's fragments held in registers for the whole kernel and K's
+// fragments from ldmatrix; the online softmax runs on S's accumulator fragments (a row lives in the 4 lanes of a
+// quad); P (rounded to the input type, as FlashAttention does) is the A operand of O += P V, whose B fragments come
+// from ldmatrix.trans of the row-major V tile. Fragment layouts are PTX's mma.m16n8k16 (.row.col):
+// lane = 4 * group + thread_in_group.
 constexpr int kMmaWarps = 4;
 constexpr int kMmaRows = 16 * kMmaWarps;  // rows per block
 constexpr int kMmaKeys = 64;              // keys per K/V tile
 constexpr int kSmemPad = 8;               // 16 bytes of padding per shared-memory row
+constexpr int kStages = 2;                // K/V tiles in shared memory: the one computed, the one arriving
+
+// Dynamic shared memory of the tensor-core kernel: kStages x (K tile, V tile) of kMmaKeys padded rows.
+constexpr size_t mma_smem_bytes(int64_t head_dim) {
+  return static_cast<size_t>(kStages) * 2 * kMmaKeys * (head_dim + kSmemPad) * sizeof(uint16_t);
+}
 
 // Two floats rounded to the input type, the first in the low half (the lower column of a fragment pair).
 template <bool kBf16>
@@ -202,9 +210,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     partial_attn_mma_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k,
                             const uint16_t* __restrict__ v, uint16_t* __restrict__ out, float* __restrict__ lse,
                             AttnArgs a) {  // q strides even, k/v strides multiples of 8 (see use_mma_kernel)
-  constexpr int kKStride = D + kSmemPad, kVStride = kMmaKeys + kSmemPad, kChunks = D / 8;
-  __shared__ __align__(16) uint16_t Ks[kMmaKeys * kKStride];  // [key][dim]
-  __shared__ __align__(16) uint16_t Vt[D * kVStride];         // [dim][key]
+  constexpr int kStride = D + kSmemPad, kChunks = D / 8, kTileElems = kMmaKeys * kStride;
+  extern __shared__ uint16_t kv_tiles[];  // [stage][K, V][key][kStride]; mma_smem_bytes(D)
   __shared__ int64_t key_pos[kMmaKeys];
 
   // Tiles are in ascending position order; the last ones see the most keys, so they start first.
@@ -245,8 +252,32 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   for (int dn = 0; dn < D / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this lane's share of the row sum
 
-  for (int64_t j0 = k0; j0 < k_end; j0 += kMmaKeys) {
-    __syncthreads();  // every warp is done reading the previous tile
+  // Issue one K/V tile's copies into a stage, as one cp.async group. Keys past k1 are zeros: P is 0 there, and
+  // 0 * a stale NaN would not be. (Row j0 is a valid source address for them; nothing is read.)
+  const auto load_tile = [&](int64_t j0, int stage) {
+    uint16_t* ks = kv_tiles + stage * 2 * kTileElems;
+    uint16_t* vs = ks + kTileElems;
+    for (int e = threadIdx.x; e < kMmaKeys * kChunks; e += blockDim.x) {  // consecutive threads: one key's row
+      const int j = e / kChunks, c = e % kChunks;
+      const bool valid = j0 + j < k1;
+      const int64_t row = valid ? j0 + j : j0;
+      cp_async_16(ks + j * kStride + c * 8, k + row * a.ks0 + kvh * a.ks1 + c * 8, valid);
+      cp_async_16(vs + j * kStride + c * 8, v + row * a.vs0 + kvh * a.vs1 + c * 8, valid);
+    }
+    cp_async_commit();
+  };
+  if (k0 < k_end) load_tile(k0, 0);
+
+  const int mat = lane / 8, mat_row = lane % 8;  // this lane's ldmatrix row: row mat_row of matrix mat
+  int stage = 0;
+  for (int64_t j0 = k0; j0 < k_end; j0 += kMmaKeys, stage ^= 1) {
+    // The next tile goes into the other stage, whose last readers passed the barrier ending the previous
+    // iteration. Past the last tile an empty group keeps the count of groups in flight at one.
+    if (j0 + kMmaKeys < k_end) {
+      load_tile(j0 + kMmaKeys, stage ^ 1);
+    } else {
+      cp_async_commit();
+    }
     bool seen = false;
     if (threadIdx.x < kMmaKeys) {
       const int64_t j = j0 + threadIdx.x;
@@ -254,43 +285,24 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
       key_pos[threadIdx.x] = p;
       seen = p >= 0 && p <= q_max;
     }
+    cp_async_wait<1>();  // this thread's copies of tile j0 have landed; the barrier below publishes everyone's
     if (!__syncthreads_or(seen)) continue;  // uniform: no query of the tile sees a key of this tile
+    const uint16_t* ks = kv_tiles + stage * 2 * kTileElems;
+    const uint16_t* vs = ks + kTileElems;
 
-    // K tile: 16-byte loads, consecutive lanes along a key's row (coalesced). Keys past k1 are zeros.
-    for (int e = threadIdx.x; e < kMmaKeys * kChunks; e += blockDim.x) {
-      const int j = e / kChunks, c = e % kChunks;
-      uint4 x = make_uint4(0u, 0u, 0u, 0u);
-      if (j0 + j < k1) x = *reinterpret_cast<const uint4*>(k + (j0 + j) * a.ks0 + kvh * a.ks1 + c * 8);
-      *reinterpret_cast<uint4*>(Ks + j * kKStride + c * 8) = x;
-    }
-    // V tile, transposed: a lane takes keys 2p, 2p + 1 and 8 dims, consecutive lanes consecutive key pairs (so
-    // its 32-bit stores of key pairs land on distinct banks). Keys past k1 are zeros: P is 0 there, and 0 * a
-    // stale NaN would not be.
-    for (int e = threadIdx.x; e < (kMmaKeys / 2) * kChunks; e += blockDim.x) {
-      const int jp = e % (kMmaKeys / 2), c = e / (kMmaKeys / 2), j = 2 * jp;
-      uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
-      if (j0 + j < k1) x0 = *reinterpret_cast<const uint4*>(v + (j0 + j) * a.vs0 + kvh * a.vs1 + c * 8);
-      if (j0 + j + 1 < k1) x1 = *reinterpret_cast<const uint4*>(v + (j0 + j + 1) * a.vs0 + kvh * a.vs1 + c * 8);
-      const uint16_t* h0 = reinterpret_cast<const uint16_t*>(&x0);
-      const uint16_t* h1 = reinterpret_cast<const uint16_t*>(&x1);
-#pragma unroll
-      for (int d = 0; d < 8; ++d) {
-        *reinterpret_cast<uint32_t*>(Vt + (c * 8 + d) * kVStride + j) =
-            static_cast<uint32_t>(h0[d]) | (static_cast<uint32_t>(h1[d]) << 16);
-      }
-    }
-    __syncthreads();
-
-    // S = Q K^T: 8 n-tiles of 8 keys. B fragment: keys grp of the n-tile, dims 2 * tig (+1) and + 8.
+    // S = Q K^T: one ldmatrix.x4 per 16 dims and two 8-key n-tiles; matrix m: keys of n-tile 2 np + m / 2,
+    // dims kk * 16 + 8 (m % 2), so registers 0-1 are n-tile 2 np's B fragment and 2-3 n-tile 2 np + 1's.
     float s[kMmaKeys / 8][4];
 #pragma unroll
     for (int nt = 0; nt < kMmaKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
-      for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
-        const uint16_t* kr = Ks + (nt * 8 + grp) * kKStride + kk * 16 + 2 * tig;
-        mma_m16n8k16<kBf16>(s[nt], qf[kk], load_u32(kr), load_u32(kr + 8));
+      for (int np = 0; np < kMmaKeys / 16; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, ks + ((2 * np + mat / 2) * 8 + mat_row) * kStride + kk * 16 + 8 * (mat % 2));
+        mma_m16n8k16<kBf16>(s[2 * np], qf[kk], b[0], b[1]);
+        mma_m16n8k16<kBf16>(s[2 * np + 1], qf[kk], b[2], b[3]);
       }
     }
 
@@ -332,17 +344,22 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     }
 
     // O += P V. P's C fragments of n-tiles 2kk and 2kk+1 are exactly the A fragment of keys 16kk..16kk+15.
+    // V's B fragments by ldmatrix.trans, one x4 per two 8-dim n-tiles: matrix m holds keys 16 kk + 8 (m % 2),
+    // dims of n-tile 2 dp + m / 2.
 #pragma unroll
     for (int kk = 0; kk < kMmaKeys / 16; ++kk) {
       const uint32_t pa[4] = {pack2<kBf16>(s[2 * kk][0], s[2 * kk][1]), pack2<kBf16>(s[2 * kk][2], s[2 * kk][3]),
                               pack2<kBf16>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                               pack2<kBf16>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        const uint16_t* vr = Vt + (dn * 8 + grp) * kVStride + kk * 16 + 2 * tig;
-        mma_m16n8k16<kBf16>(o[dn], pa, load_u32(vr), load_u32(vr + 8));
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, vs + (kk * 16 + 8 * (mat % 2) + mat_row) * kStride + (2 * dp + mat / 2) * 8);
+        mma_m16n8k16<kBf16>(o[2 * dp], pa, b[0], b[1]);
+        mma_m16n8k16<kBf16>(o[2 * dp + 1], pa, b[2], b[3]);
       }
     }
+    __syncthreads();  // every warp is done with this stage and key_pos before they are written again
   }
 
   constexpr float kLn2 = 0.6931471805599453f;
@@ -442,8 +459,10 @@ std::tuple<at::Tensor, at::Tensor> partial_attn_cuda(const at::Tensor& q, const 
     const auto* vp = static_cast<const uint16_t*>(v.data_ptr());
     auto* op = static_cast<uint16_t*>(out.data_ptr());
     const bool bf16 = q.scalar_type() == at::kBFloat16;
+    const size_t smem = mma_smem_bytes(s.head_dim);  // 70 KB at head_dim 128: over the 48 KB default
     const auto launch = [&](auto kernel) {
-      kernel<<<grid, kMmaWarps * 32, 0, stream>>>(qp, kp, vp, op, lse.data_ptr<float>(), a);
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      kernel<<<grid, kMmaWarps * 32, smem, stream>>>(qp, kp, vp, op, lse.data_ptr<float>(), a);
     };
     if (s.head_dim == 64) {
       bf16 ? launch(partial_attn_mma_kernel<true, 64>) : launch(partial_attn_mma_kernel<false, 64>);

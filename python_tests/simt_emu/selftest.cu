@@ -66,6 +66,17 @@ __global__ void dynamic_shared_kernel(float* out) {
   out[threadIdx.x] = d[(threadIdx.x + 1) % blockDim.x];
 }
 
+// Each thread copies 16 bytes global -> shared by cp.async and reads its neighbour's after a barrier: right only
+// with the wait before the barrier.
+__global__ void cp_async_kernel(bool wait, const uint16_t* p, float* out) {
+  __shared__ __align__(16) uint16_t s[64 * 8];
+  semshare::cp_async_16(s + 8 * threadIdx.x, p + 8 * (threadIdx.x % 8), true);
+  semshare::cp_async_commit();
+  if (wait) semshare::cp_async_wait<0>();
+  __syncthreads();
+  out[threadIdx.x] = s[8 * ((threadIdx.x + 1) % 64)];
+}
+
 // One past the end of `x`, for the AddressSanitizer build.
 __global__ void out_of_bounds_kernel(const float* x, int64_t n, float* out) { out[threadIdx.x] = x[n]; }
 
@@ -93,7 +104,7 @@ __global__ void mma_kernel(const uint16_t* a, const uint16_t* b, float* d) {
 
 at::Tensor run(const std::string& name, int64_t threads, int64_t dynamic_smem) {
   at::Tensor out = at::zeros({threads}, at::kFloat);
-  at::Tensor words = at::arange(64, at::kShort);
+  at::Tensor words = at::arange(64, at::kShort);  // 16-byte aligned (torch's CPU allocator aligns to 64)
   const auto* p = reinterpret_cast<const uint16_t*>(words.data_ptr<int16_t>());
   float* o = out.data_ptr<float>();
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -105,6 +116,8 @@ at::Tensor run(const std::string& name, int64_t threads, int64_t dynamic_smem) {
   else if (name == "misaligned_load16") misaligned_load16_kernel<<<1, threads, 0, stream>>>(p, o);
   else if (name == "uninitialized_shared") uninitialized_shared_kernel<<<1, threads, 0, stream>>>(o);
   else if (name == "dynamic_shared") dynamic_shared_kernel<<<1, threads, dynamic_smem, stream>>>(o);
+  else if (name == "cp_async") cp_async_kernel<<<1, threads, 0, stream>>>(true, p, o);
+  else if (name == "cp_async_no_wait") cp_async_kernel<<<1, threads, 0, stream>>>(false, p, o);
   else if (name == "out_of_bounds") out_of_bounds_kernel<<<1, threads, 0, stream>>>(o, threads, o);
   else TORCH_CHECK(false, "no selftest kernel ", name);
   return out;

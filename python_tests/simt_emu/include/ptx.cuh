@@ -47,6 +47,44 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uin
   for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 
+// ldmatrix.m8n8.x4(.trans).b16: lane i gives the address of row i % 8 of matrix i / 8 (16 bytes, aligned); lane l
+// receives, for each matrix, row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1 (transposed: column l / 4 of rows
+// 2 (l % 4) and 2 (l % 4) + 1).
+template <bool kTrans>
+inline void ldmatrix_x4_impl(uint32_t (&r)[4], const void* row) {
+  if (reinterpret_cast<uintptr_t>(row) % 16) simt::fail("ldmatrix: a row address not 16-byte aligned");
+  const auto* s = simt::exchange(row, kTrans ? "ldmatrix.x4.trans" : "ldmatrix.x4");
+  const int lane = simt::self().lane;
+  for (int i = 0; i < 4; ++i) {
+    uint16_t lo, hi;
+    if constexpr (kTrans) {
+      lo = static_cast<const uint16_t*>(simt::slot_as<const void*>(s, 8 * i + 2 * (lane % 4)))[lane / 4];
+      hi = static_cast<const uint16_t*>(simt::slot_as<const void*>(s, 8 * i + 2 * (lane % 4) + 1))[lane / 4];
+    } else {
+      const auto* src = static_cast<const uint16_t*>(simt::slot_as<const void*>(s, 8 * i + lane / 4));
+      lo = src[2 * (lane % 4)];
+      hi = src[2 * (lane % 4) + 1];
+    }
+    r[i] = lo | (static_cast<uint32_t>(hi) << 16);
+  }
+}
+
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) { ldmatrix_x4_impl<false>(r, row); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) { ldmatrix_x4_impl<true>(r, row); }
+
+// cp.async.cg 16 bytes (zero-filled when !valid), commit_group, wait_group: the runtime's deferred copies.
+inline void cp_async_16(void* smem, const void* gmem, bool valid) {
+  if (reinterpret_cast<uintptr_t>(smem) % 16 || (valid && reinterpret_cast<uintptr_t>(gmem) % 16)) {
+    simt::fail("cp.async: an address not 16-byte aligned");
+  }
+  simt::async_copy(smem, gmem, 16, valid);
+}
+inline void cp_async_commit() { simt::async_commit(); }
+template <int kPending>
+inline void cp_async_wait() {
+  simt::async_wait(kPending);
+}
+
 inline ulonglong2 load16(const void* ptr) {
   if (reinterpret_cast<uintptr_t>(ptr) % 16) simt::fail("ld.global.v2.u64 from an address not 16-byte aligned");
   ulonglong2 x;

@@ -106,6 +106,16 @@ struct Fiber {
   bool done = false;
   size_t shared_seq = 0;  // the next static __shared__ declaration this thread reaches
   char* stack = nullptr;
+  // cp.async: copies issued since the last commit, then committed groups (oldest first), each copy a destination
+  // and the source bytes read at issue. A group's bytes land in shared memory only when a wait retires it, so a
+  // read before the wait sees the old contents.
+  struct AsyncCopy {
+    void* dst;
+    unsigned char bytes[16];
+    size_t size;
+  };
+  std::vector<AsyncCopy> open_group;
+  std::vector<std::vector<AsyncCopy>> groups;
 };
 
 struct Warp {
@@ -277,12 +287,47 @@ inline T* dynamic_shared() {
   return static_cast<T*>(block().dynamic);
 }
 
+// ---- cp.async ----------------------------------------------------------------------------------------------------
+// The two extremes of when a copy may land: SIMT_EMU_CP_ASYNC=deferred (default: at the wait that retires its
+// group; a read before the wait sees old bytes) or eager (at issue; a write into a buffer other threads still
+// read shows).
+inline bool eager_async_copies() {
+  const char* env = std::getenv("SIMT_EMU_CP_ASYNC");
+  return env != nullptr && std::string(env) == "eager";
+}
+
+inline void async_copy(void* dst, const void* src, size_t size, bool valid) {
+  Fiber::AsyncCopy c{dst, {}, size};
+  if (valid) std::memcpy(c.bytes, src, size);  // else zeros (src-size 0)
+  if (eager_async_copies()) {
+    std::memcpy(dst, c.bytes, size);
+  } else {
+    self().open_group.push_back(c);
+  }
+}
+
+inline void async_commit() {
+  Fiber& f = self();
+  f.groups.push_back(std::move(f.open_group));
+  f.open_group.clear();
+}
+
+inline void async_wait(size_t pending) {  // cp.async.wait_group: at most `pending` newest groups still in flight
+  Fiber& f = self();
+  while (f.groups.size() > pending) {
+    for (const auto& c : f.groups.front()) std::memcpy(c.dst, c.bytes, c.size);
+    f.groups.erase(f.groups.begin());
+  }
+}
+
 inline void fiber_main() {
   Block& b = block();
 #if defined(__SANITIZE_ADDRESS__)
   __sanitizer_finish_switch_fiber(nullptr, &b.sched_stack, &b.sched_stack_size);
 #endif
   (*b.body)();
+  async_commit();
+  async_wait(0);  // copies still in flight land anyway
   Fiber& f = self();
   f.done = true;
   --b.live;
@@ -293,16 +338,25 @@ inline void fiber_main() {
   to_scheduler(true);
 }
 
-// Order in which the scheduler resumes runnable threads: SIMT_EMU_ORDER=forward (default), reverse or shuffle.
-// A missing barrier shows as a wrong result under at least one order.
-inline std::vector<int> resume_order(int n, unsigned seed) {
-  std::vector<int> order(n);
-  std::iota(order.begin(), order.end(), 0);
+// Which runnable threads the scheduler resumes, in what order (SIMT_EMU_ORDER): forward (default), reverse or
+// shuffle resume every runnable thread once per round in that order, so warps advance about together;
+// warps-ahead resumes only the lowest warp that can run, so a warp runs on until it waits on the others (a
+// warp that overwrites what another warp still reads shows). A missing barrier shows under at least one of them.
+struct ResumeOrder {
+  std::vector<int> threads;
+  bool warps_ahead = false;
+};
+
+inline ResumeOrder resume_order(int n, unsigned seed) {
+  ResumeOrder r;
+  r.threads.resize(n);
+  std::iota(r.threads.begin(), r.threads.end(), 0);
   const char* env = std::getenv("SIMT_EMU_ORDER");
   const std::string mode = env ? env : "forward";
-  if (mode == "reverse") std::reverse(order.begin(), order.end());
-  if (mode == "shuffle") std::shuffle(order.begin(), order.end(), std::mt19937(seed));
-  return order;
+  if (mode == "reverse") std::reverse(r.threads.begin(), r.threads.end());
+  if (mode == "shuffle") std::shuffle(r.threads.begin(), r.threads.end(), std::mt19937(seed));
+  r.warps_ahead = mode == "warps-ahead";
+  return r;
 }
 
 inline void run_block(Block& b, char* stacks) {
@@ -327,18 +381,23 @@ inline void run_block(Block& b, char* stacks) {
 #if defined(__SANITIZE_ADDRESS__)
   __asan_unpoison_memory_region(stacks, static_cast<size_t>(n) * kStackBytes);  // frames a failed block left poisoned
 #endif
-  const std::vector<int> order = resume_order(n, b.idx.x * 7919u + b.idx.y * 104729u + b.idx.z);
+  const ResumeOrder order = resume_order(n, b.idx.x * 7919u + b.idx.y * 104729u + b.idx.z);
   int done = 0;
   while (b.error.empty() && done < n) {
     bool progressed = false;
     done = 0;
-    for (int i : order) {
+    int lead_warp = -1;  // warps-ahead: the one warp resumed this round
+    for (int i : order.threads) {
       Fiber& f = b.fibers[i];
       if (f.done) {
         ++done;
         continue;
       }
       if (f.wait != Wait::kNone) continue;
+      if (order.warps_ahead) {
+        if (lead_warp < 0) lead_warp = f.warp;
+        if (f.warp != lead_warp) continue;
+      }
       to_fiber(b, f);
       progressed = true;
       if (!b.error.empty()) break;
