@@ -36,16 +36,13 @@ def test_barrier_orders_shared_memory(selftest, order):
     assert torch.equal(selftest.run("neighbour", 64), expected)
 
 
-def test_missing_barrier_shows(selftest):
+def test_missing_barrier_shows(selftest, monkeypatch):
     """Without the barrier, some resume order reads a neighbour's slot before it is written."""
     expected = (torch.arange(64) + 1) % 64 + 1.0
     wrong = []
     for order in ORDERS:
-        os.environ["SIMT_EMU_ORDER"] = order
-        try:
-            wrong.append(not torch.equal(selftest.run("neighbour_no_barrier", 64), expected))
-        finally:
-            del os.environ["SIMT_EMU_ORDER"]
+        monkeypatch.setenv("SIMT_EMU_ORDER", order)
+        wrong.append(not torch.equal(selftest.run("neighbour_no_barrier", 64), expected))
     assert any(wrong)
 
 

@@ -84,7 +84,7 @@ def load():
         sources.append(path)
     # -O1: fast enough to run, quick to build. Alignment checks report through runtime.cpp (no libubsan).
     cflags = ["-O1", "-g0", "-fvisibility=hidden", "-fsanitize=alignment", "-Wno-unknown-pragmas"]
-    if asan:  # out-of-bounds global and shared memory accesses; needs libasan preloaded (see run_under_asan)
+    if asan:  # out-of-bounds global and shared memory accesses; needs libasan preloaded (make cuda-emulate)
         cflags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
     cpp_extension.load(
         name=NAME + ("_asan" if asan else ""),

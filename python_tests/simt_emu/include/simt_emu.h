@@ -4,8 +4,8 @@
 // the results: barriers every thread (block) or every lane (warp, full mask) reaches, lanes of a warp meeting in
 // the same collective, shared memory read before it is written (it starts as 0xff bytes: NaN, -1), 16-byte and
 // typed accesses on their alignment, and the launch limits of sm_90 (block size, grid, shared memory).
-// What it does not model: timing, memory ordering between blocks, and out-of-bounds global accesses (the tests
-// run it under AddressSanitizer for those: python_tests/simt_emu/__init__.py).
+// What it does not model: timing, memory ordering between blocks, and out-of-bounds global accesses (`make
+// cuda-emulate` runs it under AddressSanitizer for those).
 #pragma once
 
 #include <c10/core/Device.h>
@@ -136,7 +136,7 @@ struct Block {
   std::vector<std::pair<void*, size_t>> shared;  // static __shared__ arrays in declaration order
   size_t static_bytes = 0;
   void* dynamic = nullptr;
-  size_t dynamic_bytes = 0;
+  bool eager_copies = false;  // SIMT_EMU_CP_ASYNC=eager (see async_copy)
   const std::function<void()>* body = nullptr;
   std::string error;
   const void* sched_stack = nullptr;  // the scheduler's (OS thread's) stack, for ASan's switch annotations
@@ -290,16 +290,11 @@ inline T* dynamic_shared() {
 // ---- cp.async ----------------------------------------------------------------------------------------------------
 // The two extremes of when a copy may land: SIMT_EMU_CP_ASYNC=deferred (default: at the wait that retires its
 // group; a read before the wait sees old bytes) or eager (at issue; a write into a buffer other threads still
-// read shows).
-inline bool eager_async_copies() {
-  const char* env = std::getenv("SIMT_EMU_CP_ASYNC");
-  return env != nullptr && std::string(env) == "eager";
-}
-
+// read shows). Read once per launch (run_grid).
 inline void async_copy(void* dst, const void* src, size_t size, bool valid) {
   Fiber::AsyncCopy c{dst, {}, size};
   if (valid) std::memcpy(c.bytes, src, size);  // else zeros (src-size 0)
-  if (eager_async_copies()) {
+  if (block().eager_copies) {
     std::memcpy(dst, c.bytes, size);
   } else {
     self().open_group.push_back(c);
@@ -434,6 +429,8 @@ inline void run_grid(const void* kernel, dim3 grid, dim3 blk, size_t dynamic_byt
               " bytes of dynamic shared memory, over the kernel's limit of ", allowed,
               " (cudaFuncSetAttribute(MaxDynamicSharedMemorySize) raises it)");
   const int64_t blocks = int64_t{grid.x} * grid.y * grid.z;
+  const char* copies = std::getenv("SIMT_EMU_CP_ASYNC");
+  const bool eager_copies = copies != nullptr && std::string(copies) == "eager";
   const char* env = std::getenv("SIMT_EMU_THREADS");
   const int64_t workers = std::max<int64_t>(
       1, std::min<int64_t>(blocks, env ? std::atoi(env) : std::max(1u, std::thread::hardware_concurrency())));
@@ -455,7 +452,7 @@ inline void run_grid(const void* kernel, dim3 grid, dim3 blk, size_t dynamic_byt
       b.body = &body;
       std::memset(dynamic, 0xff, dynamic_bytes);
       b.dynamic = dynamic;
-      b.dynamic_bytes = dynamic_bytes;
+      b.eager_copies = eager_copies;
       run_block(b, stacks.get());
       if (b.error.empty() && b.static_bytes + dynamic_bytes > kMaxShared) {
         b.error = "shared memory per block over 227 KiB: " + std::to_string(b.static_bytes + dynamic_bytes);
