@@ -10,6 +10,7 @@ from op_testutils import (
     CUDA,
     DTYPE_IDS,
     DTYPES,
+    EmulatedCudaOps,
     expect_arg_error,
     impl_module,
     make_generator,
@@ -223,6 +224,49 @@ def test_key_counts_off_tiles(impl, device, nk):
 def test_long_cache_low_precision(impl, device, dtype):
     q, k, v = make_qkv(device, dtype, 5, 1000, 8, 2, 128, seed=15)
     run_check(impl, q, k, v, pos([999, 0, 500, 731, 1200], device))
+
+
+# ---- split-KV: few query tiles against a long cache --------------------------------------------------------------
+# The CUDA tensor-core kernel cuts each block's key range into slices when its blocks cannot fill the device
+# (csrc/cuda/partial_attn.cu, kv_splits), then merges the slices' outputs by their lse. These cases have few query
+# tiles and 700-1200 keys: tiles whose last query is early leave later slices empty; evicted keys and a sequence
+# without keys leave rows that see nothing in some or all slices.
+
+
+def split_case(device, dtype, name):
+    gen = make_generator(21)
+    if name == "causal":  # 40 queries (3 tiles of 16 at G = 4), default key positions
+        q, k, v = make_qkv(device, dtype, 40, 1200, 8, 2, 128, seed=22)
+        q_pos = torch.randint(0, 1200, (40,), generator=gen)
+        q_pos[:3] = torch.tensor([0, 5, 1199])
+        return q, k, v, q_pos.to(device), None, None, None
+    if name == "kv_pos":  # compressed cache: shuffled positions, a fifth evicted; G = 3 at head_dim 64
+        q, k, v = make_qkv(device, dtype, 30, 900, 9, 3, 64, seed=23)
+        kv_pos = torch.randperm(1000, generator=gen)[:900]
+        kv_pos[torch.rand(900, generator=gen) < 0.2] = -1
+        q_pos = torch.randint(0, 1000, (30,), generator=gen)
+        q_pos[0] = int(kv_pos[kv_pos >= 0].min()) - 1  # sees no key at all
+        return q, k, v, q_pos.to(device), kv_pos.to(device), None, None
+    seqs = [(5, 700), (0, 300), (3, 0), (7, 1100)]  # ragged: (queries, keys) per sequence
+    nq, nk = sum(s[0] for s in seqs), sum(s[1] for s in seqs)
+    q, k, v = make_qkv(device, dtype, nq, nk, 4, 4, 128, seed=24)
+    q_pos = torch.cat([torch.randint(0, n_k + 50, (n_q,), generator=gen) for n_q, n_k in seqs])
+    cu_q = torch.tensor([0] + [s[0] for s in seqs]).cumsum(0).to(device)
+    cu_k = torch.tensor([0] + [s[1] for s in seqs]).cumsum(0).to(device)
+    return q, k, v, q_pos.to(device), None, cu_q, cu_k
+
+
+@pytest.mark.parametrize("name", ["causal", "kv_pos", "ragged"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_split_kv(impl, device, dtype, name, monkeypatch):
+    args = split_case(device, dtype, name)
+    out, lse, _ = run_check(impl, *args)
+    if isinstance(impl, EmulatedCudaOps):
+        # One SM: the blocks fill it, no split. The single-pass result must agree too, and differ from the split
+        # one in rounding somewhere, or the split path never ran.
+        monkeypatch.setenv("SIMT_EMU_SMS", "1")
+        out1, lse1, _ = run_check(impl, *args)
+        assert not torch.equal(lse1, lse), "the split and single-pass runs gave identical lse: no split happened"
 
 
 # ---- ragged batches ---------------------------------------------------------------------------------------------

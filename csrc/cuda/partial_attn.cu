@@ -3,7 +3,8 @@
 // sequence, one block per (query tile, KV head) holding every query head of the group (GQA reads each K/V tile
 // once), 32-key tiles staged in shared memory in fp32, online softmax, tiles no query can see skipped.
 // Two kernels: fp16/bf16 with head_dim == v_head_dim in {64, 128} run on the tensor cores (mma.sync m16n8k16,
-// FlashAttention-2 style: S and O in registers, P re-used as the A operand of P.V without leaving registers);
+// FlashAttention-2 style: S and O in registers, P re-used as the A operand of P.V without leaving registers; keys
+// split across blocks and merged after when there are too few blocks to fill the device, see kv_splits);
 // everything else (fp32, other head dims, unaligned views) runs on the CUDA-core kernel, fp32 FMAs throughout.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -14,6 +15,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -38,6 +40,13 @@ struct AttnArgs {
   int64_t qs0, qs1, ks0, ks1, vs0, vs1, os0, os1;  // strides in elements
   int64_t q_heads, group, head_dim, v_head_dim;
   float scale;
+  // Split-KV (tensor-core kernel only): blockIdx.z takes keys [z * split_keys, (z + 1) * split_keys) of its
+  // sequence (a multiple of the key tile) and writes its normalised fp32 output and lse to o_part [n_splits, Nq, Hq,
+  // Dv] and lse_part [n_splits, Nq, Hq]; merge_splits_kernel combines them. n_splits == 1: the kernel writes out
+  // and lse itself.
+  int64_t n_splits, split_keys;
+  float* o_part;
+  float* lse_part;
 };
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -245,7 +254,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   const int64_t q_max = a.q_pos[a.order[t1 - 1]];  // sorted: the tile's last query sees the most
   const float scale_log2 = a.scale * 1.4426950408889634f;  // the softmax runs on exp2
   // Default positions are the key indices: keys past q_max are invisible to the whole tile.
-  const int64_t k_end = a.kv_pos ? k1 : min(k1, k0 + max(q_max + 1, static_cast<int64_t>(0)));
+  int64_t k_begin = k0, k_end = a.kv_pos ? k1 : min(k1, k0 + max(q_max + 1, static_cast<int64_t>(0)));
+  if (a.n_splits > 1) {  // this block's slice: whole key tiles, so no tile reaches into the next slice
+    k_begin = min(k_end, k0 + static_cast<int64_t>(blockIdx.z) * a.split_keys);
+    k_end = min(k_end, k_begin + a.split_keys);
+  }
 
   float o[D / 8][4];
 #pragma unroll
@@ -266,11 +279,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     }
     cp_async_commit();
   };
-  if (k0 < k_end) load_tile(k0, 0);
+  if (k_begin < k_end) load_tile(k_begin, 0);
 
   const int mat = lane / 8, mat_row = lane % 8;  // this lane's ldmatrix row: row mat_row of matrix mat
   int stage = 0;
-  for (int64_t j0 = k0; j0 < k_end; j0 += kMmaKeys, stage ^= 1) {
+  for (int64_t j0 = k_begin; j0 < k_end; j0 += kMmaKeys, stage ^= 1) {
     // The next tile goes into the other stage, whose last readers passed the barrier ending the previous
     // iteration. Past the last tile an empty group keeps the count of groups in flight at one.
     if (j0 + kMmaKeys < k_end) {
@@ -369,13 +382,61 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     if (row_i[r] < 0) continue;
     const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    const float row_lse = l[r] > 0.0f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
+    if (a.n_splits > 1) {
+      const int64_t part_row = (blockIdx.z * a.nq_total + row_i[r]) * a.q_heads + row_h[r];
+      float* orow = a.o_part + part_row * D;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        *reinterpret_cast<float2*>(orow + dn * 8 + 2 * tig) = make_float2(o[dn][2 * r] * inv, o[dn][2 * r + 1] * inv);
+      }
+      if (tig == 0) a.lse_part[part_row] = row_lse;
+      continue;
+    }
     uint16_t* orow = out + row_i[r] * a.os0 + row_h[r] * a.os1;
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {
       *reinterpret_cast<uint32_t*>(orow + dn * 8 + 2 * tig) = pack2<kBf16>(o[dn][2 * r] * inv, o[dn][2 * r + 1] * inv);
     }
-    if (tig == 0) lse[row_i[r] * a.q_heads + row_h[r]] = l[r] > 0.0f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
+    if (tig == 0) lse[row_i[r] * a.q_heads + row_h[r]] = row_lse;
   }
+}
+
+// Split-KV merge: one warp per (query, head) row. Each slice's output is normalised over its own keys, so the
+// row's output is the slices' outputs weighted by exp(lse_z - lse_max), and its lse is the log of their sum.
+// A row no slice saw anything for gets zeros and -inf, as without splits.
+template <bool kBf16, int D>
+__global__ void __launch_bounds__(kMmaWarps * 32)
+    merge_splits_kernel(uint16_t* __restrict__ out, float* __restrict__ lse, AttnArgs a) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kMmaWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t rows = a.nq_total * a.q_heads, split_stride = rows;
+  if (row >= rows) return;  // whole warps: a warp never straddles this
+  float lse_max = -INFINITY;
+  for (int64_t z = 0; z < a.n_splits; ++z) lse_max = fmaxf(lse_max, a.lse_part[z * split_stride + row]);
+  float acc[D / 64][2] = {};
+  float weight_sum = 0.0f;
+  if (lse_max != -INFINITY) {
+    for (int64_t z = 0; z < a.n_splits; ++z) {
+      const float w = expf(a.lse_part[z * split_stride + row] - lse_max);  // 0 for a slice that saw nothing
+      weight_sum += w;
+      const float* part = a.o_part + (z * split_stride + row) * D;
+#pragma unroll
+      for (int c = 0; c < D / 64; ++c) {  // lane's columns: 64 c + 2 lane and the next one
+        const float2 p = *reinterpret_cast<const float2*>(part + 64 * c + 2 * lane);
+        acc[c][0] = fmaf(w, p.x, acc[c][0]);
+        acc[c][1] = fmaf(w, p.y, acc[c][1]);
+      }
+    }
+  }
+  const float inv = weight_sum > 0.0f ? 1.0f / weight_sum : 0.0f;
+  const int64_t i = row / a.q_heads, h = row % a.q_heads;
+  uint16_t* orow = out + i * a.os0 + h * a.os1;
+#pragma unroll
+  for (int c = 0; c < D / 64; ++c) {
+    *reinterpret_cast<uint32_t*>(orow + 64 * c + 2 * lane) = pack2<kBf16>(acc[c][0] * inv, acc[c][1] * inv);
+  }
+  if (lane == 0) lse[row] = weight_sum > 0.0f ? lse_max + logf(weight_sum) : -INFINITY;
 }
 
 }  // namespace
@@ -422,6 +483,32 @@ bool use_mma_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
          rows_aligned(v, 8);
 }
 
+// Split-KV, as in flash-decoding: with too few (query tile, KV head) blocks to fill the device once -- few queries,
+// which is what a low recompute ratio or decoding gives -- each block's key range is cut into slices that separate
+// blocks run, and merge_splits_kernel combines them. Slices of at least kMinSplitKeys keys keep the merge's extra
+// traffic (one fp32 row per slice and row) small next to the K/V tiles a slice reads. The slice length is one
+// number for the whole launch: the grid takes as long as its longest block, and that is one slice whatever the
+// tiles' (causal) key ranges; a tile with a short range leaves its later slices empty.
+constexpr int64_t kMinSplitKeys = 256;
+constexpr int64_t kMaxSplits = 64;
+
+struct KvSplits {
+  int64_t n, keys;  // slices and keys per slice; n == 1: no split
+};
+
+template <typename Kernel>
+KvSplits kv_splits(Kernel kernel, size_t smem, int64_t blocks, int64_t longest_keys, int device) {
+  int sms = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMmaWarps * 32, smem));
+  const int64_t slots = static_cast<int64_t>(sms) * std::max(per_sm, 1);  // blocks resident at once
+  const int64_t want = std::min({slots / blocks, kMaxSplits, longest_keys / kMinSplitKeys});  // at most one wave
+  if (want <= 1) return {1, longest_keys};
+  const int64_t key_tiles = (longest_keys + kMmaKeys - 1) / kMmaKeys;
+  const int64_t keys = (key_tiles + want - 1) / want * kMmaKeys;
+  return {(longest_keys + keys - 1) / keys, keys};  // rounding up to whole tiles can leave fewer slices
+}
+
 std::tuple<at::Tensor, at::Tensor> partial_attn_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const at::Tensor& q_pos, const std::optional<at::Tensor>& kv_pos,
                                                      const std::optional<at::Tensor>& cu_seqlens_q,
@@ -447,10 +534,11 @@ std::tuple<at::Tensor, at::Tensor> partial_attn_cuda(const at::Tensor& q, const 
   TORCH_CHECK(mma || G <= kRows, "q: the CUDA kernel takes at most ", kRows, " query heads per KV head, got ", G);
   const int64_t tile_q = mma ? kMmaRows / G : std::max<int64_t>(1, kRows / G);
   const QueryTiles t = tile_queries(s, q_pos_c, tile_q, ragged);
-  const AttnArgs a{t.order.data_ptr<int64_t>(), ragged ? t.tiles.data_ptr<int64_t>() : nullptr,
-                   q_pos_c.data_ptr<int64_t>(), kv_pos_ptr, cu_k_ptr, tile_q, t.n_tiles, s.nq, s.nk,
-                   q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
-                   out.stride(1), s.q_heads, G, s.head_dim, s.v_head_dim, static_cast<float>(s.scale)};
+  AttnArgs a{t.order.data_ptr<int64_t>(), ragged ? t.tiles.data_ptr<int64_t>() : nullptr,
+             q_pos_c.data_ptr<int64_t>(), kv_pos_ptr, cu_k_ptr, tile_q, t.n_tiles, s.nq, s.nk,
+             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+             out.stride(1), s.q_heads, G, s.head_dim, s.v_head_dim, static_cast<float>(s.scale),
+             /*n_splits=*/1, /*split_keys=*/s.nk, nullptr, nullptr};
   const dim3 grid(static_cast<unsigned>(t.n_tiles), static_cast<unsigned>(s.kv_heads));
 
   if (mma) {
@@ -458,18 +546,42 @@ std::tuple<at::Tensor, at::Tensor> partial_attn_cuda(const at::Tensor& q, const 
     const auto* kp = static_cast<const uint16_t*>(k.data_ptr());
     const auto* vp = static_cast<const uint16_t*>(v.data_ptr());
     auto* op = static_cast<uint16_t*>(out.data_ptr());
-    const bool bf16 = q.scalar_type() == at::kBFloat16;
     const size_t smem = mma_smem_bytes(s.head_dim);  // 70 KB at head_dim 128: over the 48 KB default
-    const auto launch = [&](auto kernel) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      kernel<<<grid, kMmaWarps * 32, smem, stream>>>(qp, kp, vp, op, lse.data_ptr<float>(), a);
-    };
-    if (s.head_dim == 64) {
-      bf16 ? launch(partial_attn_mma_kernel<true, 64>) : launch(partial_attn_mma_kernel<false, 64>);
-    } else {
-      bf16 ? launch(partial_attn_mma_kernel<true, 128>) : launch(partial_attn_mma_kernel<false, 128>);
+    int64_t longest_keys = s.nk;
+    if (ragged) {
+      longest_keys = 0;
+      for (int64_t b = 0; b < s.batch; ++b) longest_keys = std::max(longest_keys, s.cu_k[b + 1] - s.cu_k[b]);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::Tensor o_part, lse_part;  // split-KV workspace
+    const auto launch = [&](auto kernel, auto merge) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      const KvSplits splits = kv_splits(kernel, smem, t.n_tiles * s.kv_heads, longest_keys, q.get_device());
+      a.n_splits = splits.n;
+      a.split_keys = splits.keys;
+      if (a.n_splits > 1) {
+        o_part = at::empty({a.n_splits, s.nq, s.q_heads, s.v_head_dim}, q.options().dtype(at::kFloat));
+        lse_part = at::empty({a.n_splits, s.nq, s.q_heads}, q.options().dtype(at::kFloat));
+        a.o_part = o_part.data_ptr<float>();
+        a.lse_part = lse_part.data_ptr<float>();
+      }
+      const dim3 split_grid(grid.x, grid.y, static_cast<unsigned>(a.n_splits));
+      kernel<<<split_grid, kMmaWarps * 32, smem, stream>>>(qp, kp, vp, op, lse.data_ptr<float>(), a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (a.n_splits > 1) {
+        const int64_t merge_blocks = (s.nq * s.q_heads + kMmaWarps - 1) / kMmaWarps;
+        TORCH_CHECK(merge_blocks <= INT32_MAX, "q: too many query rows for one launch");
+        merge<<<static_cast<unsigned>(merge_blocks), kMmaWarps * 32, 0, stream>>>(op, lse.data_ptr<float>(), a);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    };
+    const bool bf16 = q.scalar_type() == at::kBFloat16;
+    if (s.head_dim == 64) {
+      bf16 ? launch(partial_attn_mma_kernel<true, 64>, merge_splits_kernel<true, 64>)
+           : launch(partial_attn_mma_kernel<false, 64>, merge_splits_kernel<false, 64>);
+    } else {
+      bf16 ? launch(partial_attn_mma_kernel<true, 128>, merge_splits_kernel<true, 128>)
+           : launch(partial_attn_mma_kernel<false, 128>, merge_splits_kernel<false, 128>);
+    }
     return {out, lse};
   }
 

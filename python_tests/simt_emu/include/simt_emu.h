@@ -46,6 +46,10 @@ struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+struct alignas(8) float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
 struct alignas(16) ulonglong2 {
   unsigned long long x, y;
 };
@@ -70,6 +74,7 @@ inline long long __double_as_longlong(double d) { long long x; std::memcpy(&x, &
 enum cudaError_t { cudaSuccess = 0 };
 enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
 
 namespace simt {
 
@@ -547,6 +552,23 @@ inline T atomicAdd(T* p, T v) {
 
 inline cudaError_t cudaStreamIsCapturing(simt::Stream, cudaStreamCaptureStatus* status) {
   *status = cudaStreamCaptureStatusNone;
+  return cudaSuccess;
+}
+// The device is an H100 SXM (132 SMs) unless SIMT_EMU_SMS says otherwise: host code that sizes its grid by the SM
+// count (partial_attn's split-KV) can be run both ways.
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
+  TORCH_CHECK(attr == cudaDevAttrMultiProcessorCount, "SIMT emulator: cudaDeviceGetAttribute(", static_cast<int>(attr),
+              ") is not modelled");
+  const char* env = std::getenv("SIMT_EMU_SMS");
+  *value = env ? std::max(1, std::atoi(env)) : 132;
+  return cudaSuccess;
+}
+// Blocks per SM by the shared-memory and thread limits of sm_90 (registers are not modelled).
+template <typename F>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, F* /*kernel*/, int threads,
+                                                                 size_t dynamic_bytes) {
+  const size_t per_block = dynamic_bytes + 1024;  // the 1 KB the driver reserves per block
+  *blocks = static_cast<int>(std::min<size_t>({32, 2048 / static_cast<size_t>(threads), (228 * 1024) / per_block}));
   return cudaSuccess;
 }
 template <typename F>
