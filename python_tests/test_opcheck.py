@@ -125,9 +125,11 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA not available")
 
 
 def graph_inputs(seed, dtype):
-    """Inputs of graph_step; head_dim 64 in fp16/bf16 takes partial_attn's tensor-core kernel, fp32 the other."""
+    """Inputs of graph_step; head_dim 64 in fp16/bf16 takes partial_attn's tensor-core kernel, fp32 the other.
+    17 queries against 640 keys: two blocks, so the tensor-core kernel splits the keys (workspace and a merge
+    kernel inside the graph)."""
     gen = make_generator(100 + seed)
-    t, heads, hq, dim, pairs = 96, 2, 6, 64, 40
+    t, heads, hq, dim, pairs = 640, 2, 6, 64, 40
     return dict(
         k_cache=randn((2, t, heads, dim), gen=gen, dtype=dtype, device="cuda"),
         v_cache=randn((2, t, heads, dim), gen=gen, dtype=dtype, device="cuda"),
