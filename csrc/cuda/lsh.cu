@@ -31,9 +31,10 @@ constexpr int kWarps = 8;        // queries per block: they share each tile of r
 constexpr int kTile = 256;       // reference codes per shared-memory tile
 constexpr int kMaxWords = 16;    // up to 1024-bit codes on the GPU
 
+// Distance of the query to the code whose word w is c[w * kTile] (the tile is word-major, see below).
 __device__ __forceinline__ int hamming(const uint64_t* q, const uint64_t* c, int words) {
   int h = 0;
-  for (int w = 0; w < words; ++w) h += __popcll(q[w] ^ c[w]);
+  for (int w = 0; w < words; ++w) h += __popcll(q[w] ^ c[w * kTile]);
   return h;
 }
 
@@ -45,7 +46,9 @@ __global__ void hamming_topk_kernel(const uint64_t* __restrict__ q_codes, int64_
                                     const uint64_t* __restrict__ k_codes, int64_t nq, int64_t nk, int words,
                                     int64_t k, int32_t* __restrict__ dist_out, int64_t* __restrict__ idx_out) {
   extern __shared__ unsigned char smem_raw[];
-  uint64_t* tile = reinterpret_cast<uint64_t*>(smem_raw);                  // [kTile * words]
+  // [words][kTile]: word-major, so the 32 lanes' reads of one word are 32 consecutive 8-byte words (no bank
+  // conflicts); code-major they were 32 bytes apart, a 4-way conflict at 256 bits.
+  uint64_t* tile = reinterpret_cast<uint64_t*>(smem_raw);
   uint64_t* qbuf = tile + kTile * words;                                   // [kWarps * words]
   int* hist = reinterpret_cast<int*>(qbuf + kWarps * words);               // [kWarps * (64 * words + 1)]
   const int bins = 64 * words + 1;
@@ -81,12 +84,14 @@ __global__ void hamming_topk_kernel(const uint64_t* __restrict__ q_codes, int64_
     for (int64_t t0 = 0; t0 < nk; t0 += kTile) {
       const int64_t n = min(static_cast<int64_t>(kTile), nk - t0);
       __syncthreads();
-      for (int64_t i = threadIdx.x; i < n * words; i += blockDim.x) tile[i] = k_codes[t0 * words + i];
+      for (int64_t i = threadIdx.x; i < n * words; i += blockDim.x) {  // coalesced global reads
+        tile[(i % words) * kTile + i / words] = k_codes[t0 * words + i];
+      }
       __syncthreads();
       if (!active) continue;
       for (int64_t c0 = 0; c0 < n; c0 += 32) {
         const int64_t j = c0 + lane;
-        const int d = j < n ? hamming(q, tile + j * words, words) : 0x7fffffff;
+        const int d = j < n ? hamming(q, tile + j, words) : 0x7fffffff;
         if (pass == 0) {
           if (j < n) atomicAdd(&h[d], 1);
           continue;
