@@ -17,6 +17,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -410,17 +413,17 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     merge_splits_kernel(uint16_t* __restrict__ out, float* __restrict__ lse, AttnArgs a) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kMmaWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int64_t rows = a.nq_total * a.q_heads, split_stride = rows;
+  const int64_t rows = a.nq_total * a.q_heads;  // also the stride between slices in o_part / lse_part
   if (row >= rows) return;  // whole warps: a warp never straddles this
   float lse_max = -INFINITY;
-  for (int64_t z = 0; z < a.n_splits; ++z) lse_max = fmaxf(lse_max, a.lse_part[z * split_stride + row]);
+  for (int64_t z = 0; z < a.n_splits; ++z) lse_max = fmaxf(lse_max, a.lse_part[z * rows + row]);
   float acc[D / 64][2] = {};
   float weight_sum = 0.0f;
   if (lse_max != -INFINITY) {
     for (int64_t z = 0; z < a.n_splits; ++z) {
-      const float w = expf(a.lse_part[z * split_stride + row] - lse_max);  // 0 for a slice that saw nothing
+      const float w = expf(a.lse_part[z * rows + row] - lse_max);  // 0 for a slice that saw nothing
       weight_sum += w;
-      const float* part = a.o_part + (z * split_stride + row) * D;
+      const float* part = a.o_part + (z * rows + row) * D;
 #pragma unroll
       for (int c = 0; c < D / 64; ++c) {  // lane's columns: 64 c + 2 lane and the next one
         const float2 p = *reinterpret_cast<const float2*>(part + 64 * c + 2 * lane);
@@ -496,12 +499,27 @@ struct KvSplits {
   int64_t n, keys;  // slices and keys per slice; n == 1: no split
 };
 
+// Once per tensor-core kernel and device: raise its dynamic shared-memory limit (mma_smem_bytes is fixed by the
+// kernel's head_dim) and ask how many of its blocks fit on an SM. Both are driver calls that would otherwise run in
+// every layer's attention.
 template <typename Kernel>
-KvSplits kv_splits(Kernel kernel, size_t smem, int64_t blocks, int64_t longest_keys, int device) {
-  int sms = 0, per_sm = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+int mma_blocks_per_sm(Kernel kernel, size_t smem, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  const auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMmaWarps * 32, smem));
-  const int64_t slots = static_cast<int64_t>(sms) * std::max(per_sm, 1);  // blocks resident at once
+  return known.emplace(key, std::max(per_sm, 1)).first->second;
+}
+
+KvSplits kv_splits(int per_sm, int64_t blocks, int64_t longest_keys, int device) {
+  int sms = 0;  // a cached device attribute: cheap, and read per call so the emulator's SIMT_EMU_SMS can change
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t slots = static_cast<int64_t>(sms) * per_sm;  // blocks resident at once
   const int64_t want = std::min({slots / blocks, kMaxSplits, longest_keys / kMinSplitKeys});  // at most one wave
   if (want <= 1) return {1, longest_keys};
   const int64_t key_tiles = (longest_keys + kMmaKeys - 1) / kMmaKeys;
@@ -554,8 +572,8 @@ std::tuple<at::Tensor, at::Tensor> partial_attn_cuda(const at::Tensor& q, const 
     }
     at::Tensor o_part, lse_part;  // split-KV workspace
     const auto launch = [&](auto kernel, auto merge) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      const KvSplits splits = kv_splits(kernel, smem, t.n_tiles * s.kv_heads, longest_keys, q.get_device());
+      const int per_sm = mma_blocks_per_sm(kernel, smem, q.get_device());
+      const KvSplits splits = kv_splits(per_sm, t.n_tiles * s.kv_heads, longest_keys, q.get_device());
       a.n_splits = splits.n;
       a.split_keys = splits.keys;
       if (a.n_splits > 1) {
