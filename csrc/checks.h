@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -202,6 +203,8 @@ inline RopeReuseShape check_rope_reuse_args(const at::Tensor& k_dst, const at::T
 struct PartialAttnShape {
   int64_t nq, nk, q_heads, kv_heads, head_dim, v_head_dim, batch;
   double scale;
+  int64_t window;  // > 0: key j is visible to query i only if q_pos[i] - window < kv_pos[j]; -1: no window
+  double softcap;  // > 0: logits become softcap * tanh(logit / softcap); 0: off
   std::vector<int64_t> cu_q, cu_k;  // host copies of the sequence boundaries, [batch + 1]
 };
 
@@ -227,7 +230,8 @@ inline PartialAttnShape check_partial_attn_args(const at::Tensor& q, const at::T
                                                 const at::Tensor& q_pos, const std::optional<at::Tensor>& kv_pos,
                                                 const std::optional<at::Tensor>& cu_seqlens_q,
                                                 const std::optional<at::Tensor>& cu_seqlens_k,
-                                                std::optional<double> scale) {
+                                                std::optional<double> scale, int64_t window, double softcap,
+                                                const std::optional<at::Tensor>& sinks) {
   check_dim(q, 3, "q");
   check_dim(k, 3, "k");
   check_dim(v, 3, "v");
@@ -274,7 +278,21 @@ inline PartialAttnShape check_partial_attn_args(const at::Tensor& q, const at::T
     s.cu_k = {0, s.nk};
   }
   s.batch = static_cast<int64_t>(s.cu_q.size()) - 1;
+  TORCH_CHECK_VALUE(!scale.has_value() || (std::isfinite(*scale) && *scale > 0.0),
+                    "scale: expected a finite positive number or None, got ", scale.value_or(0.0));
   s.scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
+  TORCH_CHECK_VALUE(window == -1 || window > 0, "window: expected -1 (no sliding window) or a positive number of ",
+                    "positions, got ", window);
+  s.window = window;
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, "softcap: expected 0 (off) or a finite positive cap, ",
+                    "got ", softcap);
+  s.softcap = softcap;
+  if (sinks.has_value()) {
+    check_dim(*sinks, 1, "sinks");
+    check_dtype(*sinks, at::kFloat, "sinks");
+    check_same_device(*sinks, q, "sinks", "q");
+    check_size(*sinks, 0, s.q_heads, "sinks", "query heads, as q");
+  }
   return s;
 }
 

@@ -10,7 +10,8 @@ TORCH_LIBRARY(semshare, m) {
       "Tensor dst_idx, Tensor delta, Tensor inv_freq, bool neox=True) -> ()");
   m.def(
       "partial_attn(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor? kv_pos=None, "
-      "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, float? scale=None) -> (Tensor out, Tensor lse)");
+      "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, float? scale=None, int window=-1, float softcap=0.0, "
+      "Tensor? sinks=None) -> (Tensor out, Tensor lse)");
 }
 
 #ifdef SEMSHARE_PYTHON_MODULE

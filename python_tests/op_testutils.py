@@ -42,8 +42,9 @@ class EmulatedCudaOps:
     def rope_reuse_(self, k_dst, v_dst, k_src, v_src, src_idx, dst_idx, delta, inv_freq, neox=True):
         self.ops.rope_reuse_(k_dst, v_dst, k_src, v_src, src_idx, dst_idx, delta, inv_freq, neox)
 
-    def partial_attn(self, q, k, v, q_pos, kv_pos=None, cu_seqlens_q=None, cu_seqlens_k=None, scale=None):
-        return self.ops.partial_attn(q, k, v, q_pos, kv_pos, cu_seqlens_q, cu_seqlens_k, scale)
+    def partial_attn(self, q, k, v, q_pos, kv_pos=None, cu_seqlens_q=None, cu_seqlens_k=None, scale=None, window=-1,
+                     softcap=0.0, sinks=None):
+        return self.ops.partial_attn(q, k, v, q_pos, kv_pos, cu_seqlens_q, cu_seqlens_k, scale, window, softcap, sinks)
 
 
 @functools.lru_cache(maxsize=None)

@@ -58,6 +58,22 @@ def attn_args(device, dtype=torch.float32, ragged=False):
     return (q, k, v, q_pos, kv_pos, cu_q, cu_k, 0.25)
 
 
+def attn_feature_args(device, dtype=torch.float32, case="plain"):
+    """attn_args with window, softcap and sinks; "head_dim64": head_dim 64 = v_head_dim over 200 keys, which takes the
+    tensor-core kernel on CUDA in fp16/bf16 (attn_args' 32/24 take the CUDA-core one)."""
+    gen = make_generator(6)
+    sinks = (2.0 + torch.randn(4, generator=gen)).to(device)
+    if case == "head_dim64":
+        q = randn((9, 4, 64), gen=gen, dtype=dtype, device=device) * 3.0
+        k = randn((200, 2, 64), gen=gen, dtype=dtype, device=device)
+        v = randn((200, 2, 64), gen=gen, dtype=dtype, device=device)
+        q_pos = torch.tensor([199, 0, 150, 150, 37, 64, 130, 250, 5], device=device)
+        return (q, k, v, q_pos, None, None, None, None, 40, 5.0, sinks)
+    base = attn_args(device, dtype, ragged=case == "ragged")
+    rest = base[4:] if case == "ragged" else (None, None, None, None)
+    return base[:4] + tuple(rest) + (7, 4.0, sinks)
+
+
 def clone_args(args):
     return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
 
@@ -81,6 +97,12 @@ def test_opcheck_rope_reuse(device, dtype, layers):
 @pytest.mark.parametrize("ragged", [False, True], ids=["plain", "ragged"])
 def test_opcheck_partial_attn(device, dtype, ragged):
     torch.library.opcheck(torch.ops.semshare.partial_attn.default, attn_args(device, dtype, ragged))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", ["plain", "ragged", "head_dim64"])
+def test_opcheck_partial_attn_window_softcap_sinks(device, dtype, case):
+    torch.library.opcheck(torch.ops.semshare.partial_attn.default, attn_feature_args(device, dtype, case))
 
 
 def test_compile_fullgraph_matches_eager(device):

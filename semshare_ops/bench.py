@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -238,17 +238,19 @@ def partial_attn_inputs(shape: ModelShape, tokens: int, ratio: float = 0.2, dtyp
     return q, k, v, q_pos
 
 
-def partial_attn_work(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> Dict[str, float]:
-    visible = float((q_pos + 1).sum())  # keys each query really attends to
+def partial_attn_work(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                      window: int = -1) -> Dict[str, float]:
+    seen = q_pos + 1 if window <= 0 else torch.clamp(q_pos + 1, max=window)
+    visible = float(seen.sum())  # keys each query really attends to
     return {"flops": 2.0 * visible * q.shape[1] * (q.shape[2] + v.shape[2])}  # QK^T and PV, 2 FLOPs per FMA
 
 
 # ---- baselines of partial_attn -----------------------------------------------------------------------------------
 
-def _sdpa_masked(q, k, v, q_pos):
+def _sdpa_masked(q, k, v, q_pos, window: int = -1):
     """Baseline: SDPA over all keys with an explicit boolean mask of the visible ones (GQA by expansion)."""
     group = q.shape[1] // k.shape[1]
-    mask = ref.visible_mask(q_pos, torch.arange(k.shape[0], device=q.device))
+    mask = ref.visible_mask(q_pos, torch.arange(k.shape[0], device=q.device), window)
     kk = k.repeat_interleave(group, dim=1).transpose(0, 1)
     vv = v.repeat_interleave(group, dim=1).transpose(0, 1)
     return torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=mask)
@@ -381,22 +383,23 @@ REFERENCE_MAX_SCORES_GIB = 8.0
 
 def bench_partial_attn(shape: ModelShape, tokens: int, device: str, ratio: float = 0.2,
                        dtype: torch.dtype = torch.bfloat16, ceilings: Optional[Dict] = None,
-                       sdpa_causal_rate: Optional[float] = None, flex: bool = True) -> Dict:
-    """One layer: `ratio` of the tokens (random positions, plus the last) recomputed against the full cache.
+                       sdpa_causal_rate: Optional[float] = None, flex: bool = True, window: int = -1) -> Dict:
+    """One layer: `ratio` of the tokens (random positions, plus the last) recomputed against the full cache, with
+    a sliding window of `window` positions when > 0 (FLOPs then count the keys inside each query's window).
 
     `sdpa_causal_rate` (TFLOP/s of dense causal SDPA at this shape, length and dtype) is measured when not given.
     """
     ceilings = ceilings or device_ceilings(device, dtype)
     q, k, v, q_pos = partial_attn_inputs(shape, tokens, ratio, dtype, device)
-    us = median_us(lambda: ops.partial_attn(q, k, v, q_pos), device)
+    us = median_us(lambda: ops.partial_attn(q, k, v, q_pos, window=window), device)
     base, absent, baselines = {}, {}, {}
     # The reference holds [Hq, Nq, Nk] fp32 scores (and copies of them): 34 GB at 16k tokens of Llama-3-8B.
     scores_gib = 4.0 * q.shape[1] * q.shape[0] * k.shape[0] / 2**30
     if scores_gib > REFERENCE_MAX_SCORES_GIB:
         absent["reference"] = f"skipped: its fp32 scores would take {scores_gib:.1f} GiB"
     else:
-        baselines["reference"] = lambda: ref.partial_attn(q, k, v, q_pos)
-    baselines["sdpa_masked"] = lambda: _sdpa_masked(q, k, v, q_pos)
+        baselines["reference"] = lambda: ref.partial_attn(q, k, v, q_pos, window=window)
+    baselines["sdpa_masked"] = lambda: _sdpa_masked(q, k, v, q_pos, window)
     for name, fn in baselines.items():
         try:
             base[name] = median_us(fn, device, warmup=1, repeat=3)
@@ -404,14 +407,17 @@ def bench_partial_attn(shape: ModelShape, tokens: int, device: str, ratio: float
             absent[name] = f"out of memory ({str(e).splitlines()[0][:120]})"
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    flex_fn, why = flex_attention_fn(q, k, v, q_pos) if flex else (None, "not run (flex=False)")
+    flex_fn, why = (flex_attention_fn(q, k, v, q_pos) if flex and window <= 0 else
+                    (None, "not run (flex=False)" if not flex else "not run for windowed calls"))
     if flex_fn is not None:
         base["flex_attention"] = median_us(flex_fn, device, warmup=1, repeat=3)
     else:
         absent["flex_attention"] = why
-    tflops = partial_attn_work(q, k, v, q_pos)["flops"] / us / 1e6
-    record = _record("partial_attn", shape, tokens, {"ratio": ratio, "queries": q.shape[0], "dtype": dtype_name(dtype)},
-                     us, tflops, "TFLOP/s", base, device)
+    tflops = partial_attn_work(q, k, v, q_pos, window)["flops"] / us / 1e6
+    params = {"ratio": ratio, "queries": q.shape[0], "dtype": dtype_name(dtype)}
+    if window > 0:
+        params["window"] = window
+    record = _record("partial_attn", shape, tokens, params, us, tflops, "TFLOP/s", base, device)
     record["baselines_absent"] = absent
     if sdpa_causal_rate is None:
         sdpa_causal_rate = sdpa_causal_tflops(shape, tokens, dtype, device)
@@ -422,11 +428,14 @@ def bench_partial_attn(shape: ModelShape, tokens: int, device: str, ratio: float
 
 def run_ops(device: str = "cpu", models: Optional[List[str]] = None, lengths: Optional[List[int]] = None,
             ratios: Optional[List[float]] = None, progress: Callable[[Dict], None] = lambda r: None,
-            dtype: torch.dtype = torch.bfloat16, ceilings: Optional[Dict] = None, flex: bool = True) -> List[Dict]:
+            dtype: torch.dtype = torch.bfloat16, ceilings: Optional[Dict] = None, flex: bool = True,
+            windows: Sequence[int] = ()) -> List[Dict]:
     """Records of every op at every model shape and length (lengths of 8192 and 16384 are for GPUs).
 
     `ceilings` (from `device_ceilings(device, dtype)`) are measured once here when not given; pass them to keep
-    the numbers every record's percentage was computed against.
+    the numbers every record's percentage was computed against. Each of `windows` adds, after each partial_attn
+    record, the same call with that sliding window, with its time as a fraction of the unwindowed call's
+    (`us_vs_unwindowed`).
     """
     models = models or ["smollm2-135m", "llama3-8b"]
     lengths = lengths or [1024, 4096]
@@ -447,6 +456,14 @@ def run_ops(device: str = "cpu", models: Optional[List[str]] = None, lengths: Op
                 record = run()
                 progress(record)
                 records.append(record)
+                if record["op"] != "partial_attn":
+                    continue
+                for w in windows:
+                    windowed = bench_partial_attn(shape, tokens, device, ratio=record["ratio"], dtype=dtype,
+                                                  ceilings=ceilings, sdpa_causal_rate=causal, flex=flex, window=w)
+                    windowed["us_vs_unwindowed"] = _sig(windowed["us"] / record["us"])
+                    progress(windowed)
+                    records.append(windowed)
     return records
 
 
@@ -460,11 +477,13 @@ def format_table(records: List[Dict]) -> str:
     lines = [f"{'op':<13} {'model':<13} {'tokens':>6} {'params':<28} {'us':>11} {'rate':>17} {'% ceil':>7}"
              f" {'% causal':>8}  speedup"]
     for r in records:
-        params = ", ".join(f"{k}={r[k]}" for k in ("bits", "k", "reuse", "ratio", "dtype") if k in r)
+        params = ", ".join(f"{k}={r[k]}" for k in ("bits", "k", "reuse", "ratio", "window", "dtype") if k in r)
         unit = next(u for u in ("Gpairs/s", "TFLOP/s", "GB/s") if u in r)
         pct = f"{r['pct_of_ceiling']:>6.1f}%" if "pct_of_ceiling" in r else f"{'-':>7}"
         causal = f"{r['pct_of_sdpa_causal']:>7.0f}%" if "pct_of_sdpa_causal" in r else f"{'':>8}"
         speed = ", ".join(f"{k} {v:.2f}x" for k, v in r["speedup"].items())
+        if "us_vs_unwindowed" in r:
+            speed += f"; {r['us_vs_unwindowed']:.2f} of the unwindowed time"
         lines.append(f"{r['op']:<13} {r['model']:<13} {r['tokens']:>6} {params:<28} {r['us']:>11.1f} "
                      f"{r[unit]:>9.4g} {unit:<7} {pct} {causal}  {speed}")
     return "\n".join(lines)

@@ -183,6 +183,8 @@ def cmd_bench(args) -> Dict:
         raise UsageError("--lengths: every length must be at least 2 tokens")
     if any(not 0 < r <= 1 for r in args.ratios):
         raise UsageError("--ratios: every ratio must lie in (0, 1]")
+    if any(w < 1 for w in args.windows):
+        raise UsageError("--windows: every window must be at least 1 position")
     device = _device(args)
     ceilings = device_ceilings(device, _dtype(args))  # once, so every record's percentage uses the same numbers
     if not args.json:
@@ -190,7 +192,7 @@ def cmd_bench(args) -> Dict:
     records = run_ops(device, args.models, args.lengths, args.ratios,
                       progress=(lambda r: None) if args.json else
                       (lambda r: print(format_table([r]).splitlines()[1], flush=True)),
-                      dtype=_dtype(args), ceilings=ceilings)
+                      dtype=_dtype(args), ceilings=ceilings, windows=args.windows)
     result = {**_environment(device), "dtype": args.dtype, "ceilings": ceilings, "records": records}
     _write(args.out, result)
     return result
@@ -304,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--lengths", nargs="+", type=int, default=None,
                        help="prompt lengths in tokens (ops: 1024 4096, add 8192 16384 on GPUs; e2e: 1024 2048 4096)")
     bench.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 1.0], help="ops: recompute ratios")
+    bench.add_argument("--windows", nargs="+", type=int, default=[],
+                       help="ops: also time partial_attn with these sliding windows (positions)")
     bench.add_argument("--model", default=None, help="e2e: local HF model directory (default: embedded SmolLM2)")
     bench.add_argument("--shape", default=None, help="e2e: random-weight model of a real shape (llama3-8b, "
                        "qwen2.5-7b) instead of a real model: speed only")

@@ -49,16 +49,21 @@ def rope_reuse_(k_dst: torch.Tensor, v_dst: torch.Tensor, k_src: torch.Tensor, v
 
 def partial_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                  kv_pos: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
-                 cu_seqlens_k: Optional[torch.Tensor] = None,
-                 scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 cu_seqlens_k: Optional[torch.Tensor] = None, scale: Optional[float] = None, window: int = -1,
+                 softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact attention for any set of query positions against a full or compressed KV cache.
 
     q [Nq, Hq, D], k [Nk, Hkv, D], v [Nk, Hkv, Dv] (Hq % Hkv == 0, GQA); q_pos int64 [Nq]; kv_pos int64 [Nk]
     (default 0..n-1 within each sequence; negative = empty slot). Key j is visible to query i iff
-    0 <= kv_pos[j] <= q_pos[i] (and, with cu_seqlens_q/cu_seqlens_k [B + 1], j is in i's sequence).
-    Returns out [Nq, Hq, Dv] in q's dtype and lse [Nq, Hq] fp32 (natural log); no visible key: 0 and -inf.
+    0 <= kv_pos[j] <= q_pos[i] (and, with cu_seqlens_q/cu_seqlens_k [B + 1], j is in i's sequence; with
+    window > 0, also q_pos[i] - window < kv_pos[j], HF's sliding window). softcap > 0 turns each logit
+    s = scale * q.k into softcap * tanh(s / softcap) (Gemma-2). sinks fp32 [Hq]: one extra logit per head in the
+    softmax denominator that adds nothing to the output (gpt-oss).
+    Returns out [Nq, Hq, Dv] in q's dtype and lse [Nq, Hq] fp32 (natural log, of the capped logits, sink
+    included); no visible key: out 0 and lse -inf (the sink's logit with sinks).
     """
-    return torch.ops.semshare.partial_attn.default(q, k, v, q_pos, kv_pos, cu_seqlens_q, cu_seqlens_k, scale)
+    return torch.ops.semshare.partial_attn.default(q, k, v, q_pos, kv_pos, cu_seqlens_q, cu_seqlens_k, scale, window,
+                                                   softcap, sinks)
 
 
 # ---- fake kernels: output metadata only, so torch.compile and export can trace the ops ----------------------
@@ -83,7 +88,8 @@ def _rope_reuse_fake(k_dst, v_dst, k_src, v_src, src_idx, dst_idx, delta, inv_fr
 
 
 @torch.library.register_fake("semshare::partial_attn")
-def _partial_attn_fake(q, k, v, q_pos, kv_pos=None, cu_seqlens_q=None, cu_seqlens_k=None, scale=None):
+def _partial_attn_fake(q, k, v, q_pos, kv_pos=None, cu_seqlens_q=None, cu_seqlens_k=None, scale=None, window=-1,
+                       softcap=0.0, sinks=None):
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
     lse = q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)
     return out, lse

@@ -71,15 +71,19 @@ def rope_reuse_(k_dst: torch.Tensor, v_dst: torch.Tensor, k_src: torch.Tensor, v
     v_dst.index_copy_(tok, dst, v_src.index_select(tok, src))
 
 
-def visible_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor) -> torch.Tensor:
-    """[Nq, Nk] bool: key j is visible to query i iff 0 <= kv_pos[j] <= q_pos[i]."""
-    return (kv_pos[None, :] >= 0) & (kv_pos[None, :] <= q_pos[:, None])
+def visible_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int = -1) -> torch.Tensor:
+    """[Nq, Nk] bool: key j is visible to query i iff 0 <= kv_pos[j] <= q_pos[i] (and, with a window > 0,
+    q_pos[i] - window < kv_pos[j])."""
+    visible = (kv_pos[None, :] >= 0) & (kv_pos[None, :] <= q_pos[:, None])
+    if window > 0:
+        visible &= kv_pos[None, :] > q_pos[:, None] - window
+    return visible
 
 
 def partial_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                  kv_pos: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
-                 cu_seqlens_k: Optional[torch.Tensor] = None,
-                 scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 cu_seqlens_k: Optional[torch.Tensor] = None, scale: Optional[float] = None, window: int = -1,
+                 softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     nq, hq, d = q.shape
     nk, hkv, _ = k.shape
     group = hq // hkv
@@ -88,18 +92,27 @@ def partial_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch
     cu_k = [0, nk] if cu_seqlens_k is None else cu_seqlens_k.tolist()
     out = q.new_zeros(nq, hq, v.shape[2])
     lse = torch.full((nq, hq), -math.inf, dtype=torch.float32, device=q.device)
+    if sinks is not None:  # a query that sees no key still has the sink in its denominator
+        lse[:] = sinks.float()[None, :]
     for b in range(len(cu_q) - 1):
         qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
         if qs.stop == qs.start:
             continue
         pos_k = torch.arange(ks.stop - ks.start, device=q.device) if kv_pos is None else kv_pos[ks]
-        visible = visible_mask(q_pos[qs], pos_k)  # [nq_b, nk_b]
+        visible = visible_mask(q_pos[qs], pos_k, window)  # [nq_b, nk_b]
         kb = k[ks].float().repeat_interleave(group, dim=1)  # query head h reads kv head h // group
         vb = v[ks].float().repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[qs].float(), kb) * scale
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~visible, -math.inf)
+        if sinks is not None:  # one more logit per head: in the denominator, not in the output
+            sink = sinks.float()[:, None, None].expand(hq, scores.shape[1], 1)
+            scores = torch.cat([scores, sink], dim=-1)
         lse_b = torch.logsumexp(scores, dim=-1)  # [hq, nq_b]; -inf where nothing is visible
         probs = torch.exp(scores - lse_b[..., None]).nan_to_num(0.0)  # rows with no visible key: 0
+        if sinks is not None:
+            probs = probs[..., :-1]
         out[qs] = torch.einsum("hqk,khe->qhe", probs, vb).to(q.dtype)
         lse[qs] = lse_b.transpose(0, 1)
     return out, lse

@@ -1,7 +1,9 @@
 // CPU kernel of partial_attn: exact attention for an arbitrary set of query positions against a (possibly
 // compressed) KV cache. Flash-style: queries are sorted by position and tiled with the query heads of one KV head
 // (GQA shares each packed K/V tile), keys stream through in tiles with an online softmax, so no Nq x Nk score
-// matrix exists. KV tiles that no query of a tile can see are skipped; tiles every query sees fully skip the mask.
+// matrix exists. KV tiles that no query of a tile can see (past its last query, or before the sliding window of its
+// first) are skipped; tiles every query sees fully skip the mask. Soft-capping is applied to each tile's logits
+// before the softmax; attention sinks join the denominator once, when a row is finished.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -70,6 +72,26 @@ inline vf8 exp8(vf8 x) {
 }
 
 inline float exp1(float x) { return exp8(splat(x))[0]; }
+
+// tanh, 8 lanes at a time (soft-capping): Cephes' tanhf. |x| < 0.625: an odd polynomial (1-2 ulp, no
+// cancellation near 0); otherwise 1 - 2 / (exp(2|x|) + 1) with the sign restored. Past |x| = 9, tanh rounds to
+// +-1 in fp32, and clamping there keeps exp8 far from overflow.
+inline vf8 tanh8(vf8 x) {
+  const vf8 zero = splat(0.0f);
+  const vf8 ax = x < zero ? -x : x;
+  const vf8 z = x * x;
+  vf8 p = splat(-5.70498872745e-3f);
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const vf8 small = p * z * x + x;
+  const vf8 nine = splat(9.0f);
+  const vf8 e = exp8(2.0f * (ax < nine ? ax : nine));
+  const vf8 big = splat(1.0f) - 2.0f / (e + 1.0f);
+  const vf8 large = x < zero ? -big : big;
+  return ax < splat(0.625f) ? small : large;
+}
 
 // Horizontal max and sum in three shuffle steps (halves, quarters, pairs) instead of seven scalar ones.
 inline float hmax(vf8 v) {
@@ -155,11 +177,15 @@ inline void gemm_tile(int64_t rows, int64_t cols, int64_t K, const float* A, int
   }
 }
 
-// One KV tile for every row (query x head-in-group) of a query tile: S = Q K^T, mask, online softmax, O += P V.
-inline void attend_tile(int64_t rows, int64_t D, int64_t Dvp, int64_t nk, int64_t G, bool need_mask, const float* Q,
-                        const float* Kt, const float* V, const float* bias, float* S, float* O, float* M, float* L,
-                        float* alpha) {
+// One KV tile for every row (query x head-in-group) of a query tile: S = Q K^T, cap, mask, online softmax,
+// O += P V. With softcap > 0, Q carries scale / softcap, so the cap is softcap * tanh(S).
+inline void attend_tile(int64_t rows, int64_t D, int64_t Dvp, int64_t nk, int64_t G, bool need_mask, float softcap,
+                        const float* Q, const float* Kt, const float* V, const float* bias, float* S, float* O,
+                        float* M, float* L, float* alpha) {
   gemm_tile(rows, kBlockK, D, Q, D, Kt, kBlockK, S, kBlockK, nullptr);
+  if (softcap > 0.0f) {
+    for (int64_t i = 0; i < rows * kBlockK; i += 8) store8(S + i, softcap * tanh8(load8(S + i)));
+  }
 
   // Online softmax per row. A row that sees nothing in this tile keeps its state: alpha 1 and P 0.
   for (int64_t row = 0; row < rows; ++row) {
@@ -203,11 +229,20 @@ struct WorkItem {
 
 template <typename scalar_t>
 void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const at::Tensor& q_pos, const std::optional<at::Tensor>& kv_pos, at::Tensor& out,
-                         at::Tensor& lse) {
+                         const at::Tensor& q_pos, const std::optional<at::Tensor>& kv_pos,
+                         const std::optional<at::Tensor>& sinks, at::Tensor& out, at::Tensor& lse) {
   const int64_t D = s.head_dim, Dv = s.v_head_dim, G = s.q_heads / s.kv_heads;
   const int64_t Dvp = (Dv + kVChunk - 1) / kVChunk * kVChunk;  // V and O rows padded to whole accumulator blocks
-  const float scale = static_cast<float>(s.scale);
+  const float softcap = static_cast<float>(s.softcap);
+  // With a cap, Q carries scale / softcap: the tile's logits come out ready for tanh.
+  const float scale = static_cast<float>(softcap > 0.0f ? s.scale / s.softcap : s.scale);
+  const int64_t window = s.window;
+  at::Tensor sinks_c;
+  const float* sink = nullptr;  // [Hq] or nullptr
+  if (sinks.has_value()) {
+    sinks_c = sinks->contiguous();
+    sink = sinks_c.data_ptr<float>();
+  }
 
   const at::Tensor qpos_c = q_pos.contiguous();
   const int64_t* qpos = qpos_c.data_ptr<int64_t>();
@@ -240,8 +275,11 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
     const int64_t nk_b = s.cu_k[b + 1] - s.cu_k[b];
     for (int64_t t = s.cu_q[b]; t < s.cu_q[b + 1]; t += tile_q) {
       const int64_t t_end = std::min(t + tile_q, s.cu_q[b + 1]);
-      // Cost estimate for scheduling: keys up to the tile's last position (exact without compression).
-      const int64_t reach = kvpos ? nk_b : std::min(nk_b, std::max<int64_t>(0, qpos[order[t_end - 1]] + 1));
+      // Cost estimate for scheduling: keys from the first query's window to the last query's position (exact
+      // without compression).
+      const int64_t first = window > 0 ? std::max<int64_t>(0, qpos[order[t]] - window + 1) : 0;
+      const int64_t reach =
+          kvpos ? nk_b : std::max<int64_t>(0, std::min(nk_b, qpos[order[t_end - 1]] + 1) - std::min(nk_b, first));
       for (int64_t g = 0; g < s.kv_heads; ++g) items.push_back({b, g, t, t_end, (t_end - t) * (reach + kBlockK)});
     }
   }
@@ -318,8 +356,12 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
       std::fill(M, M + rows, kNegInf);
       std::fill(L, L + rows, 0.0f);
       const int64_t q_min = tile_qpos[0], q_max = tile_qpos[nq - 1];
+      // Keys at positions <= q_min - window are outside every query's window. With default positions (key j of
+      // the sequence is position j) whole tiles before that are never visited.
+      const int64_t win_lo = window > 0 ? q_min - window : std::numeric_limits<int64_t>::min();
+      const int64_t j_first = kvpos || window <= 0 ? k0 : k0 + std::max<int64_t>(0, win_lo + 1) / kBlockK * kBlockK;
 
-      for (int64_t j0 = k0; j0 < k1; j0 += kBlockK) {
+      for (int64_t j0 = j_first; j0 < k1; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, k1 - j0);
         int64_t pos_min = std::numeric_limits<int64_t>::max(), pos_max = std::numeric_limits<int64_t>::min();
         bool all_present = nk == kBlockK;
@@ -333,8 +375,11 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
             pos_max = std::max(pos_max, p);
           }
         }
-        if (pos_min > q_max) continue;  // no query of the tile sees any key of this tile (or none is present)
-        const bool need_mask = !(all_present && pos_max <= q_min);
+        // No query of the tile sees any key of this tile (or none is present): past the last query, or before
+        // the first query's window.
+        if (pos_min > q_max || pos_max <= win_lo) continue;
+        const bool whole_window = window <= 0 || pos_min > q_max - window;  // in every query's window
+        const bool need_mask = !(all_present && pos_max <= q_min && whole_window);
 
         const int64_t tile_id = w.g * total_tiles + tile_base[w.b] + (j0 - k0) / kBlockK;
         const float* Kt = kt_all.get() + tile_id * D * kBlockK;
@@ -346,24 +391,34 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
             float* br = bias + r * kBlockK;
             for (int64_t j = 0; j < kBlockK; ++j) {
               const int64_t p = key_pos[j];
-              br[j] = (p >= 0 && p <= tile_qpos[r]) ? 0.0f : kNegInf;
+              const bool in_window = window <= 0 || p > tile_qpos[r] - window;
+              br[j] = (p >= 0 && p <= tile_qpos[r] && in_window) ? 0.0f : kNegInf;
             }
           }
         }
-        attend_tile(rows, D, Dvp, nk, G, need_mask, Q, Kt, V, bias, S, O, M, L, alpha);
+        attend_tile(rows, D, Dvp, nk, G, need_mask, softcap, Q, Kt, V, bias, S, O, M, L, alpha);
       }
 
-      // out = O / L and lse = M + log L, one rounding to the output dtype; no visible key: 0 and -inf.
+      // out = O / L and lse = M + log L, one rounding to the output dtype; no visible key: 0 and -inf. A sink
+      // adds exp(sink) to the denominator only: with m = max(M, sink), L' = L e^(M - m) + e^(sink - m) and
+      // out = O e^(M - m) / L'.
       for (int64_t r = 0; r < nq; ++r) {
         const int64_t i = order[w.q_begin + r];
         for (int64_t hh = 0; hh < G; ++hh) {
           const int64_t row = r * G + hh, h = w.g * G + hh;
           scalar_t* dst = op + i * os0 + h * os1;
           const float* orow = O + row * Dvp;
-          if (L[row] > 0.0f) {
-            const float inv = 1.0f / L[row];
+          float o_scale = 1.0f, m = M[row], l = L[row];
+          if (sink && sink[h] > kNegInf) {
+            const float m_new = std::max(m, sink[h]);
+            o_scale = l > 0.0f ? std::exp(m - m_new) : 0.0f;
+            l = l * o_scale + std::exp(sink[h] - m_new);
+            m = m_new;
+          }
+          if (l > 0.0f) {
+            const float inv = o_scale / l;
             for (int64_t e = 0; e < Dv; ++e) dst[e] = static_cast<scalar_t>(orow[e] * inv);
-            lp[i * s.q_heads + h] = M[row] + std::log(L[row]);
+            lp[i * s.q_heads + h] = m + std::log(l);
           } else {
             for (int64_t e = 0; e < Dv; ++e) dst[e] = static_cast<scalar_t>(0.0f);
             lp[i * s.q_heads + h] = kNegInf;
@@ -380,13 +435,15 @@ std::tuple<at::Tensor, at::Tensor> partial_attn_cpu(const at::Tensor& q, const a
                                                     const at::Tensor& q_pos, const std::optional<at::Tensor>& kv_pos,
                                                     const std::optional<at::Tensor>& cu_seqlens_q,
                                                     const std::optional<at::Tensor>& cu_seqlens_k,
-                                                    std::optional<double> scale) {
-  const PartialAttnShape s = check_partial_attn_args(q, k, v, q_pos, kv_pos, cu_seqlens_q, cu_seqlens_k, scale);
+                                                    std::optional<double> scale, int64_t window, double softcap,
+                                                    const std::optional<at::Tensor>& sinks) {
+  const PartialAttnShape s =
+      check_partial_attn_args(q, k, v, q_pos, kv_pos, cu_seqlens_q, cu_seqlens_k, scale, window, softcap, sinks);
   at::Tensor out = at::empty({s.nq, s.q_heads, s.v_head_dim}, q.options());
   at::Tensor lse = at::empty({s.nq, s.q_heads}, q.options().dtype(at::kFloat));
   if (s.nq == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "partial_attn_cpu", [&] {
-    partial_attn_kernel<scalar_t>(s, q, k, v, q_pos, kv_pos, out, lse);
+    partial_attn_kernel<scalar_t>(s, q, k, v, q_pos, kv_pos, sinks, out, lse);
   });
   return {out, lse};
 }

@@ -1,7 +1,9 @@
 // CUDA kernel of partial_attn: exact attention for any set of query positions against a full or compressed
 // cache. Same semantics and tiling idea as csrc/cpu/partial_attn.cpp: queries sorted by position within each
 // sequence, one block per (query tile, KV head) holding every query head of the group (GQA reads each K/V tile
-// once), 32-key tiles staged in shared memory in fp32, online softmax, tiles no query can see skipped.
+// once), 32-key tiles staged in shared memory in fp32, online softmax, tiles no query can see (past the tile's last
+// query, before the sliding window of its first) skipped. Soft-capping is applied to the logits before the softmax;
+// attention sinks join the denominator once, where a row is finished (in the merge when the keys are split).
 // Two kernels: fp16/bf16 with head_dim == v_head_dim in {64, 128} run on the tensor cores (mma.sync m16n8k16,
 // FlashAttention-2 style: S and O in registers, P re-used as the A operand of P.V without leaving registers; keys
 // split across blocks and merged after when there are too few blocks to fill the device, see kv_splits);
@@ -43,6 +45,9 @@ struct AttnArgs {
   int64_t qs0, qs1, ks0, ks1, vs0, vs1, os0, os1;  // strides in elements
   int64_t q_heads, group, head_dim, v_head_dim;
   float scale;
+  int64_t window;       // > 0: key visible only if q_pos - window < kv_pos; -1: no window
+  float softcap;        // > 0: logits become softcap * tanh(logit / softcap)
+  const float* sinks;   // [Hq] sink logits, or nullptr
   // Split-KV (tensor-core kernel only): blockIdx.z takes keys [z * split_keys, (z + 1) * split_keys) of its
   // sequence (a multiple of the key tile) and writes its normalised fp32 output and lse to o_part [n_splits, Nq, Hq,
   // Dv] and lse_part [n_splits, Nq, Hq]; merge_splits_kernel combines them. n_splits == 1: the kernel writes out
@@ -60,6 +65,24 @@ __device__ __forceinline__ float warp_max(float v) {
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
+}
+
+// Whether a key at position p is visible to a query at position qp (SPEC.md 3.4); p < 0 is an empty slot.
+__device__ __forceinline__ bool key_visible(int64_t p, int64_t qp, int64_t window) {
+  return p >= 0 && p <= qp && (window <= 0 || p > qp - window);
+}
+
+// A sink logit joins a finished row's softmax denominator, not its output. m and l are the row's running max and
+// sum and `sink` its sink logit, all in log2 units (the exp2 softmax). Returns the factor that turns the row's
+// accumulated output into its output (1 / l without a sink; 0 when the row saw no key and has no sink) and leaves m
+// and l including the sink.
+__device__ __forceinline__ float fold_sink_log2(float sink, float& m, float& l) {
+  if (sink == -INFINITY) return l > 0.0f ? 1.0f / l : 0.0f;
+  const float m_new = fmaxf(m, sink);
+  const float o_scale = l > 0.0f ? exp2f(m - m_new) : 0.0f;
+  l = l * o_scale + exp2f(sink - m_new);
+  m = m_new;
+  return o_scale / l;
 }
 
 // A tile's sequence, first and end index into `order`, and its sequence's key range. Without cu_seqlens there is one
@@ -108,9 +131,11 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t g = blockIdx.y, nq = t1 - t0, rows = nq * G;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
+  // With a cap, Q carries scale / softcap, so a logit s comes out ready for softcap * tanh(s).
+  const float q_scale = a.softcap > 0.0f ? a.scale / a.softcap : a.scale;
   for (int64_t e = threadIdx.x; e < rows * D; e += blockDim.x) {
     const int64_t row = e / D, d = e % D, i = a.order[t0 + row / G], h = g * G + row % G;
-    Qs[e] = static_cast<float>(q[i * a.qs0 + h * a.qs1 + d]) * a.scale;
+    Qs[e] = static_cast<float>(q[i * a.qs0 + h * a.qs1 + d]) * q_scale;
   }
   for (int64_t e = threadIdx.x; e < rows * Dv; e += blockDim.x) Os[e] = 0.0f;
   for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
@@ -119,14 +144,19 @@ __global__ void __launch_bounds__(kWarps * 32)
     row_pos[r] = a.q_pos[a.order[t0 + r / G]];
   }
   __syncthreads();
-  const int64_t q_max = row_pos[rows - 1];  // sorted: the last query of the tile sees the most
+  // Sorted: the tile's last query sees the latest keys, its first query's window starts earliest.
+  const int64_t q_min = row_pos[0], q_max = row_pos[rows - 1];
+  // With default positions (key j of the sequence is position j), tiles before the first query's window are
+  // never visited.
+  const int64_t j_first =
+      a.kv_pos || a.window <= 0 ? k0 : k0 + max(q_min - a.window + 1, int64_t{0}) / kBlockK * kBlockK;
 
-  for (int64_t j0 = k0; j0 < k1; j0 += kBlockK) {
+  for (int64_t j0 = j_first; j0 < k1; j0 += kBlockK) {
     const int64_t nk = min(static_cast<int64_t>(kBlockK), k1 - j0);
     if (warp == 0) {
       const int64_t p = lane < nk ? (a.kv_pos ? a.kv_pos[j0 + lane] : j0 + lane - k0) : -1;
       key_pos[lane] = p;
-      const bool seen = p >= 0 && p <= q_max;
+      const bool seen = p >= 0 && p <= q_max && (a.window <= 0 || p > q_min - a.window);
       const bool any = __any_sync(0xffffffffu, seen);
       if (lane == 0) skip = !any;
     }
@@ -147,8 +177,8 @@ __global__ void __launch_bounds__(kWarps * 32)
       const float* kr = Ks + lane * (D + 1);
       float s = 0.0f;
       for (int64_t d = 0; d < D; ++d) s = fmaf(qr[d], kr[d], s);
-      const int64_t p = key_pos[lane];
-      const bool visible = lane < nk && p >= 0 && p <= row_pos[row];
+      if (a.softcap > 0.0f) s = a.softcap * tanhf(s);
+      const bool visible = lane < nk && key_visible(key_pos[lane], row_pos[row], a.window);
       s = visible ? s : -INFINITY;
       const float tile_max = warp_max(s);
       if (tile_max == -INFINITY) continue;  // uniform per warp: this row sees nothing here
@@ -172,14 +202,24 @@ __global__ void __launch_bounds__(kWarps * 32)
     __syncthreads();
   }
 
-  for (int64_t e = threadIdx.x; e < rows * Dv; e += blockDim.x) {
-    const int64_t row = e / Dv, d = e % Dv, i = a.order[t0 + row / G], h = g * G + row % G;
-    const float l = Ls[row];
-    out[i * a.os0 + h * a.os1 + d] = static_cast<scalar_t>(l > 0.0f ? Os[e] / l : 0.0f);
-  }
+  // Finish each row: its lse, and in Ls the factor from accumulated to final output (sinks folded in).
+  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
   for (int64_t row = threadIdx.x; row < rows; row += blockDim.x) {
     const int64_t i = a.order[t0 + row / G], h = g * G + row % G;
-    lse[i * a.q_heads + h] = Ls[row] > 0.0f ? Ms[row] + logf(Ls[row]) : -INFINITY;
+    const float l = Ls[row];
+    if (a.sinks) {
+      float m2 = Ms[row] * kLog2e, l2 = l;
+      Ls[row] = fold_sink_log2(a.sinks[h] * kLog2e, m2, l2);
+      lse[i * a.q_heads + h] = l2 > 0.0f ? (m2 + log2f(l2)) * kLn2 : -INFINITY;
+    } else {
+      Ls[row] = l > 0.0f ? 1.0f / l : 0.0f;
+      lse[i * a.q_heads + h] = l > 0.0f ? Ms[row] + logf(l) : -INFINITY;
+    }
+  }
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < rows * Dv; e += blockDim.x) {
+    const int64_t row = e / Dv, d = e % Dv, i = a.order[t0 + row / G], h = g * G + row % G;
+    out[i * a.os0 + h * a.os1 + d] = static_cast<scalar_t>(Os[e] * Ls[row]);
   }
 }
 
@@ -254,13 +294,20 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     qf[kk][3] = q_row[1] ? load_u32(q_row[1] + c + 8) : 0u;
   }
 
-  const int64_t q_max = a.q_pos[a.order[t1 - 1]];  // sorted: the tile's last query sees the most
-  const float scale_log2 = a.scale * 1.4426950408889634f;  // the softmax runs on exp2
-  // Default positions are the key indices: keys past q_max are invisible to the whole tile.
+  // Sorted: the tile's last query sees the latest keys, its first query's window starts earliest.
+  const int64_t q_min = a.q_pos[a.order[t0]], q_max = a.q_pos[a.order[t1 - 1]];
+  constexpr float kLog2e = 1.4426950408889634f;  // the softmax runs on exp2
+  const float scale_log2 = a.scale * kLog2e;
+  // Soft-capping: logit = softcap * tanh(scale * q.k / softcap), times log2(e) for exp2.
+  const float cap_in = a.softcap > 0.0f ? a.scale / a.softcap : 0.0f, cap_out = a.softcap * kLog2e;
+  // Default positions are the key indices: keys past q_max are invisible to the whole tile, and so are whole
+  // tiles before the first query's window.
   int64_t k_begin = k0, k_end = a.kv_pos ? k1 : min(k1, k0 + max(q_max + 1, static_cast<int64_t>(0)));
+  if (!a.kv_pos && a.window > 0) k_begin = k0 + max(q_min - a.window + 1, int64_t{0}) / kMmaKeys * kMmaKeys;
   if (a.n_splits > 1) {  // this block's slice: whole key tiles, so no tile reaches into the next slice
-    k_begin = min(k_end, k0 + static_cast<int64_t>(blockIdx.z) * a.split_keys);
-    k_end = min(k_end, k_begin + a.split_keys);
+    const int64_t slice = k0 + static_cast<int64_t>(blockIdx.z) * a.split_keys;
+    k_begin = min(k_end, max(k_begin, slice));
+    k_end = min(k_end, slice + a.split_keys);
   }
 
   float o[D / 8][4];
@@ -299,7 +346,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
       const int64_t j = j0 + threadIdx.x;
       const int64_t p = j < k1 ? (a.kv_pos ? a.kv_pos[j] : j - k0) : -1;
       key_pos[threadIdx.x] = p;
-      seen = p >= 0 && p <= q_max;
+      seen = p >= 0 && p <= q_max && (a.window <= 0 || p > q_min - a.window);
     }
     cp_async_wait<1>();  // this thread's copies of tile j0 have landed; the barrier below publishes everyone's
     if (!__syncthreads_or(seen)) continue;  // uniform: no query of the tile sees a key of this tile
@@ -328,9 +375,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int64_t p = key_pos[nt * 8 + 2 * tig + (e & 1)];
-        const bool visible = p >= 0 && p <= row_pos[e / 2];
-        s[nt][e] = visible ? s[nt][e] * scale_log2 : -INFINITY;
+        const bool visible = key_visible(key_pos[nt * 8 + 2 * tig + (e & 1)], row_pos[e / 2], a.window);
+        const float logit = a.softcap > 0.0f ? cap_out * tanhf(s[nt][e] * cap_in) : s[nt][e] * scale_log2;
+        s[nt][e] = visible ? logit : -INFINITY;
         tile_max[e / 2] = fmaxf(tile_max[e / 2], s[nt][e]);
       }
     }
@@ -384,7 +431,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     if (row_i[r] < 0) continue;
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    // Sinks join the denominator once: here without a split, in merge_splits_kernel with one.
+    const float sink = a.sinks && a.n_splits == 1 ? a.sinks[row_h[r]] * kLog2e : -INFINITY;
+    const float inv = fold_sink_log2(sink, m[r], l[r]);
     const float row_lse = l[r] > 0.0f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
     if (a.n_splits > 1) {
       const int64_t part_row = (blockIdx.z * a.nq_total + row_i[r]) * a.q_heads + row_h[r];
@@ -407,7 +456,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
 
 // Split-KV merge: one warp per (query, head) row. Each slice's output is normalised over its own keys, so the
 // row's output is the slices' outputs weighted by exp(lse_z - lse_max), and its lse is the log of their sum.
-// A row no slice saw anything for gets zeros and -inf, as without splits.
+// A sink adds exp(sink - lse_max) to the sum and nothing to the output. A row no slice saw anything for gets
+// zeros and -inf (the sink's logit, with sinks), as without splits.
 template <bool kBf16, int D>
 __global__ void __launch_bounds__(kMmaWarps * 32)
     merge_splits_kernel(uint16_t* __restrict__ out, float* __restrict__ lse, AttnArgs a) {
@@ -415,10 +465,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   const int lane = threadIdx.x % 32;
   const int64_t rows = a.nq_total * a.q_heads;  // also the stride between slices in o_part / lse_part
   if (row >= rows) return;  // whole warps: a warp never straddles this
-  float lse_max = -INFINITY;
+  const int64_t i = row / a.q_heads, h = row % a.q_heads;
+  const float sink = a.sinks ? a.sinks[h] : -INFINITY;
+  float lse_max = sink;
   for (int64_t z = 0; z < a.n_splits; ++z) lse_max = fmaxf(lse_max, a.lse_part[z * rows + row]);
   float acc[D / 64][2] = {};
-  float weight_sum = 0.0f;
+  float weight_sum = lse_max != -INFINITY && sink != -INFINITY ? expf(sink - lse_max) : 0.0f;
   if (lse_max != -INFINITY) {
     for (int64_t z = 0; z < a.n_splits; ++z) {
       const float w = expf(a.lse_part[z * rows + row] - lse_max);  // 0 for a slice that saw nothing
@@ -433,7 +485,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     }
   }
   const float inv = weight_sum > 0.0f ? 1.0f / weight_sum : 0.0f;
-  const int64_t i = row / a.q_heads, h = row % a.q_heads;
   uint16_t* orow = out + i * a.os0 + h * a.os1;
 #pragma unroll
   for (int c = 0; c < D / 64; ++c) {
@@ -531,8 +582,10 @@ std::tuple<at::Tensor, at::Tensor> partial_attn_cuda(const at::Tensor& q, const 
                                                      const at::Tensor& q_pos, const std::optional<at::Tensor>& kv_pos,
                                                      const std::optional<at::Tensor>& cu_seqlens_q,
                                                      const std::optional<at::Tensor>& cu_seqlens_k,
-                                                     std::optional<double> scale) {
-  const PartialAttnShape s = check_partial_attn_args(q, k, v, q_pos, kv_pos, cu_seqlens_q, cu_seqlens_k, scale);
+                                                     std::optional<double> scale, int64_t window, double softcap,
+                                                     const std::optional<at::Tensor>& sinks) {
+  const PartialAttnShape s =
+      check_partial_attn_args(q, k, v, q_pos, kv_pos, cu_seqlens_q, cu_seqlens_k, scale, window, softcap, sinks);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({s.nq, s.q_heads, s.v_head_dim}, q.options());
   at::Tensor lse = at::empty({s.nq, s.q_heads}, q.options().dtype(at::kFloat));
@@ -546,6 +599,8 @@ std::tuple<at::Tensor, at::Tensor> partial_attn_cuda(const at::Tensor& q, const 
   at::Tensor kv_pos_c;
   if (kv_pos.has_value()) kv_pos_c = kv_pos->contiguous();
   const int64_t* kv_pos_ptr = kv_pos.has_value() ? kv_pos_c.data_ptr<int64_t>() : nullptr;
+  at::Tensor sinks_c;
+  if (sinks.has_value()) sinks_c = sinks->contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
   const bool mma = use_mma_kernel(q, k, v, s);
@@ -555,7 +610,8 @@ std::tuple<at::Tensor, at::Tensor> partial_attn_cuda(const at::Tensor& q, const 
   AttnArgs a{t.order.data_ptr<int64_t>(), ragged ? t.tiles.data_ptr<int64_t>() : nullptr,
              q_pos_c.data_ptr<int64_t>(), kv_pos_ptr, cu_k_ptr, tile_q, t.n_tiles, s.nq, s.nk,
              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
-             out.stride(1), s.q_heads, G, s.head_dim, s.v_head_dim, static_cast<float>(s.scale),
+             out.stride(1), s.q_heads, G, s.head_dim, s.v_head_dim, static_cast<float>(s.scale), s.window,
+             static_cast<float>(s.softcap), sinks.has_value() ? sinks_c.data_ptr<float>() : nullptr,
              /*n_splits=*/1, /*split_keys=*/s.nk, nullptr, nullptr};
   const dim3 grid(static_cast<unsigned>(t.n_tiles), static_cast<unsigned>(s.kv_heads));
 
