@@ -84,6 +84,15 @@ def median_us(fn: Callable[[], object], device: str, warmup: int = 2, repeat: in
     return statistics.median(times) * 1e6
 
 
+def paired_median_us(fns: Sequence[Callable[[], object]], device: str, repeat: int = 9) -> List[float]:
+    """Median times (us) of several calls timed in turn, round after round: a shared VM drifts by tens of percent
+    within a minute, and interleaving makes a ratio of these medians immune to that drift."""
+    for fn in fns:
+        fn()
+    rounds = [[median_us(fn, device, warmup=0, repeat=1) for fn in fns] for _ in range(repeat)]
+    return [statistics.median(r[i] for r in rounds) for i in range(len(fns))]
+
+
 def _sig(x: float) -> float:
     """4 significant digits: percentages span 0.001% (hamming_topk's bytes) to ~100%."""
     return float(f"{x:.4g}")
@@ -435,7 +444,7 @@ def run_ops(device: str = "cpu", models: Optional[List[str]] = None, lengths: Op
     `ceilings` (from `device_ceilings(device, dtype)`) are measured once here when not given; pass them to keep
     the numbers every record's percentage was computed against. Each of `windows` adds, after each partial_attn
     record, the same call with that sliding window, with its time as a fraction of the unwindowed call's
-    (`us_vs_unwindowed`).
+    (`us_vs_unwindowed`, from the two calls timed in turn).
     """
     models = models or ["smollm2-135m", "llama3-8b"]
     lengths = lengths or [1024, 4096]
@@ -461,7 +470,11 @@ def run_ops(device: str = "cpu", models: Optional[List[str]] = None, lengths: Op
                 for w in windows:
                     windowed = bench_partial_attn(shape, tokens, device, ratio=record["ratio"], dtype=dtype,
                                                   ceilings=ceilings, sdpa_causal_rate=causal, flex=flex, window=w)
-                    windowed["us_vs_unwindowed"] = _sig(windowed["us"] / record["us"])
+                    q, k, v, q_pos = partial_attn_inputs(shape, tokens, record["ratio"], dtype, device)
+                    full_us, windowed_us = paired_median_us(
+                        [lambda: ops.partial_attn(q, k, v, q_pos), lambda: ops.partial_attn(q, k, v, q_pos, window=w)],
+                        device)
+                    windowed["us_vs_unwindowed"] = _sig(windowed_us / full_us)  # timed in turn: drift cancels
                     progress(windowed)
                     records.append(windowed)
     return records

@@ -1,4 +1,4 @@
-"""The reuse pipeline of SPEC.md section 4 on Hugging Face causal LMs (Llama, Qwen2, Mistral and alike).
+"""The reuse pipeline of SPEC.md section 4 on Hugging Face causal LMs (RoPE decoders; docs/models.md).
 
     engine = ReuseEngine(model, tokenizer, ReuseConfig())
     ref = engine.prefill(reference_prompt)                      # immutable ReferenceEntry
@@ -7,7 +7,8 @@
 
 How a reuse request runs (target of T tokens):
 1. Match target tokens to reference tokens (matching.py).
-2. Assemble the target cache for positions 0..T-2 with one `rope_reuse_` over all layers.
+2. Assemble the target cache for positions 0..T-2 with `rope_reuse_`, one call per group of layers that share a
+   rotary embedding (architecture.py: how the engine learns each layer's, and which models it refuses).
 3. Recompute layer by layer through the model's own decoder layers, for a shrinking, nested set of positions:
    every position in the first `check_layers` layers; past them the unmatched tokens plus the matched tokens whose
    K/V deviate most (||dK|| + ||dV|| between reused and fresh K/V at the last check layer), their number decaying by
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -28,7 +30,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Union
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from . import matching, ops
+from . import matching, ops, reference
+from .architecture import Architecture, RopeGroup, UnsupportedModelError, refusal
 from .hf import SemShareCache, use_semshare_attention
 
 Prompt = Union[str, Sequence[int]]
@@ -143,18 +146,35 @@ class ReuseEngine:
     """Serves prompts with KV reuse from reference entries, on one HF causal LM (batch size 1)."""
 
     def __init__(self, model, tokenizer, config: Optional[ReuseConfig] = None):
+        """Refuses (ValueError naming the feature and the model class) a model whose KV cache it cannot reuse
+        exactly; see architecture.py for what is checked, statically and by two small measured probes."""
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = config or ReuseConfig()
-        use_semshare_attention(model)
-        cfg = model.config
-        self.num_layers = cfg.num_hidden_layers
-        self.kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.max_positions = getattr(cfg, "max_position_embeddings", None)
-        self.decoder = model.model
-        self.inv_freq = self.decoder.rotary_emb.inv_freq.float()
-        self.planes = matching.lsh_planes(cfg.hidden_size, self.config.lsh_bits, self.config.lsh_seed)
+        try:
+            self._set_up(model)
+        except UnsupportedModelError:
+            raise
+        except Exception as err:  # anything a new family does differently: refuse it by name, do not guess
+            raise refusal(model, f"setting up reuse failed ({type(err).__name__}: {err})") from err
         self.fingerprint = self._fingerprint()
+
+    def _set_up(self, model) -> None:
+        self.arch = Architecture.of(model)
+        cfg = model.config
+        self.decoder = model.model
+        self.num_layers = len(self.decoder.layers)
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.max_positions = self.arch.max_positions
+        # transformers 5.24 renamed the cache argument of forward and generate (past_key_values -> cache).
+        self._cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+        self._layer_cache_kw = ("cache" if "cache" in inspect.signature(type(self.decoder.layers[0]).forward).parameters
+                                else "past_key_values")
+        use_semshare_attention(model)
+        self.planes = matching.lsh_planes(cfg.hidden_size, self.config.lsh_bits, self.config.lsh_seed)
+        with torch.inference_mode():
+            self.rope_groups = self._probe_rope()
+            self._self_check()
 
     # ---- public API ----------------------------------------------------------------------------------------
 
@@ -164,7 +184,7 @@ class ReuseEngine:
         ids = self._token_ids(prompt, max_new_tokens=0)
         cache = self._new_cache(capacity=len(ids))
         with cache.active():
-            self.model(input_ids=ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            self.model(input_ids=ids[None], use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         return self._entry(ids, cache.keys, cache.values)  # [L, T, H, D]: the layers are views of these
 
     @contextlib.contextmanager
@@ -282,12 +302,35 @@ class ReuseEngine:
         if len(ids) == 0:
             raise ValueError("prompt: empty prompt (no tokens)")
         if self.max_positions and len(ids) + max_new_tokens > self.max_positions:
-            raise ValueError(f"prompt: {len(ids)} tokens + {max_new_tokens} new exceed the model's context of "
-                             f"{self.max_positions}")
+            raise ValueError(f"prompt: {len(ids)} tokens + {max_new_tokens} new exceed {self.max_positions} positions "
+                             f"({self.arch.position_limit_reason})")
         return torch.tensor(ids, dtype=torch.long, device=self._device)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.embed_tokens(ids)
+
+    def _layer_input(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The hidden states [1, n, hidden] that the model's own forward hands its first decoder layer for these
+        tokens at these positions: whatever it does after embed_tokens (Granite's embedding_multiplier, ...) is
+        done by the model itself. Its forward runs until the first layer is called, inside an empty semshare cache
+        (so no attention mask is built)."""
+        captured = []
+
+        def stop(module, args, kwargs):
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _FirstLayerReached
+
+        handle = self.decoder.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            with self._new_cache(capacity=1).active():
+                self.decoder(input_ids=ids[None], position_ids=positions[None], use_cache=False)
+        except _FirstLayerReached:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError("the model's forward never called its first decoder layer")
+        return captured[0]
 
     def _codes(self, embeddings: torch.Tensor) -> torch.Tensor:
         return matching.embedding_codes(embeddings, self.planes, self.config.embedding_rope_base)
@@ -310,8 +353,7 @@ class ReuseEngine:
         keep = match.dst < prefill
         dst, src = match.dst[keep].to(self._device), match.src[keep].to(self._device)
         delta = dst - src if cfg.rope_correction else torch.zeros_like(dst)
-        ops.rope_reuse_(cache.keys, cache.values, reference.keys.to(self._device), reference.values.to(self._device),
-                        src, dst, delta, self.inv_freq.to(self._device), True)
+        self._reuse_kv(cache, reference, src, dst, delta)
         window = min(_OBSERVER_WINDOW, prefill) if cfg.retain_ratio is not None else 0
         unmatched = match.unmatched_mask()[:prefill].to(self._device)
         unmatched[prefill - window:] = True  # the observer window of retention is always recomputed
@@ -321,6 +363,112 @@ class ReuseEngine:
         if cfg.retain_ratio is not None:
             self._retain(cache, prefill, window)
         return [c + 1 for c in counts]
+
+    def _reuse_kv(self, cache: SemShareCache, reference: ReferenceEntry, src: torch.Tensor, dst: torch.Tensor,
+                  delta: torch.Tensor) -> None:
+        """Copy the matched tokens' K/V into the cache, keys re-rotated by delta: one `rope_reuse_` per group of
+        layers that share their RoPE (a strided view when the group's layers are evenly spaced, else one call per
+        run of consecutive layers)."""
+        ref_k, ref_v = reference.keys.to(self._device), reference.values.to(self._device)
+        for group in self.rope_groups:
+            inv_freq = group.inv_freq
+            group_delta = delta * group.sign
+            if inv_freq is None:  # no RoPE in these layers: keys carry no position, copy them as they are
+                inv_freq, group_delta = self.arch.inv_freq[group.layer_type], torch.zeros_like(delta)
+            inv_freq = inv_freq.to(self._device)
+            for layers in _layer_slices(group.layers):
+                ops.rope_reuse_(cache.keys[layers], cache.values[layers], ref_k[layers], ref_v[layers], src, dst,
+                                group_delta, inv_freq, group.neox)
+
+    def _run_layer(self, idx: int, hidden: torch.Tensor, rows: torch.Tensor, cache: SemShareCache) -> torch.Tensor:
+        """Decoder layer `idx` on the hidden states [1, len(rows), hidden] of positions `rows` (sorted, unique): as
+        the model's own forward calls it, with its K/V written into the cache at those positions."""
+        cache.set_write_positions(idx, rows)
+        position_ids = rows[None]
+        try:
+            out = self.decoder.layers[idx](
+                hidden, attention_mask=None, position_ids=position_ids, use_cache=True,
+                position_embeddings=self.arch.position_embeddings(self.decoder, hidden, position_ids, idx),
+                **{self._layer_cache_kw: cache})
+        finally:
+            cache.set_write_positions(idx, None)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _probe_rope(self) -> List[RopeGroup]:
+        """Measure how each layer's keys depend on position: the same inputs at positions p and p + delta through
+        every layer, then the rotation (of the layer's frequencies, in either pair convention) that maps the first
+        keys onto the second, or none if they are equal (a layer without RoPE). A layer where neither holds is
+        refused. Returns the layers grouped by rotation."""
+        n, delta = 4, 37
+        if self.max_positions is not None and self.max_positions < n + delta + 1:
+            delta = max(1, self.max_positions - n - 1)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, self.model.config.vocab_size, (n,), generator=gen).to(self._device)
+        hidden = self._layer_input(ids, torch.arange(n, device=self._device))
+        hidden = torch.cat([hidden, hidden], dim=1)
+        rows = torch.cat([torch.arange(n), torch.arange(n) + delta]).to(self._device)
+        cache = self._new_cache(capacity=n + delta)
+        tol = 1e-4 if self._dtype == torch.float32 else 2e-2
+        found: Dict[tuple, List[int]] = {}
+        with cache.active():
+            for idx in range(self.num_layers):
+                try:
+                    self._run_layer(idx, hidden, rows, cache)
+                except Exception as err:  # anything a new family does differently: refuse, do not guess
+                    raise refusal(self.model, f"its decoder layer {idx} cannot be run one layer at a time "
+                                              f"({type(err).__name__}: {err})") from err
+                keys = cache.layers[idx].keys.float()
+                k1, k2 = keys[:n], keys[delta: delta + n]
+                size = k2.abs().max().clamp_min(1e-30)
+                layer_type = self.arch.layer_types[idx]
+                inv_freq = self.arch.inv_freq[layer_type].to(self._device)
+                if ((k1 - k2).abs().max() / size) <= tol:
+                    key = (layer_type, None, 1)
+                else:
+                    # Pair conventions, and the direction (nanochat's rotate_half turns keys by -theta).
+                    conventions = [(neox, sign) for neox in (True, False) for sign in (1, -1)
+                                   if 2 * len(inv_freq) <= self.head_dim and
+                                   ((reference.rotate(k1, torch.full((n,), sign * delta, device=self._device),
+                                                      inv_freq, neox) - k2).abs().max() / size) <= tol]
+                    if not conventions:
+                        raise refusal(self.model, f"the keys of decoder layer {idx} do not rotate as RoPE with its "
+                                                  f"rotary embedding's {len(inv_freq)} frequencies in either pair "
+                                                  "convention, so reused keys cannot be moved to new positions")
+                    key = (layer_type, *conventions[0])
+                found.setdefault(key, []).append(idx)
+        return [RopeGroup(tuple(layers), layer_type, None if neox is None else self.arch.inv_freq[layer_type],
+                          True if neox is None else neox, sign)
+                for (layer_type, neox, sign), layers in found.items()]
+
+    def _self_check(self) -> None:
+        """A short random prompt three ways: the model's own forward with its own attention (stock), the engine's
+        full prefill, and the engine's layer-by-layer recompute of every token. The logits of the first two and the
+        K/V of the last two must agree to rounding, or the model is refused: whatever this engine does not know
+        about a family shows here rather than as a silently wrong answer."""
+        n = 12 if self.max_positions is None else max(1, min(12, self.max_positions - 1))
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, self.model.config.vocab_size, (n,), generator=gen).to(self._device)
+        stock = self.model(input_ids=ids[None], use_cache=False).logits[0].float()
+        full = self._new_cache(capacity=n)
+        with full.active():
+            engine = self.model(input_ids=ids[None], use_cache=True, **{self._cache_kw: full}).logits[0].float()
+        tol = 1e-3 if self._dtype == torch.float32 else 5e-2
+        scale = stock.abs().max().clamp_min(1.0)
+        if not torch.isfinite(engine).all() or (engine - stock).abs().max() > tol * scale:
+            raise refusal(self.model, "its logits through semshare attention differ from its own attention by "
+                                      f"{(engine - stock).abs().max().item():.3g} on a {n}-token prompt")
+        by_layer = self._new_cache(capacity=n, used=n)
+        rows = torch.arange(n, device=self._device)
+        with by_layer.active():
+            hidden = self._layer_input(ids, rows)
+            for idx in range(self.num_layers):
+                hidden = self._run_layer(idx, hidden, rows, by_layer)
+        for kind, a, b in (("keys", full.keys, by_layer.keys), ("values", full.values, by_layer.values)):
+            err = ((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-30)).item()
+            if not err <= tol:
+                raise refusal(self.model, f"its {kind} recomputed layer by layer differ from its own forward's by "
+                                          f"{err:.3g} (relative): the model does something between its layers that "
+                                          "the engine does not")
 
     def _recompute(self, cache: SemShareCache, ids: torch.Tensor, unmatched: torch.Tensor, window: int) -> List[int]:
         """Run the decoder layers on a nested, shrinking set of positions; K/V go into the cache as they come."""
@@ -337,7 +485,7 @@ class ReuseEngine:
         order = torch.argsort((~unmatched).to(torch.int8), stable=True)  # unmatched first until ranked
         if counts[0] < prefill:
             rows = order[: counts[0]].sort().values
-        hidden = self._embed(ids[rows])[None]
+        hidden = self._layer_input(ids[rows], rows)
         cache.observe = window
         for idx, layer in enumerate(self.decoder.layers):
             if len(rows) == 0:  # nested sets: every deeper layer reuses everything too
@@ -345,11 +493,7 @@ class ReuseEngine:
             snapshot = None
             if idx == check and min(counts) < prefill:  # deviation ranking is needed only if some layer skips
                 snapshot = (cache.layers[idx].keys[:prefill].clone(), cache.layers[idx].values[:prefill].clone())
-            cache.set_write_positions(idx, rows)
-            position_ids = rows[None]
-            hidden = layer(hidden, attention_mask=None, position_ids=position_ids, past_key_values=cache,
-                           use_cache=True, position_embeddings=self.decoder.rotary_emb(hidden, position_ids))
-            cache.set_write_positions(idx, None)
+            hidden = self._run_layer(idx, hidden, rows, cache)
             if snapshot is not None:
                 order = self._priority(cache.layers[idx], snapshot, unmatched)
             if idx + 1 < num_layers and counts[idx + 1] < len(rows):
@@ -392,10 +536,29 @@ class ReuseEngine:
                   "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **generate_kwargs}
         with cache.active():
             out = self.model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None],
-                                      past_key_values=cache, **kwargs)
+                                      **{self._cache_kw: cache}, **kwargs)
         logits = getattr(out, "logits", None)  # a GenerateOutput when return_dict_in_generate=True
         sequences = getattr(out, "sequences", out)
         return sequences[0, len(ids):].tolist(), timer.first_token_s, logits
+
+
+class _FirstLayerReached(Exception):
+    pass
+
+
+def _layer_slices(layers: Sequence[int]) -> List[slice]:
+    """Index slices covering the given sorted layers: one strided slice when they are evenly spaced, else one per
+    run of consecutive layers."""
+    steps = {b - a for a, b in zip(layers, layers[1:])}
+    if len(steps) <= 1:
+        step = steps.pop() if steps else 1
+        return [slice(layers[0], layers[-1] + 1, step)]
+    runs, start = [], 0
+    for i in range(1, len(layers) + 1):
+        if i == len(layers) or layers[i] != layers[i - 1] + 1:
+            runs.append(slice(layers[start], layers[i - 1] + 1))
+            start = i
+    return runs
 
 
 _OBSERVER_WINDOW = 16  # last prompt tokens whose attention ranks KV entries for retention (SnapKV-style)

@@ -1,0 +1,211 @@
+"""Every RoPE decoder family transformers ships is served exactly or refused with a clear error (SPEC.md section 5).
+
+Each family is a tiny random-weight model (fp32, CPU) whose prompts are longer than its sliding window, so windows,
+soft-capping, sinks, per-layer rope and partial rotary all take effect. For a served family:
+- recompute_ratio 1.0 with a reference that differs from the target gives stock `generate`'s tokens, and its
+  first-token logits equal stock full prefill's (the model's own forward) to fp32 rounding;
+- the identical prompt as its own reference, at the default config, gives stock tokens;
+- an edited target at the default config is served by reuse.
+A refused family raises ValueError at ReuseEngine(...) naming the feature and the model class.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from semshare_ops import ReuseConfig, ReuseEngine
+
+VOCAB = 256
+PROMPT = 300  # longer than every window below (64)
+NEW = 6
+
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, pad_token_id=0)
+
+# id -> (model_type, config overrides). Each names what it exercises.
+SERVED = {
+    "llama": ("llama", {}),
+    "llama-rope-llama3": ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                                             low_freq_factor=1.0, high_freq_factor=4.0,
+                                                             original_max_position_embeddings=256))),
+    "llama-rope-yarn": ("llama", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                           original_max_position_embeddings=256))),
+    "llama-rope-linear": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0))),
+    "llama-rope-dynamic": ("llama", dict(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0))),
+    "mistral": ("mistral", dict(sliding_window=None)),
+    "mistral-window": ("mistral", dict(sliding_window=64)),  # every layer windowed
+    "mixtral-window": ("mixtral", dict(sliding_window=64, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2": ("qwen2", {}),
+    "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=64, max_window_layers=1)),
+    "qwen3": ("qwen3", {}),  # q/k norms before rope
+    "qwen3-moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "phi3": ("phi3", dict(pad_token_id=0)),
+    "phi3-longrope": ("phi3", dict(rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                        short_factor=[1.0] * 8, long_factor=[2.0] * 8,
+                                                        original_max_position_embeddings=512),
+                               original_max_position_embeddings=512)),
+    "gemma": ("gemma", {}),  # scaled embeddings
+    "gemma2": ("gemma2", dict(sliding_window=64, attn_logit_softcapping=5.0, final_logit_softcapping=30.0)),
+    "gemma3": ("gemma3_text", dict(sliding_window=64, num_hidden_layers=4, sliding_window_pattern=2)),  # 2 ropes
+    "stablelm": ("stablelm", dict(partial_rotary_factor=0.5)),  # partial rotary
+    "olmo2": ("olmo2", {}),
+    "granite": ("granite", {}),
+    "gpt-oss": ("gpt_oss", dict(sliding_window=64, num_local_experts=4, num_experts_per_tok=2)),  # sinks, window
+    "starcoder2": ("starcoder2", dict(sliding_window=64)),
+    "olmo3": ("olmo3", dict(sliding_window=64, num_hidden_layers=4,  # one rotary per layer type
+                            layer_types=["sliding_attention", "full_attention"] * 2)),
+    "cohere": ("cohere", {}),  # interleaved pairs
+    "glm": ("glm", {}),  # interleaved pairs on the first half of the head
+    "smollm3": ("smollm3", dict(num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0])),  # a layer without RoPE
+    "cohere2": ("cohere2", dict(sliding_window=64, num_hidden_layers=4,  # windowed RoPE layers, NoPE global ones
+                                layer_types=["sliding_attention", "full_attention"] * 2)),
+    "exaone4": ("exaone4", dict(sliding_window=64, num_hidden_layers=4,
+                                layer_types=["sliding_attention", "full_attention"] * 2)),
+    "phi": ("phi", {}),  # partial rotary
+    "persimmon": ("persimmon", dict(num_key_value_heads=None)),  # no kv-heads field in its config
+    "granitemoe-multipliers": ("granitemoe", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                  embedding_multiplier=4.0, attention_multiplier=0.2,
+                                                  residual_multiplier=0.5, logits_scaling=2.0)),
+    "nanochat": ("nanochat", {}),  # rotate_half turns by -theta
+    "ernie4_5": ("ernie4_5", {}),
+    "helium": ("helium", {}),
+    "nemotron": ("nemotron", {}),
+}
+
+# id -> (model_type, config overrides, words the refusal must contain)
+REFUSED = {
+    "gpt2-learned-positions": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024),
+                               "no rotary position embedding"),
+    "falcon-alibi": ("falcon", dict(alibi=True, hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
+                     "ALiBi"),
+    "deepseek-v3-mla": ("deepseek_v3", dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+                                            qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+                                            num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                                            n_group=1, topk_group=1), "MLA"),
+    "llama4-chunked": ("llama4_text", dict(BASE, intermediate_size_mlp=128, num_local_experts=4,
+                                           num_experts_per_tok=2, no_rope_layers=[1, 1, 0],
+                                           attention_chunk_size=64), "chunked local attention"),
+    "gemma3-bidirectional": ("gemma3_text", dict(BASE, use_bidirectional_attention=True), "bidirectional"),
+    "qwen3-next-linear-attention": ("qwen3_next", dict(BASE, num_hidden_layers=4, linear_conv_kernel_dim=4,
+                                                       linear_key_head_dim=16, linear_value_head_dim=16,
+                                                       linear_num_key_heads=2, linear_num_value_heads=4,
+                                                       num_experts=4, num_experts_per_tok=2,
+                                                       moe_intermediate_size=32,
+                                                       shared_expert_intermediate_size=32),
+                                    "cannot be run one layer at a time"),
+    "gptj-layout": ("gptj", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=1024),
+                    "a layout the engine cannot drive"),
+}
+
+
+class FakeTokenizer:
+    pad_token_id = 0
+    eos_token_id = 1
+
+    def __call__(self, text):
+        return {"input_ids": [2 + (ord(c) * 7) % (VOCAB - 2) for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"t{int(i)}" for i in ids)
+
+    def __len__(self):
+        return VOCAB
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def build(model_type: str, overrides: dict):
+    cfg = AutoConfig.for_model(model_type, **{**BASE, **overrides})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # always NEW tokens
+    return model
+
+
+def prompts():
+    gen = torch.Generator().manual_seed(7)
+    target = torch.randint(2, VOCAB, (PROMPT,), generator=gen).tolist()
+    reference = list(target)
+    for i in range(11, PROMPT, 29):  # scattered edits: the reference differs from the target in 11 places
+        reference[i] = 2 + (reference[i] + 5) % (VOCAB - 2)
+    return target, reference
+
+
+def stock_generate(model, ids):
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=NEW, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module", params=list(SERVED))
+def family(request):
+    model_type, overrides = SERVED[request.param]
+    return request.param, build(model_type, overrides)
+
+
+def test_recompute_everything_equals_stock(family):
+    name, model = family
+    target, reference = prompts()
+    stock_tokens = stock_generate(model, target)
+    with torch.inference_mode():
+        stock_logits = model(torch.tensor([target])).logits[0, -1].float()
+    engine = ReuseEngine(model, FakeTokenizer(), ReuseConfig(recompute_ratio=1.0))
+    out = engine.generate(target, reference=engine.prefill(reference), max_new_tokens=NEW, output_logits=True,
+                          return_dict_in_generate=True)
+    assert out.stats["mode"] == "reuse" and out.stats["matched_tokens"] > PROMPT // 2, out.stats
+    assert out.token_ids == stock_tokens, name
+    scale = stock_logits.abs().max().item()
+    torch.testing.assert_close(out.logits[0][0].float(), stock_logits, atol=1e-4 * max(1.0, scale), rtol=1e-4)
+
+
+def test_identical_prompt_and_edited_prompt(family):
+    name, model = family
+    target, reference = prompts()
+    engine = ReuseEngine(model, FakeTokenizer(), ReuseConfig())
+    same = engine.generate(target, reference=engine.prefill(target), max_new_tokens=NEW)
+    assert same.stats["mode"] == "reuse"
+    assert same.token_ids == stock_generate(model, target), name
+    edited = engine.generate(target, reference=engine.prefill(reference), max_new_tokens=NEW)
+    assert edited.stats["mode"] == "reuse" and edited.stats["reuse_ratio"] > 0.2, edited.stats  # 2 check layers of 3
+    assert len(edited.token_ids) == NEW
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_refused_with_a_clear_error(name):
+    model_type, overrides, feature = REFUSED[name]
+    cfg = AutoConfig.for_model(model_type, **{"vocab_size": VOCAB, **overrides})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with pytest.raises(ValueError) as info:
+        ReuseEngine(model, FakeTokenizer(), ReuseConfig())
+    message = str(info.value)
+    assert re.search(re.escape(feature), message), message
+    assert type(model).__name__ in message, message
+
+
+def test_model_outside_the_engine_serves_as_before(family):
+    """The engine switches the model to its "semshare" attention; outside an engine call the model's previous
+    attention (and its mask) serve, windows, caps and sinks included."""
+    name, model = family
+    target, _ = prompts()
+    fresh = build(*SERVED[name])  # the same weights, never switched
+    assert fresh.config._attn_implementation != "semshare"
+    ReuseEngine(model, FakeTokenizer(), ReuseConfig())
+    assert model.config._attn_implementation == "semshare"
+    assert stock_generate(model, target) == stock_generate(fresh, target), name
+
+
+def test_length_dependent_rope_is_refused_past_its_original_length():
+    """longrope switches to its long factors past original_max_position_embeddings (512 here): requests that
+    would cross it are refused by name, shorter ones are served (the tests above)."""
+    model = build(*SERVED["phi3-longrope"])
+    engine = ReuseEngine(model, FakeTokenizer(), ReuseConfig())
+    assert engine.max_positions == 512
+    with pytest.raises(ValueError, match="longrope"):
+        engine.generate([2 + i % 250 for i in range(500)], max_new_tokens=20)
+    assert len(engine.generate([2 + i % 250 for i in range(500)], max_new_tokens=8).token_ids) == 8
