@@ -32,15 +32,15 @@ ops-tour: build
 
 # pytest exit code 5 ("no tests collected") is not a failure of the build.
 test: build
-	$(PY) -m pytest python_tests -q -rs; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+	$(PY) -m pytest tests -q -rs; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 bench: build
 	$(VENV)/bin/semshare bench ops --device cpu --dtype float32 --models smollm2-135m llama3-8b
 
-# pytest-benchmark suites in bench/ (every op and its baselines at model shapes; TTFT full vs reuse), about a
-# minute on 2 cores; sizes come from SEMSHARE_BENCH_* (see bench/test_bench_*.py), extra flags from BENCH_ARGS.
+# pytest-benchmark suites in benchmarks/ (every op and its baselines at model shapes; TTFT full vs reuse), about a
+# minute on 2 cores; sizes come from SEMSHARE_BENCH_* (see benchmarks/suite_*.py), extra flags from BENCH_ARGS.
 bench-suite: build
-	$(PY) -m pip install -q pytest-benchmark && $(PY) -m pytest bench --benchmark-only \
+	$(PY) -m pip install -q pytest-benchmark && $(PY) -m pytest benchmarks -o python_files="suite_*.py" --benchmark-only \
 	  --benchmark-columns=min,median,mean,rounds --benchmark-sort=name $(BENCH_ARGS)
 
 # Compile (not run) the CUDA kernels against a CUDA build of torch: catches CUDA compile errors without a GPU.
@@ -49,11 +49,11 @@ cuda-build:
 	$(CUDA_VENV)/bin/python -m pip install -q "torch==$(CUDA_TORCH_VERSION)" numpy ninja "setuptools>=64" wheel
 	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} $(CUDA_VENV)/bin/python setup.py build_ext --build-temp build/cuda-temp --build-lib build/cuda-lib
 
-# The CUDA kernels' source run on the CPU by the SIMT emulator (python_tests/simt_emu). `make test` runs the op
+# The CUDA kernels' source run on the CPU by the SIMT emulator (tests/simt_emu). `make test` runs the op
 # tests' cuda_emulated cases with threads resumed round-robin in order and cp.async data landing at the wait; this
 # runs them again resumed in reverse (copies landing at issue), shuffled, and one warp at a time running ahead
 # (copies at issue): a missing barrier shows under one of them. Then under AddressSanitizer (out-of-bounds accesses).
-EMU_TESTS := python_tests/test_simt_emu.py python_tests/test_lsh.py python_tests/test_rope_reuse.py python_tests/test_partial_attn.py
+EMU_TESTS := tests/ops/test_simt_emu.py tests/ops/test_lsh.py tests/ops/test_rope_reuse.py tests/ops/test_partial_attn.py
 EMU_PYTEST = $(PY) -m pytest $(EMU_TESTS) -q -p no:cacheprovider -k "cuda_emulated or simt_emu"
 cuda-emulate: build
 	SIMT_EMU_ORDER=reverse SIMT_EMU_CP_ASYNC=eager $(EMU_PYTEST)

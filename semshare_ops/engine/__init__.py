@@ -1,0 +1,7 @@
+"""The reuse engine on Hugging Face causal LMs (SPEC section 4): config, engine, token matching, the HF attention and
+cache shims, what it knows about model families, and model loading."""
+from .config import ReuseConfig
+from .engine import GenerationOutput, ReferenceEntry, ReuseEngine
+from .models import load_model
+
+__all__ = ["ReuseConfig", "ReuseEngine", "ReferenceEntry", "GenerationOutput", "load_model"]

@@ -1,0 +1,46 @@
+"""`ReuseConfig`: every knob of the reuse path, with the defaults measured best (docs/design.md says why)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+MATCHING_METHODS = ("edit", "lsh", "hybrid", "prefix", "chunk")
+
+
+@dataclass
+class ReuseConfig:
+    """Knobs of the reuse path. Defaults are our own choices where the papers leave them open (see README)."""
+
+    matching: str = "hybrid"  # "edit" | "lsh" | "hybrid"; baselines: "prefix" | "chunk" (see matching.py)
+    recompute_ratio: float = 0.2  # share of prompt tokens recomputed, averaged over layers (mandatory ones count)
+    retain_ratio: Optional[float] = None  # KV kept, averaged over layers; None keeps everything
+    min_similarity: float = 0.5  # share of target tokens matched below which a request takes a full prefill
+    rope_correction: bool = True  # re-rotate reused keys by the position delta
+    check_layers: int = 2  # leading layers recomputed in full; deviation is measured at the last of them
+    # Per-layer factor of the recompute count past the check layers. 0.95, not 0.9: bench/ablate_reuse.py found 0.9
+    # left deep layers too few recomputed tokens for near-duplicates, whose differences are scattered.
+    recompute_decay: float = 0.95
+    recompute_tail: int = 0  # last prompt tokens recomputed in every layer (the question, the chat template's end)
+    retain_decay: float = 0.9  # per-layer factor of the KV kept, when retain_ratio is set
+    lsh_bits: int = 128
+    lsh_max_distance: int = 24  # fuzzy matches farther than this many bits stay unmatched
+    lsh_seed: int = 0
+    embedding_rope_base: float = 10000.0
+
+    def __post_init__(self):
+        if self.matching not in MATCHING_METHODS:
+            raise ValueError(f"matching: expected one of {', '.join(map(repr, MATCHING_METHODS))}, "
+                             f"got {self.matching!r}")
+        if not 0.0 <= self.recompute_ratio <= 1.0:
+            raise ValueError(f"recompute_ratio: expected a value in [0, 1], got {self.recompute_ratio}")
+        if self.retain_ratio is not None and not 0.0 < self.retain_ratio <= 1.0:
+            raise ValueError(f"retain_ratio: expected None or a value in (0, 1], got {self.retain_ratio}")
+        if not 0.0 <= self.min_similarity <= 1.0:
+            raise ValueError(f"min_similarity: expected a value in [0, 1], got {self.min_similarity}")
+        if self.recompute_tail < 0:
+            raise ValueError(f"recompute_tail: expected >= 0, got {self.recompute_tail}")
+        if self.check_layers < 1:
+            raise ValueError(f"check_layers: expected >= 1, got {self.check_layers}")
+        for name in ("recompute_decay", "retain_decay"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: expected a value in (0, 1], got {getattr(self, name)}")

@@ -1,0 +1,534 @@
+"""The reuse pipeline of SPEC.md section 4 on Hugging Face causal LMs (RoPE decoders; docs/models.md).
+
+    engine = ReuseEngine(model, tokenizer, ReuseConfig())
+    ref = engine.prefill(reference_prompt)                      # immutable ReferenceEntry
+    out = engine.generate(target_prompt, reference=ref)         # match, assemble, recompute, decode
+    full = engine.generate(target_prompt)                       # full prefill, same decode path
+
+How a reuse request runs (target of T tokens):
+1. Match target tokens to reference tokens (matching.py).
+2. Assemble the target cache for positions 0..T-2 with `rope_reuse_`, one call per group of layers that share a
+   rotary embedding (architecture.py: how the engine learns each layer's, and which models it refuses).
+3. Recompute layer by layer through the model's own decoder layers, for a shrinking, nested set of positions:
+   every position in the first `check_layers` layers; past them the unmatched tokens plus the matched tokens whose
+   K/V deviate most (||dK|| + ||dV|| between reused and fresh K/V at the last check layer), their number decaying by
+   `recompute_decay` per layer and scaled so that the average over layers meets `recompute_ratio`.
+4. Optionally keep fewer KV entries in deeper layers (`retain_ratio`), by the attention the last prompt tokens pay.
+5. Decode with HF `generate`: it runs the last prompt token through every layer, then the new tokens.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from .. import ops
+from ..ops import oracle
+from . import matching
+from .config import ReuseConfig
+from .architecture import Architecture, RopeGroup, UnsupportedModelError, refusal
+from .hf import SemShareCache, use_semshare_attention
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class ReferenceEntry:
+    """A prefilled prompt: token ids, per-layer K/V ([L, T, H, D], post-RoPE), LSH codes, prompt embedding.
+
+    Serving requests from it only reads these tensors.
+    """
+
+    token_ids: torch.Tensor  # int64 [T]
+    keys: torch.Tensor  # [L, T, Hkv, D]
+    values: torch.Tensor  # [L, T, Hkv, Dv]
+    codes: torch.Tensor  # int64 [T, W]: simhash of position-rotated input embeddings
+    embedding: torch.Tensor  # fp32 [hidden]: mean input embedding of the prompt
+    fingerprint: str  # model and tokenizer this entry belongs to
+
+    @property
+    def nbytes(self) -> int:
+        return (self.keys.numel() + self.values.numel()) * self.keys.element_size()
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    token_ids: List[int]
+    stats: Dict = field(default_factory=dict)
+    logits: Optional[tuple] = None  # per new token [1, vocab], when generate is asked for output_logits=True
+    entry: Optional[ReferenceEntry] = None  # this request's prompt K/V, when generate(return_entry=True)
+
+
+class _FirstTokenTimer(BaseStreamer):
+    """Notes when generate emits its first new token (its first `put` is the prompt)."""
+
+    def __init__(self, start: float):
+        self.start, self.calls, self.first_token_s = start, 0, None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2 and self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.start
+
+    def end(self) -> None:
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.start
+
+
+def decaying_counts(total: int, layers: int, lead: int, floor: int, target_mean: float, decay: float) -> List[int]:
+    """Per-layer counts: `total` for the first `lead` layers, then base * decay^i clamped to [floor, total],
+    with base chosen (by bisection) so that the mean over all layers is as close to `target_mean` as allowed."""
+    lead = min(lead, layers)
+
+    def counts(base: float) -> List[int]:
+        tail = [min(total, max(floor, round(base * decay**i))) for i in range(layers - lead)]
+        return [total] * lead + tail
+
+    lo, hi = 0.0, total / decay ** max(layers, 1) + 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(counts(mid)) / layers < target_mean:
+            lo = mid
+        else:
+            hi = mid
+    return counts(hi)
+
+
+class ReuseEngine:
+    """Serves prompts with KV reuse from reference entries, on one HF causal LM (batch size 1)."""
+
+    def __init__(self, model, tokenizer, config: Optional[ReuseConfig] = None):
+        """Refuses (ValueError naming the feature and the model class) a model whose KV cache it cannot reuse
+        exactly; see architecture.py for what is checked, statically and by two small measured probes."""
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.config = config or ReuseConfig()
+        try:
+            self._set_up(model)
+        except UnsupportedModelError:
+            raise
+        except Exception as err:  # anything a new family does differently: refuse it by name, do not guess
+            raise refusal(model, f"setting up reuse failed ({type(err).__name__}: {err})") from err
+        self.fingerprint = self._fingerprint()
+
+    def _set_up(self, model) -> None:
+        self.arch = Architecture.of(model)
+        cfg = model.config
+        self.decoder = model.model
+        self.num_layers = len(self.decoder.layers)
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.max_positions = self.arch.max_positions
+        # transformers 5.24 renamed the cache argument of forward and generate (past_key_values -> cache).
+        self._cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+        self._layer_cache_kw = ("cache" if "cache" in inspect.signature(type(self.decoder.layers[0]).forward).parameters
+                                else "past_key_values")
+        use_semshare_attention(model)
+        self.planes = matching.lsh_planes(cfg.hidden_size, self.config.lsh_bits, self.config.lsh_seed)
+        with torch.inference_mode():
+            self.rope_groups = self._probe_rope()
+            self._self_check()
+
+    # ---- public API ----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, prompt: Prompt) -> ReferenceEntry:
+        """Prefill a prompt once and keep what reuse needs."""
+        ids = self.tokenize(prompt, max_new_tokens=0)
+        cache = self._new_cache(capacity=len(ids))
+        with cache.active():
+            self.model(input_ids=ids[None], use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        return self._entry(ids, cache.keys, cache.values)  # [L, T, H, D]: the layers are views of these
+
+    @contextlib.contextmanager
+    def using(self, config: Optional[ReuseConfig]) -> Iterator["ReuseEngine"]:
+        """Serve with `config` inside the block (None: keep the current one); the old config comes back after.
+
+        Not thread-safe on its own: callers that share an engine across threads hold their own lock around it.
+        """
+        previous = self.config
+        if config is not None:
+            self.config = config
+        try:
+            yield self
+        finally:
+            self.config = previous
+
+    @torch.inference_mode()
+    def match(self, reference: ReferenceEntry, prompt: Prompt) -> matching.Match:
+        """The token pairs a reuse request for `prompt` would take from `reference` (no model call)."""
+        self._check_reference(reference)
+        return self._match(reference, self.tokenize(prompt, 0))
+
+    @torch.inference_mode()
+    def generate(self, prompt: Prompt, reference: Optional[ReferenceEntry] = None, max_new_tokens: int = 64,
+                 return_entry: bool = False, **generate_kwargs) -> GenerationOutput:
+        """Generate from `prompt`, reusing `reference`'s KV when given and similar enough; else full prefill.
+
+        return_entry=True also hands back this request's prompt K/V as a ReferenceEntry (`out.entry`), copied
+        out of the cache after decoding, so that a store can serve later requests from it. It needs every
+        layer to hold every prompt position (no retain_ratio).
+        """
+        start = time.perf_counter()
+        if return_entry and self.config.retain_ratio is not None:
+            raise ValueError("return_entry: a request served with retain_ratio keeps a partial cache; "
+                             "an entry needs every prompt position in every layer")
+        ids = self.tokenize(prompt, max_new_tokens)
+        stats = {"mode": "full", "prompt_tokens": len(ids), "matched_tokens": 0,
+                 "recomputed_tokens": [len(ids)] * self.num_layers, "similarity": None}
+        cache, kv_bytes = None, None
+        if reference is not None:
+            self._check_reference(reference)
+            match = self._match(reference, ids)
+            stats["matched_tokens"] = match.matched
+            stats["similarity"] = match.matched / len(ids)
+            if stats["similarity"] < self.config.min_similarity:
+                stats["mode"] = "fallback"
+            else:
+                stats["mode"] = "reuse"
+                cache = self._new_cache(capacity=len(ids) + max_new_tokens, used=len(ids) - 1)
+                stats["recomputed_tokens"] = self._assemble_and_recompute(cache, reference, ids, match)
+                kv_bytes = cache.nbytes() + self.num_layers * self.token_bytes  # + the last prompt token
+        if cache is None:
+            cache = self._new_cache(capacity=len(ids) + max_new_tokens)
+        new_ids, ttft_s, logits = self._decode(ids, cache, max_new_tokens, start, generate_kwargs)
+        kv_full = self.num_layers * len(ids) * self.token_bytes
+        stats.update(reuse_ratio=1.0 - sum(stats["recomputed_tokens"]) / (self.num_layers * len(ids)),
+                     kv_bytes=kv_full if kv_bytes is None else kv_bytes, kv_bytes_full=kv_full,
+                     ttft_ms=ttft_s * 1e3)
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        entry = self._entry_from_cache(ids, cache) if return_entry else None
+        return GenerationOutput(text, new_ids, stats, logits, entry)
+
+    # ---- what the store, the CLI and the benchmarks use of an engine -----------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights, and every cache and entry the engine makes, live."""
+        return self.decoder.embed_tokens.weight.device
+
+    @property
+    def token_bytes(self) -> int:
+        """K/V bytes of one token in one layer (a request's kv_bytes is layers x tokens x this)."""
+        return self.kv_heads * 2 * self.head_dim * self._dtype.itemsize
+
+    def tokenize(self, prompt: Prompt, max_new_tokens: int = 0) -> torch.Tensor:
+        """A prompt's token ids (int64 [T] on the engine's device): a str through the tokenizer (no chat template),
+        a sequence of ids as given. ValueError naming `prompt` when it is empty, holds ids outside the vocabulary,
+        or does not fit, with `max_new_tokens`, in the positions the engine serves."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            ids = [int(t) for t in prompt]
+            vocab = self.model.config.vocab_size
+            if any(t < 0 or t >= vocab for t in ids):
+                raise ValueError(f"prompt: token ids must lie in [0, {vocab})")
+        if len(ids) == 0:
+            raise ValueError("prompt: empty prompt (no tokens)")
+        if self.max_positions and len(ids) + max_new_tokens > self.max_positions:
+            raise ValueError(f"prompt: {len(ids)} tokens + {max_new_tokens} new exceed {self.max_positions} positions "
+                             f"({self.arch.position_limit_reason})")
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The model's input embeddings of token ids: [n, hidden] in the model's dtype."""
+        return self.decoder.embed_tokens(ids)
+
+    def token_codes(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """SimHash codes (int64 [n, W]) of embeddings rotated by their own position: what LSH matching compares."""
+        return matching.embedding_codes(embeddings, self.planes, self.config.embedding_rope_base)
+
+    # ---- steps -----------------------------------------------------------------------------------------------
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.decoder.embed_tokens.weight.dtype
+
+    def _fingerprint(self) -> str:
+        cfg = self.model.config.to_dict()
+        cfg.pop("_name_or_path", None)
+        probe = self.tokenizer("semshare fingerprint: 0123456789 Hello, world!")["input_ids"]
+        weights = self.decoder.embed_tokens.weight[:8, :16].detach().float().cpu().numpy().tobytes()
+        blob = json.dumps([cfg, type(self.tokenizer).__name__, len(self.tokenizer), probe], sort_keys=True,
+                          default=str)
+        return hashlib.sha1(blob.encode() + weights).hexdigest()
+
+    def _check_reference(self, reference: ReferenceEntry) -> None:
+        if not isinstance(reference, ReferenceEntry):
+            raise TypeError(f"reference: expected a ReferenceEntry, got {type(reference).__name__}")
+        if reference.fingerprint != self.fingerprint:
+            raise ValueError("reference: it was made by another model or tokenizer than this engine's")
+
+    def _entry_from_cache(self, ids: torch.Tensor, cache: SemShareCache) -> ReferenceEntry:
+        """Prompt positions 0..T-1 of every layer, copied out (the cache also holds the new tokens)."""
+        n = len(ids)
+        for layer in cache.layers:  # slot == position holds while no layer was compacted
+            torch._check(layer.used >= n and bool((layer.kv_pos[:n] == torch.arange(n, device=ids.device)).all()),
+                         lambda: "semshare cache: prompt slots are not in position order")
+        return self._entry(ids, torch.stack([layer.keys[:n] for layer in cache.layers]),
+                           torch.stack([layer.values[:n] for layer in cache.layers]))
+
+    def _entry(self, ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> ReferenceEntry:
+        embeddings = self.embed(ids)
+        return ReferenceEntry(ids.cpu(), keys, values, self.token_codes(embeddings).cpu(),
+                              embeddings.float().mean(0).cpu(), self.fingerprint)
+
+    def _layer_input(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The hidden states [1, n, hidden] that the model's own forward hands its first decoder layer for these
+        tokens at these positions: whatever it does after embed_tokens (Granite's embedding_multiplier, ...) is
+        done by the model itself. Its forward runs until the first layer is called, inside an empty semshare cache
+        (so no attention mask is built)."""
+        captured = []
+
+        def stop(module, args, kwargs):
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _FirstLayerReached
+
+        handle = self.decoder.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            with self._new_cache(capacity=1).active():
+                self.decoder(input_ids=ids[None], position_ids=positions[None], use_cache=False)
+        except _FirstLayerReached:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError("the model's forward never called its first decoder layer")
+        return captured[0]
+
+    def _new_cache(self, capacity: int, used: int = 0) -> SemShareCache:
+        return SemShareCache.allocate(self.num_layers, capacity, self.kv_heads, self.head_dim, self.head_dim,
+                                      self._dtype, self.device, used)
+
+    def _match(self, reference: ReferenceEntry, ids: torch.Tensor) -> matching.Match:
+        codes = None
+        if self.config.matching != "edit":
+            codes = self.token_codes(self.embed(ids)).cpu()
+        return matching.match_tokens(reference.token_ids, ids.cpu(), self.config.matching, reference.codes, codes,
+                                     self.config.lsh_max_distance)
+
+    def _assemble_and_recompute(self, cache: SemShareCache, reference: ReferenceEntry, ids: torch.Tensor,
+                                match: matching.Match) -> List[int]:
+        """Steps 2-4 for prompt positions 0..T-2; returns the recomputed tokens per layer (last token included)."""
+        cfg, prefill = self.config, len(ids) - 1
+        keep = match.dst < prefill
+        dst, src = match.dst[keep].to(self.device), match.src[keep].to(self.device)
+        delta = dst - src if cfg.rope_correction else torch.zeros_like(dst)
+        self._reuse_kv(cache, reference, src, dst, delta)
+        window = min(_OBSERVER_WINDOW, prefill) if cfg.retain_ratio is not None else 0
+        unmatched = match.unmatched_mask()[:prefill].to(self.device)
+        unmatched[prefill - window:] = True  # the observer window of retention is always recomputed
+        unmatched[max(0, prefill - cfg.recompute_tail):] = True
+        with cache.active():
+            counts = self._recompute(cache, ids[:prefill], unmatched, window)
+        if cfg.retain_ratio is not None:
+            self._retain(cache, prefill, window)
+        return [c + 1 for c in counts]
+
+    def _reuse_kv(self, cache: SemShareCache, reference: ReferenceEntry, src: torch.Tensor, dst: torch.Tensor,
+                  delta: torch.Tensor) -> None:
+        """Copy the matched tokens' K/V into the cache, keys re-rotated by delta: one `rope_reuse_` per group of
+        layers that share their RoPE (a strided view when the group's layers are evenly spaced, else one call per
+        run of consecutive layers)."""
+        ref_k, ref_v = reference.keys.to(self.device), reference.values.to(self.device)
+        for group in self.rope_groups:
+            inv_freq = group.inv_freq
+            group_delta = delta * group.sign
+            if inv_freq is None:  # no RoPE in these layers: keys carry no position, copy them as they are
+                inv_freq, group_delta = self.arch.inv_freq[group.layer_type], torch.zeros_like(delta)
+            inv_freq = inv_freq.to(self.device)
+            for layers in _layer_slices(group.layers):
+                ops.rope_reuse_(cache.keys[layers], cache.values[layers], ref_k[layers], ref_v[layers], src, dst,
+                                group_delta, inv_freq, group.neox)
+
+    def _run_layer(self, idx: int, hidden: torch.Tensor, rows: torch.Tensor, cache: SemShareCache) -> torch.Tensor:
+        """Decoder layer `idx` on the hidden states [1, len(rows), hidden] of positions `rows` (sorted, unique): as
+        the model's own forward calls it, with its K/V written into the cache at those positions."""
+        cache.set_write_positions(idx, rows)
+        position_ids = rows[None]
+        try:
+            out = self.decoder.layers[idx](
+                hidden, attention_mask=None, position_ids=position_ids, use_cache=True,
+                position_embeddings=self.arch.position_embeddings(self.decoder, hidden, position_ids, idx),
+                **{self._layer_cache_kw: cache})
+        finally:
+            cache.set_write_positions(idx, None)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _probe_rope(self) -> List[RopeGroup]:
+        """Measure how each layer's keys depend on position: the same inputs at positions p and p + delta through
+        every layer, then the rotation (of the layer's frequencies, in either pair convention) that maps the first
+        keys onto the second, or none if they are equal (a layer without RoPE). A layer where neither holds is
+        refused. Returns the layers grouped by rotation."""
+        n, delta = 4, 37
+        if self.max_positions is not None and self.max_positions < n + delta + 1:
+            delta = max(1, self.max_positions - n - 1)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, self.model.config.vocab_size, (n,), generator=gen).to(self.device)
+        hidden = self._layer_input(ids, torch.arange(n, device=self.device))
+        hidden = torch.cat([hidden, hidden], dim=1)
+        rows = torch.cat([torch.arange(n), torch.arange(n) + delta]).to(self.device)
+        cache = self._new_cache(capacity=n + delta)
+        tol = 1e-4 if self._dtype == torch.float32 else 2e-2
+        found: Dict[tuple, List[int]] = {}
+        with cache.active():
+            for idx in range(self.num_layers):
+                try:
+                    self._run_layer(idx, hidden, rows, cache)
+                except Exception as err:  # anything a new family does differently: refuse, do not guess
+                    raise refusal(self.model, f"its decoder layer {idx} cannot be run one layer at a time "
+                                              f"({type(err).__name__}: {err})") from err
+                keys = cache.layers[idx].keys.float()
+                k1, k2 = keys[:n], keys[delta: delta + n]
+                size = k2.abs().max().clamp_min(1e-30)
+                layer_type = self.arch.layer_types[idx]
+                inv_freq = self.arch.inv_freq[layer_type].to(self.device)
+                if ((k1 - k2).abs().max() / size) <= tol:
+                    key = (layer_type, None, 1)
+                else:
+                    # Pair conventions, and the direction (nanochat's rotate_half turns keys by -theta).
+                    conventions = [(neox, sign) for neox in (True, False) for sign in (1, -1)
+                                   if 2 * len(inv_freq) <= self.head_dim and
+                                   ((oracle.rotate(k1, torch.full((n,), sign * delta, device=self.device),
+                                                      inv_freq, neox) - k2).abs().max() / size) <= tol]
+                    if not conventions:
+                        raise refusal(self.model, f"the keys of decoder layer {idx} do not rotate as RoPE with its "
+                                                  f"rotary embedding's {len(inv_freq)} frequencies in either pair "
+                                                  "convention, so reused keys cannot be moved to new positions")
+                    key = (layer_type, *conventions[0])
+                found.setdefault(key, []).append(idx)
+        return [RopeGroup(tuple(layers), layer_type, None if neox is None else self.arch.inv_freq[layer_type],
+                          True if neox is None else neox, sign)
+                for (layer_type, neox, sign), layers in found.items()]
+
+    def _self_check(self) -> None:
+        """A short random prompt three ways: the model's own forward with its own attention (stock), the engine's
+        full prefill, and the engine's layer-by-layer recompute of every token. The logits of the first two and the
+        K/V of the last two must agree to rounding, or the model is refused: whatever this engine does not know
+        about a family shows here rather than as a silently wrong answer."""
+        n = 12 if self.max_positions is None else max(1, min(12, self.max_positions - 1))
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, self.model.config.vocab_size, (n,), generator=gen).to(self.device)
+        stock = self.model(input_ids=ids[None], use_cache=False).logits[0].float()
+        full = self._new_cache(capacity=n)
+        with full.active():
+            engine = self.model(input_ids=ids[None], use_cache=True, **{self._cache_kw: full}).logits[0].float()
+        tol = 1e-3 if self._dtype == torch.float32 else 5e-2
+        scale = stock.abs().max().clamp_min(1.0)
+        if not torch.isfinite(engine).all() or (engine - stock).abs().max() > tol * scale:
+            raise refusal(self.model, "its logits through semshare attention differ from its own attention by "
+                                      f"{(engine - stock).abs().max().item():.3g} on a {n}-token prompt")
+        by_layer = self._new_cache(capacity=n, used=n)
+        rows = torch.arange(n, device=self.device)
+        with by_layer.active():
+            hidden = self._layer_input(ids, rows)
+            for idx in range(self.num_layers):
+                hidden = self._run_layer(idx, hidden, rows, by_layer)
+        for kind, a, b in (("keys", full.keys, by_layer.keys), ("values", full.values, by_layer.values)):
+            err = ((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-30)).item()
+            if not err <= tol:
+                raise refusal(self.model, f"its {kind} recomputed layer by layer differ from its own forward's by "
+                                          f"{err:.3g} (relative): the model does something between its layers that "
+                                          "the engine does not")
+
+    def _recompute(self, cache: SemShareCache, ids: torch.Tensor, unmatched: torch.Tensor, window: int) -> List[int]:
+        """Run the decoder layers on a nested, shrinking set of positions; K/V go into the cache as they come."""
+        cfg, prefill, num_layers = self.config, len(ids), self.num_layers
+        if prefill == 0:
+            return [0] * num_layers
+        # Average over layers of (count + 1 for the last token) should be recompute_ratio * (prefill + 1).
+        target = max(0.0, cfg.recompute_ratio * (prefill + 1) - 1)
+        # A prefix-cache hit holds exactly the K/V a full prefill would: no layer needs checking.
+        lead = 0 if cfg.matching == "prefix" else cfg.check_layers
+        counts = decaying_counts(prefill, num_layers, lead, int(unmatched.sum()), target, cfg.recompute_decay)
+        check = min(lead, num_layers) - 1
+        rows = torch.arange(prefill, device=self.device)
+        order = torch.argsort((~unmatched).to(torch.int8), stable=True)  # unmatched first until ranked
+        if counts[0] < prefill:
+            rows = order[: counts[0]].sort().values
+        hidden = self._layer_input(ids[rows], rows)
+        cache.observe = window
+        for idx, layer in enumerate(self.decoder.layers):
+            if len(rows) == 0:  # nested sets: every deeper layer reuses everything too
+                break
+            snapshot = None
+            if idx == check and min(counts) < prefill:  # deviation ranking is needed only if some layer skips
+                snapshot = (cache.layers[idx].keys[:prefill].clone(), cache.layers[idx].values[:prefill].clone())
+            hidden = self._run_layer(idx, hidden, rows, cache)
+            if snapshot is not None:
+                order = self._priority(cache.layers[idx], snapshot, unmatched)
+            if idx + 1 < num_layers and counts[idx + 1] < len(rows):
+                chosen = order[: counts[idx + 1]].sort().values  # a prefix of one order: sets stay nested
+                hidden = hidden[:, torch.searchsorted(rows, chosen)]
+                rows = chosen
+        cache.observe = 0
+        return counts
+
+    @staticmethod
+    def _priority(layer, snapshot, unmatched: torch.Tensor) -> torch.Tensor:
+        """Positions to recompute first: unmatched ones, then matched ones by ||dK|| + ||dV|| (reused vs fresh)."""
+        prefill = len(unmatched)
+        old_k, old_v = snapshot
+        deviation = ((layer.keys[:prefill] - old_k).float().flatten(1).norm(dim=1)
+                     + (layer.values[:prefill] - old_v).float().flatten(1).norm(dim=1))
+        deviation = deviation.masked_fill(unmatched, math.inf)
+        return torch.argsort(deviation, descending=True, stable=True)
+
+    def _retain(self, cache: SemShareCache, prefill: int, window: int) -> None:
+        """Keep fewer KV entries in deeper layers: the most attended-to by the observer window, plus the first
+        tokens (attention sinks) and the window itself; the rest are dropped and the layer compacted."""
+        cfg = self.config
+        floor = min(prefill, window + _SINK_TOKENS)
+        counts = decaying_counts(prefill, self.num_layers, cfg.check_layers, floor, cfg.retain_ratio * prefill,
+                                 cfg.retain_decay)
+        for layer, count in zip(cache.layers, counts):
+            if count >= prefill or layer.scores is None:
+                continue
+            scores = layer.scores[:prefill].clone()
+            scores[:_SINK_TOKENS] = math.inf
+            scores[prefill - window:] = math.inf
+            kept = torch.topk(scores, count).indices.sort().values
+            layer.keep(kept)
+
+    def _decode(self, ids: torch.Tensor, cache: SemShareCache, max_new_tokens: int, start: float,
+                generate_kwargs: Dict):
+        timer = _FirstTokenTimer(start)
+        kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "streamer": timer,
+                  "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **generate_kwargs}
+        with cache.active():
+            out = self.model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None],
+                                      **{self._cache_kw: cache}, **kwargs)
+        logits = getattr(out, "logits", None)  # a GenerateOutput when return_dict_in_generate=True
+        sequences = getattr(out, "sequences", out)
+        return sequences[0, len(ids):].tolist(), timer.first_token_s, logits
+
+
+class _FirstLayerReached(Exception):
+    pass
+
+
+def _layer_slices(layers: Sequence[int]) -> List[slice]:
+    """Index slices covering the given sorted layers: one strided slice when they are evenly spaced, else one per
+    run of consecutive layers."""
+    steps = {b - a for a, b in zip(layers, layers[1:])}
+    if len(steps) <= 1:
+        step = steps.pop() if steps else 1
+        return [slice(layers[0], layers[-1] + 1, step)]
+    runs, start = [], 0
+    for i in range(1, len(layers) + 1):
+        if i == len(layers) or layers[i] != layers[i - 1] + 1:
+            runs.append(slice(layers[start], layers[i - 1] + 1))
+            start = i
+    return runs
+
+
+_OBSERVER_WINDOW = 16  # last prompt tokens whose attention ranks KV entries for retention (SnapKV-style)
+_SINK_TOKENS = 4  # first tokens always kept: models park attention there

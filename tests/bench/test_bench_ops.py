@@ -1,0 +1,242 @@
+"""semshare_ops.bench (`semshare bench ops`): ceilings, percentages, baselines, --dtype.
+
+Speed is never asserted (the 2 cores are shared): only that every number is there, positive, finite and in a
+sane range, which catches unit mistakes (a factor of 1e3) and missing fields.
+"""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from semshare_ops import cli, ops
+from semshare_ops.bench import ops as bench
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# One length and ratio throughout: FlexAttention compiles once per shape (seconds), later calls reuse the kernel.
+TOKENS, RATIO = 96, 0.25
+
+
+@pytest.fixture(scope="module")
+def ceilings():
+    return bench.device_ceilings("cpu", torch.float32)
+
+
+@pytest.fixture(scope="module")
+def records(ceilings):
+    return bench.run_ops("cpu", ["smollm2-135m"], [TOKENS], [RATIO, 1.0], dtype=torch.float32, ceilings=ceilings)
+
+
+def _finite_positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_ceilings_positive_and_finite(ceilings):
+    assert ceilings["device"] == "cpu" and ceilings["dtype"] == "float32"
+    assert _finite_positive(ceilings["copy_GB/s"]) and _finite_positive(ceilings["matmul_TFLOP/s"])
+    assert ceilings["matmul_TFLOP/s_by_dtype"] == {"float32": ceilings["matmul_TFLOP/s"]}
+    json.dumps(ceilings)  # goes into the result JSON as is
+
+
+def test_low_precision_ceiling_is_the_faster_gemm(monkeypatch):
+    rates = {torch.bfloat16: (0.002, 256), torch.float32: (0.2, 2048)}
+    monkeypatch.setattr(bench, "gemm_tflops", lambda device, dtype: rates[dtype])
+    monkeypatch.setattr(bench, "copy_gbps", lambda device: 10.0)
+    c = bench.device_ceilings("cpu", torch.bfloat16)
+    assert c["matmul_TFLOP/s"] == 0.2 and c["matmul_TFLOP/s_by_dtype"] == {"bfloat16": 0.002, "float32": 0.2}
+    assert c["matmul_n"] == {"bfloat16": 256, "float32": 2048} and c["dtype"] == "bfloat16"
+
+
+def test_records_keep_their_keys_and_carry_percentages(records, ceilings):
+    assert [r["op"] for r in records] == ["simhash", "hamming_topk", "rope_reuse_", "partial_attn", "partial_attn"]
+    units = {"simhash": "GB/s", "hamming_topk": "Gpairs/s", "rope_reuse_": "GB/s", "partial_attn": "TFLOP/s"}
+    for r in records:
+        assert {"op", "model", "tokens", "device", "us", "baselines_us", "speedup", units[r["op"]]} <= r.keys()
+        assert r["ceiling"] in ("copy_GB/s", "matmul_TFLOP/s")
+        assert _finite_positive(r["pct_of_ceiling"]) and r["pct_of_ceiling"] <= 1000, r
+        if "dtype" in r:
+            assert r["dtype"] == "float32"
+    by_op = {r["op"]: r for r in records}
+    assert by_op["simhash"]["ceiling"] == "matmul_TFLOP/s" and by_op["partial_attn"]["ceiling"] == "matmul_TFLOP/s"
+    assert by_op["rope_reuse_"]["ceiling"] == "copy_GB/s" and by_op["hamming_topk"]["ceiling"] == "copy_GB/s"
+    rope = by_op["rope_reuse_"]
+    assert rope["pct_of_ceiling"] == pytest.approx(100 * rope["GB/s"] / ceilings["copy_GB/s"], rel=1e-2)
+    for r in records:
+        if r["op"] == "partial_attn":
+            assert _finite_positive(r["sdpa_causal_TFLOP/s"])
+            assert _finite_positive(r["pct_of_sdpa_causal"]) and r["pct_of_sdpa_causal"] < 1e4
+    table = bench.format_table(records)
+    assert len(table.splitlines()) == len(records) + 1 and "%" in table
+
+
+def test_flex_attention_baseline_is_present_or_explicitly_absent(records):
+    for r in (r for r in records if r["op"] == "partial_attn"):
+        assert {"reference", "sdpa_masked"} <= r["baselines_us"].keys()
+        present = "flex_attention" in r["baselines_us"]
+        absent = r["baselines_absent"].get("flex_attention")
+        assert present != bool(absent), r
+        if present:
+            assert r["speedup"]["flex_attention"] > 0
+        else:
+            assert isinstance(absent, str) and absent
+
+
+def test_flex_attention_computes_what_partial_attn_computes():
+    q, k, v, q_pos = bench.partial_attn_inputs(bench.SHAPES["smollm2-135m"], TOKENS, RATIO, torch.float32)
+    fn, why = bench.flex_attention_fn(q, k, v, q_pos)
+    if fn is None:
+        assert why
+        pytest.skip(f"FlexAttention absent: {why}")
+    out = fn()[0].transpose(0, 1)
+    torch.testing.assert_close(out, ops.partial_attn(q, k, v, q_pos)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_a_failing_flex_attention_is_recorded_absent_and_said_once(monkeypatch, capsys, ceilings):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fused kernel here\nsecond line")
+
+    monkeypatch.setattr(bench, "_flex_compiled", broken)
+    monkeypatch.setattr(bench, "_flex_absent", {})
+    monkeypatch.setattr(bench, "_flex_said", set())
+    shape = bench.SHAPES["smollm2-135m"]
+    first, second = (bench.bench_partial_attn(shape, 48, "cpu", ratio=0.5, dtype=torch.float32, ceilings=ceilings,
+                                              sdpa_causal_rate=1.0) for _ in range(2))
+    for r in (first, second):
+        assert "flex_attention" not in r["baselines_us"] and "flex_attention" not in r["speedup"]
+        assert r["baselines_absent"]["flex_attention"] == "RuntimeError: no fused kernel here"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "FlexAttention" in err[0] and "no fused kernel here" in err[0]
+
+
+def test_baselines_too_big_or_out_of_memory_are_recorded_absent(monkeypatch, ceilings):
+    """The reference is skipped past its score budget; a baseline that runs out of memory is absent, not fatal."""
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 34.00 GiB\nmore")
+
+    monkeypatch.setattr(bench, "REFERENCE_MAX_SCORES_GIB", 0.0)
+    monkeypatch.setattr(bench, "_sdpa_masked", oom)
+    r = bench.bench_partial_attn(bench.SHAPES["smollm2-135m"], 48, "cpu", ratio=0.5, dtype=torch.float32,
+                                 ceilings=ceilings, sdpa_causal_rate=1.0, flex=False)
+    assert r["baselines_absent"]["reference"].startswith("skipped: its fp32 scores would take")
+    assert r["baselines_absent"]["sdpa_masked"] == "out of memory (CUDA out of memory. Tried to allocate 34.00 GiB)"
+    assert not r["baselines_us"] and not r["speedup"]
+    assert r["us"] > 0 and r["TFLOP/s"] > 0
+
+
+def test_inputs_and_work_counts_match_the_records():
+    shape = bench.SHAPES["llama3-8b"]
+    q, k, v, q_pos = bench.partial_attn_inputs(shape, 64, 1.0, torch.bfloat16)
+    assert q.dtype == torch.bfloat16 and q.shape == (64, 32, 128) and k.shape == (64, 8, 128)
+    assert bench.partial_attn_work(q, k, v, q_pos)["flops"] == bench.causal_attn_flops(shape, 64)
+    args = bench.rope_reuse_inputs(shape, 10, reuse=0.5, dtype=torch.float16)
+    assert bench.rope_reuse_work(*args)["bytes"] == 2 * 2 * 32 * 5 * 8 * 128 * 2
+    x, planes = bench.simhash_inputs(shape, 7, torch.float32)
+    assert bench.simhash_work(x, planes)["flops"] == 2 * 7 * 4096 * 128
+
+
+# ---- the CLI and the script ---------------------------------------------------------------------------------------
+
+def _one_error_line(capsys, must_contain):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and must_contain in err[0], err
+
+
+def test_bench_ops_dtype_flag(capsys, tmp_path):
+    out = tmp_path / "ops.json"
+    assert cli.main(["bench", "ops", "--json", "--lengths", str(TOKENS), "--ratios", str(RATIO), "--dtype", "float32",
+                     "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dtype"] == "float32" and result["ceilings"]["dtype"] == "float32"
+    assert {r["dtype"] for r in result["records"] if "dtype" in r} == {"float32"}
+    assert json.loads(out.read_text())["ceilings"] == result["ceilings"]
+
+
+def test_bench_ops_dtype_defaults_to_bfloat16(capsys, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(bench, "device_ceilings", lambda device, dtype: seen.setdefault("ceilings", dtype) and {})
+    monkeypatch.setattr(bench, "run_ops", lambda *a, dtype, **k: seen.setdefault("run", dtype) and [])
+    assert cli.main(["bench", "ops", "--json", "--lengths", "64"]) == 0
+    assert seen == {"ceilings": torch.bfloat16, "run": torch.bfloat16}
+    assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("argv, name", [(["--dtype", "int8"], "--dtype"), (["--ratios", "0"], "--ratios"),
+                                        (["--ratios", "1.5"], "--ratios"), (["--lengths", "1"], "--lengths"),
+                                        (["--models", "gpt-9"], "--models")])
+def test_bench_ops_bad_arguments_exit_2(capsys, monkeypatch, argv, name):
+    monkeypatch.setattr(bench, "run_ops", lambda *a, **k: pytest.fail("must not run"))
+    monkeypatch.setattr(bench, "device_ceilings", lambda *a, **k: pytest.fail("must not measure"))
+    try:
+        code = cli.main(["bench", "ops"] + argv)
+    except SystemExit as e:  # argparse's own errors (choices) exit from the parser
+        code = e.code
+    assert code == 2
+    _one_error_line(capsys, name)
+
+
+def test_bench_ops_passes_the_ceilings_it_writes(monkeypatch, tmp_path, capsys):
+    """Ceilings are measured once, handed to every record's percentage and written beside the records."""
+    fake = {"device": "cpu", "dtype": "float32", "copy_GB/s": 10.0, "matmul_TFLOP/s": 0.1,
+            "matmul_TFLOP/s_by_dtype": {"float32": 0.1}, "matmul_n": {"float32": 2048}}
+    seen = {}
+    monkeypatch.setattr(bench, "device_ceilings", lambda device, dtype: seen.setdefault("dtype", dtype) and fake)
+    monkeypatch.setattr(bench, "run_ops", lambda *a, ceilings, **k: seen.setdefault("ceilings", ceilings) and [])
+    out = tmp_path / "ops.json"
+    assert cli.main(["bench", "ops", "--device", "cpu", "--dtype", "float32", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["ceilings"] == fake and written["dtype"] == "float32" and written["records"] == []
+    assert written["device"] == "cpu" and written["command"]
+    assert seen == {"dtype": torch.float32, "ceilings": fake}
+
+
+# ---- benchmarks/plot_results.py------------------------------------------------------------------------------------
+
+def _plot_script():
+    spec = importlib.util.spec_from_file_location("plot_results_script", ROOT / "benchmarks" / "plot_results.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def _e2e_record(method, tokens, share, ratio, speedup):
+    return {"method": method, "prompt_tokens": tokens, "edited_share": share, "recompute_ratio": ratio,
+            "mean_ttft_ms": 100.0 / speedup, "speedup_vs_full": speedup,
+            "reuse_ratio": 0.0 if ratio is None else 1 - ratio}
+
+
+def test_plot_results_length_groups():
+    groups = _plot_script().length_groups([1023, 1065, 1022, 2051, 2012, 4113, 4083])
+    assert groups[1022] == groups[1023] == groups[1065] and groups[2012] == groups[2051] != groups[1023]
+    assert len(set(groups.values())) == 3
+
+
+def test_plot_results_missing_folder_exits_2(tmp_path, capsys):
+    assert _plot_script().main(["--results", str(tmp_path / "missing")]) == 2
+    _one_error_line(capsys, "--results")
+
+
+@pytest.mark.parametrize("sweep", [True, False], ids=["ratio-sweep", "one-ratio"])
+def test_plot_results_writes_pngs(tmp_path, capsys, sweep):
+    pytest.importorskip("matplotlib")
+    ratios = [0.1, 0.3] if sweep else [0.2]
+    records = []
+    for tokens in (256, 1030):
+        for share in (0.02, 0.1):
+            records += [_e2e_record("full", tokens, share, None, 1.0), _e2e_record("prefix", tokens, share, 0.0, 1.1)]
+            records += [_e2e_record("semshare", tokens, share, r, 3.0 - r) for r in ratios]
+    (tmp_path / "e2e_test.json").write_text(json.dumps({"model": "tiny", "device": "cpu", "records": records}))
+    point = lambda r, rouge: {"recompute_ratio": r, "rougeL": rouge, "rougeL_noise_floor": 0.5, "pairs": 3}  # noqa
+    (tmp_path / "eval_test.json").write_text(json.dumps({
+        "model": "tiny", "sweep": [point(0.35, 0.9), point(0.1, 0.7)],
+        "sets": {"near_duplicate": [point(0.1, 0.6), point(0.35, 0.8)], "controlled_edit": [point(0.1, 0.8)]}}))
+    (tmp_path / "ops_test.json").write_text("{}")  # not a kind it plots: left alone
+    assert _plot_script().main(["--results", str(tmp_path)]) == 0
+    for name in ("e2e_test_speedup.png", "eval_test_quality.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["e2e_test_speedup.png", "eval_test_quality.png"]
+    assert capsys.readouterr().out.count("wrote") == 2

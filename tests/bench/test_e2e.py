@@ -1,0 +1,114 @@
+"""semshare_ops.bench.e2e (`semshare bench e2e`): the edited targets, the methods' configs and one tiny run.
+
+Speed itself is never asserted here (a timed test claims nothing); these check that every method runs the way
+its name says and that the records carry the `vllm bench serve` keys.
+"""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from semshare_ops.bench import e2e  # noqa: E402
+from semshare_ops.bench.timing import percentile  # noqa: E402
+from semshare_ops.engine import ReuseConfig, ReuseEngine  # noqa: E402
+
+from engine_testutils import FakeTokenizer, build_model, rand_tokens  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("share", [0.02, 0.1, 0.3])
+def test_edit_tokens_touches_about_the_share(share):
+    import difflib
+
+    ids = rand_tokens(1000, seed=1)
+    out = e2e.edit_tokens(ids, share, seed=3)
+    assert out != ids
+    assert e2e.edit_tokens(ids, share, seed=3) == out  # deterministic
+    kept = sum(b.size for b in difflib.SequenceMatcher(None, ids, out, autojunk=False).get_matching_blocks())
+    assert 1 - share * 1.3 - 0.01 <= kept / len(ids) <= 1 - share * 0.4
+
+
+def test_method_configs():
+    configs = e2e.method_configs(ReuseConfig(recompute_ratio=0.3))
+    assert configs["full"] is None and configs["hf"] is None
+    assert configs["prefix"].matching == "prefix" and configs["prefix"].recompute_ratio == 0.0
+    assert configs["cacheblend"].matching == "chunk" and configs["cacheblend"].recompute_ratio == 0.15
+    assert configs["semshare"].recompute_ratio == 0.3 and configs["semshare"].matching == "hybrid"
+
+
+def test_percentile():
+    assert percentile([1.0], 99) == 1.0
+    assert percentile([1.0, 3.0], 50) == 2.0
+    assert percentile(list(map(float, range(101))), 99) == pytest.approx(99.0)
+
+
+def test_run_e2e_tiny_model():
+    engine = ReuseEngine(build_model("llama", seed=0), FakeTokenizer(), ReuseConfig())
+    reference = rand_tokens(300, seed=2)
+    records = e2e.run_e2e(engine, lambda n: reference[:n], [128, 256], [0.05, 0.3], repeat=2)
+    assert len(records) == 2 * 2 * len(e2e.METHODS)
+    keys = {"mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "kv_bytes", "kv_bytes_full", "method",
+            "prompt_tokens", "speedup_vs_full", "reuse_ratio", "runs"}
+    for r in records:
+        assert keys <= r.keys() and r["runs"] == 2 and r["mean_ttft_ms"] > 0
+        assert r["median_ttft_ms"] <= r["p99_ttft_ms"] + 1e-9
+    by = {(r["prompt_tokens"], r["edited_share"], r["method"]): r for r in records}
+    for (tokens, share, method), r in by.items():
+        if method == "full":
+            assert r["mode"] == "full" and r["reuse_ratio"] == 0.0 and r["speedup_vs_full"] == pytest.approx(1.0)
+        elif method == "hf":
+            assert r["mode"] == "full" and r["reuse_ratio"] == 0.0 and r["recompute_ratio"] is None
+        else:
+            assert r["mode"] == "reuse"
+            assert r["kv_bytes"] == r["kv_bytes_full"]  # no retention in any method
+    # semshare matches more than the exact-chunk and prefix baselines on scattered edits
+    for tokens in {k[0] for k in by}:
+        for share in (0.05, 0.3):
+            if (tokens, share, "semshare") in by:
+                assert by[(tokens, share, "semshare")]["matched_tokens"] >= by[(tokens, share, "prefix")]["matched_tokens"]
+                assert by[(tokens, share, "semshare")]["matched_tokens"] >= by[(tokens, share, "cacheblend")]["matched_tokens"]
+    table = e2e.format_e2e(records)
+    assert "cacheblend" in table and len(table.splitlines()) == len(records) + 2
+
+
+def test_hf_method_runs_no_semshare_code(monkeypatch):
+    """The stock baseline must not touch partial_attn or the semshare cache: it is what the engine is timed against."""
+    from semshare_ops.engine import hf
+
+    engine = ReuseEngine(build_model("llama", seed=0), FakeTokenizer(), ReuseConfig())
+    monkeypatch.setattr(hf.ops, "partial_attn", lambda *a, **k: pytest.fail("hf baseline ran partial_attn"))
+    monkeypatch.setattr(hf, "_causal_sdpa", lambda *a, **k: pytest.fail("hf baseline used the semshare cache"))
+    result = e2e._serve_stock(engine, rand_tokens(200, seed=5), repeat=2)
+    assert result["runs"] == 2 and result["mean_ttft_ms"] > 0 and result["mode"] == "full"
+    assert result["kv_bytes"] == engine.num_layers * 200 * engine.token_bytes
+
+
+def test_run_e2e_sweeps_semshare_recompute_ratios():
+    engine = ReuseEngine(build_model("llama", seed=0), FakeTokenizer(), ReuseConfig())
+    reference = rand_tokens(300, seed=2)
+    records = e2e.run_e2e(engine, lambda n: reference[:n], [256], [0.1], methods=["full", "prefix", "semshare"],
+                          repeat=1, recompute_ratios=[0.1, 0.8])
+    assert [(r["method"], r["recompute_ratio"]) for r in records] == [
+        ("full", None), ("prefix", 0.0), ("semshare", 0.1), ("semshare", 0.8)]
+    low, high = records[2], records[3]
+    assert high["reuse_ratio"] < low["reuse_ratio"]  # the ratio really reached the engine
+    assert "0.80" in e2e.format_e2e(records)
+
+
+def test_run_e2e_rejects_unknown_method():
+    engine = ReuseEngine(build_model("llama", seed=0), FakeTokenizer(), ReuseConfig())
+    with pytest.raises(ValueError, match="methods"):
+        e2e.run_e2e(engine, lambda n: rand_tokens(n, 0), [64], methods=["full", "magic"])
+
+
+@pytest.mark.slow  # initialising 1B random parameters (embeddings and head of the 128k vocabulary) takes ~25 s
+def test_random_model_has_the_real_shape_and_dtype():
+    model, tok = e2e.random_model("llama3-8b", layers=1, dtype=torch.bfloat16)
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers) == (4096, 32, 8, 1)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert len(tok) == cfg.vocab_size
+    with pytest.raises(ValueError, match="shape"):
+        e2e.random_model("gpt-9")

@@ -1,0 +1,206 @@
+"""The engine's full path against plain HF generate, string prompts, the baselines, match(), logits, entries, the
+recompute tail, and the causal fast path (whole-cache steps to SDPA).
+
+On small randomly initialised Llama and Qwen2 models (fixtures in conftest.py)."""
+
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import semshare_ops.ops as ss_ops  # noqa: E402
+from semshare_ops.engine import GenerationOutput, ReferenceEntry, ReuseConfig  # noqa: E402
+
+from engine_testutils import (
+    LAYERS, NEW, build_model, edited, engine_for, generate_with_logits, rand_tokens)  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_full_path_matches_plain_hf_generate(arch, model, tokenizer, reference_ids):
+    """engine.generate without reference is HF greedy generation (the baseline every invariant compares to)."""
+    target = edited(reference_ids, "replace")
+    plain = build_model(arch, seed=0)  # same weights, stock attention, HF's own cache
+    plain_out = plain.generate(torch.tensor([target]), attention_mask=torch.ones(1, len(target), dtype=torch.long),
+                               max_new_tokens=NEW, do_sample=False, pad_token_id=0, output_scores=True,
+                               return_dict_in_generate=True)
+    out, logits = generate_with_logits(engine_for(model, tokenizer), target, max_new_tokens=NEW)
+    assert isinstance(out, GenerationOutput)
+    assert out.token_ids == plain_out.sequences[0, len(target):].tolist()
+    torch.testing.assert_close(logits, plain_out.scores[0][0].float(), atol=1e-4, rtol=1e-4)
+    assert out.text == tokenizer.decode(out.token_ids)
+    assert len(out.token_ids) == NEW
+
+
+def test_string_prompt_goes_through_tokenizer(model, tokenizer):
+    engine = engine_for(model, tokenizer)
+    text_a = "The quick brown fox jumps over the lazy dog. " * 6
+    text_b = text_a.replace("lazy", "sleepy", 2)
+    ref = engine.prefill(text_a)
+    assert ref.token_ids.tolist() == tokenizer(text_a)["input_ids"]
+    out = engine.generate(text_b, reference=ref, max_new_tokens=NEW)
+    assert out.stats["prompt_tokens"] == len(tokenizer(text_b)["input_ids"])
+    assert out.token_ids == engine.generate(tokenizer(text_b)["input_ids"], reference=ref,
+                                            max_new_tokens=NEW).token_ids
+    assert isinstance(out.text, str) and out.text == tokenizer.decode(out.token_ids)
+
+
+def test_prefix_baseline_recomputes_only_the_suffix_and_is_exact(model, tokenizer, reference_ids, ref_entry):
+    """Prefix caching: the block-aligned common prefix is exact, every later token is computed in every layer."""
+    target = reference_ids[:150] + rand_tokens(30, seed=7)
+    engine = engine_for(model, tokenizer, matching="prefix", recompute_ratio=0.0, min_similarity=0.0)
+    full, full_logits = generate_with_logits(engine, target, max_new_tokens=NEW)
+    out, logits = generate_with_logits(engine, target, reference=ref_entry, max_new_tokens=NEW)
+    assert out.stats["matched_tokens"] == 144  # 9 whole blocks of 16
+    assert out.stats["recomputed_tokens"] == [len(target) - 144] * LAYERS
+    assert out.token_ids == full.token_ids
+    torch.testing.assert_close(logits, full_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_chunk_baseline_reuses_shifted_chunks(model, tokenizer, reference_ids, ref_entry):
+    target = rand_tokens(5, seed=8) + reference_ids[:200]
+    engine = engine_for(model, tokenizer, matching="chunk", recompute_ratio=0.15, recompute_decay=1.0,
+                        check_layers=1)
+    out = engine.generate(target, reference=ref_entry, max_new_tokens=NEW)
+    assert out.stats["mode"] == "reuse" and out.stats["matched_tokens"] >= 176
+    assert out.stats["recomputed_tokens"][0] == len(target)
+    assert len(set(out.stats["recomputed_tokens"][1:])) == 1  # decay 1.0: a fixed count past the first layer
+
+
+def test_match_is_what_generate_uses(model, tokenizer, reference_ids, ref_entry):
+    engine = engine_for(model, tokenizer)
+    target = edited(reference_ids, "insert")
+    m = engine.match(ref_entry, target)
+    assert m.target_tokens == len(target)
+    out = engine.generate(target, reference=ref_entry, max_new_tokens=2)
+    assert out.stats["matched_tokens"] == m.matched
+    with pytest.raises(TypeError, match="reference"):
+        engine.match("not an entry", target)
+
+
+def test_generate_returns_logits_when_asked(model, tokenizer, reference_ids, ref_entry):
+    engine = engine_for(model, tokenizer)
+    target = edited(reference_ids, "replace")
+    out, hooked = generate_with_logits(engine, target, reference=ref_entry, max_new_tokens=4, output_logits=True,
+                                       return_dict_in_generate=True)
+    assert len(out.logits) == len(out.token_ids) == 4
+    torch.testing.assert_close(out.logits[0][0].float(), hooked)
+    assert engine.generate(target, max_new_tokens=2).logits is None
+
+
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_return_entry_holds_the_prompt_cache(model, tokenizer, reference_ids, ref_entry, with_reference):
+    engine = engine_for(model, tokenizer)
+    target = edited(reference_ids, "delete")
+    out = engine.generate(target, reference=ref_entry if with_reference else None, max_new_tokens=NEW,
+                          return_entry=True)
+    entry = out.entry
+    assert isinstance(entry, ReferenceEntry) and entry.token_ids.tolist() == target
+    assert entry.keys.shape[:2] == (LAYERS, len(target)) and entry.fingerprint == engine.fingerprint
+    if not with_reference:  # a full prefill's entry is the prefill of the same prompt
+        fresh = engine.prefill(target)
+        torch.testing.assert_close(entry.keys, fresh.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(entry.values, fresh.values, atol=1e-5, rtol=1e-5)
+        assert torch.equal(entry.codes, fresh.codes)
+    # the entry serves an identical request like a prefilled one: same output as a full prefill
+    again = engine.generate(target, reference=entry, max_new_tokens=NEW)
+    assert again.stats["matched_tokens"] == len(target)
+    if not with_reference:
+        assert again.token_ids == engine.generate(target, max_new_tokens=NEW).token_ids
+
+
+def test_return_entry_rejected_with_retention(model, tokenizer, reference_ids, ref_entry):
+    engine = engine_for(model, tokenizer, retain_ratio=0.5)
+    with pytest.raises(ValueError, match="return_entry"):
+        engine.generate(reference_ids, reference=ref_entry, max_new_tokens=2, return_entry=True)
+
+
+def test_recompute_tail_is_recomputed_in_every_layer(model, tokenizer, reference_ids, ref_entry):
+    engine = engine_for(model, tokenizer, recompute_ratio=0.0, recompute_tail=24, check_layers=1)
+    out = engine.generate(reference_ids, reference=ref_entry, max_new_tokens=2)
+    assert out.stats["recomputed_tokens"] == [len(reference_ids)] + [24 + 1] * (LAYERS - 1)
+    with pytest.raises(ValueError, match="recompute_tail"):
+        ReuseConfig(recompute_tail=-1)
+
+
+def count_attention_paths(monkeypatch) -> dict:
+    """Count the steps semshare_attention sends to SDPA's causal kernel and to partial_attn (fast path on CPU too)."""
+    from semshare_ops.engine import hf
+
+    monkeypatch.setattr(hf, "CAUSAL_SDPA_DEVICE_TYPES", ("cpu", "cuda"))
+    calls = {"sdpa": 0, "partial": 0}
+    causal, partial = hf._causal_sdpa, hf.ops.partial_attn
+
+    def sdpa_spy(*args, **kwargs):
+        calls["sdpa"] += 1
+        return causal(*args, **kwargs)
+
+    def partial_spy(*args, **kwargs):
+        calls["partial"] += 1
+        return partial(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "_causal_sdpa", sdpa_spy)
+    monkeypatch.setattr(hf.ops, "partial_attn", partial_spy)
+    return calls
+
+
+def force_general_path(monkeypatch) -> None:
+    """Make every step take partial_attn (what the fast path must agree with)."""
+    from semshare_ops.engine import hf
+
+    monkeypatch.setattr(hf, "CAUSAL_SDPA_DEVICE_TYPES", ("cpu", "cuda"))
+
+    def via_partial_attn(query, key, value, scale):
+        positions = torch.arange(key.shape[0])
+        return ss_ops.partial_attn(query[0].transpose(0, 1), key, value, positions, positions, scale=scale)[0]
+
+    monkeypatch.setattr(hf, "_causal_sdpa", via_partial_attn)
+
+
+def test_full_prefill_takes_causal_sdpa_and_agrees_with_partial_attn(model, tokenizer, reference_ids, monkeypatch):
+    target = edited(reference_ids, "replace")
+    engine = engine_for(model, tokenizer)
+    calls = count_attention_paths(monkeypatch)
+    fast, fast_logits = generate_with_logits(engine, target, max_new_tokens=NEW)
+    assert calls["sdpa"] == LAYERS  # the prompt, once per layer
+    assert calls["partial"] == LAYERS * (NEW - 1)  # every decode step sees the cache through positions
+    monkeypatch.undo()
+    force_general_path(monkeypatch)
+    general, general_logits = generate_with_logits(engine, target, max_new_tokens=NEW)
+    assert fast.token_ids == general.token_ids
+    torch.testing.assert_close(fast_logits, general_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("retain", [None, 0.6])
+def test_reuse_check_layers_take_causal_sdpa(model, tokenizer, reference_ids, ref_entry, retain, monkeypatch):
+    """Check layers recompute every position (fast path); deeper layers recompute a subset (partial_attn). With
+    retention the observer's scores come out the same either way."""
+    target = edited(reference_ids, "replace")
+    engine = engine_for(model, tokenizer, check_layers=2, recompute_ratio=0.6, retain_ratio=retain)
+    calls = count_attention_paths(monkeypatch)
+    fast, fast_logits = generate_with_logits(engine, target, reference=ref_entry, max_new_tokens=2)
+    counts = fast.stats["recomputed_tokens"]
+    full_layers = sum(c == len(target) for c in counts)
+    assert fast.stats["mode"] == "reuse" and full_layers == 2 and min(counts) < len(target)
+    assert calls["sdpa"] == full_layers
+    monkeypatch.undo()
+    force_general_path(monkeypatch)
+    general, general_logits = generate_with_logits(engine, target, reference=ref_entry, max_new_tokens=2)
+    assert general.stats == {**fast.stats, "ttft_ms": general.stats["ttft_ms"]}
+    torch.testing.assert_close(fast_logits, general_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_compacted_layers_leave_the_fast_path():
+    from semshare_ops.engine.hf import TokenMajorLayer
+
+    layer = TokenMajorLayer(torch.randn(8, 2, 4), torch.randn(8, 2, 4))
+    layer.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    assert layer.causal_step and layer.in_order
+    layer.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+    assert not layer.causal_step and layer.in_order
+    layer.keep(torch.tensor([0, 2, 3, 4, 5]))
+    assert not layer.in_order
+    layer.write_positions = torch.arange(5)  # every live slot rewritten, but slots no longer hold positions 0..4
+    layer.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    assert not layer.causal_step

@@ -1,0 +1,434 @@
+"""semshare_ops.matching (SPEC.md section 4, step 2): edit alignment, position-rotated LSH matching, hybrid.
+
+Everything here is plain torch on CPU: token ids and embedding matrices in, (target, reference) position pairs out.
+The oracles are written independently of the implementation (python popcounts, float64 rotations).
+"""
+
+import math
+
+import pytest
+import torch
+
+from semshare_ops.engine import matching
+
+VOCAB = 512
+DIM = 64
+BITS = 128
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_tokens(n: int, seed: int, vocab: int = VOCAB) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=gen(seed)).tolist()
+
+
+def popcount_distance(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Hamming distance of two packed int64 code rows, by python popcount (independent of the ops)."""
+    return sum(bin((int(x) ^ int(y)) & (2**64 - 1)).count("1") for x, y in zip(a.tolist(), b.tolist()))
+
+
+def assert_valid_pairs(dst, src, reference_ids, target_ids):
+    """Edit pairs: strictly increasing in both sequences, and each pair joins equal tokens."""
+    assert len(dst) == len(src)
+    assert all(b > a for a, b in zip(dst, dst[1:])), f"target positions not strictly increasing: {dst}"
+    assert all(b > a for a, b in zip(src, src[1:])), f"reference positions not strictly increasing: {src}"
+    assert all(0 <= d < len(target_ids) for d in dst)
+    assert all(0 <= s < len(reference_ids) for s in src)
+    assert all(target_ids[d] == reference_ids[s] for d, s in zip(dst, src))
+
+
+@pytest.fixture(scope="module")
+def embedding_matrix():
+    """A random (not constant) token embedding table, as a model's embed_tokens would hold."""
+    return torch.randn(VOCAB, DIM, generator=gen(11))
+
+
+@pytest.fixture(scope="module")
+def planes():
+    return matching.lsh_planes(DIM, BITS, 0)
+
+
+def codes_of(ids, embedding_matrix, planes):
+    return matching.embedding_codes(embedding_matrix[torch.tensor(ids, dtype=torch.long)], planes)
+
+
+# ---- edit_pairs on hand-made sequences -------------------------------------------------------------------------
+
+
+def test_edit_pairs_identical():
+    ids = [5, 3, 8, 1, 9, 3]
+    dst, src = matching.edit_pairs(ids, ids)
+    assert dst == list(range(6)) and src == list(range(6))
+
+
+def test_edit_pairs_insert():
+    ref = [1, 2, 3, 4, 5]
+    tgt = [1, 2, 90, 91, 3, 4, 5]
+    dst, src = matching.edit_pairs(ref, tgt)
+    assert dst == [0, 1, 4, 5, 6]
+    assert src == [0, 1, 2, 3, 4]
+
+
+def test_edit_pairs_delete():
+    ref = [1, 2, 3, 4, 5, 6]
+    tgt = [1, 2, 5, 6]
+    dst, src = matching.edit_pairs(ref, tgt)
+    assert dst == [0, 1, 2, 3]
+    assert src == [0, 1, 4, 5]
+
+
+def test_edit_pairs_replace():
+    ref = [1, 2, 3, 4, 5]
+    tgt = [1, 2, 70, 4, 5]
+    dst, src = matching.edit_pairs(ref, tgt)
+    assert dst == [0, 1, 3, 4]
+    assert src == [0, 1, 3, 4]
+
+
+@pytest.mark.parametrize("ref, tgt", [([], []), ([], [4, 5]), ([4, 5], []), ([1, 2, 3], [7, 8, 9])],
+                         ids=["both-empty", "ref-empty", "target-empty", "disjoint"])
+def test_edit_pairs_nothing_in_common(ref, tgt):
+    assert matching.edit_pairs(ref, tgt) == ([], [])
+
+
+def test_edit_pairs_accepts_any_sequence():
+    ref = [4, 1, 4, 2]
+    dst, src = matching.edit_pairs(tuple(ref), (4, 2))
+    assert_valid_pairs(dst, src, ref, [4, 2])
+    assert len(dst) == 2
+
+
+@pytest.mark.parametrize("edit", ["replace", "insert", "delete", "scattered"])
+def test_edit_pairs_random_edits_keep_the_untouched_tokens(edit):
+    """A 300-token random sequence with one edit: every untouched token is kept, pairs are a valid alignment."""
+    ref = random_tokens(300, seed=1)
+    new = random_tokens(40, seed=2)
+    if edit == "replace":
+        tgt, kept = ref[:100] + new[:25] + ref[130:], 100 + 170
+    elif edit == "insert":
+        tgt, kept = ref[:50] + new[:15] + ref[50:], 300
+    elif edit == "delete":
+        tgt, kept = ref[:200] + ref[230:], 270
+    else:
+        tgt = list(ref)
+        for p in (17, 88, 150, 222, 290):
+            tgt[p] = (tgt[p] + 1) % VOCAB
+        kept = 295
+    dst, src = matching.edit_pairs(ref, tgt)
+    assert_valid_pairs(dst, src, ref, tgt)
+    assert len(dst) >= kept
+    if edit == "insert":  # the inserted span is exactly what is left unmatched
+        assert set(range(len(tgt))) - set(dst) == set(range(50, 65))
+    if edit == "delete":
+        assert set(range(len(ref))) - set(src) == set(range(200, 230))
+
+
+def test_edit_pairs_with_repeated_tokens():
+    """A small vocabulary (many repeats) still gives a valid, increasing alignment."""
+    ref = random_tokens(200, seed=3, vocab=6)
+    tgt = ref[:70] + random_tokens(12, seed=4, vocab=6) + ref[90:]
+    dst, src = matching.edit_pairs(ref, tgt)
+    assert_valid_pairs(dst, src, ref, tgt)
+    assert len(dst) >= 70 + 110
+
+
+# ---- rotate_embeddings -----------------------------------------------------------------------------------------
+
+
+def test_rotate_embeddings_identity_at_position_zero_and_preserves_norms():
+    x = torch.randn(50, DIM, generator=gen(5))
+    out = matching.rotate_embeddings(x)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out[0], x[0], rtol=0, atol=0)
+    torch.testing.assert_close(out.norm(dim=1), x.norm(dim=1), rtol=1e-5, atol=1e-5)
+    pair_norms = lambda t: t.view(50, DIM // 2, 2).norm(dim=2)  # noqa: E731  each (2k, 2k+1) pair is rotated
+    torch.testing.assert_close(pair_norms(out), pair_norms(x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out[1:], x[1:], atol=1e-3)  # positions > 0 really are rotated
+
+
+def test_rotate_embeddings_matches_float64_oracle():
+    base = 10000.0
+    x = torch.randn(40, DIM, generator=gen(6))
+    out = matching.rotate_embeddings(x, base)
+    xd = x.double()
+    k = torch.arange(DIM // 2, dtype=torch.float64)
+    inv_freq = base ** (-2 * k / DIM)
+    ang = torch.arange(40, dtype=torch.float64)[:, None] * inv_freq
+    z = torch.complex(xd[:, 0::2], xd[:, 1::2]) * torch.polar(torch.ones_like(ang), ang)
+    expected = torch.stack([z.real, z.imag], dim=-1).reshape(40, DIM)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_rotate_embeddings_same_position_keeps_dot_products():
+    """Rotation by position: two rows at the same position keep their dot product."""
+    x = torch.randn(30, DIM, generator=gen(7))
+    y = torch.randn(30, DIM, generator=gen(8))
+    rx, ry = matching.rotate_embeddings(x), matching.rotate_embeddings(y)
+    torch.testing.assert_close((rx * ry).sum(1), (x * y).sum(1), rtol=1e-4, atol=1e-4)
+
+
+def test_rotate_embeddings_odd_dim_leaves_last_feature():
+    x = torch.randn(12, 7, generator=gen(9))
+    out = matching.rotate_embeddings(x)
+    torch.testing.assert_close(out[:, 6], x[:, 6], rtol=0, atol=0)
+    torch.testing.assert_close(out.norm(dim=1), x.norm(dim=1), rtol=1e-5, atol=1e-5)
+
+
+# ---- LSH codes ---------------------------------------------------------------------------------------------------
+
+
+def test_lsh_planes_deterministic_by_seed():
+    a, b, c = matching.lsh_planes(DIM, BITS, 3), matching.lsh_planes(DIM, BITS, 3), matching.lsh_planes(DIM, BITS, 4)
+    assert a.shape == (DIM, BITS)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_embedding_codes_are_simhash_of_rotated_embeddings(embedding_matrix, planes):
+    ids = random_tokens(64, seed=10)
+    codes = codes_of(ids, embedding_matrix, planes)
+    assert codes.shape == (64, math.ceil(BITS / 64)) and codes.dtype == torch.int64
+    proj = matching.rotate_embeddings(embedding_matrix[torch.tensor(ids)]).double() @ planes.double()
+    for t in range(64):
+        for b in range(BITS):
+            if abs(proj[t, b]) < 1e-4:  # too close to the hyperplane to tell in fp32
+                continue
+            bit = (int(codes[t, b // 64]) >> (b % 64)) & 1
+            assert bit == int(proj[t, b] >= 0), f"token {t} bit {b}"
+
+
+def test_same_token_at_other_position_gets_other_code(embedding_matrix, planes):
+    """Position is folded in: one token repeated at many positions gets distinct codes."""
+    codes = codes_of([42] * 40, embedding_matrix, planes)
+    assert len({tuple(c) for c in codes.tolist()}) > 30
+    # ... but nearby positions stay nearer than far ones (the rotation is smooth)
+    near = popcount_distance(codes[10], codes[11])
+    far = popcount_distance(codes[10], codes[39])
+    assert near < far
+
+
+# ---- match_tokens ------------------------------------------------------------------------------------------------
+
+
+def make_pair(edit: str):
+    ref = random_tokens(240, seed=20)
+    new = random_tokens(30, seed=21)
+    if edit == "identical":
+        tgt = list(ref)
+    elif edit == "replace":
+        tgt = ref[:90] + new[:20] + ref[110:]
+    elif edit == "insert":
+        tgt = ref[:30] + new[:12] + ref[30:]
+    elif edit == "delete":
+        tgt = ref[:150] + ref[175:]
+    else:  # a few scattered token changes
+        tgt = list(ref)
+        for p in (5, 60, 61, 130, 200):
+            tgt[p] = (tgt[p] + 7) % VOCAB
+    return ref, tgt
+
+
+EDITS = ["identical", "replace", "insert", "delete", "scattered"]
+
+
+def run_match(method, ref, tgt, embedding_matrix, planes, max_distance=24):
+    r, t = torch.tensor(ref), torch.tensor(tgt)
+    rc, tc = codes_of(ref, embedding_matrix, planes), codes_of(tgt, embedding_matrix, planes)
+    return matching.match_tokens(r, t, method, rc, tc, max_distance), rc, tc
+
+
+def assert_match_well_formed(m, ref, tgt, rc=None, tc=None, max_distance=None):
+    n = len(tgt)
+    assert m.target_tokens == n
+    assert m.dst.dtype == torch.long and m.src.dtype == torch.long and m.exact.dtype == torch.bool
+    assert m.dst.shape == m.src.shape == m.exact.shape
+    dst = m.dst.tolist()
+    assert all(b > a for a, b in zip(dst, dst[1:])), "dst must be strictly ascending (one source per target)"
+    assert all(0 <= d < n for d in dst) and all(0 <= s < len(ref) for s in m.src.tolist())
+    equal = [tgt[d] == ref[s] for d, s in zip(dst, m.src.tolist())]
+    assert m.exact.tolist() == equal, "exact must flag exactly the pairs of equal token ids"
+    assert m.matched == len(dst)
+    mask = m.unmatched_mask()
+    assert mask.dtype == torch.bool and mask.shape == (n,)
+    assert int(mask.sum()) == n - m.matched and not mask[m.dst].any()
+    if max_distance is not None:  # every fuzzy (LSH) pair lies within the bit budget
+        for d, s in zip(dst, m.src.tolist()):
+            assert popcount_distance(tc[d], rc[s]) <= max_distance
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_match_edit_equals_edit_pairs(edit, embedding_matrix, planes):
+    ref, tgt = make_pair(edit)
+    m, _, _ = run_match("edit", ref, tgt, embedding_matrix, planes)
+    dst, src = matching.edit_pairs(ref, tgt)
+    assert m.dst.tolist() == dst and m.src.tolist() == src
+    assert bool(m.exact.all())
+    assert_match_well_formed(m, ref, tgt)
+    assert_valid_pairs(dst, src, ref, tgt)
+
+
+def test_match_edit_needs_no_codes():
+    ref, tgt = make_pair("replace")
+    m = matching.match_tokens(torch.tensor(ref), torch.tensor(tgt), "edit")
+    assert m.matched == len(matching.edit_pairs(ref, tgt)[0])
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_match_lsh_well_formed(edit, embedding_matrix, planes):
+    ref, tgt = make_pair(edit)
+    m, rc, tc = run_match("lsh", ref, tgt, embedding_matrix, planes, max_distance=24)
+    assert_match_well_formed(m, ref, tgt, rc, tc, max_distance=24)
+
+
+def test_match_lsh_identical_recovers_positions(embedding_matrix, planes):
+    ref, tgt = make_pair("identical")
+    m, rc, tc = run_match("lsh", ref, tgt, embedding_matrix, planes)
+    same_place = (m.dst == m.src).sum().item()
+    assert m.matched == len(tgt)
+    assert same_place >= 0.95 * len(tgt), f"only {same_place}/{len(tgt)} positions recovered"
+    assert bool(m.exact.all())
+
+
+def test_match_lsh_scattered_edit_mostly_in_place(embedding_matrix, planes):
+    """Tokens untouched by a few scattered substitutions (no shift) are matched at their own position."""
+    ref, tgt = make_pair("scattered")
+    m, _, _ = run_match("lsh", ref, tgt, embedding_matrix, planes)
+    pairs = dict(zip(m.dst.tolist(), m.src.tolist()))
+    untouched = [p for p in range(len(tgt)) if p not in (5, 60, 61, 130, 200)]
+    in_place = sum(pairs.get(p) == p for p in untouched)
+    assert in_place >= 0.95 * len(untouched)
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_match_hybrid_extends_edit(edit, embedding_matrix, planes):
+    ref, tgt = make_pair(edit)
+    hyb, rc, tc = run_match("hybrid", ref, tgt, embedding_matrix, planes, max_distance=24)
+    edit_m, _, _ = run_match("edit", ref, tgt, embedding_matrix, planes)
+    assert_match_well_formed(hyb, ref, tgt)
+    hp = dict(zip(hyb.dst.tolist(), hyb.src.tolist()))
+    for d, s in zip(edit_m.dst.tolist(), edit_m.src.tolist()):
+        assert hp.get(d) == s, f"hybrid lost the edit pair ({d}, {s})"
+    edit_dst = set(edit_m.dst.tolist())
+    for d, s in hp.items():  # what LSH added lies within the bit budget
+        if d not in edit_dst:
+            assert popcount_distance(tc[d], rc[s]) <= 24
+    assert hyb.matched >= edit_m.matched
+
+
+def test_match_empty_target(embedding_matrix, planes):
+    ref = random_tokens(20, seed=30)
+    rc = codes_of(ref, embedding_matrix, planes)
+    empty_codes = torch.empty(0, rc.shape[1], dtype=torch.int64)
+    for method in ("edit", "lsh", "hybrid"):
+        m = matching.match_tokens(torch.tensor(ref), torch.tensor([], dtype=torch.long), method, rc, empty_codes)
+        assert m.matched == 0 and m.target_tokens == 0 and m.unmatched_mask().numel() == 0
+
+
+# ---- lsh_pairs on hand-made codes ------------------------------------------------------------------------------
+
+
+def codes(*values):
+    return torch.tensor([[v] for v in values], dtype=torch.int64)
+
+
+def test_exact_token_match_wins_over_nearer_code():
+    # target 0 (id 30): nearest ref code is index 0 (distance 0, id 10); index 2 has its id at distance 3.
+    ref_codes = codes(0b0000, 0b0001, 0b0111, 0b1111_0000)
+    ref_ids = torch.tensor([10, 20, 30, 40])
+    tgt_codes = codes(0b0000, 0b0011)
+    tgt_ids = torch.tensor([30, 99])
+    dst, src, exact = matching.lsh_pairs(tgt_codes, ref_codes, tgt_ids, ref_ids, torch.tensor([0, 1]), 8)
+    assert dst.tolist() == [0, 1]
+    assert src.tolist() == [2, 1]  # target 1 has no same-id candidate: nearest code (0b0001 at 1, ties -> lower)
+    assert exact.tolist() == [True, False]
+
+
+def test_max_distance_zero_only_identical_codes():
+    ref_codes = codes(0b1010, 0b0110, 0b1111_1111)
+    ref_ids = torch.tensor([1, 2, 3])
+    tgt_codes = codes(0b1010, 0b0111, 0b1111_1111)  # identical, 1 bit off, identical
+    tgt_ids = torch.tensor([1, 2, 7])
+    cand = torch.tensor([0, 1, 2])
+    dst, src, exact = matching.lsh_pairs(tgt_codes, ref_codes, tgt_ids, ref_ids, cand, 0)
+    assert dst.tolist() == [0, 2] and src.tolist() == [0, 2] and exact.tolist() == [True, False]
+    dst, src, _ = matching.lsh_pairs(tgt_codes, ref_codes, tgt_ids, ref_ids, cand, 1)
+    assert dst.tolist() == [0, 1, 2] and src.tolist() == [0, 1, 2]
+
+
+def test_max_distance_zero_on_real_codes(embedding_matrix, planes):
+    ref, tgt = make_pair("replace")
+    m, rc, tc = run_match("lsh", ref, tgt, embedding_matrix, planes, max_distance=0)
+    assert m.matched > 0
+    for d, s in zip(m.dst.tolist(), m.src.tolist()):
+        assert torch.equal(tc[d], rc[s])
+    loose, _, _ = run_match("lsh", ref, tgt, embedding_matrix, planes, max_distance=BITS)
+    assert loose.matched == len(tgt)  # no budget: every target token takes its nearest reference token
+    assert loose.matched > m.matched
+
+
+def test_lsh_pairs_only_candidates_and_empty_inputs():
+    ref_codes = codes(1, 2, 4, 8)
+    ref_ids = torch.tensor([1, 2, 3, 4])
+    tgt_codes = codes(1, 2, 4, 8)
+    tgt_ids = torch.tensor([1, 2, 3, 4])
+    dst, src, _ = matching.lsh_pairs(tgt_codes, ref_codes, tgt_ids, ref_ids, torch.tensor([1, 3]), 0)
+    assert dst.tolist() == [1, 3] and src.tolist() == [1, 3]
+    dst, src, exact = matching.lsh_pairs(tgt_codes, ref_codes, tgt_ids, ref_ids, torch.tensor([], dtype=torch.long),
+                                         0)
+    assert dst.numel() == src.numel() == exact.numel() == 0
+    dst, _, _ = matching.lsh_pairs(tgt_codes, codes()[:0].reshape(0, 1), tgt_ids, ref_ids[:0], torch.tensor([0]), 64)
+    assert dst.numel() == 0
+
+
+# ---- baselines of the benchmarks: prefix blocks and verbatim chunks ---------------------------------------------
+
+
+@pytest.mark.parametrize("common", [0, 15, 16, 47, 48, 100])
+def test_prefix_pairs_whole_blocks_of_the_common_prefix(common):
+    ref = random_tokens(120, seed=1)
+    tgt = ref[:common] + [(t + 1) % VOCAB for t in ref[common:common + 5]] + ref[common + 5:]
+    dst, src = matching.prefix_pairs(ref, tgt, block=16)
+    n = common - common % 16
+    assert dst == src == list(range(n))
+
+
+def test_prefix_pairs_stop_at_the_shorter_prompt():
+    ref = random_tokens(40, seed=2)
+    assert matching.prefix_pairs(ref, ref[:35], block=16)[0] == list(range(32))
+    assert matching.prefix_pairs(ref[:20], ref, block=16)[0] == list(range(16))
+
+
+def test_chunk_pairs_find_moved_chunks_at_any_offset():
+    ref = random_tokens(200, seed=3)
+    # target: 3 tokens of junk, then reference[50:114] (4 chunks worth, shifted), then an unrelated tail
+    junk = [VOCAB + 1, VOCAB + 2, VOCAB + 3]
+    tgt = junk + ref[50:114] + random_tokens(30, seed=4, vocab=7)
+    dst, src = matching.chunk_pairs(ref, tgt, chunk=16)
+    # target chunks are aligned at 0, 16, 32, ...: [0,16) holds junk; [16,32) .. [48,64) lie inside ref[50:114]
+    assert dst == list(range(16, 64))
+    assert src == [d - 3 + 50 for d in dst]
+    for d, s in zip(dst, src):
+        assert tgt[d] == ref[s]
+
+
+def test_chunk_pairs_nothing_in_common():
+    assert matching.chunk_pairs(random_tokens(64, seed=5), [VOCAB + 9] * 64) == ([], [])
+
+
+@pytest.mark.parametrize("method", ["prefix", "chunk"])
+def test_match_tokens_baseline_methods_are_exact(method):
+    ref = torch.tensor(random_tokens(160, seed=6))
+    tgt = torch.cat([ref[:70], torch.tensor(random_tokens(9, seed=7)), ref[70:]])
+    m = matching.match_tokens(ref, tgt, method)
+    assert m.matched > 0 and bool(m.exact.all())
+    assert torch.equal(tgt[m.dst], ref[m.src])
+    if method == "prefix":
+        assert m.dst.tolist() == list(range(64))

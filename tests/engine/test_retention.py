@@ -1,0 +1,50 @@
+"""Layer-wise KV retention (retain_ratio).
+
+On small randomly initialised Llama and Qwen2 models (fixtures in conftest.py)."""
+
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+
+from engine_testutils import NEW, VOCAB, edited, engine_for, generate_with_logits  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_retain_ratio_holds_fewer_kv(model, tokenizer, reference_ids, ref_entry):
+    target = edited(reference_ids, "replace")
+    half = engine_for(model, tokenizer, retain_ratio=0.5, check_layers=1).generate(
+        target, reference=ref_entry, max_new_tokens=NEW)
+    quarter = engine_for(model, tokenizer, retain_ratio=0.25, check_layers=1).generate(
+        target, reference=ref_entry, max_new_tokens=NEW)
+    keep_all = engine_for(model, tokenizer, retain_ratio=1.0, check_layers=1).generate(
+        target, reference=ref_entry, max_new_tokens=NEW)
+    for out in (half, quarter, keep_all):
+        assert out.stats["mode"] == "reuse"
+        assert len(out.token_ids) == NEW and all(0 <= t < VOCAB for t in out.token_ids)
+    assert half.stats["kv_bytes"] < half.stats["kv_bytes_full"]
+    assert half.stats["kv_bytes"] <= 0.75 * half.stats["kv_bytes_full"]
+    assert quarter.stats["kv_bytes"] <= half.stats["kv_bytes"]
+    assert keep_all.stats["kv_bytes"] == keep_all.stats["kv_bytes_full"]
+
+
+def test_retain_with_default_config(model, tokenizer, reference_ids, ref_entry):
+    target = edited(reference_ids, "insert")
+    out = engine_for(model, tokenizer, retain_ratio=0.5).generate(target, reference=ref_entry, max_new_tokens=NEW)
+    assert out.stats["mode"] == "reuse" and len(out.token_ids) == NEW
+    assert out.stats["kv_bytes"] < out.stats["kv_bytes_full"]
+
+
+def test_full_recompute_without_retention_unaffected_by_retention(model, tokenizer, reference_ids, ref_entry):
+    """A retention request on the same model leaves no trace: ratio 1.0 + retain None is still a full prefill."""
+    target = edited(reference_ids, "replace")
+    engine_for(model, tokenizer, retain_ratio=0.5).generate(target, reference=ref_entry, max_new_tokens=4)
+    engine = engine_for(model, tokenizer, recompute_ratio=1.0, retain_ratio=None)
+    full, full_logits = generate_with_logits(engine, target, max_new_tokens=NEW)
+    out, logits = generate_with_logits(engine, target, reference=ref_entry, max_new_tokens=NEW)
+    assert out.token_ids == full.token_ids
+    torch.testing.assert_close(logits, full_logits, atol=1e-4, rtol=1e-4)
+    assert out.stats["kv_bytes"] == out.stats["kv_bytes_full"]

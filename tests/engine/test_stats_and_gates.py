@@ -1,0 +1,162 @@
+"""The stats contract of SPEC section 5, the similarity gate, bad input and the config.
+
+On small randomly initialised Llama and Qwen2 models (fixtures in conftest.py)."""
+
+import time
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from semshare_ops.engine import ReuseConfig  # noqa: E402
+
+from engine_testutils import (
+    EDITS, HEAD_DIM, KV_HEADS, LAYERS, MAX_POS, NEW, STATS_KEYS, VOCAB, build_model, edited, engine_for,
+    generate_with_logits, rand_tokens)  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def check_stats(stats: dict, prompt_tokens: int, elapsed_ms: float):
+    assert STATS_KEYS <= set(stats), f"missing stats keys: {STATS_KEYS - set(stats)}"
+    assert stats["mode"] in ("full", "reuse", "fallback")
+    for key in ("prompt_tokens", "matched_tokens", "kv_bytes", "kv_bytes_full"):
+        assert isinstance(stats[key], int) and not isinstance(stats[key], bool), key
+    assert stats["prompt_tokens"] == prompt_tokens
+    assert 0 <= stats["matched_tokens"] <= prompt_tokens
+    rec = stats["recomputed_tokens"]
+    assert isinstance(rec, list) and len(rec) == LAYERS
+    assert all(isinstance(c, int) and 1 <= c <= prompt_tokens for c in rec)
+    assert isinstance(stats["reuse_ratio"], float)
+    assert stats["reuse_ratio"] == pytest.approx(1 - sum(rec) / (LAYERS * prompt_tokens), abs=1e-12)
+    assert 0.0 <= stats["reuse_ratio"] <= 1.0
+    # what a full prefill holds: layers x tokens x (K + V) x kv heads x head dim x fp32
+    assert stats["kv_bytes_full"] == LAYERS * prompt_tokens * 2 * KV_HEADS * HEAD_DIM * 4
+    assert 0 < stats["kv_bytes"] <= stats["kv_bytes_full"]
+    assert isinstance(stats["ttft_ms"], float) and 0 < stats["ttft_ms"] <= elapsed_ms
+    sim = stats["similarity"]
+    assert sim is None or (isinstance(sim, float) and 0.0 <= sim <= 1.0)
+
+
+def timed(engine, prompt, **kwargs):
+    start = time.perf_counter()
+    out = engine.generate(prompt, **kwargs)
+    return out, (time.perf_counter() - start) * 1e3
+
+
+def test_stats_full(model, tokenizer, reference_ids):
+    target = edited(reference_ids, "replace")
+    out, ms = timed(engine_for(model, tokenizer), target, max_new_tokens=NEW)
+    s = out.stats
+    check_stats(s, len(target), ms)
+    assert s["mode"] == "full" and s["similarity"] is None and s["reuse_ratio"] == 0.0
+    assert s["matched_tokens"] == 0 and s["recomputed_tokens"] == [len(target)] * LAYERS
+    assert s["kv_bytes"] == s["kv_bytes_full"]
+
+
+@pytest.mark.parametrize("method", ["edit", "lsh", "hybrid"])
+@pytest.mark.parametrize("kind", EDITS)
+def test_stats_reuse(model, tokenizer, reference_ids, ref_entry, method, kind):
+    target = edited(reference_ids, kind)
+    out, ms = timed(engine_for(model, tokenizer, matching=method), target, reference=ref_entry, max_new_tokens=4)
+    s = out.stats
+    check_stats(s, len(target), ms)
+    assert s["similarity"] == pytest.approx(s["matched_tokens"] / len(target))
+    if method == "lsh" and kind in ("insert", "delete"):
+        # position is folded into the LSH codes, so tokens shifted by an insertion / deletion mostly stay
+        # unmatched and the request may fall back: the stats are still complete (checked above)
+        assert s["mode"] in ("reuse", "fallback")
+        return
+    assert s["mode"] == "reuse"
+    assert s["matched_tokens"] >= 0.8 * len(target)
+    assert s["reuse_ratio"] > 0.0
+    unmatched = len(target) - s["matched_tokens"]
+    # step 4: the unmatched tokens and the last prompt token are recomputed in every layer
+    assert all(c >= unmatched + (1 if unmatched < len(target) else 0) for c in s["recomputed_tokens"])
+    assert all(b <= a for a, b in zip(s["recomputed_tokens"], s["recomputed_tokens"][1:])), "must not grow w/ depth"
+
+
+def test_stats_fallback(model, tokenizer, reference_ids, ref_entry):
+    target = rand_tokens(250, seed=999)
+    out, ms = timed(engine_for(model, tokenizer), target, reference=ref_entry, max_new_tokens=4)
+    check_stats(out.stats, len(target), ms)
+    assert out.stats["mode"] == "fallback"
+    assert out.stats["reuse_ratio"] == 0.0 and out.stats["kv_bytes"] == out.stats["kv_bytes_full"]
+
+
+@pytest.mark.parametrize("method", ["edit", "lsh", "hybrid"])
+def test_unrelated_target_falls_back_to_full_prefill(model, tokenizer, ref_entry, method):
+    target = rand_tokens(250, seed=999)
+    engine = engine_for(model, tokenizer, matching=method, min_similarity=0.5)
+    full, full_logits = generate_with_logits(engine, target, max_new_tokens=NEW)
+    out, logits = generate_with_logits(engine, target, reference=ref_entry, max_new_tokens=NEW)
+    assert out.stats["mode"] == "fallback"
+    assert out.stats["similarity"] is not None and out.stats["similarity"] < 0.5
+    assert out.token_ids == full.token_ids
+    torch.testing.assert_close(logits, full_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_min_similarity_is_the_threshold(model, tokenizer, reference_ids, ref_entry):
+    unrelated = rand_tokens(250, seed=999)
+    out = engine_for(model, tokenizer, min_similarity=0.0).generate(unrelated, reference=ref_entry, max_new_tokens=2)
+    assert out.stats["mode"] == "reuse"  # nothing is too dissimilar at threshold 0
+    target = edited(reference_ids, "replace")
+    out = engine_for(model, tokenizer, min_similarity=1.0).generate(target, reference=ref_entry, max_new_tokens=2)
+    assert out.stats["mode"] == "fallback" and out.stats["similarity"] < 1.0
+    out = engine_for(model, tokenizer, min_similarity=1.0).generate(reference_ids, reference=ref_entry,
+                                                                    max_new_tokens=2)
+    assert out.stats["mode"] == "reuse"
+
+
+def test_empty_prompt_rejected(model, tokenizer, ref_entry):
+    engine = engine_for(model, tokenizer)
+    for call in (lambda: engine.generate([], max_new_tokens=2), lambda: engine.generate("", max_new_tokens=2),
+                 lambda: engine.generate([], reference=ref_entry, max_new_tokens=2), lambda: engine.prefill([])):
+        with pytest.raises(ValueError, match="prompt"):
+            call()
+
+
+def test_reference_from_another_model_rejected(arch, model, tokenizer, reference_ids):
+    other = build_model(arch, seed=1)  # same architecture and sizes, other weights
+    foreign = engine_for(other, tokenizer).prefill(reference_ids)
+    with pytest.raises(ValueError, match="reference"):
+        engine_for(model, tokenizer).generate(reference_ids, reference=foreign, max_new_tokens=2)
+    other_arch = build_model("qwen2" if arch == "llama" else "llama", seed=0)
+    foreign = engine_for(other_arch, tokenizer).prefill(reference_ids)
+    with pytest.raises(ValueError, match="reference"):
+        engine_for(model, tokenizer).generate(reference_ids, reference=foreign, max_new_tokens=2)
+
+
+def test_prompt_too_long_rejected(model, tokenizer, ref_entry):
+    engine = engine_for(model, tokenizer)
+    too_long = rand_tokens(MAX_POS + 1, seed=5)
+    with pytest.raises(ValueError, match="prompt"):
+        engine.generate(too_long, max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt"):
+        engine.generate(too_long, reference=ref_entry, max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt"):
+        engine.prefill(too_long)
+    with pytest.raises(ValueError):  # fits alone, but not with the new tokens
+        engine.generate(too_long[: MAX_POS - 4], max_new_tokens=8)
+
+
+def test_token_ids_out_of_vocab_rejected(model, tokenizer):
+    engine = engine_for(model, tokenizer)
+    for bad in ([5, VOCAB, 7], [5, -1, 7]):
+        with pytest.raises(ValueError, match="prompt"):
+            engine.generate(bad, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("field, value", [("matching", "foo"), ("recompute_ratio", 1.5), ("recompute_ratio", -0.1),
+                                          ("retain_ratio", 0.0), ("retain_ratio", 1.5), ("min_similarity", 2.0),
+                                          ("check_layers", 0)])
+def test_bad_config_rejected(field, value):
+    with pytest.raises(ValueError, match=field):
+        ReuseConfig(**{field: value})
+
+
+def test_config_defaults():
+    cfg = ReuseConfig()
+    assert cfg.matching == "hybrid" and cfg.rope_correction is True and cfg.retain_ratio is None
+    assert 0.0 <= cfg.recompute_ratio <= 1.0 and 0.0 <= cfg.min_similarity <= 1.0

@@ -1,0 +1,83 @@
+"""semshare_ops.evaluate (`semshare eval`): metrics, one pair end to end on a tiny model, the summary keys."""
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("rouge_score")
+
+from semshare_ops.eval import evaluate  # noqa: E402
+from semshare_ops.engine import ReuseConfig, ReuseEngine  # noqa: E402
+
+from engine_testutils import FakeTokenizer, build_model  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SPEC_KEYS = {"pairs", "rougeL", "rougeL_noise_floor", "first_token_agreement", "reuse_ratio", "mean_ttft_ms_full",
+             "mean_ttft_ms_reuse"}
+
+
+def test_rouge_l():
+    assert evaluate.rouge_l("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
+    assert evaluate.rouge_l("dogs bark loudly", "the cat sat on the mat") == pytest.approx(0.0)
+    partial = evaluate.rouge_l("the cat sat", "the cat sat on the mat")
+    assert 0.5 < partial < 1.0  # LCS 3 of 3 / 6: F1 = 2/3
+    assert evaluate.rouge_l("", "") == 1.0
+
+
+def test_first_token_kl():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(1, 50, generator=gen)
+    b = a + 0.5 * torch.randn(1, 50, generator=gen)
+    assert evaluate.first_token_kl((a,), (a.clone(),)) == pytest.approx(0.0, abs=1e-6)
+    kl = evaluate.first_token_kl((a,), (b,))
+    p, q = torch.softmax(a[0].double(), -1), torch.softmax(b[0].double(), -1)
+    assert kl == pytest.approx(float((p * (p / q).log()).sum()), rel=1e-4) and kl > 0
+    assert evaluate.first_token_kl(None, (a,)) is None
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return ReuseEngine(build_model("llama", seed=0), FakeTokenizer(), ReuseConfig())
+
+
+TEXT = ("The harbour library reopened on Monday after eight months of repairs and a new roof. " * 4).strip()
+PAIRS = [{"reference": TEXT, "target": TEXT.replace("Monday", "Tuesday", 1), "set": "controlled_edit",
+          "kind": "name", "id": "a"},
+         {"reference": TEXT, "target": TEXT, "set": "near_duplicate", "kind": "near_duplicate", "id": "b"}]
+
+
+def test_run_eval_on_a_tiny_model(engine):
+    result = evaluate.run_eval(engine, PAIRS, ratios=[0.0, 1.0], max_new_tokens=6, chat=False)
+    assert SPEC_KEYS <= result.keys()
+    assert result["pairs"] == 2 and result["recompute_ratio"] == 0.0
+    assert [s["recompute_ratio"] for s in result["sweep"]] == [0.0, 1.0]
+    assert set(result["sets"]) == {"controlled_edit", "near_duplicate"}
+    identical, edited = result["records"][1], result["records"][0]
+    # identical target: reuse gives the full-prefill output at any ratio (SPEC invariant 1)
+    for run in identical["reuse"]:
+        assert run["rougeL"] == pytest.approx(1.0) and run["first_token_equal"] and run["first8_equal"]
+        assert run["kl_first_token"] == pytest.approx(0.0, abs=1e-4)
+    # recompute ratio 1.0 is a full prefill (invariant 2); ratio 0 reused most of the prompt
+    assert edited["reuse"][1]["reuse_ratio"] == pytest.approx(0.0)
+    assert edited["reuse"][1]["rougeL"] == pytest.approx(1.0)
+    assert edited["reuse"][0]["reuse_ratio"] > 0.4  # 2 of the 4 layers are check layers: at most 0.5
+    assert result["sweep"][1]["first_token_agreement"] == 1.0
+    for record in result["records"]:
+        assert 0.0 <= record["rougeL_noise_floor"] <= 1.0 and 0.0 <= record["rougeL_gptcache"] <= 1.0
+    # the reference's own answer is the target's answer only when the prompts are the same
+    assert identical["rougeL_gptcache"] == pytest.approx(1.0)
+    assert "near_duplicate" in evaluate.format_eval(result)
+
+
+def test_run_eval_without_baselines(engine):
+    result = evaluate.run_eval(engine, PAIRS[:1], ratios=[0.2], max_new_tokens=3, chat=False, baselines=False)
+    assert result["rougeL_noise_floor"] is None and "rougeL_noise_floor" not in result["records"][0]
+    assert not math.isnan(result["rougeL"])
+
+
+def test_engine_config_restored_after_sweep(engine):
+    before = engine.config
+    evaluate.run_eval(engine, PAIRS[:1], ratios=[0.7], max_new_tokens=2, chat=False, baselines=False)
+    assert engine.config is before
