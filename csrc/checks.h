@@ -1,5 +1,5 @@
 // Argument checks shared by the CPU and CUDA kernels. Every check runs before the first write, so a rejected
-// call leaves in-place outputs untouched, and every message names the argument it is about (SPEC.md section 3).
+// call leaves in-place outputs untouched, and every message names the argument it is about (docs/contract.md section 3).
 #pragma once
 
 #include <ATen/ATen.h>

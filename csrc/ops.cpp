@@ -1,4 +1,4 @@
-// Op schemas of the `semshare` namespace (SPEC.md section 3). Kernels register themselves per device in
+// Op schemas of the `semshare` namespace (docs/contract.md section 3). Kernels register themselves per device in
 // csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) kernels are registered from Python in semshare_ops/ops.py.
 #include <torch/library.h>
 

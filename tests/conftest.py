@@ -1,4 +1,4 @@
-"""Shared fixtures for the semshare_ops op tests (SPEC.md section 3).
+"""Shared fixtures for the semshare_ops op tests (docs/contract.md section 3).
 
 Helpers that test modules import (tolerances per dtype, seeded data, bit-exact comparisons, error-message
 checks) live in ``op_testutils.py`` next to this file; this file holds the fixtures. The ``slow`` marker is

@@ -43,14 +43,17 @@ class FakeTokenizer:
     pad_token_id = 0
     eos_token_id = 1
 
+    def __init__(self, vocab: int = VOCAB):
+        self.vocab = vocab
+
     def __call__(self, text):
-        return {"input_ids": [2 + (ord(c) * 7) % (VOCAB - 2) for c in text]}
+        return {"input_ids": [2 + (ord(c) * 7) % (self.vocab - 2) for c in text]}
 
     def decode(self, ids, skip_special_tokens=True):
         return " ".join(f"t{int(i)}" for i in ids)
 
     def __len__(self):
-        return VOCAB
+        return self.vocab
 
 
 def build_model(arch: str, seed: int):

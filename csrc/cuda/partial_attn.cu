@@ -67,7 +67,7 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Whether a key at position p is visible to a query at position qp (SPEC.md 3.4); p < 0 is an empty slot.
+// Whether a key at position p is visible to a query at position qp (docs/contract.md 3.4); p < 0 is an empty slot.
 __device__ __forceinline__ bool key_visible(int64_t p, int64_t qp, int64_t window) {
   return p >= 0 && p <= qp && (window <= 0 || p > qp - window);
 }

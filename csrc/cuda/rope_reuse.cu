@@ -8,20 +8,12 @@
 
 #include <cstdint>
 
+#include "../cache_view.h"
 #include "../checks.h"
 #include "ptx.cuh"
 
 namespace semshare {
 namespace {
-
-struct CacheView {
-  char* base;
-  int64_t layer, token, head;  // strides in elements; layer stride 0 for 3-D caches
-};
-
-CacheView view_of(const at::Tensor& t) {
-  return {static_cast<char*>(t.data_ptr()), t.dim() == 4 ? t.stride(0) : 0, t.stride(-3), t.stride(-2)};
-}
 
 struct RopeArgs {
   CacheView kd, vd, ks, vs;

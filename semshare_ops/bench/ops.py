@@ -10,7 +10,7 @@ prefill kernel of the same device reaches when it skips nothing.
 
 The input construction of every op (`*_inputs`) and its work count (`*_work`: FLOPs, bytes) are public so that
 the pytest-benchmark suites in `benchmarks/` time exactly what these functions time.
-Used by `semshare bench ops` and `benchmarks/test_bench_ops.py`.
+Used by `semshare bench ops` and `benchmarks/suite_ops.py`.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def device_ceilings(device: str = "cpu", dtype: torch.dtype = torch.bfloat16) ->
     """Copy bandwidth and GEMM throughput of `device`, measured now (a few seconds on a CPU).
 
     `matmul_TFLOP/s`, the ceiling of the compute-bound ops, is the faster of a GEMM in `dtype` and one in fp32:
-    the kernels compute in fp32 (SPEC.md section 3), so on a CPU whose bf16 GEMM is slower than its fp32 GEMM the
+    the kernels compute in fp32 (docs/contract.md section 3), so on a CPU whose bf16 GEMM is slower than its fp32 GEMM the
     hardware's real limit for bf16 inputs is the fp32 rate; on GPUs the bf16/fp16 tensor-core rate is the larger.
     """
     by_dtype, sizes = {}, {}

@@ -1,4 +1,4 @@
-"""The `semshare` command (SPEC section 5): demo, run, bench, eval; one module per command, each with
+"""The `semshare` command (docs/contract.md section 5): demo, run, bench, eval; one module per command, each with
 `add_parser(sub)`, `run(args) -> dict` and `show(result)`.
 
 Every command takes --json and then prints one JSON object on stdout. Bad input exits with code 2 and one line

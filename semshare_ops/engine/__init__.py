@@ -1,4 +1,4 @@
-"""The reuse engine on Hugging Face causal LMs (SPEC section 4): config, engine, token matching, the HF attention and
+"""The reuse engine on Hugging Face causal LMs (docs/contract.md section 4): config, engine, token matching, the HF attention and
 cache shims, what it knows about model families, and model loading."""
 from .config import ReuseConfig
 from .engine import GenerationOutput, ReferenceEntry, ReuseEngine

@@ -62,7 +62,9 @@ class Architecture:
     def of(cls, model) -> "Architecture":
         cfg = model.config
         _refuse_static(model, cfg)
-        if not any("Rotary" in type(m).__name__ for m in model.modules()):
+        rope_fields = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_dim", "rotary_pct", "rotary_emb_base")
+        if not any("Rotary" in type(m).__name__ for m in model.modules()) and \
+                not any(getattr(cfg, f, None) is not None for f in rope_fields):
             raise refusal(model, "no rotary position embedding: learned, absolute, ALiBi or no positions cannot be "
                                  "re-rotated")
         decoder = getattr(model, "model", None)

@@ -17,7 +17,7 @@ class ReuseConfig:
     min_similarity: float = 0.5  # share of target tokens matched below which a request takes a full prefill
     rope_correction: bool = True  # re-rotate reused keys by the position delta
     check_layers: int = 2  # leading layers recomputed in full; deviation is measured at the last of them
-    # Per-layer factor of the recompute count past the check layers. 0.95, not 0.9: bench/ablate_reuse.py found 0.9
+    # Per-layer factor of the recompute count past the check layers. 0.95, not 0.9: benchmarks/ablate_reuse.py found 0.9
     # left deep layers too few recomputed tokens for near-duplicates, whose differences are scattered.
     recompute_decay: float = 0.95
     recompute_tail: int = 0  # last prompt tokens recomputed in every layer (the question, the chat template's end)

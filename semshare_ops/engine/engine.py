@@ -1,4 +1,4 @@
-"""The reuse pipeline of SPEC.md section 4 on Hugging Face causal LMs (RoPE decoders; docs/models.md).
+"""The reuse pipeline of docs/contract.md section 4 on Hugging Face causal LMs (RoPE decoders; docs/models.md).
 
     engine = ReuseEngine(model, tokenizer, ReuseConfig())
     ref = engine.prefill(reference_prompt)                      # immutable ReferenceEntry

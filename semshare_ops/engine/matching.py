@@ -44,13 +44,26 @@ class Match:
         return mask
 
 
+def edit_opcodes(reference_ids: Sequence[int], target_ids: Sequence[int]) -> list[tuple[str, int, int, int, int]]:
+    """The edit script turning `reference_ids` into `target_ids`: difflib's opcodes (tag, i1, i2, j1, j2), tag one of
+    "equal", "insert", "delete", "replace"; i indexes the reference, j the target.
+
+    The one token alignment of the package: the engine keeps the "equal" runs (`edit_pairs`), the store records the
+    whole script between an entry and its parent. autojunk stays off: from 200 target tokens on, it would stop
+    difflib from anchoring a match on any id that makes up over 1% of the target, and frequent tokens would go
+    unmatched.
+    """
+    matcher = difflib.SequenceMatcher(None, list(reference_ids), list(target_ids), autojunk=False)
+    return matcher.get_opcodes()
+
+
 def edit_pairs(reference_ids: Sequence[int], target_ids: Sequence[int]) -> tuple[list[int], list[int]]:
     """(target positions, reference positions) of the tokens an edit script keeps."""
-    matcher = difflib.SequenceMatcher(None, list(reference_ids), list(target_ids), autojunk=False)
     dst, src = [], []
-    for i, j, n in matcher.get_matching_blocks():
-        dst.extend(range(j, j + n))
-        src.extend(range(i, i + n))
+    for tag, i1, i2, j1, j2 in edit_opcodes(reference_ids, target_ids):
+        if tag == "equal":
+            dst.extend(range(j1, j2))
+            src.extend(range(i1, i2))
     return dst, src
 
 
@@ -64,14 +77,16 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def prefix_pairs(reference_ids: Sequence[int], target_ids: Sequence[int], block: int = 16) -> tuple[list[int], list[int]]:
+def prefix_pairs(reference_ids: Sequence[int], target_ids: Sequence[int],
+                 block: int = 16) -> tuple[list[int], list[int]]:
     """The common prefix, cut to whole blocks (a prefix cache hashes full blocks only)."""
     n = common_prefix(reference_ids, target_ids)
     n -= n % block
     return list(range(n)), list(range(n))
 
 
-def chunk_pairs(reference_ids: Sequence[int], target_ids: Sequence[int], chunk: int = 16) -> tuple[list[int], list[int]]:
+def chunk_pairs(reference_ids: Sequence[int], target_ids: Sequence[int],
+                chunk: int = 16) -> tuple[list[int], list[int]]:
     """Target chunks [i*chunk, (i+1)*chunk) that occur verbatim at any offset of the reference (first occurrence)."""
     reference_ids, target_ids = list(reference_ids), list(target_ids)
     where = {}

@@ -85,7 +85,7 @@ def _mean(values: List[Optional[float]]) -> Optional[float]:
 
 
 def summarise(records: List[Dict], ratio_index: int = 0) -> Dict:
-    """SPEC.md's `semshare eval --json` keys for one recompute ratio (plus ours)."""
+    """docs/contract.md's `semshare eval --json` keys for one recompute ratio (plus ours)."""
     reuse = [r["reuse"][ratio_index] for r in records]
     return {
         "recompute_ratio": reuse[0]["recompute_ratio"] if reuse else None,
@@ -109,7 +109,7 @@ def summarise(records: List[Dict], ratio_index: int = 0) -> Dict:
 def run_eval(engine: ReuseEngine, pairs: List[Dict], ratios: Sequence[float], max_new_tokens: int = 48,
              chat: bool = True, baselines: bool = True,
              progress: Callable[[int, Dict], None] = lambda i, record: None) -> Dict:
-    """Evaluate every pair; the result has SPEC.md's top-level keys for the first ratio, `sweep` for all of them,
+    """Evaluate every pair; the result has docs/contract.md's top-level keys for the first ratio, `sweep` for all of them,
     `sets` per pair set, and `records` per pair."""
 
     wrap = (lambda text: as_chat(engine.tokenizer, text)) if chat else (lambda text: text)

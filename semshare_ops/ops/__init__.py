@@ -1,6 +1,6 @@
 """Typed wrappers of the `torch.ops.semshare` ops, and their fake kernels for torch.compile / export.
 
-The kernels live in csrc/ (C++ on CPU, CUDA on GPU); the contract is SPEC.md section 3 and
+The kernels live in csrc/ (C++ on CPU, CUDA on GPU); the contract is docs/contract.md section 3 and
 `semshare_ops.ops.oracle` is the same contract in plain torch. Shapes below: T tokens, H heads, D head dim,
 L layers, P pairs, W = ceil(bits / 64) code words.
 """

@@ -1,7 +1,7 @@
-"""The ops of SPEC.md section 3 in plain torch: the contract in code.
+"""The ops of docs/contract.md section 3 in plain torch: the contract in code.
 
 Written for clarity, not speed (partial_attn materialises the score matrix). The kernels are tested against
-these functions; where the two disagree, SPEC.md decides. Arguments are assumed valid: argument checking is
+these functions; where the two disagree, docs/contract.md decides. Arguments are assumed valid: argument checking is
 the kernels' job.
 """
 from __future__ import annotations

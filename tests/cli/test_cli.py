@@ -1,4 +1,4 @@
-"""The `semshare` CLI (SPEC.md section 5): --json output, exit code 2 and one stderr line on bad input."""
+"""The `semshare` CLI (docs/contract.md section 5): --json output, exit code 2 and one stderr line on bad input."""
 import json
 
 import pytest

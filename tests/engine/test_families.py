@@ -1,4 +1,4 @@
-"""Every RoPE decoder family transformers ships is served exactly or refused with a clear error (SPEC.md section 5).
+"""Every RoPE decoder family transformers ships is served exactly or refused with a clear error (docs/contract.md section 5).
 
 Each family is a tiny random-weight model (fp32, CPU) whose prompts are longer than its sliding window, so windows,
 soft-capping, sinks, per-layer rope and partial rotary all take effect. For a served family:
@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from engine_testutils import FakeTokenizer
 from semshare_ops import ReuseConfig, ReuseEngine
 
 VOCAB = 256
@@ -101,20 +102,6 @@ REFUSED = {
 }
 
 
-class FakeTokenizer:
-    pad_token_id = 0
-    eos_token_id = 1
-
-    def __call__(self, text):
-        return {"input_ids": [2 + (ord(c) * 7) % (VOCAB - 2) for c in text]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(f"t{int(i)}" for i in ids)
-
-    def __len__(self):
-        return VOCAB
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -154,7 +141,7 @@ def test_recompute_everything_equals_stock(family):
     stock_tokens = stock_generate(model, target)
     with torch.inference_mode():
         stock_logits = model(torch.tensor([target])).logits[0, -1].float()
-    engine = ReuseEngine(model, FakeTokenizer(), ReuseConfig(recompute_ratio=1.0))
+    engine = ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig(recompute_ratio=1.0))
     out = engine.generate(target, reference=engine.prefill(reference), max_new_tokens=NEW, output_logits=True,
                           return_dict_in_generate=True)
     assert out.stats["mode"] == "reuse" and out.stats["matched_tokens"] > PROMPT // 2, out.stats
@@ -166,7 +153,7 @@ def test_recompute_everything_equals_stock(family):
 def test_identical_prompt_and_edited_prompt(family):
     name, model = family
     target, reference = prompts()
-    engine = ReuseEngine(model, FakeTokenizer(), ReuseConfig())
+    engine = ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
     same = engine.generate(target, reference=engine.prefill(target), max_new_tokens=NEW)
     assert same.stats["mode"] == "reuse"
     assert same.token_ids == stock_generate(model, target), name
@@ -182,7 +169,7 @@ def test_refused_with_a_clear_error(name):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with pytest.raises(ValueError) as info:
-        ReuseEngine(model, FakeTokenizer(), ReuseConfig())
+        ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
     message = str(info.value)
     assert re.search(re.escape(feature), message), message
     assert type(model).__name__ in message, message
@@ -195,7 +182,7 @@ def test_model_outside_the_engine_serves_as_before(family):
     target, _ = prompts()
     fresh = build(*SERVED[name])  # the same weights, never switched
     assert fresh.config._attn_implementation != "semshare"
-    ReuseEngine(model, FakeTokenizer(), ReuseConfig())
+    ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
     assert model.config._attn_implementation == "semshare"
     assert stock_generate(model, target) == stock_generate(fresh, target), name
 
@@ -204,7 +191,7 @@ def test_length_dependent_rope_is_refused_past_its_original_length():
     """longrope switches to its long factors past original_max_position_embeddings (512 here): requests that
     would cross it are refused by name, shorter ones are served (the tests above)."""
     model = build(*SERVED["phi3-longrope"])
-    engine = ReuseEngine(model, FakeTokenizer(), ReuseConfig())
+    engine = ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
     assert engine.max_positions == 512
     with pytest.raises(ValueError, match="longrope"):
         engine.generate([2 + i % 250 for i in range(500)], max_new_tokens=20)

@@ -1,4 +1,4 @@
-"""The invariants of SPEC section 4 against a full prefill of the same engine: identical target, recompute ratio 1.0,
+"""The invariants of docs/contract.md section 4 against a full prefill of the same engine: identical target, recompute ratio 1.0,
 quality growing with the ratio, reference entries never written, RoPE correction of reused keys.
 
 On small randomly initialised Llama and Qwen2 models (fixtures in conftest.py)."""

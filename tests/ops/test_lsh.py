@@ -1,4 +1,4 @@
-"""simhash and hamming_topk (SPEC.md 3.1, 3.2) against independent numpy oracles, and ops against reference."""
+"""simhash and hamming_topk (docs/contract.md 3.1, 3.2) against independent numpy oracles, and ops against reference."""
 
 import numpy as np
 import pytest

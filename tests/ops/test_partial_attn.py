@@ -1,4 +1,4 @@
-"""partial_attn (SPEC.md 3.4) against torch SDPA in float64 with an explicit mask, and ops against reference."""
+"""partial_attn (docs/contract.md 3.4) against torch SDPA in float64 with an explicit mask, and ops against reference."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""rope_reuse_ (SPEC.md 3.3) against HF transformers' RoPE, independent rotation oracles and the reference."""
+"""rope_reuse_ (docs/contract.md 3.3) against HF transformers' RoPE, independent rotation oracles and the reference."""
 
 import math
 
@@ -350,7 +350,7 @@ def test_strided_hf_cache_views(impl, device, dtype):
 def test_static_cache_prefix_views(impl, device):
     """A preallocated (HF StaticCache-like) cache [B, H, S_max, D] used up to T < S_max: the views
     cache[b, :, :T].transpose(0, 1) are neither contiguous nor dense, but their last dim is contiguous, which
-    is all SPEC.md 3 asks ("other strides are free")."""
+    is all docs/contract.md 3 asks ("other strides are free")."""
     gen = make_generator(26)
     batch, heads, s_max, t, t_src, dim = 2, 3, 32, 12, 9, 32
     k_cache = randn((batch, heads, s_max, dim), gen=gen, device=device)

@@ -68,8 +68,9 @@ def load():
     asan = os.environ.get("SIMT_EMU_ASAN") == "1"
     build = os.path.join(ROOT, "build", "simt_emu_asan" if asan else "simt_emu")
     src = os.path.join(build, "src")
-    with open(os.path.join(ROOT, "csrc", "checks.h")) as f:
-        _write_if_changed(os.path.join(src, "checks.h"), f.read())
+    for header in sorted(n for n in os.listdir(os.path.join(ROOT, "csrc")) if n.endswith(".h")):
+        with open(os.path.join(ROOT, "csrc", header)) as f:
+            _write_if_changed(os.path.join(src, header), f.read())
     with open(os.path.join(ROOT, "csrc", "ops.cpp")) as f:
         ops = f.read().replace("TORCH_LIBRARY(semshare, m)", "TORCH_LIBRARY(semshare_emu, m)")
     _write_if_changed(os.path.join(src, "ops.cpp"), ops)
