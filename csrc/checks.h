@@ -180,6 +180,13 @@ inline RopeReuseShape check_rope_reuse_args(const at::Tensor& k_dst, const at::T
   no_overlap(k_dst, v_src, "k_dst", "v_src");
   no_overlap(v_dst, k_src, "v_dst", "k_src");
   no_overlap(v_dst, v_src, "v_dst", "v_src");
+  // Nor with the small inputs: an index the kernel's own writes change after it was checked is an out-of-bounds
+  // write, and an inv_freq it overwrites rotates later pairs wrongly.
+  for (auto [t, name] : {std::pair{&src_idx, "src_idx"}, {&dst_idx, "dst_idx"}, {&delta, "delta"},
+                         {&inv_freq, "inv_freq"}}) {
+    no_overlap(*t, k_dst, name, "k_dst");
+    no_overlap(*t, v_dst, name, "v_dst");
+  }
 
   // Index values. Device-agnostic tensor ops: host syncs on CUDA. A CUDA stream being captured into a graph
   // cannot sync, so the CUDA caller skips these there; its kernels skip out-of-range pairs instead (memory-safe,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from .common import DTYPES, UsageError, device_of, load, reuse_config, torch_dtype, write_json
+from .common import DTYPES, UsageError, check_out, device_of, load, reuse_config, torch_dtype, write_json
 
 METHODS = ["full", "hf", "prefix", "cacheblend", "semshare"]
 
@@ -44,6 +44,7 @@ def run(args) -> Dict:
         args.dtype = "bfloat16" if args.shape or args.what == "ops" else "float32"
     if args.repeat < 1:
         raise UsageError("--repeat: must be at least 1")
+    check_out(args.out)
     return run_e2e(args) if args.what == "e2e" else run_ops(args)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -44,7 +45,12 @@ def read_text(path: str, what: str) -> str:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"{what}: no such file: {path}")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what}: not UTF-8 text: {path} (byte {e.start})") from None
+    except OSError as e:
+        raise UsageError(f"{what}: cannot read {path}: {e.strerror}") from None
     if not text.strip():
         raise UsageError(f"{what}: file is empty: {path}")
     return text
@@ -61,12 +67,19 @@ def reuse_config(recompute_ratio: float):
 
 def load(args, device: Optional[str] = None):
     """(model, tokenizer) of --model (default: the embedded SmolLM2) in --dtype, on `device`."""
-    from ..engine import load_model
+    from ..engine import models  # through the module: tests substitute models.load_model
 
+    if args.model is not None:
+        where = Path(args.model)
+        if not (where / "config.json").is_file():
+            raise UsageError(f"--model: {args.model} is not a Hugging Face model directory (no config.json)")
     try:
-        model, tokenizer = load_model(args.model, dtype=torch_dtype(args.dtype), progress=not args.json)
+        model, tokenizer = models.load_model(args.model, dtype=torch_dtype(args.dtype), progress=not args.json)
     except FileNotFoundError as e:
         raise UsageError(f"--model: {e}") from e
+    except (OSError, ValueError) as e:  # a directory transformers cannot load: one line, not a traceback
+        raise UsageError(f"--model: cannot load {args.model or 'the embedded model'}: "
+                         f"{str(e).strip().splitlines()[0]}") from e
     return (model.to(device) if device else model), tokenizer
 
 
@@ -84,9 +97,29 @@ def device_of(args) -> str:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device: not a device: {device!r} (expected cpu, cuda or cuda:N)") from None
+    if kind not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device: cuda requested but torch sees no GPU")
     return device
+
+
+def check_out(path: Optional[str]) -> None:
+    """--out is checked before the work it records: a directory or an unwritable place would lose the result."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"--out: {path} is a directory; give a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"--out: {parent} is not a directory")
+    if parent.is_dir() and not os.access(parent, os.W_OK):
+        raise UsageError(f"--out: cannot write into {parent}")
 
 
 def write_json(path: Optional[str], result: Dict) -> None:

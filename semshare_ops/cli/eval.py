@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Dict
 
-from .common import UsageError, load_engine, model_args, reuse_config, write_json
+from .common import UsageError, check_out, load_engine, model_args, reuse_config, write_json
 
 
 def add_parser(sub) -> None:
@@ -21,11 +21,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> Dict:
+    check_out(args.out)
     configs = [reuse_config(r) for r in args.recompute_ratio]
     if importlib.util.find_spec("rouge_score") is None:
         raise UsageError("eval needs the rouge-score package: pip install semshare_ops[eval]")
     from ..bench.provenance import environment
     from ..eval import pairs as eval_pairs
+    from ..engine.prompts import as_chat
     from ..eval.evaluate import run_eval
 
     if args.limit is not None and args.limit < 1:
@@ -44,6 +46,16 @@ def run(args) -> Dict:
     if not pairs:
         raise UsageError("--pairs: no pairs to evaluate")
     engine = load_engine(args, configs[0])
+    limit = engine.max_positions
+    if limit and args.max_new_tokens >= limit:
+        raise UsageError(f"--max-new-tokens: {args.max_new_tokens} does not fit the model's {limit} positions")
+    wrap = (lambda text: text) if args.no_chat_template else (lambda text: as_chat(engine.tokenizer, text))
+    for i, pair in enumerate(pairs):  # before any pair is served: a late failure would lose the others' results
+        for side in ("reference", "target"):
+            n = len(engine.tokenizer(wrap(pair[side]))["input_ids"])
+            if limit and n + args.max_new_tokens + 1 > limit:  # + 1: the noise floor's leading space
+                raise UsageError(f"--pairs: pair {i + 1}'s {side} has {n} tokens; with --max-new-tokens "
+                                 f"{args.max_new_tokens} it does not fit the model's {limit} positions")
     progress = (lambda i, r: None) if args.json else (lambda i, r: print(
         f"[{i + 1}/{len(pairs)}] {r.get('kind', 'pair')}: {r['prompt_tokens']} tokens, reuse "
         f"{r['reuse'][0]['reuse_ratio']:.2f}, ROUGE-L {r['reuse'][0]['rougeL']:.2f}"

@@ -1,6 +1,7 @@
 """`ReuseConfig`: every knob of the reuse path, with the defaults measured best (docs/design.md says why)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -9,7 +10,9 @@ MATCHING_METHODS = ("edit", "lsh", "hybrid", "prefix", "chunk")
 
 @dataclass
 class ReuseConfig:
-    """Knobs of the reuse path. Defaults are our own choices where the papers leave them open (see README)."""
+    """Knobs of the reuse path. Defaults are our own choices where the papers leave them open (docs/design.md).
+
+    Every field is type- and range-checked when the config is made: TypeError or ValueError naming the field."""
 
     matching: str = "hybrid"  # "edit" | "lsh" | "hybrid"; baselines: "prefix" | "chunk" (see matching.py)
     recompute_ratio: float = 0.2  # share of prompt tokens recomputed, averaged over layers (mandatory ones count)
@@ -28,7 +31,18 @@ class ReuseConfig:
     embedding_rope_base: float = 10000.0
 
     def __post_init__(self):
-        if self.matching not in MATCHING_METHODS:
+        # Types first (a str "0.2" or a float 1.5 for an int would otherwise fail later, or pass a comparison),
+        # then ranges. bool is an int to Python but never a number here.
+        for name, kinds in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL or name == "matching":
+                continue
+            if isinstance(value, bool) != (kinds == (bool,)) or not isinstance(value, kinds):
+                raise TypeError(f"{name}: expected {' or '.join(k.__name__ for k in kinds)}, got "
+                                f"{type(value).__name__} {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name}: expected a finite number, got {value}")
+        if not isinstance(self.matching, str) or self.matching not in MATCHING_METHODS:
             raise ValueError(f"matching: expected one of {', '.join(map(repr, MATCHING_METHODS))}, "
                              f"got {self.matching!r}")
         if not 0.0 <= self.recompute_ratio <= 1.0:
@@ -44,3 +58,19 @@ class ReuseConfig:
         for name in ("recompute_decay", "retain_decay"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: expected a value in (0, 1], got {getattr(self, name)}")
+        # No bits, or a non-positive or huge rotation base, makes every code alike: unrelated prompts would "match".
+        if not 1 <= self.lsh_bits <= 4096:
+            raise ValueError(f"lsh_bits: expected 1..4096 bits, got {self.lsh_bits}")
+        if not 0 <= self.lsh_max_distance < self.lsh_bits:
+            raise ValueError(f"lsh_max_distance: expected 0 <= distance < lsh_bits ({self.lsh_bits}), "
+                             f"got {self.lsh_max_distance}")
+        if not self.embedding_rope_base > 1.0:
+            raise ValueError(f"embedding_rope_base: expected a rotation base > 1, got {self.embedding_rope_base}")
+
+
+_INT, _REAL = (int,), (int, float)
+_FIELD_TYPES = {"matching": (str,), "recompute_ratio": _REAL, "retain_ratio": _REAL, "min_similarity": _REAL,
+                "rope_correction": (bool,), "check_layers": _INT, "recompute_decay": _REAL, "recompute_tail": _INT,
+                "retain_decay": _REAL, "lsh_bits": _INT, "lsh_max_distance": _INT, "lsh_seed": _INT,
+                "embedding_rope_base": _REAL}
+_OPTIONAL = ("retain_ratio",)

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import numbers
 import math
 import time
 from dataclasses import dataclass, field
@@ -103,6 +104,28 @@ def decaying_counts(total: int, layers: int, lead: int, floor: int, target_mean:
     return counts(hi)
 
 
+def recompute_counts(prefill: int, num_layers: int, num_unmatched: int, config: ReuseConfig) -> List[int]:
+    """Rows recomputed per layer for `prefill` reusable positions of which `num_unmatched` must be recomputed (the
+    last prompt token not included): every row in the check layers, then a count decaying by `recompute_decay`, never
+    below the unmatched rows, with the mean over layers of (count + 1) meeting recompute_ratio * (prefill + 1).
+    Shared by every front end (the HF engine, the vLLM connector), so that they recompute the same rows."""
+    target = max(0.0, config.recompute_ratio * (prefill + 1) - 1)
+    # A prefix-cache hit holds exactly the K/V a full prefill would: no layer needs checking.
+    lead = 0 if config.matching == "prefix" else config.check_layers
+    return decaying_counts(prefill, num_layers, lead, num_unmatched, target, config.recompute_decay)
+
+
+def deviation_order(reused_k: torch.Tensor, reused_v: torch.Tensor, fresh_k: torch.Tensor, fresh_v: torch.Tensor,
+                    unmatched: torch.Tensor) -> torch.Tensor:
+    """Positions (indices into the first dimension, [n, ...] K/V of one layer) to recompute first: the unmatched
+    ones, then the matched ones by ||dK|| + ||dV|| between their reused and freshly computed K/V, largest first
+    (stable: ties keep position order)."""
+    deviation = ((fresh_k - reused_k).float().flatten(1).norm(dim=1)
+                 + (fresh_v - reused_v).float().flatten(1).norm(dim=1))
+    deviation = deviation.masked_fill(unmatched, math.inf)
+    return torch.argsort(deviation, descending=True, stable=True)
+
+
 class ReuseEngine:
     """Serves prompts with KV reuse from reference entries, on one HF causal LM (batch size 1)."""
 
@@ -170,14 +193,27 @@ class ReuseEngine:
 
     @torch.inference_mode()
     def generate(self, prompt: Prompt, reference: Optional[ReferenceEntry] = None, max_new_tokens: int = 64,
-                 return_entry: bool = False, **generate_kwargs) -> GenerationOutput:
+                 return_entry: bool = False, min_similarity: Optional[float] = None,
+                 **generate_kwargs) -> GenerationOutput:
         """Generate from `prompt`, reusing `reference`'s KV when given and similar enough; else full prefill.
 
         return_entry=True also hands back this request's prompt K/V as a ReferenceEntry (`out.entry`), copied
         out of the cache after decoding, so that a store can serve later requests from it. It needs every
-        layer to hold every prompt position (no retain_ratio).
+        layer to hold every prompt position (no retain_ratio). min_similarity, when given, is this call's gate
+        instead of the config's (the store lifts it for an exact common prefix without touching the config that
+        other threads read). Generation is greedy, one sequence (batch size 1); other `generate` keyword
+        arguments go to HF `generate`.
         """
         start = time.perf_counter()
+        check_count("max_new_tokens", max_new_tokens, minimum=1)
+        if min_similarity is not None and (isinstance(min_similarity, bool) or
+                                           not isinstance(min_similarity, (int, float)) or
+                                           not 0.0 <= min_similarity <= 1.0):
+            raise ValueError(f"min_similarity: expected None or a number in [0, 1], got {min_similarity!r}")
+        if generate_kwargs.get("num_return_sequences", 1) != 1 or generate_kwargs.get("num_beams", 1) != 1:
+            raise ValueError("num_return_sequences / num_beams: the engine serves one sequence per request "
+                             "(batch size 1); run several requests instead")
+        gate = self.config.min_similarity if min_similarity is None else min_similarity
         if return_entry and self.config.retain_ratio is not None:
             raise ValueError("return_entry: a request served with retain_ratio keeps a partial cache; "
                              "an entry needs every prompt position in every layer")
@@ -190,7 +226,7 @@ class ReuseEngine:
             match = self._match(reference, ids)
             stats["matched_tokens"] = match.matched
             stats["similarity"] = match.matched / len(ids)
-            if stats["similarity"] < self.config.min_similarity:
+            if stats["similarity"] < gate:
                 stats["mode"] = "fallback"
             else:
                 stats["mode"] = "reuse"
@@ -224,10 +260,23 @@ class ReuseEngine:
         """A prompt's token ids (int64 [T] on the engine's device): a str through the tokenizer (no chat template),
         a sequence of ids as given. ValueError naming `prompt` when it is empty, holds ids outside the vocabulary,
         or does not fit, with `max_new_tokens`, in the positions the engine serves."""
+        check_count("max_new_tokens", max_new_tokens, minimum=0)
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt, (bytes, bytearray, dict)) or not isinstance(prompt, Sequence) and \
+                not (torch.is_tensor(prompt) and prompt.dim() == 1):
+            raise TypeError(f"prompt: expected a str or a 1-D sequence of token ids, got {type(prompt).__name__}")
         else:
-            ids = [int(t) for t in prompt]
+            # Only integers: a float or a digit string is not a token id, and int() would take both silently.
+            if torch.is_tensor(prompt):
+                if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+                    raise TypeError(f"prompt: expected integer token ids, got a {prompt.dtype} tensor")
+                ids = prompt.tolist()
+            else:
+                bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, numbers.Integral)), None)
+                if bad is not None:
+                    raise TypeError(f"prompt: expected integer token ids, got {type(bad).__name__} {bad!r}")
+                ids = [int(t) for t in prompt]
             vocab = self.model.config.vocab_size
             if any(t < 0 or t >= vocab for t in ids):
                 raise ValueError(f"prompt: token ids must lie in [0, {vocab})")
@@ -253,13 +302,19 @@ class ReuseEngine:
         return self.decoder.embed_tokens.weight.dtype
 
     def _fingerprint(self) -> str:
+        """What decides whether another engine's entries are valid here: the config, the tokenizer, the dtype and
+        a digest of every parameter and buffer (a fine-tune that keeps the embeddings, as LoRA usually does,
+        changes K/V all the same)."""
         cfg = self.model.config.to_dict()
         cfg.pop("_name_or_path", None)
+        cfg.pop("_attn_implementation_autoset", None)
         probe = self.tokenizer("semshare fingerprint: 0123456789 Hello, world!")["input_ids"]
-        weights = self.decoder.embed_tokens.weight[:8, :16].detach().float().cpu().numpy().tobytes()
-        blob = json.dumps([cfg, type(self.tokenizer).__name__, len(self.tokenizer), probe], sort_keys=True,
-                          default=str)
-        return hashlib.sha1(blob.encode() + weights).hexdigest()
+        tensors = [(name, t) for name, t in self.model.named_parameters()] + \
+            [(name, t) for name, t in self.model.named_buffers()]
+        weights = [[name, str(t.dtype), list(t.shape), tensor_digest(t)] for name, t in tensors]
+        blob = json.dumps([cfg, type(self.tokenizer).__name__, len(self.tokenizer), probe, str(self._dtype), weights],
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
 
     def _check_reference(self, reference: ReferenceEntry) -> None:
         if not isinstance(reference, ReferenceEntry):
@@ -444,12 +499,8 @@ class ReuseEngine:
         cfg, prefill, num_layers = self.config, len(ids), self.num_layers
         if prefill == 0:
             return [0] * num_layers
-        # Average over layers of (count + 1 for the last token) should be recompute_ratio * (prefill + 1).
-        target = max(0.0, cfg.recompute_ratio * (prefill + 1) - 1)
-        # A prefix-cache hit holds exactly the K/V a full prefill would: no layer needs checking.
-        lead = 0 if cfg.matching == "prefix" else cfg.check_layers
-        counts = decaying_counts(prefill, num_layers, lead, int(unmatched.sum()), target, cfg.recompute_decay)
-        check = min(lead, num_layers) - 1
+        counts = recompute_counts(prefill, num_layers, int(unmatched.sum()), cfg)
+        check = min(0 if cfg.matching == "prefix" else cfg.check_layers, num_layers) - 1
         rows = torch.arange(prefill, device=self.device)
         order = torch.argsort((~unmatched).to(torch.int8), stable=True)  # unmatched first until ranked
         if counts[0] < prefill:
@@ -477,10 +528,7 @@ class ReuseEngine:
         """Positions to recompute first: unmatched ones, then matched ones by ||dK|| + ||dV|| (reused vs fresh)."""
         prefill = len(unmatched)
         old_k, old_v = snapshot
-        deviation = ((layer.keys[:prefill] - old_k).float().flatten(1).norm(dim=1)
-                     + (layer.values[:prefill] - old_v).float().flatten(1).norm(dim=1))
-        deviation = deviation.masked_fill(unmatched, math.inf)
-        return torch.argsort(deviation, descending=True, stable=True)
+        return deviation_order(old_k, old_v, layer.keys[:prefill], layer.values[:prefill], unmatched)
 
     def _retain(self, cache: SemShareCache, prefill: int, window: int) -> None:
         """Keep fewer KV entries in deeper layers: the most attended-to by the observer window, plus the first
@@ -513,6 +561,49 @@ class ReuseEngine:
 
 class _FirstLayerReached(Exception):
     pass
+
+
+# tensor -> digest, keyed by the tensor's identity and version: engines made on the same model share the pass over
+# its weights, and an in-place change of a weight (its version counter moves) is hashed again.
+_DIGESTS: Dict[tuple, str] = {}
+_DIGEST_CHUNK = 1 << 20  # int64 words per step: bounds the extra memory of hashing a large tensor
+_DIGEST_MULTIPLIERS: Dict[torch.device, torch.Tensor] = {}
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """A digest of a tensor's bytes in one pass on its own device: the bytes as 64-bit words, each multiplied by a
+    fixed odd random word and summed with wrap-around per chunk, chunks weighted by odd numbers. A change of any one
+    word changes the sum (an odd multiplier is invertible mod 2^64); this is a checksum against accidental equality
+    (a fine-tune, a different checkpoint), not against a forger."""
+    key = (id(t), t._version, t.data_ptr(), t.dtype, tuple(t.shape), t.device)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    with torch.no_grad():
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        mult = _DIGEST_MULTIPLIERS.get(t.device)
+        if mult is None:
+            gen = torch.Generator().manual_seed(0x5E5A)
+            mult = torch.randint(-2**62, 2**62, (_DIGEST_CHUNK,), generator=gen, dtype=torch.int64) * 2 + 1
+            mult = _DIGEST_MULTIPLIERS[t.device] = mult.to(t.device)
+        total = torch.zeros((), dtype=torch.int64, device=t.device)
+        step = 8 * _DIGEST_CHUNK
+        for c, start in enumerate(range(0, raw.numel(), step)):
+            part = raw[start:start + step]
+            if part.numel() % 8:
+                part = torch.cat([part, part.new_zeros(8 - part.numel() % 8)])
+            words = part.view(torch.int64)
+            total += (words * mult[: words.numel()]).sum() * (2 * c + 1)
+        digest = f"{int(total) & (2**64 - 1):016x}:{raw.numel()}"
+    _DIGESTS[key] = digest
+    return digest
+
+
+def check_count(name: str, value, minimum: int) -> None:
+    """An integer argument (not a bool, not a float) of at least `minimum`, or ValueError/TypeError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected at least {minimum}, got {value}")
 
 
 def _layer_slices(layers: Sequence[int]) -> List[slice]:

@@ -3,7 +3,7 @@
 For every pair (reference prompt, similar target prompt), with greedy decoding of the same number of new tokens:
 - `full`: the target with a full prefill; every other output is compared with this one;
 - `reuse`: the target served from the reference's KV (one run per recompute ratio asked for);
-- noise floor: the target with one leading space, full prefill (BASELINES.md's floor: how far a change that
+- noise floor: the target with one leading space, full prefill (the published baselines' floor: how far a change that
   should not matter moves the output);
 - `gptcache`: GPTCache-style response reuse, the reference's own full-prefill answer returned for the target.
 Metrics: ROUGE-L F1 (rouge-score, stemmed) against `full`; first-token agreement and first-8-tokens agreement;

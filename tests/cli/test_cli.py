@@ -125,3 +125,52 @@ def test_bench_e2e_json_on_the_embedded_model(capsys, monkeypatch, smollm2):
     for r in result["records"]:
         assert {"mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "kv_bytes"} <= r.keys()
     assert result["device"] == "cpu" and "torch" in result and "command" in result
+
+
+# ---- bad input found after parsing: one line on stderr, exit code 2, before any work -----------------------------
+
+
+def test_non_utf8_reference_exits_2(capsys, tmp_path):
+    reference, target = tmp_path / "r.txt", tmp_path / "t.txt"
+    reference.write_bytes(b"caf\xe9 au lait")
+    target.write_text("some text")
+    assert cli.main(["run", "--reference", str(reference), "--target", str(target)]) == 2
+    _one_error_line(capsys, "not UTF-8")
+
+
+def test_model_directory_without_a_model_exits_2(capsys, tmp_path):
+    reference = tmp_path / "r.txt"
+    reference.write_text("some text")
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["run", "--reference", str(reference), "--target", str(reference), "--model",
+                     str(tmp_path / "empty")]) == 2
+    _one_error_line(capsys, "--model")
+
+
+@pytest.mark.parametrize("device", ["foo", "tpu"])
+def test_bench_ops_bad_device_exits_2(capsys, device):
+    assert cli.main(["bench", "ops", "--device", device]) == 2
+    _one_error_line(capsys, "--device")
+
+
+def test_eval_out_directory_exits_2_before_evaluating(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded before --out was checked"))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"reference": "a b c", "target": "a b d"}) + "\n")
+    assert cli.main(["eval", "--pairs", str(pairs), "--out", str(tmp_path)]) == 2
+    _one_error_line(capsys, "--out")
+
+
+@pytest.mark.parametrize("case", ["long_pair", "many_new_tokens"])
+def test_eval_requests_that_do_not_fit_exit_2_before_serving(capsys, monkeypatch, tmp_path, smollm2, case):
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: smollm2)
+    from semshare_ops.eval import evaluate
+
+    monkeypatch.setattr(evaluate, "evaluate_pair", lambda *a, **k: pytest.fail("a pair was served"))
+    long_text = DEMO_REFERENCE * (40 if case == "long_pair" else 1)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"reference": DEMO_REFERENCE, "target": DEMO_TARGET}) + "\n"
+                     + json.dumps({"reference": long_text, "target": DEMO_TARGET}) + "\n")
+    new = "100000" if case == "many_new_tokens" else "8"
+    assert cli.main(["eval", "--pairs", str(pairs), "--max-new-tokens", new, "--no-baselines"]) == 2
+    _one_error_line(capsys, "--pairs" if case == "long_pair" else "--max-new-tokens")

