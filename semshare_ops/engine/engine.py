@@ -565,7 +565,6 @@ class _FirstLayerReached(Exception):
 
 # tensor -> digest, keyed by the tensor's identity and version: engines made on the same model share the pass over
 # its weights, and an in-place change of a weight (its version counter moves) is hashed again.
-_DIGESTS: Dict[tuple, str] = {}
 _DIGEST_CHUNK = 1 << 20  # int64 words per step: bounds the extra memory of hashing a large tensor
 _DIGEST_MULTIPLIERS: Dict[torch.device, torch.Tensor] = {}
 
@@ -575,9 +574,12 @@ def tensor_digest(t: torch.Tensor) -> str:
     fixed odd random word and summed with wrap-around per chunk, chunks weighted by odd numbers. A change of any one
     word changes the sum (an odd multiplier is invertible mod 2^64); this is a checksum against accidental equality
     (a fine-tune, a different checkpoint), not against a forger."""
-    key = (id(t), t._version, t.data_ptr(), t.dtype, tuple(t.shape), t.device)
-    if key in _DIGESTS:
-        return _DIGESTS[key]
+    # The digest is remembered on the tensor itself, keyed by its version counter and storage: a cache keyed by
+    # id() would hand a freed tensor's digest to a new one that reuses its address.
+    key = (t._version, t.data_ptr(), t.dtype, tuple(t.shape), t.device)
+    cached = getattr(t, "_semshare_digest", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     with torch.no_grad():
         raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
         mult = _DIGEST_MULTIPLIERS.get(t.device)
@@ -594,7 +596,10 @@ def tensor_digest(t: torch.Tensor) -> str:
             words = part.view(torch.int64)
             total += (words * mult[: words.numel()]).sum() * (2 * c + 1)
         digest = f"{int(total) & (2**64 - 1):016x}:{raw.numel()}"
-    _DIGESTS[key] = digest
+    try:
+        t._semshare_digest = (key, digest)
+    except (AttributeError, RuntimeError):  # a tensor subclass that takes no attributes: digest again next time
+        pass
     return digest
 
 

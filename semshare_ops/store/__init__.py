@@ -14,7 +14,8 @@ One module per concern, each with the why in its docstring:
 - `retrieval`: step 1: the prompt keys (SimHash of the mean embedding, or MiniLM from `embedder`), the anchors;
 - `tree`: step 2, and the DELTA tree: parents, edit scripts, depth, merging chains when an entry leaves;
 - `tiers`: the byte budgets: the device tier and the CPU offload tier, least recently used out first;
-- `persistence`: `save` / `load`: `entries.safetensors` and `index.json`, format and fingerprint checks;
+- `persistence`: `save` / `load`: crash-safe generations committed by one rename of `index.json`, checked whole;
+- `checks`: the store's argument checks (tenant, settings, ids, directories), each error naming its argument;
 - `entries`: the per-entry record all of them share, the snapshots handed out, the entry checksum.
 """
 from .store import KVStore

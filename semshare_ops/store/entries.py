@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Dict, Optional, Tuple
+import re
+import secrets
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -25,6 +27,15 @@ class _Shared:
 
 
 SHARED = _Shared()
+
+# Entry ids are random, not a count: a store-wide counter would tell a tenant how many requests the others made
+# between two of its own. 64 bits drawn from `secrets`; the store draws again on the (negligible) chance of a clash
+# with a stored id, so an id never names two entries.
+ENTRY_ID = re.compile(r"kv[0-9a-f]{16}")
+
+
+def new_entry_id() -> str:
+    return f"kv{secrets.token_hex(8)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +78,7 @@ class Node:
     tier: Optional[str]  # None once dropped by the budgets
     stamp: int  # recency clock at store or last use as a base
     children: set = dataclasses.field(default_factory=set)
-    checksum: Optional[str] = None
+    checksum: Optional[str] = None  # entry_checksum when stored (checksums=True), saved or loaded; else None
 
     @property
     def namespace(self):
@@ -78,11 +89,24 @@ class Node:
                            self.depth, None if self.edits is None else dict(self.edits), self.opcodes, self.tier)
 
 
-def entry_checksum(entry: ReferenceEntry) -> str:
-    """SHA-1 over every tensor of an entry (bytes as stored)."""
-    h = hashlib.sha1()
-    for t in (entry.token_ids, entry.keys, entry.values, entry.codes, entry.embedding):
+CHECKSUM_FIELDS = ("token_ids", "keys", "values", "codes", "embedding")  # every tensor of a ReferenceEntry
+
+
+def tensors_checksum(tensors: Iterable[torch.Tensor]) -> str:
+    """SHA-256 over tensors: each one's dtype and shape, then its bytes as stored (C order).
+
+    The checksum a save writes into the index (over the bytes it hands to the tensor file), the one a load and
+    `KVStore.verify` compare with: one function, so the three cannot disagree on what is hashed.
+    """
+    h = hashlib.sha256()
+    for t in tensors:
         t = t.detach().contiguous().cpu()
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(repr((str(t.dtype), tuple(t.shape))).encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no bytes copy
     return h.hexdigest()
+
+
+def entry_checksum(entry: ReferenceEntry) -> str:
+    """SHA-256 over every tensor of an entry (`tensors_checksum` of CHECKSUM_FIELDS in that order)."""
+    return tensors_checksum(getattr(entry, name) for name in CHECKSUM_FIELDS)

@@ -69,6 +69,11 @@ class PromptKeys:
         if embedding == "minilm":
             self._load_minilm()
 
+    @property
+    def sentence_size(self) -> Optional[int]:
+        """Dimensions of a sentence-embedding key (embedding="minilm"); None for the model-embedding key."""
+        return None if self._minilm is None else int(self._minilm.model.config.hidden_size)
+
     def request(self, prompt: Prompt, max_new_tokens: int) -> Request:
         """Token ids and retrieval key of a prompt (tokenizer and embedding lookup under the engine lock)."""
         engine = self.engine

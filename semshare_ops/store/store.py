@@ -46,8 +46,10 @@ import torch
 from ..engine import matching
 from ..engine.engine import GenerationOutput, ReferenceEntry, ReuseEngine
 from . import persistence
-from .entries import SHARED, Node, StoredEntry, entry_checksum
-from .retrieval import EMBEDDINGS, Prompt, PromptKeys, Request, RetrievalIndex
+from .checks import (SETTINGS, check_bool, check_directory, check_entry_id, check_int, check_settings,
+                     check_tenant)
+from .entries import SHARED, Node, StoredEntry, entry_checksum, new_entry_id
+from .retrieval import Prompt, PromptKeys, Request, RetrievalIndex
 from .tiers import Tiers
 from .tree import DeltaTree, depth_after, edit_script
 
@@ -91,17 +93,18 @@ class _Choice:
     depth: int
     chain: List[str]  # the base's path root -> base at lookup time (to re-parent if the base leaves meanwhile)
     candidates: Dict[str, int]
-    below_gate: bool = False  # a common-prefix base matching less than config.min_similarity of the request
+    gate: Optional[float] = None  # the engine's similarity gate for this request: 0.0 for a common-prefix base
 
 
 class KVStore:
     """Multi-tenant store of prompt KV caches; serves each request from its cheapest stored base (package doc).
 
-    Arguments: `capacity_bytes` (> 0) bounds the device tier's K/V bytes; `candidates` (>= 1) is N of the
-    embedding top-N; `embedding` is "model" or "minilm"; `max_depth` (>= 0) bounds the reuse hops behind any stored
-    entry; `offload_bytes` (>= 0) sizes the CPU tier; `min_reuse_tokens` (>= 1): a base matching fewer of the
-    request's tokens is not worth the reuse path's overhead; `checksums=True` records a SHA-1 of every entry at
-    store time, which `verify()` checks.
+    Arguments (each type- and range-checked: TypeError or ValueError naming it): `capacity_bytes` (int >= 1)
+    bounds the device tier's K/V bytes; `candidates` (>= 1) is N of the embedding top-N; `embedding` is "model" or
+    "minilm"; `max_depth` (>= 0) bounds the reuse hops behind any stored entry; `offload_bytes` (>= 0) sizes the CPU
+    tier; `min_reuse_tokens` (>= 1): a base matching fewer of the request's tokens is not worth the reuse path's
+    overhead; `checksums=True` records a SHA-256 of every entry when it is stored, which `verify()` and `save`
+    check (every saved or loaded entry has one either way).
     """
 
     def __init__(self, engine: ReuseEngine, capacity_bytes: int = 1 << 30, candidates: int = 4,
@@ -112,24 +115,20 @@ class KVStore:
         if engine.config.retain_ratio is not None:
             raise ValueError("engine: a store needs every prompt position of every layer; "
                              "use an engine with retain_ratio=None")
-        for name, value, low in (("capacity_bytes", capacity_bytes, 1), ("candidates", candidates, 1),
-                                 ("max_depth", max_depth, 0), ("offload_bytes", offload_bytes, 0),
-                                 ("min_reuse_tokens", min_reuse_tokens, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-        if embedding not in EMBEDDINGS:
-            raise ValueError(f"embedding: expected one of {', '.join(map(repr, EMBEDDINGS))}, got {embedding!r}")
+        settings = check_settings({"capacity_bytes": capacity_bytes, "candidates": candidates, "embedding": embedding,
+                                   "max_depth": max_depth, "offload_bytes": offload_bytes,
+                                   "min_reuse_tokens": min_reuse_tokens, "checksums": checksums})
         self.engine = engine
-        self.candidates, self.max_depth, self.checksums = candidates, max_depth, checksums
-        self.min_reuse_tokens = min_reuse_tokens
+        self.candidates, self.max_depth = settings["candidates"], settings["max_depth"]
+        self.checksums, self.min_reuse_tokens = settings["checksums"], settings["min_reuse_tokens"]
         self.evictions = 0  # entries dropped from the store by the byte budgets
         self.offloads = 0  # entries moved from the device tier to the CPU tier
         self._lock = threading.Lock()  # the index: tree, tiers, retrieval index, counters
+        self._save_lock = threading.Lock()  # one save of this store at a time (persistence.py: across stores)
         self._engine_lock = engine_lock(engine)
         self._tree = DeltaTree()
-        self._tiers = Tiers(capacity_bytes, offload_bytes)
+        self._tiers = Tiers(settings["capacity_bytes"], settings["offload_bytes"])
         self._index = RetrievalIndex(embedding)
-        self._next_id = 0
         self._clock = 0
         self._keys = PromptKeys(engine, self._engine_lock, embedding)  # loads MiniLM for embedding="minilm"
 
@@ -158,20 +157,20 @@ class KVStore:
         engine call.
         """
         start = time.perf_counter()
-        _check_tenant(tenant)
-        for name in ("reference", "return_entry"):
+        check_tenant(tenant)
+        check_bool("shared", shared)
+        check_int("max_new_tokens", max_new_tokens, 1)
+        for name in ("reference", "return_entry", "min_similarity"):
             if name in generate_kwargs:
                 raise TypeError(f"{name}: chosen by the store, not by the caller")
-        request = self._keys.request(prompt, max_new_tokens)
+        request = self._keys.request(prompt, max_new_tokens)  # the engine checks the prompt
         choice = self._choose(request, tenant, shared)
         lookup_s = time.perf_counter() - start
-        # The engine has no per-call override of its similarity gate: a prefix base below it is served with
-        # min_similarity=0 for this call (under the engine lock, so no other request sees the swap).
-        gate_off = dataclasses.replace(self.engine.config, min_similarity=0.0) if choice.below_gate else None
-        with self._engine_lock, self.engine.using(gate_off):
+        # The gate goes with the call: the engine's config is never changed, since other threads read it unlocked.
+        with self._engine_lock:
             engine_start = time.perf_counter()
-            out = self.engine.generate(request.ids, reference=choice.base,
-                                       max_new_tokens=max_new_tokens, return_entry=True, **generate_kwargs)
+            out = self.engine.generate(request.ids, reference=choice.base, max_new_tokens=max_new_tokens,
+                                       return_entry=True, min_similarity=choice.gate, **generate_kwargs)
         hit = out.stats["mode"] == "reuse"
         entry = out.entry
         checksum = entry_checksum(entry) if self.checksums else None
@@ -189,7 +188,7 @@ class KVStore:
             stored = self._tree.get(request_id) if request_id is not None else None
         out.entry = stored.entry if stored is not None else entry
         engine_ttft = out.stats["ttft_ms"]
-        out.stats.update(hit=hit, base_id=choice.base_id if hit else None, tenant=tenant, shared=bool(shared),
+        out.stats.update(hit=hit, base_id=choice.base_id if hit else None, tenant=tenant, shared=shared,
                          request_id=request_id, depth=depth, lookup_ms=lookup_s * 1e3, engine_ttft_ms=engine_ttft,
                          ttft_ms=(engine_start - start) * 1e3 + engine_ttft)
         return out
@@ -197,7 +196,8 @@ class KVStore:
     def lookup(self, prompt: Prompt, tenant: str = "default", shared: bool = False) -> Lookup:
         """The base `generate` would choose for `prompt` and its cost (prompt tokens recomputed at least), without
         generating or storing anything."""
-        _check_tenant(tenant)
+        check_tenant(tenant)
+        check_bool("shared", shared)
         request = self._keys.request(prompt, 0)
         c = self._choose(request, tenant, shared)
         return Lookup(c.base_id, c.cost, len(request.ids), c.depth, c.candidates)
@@ -214,7 +214,8 @@ class KVStore:
             candidates = self._tree.expand(retrieved, self.candidates, namespaces)
             snapshot = [(n.id, n.entry, n.depth, n.stamp) for n in candidates]
         best, costs = None, {}
-        min_matched = self.engine.config.min_similarity * total
+        gate = self.engine.config.min_similarity  # read once: this request is judged, and served, by one gate
+        min_matched = gate * total
         for entry_id, entry, depth, stamp in snapshot:
             match = self.engine.match(entry, request.ids)
             cost = total - match.matched
@@ -236,7 +237,7 @@ class KVStore:
         (cost, _, _), entry_id, entry, new_depth, below_gate = best
         with self._lock:
             chain = self._tree.chain(entry_id) if entry_id in self._tree else [entry_id]
-        return _Choice(entry, entry_id, cost, new_depth, chain, costs, below_gate)
+        return _Choice(entry, entry_id, cost, new_depth, chain, costs, 0.0 if below_gate else gate)
 
     # ---- the index (callers hold self._lock) -------------------------------------------------------------------
 
@@ -252,8 +253,9 @@ class KVStore:
         if parent is not None and parent not in self._tree:
             # The base left while this request was served: hang the entry on its nearest surviving ancestor.
             parent, edits, opcodes = self._tree.surviving_base(chain, entry.token_ids.tolist())
-        entry_id = f"kv{self._next_id}"
-        self._next_id += 1
+        entry_id = new_entry_id()
+        while entry_id in self._tree:
+            entry_id = new_entry_id()
         self._clock += 1
         node = Node(entry_id, entry, tenant, bool(shared), key, parent, depth, edits, opcodes, "device",
                     self._clock, checksum=checksum)
@@ -286,6 +288,8 @@ class KVStore:
             return len(self._tree)
 
     def __contains__(self, entry_id: str) -> bool:
+        if not isinstance(entry_id, str):
+            return False
         with self._lock:
             return entry_id in self._tree
 
@@ -311,11 +315,13 @@ class KVStore:
             return [node.snapshot() for node in self._tiers.nodes()]
 
     def get(self, entry_id: str) -> StoredEntry:
+        check_entry_id(entry_id)
         with self._lock:
             return self._tree.node(entry_id).snapshot()
 
     def remove(self, entry_id: str) -> None:
         """Drop an entry; its children are re-parented to its parent (edit scripts recomputed)."""
+        check_entry_id(entry_id)
         with self._lock:
             node = self._tree.node(entry_id)
             self._tiers.remove(node)
@@ -323,65 +329,93 @@ class KVStore:
 
     def chain(self, entry_id: str) -> List[str]:
         """Ids on the tree path root -> `entry_id`."""
+        check_entry_id(entry_id)
         with self._lock:
             return self._tree.chain(entry_id)
 
     def verify(self) -> List[str]:
-        """Ids of the entries whose tensors no longer match the checksum taken when they were stored (needs
-        checksums=True; entries restored by `load` are checksummed at load)."""
-        if not self.checksums:
-            raise RuntimeError("verify: the store was made with checksums=False")
+        """Ids of the entries whose tensors no longer hash to their recorded checksum: the one taken when they were
+        stored (checksums=True), the one `save` wrote, or the one `load` read from the index (so a store loaded
+        with verify=False finds here what the load skipped). Entries with none (stored with checksums=False and
+        never saved since) are not checked."""
         with self._lock:
-            nodes = self._tree.nodes()
-        return [n.id for n in nodes if n.checksum is not None and entry_checksum(n.entry) != n.checksum]
+            nodes = [(n.id, n.entry, n.checksum) for n in self._tree.nodes()]
+        return [i for i, entry, checksum in nodes if checksum is not None and entry_checksum(entry) != checksum]
 
     def config(self) -> Dict:
         return {"capacity_bytes": self.capacity_bytes, "candidates": self.candidates, "embedding": self.embedding,
                 "max_depth": self.max_depth, "offload_bytes": self.offload_bytes,
-                "min_reuse_tokens": self.min_reuse_tokens}
+                "min_reuse_tokens": self.min_reuse_tokens, "checksums": self.checksums}
 
     def __repr__(self) -> str:
         return (f"KVStore({len(self)} entries, {self.device_nbytes} / {self.capacity_bytes} device bytes, "
                 f"{self.offloaded_nbytes} / {self.offload_bytes} offloaded, embedding={self.embedding!r})")
 
-    # ---- persistence (the format: persistence.py) --------------------------------------------------------------
+    # ---- persistence (the format and its guarantees: persistence.py) -----------------------------------------
 
     def save(self, directory: Union[str, os.PathLike]) -> None:
-        """Write `entries.safetensors` and `index.json` into `directory` (created if missing)."""
-        with self._lock:
-            counters = persistence.Counters(self._next_id, self._clock, self.evictions, self.offloads)
-            snap = persistence.snapshot(self.engine, self.config(), counters, self._tiers.nodes(),
-                                        sentence_keys=self.embedding == "minilm")
-        persistence.write(directory, snap)
+        """Save the store into `directory` (created if missing) as a new generation, committed by one atomic rename
+        of `index.json`: a crash or an error at any point leaves the previous generation or this one, whole.
+
+        Safe from many threads and stores at once (the last save to commit wins). RuntimeError, with nothing
+        written, when an entry no longer matches the checksum taken when it was stored.
+        """
+        directory = check_directory(directory)
+
+        def take_snapshot() -> persistence.Snapshot:
+            with self._lock:
+                counters = persistence.Counters(self._clock, self.evictions, self.offloads)
+                return persistence.snapshot(self.engine, self.config(), counters, self._tiers.nodes(),
+                                            sentence_keys=self.embedding == "minilm")
+
+        with self._save_lock:
+            checksums = persistence.write(directory, take_snapshot)
+        with self._lock:  # what was written is what is held: its checksums make verify() cover every entry
+            for entry_id, checksum in checksums.items():
+                node = self._tree.get(entry_id)
+                if node is not None and node.checksum is None:
+                    node.checksum = checksum
 
     @classmethod
-    def load(cls, directory: Union[str, os.PathLike], engine: ReuseEngine, **overrides) -> "KVStore":
-        """Restore a store written by `save` for `engine`'s model; `overrides` replace saved config values
-        (a smaller capacity evicts the least recently used entries)."""
+    def load(cls, directory: Union[str, os.PathLike], engine: ReuseEngine, *, verify: bool = True,
+             **overrides) -> "KVStore":
+        """Restore a store written by `save` for `engine`'s model, checked whole (persistence.py: what is checked);
+        ValueError naming the file and the field for anything malformed.
+
+        `verify=False` skips only comparing each entry's tensors with its saved checksum (faster for a large store;
+        `verify()` can do it later). `overrides` replace saved settings (a smaller capacity evicts the least
+        recently used entries).
+        """
+        directory = check_directory(directory)
+        if not isinstance(engine, ReuseEngine):
+            raise TypeError(f"engine: expected a ReuseEngine, got {type(engine).__name__}")
+        check_bool("verify", verify)
+        unknown = [name for name in overrides if name not in SETTINGS]
+        if unknown:
+            raise TypeError(f"{unknown[0]}: not a KVStore setting (expected one of {', '.join(SETTINGS)})")
         saved = persistence.SavedStore(directory, engine)
         store = cls(engine, **{**saved.config, **overrides})
         rehash = not saved.codes_match
-        counters, nodes = saved.restore(sentence_keys=store.embedding == "minilm")
+        # Codes rebuilt below get a new checksum: the saved one is checked first, so that the new one vouches for
+        # tensors that were as saved.
+        counters, nodes = saved.restore(sentence_keys=store.embedding == "minilm", verify=verify or rehash)
+        key_size = store._keys.sentence_size
         with store._lock:
-            store._next_id, store._clock = counters.next_id, counters.clock
-            store.evictions, store.offloads = counters.evictions, counters.offloads
+            store._clock, store.evictions, store.offloads = counters.clock, counters.evictions, counters.offloads
         for node in nodes:
             if rehash:  # the engine hashes tokens with other planes: rehash them
                 with store._engine_lock, torch.inference_mode():
                     ids = node.entry.token_ids.to(engine.device)
                     node.entry = dataclasses.replace(node.entry, codes=engine.token_codes(engine.embed(ids)).cpu())
+                node.checksum = entry_checksum(node.entry)
+            if node.key is not None and key_size is not None and node.key.numel() != key_size:
+                raise ValueError(f"load: {saved.tensor_path}: {node.id}.{persistence.KEY_FIELD}: {node.key.numel()} "
+                                 f"dimensions, the sentence embedder makes {key_size}")
             if node.key is None:
                 node.key = store._keys.key_of(node.entry.token_ids.tolist(), None, node.entry.embedding)
-            if store.checksums:
-                node.checksum = entry_checksum(node.entry)
             with store._lock:
                 store._add(node)
         with store._lock:
             store._tree.link_children()
             store._enforce_budgets()
         return store
-
-
-def _check_tenant(tenant) -> None:
-    if not isinstance(tenant, str) or not tenant:
-        raise ValueError(f"tenant: expected a non-empty str, got {tenant!r}")

@@ -1,10 +1,28 @@
-"""save / load (semshare_ops/store/persistence.py): round trip, overrides, refusals."""
+"""save / load (semshare_ops/store/persistence.py): round trip, the commit protocol under faults and kills, checksums,
+malformed files, concurrent saves.
 
+A save must leave a directory that loads whole, as the previous generation or the new one, whatever happens: an
+error at any step (os functions patched to raise), a SIGKILL at any step or at a random instant (in a forked child,
+so that the test process survives), other saves and loads running at once.
+"""
+
+import errno
 import json
+import os
+import random
+import re
+import shutil
+import signal
+import threading
+import time
 
 import pytest
+import safetensors.torch
+import torch
+from safetensors import safe_open
 
 from semshare_ops.engine import ReuseConfig, ReuseEngine
+from semshare_ops.store import persistence
 from semshare_ops.store.entries import entry_checksum
 from semshare_ops.store.store import KVStore
 
@@ -13,19 +31,50 @@ from store_testutils import NEW, TOKEN_BYTES, base_tokens, replace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+TENSOR_NAME = r"entries-\d{8}-[0-9a-f]{16}\.safetensors"
 
-def _filled_store(engine, **kwargs):
+
+def _filled_store(engine, seed=60, **kwargs):
+    """alice: a root and a child of it; bob: a shared root."""
     store = KVStore(engine, **kwargs)
-    root = base_tokens(100, seed=60)
+    root = base_tokens(100, seed=seed)
     store.generate(root, tenant="alice", max_new_tokens=NEW)
     store.generate(replace(root, 30, 4), tenant="alice", max_new_tokens=NEW)
-    store.generate(base_tokens(100, seed=61), tenant="bob", shared=True, max_new_tokens=NEW)
+    store.generate(base_tokens(100, seed=seed + 1), tenant="bob", shared=True, max_new_tokens=NEW)
     return store, root
+
+
+def _signature(store):
+    """What a generation is: its entries' ids, places and tensors."""
+    return sorted((e.id, e.tenant, e.shared, e.parent, e.tier, entry_checksum(e.entry)) for e in store.entries())
+
+
+def _files(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+def _assert_one_generation(directory):
+    names = _files(directory)
+    assert len(names) == 2 and names[1] == "index.json" and re.fullmatch(TENSOR_NAME, names[0]), names
+
+
+def _index(directory):
+    return json.loads((directory / "index.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_stores(engine):
+    """Two different stores: the old and the new generation of the fault and kill tests."""
+    old, _ = _filled_store(engine, seed=60)
+    new, _ = _filled_store(engine, seed=70)
+    new.generate(base_tokens(80, seed=72), tenant="carol", max_new_tokens=NEW)
+    return old, new
 
 
 def test_save_load_round_trip(engine, tmp_path):
     store, root = _filled_store(engine, capacity_bytes=1 << 24, candidates=3)
     store.save(tmp_path)
+    _assert_one_generation(tmp_path)
     saved_order = [e.id for e in store.entries()]
     loaded = KVStore.load(tmp_path, engine)
     assert loaded.config() == store.config() and len(loaded) == len(store)
@@ -33,28 +82,435 @@ def test_save_load_round_trip(engine, tmp_path):
         assert (a.id, a.tenant, a.shared, a.parent, a.children, a.depth, a.edits, a.opcodes, a.tier) == \
                (b.id, b.tenant, b.shared, b.parent, b.children, b.depth, b.edits, b.opcodes, b.tier)
         assert entry_checksum(a.entry) == entry_checksum(b.entry)
+    assert loaded.verify() == []
     probe = replace(replace(root, 30, 4), 70, 3)
     x = store.generate(probe, tenant="alice", max_new_tokens=NEW)
     y = loaded.generate(probe, tenant="alice", max_new_tokens=NEW)
     assert x.token_ids == y.token_ids and x.stats["hit"] and y.stats["hit"]
-    for key in ("base_id", "request_id", "matched_tokens", "recomputed_tokens", "depth"):
+    for key in ("base_id", "matched_tokens", "recomputed_tokens", "depth"):
         assert x.stats[key] == y.stats[key], key
+    assert y.stats["request_id"] not in saved_order  # a fresh id, never one of the loaded entries'
     # Overrides: a smaller capacity evicts the least recently used on load.
     small = KVStore.load(tmp_path, engine, capacity_bytes=100 * TOKEN_BYTES)
     assert len(small) == 1 and small.entries()[0].id == saved_order[-1]
+    # The settings are saved, checksums included.
+    KVStore(engine, checksums=True).save(tmp_path / "c")
+    assert KVStore.load(tmp_path / "c", engine).checksums is True
 
 
-def test_load_rejects_other_model_version_and_bad_files(engine, tmp_path):
+def test_generations_replace_each_other(engine, tmp_path):
+    store, root = _filled_store(engine)
+    store.save(tmp_path)
+    first = _index(tmp_path)
+    (tmp_path / "index.json.0123456789abcdef.tmp").write_text("{half an ind")  # a dead save's leftovers
+    (tmp_path / "entries-00000009-0123456789abcdef.safetensors").write_bytes(b"\0" * 10)
+    assert _signature(KVStore.load(tmp_path, engine)) == _signature(store)  # ignored by a load
+    store.generate(replace(root, 50, 3), tenant="alice", max_new_tokens=NEW)
+    store.save(tmp_path)
+    second = _index(tmp_path)
+    assert second["generation"] == first["generation"] + 1 and second["tensors"] != first["tensors"]
+    _assert_one_generation(tmp_path)  # the previous generation and the leftovers are gone
+    assert _signature(KVStore.load(tmp_path, engine)) == _signature(store)
+
+
+def test_save_makes_files_durable_before_the_commit(engine, tmp_path, monkeypatch):
+    """The order that makes a power cut safe: tensor file fsync'd, directory fsync'd, index fsync'd, then the
+    rename, then the directory fsync'd, and only then the old generation removed."""
+    store, _ = _filled_store(engine)
+    store.save(tmp_path)
+    old_tensors = _index(tmp_path)["tensors"]
+    events, names = [], {}
+    real_open, real_fsync, real_replace, real_remove = os.open, os.fsync, os.replace, os.remove
+
+    def traced_open(path, *args, **kwargs):
+        fd = real_open(path, *args, **kwargs)
+        names[fd] = os.path.basename(os.fspath(path)) if os.fspath(path) != os.fspath(tmp_path) else "<dir>"
+        return fd
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", traced_open)
+        m.setattr(os, "fsync", lambda fd: (events.append(("fsync", names[fd])), real_fsync(fd))[1])
+        m.setattr(os, "replace", lambda a, b: (events.append(("replace", os.path.basename(a))), real_replace(a, b))[1])
+        m.setattr(os, "remove", lambda p: (events.append(("remove", os.path.basename(p))), real_remove(p))[1])
+        store.save(tmp_path)
+    new_tensors = _index(tmp_path)["tensors"]
+    temp = next(name for kind, name in events if kind == "replace")
+    assert re.fullmatch(r"index\.json\.[0-9a-f]{16}\.tmp", temp)
+    assert events == [("fsync", new_tensors), ("fsync", "<dir>"), ("fsync", temp), ("replace", temp),
+                      ("fsync", "<dir>"), ("remove", old_tensors)]
+
+
+# ---- faults and kills ----------------------------------------------------------------------------------------------
+
+STEP_FUNCTIONS = ("open", "write", "fsync", "close", "replace", "remove")  # the os functions a save calls
+
+
+class _Steps:
+    """Numbers the calls a save makes to the os functions above and to safetensors' save_file; at call `at` it runs
+    `action(name, real, args, kwargs)` instead of the call."""
+
+    def __init__(self, m, at=None, action=None):
+        self.at, self.action, self.trace = at, action, []
+        for name in STEP_FUNCTIONS:
+            m.setattr(os, name, self._wrap(name, getattr(os, name)))
+        m.setattr(safetensors.torch, "save_file", self._wrap("save_file", safetensors.torch.save_file))
+
+    def _wrap(self, name, real):
+        def call(*args, **kwargs):
+            self.trace.append(name)
+            if len(self.trace) - 1 == self.at:
+                return self.action(name, real, args, kwargs)
+            return real(*args, **kwargs)
+        return call
+
+
+def _count_steps(store, directory, monkeypatch):
+    """The calls of one save over an existing generation (into a copy of `directory`)."""
+    scratch = directory.parent / (directory.name + "-count")
+    shutil.copytree(directory, scratch)
+    with monkeypatch.context() as m:
+        steps = _Steps(m)
+        store.save(scratch)
+    shutil.rmtree(scratch)
+    return steps.trace
+
+
+def _check_old_or_new(engine, directory, old_sig, new_sig):
+    """The directory loads whole, as one of the two generations; says which."""
+    sig = _signature(KVStore.load(directory, engine))
+    assert sig in (old_sig, new_sig)
+    return "old" if sig == old_sig else "new"
+
+
+def test_save_error_at_every_step_leaves_old_or_new(engine, two_stores, tmp_path, monkeypatch):
+    old, new = two_stores
+    old_sig, new_sig = _signature(old), _signature(new)
+    old.save(tmp_path)
+    trace = _count_steps(new, tmp_path, monkeypatch)
+    assert {"save_file", "fsync", "replace", "remove"} <= set(trace)
+
+    def fail(name, real, args, kwargs):
+        raise OSError(errno.EIO, f"injected fault in os.{name}")
+
+    seen = []
+    for at in range(len(trace)):
+        with monkeypatch.context() as m:
+            _Steps(m, at, fail)
+            if trace[at] == "remove":  # removing the old generation is best effort: a leftover is harmless
+                new.save(tmp_path)
+            else:
+                with pytest.raises(OSError, match="injected"):
+                    new.save(tmp_path)
+        seen.append(_check_old_or_new(engine, tmp_path, old_sig, new_sig))
+        committed = at > trace.index("replace")
+        assert seen[-1] == ("new" if committed else "old"), (at, trace[at])
+        if not committed:  # a save that failed before its commit removed what it had written
+            _assert_one_generation(tmp_path)
+        old.save(tmp_path)  # back to the old generation; leftovers of the failed save go
+        _assert_one_generation(tmp_path)
+    assert "old" in seen and "new" in seen
+
+
+def _in_child(run) -> int:
+    """Run `run()` in a forked child; returns its wait status (the child never returns into pytest)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            run()
+        except BaseException:  # noqa: BLE001 -- reported through the exit code
+            code = 3
+        os._exit(code)
+    return os.waitpid(pid, 0)[1]
+
+
+def _killed(status) -> bool:
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def _die(name, real, args, kwargs):
+    # Half of a write, or half of the tensor file, reaches the disk before the process dies.
+    if name == "write":
+        real(args[0], bytes(args[1][: max(1, len(args[1]) // 2)]))
+    elif name == "save_file":
+        real(*args, **kwargs)
+        with open(args[1], "r+b") as f:
+            f.truncate(os.path.getsize(args[1]) // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_save_killed_at_every_step_and_at_random_instants(engine, two_stores, tmp_path, monkeypatch):
+    """SIGKILL at each step of a save (half a write done where the step is a write), then 24 times at a random
+    instant of one: every time, the directory loads whole as the old or the new generation."""
+    old, new = two_stores
+    old_sig, new_sig = _signature(old), _signature(new)
+    old.save(tmp_path)
+    trace = _count_steps(new, tmp_path, monkeypatch)
+    seen = []
+
+    def check_and_reset():
+        seen.append(_check_old_or_new(engine, tmp_path, old_sig, new_sig))
+        old.save(tmp_path)
+        _assert_one_generation(tmp_path)
+
+    for at in range(len(trace)):
+        def run():
+            with monkeypatch.context() as m:
+                _Steps(m, at, _die)
+                new.save(tmp_path)
+
+        assert _killed(_in_child(run)), (at, trace[at])
+        check_and_reset()
+    assert seen.count("old") and seen.count("new")
+
+    durations = []
+    for _ in range(3):
+        start = time.perf_counter()
+        new.save(tmp_path.parent / (tmp_path.name + "-timing"))  # beside the store, not in it
+        durations.append(time.perf_counter() - start)
+    span = sorted(durations)[1]
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(24):
+        delay = rng.uniform(0.0, span)
+
+        def run():
+            threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
+            new.save(tmp_path)
+            time.sleep(1.0)  # a save that beat the timer still dies: every run is a kill, early or late
+
+        status = _in_child(run)
+        assert _killed(status), status
+        kills += 1
+        check_and_reset()
+    assert kills + len(trace) >= 20
+
+
+def test_load_retries_when_a_save_replaces_the_file_it_named(engine, two_stores, tmp_path, monkeypatch):
+    """A load that read the index just before a save committed and removed the tensor file it named reads the
+    new index and goes on."""
+    old, new = two_stores
+    old.save(tmp_path)
+    real_open = safe_open
+    calls = []
+
+    def racing_open(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:
+            new.save(tmp_path)  # commits and removes `path`
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("safetensors.safe_open", racing_open)
+    assert _signature(KVStore.load(tmp_path, engine)) == _signature(new)
+    assert len(calls) == 2 and calls[0] != calls[1]
+
+
+def test_concurrent_saves_and_loads_of_one_directory(engine, two_stores, tmp_path):
+    """Two threads saving one store and one thread saving another into one directory, and a thread loading it
+    meanwhile: no errors, every load whole, and the last commit wins."""
+    old, new = two_stores
+    sigs = {"old": _signature(old), "new": _signature(new)}
+    old.save(tmp_path)
+    errors, loads, done = [], [], threading.Event()
+    barrier = threading.Barrier(4)
+
+    def saver(store):
+        try:
+            barrier.wait()
+            for _ in range(8):
+                store.save(tmp_path)
+        except Exception as err:  # noqa: BLE001 -- surfaced below
+            errors.append(err)
+
+    def loader():
+        barrier.wait()
+        try:
+            while not done.is_set():
+                loads.append(_signature(KVStore.load(tmp_path, engine)))
+        except Exception as err:  # noqa: BLE001 -- surfaced below
+            errors.append(err)
+
+    savers = [threading.Thread(target=saver, args=(s,)) for s in (old, old, new)]
+    reader = threading.Thread(target=loader)
+    for t in (*savers, reader):
+        t.start()
+    for t in savers:
+        t.join(timeout=120)
+    done.set()
+    reader.join(timeout=120)
+    assert not errors, errors
+    assert loads and all(sig in sigs.values() for sig in loads)
+    _assert_one_generation(tmp_path)
+    final = _signature(KVStore.load(tmp_path, engine))
+    assert final in sigs.values()
+    assert _index(tmp_path)["generation"] == 3 * 8  # every save committed, one after the other
+
+
+# ---- checksums -----------------------------------------------------------------------------------------------------
+
+def _rewrite_tensors(directory, edit):
+    """Apply `edit(tensors)` to the saved tensor file, keeping its name and metadata (the index is not touched)."""
+    path = directory / _index(directory)["tensors"]
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    edit(tensors)
+    tensors = {name: t.contiguous() for name, t in tensors.items()}  # an edit may leave a strided view
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+
+def _flip_bit(t: torch.Tensor, at: int = 0) -> None:
+    t.reshape(-1).view(torch.uint8)[at] ^= 0x10
+
+
+def test_bit_flips_are_found_at_load_and_by_verify(engine, tmp_path):
+    store, _ = _filled_store(engine)
+    store.save(tmp_path)
+    victim = store.entries()[1].id
+    _rewrite_tensors(tmp_path, lambda t: _flip_bit(t[f"{victim}.keys"], 1234))
+    with pytest.raises(ValueError, match=rf"{TENSOR_NAME}: {victim}: its tensors do not match the checksum"):
+        KVStore.load(tmp_path, engine)
+    # Opting out of the check at load: verify() compares with the checksums that were saved, not taken at load.
+    loaded = KVStore.load(tmp_path, engine, verify=False)
+    assert loaded.verify() == [victim]
+    # Every field is covered, the sentence key too.
+    for field in ("token_ids", "values", "codes", "embedding"):
+        store.save(tmp_path)
+        _rewrite_tensors(tmp_path, lambda t: _flip_bit(t[f"{victim}.{field}"]))
+        with pytest.raises(ValueError, match=rf"{victim}: its tensors do not match the checksum"):
+            KVStore.load(tmp_path, engine)
+
+
+def test_save_refuses_entries_changed_in_memory(engine, tmp_path):
+    store, _ = _filled_store(engine, checksums=True)
+    store.save(tmp_path)
+    before = _index(tmp_path)
+    victim = store.entries()[0].id
+    with torch.inference_mode():
+        store.get(victim).entry.values[0, 0, 0, 0] += 1.0
+    with pytest.raises(RuntimeError, match=f"{victim}.*nothing was written"):
+        store.save(tmp_path)
+    assert _index(tmp_path) == before
+    _assert_one_generation(tmp_path)
+    # Saving records the written checksums even for a store made with checksums=False: verify() covers them.
+    plain, _ = _filled_store(engine, seed=80)
+    plain.save(tmp_path / "plain")
+    victim = plain.entries()[0].id
+    with torch.inference_mode():
+        plain.get(victim).entry.keys[0, 0, 0, 0] += 1.0
+    assert plain.verify() == [victim]
+
+
+# ---- malformed stores ----------------------------------------------------------------------------------------------
+
+def _entry(index, i):
+    return index["entries"][i]
+
+
+def _set(index, i, **fields):
+    index["entries"][i].update(fields)
+
+
+def _cycle(index):
+    a, b = _entry(index, 0)["id"], _entry(index, 2)["id"]
+    no_edits = {"edits": {"keep": 0, "insert": 0, "delete": 0, "replace": 0}, "opcodes": []}
+    _set(index, 0, parent=b, **no_edits)
+    _set(index, 2, parent=a, **no_edits)
+
+
+INDEX = r"index\.json"
+# (what is broken, how: an edit of the index, of the tensors, or both, and the "file: field" the error names)
+MALFORMED = {
+    "next_id 0": (lambda ix: ix.update(next_id=0), None, rf"{INDEX}: next_id: not a field"),
+    "duplicate entry": (lambda ix: ix["entries"].append(dict(_entry(ix, 0))), None,
+                        rf"{INDEX}: entries\[3\]\.id: 'kv[0-9a-f]+' is stored twice"),
+    "missing entry field": (lambda ix: _entry(ix, 1).pop("tenant"), None, rf"{INDEX}: entries\[1\]\.tenant: missing"),
+    "missing config": (lambda ix: ix.pop("config"), None, rf"{INDEX}: config: missing"),
+    "missing setting": (lambda ix: ix["config"].pop("max_depth"), None, rf"{INDEX}: config\.max_depth: missing"),
+    "bad setting": (lambda ix: ix["config"].update(capacity_bytes=-1), None, rf"{INDEX}: config\.capacity_bytes"),
+    "shared 'false'": (lambda ix: _set(ix, 2, shared="false"), None, rf"{INDEX}: entries\[2\]\.shared"),
+    "empty tenant": (lambda ix: _set(ix, 0, tenant=""), None, rf"{INDEX}: entries\[0\]\.tenant"),
+    "bad id": (lambda ix: _set(ix, 0, id="kv0"), None, rf"{INDEX}: entries\[0\]\.id"),
+    "cyclic parents": (_cycle, None, rf"{INDEX}: entries\[\d\]\.parent: the parent chain of .* loops"),
+    "own parent": (lambda ix: _set(ix, 1, parent=_entry(ix, 1)["id"]), None, rf"{INDEX}: entries\[1\]\.parent"),
+    "unknown parent": (lambda ix: _set(ix, 1, parent="kv" + "0" * 16), None,
+                       rf"{INDEX}: entries\[1\]\.parent: 'kv0+' is not a stored entry"),
+    "stamp past clock": (lambda ix: _set(ix, 0, stamp=ix["clock"] + 1), None, rf"{INDEX}: entries\[0\]\.stamp"),
+    "bad tier": (lambda ix: _set(ix, 0, tier="disk"), None, rf"{INDEX}: entries\[0\]\.tier"),
+    "bad checksum": (lambda ix: _set(ix, 0, checksum="abc"), None, rf"{INDEX}: entries\[0\]\.checksum"),
+    "edit counts": (lambda ix: _entry(ix, 1)["edits"].update(keep=1), None, rf"{INDEX}: entries\[1\]\.edits"),
+    "opcodes": (lambda ix: _entry(ix, 1)["opcodes"].pop(), None, rf"{INDEX}: entries\[1\]\.opcodes"),
+    "tensor path": (lambda ix: ix.update(tensors="../" + ix["tensors"]), None, rf"{INDEX}: tensors"),
+    "negative counter": (lambda ix: ix.update(evictions=-1), None, rf"{INDEX}: evictions"),
+    "not an object": (lambda ix: ix.update(entries={}), None, rf"{INDEX}: entries: expected a list"),
+    "wrong shape": (None, lambda t, e: t.update({f"{e}.keys": t[f"{e}.keys"][:, :-1]}),
+                    rf"{TENSOR_NAME}: kv[0-9a-f]+\.keys: expected torch\.float32 \(4, \d+, 2, 16\)"),
+    "wrong dtype": (None, lambda t, e: t.update({f"{e}.values": t[f"{e}.values"].half()}),
+                    rf"{TENSOR_NAME}: kv[0-9a-f]+\.values: expected torch\.float32"),
+    "token id out of vocabulary": (None, lambda t, e: t[f"{e}.token_ids"].__setitem__(5, 10_000),
+                                   rf"{TENSOR_NAME}: kv[0-9a-f]+\.token_ids: token id 10000 is outside"),
+    "token count differs": (None, lambda t, e: t.update({f"{e}.codes": t[f"{e}.codes"][1:]}),
+                            rf"{TENSOR_NAME}: kv[0-9a-f]+\.codes: expected torch\.int64"),
+    "missing tensor": (None, lambda t, e: t.pop(f"{e}.embedding"), rf"{TENSOR_NAME}: kv[0-9a-f]+\.embedding: tensor is "
+                                                                   "missing"),
+    "extra tensor": (None, lambda t, e: t.update({f"{e}.extra": torch.zeros(2)}),
+                     rf"{TENSOR_NAME}: kv[0-9a-f]+\.extra: tensor not named by the index"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved(engine, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("saved")
+    _filled_store(engine)[0].save(directory)
+    return directory
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_store_is_refused_naming_file_and_field(engine, saved, tmp_path, case):
+    edit_index, edit_tensors, message = MALFORMED[case]
+    directory = tmp_path / "store"
+    shutil.copytree(saved, directory)
+    if edit_index is not None:
+        index = _index(directory)
+        edit_index(index)
+        (directory / "index.json").write_text(json.dumps(index))
+    if edit_tensors is not None:
+        victim = _entry(_index(directory), 1)["id"]
+        _rewrite_tensors(directory, lambda t: edit_tensors(t, victim))
+    with pytest.raises(ValueError, match=message):
+        KVStore.load(directory, engine)
+
+
+def test_next_id_attack_cannot_alias_an_entry(engine, tmp_path, monkeypatch):
+    """The attack that a counter allowed: a new request of another tenant given the id of a stored entry. Ids are
+    drawn at random, and drawn again on a clash: a loaded entry keeps its id, its tenant keeps its K/V."""
+    store, root = _filled_store(engine)
+    store.save(tmp_path)
+    loaded = KVStore.load(tmp_path, engine)
+    alice = [e for e in loaded.entries() if e.tenant == "alice"][0]
+    draws = iter([alice.id[2:], "f" * 16])
+    monkeypatch.setattr("semshare_ops.store.entries.secrets.token_hex", lambda n: next(draws))
+    mallory = loaded.generate(base_tokens(100, seed=99), tenant="mallory", max_new_tokens=NEW)
+    assert mallory.stats["request_id"] == "kv" + "f" * 16
+    assert loaded.get(alice.id).tenant == "alice" and entry_checksum(loaded.get(alice.id).entry) == \
+        entry_checksum(alice.entry)
+    assert loaded.lookup(root, tenant="alice").base_id == alice.id
+
+
+def test_load_refuses_other_model_version_and_bad_files(engine, tmp_path):
     store, _ = _filled_store(engine)
     store.save(tmp_path)
     other = ReuseEngine(build_model("llama", seed=1), FakeTokenizer(), ReuseConfig())
-    with pytest.raises(ValueError, match="another model"):
+    with pytest.raises(ValueError, match="fingerprint: the store was written for another model"):
         KVStore.load(tmp_path, other)
-    index = json.loads((tmp_path / "index.json").read_text())
-    for key, value, message in (("version", 99, "version 99"), ("fingerprint", "0" * 40, "another model")):
-        broken = tmp_path / key
+    index = _index(tmp_path)
+    tensors = tmp_path / index["tensors"]
+    for key, value, message in (("version", 99, "version 99"), ("version", 1, "format version 1 .* is not read"),
+                                ("format", "other", "not a KVStore index")):
+        broken = tmp_path / f"{key}-{value}"
         broken.mkdir()
-        (broken / "entries.safetensors").write_bytes((tmp_path / "entries.safetensors").read_bytes())
+        shutil.copy(tensors, broken / tensors.name)
         (broken / "index.json").write_text(json.dumps({**index, key: value}))
         with pytest.raises(ValueError, match=message):
             KVStore.load(broken, engine)
@@ -63,11 +519,39 @@ def test_load_rejects_other_model_version_and_bad_files(engine, tmp_path):
     (tmp_path / "index.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid KVStore index"):
         KVStore.load(tmp_path, engine)
+    (tmp_path / "index.json").write_text("[" * 100_000)
+    with pytest.raises(ValueError, match="not a valid KVStore index"):
+        KVStore.load(tmp_path, engine)
     (tmp_path / "index.json").write_text(json.dumps(index))
-    data = (tmp_path / "entries.safetensors").read_bytes()
-    (tmp_path / "entries.safetensors").write_bytes(data[: len(data) // 2])
+    data = tensors.read_bytes()
+    tensors.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="corrupt"):
         KVStore.load(tmp_path, engine)
-    (tmp_path / "entries.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="entries.safetensors"):
+    tensors.write_bytes(data)
+    # A tensor file of another generation under this generation's name.
+    path = tmp_path / index["tensors"]
+    with safe_open(str(path), framework="pt") as f:
+        moved = {name: f.get_tensor(name) for name in f.keys()}
+        metadata = dict(f.metadata(), generation="7")
+    safetensors.torch.save_file(moved, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match=rf"{TENSOR_NAME}: metadata\.generation"):
         KVStore.load(tmp_path, engine)
+    tensors.unlink()
+    with pytest.raises(FileNotFoundError, match=TENSOR_NAME):
+        KVStore.load(tmp_path, engine)
+
+
+def test_save_and_load_arguments(engine, tmp_path):
+    store, _ = _filled_store(engine)
+    for bad in (None, 5, b"dir", ""):
+        with pytest.raises(TypeError, match="directory"):
+            store.save(bad)
+    store.save(tmp_path)
+    with pytest.raises(TypeError, match="verify"):
+        KVStore.load(tmp_path, engine, verify="no")
+    with pytest.raises(TypeError, match="capacity"):
+        KVStore.load(tmp_path, engine, capacity="1")
+    with pytest.raises(TypeError, match="capacity_bytes"):
+        KVStore.load(tmp_path, engine, capacity_bytes=1.5)
+    with pytest.raises(TypeError, match="engine"):
+        KVStore.load(tmp_path, "engine")
