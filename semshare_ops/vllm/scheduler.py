@@ -1,0 +1,299 @@
+"""The connector's scheduler side (vLLM's engine-core process): chooses a donor, tells vLLM how many prompt tokens
+it will provide, keeps approximate K/V out of vLLM's exact prefix cache, and assembles each request's stats.
+
+vLLM 0.32 asks a connector only how many tokens *after* its own prefix-cache hit p it can provide, as a prefix, and
+at least one prompt token must be left for vLLM to compute. So for a prompt of T tokens the connector claims
+positions [p, T-1); the worker fills them (worker.py) before the step's forward, and vLLM computes token T-1 and
+decodes. No model weights here: the donor is chosen by token-id edit alignment (engine.matching), and the worker
+may match more tokens (LSH) when the configured method asks for it.
+
+Prefix-cache pollution. vLLM hashes a request's full blocks into its exact prefix cache as soon as they are
+allocated, before the connector has written anything, and later lookups would serve them as exact. Before vLLM
+allocates a reuse request's blocks, the request's block hashes from p on (and every hash its hasher makes later,
+decode blocks included: they depend on the approximate K/V) are replaced by hashes salted with a random nonce.
+Those blocks are cached under keys no lookup can compute, so approximate K/V is never served as an exact prefix
+hit, not even to a request admitted in the same scheduling step. Blocks [0, p) are vLLM's own exact ones, untouched.
+
+Stats. `request_finished` hands vLLM the request's stats dict (it becomes `RequestOutput.kv_transfer_params`
+["semshare"]). The worker's report of the same step (what it matched and recomputed, timings) arrives in
+`update_connector_output`, later in the same `Scheduler.update_from_output` call, before the outputs are
+serialised; it completes that same dict in place. A request that finishes in its load step (max_tokens=1) thus
+still reports the worker's figures.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from ..engine.engine import recompute_counts
+from .donors import DonorIndex, DonorInfo
+from .model import Unsupported, check_architecture
+from .options import ConnectorOptions, RequestOptions, parse_request
+
+logger = logging.getLogger("semshare_ops.vllm")
+
+
+@dataclass
+class LoadPlan:
+    req_id: str
+    donor_id: str
+    token_ids: torch.Tensor  # int64 [T], the prompt
+    start: int  # vLLM's exact prefix hit p: positions [start, stop) are loaded
+    stop: int  # T - 1
+    config: object  # ReuseConfig
+    fail_load: bool = False
+    block_ids: Optional[torch.Tensor] = None  # int64, the request's block table (set when the step is built)
+
+
+@dataclass
+class SavePlan:
+    req_id: str
+    donor_id: str
+    token_ids: torch.Tensor
+    block_ids: torch.Tensor
+
+
+@dataclass
+class RequestState:
+    req_id: str
+    namespace: Optional[str]
+    token_ids: List[int]
+    options: Optional[RequestOptions]
+    stats: Dict
+    plan: Optional[LoadPlan] = None
+    confirmed: bool = False
+    load_sent: bool = False
+    allocated: bool = False
+    awaiting_report: bool = False
+    donor_depth: int = 0
+    taint: Optional[tuple] = None  # (first hash index, original hashes, original hasher)
+    pending: List[str] = field(default_factory=list)
+
+
+class SchedulerSide:
+    def __init__(self, vllm_config, options: ConnectorOptions):
+        self.options = options
+        self.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+        self.index = DonorIndex()
+        self.requests: Dict[str, RequestState] = {}
+        self.finished: Dict[str, RequestState] = {}  # finished, their load report not yet in
+        self.pending_saves: Dict[str, tuple] = {}  # donor id -> (DonorInfo, stats of the request saved)
+        self.manager = None
+        self.disabled: Optional[str] = None
+        try:
+            check_architecture(getattr(vllm_config.model_config, "architectures", None))
+        except Unsupported as err:
+            self.disabled = f"unsupported model: {err}"
+            logger.error("semshare connector: reuse is off in this engine, every request takes vLLM's own "
+                         "prefill: %s", self.disabled)
+
+    def bind(self, manager) -> None:
+        self.manager = manager
+
+    # ---- admission -----------------------------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request, prefix_hit: int):
+        state = self.requests.get(request.request_id)
+        if state is None:
+            state = self._new_state(request)
+        elif state.allocated or request.num_preemptions > 0:
+            # Preempted and now resumed: vLLM recomputes what it freed; the connector does not load twice.
+            if state.stats["mode"] == "reuse":
+                state.stats.update(mode="fallback", reason="preempted after the load; vLLM recomputed the prompt")
+            self._untaint(request, state)
+            return 0, False
+        if state.plan is not None and state.plan.start == prefix_hit:  # asked again: the last step could not admit it
+            return state.plan.stop - state.plan.start, False
+        self._cancel(request, state)
+        return self._decide(request, state, prefix_hit), False
+
+    def _new_state(self, request) -> RequestState:
+        ids = list(request.prompt_token_ids or [])
+        stats = {"mode": "full", "reason": None, "prompt_tokens": len(ids), "prefix_hit_tokens": 0,
+                 "loaded_tokens": 0, "matched_tokens": 0, "similarity": None, "donor_id": None, "donor_depth": None,
+                 "recomputed_tokens": [len(ids)] * self.num_layers, "reuse_ratio": 0.0, "saved": False}
+        options = None
+        try:
+            options = parse_request((request.kv_transfer_params or {}).get("semshare"), self.options)
+        except (TypeError, ValueError) as err:
+            stats.update(mode="fallback", reason=f"bad request options: {err}")
+        state = RequestState(request.request_id, request.cache_salt, ids, options, stats)
+        self.requests[request.request_id] = state
+        return state
+
+    def _decide(self, request, state: RequestState, prefix_hit: int) -> int:
+        stats, opts, total = state.stats, state.options, len(state.token_ids)
+        stats.update(prefix_hit_tokens=prefix_hit, recomputed_tokens=[total - prefix_hit] * self.num_layers,
+                     reuse_ratio=prefix_hit / max(total, 1))
+        if opts is None:
+            return 0  # bad options: the reason is already in the stats
+        if not opts.reuse:
+            stats["reason"] = "reuse is off for this request"
+            return 0
+        if self.disabled:
+            stats.update(mode="fallback", reason=self.disabled)
+            return 0
+        if total - 1 - prefix_hit <= 0:
+            stats["reason"] = "vLLM's prefix cache holds the whole prompt"
+            return 0
+        start = time.perf_counter()
+        choice = self.index.choose(state.namespace, state.token_ids, prefix_hit, self.options.candidates)
+        stats["match_ms"] = (time.perf_counter() - start) * 1e3
+        if choice is None:
+            stats["reason"] = "no donor in this namespace yet"
+            return 0
+        cfg = opts.config
+        similarity = choice.covered / total
+        stats.update(donor_id=choice.donor.donor_id, donor_depth=choice.donor.depth,
+                     matched_tokens=choice.match.matched, similarity=similarity)
+        if similarity < cfg.min_similarity:
+            stats.update(mode="fallback", reason=f"similarity {similarity:.3f} is below min_similarity "
+                                                 f"{cfg.min_similarity} (donor {choice.donor.donor_id})")
+            return 0
+        stop = total - 1
+        state.plan = LoadPlan(request.request_id, choice.donor.donor_id, torch.tensor(state.token_ids),
+                              prefix_hit, stop, cfg, opts.fail_load)
+        state.donor_depth = choice.donor.depth
+        self.index.touch(choice.donor.donor_id)
+        # What the worker will recompute if it matches what this alignment matched ("edit"); its report replaces
+        # this with what it did.
+        unmatched = choice.match.unmatched_mask()[:stop]
+        unmatched[max(0, stop - cfg.recompute_tail):] = True
+        counts = recompute_counts(stop - prefix_hit, self.num_layers, int(unmatched[prefix_hit:].sum()), cfg)
+        self._set_recomputed(stats, [c + 1 for c in counts])
+        stats.update(mode="reuse", reason=None, loaded_tokens=stop - prefix_hit)
+        self._taint(request, state, prefix_hit)
+        return stop - prefix_hit
+
+    def update_state_after_alloc(self, request, num_external_tokens: int) -> None:
+        state = self.requests.get(request.request_id)
+        if state is None:
+            return
+        state.allocated = True
+        if state.plan is not None and not state.confirmed:
+            if num_external_tokens == state.plan.stop - state.plan.start:
+                state.confirmed = True
+            else:  # vLLM kept a longer local hit of its own instead
+                self._cancel(request, state)
+                state.stats.update(mode="full", reason="vLLM's own prefix-cache hit was preferred",
+                                   loaded_tokens=0)
+
+    def _cancel(self, request, state: RequestState) -> None:
+        state.plan, state.confirmed = None, False
+        self._untaint(request, state)
+
+    # ---- prefix-cache pollution ----------------------------------------------------------------------------------
+
+    def _taint(self, request, state: RequestState, from_token: int) -> None:
+        size = self.manager.block_pool.hash_block_size if self.manager is not None else None
+        if not size:
+            raise RuntimeError("semshare connector: no KV cache manager bound; cannot keep approximate K/V out of "
+                               "the prefix cache")
+        first = from_token // size
+        nonce = os.urandom(16)
+
+        def salted(h):
+            return type(h)(hashlib.sha256(b"semshare-approximate-kv" + nonce + bytes(h)).digest()[:len(h)])
+
+        original = request._block_hasher
+
+        def hasher(req):
+            begin = len(req.block_hashes)
+            return [salted(h) if begin + i >= first else h for i, h in enumerate(original(req))]
+
+        state.taint = (first, list(request.block_hashes[first:]), original)
+        request.block_hashes[first:] = [salted(h) for h in request.block_hashes[first:]]
+        request._block_hasher = hasher
+
+    def _untaint(self, request, state: RequestState) -> None:
+        """Back to the request's own hashes, when the connector ends up loading nothing for it before anything was
+        cached under the salted ones (a cancelled plan): its blocks then hold exact K/V."""
+        if state.taint is None or state.allocated and state.confirmed:
+            return
+        first, hashes, hasher = state.taint
+        request.block_hashes[first: first + len(hashes)] = hashes
+        request._block_hasher = hasher
+        state.taint = None
+
+    # ---- per step ------------------------------------------------------------------------------------------------
+
+    def build_step(self, scheduler_output):
+        loads, saves = [], []
+        computed: Dict[str, int] = {}
+        blocks: Dict[str, list] = {}
+        for new in scheduler_output.scheduled_new_reqs:
+            computed[new.req_id] = new.num_computed_tokens
+            blocks[new.req_id] = new.block_ids[0]
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id, num in zip(cached.req_ids, cached.num_computed_tokens):
+            computed.setdefault(req_id, num)
+        for req_id, state in self.requests.items():
+            if state.plan is not None and state.confirmed and not state.load_sent and req_id in blocks:
+                state.plan.block_ids = torch.tensor(blocks[req_id], dtype=torch.long)
+                loads.append(state.plan)
+                state.load_sent = state.awaiting_report = True
+        for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
+            state = self.requests.get(req_id)
+            if state is None or state.options is None or not state.options.save or req_id not in computed:
+                continue
+            before, total = computed[req_id], len(state.token_ids)
+            if not before < total <= before + scheduled:
+                continue  # the prompt is not completed in this step
+            depth = state.donor_depth + 1 if state.stats["mode"] == "reuse" else 0
+            if depth > self.options.max_depth:
+                state.stats["saved_reason"] = f"depth {depth} exceeds max_depth {self.options.max_depth}"
+                continue
+            block_ids = torch.tensor(self.manager.get_block_ids(req_id)[0], dtype=torch.long)
+            saves.append(SavePlan(req_id, req_id, torch.tensor(state.token_ids), block_ids))
+            self.pending_saves[req_id] = (DonorInfo(req_id, state.namespace, state.token_ids, depth), state.stats)
+        return loads, saves
+
+    def apply_report(self, report: Optional[Dict]) -> None:
+        if not report:
+            return
+        if report.get("disabled") and not self.disabled:
+            self.disabled = report["disabled"]
+        for donor_id in report.get("saved", {}):
+            info, stats = self.pending_saves.pop(donor_id, (None, None))
+            if info is not None:
+                self.index.add(info)
+                stats["saved"] = True
+        for donor_id in report.get("evicted", []):
+            self.index.remove(donor_id)
+        for req_id, result in report.get("loads", {}).items():
+            state = self.requests.get(req_id) or self.finished.pop(req_id, None)
+            if state is None:
+                continue
+            state.awaiting_report = False
+            stats = state.stats
+            if "error" in result:
+                total = len(state.token_ids)
+                stats.update(mode="fallback", reason=result["error"], loaded_tokens=0,
+                             recomputed_tokens=[total - stats["prefix_hit_tokens"]] * self.num_layers)
+                stats["reuse_ratio"] = stats["prefix_hit_tokens"] / max(total, 1)
+                continue
+            self._set_recomputed(stats, [c + 1 for c in result["recomputed"]])
+            stats.update(matched_tokens=result["matched_tokens"],
+                         similarity=result["covered_tokens"] / max(len(state.token_ids), 1),
+                         load_ms=result["load_ms"], assemble_ms=result["assemble_ms"],
+                         recompute_ms=result["recompute_ms"], worker_match_ms=result["match_ms"],
+                         attention_runs=result["runs"])
+
+    def _set_recomputed(self, stats: Dict, per_layer: List[int]) -> None:
+        """Per-layer recomputed tokens of a reuse request, the exact prefix hit counted as reused."""
+        stats["recomputed_tokens"] = per_layer
+        stats["reuse_ratio"] = 1.0 - sum(per_layer) / (self.num_layers * max(stats["prompt_tokens"], 1))
+
+    def request_finished(self, request) -> Dict:
+        state = self.requests.pop(request.request_id, None)
+        if state is None:
+            return {}
+        if state.awaiting_report:
+            self.finished[request.request_id] = state
+        return {"semshare": state.stats}

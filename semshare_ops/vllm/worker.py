@@ -1,0 +1,224 @@
+"""The connector's worker side: keeps donors' K/V, and serves a reuse request in `start_load_kv`, before the step's
+forward, doing what `ReuseEngine` does between match and decode:
+
+1. match the prompt to the donor with `engine.matching.match_tokens` (the configured method: edit alignment, and
+   for "lsh"/"hybrid" the LSH codes of the model's own input embeddings, as the HF engine computes them);
+2. assemble positions [p, T-1) from the donor's K/V with `rope_reuse_` (keys re-rotated by the position delta with
+   each layer's own inverse frequencies) and write them through each attention layer's cache-update function; p is
+   vLLM's own exact prefix-cache hit, left as it is;
+3. recompute a decaying, nested row set layer by layer through vLLM's decoder layers (`model.VllmModel`): every
+   row in the check layers, then the unmatched rows and the rows whose K/V deviate most at the last check layer
+   (`engine.recompute_counts`, `engine.deviation_order`: the HF engine's own schedule and ranking);
+4. vLLM then computes the last prompt token in its forward, and decodes.
+
+A failure anywhere (a donor evicted since the scheduler chose it, an exception) reports the request's blocks from p
+on as failed loads: vLLM (kv_load_failure_policy "recompute") discards the step's token for it and recomputes them,
+i.e. a normal prefill. The reason goes back to the scheduler in the step's `WorkerReport`.
+
+Saving: when a request's prompt is complete (the scheduler says which), its K/V [0, T) are copied out of the paged
+cache after the forward (`wait_for_save`) into the `DonorStore`.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+from typing import Dict, Optional, Set
+
+import torch
+
+from .. import ops
+from ..engine import matching
+from ..engine.engine import deviation_order, recompute_counts
+from . import layout, plugin
+from .donors import Donor, DonorStore
+from .model import Unsupported, VllmModel
+from .options import ConnectorOptions
+
+logger = logging.getLogger("semshare_ops.vllm")
+
+
+class LoadFailed(Exception):
+    pass
+
+
+class WorkerSide:
+    def __init__(self, vllm_config, options: ConnectorOptions):
+        self.vllm_config = vllm_config
+        self.options = options
+        self.store = DonorStore(options.donor_bytes)
+        self.model: Optional[VllmModel] = None
+        self.disabled: Optional[str] = None  # why this worker cannot serve reuse
+        self.planes = None
+        self.report: Dict = _empty_report()
+        self.failed_blocks: Set[int] = set()
+        self.failed_requests: Set[str] = set()
+
+    # ---- set-up ------------------------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: Dict[str, torch.Tensor], caller_frame=None) -> None:
+        runner = plugin.current_runner()
+        if runner is None and caller_frame is not None:
+            # Not installed as a package (the entry point is then unknown to vLLM): the caller is the runner's own
+            # initialize_kv_cache, whose `self` is the runner.
+            candidate = caller_frame.f_locals.get("self")
+            if hasattr(candidate, "attn_groups") and hasattr(candidate, "model"):
+                runner = candidate
+        if runner is None:
+            self.disabled = ("the model is not reachable: the semshare vLLM plugin (entry point "
+                             "vllm.general_plugins: semshare) did not run in the worker")
+        else:
+            try:
+                with torch.inference_mode():
+                    self.model = VllmModel(runner, self.vllm_config, kv_caches)
+                    self.model.probe_rope()
+                    cfg = self.options.reuse
+                    self.planes = matching.lsh_planes(self.model.model.config.hidden_size, cfg.lsh_bits, cfg.lsh_seed)
+            except Unsupported as err:
+                self.model, self.disabled = None, f"unsupported model: {err}"
+            except Exception as err:  # a model the checks did not foresee: refuse it by name, never guess
+                self.model, self.disabled = None, f"unsupported model: set-up failed ({type(err).__name__}: {err})"
+        if self.disabled:
+            logger.error("semshare connector: reuse is off in this engine, every request takes vLLM's own prefill: "
+                         "%s", self.disabled)
+
+    # ---- per step ----------------------------------------------------------------------------------------------
+
+    def start_load_kv(self, meta) -> None:
+        for plan in meta.loads:
+            start = time.perf_counter()
+            try:
+                if self.disabled:
+                    raise LoadFailed(self.disabled)
+                if plan.fail_load:
+                    raise LoadFailed("load failed on purpose (fail_load_for_testing)")
+                with torch.inference_mode():
+                    result = self._load(plan)
+                result["load_ms"] = (time.perf_counter() - start) * 1e3
+                self.report["loads"][plan.req_id] = result
+            except Exception as err:  # never the engine's crash: the request falls back to vLLM's prefill
+                reason = str(err) if isinstance(err, LoadFailed) else f"load failed: {type(err).__name__}: {err}"
+                if not isinstance(err, LoadFailed):
+                    logger.warning("semshare connector: %s\n%s", reason, traceback.format_exc())
+                bs = self.vllm_config.cache_config.block_size
+                self.failed_blocks.update(plan.block_ids[plan.start // bs: (plan.stop - 1) // bs + 1].tolist())
+                self.failed_requests.add(plan.req_id)
+                self.report["loads"][plan.req_id] = {"error": reason}
+
+    def wait_for_save(self, meta) -> None:
+        for save in meta.saves:
+            if save.req_id in self.failed_requests or self.model is None:
+                continue  # its cache holds a failed load's leftovers this step; vLLM recomputes it first
+            try:
+                with torch.inference_mode():
+                    keys, values = self.model.read_all(save.block_ids, 0, len(save.token_ids))
+                    codes = None
+                    if self.options.reuse.matching != "edit":
+                        codes = self._codes(save.token_ids)
+                donor = Donor(save.donor_id, save.token_ids, keys, values, codes)
+                stored, evicted = self.store.put(donor)
+                if stored:
+                    self.report["saved"][save.donor_id] = donor.nbytes
+                self.report["evicted"].extend(evicted)
+            except Exception as err:  # a donor less, nothing worse
+                logger.warning("semshare connector: saving %s failed: %s: %s", save.req_id, type(err).__name__, err)
+
+    def take_report(self) -> Optional[Dict]:
+        report, self.report = self.report, _empty_report()
+        self.failed_requests = set()
+        return report if any(report.values()) else None
+
+    def take_failed_blocks(self) -> Set[int]:
+        blocks, self.failed_blocks = self.failed_blocks, set()
+        return blocks
+
+    # ---- the reuse path ----------------------------------------------------------------------------------------
+
+    def _codes(self, ids: torch.Tensor) -> torch.Tensor:
+        cfg = self.options.reuse
+        return matching.embedding_codes(self.model.embed(ids).float(), self.planes, cfg.embedding_rope_base)
+
+    def _load(self, plan) -> Dict:
+        model, cfg = self.model, plan.config
+        donor = self.store.get(plan.donor_id)
+        if donor is None:
+            raise LoadFailed(f"donor {plan.donor_id} was evicted before the load")
+        ids, start, prefill = plan.token_ids, plan.start, plan.stop  # positions [start, prefill) are loaded
+        t0 = time.perf_counter()
+        codes = self._codes(ids) if cfg.matching != "edit" else None
+        match = matching.match_tokens(donor.token_ids, ids, cfg.matching, donor.codes, codes, cfg.lsh_max_distance)
+        unmatched = match.unmatched_mask()[:prefill]
+        unmatched[max(0, prefill - cfg.recompute_tail):] = True
+        keep = (match.dst >= start) & (match.dst < prefill)
+        dst, src = match.dst[keep], match.src[keep]
+        t1 = time.perf_counter()
+        self._assemble(plan, donor, src, dst, cfg.rope_correction)
+        t2 = time.perf_counter()
+        counts, runs = self._recompute(plan, unmatched[start:])
+        t3 = time.perf_counter()
+        covered = int((match.dst >= start).sum()) + start
+        return {"matched_tokens": match.matched, "covered_tokens": covered, "recomputed": counts, "runs": runs,
+                "match_ms": (t1 - t0) * 1e3, "assemble_ms": (t2 - t1) * 1e3, "recompute_ms": (t3 - t2) * 1e3}
+
+    def _assemble(self, plan, donor: Donor, src: torch.Tensor, dst: torch.Tensor, rope_correction: bool) -> None:
+        """Positions [start, stop) of every layer from the donor's K/V, keys re-rotated by the position delta; slots
+        no donor token maps to stay zero (they are recomputed in every layer)."""
+        model, start, stop = self.model, plan.start, plan.stop
+        n = stop - start
+        shape = (model.num_layers, n, model.kv_heads, model.head_dim)
+        keys = torch.zeros(shape, dtype=model.dtype)
+        values = torch.zeros(shape, dtype=model.dtype)
+        delta = dst - src if rope_correction else torch.zeros_like(dst)
+        for group in model.rope_groups:
+            layers = list(group.layers)
+            index = slice(layers[0], layers[-1] + 1) if layers == list(range(layers[0], layers[-1] + 1)) else layers
+            k_out, v_out = keys[index], values[index]
+            ops.rope_reuse_(k_out, v_out, donor.keys[index], donor.values[index], src, dst - start, delta,
+                            group.inv_freq, group.neox)
+            if not isinstance(index, slice):  # fancy indexing copied: put the result back
+                keys[index], values[index] = k_out, v_out
+        slots = layout.slots_of(plan.block_ids, torch.arange(start, stop), model.block_size)
+        for idx in range(model.num_layers):
+            model.write(idx, keys[idx], values[idx], slots)
+
+    def _recompute(self, plan, unmatched: torch.Tensor):
+        """The HF engine's `_recompute` over positions [start, stop): nested row sets through vLLM's layers."""
+        model, cfg, start = self.model, plan.config, plan.start
+        n, num_layers = len(unmatched), model.num_layers
+        counts = recompute_counts(n, num_layers, int(unmatched.sum()), cfg)
+        check = min(cfg.check_layers, num_layers) - 1
+        rows = torch.arange(n)
+        order = torch.argsort((~unmatched).to(torch.int8), stable=True)  # unmatched first until ranked
+        if counts[0] < n:
+            rows = order[: counts[0]].sort().values
+        ids = plan.token_ids
+        hidden, residual = model.embed(ids[start + rows]), None
+        runs = []
+        for idx in range(num_layers):
+            if len(rows) == 0:  # nested sets: every deeper layer reuses everything too
+                break
+            snapshot = None
+            if idx == check and min(counts) < n:  # deviation ranking is needed only if some layer skips rows
+                snapshot = model.read(idx, plan.block_ids, start, start + n)
+            positions = rows + start
+            context = model.metadata(positions, plan.block_ids)
+            runs.append(len(next(iter(context[0].values())).seq_lens))
+            hidden, residual = model.run_layer(idx, positions, hidden, residual, plan.block_ids, context)
+            if snapshot is not None:
+                fresh = model.read(idx, plan.block_ids, start, start + n)
+                order = deviation_order(snapshot[0], snapshot[1], fresh[0], fresh[1], unmatched)
+            if idx + 1 < num_layers and counts[idx + 1] < len(rows):
+                chosen = order[: counts[idx + 1]].sort().values  # a prefix of one order: sets stay nested
+                keep = torch.searchsorted(rows, chosen)
+                hidden, residual, rows = hidden[keep], residual[keep], chosen
+        return counts, runs
+
+
+def _empty_report() -> Dict:
+    return {"loads": {}, "saved": {}, "evicted": []}
+
+
+def caller_frame():
+    """The frame that called the connector's register_kv_caches (two levels up from here)."""
+    return sys._getframe(2)
