@@ -1,6 +1,6 @@
 """Token matching between a target prompt and a reference prompt.
 
-- Edit alignment (KVShare): the longest-matching-block diff of the two token-id sequences (Python's difflib);
+- Edit alignment (KVShare): a longest common subsequence of the two token-id sequences (bit-parallel, below);
   its "equal" runs are exact matches at possibly shifted positions. Insertions, deletions and replacements are
   what is left over.
 - LSH matching (SemShareKV): input token embeddings, rotated by their own position (so a target token prefers a
@@ -44,17 +44,101 @@ class Match:
         return mask
 
 
+# Above this many DP cells (reference x target tokens) the bit-parallel LCS would keep too many rows for its
+# traceback (one bit per cell: 32 MiB here); difflib's longest-block diff takes over.
+_LCS_MAX_CELLS = 1 << 28
+
+
 def edit_opcodes(reference_ids: Sequence[int], target_ids: Sequence[int]) -> list[tuple[str, int, int, int, int]]:
-    """The edit script turning `reference_ids` into `target_ids`: difflib's opcodes (tag, i1, i2, j1, j2), tag one of
-    "equal", "insert", "delete", "replace"; i indexes the reference, j the target.
+    """The edit script turning `reference_ids` into `target_ids`, as difflib's opcodes (tag, i1, i2, j1, j2), tag one
+    of "equal", "insert", "delete", "replace"; i indexes the reference, j the target.
 
     The one token alignment of the package: the engine keeps the "equal" runs (`edit_pairs`), the store records the
-    whole script between an entry and its parent. autojunk stays off: from 200 target tokens on, it would stop
-    difflib from anchoring a match on any id that makes up over 1% of the target, and frequent tokens would go
-    unmatched.
+    whole script between an entry and its parent. The kept tokens are a longest common subsequence (`lcs_pairs`),
+    less its runs shorter than `_MIN_TRUSTED_RUN` inside the prompts: as many tokens reused as any alignment keeps,
+    stray coincidences left out. difflib's longest-block-first diff is not that: when the prompt
+    repeats a passage longer than the stretches between edits (a quoted paragraph, a list pasted twice), it anchors
+    on the repeat crosswise and gives up everything on either side (measured: 3135 of 4152 tokens kept for 10%
+    scattered edits of a ShareGPT text, where this keeps 3859). difflib (autojunk off) remains for prompts past
+    `_LCS_MAX_CELLS`.
     """
-    matcher = difflib.SequenceMatcher(None, list(reference_ids), list(target_ids), autojunk=False)
-    return matcher.get_opcodes()
+    a, b = list(reference_ids), list(target_ids)
+    if len(a) * len(b) > _LCS_MAX_CELLS:
+        return difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+    pairs = lcs_pairs(a, b)
+    runs = []  # (i, j, length) of the LCS's runs of consecutive pairs
+    for i, j in pairs:
+        if runs and runs[-1][0] + runs[-1][2] == i and runs[-1][1] + runs[-1][2] == j:
+            runs[-1][2] += 1
+        else:
+            runs.append([i, j, 1])
+    runs = _trusted_runs(runs, len(a), len(b))
+    opcodes = []
+    i = j = 0
+    for i_next, j_next, length in runs + [[len(a), len(b), 0]]:
+        if i < i_next or j < j_next:
+            tag = "replace" if i < i_next and j < j_next else ("delete" if i < i_next else "insert")
+            opcodes.append((tag, i, i_next, j, j_next))
+        if length:
+            opcodes.append(("equal", i_next, i_next + length, j_next, j_next + length))
+        i, j = i_next + length, j_next + length
+    return opcodes
+
+
+# An LCS also pairs stray tokens of unrelated text (a common word here, a comma there), which would make unrelated
+# prompts look similar to the similarity gate and carry K/V computed in another context. So a run of the LCS is kept
+# only when it is at least this long, or when it starts both prompts (a common prefix: the very same K/V) or ends
+# both (a common suffix, anchored as firmly).
+# Measured: unrelated sentences keep 0-3 of 61 tokens (difflib: 11-17); 10% scattered edits of a 4k-token ShareGPT
+# text keep 3790 of 4057 (difflib 3797) and, where the text repeats a passage, 3859 of 4152 (difflib 3135).
+_MIN_TRUSTED_RUN = 3
+
+
+def _trusted_runs(runs: list, n: int, m: int) -> list:
+    """The runs [i, j, length] kept of an LCS of sequences of lengths n and m (see _MIN_TRUSTED_RUN)."""
+    return [run for run in runs if run[2] >= _MIN_TRUSTED_RUN or run[0] == run[1] == 0
+            or (run[0] + run[2] == n and run[1] + run[2] == m)]
+
+
+def lcs_pairs(a: Sequence[int], b: Sequence[int]) -> list[tuple[int, int]]:
+    """(i, j) pairs, ascending in both, of a longest common subsequence of `a` and `b`.
+
+    Bit-parallel (Hyyro 2004, after Allison and Dix): row i of the DP table is one integer V_i with bit j clear
+    where L[i][j+1] - L[i][j] = 1, so L[i][j] = j - popcount(V_i & (2^j - 1)), and one row costs a few operations on
+    len(b)-bit integers. The table is built over both sequences reversed, so that the traceback, which takes a
+    diagonal match whenever it keeps the optimum, takes each match as early as possible in the prompts: where a
+    token repeats at an edit, a common prefix stays whole (its K/V are exact) rather than the run after the edit.
+    """
+    n, m = len(a), len(b)
+    if n == 0 or m == 0:
+        return []
+    a, b = list(a)[::-1], list(b)[::-1]
+    full = (1 << m) - 1
+    masks: dict = {}
+    for j, token in enumerate(b):
+        masks[token] = masks.get(token, 0) | (1 << j)
+    rows = [full]
+    v = full
+    for token in a:
+        u = v & masks.get(token, 0)
+        v = ((v + u) | (v - u)) & full
+        rows.append(v)
+
+    def lcs(i: int, j: int) -> int:
+        return j - (rows[i] & ((1 << j) - 1)).bit_count()
+
+    pairs = []
+    i, j = n, m
+    here = lcs(i, j)
+    while i > 0 and j > 0 and here > 0:
+        if a[i - 1] == b[j - 1] and lcs(i - 1, j - 1) == here - 1:
+            pairs.append((i - 1, j - 1))
+            i, j, here = i - 1, j - 1, here - 1
+        elif lcs(i - 1, j) == here:
+            i -= 1
+        else:
+            j -= 1
+    return [(n - 1 - i, m - 1 - j) for i, j in pairs]  # built backwards over reversed sequences: ascending here
 
 
 def edit_pairs(reference_ids: Sequence[int], target_ids: Sequence[int]) -> tuple[list[int], list[int]]:

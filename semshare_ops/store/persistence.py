@@ -76,6 +76,9 @@ FORMAT_VERSION = 2
 INDEX_FILE = "index.json"
 TENSOR_FILE = re.compile(r"entries-\d{8,}-[0-9a-f]{16}\.safetensors")
 TEMP_INDEX = re.compile(r"index\.json\.[0-9a-f]{16}\.tmp")
+# safetensors' save_file writes through a temporary file of its own beside the target (Rust's tempfile: ".tmp" and six
+# random characters) and renames it: a save killed inside save_file leaves one behind.
+SAFETENSORS_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 # The fixed names of format version 1: the previous generation's files when a version-1 store is saved over.
 LEGACY_FILES = ("entries.safetensors", "entries.safetensors.tmp", "index.json.tmp")
 FIELDS = CHECKSUM_FIELDS  # the tensors of a ReferenceEntry, saved per entry and covered by its checksum
@@ -260,7 +263,8 @@ def _remove_stale(directory: Path, keep: str) -> None:
     the next save (nothing reads it)."""
     for path in directory.iterdir():
         name = path.name
-        if name != keep and (TENSOR_FILE.fullmatch(name) or TEMP_INDEX.fullmatch(name) or name in LEGACY_FILES):
+        if name != keep and (TENSOR_FILE.fullmatch(name) or TEMP_INDEX.fullmatch(name) or name in LEGACY_FILES
+                             or SAFETENSORS_TEMP.fullmatch(name)):
             with contextlib.suppress(OSError):
                 os.remove(path)
 

@@ -32,7 +32,8 @@ _TAGS = {"equal": "e", "insert": "i", "delete": "d", "replace": "r"}  # one lett
 
 
 def edit_script(parent_ids: Sequence[int], child_ids: Sequence[int]) -> Tuple[Dict[str, int], Tuple[tuple, ...]]:
-    """(counts, opcodes) of the edits turning `parent_ids` into `child_ids` (difflib over token ids).
+    """(counts, opcodes) of the edits turning `parent_ids` into `child_ids`: the engine's token alignment
+    (`matching.edit_opcodes`).
 
     counts: keep / insert / replace in the child's tokens, delete in the parent's. opcodes: (tag, i1, i2, j1, j2)
     with tag one of "e" (equal), "i" (insert), "d" (delete), "r" (replace), as difflib's get_opcodes.

@@ -106,6 +106,30 @@ def test_edit_pairs_accepts_any_sequence():
     assert len(dst) == 2
 
 
+def test_edit_pairs_keep_no_stray_coincidences():
+    """Unrelated sequences share short runs by chance; inside the prompts, none shorter than 3 tokens is kept,
+    while a common prefix or suffix is kept at any length."""
+    ref = [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+    tgt = [30, 12, 31, 32, 15, 16, 33, 34, 35, 36]  # 12 and 15 16: stray
+    assert matching.edit_pairs(ref, tgt) == ([], [])
+    assert matching.edit_pairs(ref, [10, 12, 31, 19]) == ([0, 3], [0, 9])
+    assert matching.edit_pairs(ref, [40, 13, 14, 15, 41]) == ([1, 2, 3], [3, 4, 5])
+
+
+def test_edit_pairs_are_a_longest_common_subsequence_despite_a_repeated_passage():
+    """difflib anchors on the longest block: a passage repeated in the prompt, longer than the stretches between
+    edits, makes it align crosswise and drop the rest. The LCS keeps every untouched token."""
+    passage = random_tokens(60, seed=11)
+    ref = random_tokens(100, seed=12) + passage + random_tokens(100, seed=13) + passage
+    tgt = list(ref)
+    for p in range(20, len(ref), 40):  # edits every 40 tokens: shorter than the repeat
+        tgt[p] = (tgt[p] + 1) % VOCAB
+    dst, src = matching.edit_pairs(ref, tgt)
+    assert_valid_pairs(dst, src, ref, tgt)
+    assert len(dst) == len(tgt) - len(range(20, len(ref), 40))
+    assert dst == src  # nothing moved: every kept token stays where it was
+
+
 @pytest.mark.parametrize("edit", ["replace", "insert", "delete", "scattered"])
 def test_edit_pairs_random_edits_keep_the_untouched_tokens(edit):
     """A 300-token random sequence with one edit: every untouched token is kept, pairs are a valid alignment."""

@@ -14,11 +14,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_edit_script_counts_and_opcodes():
     """Counts in tokens (keep / insert / replace the child's, delete the parent's); opcodes are the engine's
     alignment with one-letter tags, so the kept runs are exactly the pairs the engine reuses."""
-    parent, child = [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 9, 9, 9, 4, 5, 7, 8, 10]
+    parent, child = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1, 2, 90, 91, 92, 4, 5, 6, 8, 9, 10, 11, 99]
     counts, opcodes = edit_script(parent, child)
-    assert counts == {"keep": 6, "insert": 1, "delete": 1, "replace": 3}
-    assert opcodes == (("e", 0, 2, 0, 2), ("r", 2, 3, 2, 5), ("e", 3, 5, 5, 7), ("d", 5, 6, 7, 7),
-                       ("e", 6, 8, 7, 9), ("i", 8, 8, 9, 10))
+    assert counts == {"keep": 9, "insert": 1, "delete": 1, "replace": 3}
+    assert opcodes == (("e", 0, 2, 0, 2), ("r", 2, 3, 2, 5), ("e", 3, 6, 5, 8), ("d", 6, 7, 8, 8),
+                       ("e", 7, 11, 8, 12), ("i", 11, 11, 12, 13))
+    # Inside the prompts, a kept run is at least 3 tokens long (matching._MIN_TRUSTED_RUN): [4, 5] and [7, 8] here
+    # are coincidences between edits, not kept.
+    assert edit_script([1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 9, 9, 9, 4, 5, 7, 8, 10]) == (
+        {"keep": 2, "insert": 0, "delete": 0, "replace": 8}, (("e", 0, 2, 0, 2), ("r", 2, 8, 2, 10)))
     kept = [(j, i) for tag, i1, i2, j1, j2 in opcodes if tag == "e" for i, j in zip(range(i1, i2), range(j1, j2))]
     assert tuple(map(list, zip(*kept))) == matching.edit_pairs(parent, child)
     assert edit_script([3, 4], [3, 4]) == ({"keep": 2, "insert": 0, "delete": 0, "replace": 0}, (("e", 0, 2, 0, 2),))
