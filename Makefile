@@ -74,7 +74,7 @@ vllm-setup: build $(VLLM_VENV)/.deps-stamp
 	$(PY) -m semshare_ops.vllm.convert $(VLLM_MODEL)
 
 test-vllm: vllm-setup
-	$(VLLM_ENV) $(VLLM_VENV)/bin/python -m pytest tests/vllm -q -rs -p no:cacheprovider
+	$(VLLM_ENV) $(VLLM_VENV)/bin/python -m pytest tests/vllm_connector -q -rs -p no:cacheprovider
 
 # TTFT inside vLLM at 4k tokens, 10% edits: full prefill, prefix cache, semantic reuse (benchmarks/vllm_e2e.py).
 bench-vllm: vllm-setup

@@ -1,4 +1,4 @@
-"""Helpers of the vLLM connector tests (tests/vllm): one request served through `vllm.LLM`, its stats, tokens and
+"""Helpers of the vLLM connector tests (tests/vllm_connector): one request served through `vllm.LLM`, its stats, tokens and
 logprobs. Imported only where vLLM is installed (`make test-vllm`)."""
 from vllm import SamplingParams
 

@@ -49,6 +49,9 @@ class LoadPlan:
     config: object  # ReuseConfig
     fail_load: bool = False
     block_ids: Optional[torch.Tensor] = None  # int64, the request's block table (set when the step is built)
+    # The alignment the donor was chosen by: the worker takes it as it is for matching "edit" (aligning the same
+    # two prompts again there would double the largest overhead of a load), and starts LSH from it otherwise.
+    match: Optional[object] = None  # engine.matching.Match
 
 
 @dataclass
@@ -158,7 +161,7 @@ class SchedulerSide:
             return 0
         stop = total - 1
         state.plan = LoadPlan(request.request_id, choice.donor.donor_id, torch.tensor(state.token_ids),
-                              prefix_hit, stop, cfg, opts.fail_load)
+                              prefix_hit, stop, cfg, opts.fail_load, match=choice.match)
         state.donor_depth = choice.donor.depth
         self.index.touch(choice.donor.donor_id)
         # What the worker will recompute if it matches what this alignment matched ("edit"); its report replaces

@@ -146,8 +146,14 @@ class WorkerSide:
             raise LoadFailed(f"donor {plan.donor_id} was evicted before the load")
         ids, start, prefill = plan.token_ids, plan.start, plan.stop  # positions [start, prefill) are loaded
         t0 = time.perf_counter()
-        codes = self._codes(ids) if cfg.matching != "edit" else None
-        match = matching.match_tokens(donor.token_ids, ids, cfg.matching, donor.codes, codes, cfg.lsh_max_distance)
+        if plan.match is not None and plan.match.src.numel() and int(plan.match.src.max()) >= len(donor.token_ids):
+            raise LoadFailed(f"donor {plan.donor_id} is not the prompt the scheduler aligned")
+        if cfg.matching == "edit" and plan.match is not None:
+            match = plan.match  # the scheduler's alignment of the same two prompts
+        else:
+            codes = self._codes(ids) if cfg.matching != "edit" else None
+            match = matching.match_tokens(donor.token_ids, ids, cfg.matching, donor.codes, codes,
+                                          cfg.lsh_max_distance)
         unmatched = match.unmatched_mask()[:prefill]
         unmatched[max(0, prefill - cfg.recompute_tail):] = True
         keep = (match.dst >= start) & (match.dst < prefill)
@@ -162,13 +168,18 @@ class WorkerSide:
                 "match_ms": (t1 - t0) * 1e3, "assemble_ms": (t2 - t1) * 1e3, "recompute_ms": (t3 - t2) * 1e3}
 
     def _assemble(self, plan, donor: Donor, src: torch.Tensor, dst: torch.Tensor, rope_correction: bool) -> None:
-        """Positions [start, stop) of every layer from the donor's K/V, keys re-rotated by the position delta; slots
-        no donor token maps to stay zero (they are recomputed in every layer)."""
+        """Positions [start, stop) of every layer from the donor's K/V, keys re-rotated by the position delta. Slots
+        no donor token maps to are recomputed in every layer, which writes them before its attention reads them;
+        they are zeroed all the same (a few rows, where zeroing the whole buffer costs as much as the copy)."""
         model, start, stop = self.model, plan.start, plan.stop
         n = stop - start
         shape = (model.num_layers, n, model.kv_heads, model.head_dim)
-        keys = torch.zeros(shape, dtype=model.dtype)
-        values = torch.zeros(shape, dtype=model.dtype)
+        keys = torch.empty(shape, dtype=model.dtype)
+        values = torch.empty(shape, dtype=model.dtype)
+        unmapped = torch.ones(n, dtype=torch.bool)
+        unmapped[dst - start] = False
+        keys[:, unmapped] = 0
+        values[:, unmapped] = 0
         delta = dst - src if rope_correction else torch.zeros_like(dst)
         for group in model.rope_groups:
             layers = list(group.layers)

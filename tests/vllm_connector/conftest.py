@@ -1,4 +1,4 @@
-"""One vLLM engine with the semshare connector for every test of tests/vllm (starting one takes ~15 s), loaded as
+"""One vLLM engine with the semshare connector for every test of tests/vllm_connector (starting one takes ~15 s), loaded as
 users load it: `engine_args`, the plugin found through its entry point (build/vllm-plugin, `make test-vllm`)."""
 import os
 from pathlib import Path
