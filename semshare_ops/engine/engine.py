@@ -115,6 +115,14 @@ def recompute_counts(prefill: int, num_layers: int, num_unmatched: int, config: 
     return decaying_counts(prefill, num_layers, lead, num_unmatched, target, config.recompute_decay)
 
 
+def mandatory_rows(match: matching.Match, prefill: int, config: ReuseConfig) -> torch.Tensor:
+    """bool [prefill]: the reusable positions every layer recomputes, whatever the budget: those no reference token
+    maps to, and the last `recompute_tail`. With `recompute_counts`, shared by every front end."""
+    mandatory = match.unmatched_mask()[:prefill]
+    mandatory[max(0, prefill - config.recompute_tail):] = True
+    return mandatory
+
+
 def deviation_order(reused_k: torch.Tensor, reused_v: torch.Tensor, fresh_k: torch.Tensor, fresh_v: torch.Tensor,
                     unmatched: torch.Tensor) -> torch.Tensor:
     """Positions (indices into the first dimension, [n, ...] K/V of one layer) to recompute first: the unmatched
@@ -379,9 +387,8 @@ class ReuseEngine:
         delta = dst - src if cfg.rope_correction else torch.zeros_like(dst)
         self._reuse_kv(cache, reference, src, dst, delta)
         window = min(_OBSERVER_WINDOW, prefill) if cfg.retain_ratio is not None else 0
-        unmatched = match.unmatched_mask()[:prefill].to(self.device)
+        unmatched = mandatory_rows(match, prefill, cfg).to(self.device)
         unmatched[prefill - window:] = True  # the observer window of retention is always recomputed
-        unmatched[max(0, prefill - cfg.recompute_tail):] = True
         with cache.active():
             counts = self._recompute(cache, ids[:prefill], unmatched, window)
         if cfg.retain_ratio is not None:
@@ -400,7 +407,7 @@ class ReuseEngine:
             if inv_freq is None:  # no RoPE in these layers: keys carry no position, copy them as they are
                 inv_freq, group_delta = self.arch.inv_freq[group.layer_type], torch.zeros_like(delta)
             inv_freq = inv_freq.to(self.device)
-            for layers in _layer_slices(group.layers):
+            for layers in layer_slices(group.layers):
                 ops.rope_reuse_(cache.keys[layers], cache.values[layers], ref_k[layers], ref_v[layers], src, dst,
                                 group_delta, inv_freq, group.neox)
 
@@ -603,15 +610,17 @@ def tensor_digest(t: torch.Tensor) -> str:
     return digest
 
 
-def check_count(name: str, value, minimum: int) -> None:
-    """An integer argument (not a bool, not a float) of at least `minimum`, or ValueError/TypeError naming it."""
+def check_count(name: str, value, minimum: int) -> int:
+    """An integer argument (not a bool, not a float) of at least `minimum`, as an int (numpy's integers too), or
+    TypeError/ValueError naming it. The one integer check of the package's entry points (engine, store, connector)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name}: expected at least {minimum}, got {value}")
+    return int(value)
 
 
-def _layer_slices(layers: Sequence[int]) -> List[slice]:
+def layer_slices(layers: Sequence[int]) -> List[slice]:
     """Index slices covering the given sorted layers: one strided slice when they are evenly spaced, else one per
     run of consecutive layers."""
     steps = {b - a for a, b in zip(layers, layers[1:])}

@@ -9,11 +9,11 @@ setting always saves as JSON.
 """
 from __future__ import annotations
 
-import numbers
 import os
 from pathlib import Path
 from typing import Dict
 
+from ..engine.engine import check_count
 from .retrieval import EMBEDDINGS
 
 # The store's settings (`KVStore.config()`, saved in the index): the integer ones with their minimum, then the rest.
@@ -21,12 +21,7 @@ COUNTS = {"capacity_bytes": 1, "candidates": 1, "max_depth": 0, "offload_bytes":
 SETTINGS = (*COUNTS, "embedding", "checksums")
 
 
-def check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return int(value)
+check_int = check_count  # the engine's: one integer check for every entry point
 
 
 def check_bool(name: str, value) -> bool:

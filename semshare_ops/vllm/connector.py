@@ -60,7 +60,6 @@ class SemShareConnector(KVConnectorBase_V1):
             raise ValueError("semshare connector: kv_transfer_config.kv_load_failure_policy must be 'recompute' "
                              "(a failed load then falls back to vLLM's own prefill instead of failing the request); "
                              f"got {transfer.kv_load_failure_policy!r}. semshare_ops.vllm.engine_args() sets it.")
-        self._options = options
         self._scheduler: Optional[SchedulerSide] = None
         self._worker: Optional[WorkerSide] = None
         if role == KVConnectorRole.SCHEDULER:

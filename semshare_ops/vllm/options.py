@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping
 
 from ..engine.config import ReuseConfig
+from ..engine.engine import check_count
 
 # ReuseConfig fields the connector honours. retain_ratio/retain_decay are not among them: vLLM's paged cache holds
 # every position of every layer and its attention reads them all.
@@ -62,14 +63,6 @@ def _where(key: str, where: str) -> str:
     return f"{where}[{key!r}]"
 
 
-def _check_int(key: str, value, minimum: int, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{_where(key, where)}: expected an integer, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{_where(key, where)}: expected at least {minimum}, got {value}")
-    return value
-
-
 def _reuse_config(values: Mapping[str, Any], base: ReuseConfig, where: str) -> ReuseConfig:
     """`base` with `values` applied, checked by ReuseConfig itself; errors name the key and where it was set."""
     if "matching" in values and values["matching"] not in MATCHING:
@@ -102,7 +95,7 @@ def parse_extra_config(extra: Mapping[str, Any] | None) -> ConnectorOptions:
     reuse = _reuse_config({k: v for k, v in extra.items() if k in REUSE_FIELDS}, ReuseConfig(matching="edit"), where)
     own = {}
     for key, default in CONNECTOR_FIELDS.items():
-        own[key] = _check_int(key, extra.get(key, default), 1 if key != "max_depth" else 0, where)
+        own[key] = check_count(_where(key, where), extra.get(key, default), 1 if key != "max_depth" else 0)
     return ConnectorOptions(reuse=reuse, **own)
 
 

@@ -26,12 +26,12 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 
-from ..engine.engine import recompute_counts
+from ..engine.engine import mandatory_rows, recompute_counts
 from .donors import DonorIndex, DonorInfo
 from .model import Unsupported, check_architecture
 from .options import ConnectorOptions, RequestOptions, parse_request
@@ -76,7 +76,6 @@ class RequestState:
     awaiting_report: bool = False
     donor_depth: int = 0
     taint: Optional[tuple] = None  # (first hash index, original hashes, original hasher)
-    pending: List[str] = field(default_factory=list)
 
 
 class SchedulerSide:
@@ -166,8 +165,7 @@ class SchedulerSide:
         self.index.touch(choice.donor.donor_id)
         # What the worker will recompute if it matches what this alignment matched ("edit"); its report replaces
         # this with what it did.
-        unmatched = choice.match.unmatched_mask()[:stop]
-        unmatched[max(0, stop - cfg.recompute_tail):] = True
+        unmatched = mandatory_rows(choice.match, stop, cfg)
         counts = recompute_counts(stop - prefix_hit, self.num_layers, int(unmatched[prefix_hit:].sum()), cfg)
         self._set_recomputed(stats, [c + 1 for c in counts])
         stats.update(mode="reuse", reason=None, loaded_tokens=stop - prefix_hit)

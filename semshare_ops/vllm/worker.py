@@ -21,7 +21,6 @@ cache after the forward (`wait_for_save`) into the `DonorStore`.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 import traceback
 from typing import Dict, Optional, Set
@@ -30,7 +29,7 @@ import torch
 
 from .. import ops
 from ..engine import matching
-from ..engine.engine import deviation_order, recompute_counts
+from ..engine.engine import deviation_order, layer_slices, mandatory_rows, recompute_counts
 from . import layout, plugin
 from .donors import Donor, DonorStore
 from .model import Unsupported, VllmModel
@@ -140,7 +139,7 @@ class WorkerSide:
         return matching.embedding_codes(self.model.embed(ids).float(), self.planes, cfg.embedding_rope_base)
 
     def _load(self, plan) -> Dict:
-        model, cfg = self.model, plan.config
+        cfg = plan.config
         donor = self.store.get(plan.donor_id)
         if donor is None:
             raise LoadFailed(f"donor {plan.donor_id} was evicted before the load")
@@ -154,8 +153,7 @@ class WorkerSide:
             codes = self._codes(ids) if cfg.matching != "edit" else None
             match = matching.match_tokens(donor.token_ids, ids, cfg.matching, donor.codes, codes,
                                           cfg.lsh_max_distance)
-        unmatched = match.unmatched_mask()[:prefill]
-        unmatched[max(0, prefill - cfg.recompute_tail):] = True
+        unmatched = mandatory_rows(match, prefill, cfg)
         keep = (match.dst >= start) & (match.dst < prefill)
         dst, src = match.dst[keep], match.src[keep]
         t1 = time.perf_counter()
@@ -182,13 +180,9 @@ class WorkerSide:
         values[:, unmapped] = 0
         delta = dst - src if rope_correction else torch.zeros_like(dst)
         for group in model.rope_groups:
-            layers = list(group.layers)
-            index = slice(layers[0], layers[-1] + 1) if layers == list(range(layers[0], layers[-1] + 1)) else layers
-            k_out, v_out = keys[index], values[index]
-            ops.rope_reuse_(k_out, v_out, donor.keys[index], donor.values[index], src, dst - start, delta,
-                            group.inv_freq, group.neox)
-            if not isinstance(index, slice):  # fancy indexing copied: put the result back
-                keys[index], values[index] = k_out, v_out
+            for layers in layer_slices(group.layers):  # views: rope_reuse_ writes into keys/values themselves
+                ops.rope_reuse_(keys[layers], values[layers], donor.keys[layers], donor.values[layers], src,
+                                dst - start, delta, group.inv_freq, group.neox)
         slots = layout.slots_of(plan.block_ids, torch.arange(start, stop), model.block_size)
         for idx in range(model.num_layers):
             model.write(idx, keys[idx], values[idx], slots)
@@ -228,8 +222,3 @@ class WorkerSide:
 
 def _empty_report() -> Dict:
     return {"loads": {}, "saved": {}, "evicted": []}
-
-
-def caller_frame():
-    """The frame that called the connector's register_kv_caches (two levels up from here)."""
-    return sys._getframe(2)

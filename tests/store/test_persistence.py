@@ -22,7 +22,6 @@ import torch
 from safetensors import safe_open
 
 from semshare_ops.engine import ReuseConfig, ReuseEngine
-from semshare_ops.store import persistence
 from semshare_ops.store.entries import entry_checksum
 from semshare_ops.store.store import KVStore
 
