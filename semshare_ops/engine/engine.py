@@ -110,9 +110,14 @@ def recompute_counts(prefill: int, num_layers: int, num_unmatched: int, config: 
     below the unmatched rows, with the mean over layers of (count + 1) meeting recompute_ratio * (prefill + 1).
     Shared by every front end (the HF engine, the vLLM connector), so that they recompute the same rows."""
     target = max(0.0, config.recompute_ratio * (prefill + 1) - 1)
-    # A prefix-cache hit holds exactly the K/V a full prefill would: no layer needs checking.
-    lead = 0 if config.matching == "prefix" else config.check_layers
+    lead = effective_check_layers(config)
     return decaying_counts(prefill, num_layers, lead, num_unmatched, target, config.recompute_decay)
+
+
+def effective_check_layers(config: ReuseConfig) -> int:
+    """Leading layers that recompute every row, the last of them ranking the rest by deviation. None for "prefix"
+    matching: a prefix-cache hit holds exactly the K/V a full prefill would."""
+    return 0 if config.matching == "prefix" else config.check_layers
 
 
 def mandatory_rows(match: matching.Match, prefill: int, config: ReuseConfig) -> torch.Tensor:
@@ -507,7 +512,7 @@ class ReuseEngine:
         if prefill == 0:
             return [0] * num_layers
         counts = recompute_counts(prefill, num_layers, int(unmatched.sum()), cfg)
-        check = min(0 if cfg.matching == "prefix" else cfg.check_layers, num_layers) - 1
+        check = min(effective_check_layers(cfg), num_layers) - 1
         rows = torch.arange(prefill, device=self.device)
         order = torch.argsort((~unmatched).to(torch.int8), stable=True)  # unmatched first until ranked
         if counts[0] < prefill:
@@ -570,8 +575,8 @@ class _FirstLayerReached(Exception):
     pass
 
 
-# tensor -> digest, keyed by the tensor's identity and version: engines made on the same model share the pass over
-# its weights, and an in-place change of a weight (its version counter moves) is hashed again.
+# Digests are remembered on each tensor (tensor_digest): engines made on the same model share the pass over its
+# weights, and an in-place change of a weight (its version counter moves) is hashed again.
 _DIGEST_CHUNK = 1 << 20  # int64 words per step: bounds the extra memory of hashing a large tensor
 _DIGEST_MULTIPLIERS: Dict[torch.device, torch.Tensor] = {}
 

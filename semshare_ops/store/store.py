@@ -16,9 +16,9 @@ this module does the rest:
 4. **Serve and store.** `engine.generate(..., reference=base, return_entry=True)`; the request's own prompt K/V
    (`out.entry`: reused and recomputed K/V, as KVShare stores them) enter the store as a child of the base.
 
-Entries are never written once stored: serving only reads them (docs/contract.md section 4). `out.entry` of a store request
-is the stored entry itself: treat it as read-only. An entry bigger than `capacity_bytes` is served but not stored
-(`request_id` is None).
+Entries are never written once stored: serving only reads them (docs/contract.md section 4). `out.entry` of a store
+request is the stored entry itself: treat it as read-only. An entry bigger than `capacity_bytes` is served but not
+stored (`request_id` is None).
 
 Tenants. A stored entry lives in one namespace: its tenant's, or the shared namespace when stored with
 `shared=True`. A request sees its tenant's namespace, plus the shared one when `shared=True`. Cross-tenant reuse is

@@ -8,8 +8,8 @@ column-major `[head_size, block_size]` and V row-major `[block_size, head_size]`
 read through the permutation their own write kernel is measured to apply (`probe_permutation`).
 
 Writing always goes through the attention layer's own `do_kv_cache_update`, whatever the layout: vLLM has no
-inverse, so this module supplies reading, and `tests/vllm_connector/test_layout.py` checks that reading inverts writing bit
-for bit. slot = block_id * block_size + offset.
+inverse, so this module supplies reading, and `tests/vllm_connector/test_layout.py` checks that reading inverts
+writing bit for bit. slot = block_id * block_size + offset.
 """
 from __future__ import annotations
 

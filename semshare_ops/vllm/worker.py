@@ -29,7 +29,8 @@ import torch
 
 from .. import ops
 from ..engine import matching
-from ..engine.engine import deviation_order, layer_slices, mandatory_rows, recompute_counts
+from ..engine.engine import (deviation_order, effective_check_layers, layer_slices, mandatory_rows,
+                              recompute_counts)
 from . import layout, plugin
 from .donors import Donor, DonorStore
 from .model import Unsupported, VllmModel
@@ -192,7 +193,7 @@ class WorkerSide:
         model, cfg, start = self.model, plan.config, plan.start
         n, num_layers = len(unmatched), model.num_layers
         counts = recompute_counts(n, num_layers, int(unmatched.sum()), cfg)
-        check = min(cfg.check_layers, num_layers) - 1
+        check = min(effective_check_layers(cfg), num_layers) - 1
         rows = torch.arange(n)
         order = torch.argsort((~unmatched).to(torch.int8), stable=True)  # unmatched first until ranked
         if counts[0] < n:
