@@ -9,7 +9,10 @@ every method, all through the same engine and decode path (one new token: the fi
 - `cacheblend`: CacheBlend-style, target chunks of 16 tokens found verbatim in the reference reused at their new
   positions, a fixed 15% of tokens recomputed in every layer past the first (bottom-right causal mask: the
   recomputed queries see every earlier position);
-- `semshare`: this package's default pipeline (edit + LSH matching, decaying recompute at `recompute_ratio`).
+- `semshare`: this package's default pipeline (edit + LSH matching, decaying recompute at `recompute_ratio`);
+- `decode`: the last prompt token alone through the model over a cache that holds every earlier position (HF's
+  own cache, prefilled outside the timing): the floor of any reuse, what a prefix-cache hit of all but the last
+  token costs. Edit level 0 serves the reference itself (an identical prompt).
 Times follow `vllm bench serve`'s names (`mean_ttft_ms`, `median_ttft_ms`, `p99_ttft_ms`); `kv_bytes` is the K/V a
 request holds after prefill; `peak_memory_bytes` is the device's peak allocation during the request (CUDA only).
 
@@ -33,7 +36,7 @@ from .shapes import IdTokenizer, random_model, random_prompt  # noqa: F401  (re-
 from .timing import ttft_stats
 
 EDIT_LEVELS = (0.02, 0.1, 0.3)  # share of reference tokens touched by edits
-METHODS = ("full", "hf", "prefix", "cacheblend", "semshare")
+METHODS = ("full", "hf", "prefix", "cacheblend", "semshare", "decode")
 
 
 def method_configs(base: ReuseConfig) -> Dict[str, Optional[ReuseConfig]]:
@@ -46,13 +49,17 @@ def method_configs(base: ReuseConfig) -> Dict[str, Optional[ReuseConfig]]:
         "cacheblend": dataclasses.replace(base, matching="chunk", recompute_ratio=0.15, recompute_decay=1.0,
                                           check_layers=1, min_similarity=0.0, retain_ratio=None),
         "semshare": dataclasses.replace(base, min_similarity=0.0),
+        "decode": None,
     }
 
 
 def edit_tokens(ids: Sequence[int], share: float, seed: int, span: int = 8) -> List[int]:
-    """`ids` with short spans replaced, inserted or deleted until about `share` of the tokens are touched."""
+    """`ids` with short spans replaced, inserted or deleted until about `share` of the tokens are touched (none for a
+    share of 0)."""
     rng = random.Random(seed)
     out = list(ids)
+    if share == 0:
+        return out
     budget = max(1, round(share * len(ids)))
     while budget > 0:
         n = min(budget, rng.randint(1, span))
@@ -99,6 +106,31 @@ def _serve_stock(engine: ReuseEngine, target: List[int], repeat: int) -> Dict:
             "matched_tokens": 0, "reuse_ratio": 0.0, "similarity": None}
 
 
+def _serve_last_token(engine: ReuseEngine, target: List[int], repeat: int) -> Dict:
+    """TTFT of the last prompt token alone, the earlier ones already in HF's cache (cropped back between runs)."""
+    from transformers import DynamicCache
+
+    ids = torch.tensor([target], device=engine.device)
+    cache = DynamicCache()
+    model = engine.model
+    with torch.inference_mode():
+        model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1, **{engine._cache_kw: cache})
+
+    @torch.inference_mode()
+    def request() -> float:
+        if cache.get_seq_length() == len(target):  # the last run's token: dropped
+            cache.crop(-1)
+        start = time.perf_counter()
+        logits = model(input_ids=ids[:, -1:], use_cache=True, **{engine._cache_kw: cache}).logits
+        int(logits[0, -1].argmax())
+        return (time.perf_counter() - start) * 1e3
+
+    kv_full = engine.num_layers * len(target) * engine.token_bytes
+    return {**ttft_stats(request, repeat, str(engine.device)), "kv_bytes": kv_full, "kv_bytes_full": kv_full,
+            "mode": "decode", "matched_tokens": len(target) - 1, "reuse_ratio": 1 - 1 / len(target),
+            "similarity": None}
+
+
 def run_e2e(engine: ReuseEngine, reference_for_length: Callable[[int], List[int]], lengths: Sequence[int],
             edit_levels: Sequence[float] = EDIT_LEVELS, methods: Sequence[str] = METHODS, repeat: int = 3,
             seed: int = 0, progress: Callable[[Dict], None] = lambda record: None,
@@ -111,7 +143,7 @@ def run_e2e(engine: ReuseEngine, reference_for_length: Callable[[int], List[int]
     unknown = [m for m in methods if m not in configs]
     if unknown:
         raise ValueError(f"methods: unknown {unknown}; expected some of {list(configs)}")
-    variants = [(m, configs[m]) for m in methods if m not in ("full", "hf")]
+    variants = [(m, configs[m]) for m in methods if m not in ("full", "hf", "decode")]
     if recompute_ratios and "semshare" in methods:
         semshare = configs["semshare"]
         variants = [v for v in variants if v[0] != "semshare"] + [
@@ -126,7 +158,8 @@ def run_e2e(engine: ReuseEngine, reference_for_length: Callable[[int], List[int]
             full = _serve(engine, None, target, entry, repeat)
             runs = ([("full", None, full)] if "full" in methods else []) + (
                 [("hf", None, _serve_stock(engine, target, repeat))] if "hf" in methods else []) + [
-                (method, config, _serve(engine, config, target, entry, repeat)) for method, config in variants]
+                (method, config, _serve(engine, config, target, entry, repeat)) for method, config in variants] + (
+                [("decode", None, _serve_last_token(engine, target, repeat))] if "decode" in methods else [])
             for method, config, result in runs:
                 record = {"method": method, "prompt_tokens": len(target), "edited_share": level,
                           "recompute_ratio": None if config is None else config.recompute_ratio, **result,

@@ -6,7 +6,7 @@ from typing import Dict
 
 from .common import DTYPES, UsageError, check_out, device_of, load, reuse_config, torch_dtype, write_json
 
-METHODS = ["full", "hf", "prefix", "cacheblend", "semshare"]
+METHODS = ["full", "hf", "prefix", "cacheblend", "semshare", "decode"]  # bench.e2e.METHODS, without importing it
 
 
 def add_parser(sub) -> None:
@@ -84,8 +84,8 @@ def run_e2e(args) -> Dict:
     configs = [reuse_config(r) for r in args.recompute_ratio]  # every ratio is checked before a model loads
     if any(n < 16 for n in args.lengths):
         raise UsageError("--lengths: every prompt length must be at least 16 tokens")
-    if any(not 0 < x < 1 for x in args.edit_levels):
-        raise UsageError("--edit-levels: every level must lie in (0, 1)")
+    if any(not 0 <= x < 1 for x in args.edit_levels):
+        raise UsageError("--edit-levels: every level must lie in [0, 1) (0: the reference itself)")
     if args.shape:
         try:
             model, tokenizer = random_model(args.shape, args.layers, torch_dtype(args.dtype), device)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 MATCHING_METHODS = ("edit", "lsh", "hybrid", "prefix", "chunk")
+SELECTIONS = ("deviation", "attention", "blend")
 
 
 @dataclass
@@ -20,10 +21,19 @@ class ReuseConfig:
     min_similarity: float = 0.5  # share of target tokens matched below which a request takes a full prefill
     rope_correction: bool = True  # re-rotate reused keys by the position delta
     check_layers: int = 2  # leading layers recomputed in full; deviation is measured at the last of them
-    # Per-layer factor of the recompute count past the check layers. 0.95, not 0.9: benchmarks/ablate_reuse.py found 0.9
-    # left deep layers too few recomputed tokens for near-duplicates, whose differences are scattered.
-    recompute_decay: float = 0.95
+    # Per-layer factor of the recompute count past the check layers. 1.0 (the same count in every layer):
+    # benchmarks/ablate_selection.py measured it best or tied at ratios 0.1-0.3 on both sets, with and without the
+    # chat template (teacher-forced KL against full prefill; docs/design.md). Near-duplicates differ in scattered
+    # places, so deep layers need recomputed tokens as much as shallow ones.
+    recompute_decay: float = 1.0
     recompute_tail: int = 0  # last prompt tokens recomputed in every layer (the question, the chat template's end)
+    # How rows are ranked for recompute (engine.selection_scores): "deviation" of reused from fresh K/V, "attention"
+    # the last `query_window` prompt tokens pay them, or "blend" (their product).
+    selection: str = "deviation"
+    query_window: int = 16  # last prompt tokens whose attention ranks rows ("attention", "blend"); always recomputed
+    # Rank again at every layer that shrinks the set (CacheBlend's gradual filtering), not once at the last check
+    # layer: better at recompute_decay 0.95, the same at 1.0 (a flat count shrinks no set past the check layers).
+    progressive: bool = True
     retain_decay: float = 0.9  # per-layer factor of the KV kept, when retain_ratio is set
     lsh_bits: int = 128
     lsh_max_distance: int = 24  # fuzzy matches farther than this many bits stay unmatched
@@ -35,7 +45,7 @@ class ReuseConfig:
         # then ranges. bool is an int to Python but never a number here.
         for name, kinds in _FIELD_TYPES.items():
             value = getattr(self, name)
-            if value is None and name in _OPTIONAL or name == "matching":
+            if value is None and name in _OPTIONAL or name in _CHOICES:
                 continue
             if isinstance(value, bool) != (kinds == (bool,)) or not isinstance(value, kinds):
                 raise TypeError(f"{name}: expected {' or '.join(k.__name__ for k in kinds)}, got "
@@ -45,6 +55,11 @@ class ReuseConfig:
         if not isinstance(self.matching, str) or self.matching not in MATCHING_METHODS:
             raise ValueError(f"matching: expected one of {', '.join(map(repr, MATCHING_METHODS))}, "
                              f"got {self.matching!r}")
+        if not isinstance(self.selection, str) or self.selection not in SELECTIONS:
+            raise ValueError(f"selection: expected one of {', '.join(map(repr, SELECTIONS))}, "
+                             f"got {self.selection!r}")
+        if self.query_window < 1:
+            raise ValueError(f"query_window: expected >= 1, got {self.query_window}")
         if not 0.0 <= self.recompute_ratio <= 1.0:
             raise ValueError(f"recompute_ratio: expected a value in [0, 1], got {self.recompute_ratio}")
         if self.retain_ratio is not None and not 0.0 < self.retain_ratio <= 1.0:
@@ -71,6 +86,8 @@ class ReuseConfig:
 _INT, _REAL = (int,), (int, float)
 _FIELD_TYPES = {"matching": (str,), "recompute_ratio": _REAL, "retain_ratio": _REAL, "min_similarity": _REAL,
                 "rope_correction": (bool,), "check_layers": _INT, "recompute_decay": _REAL, "recompute_tail": _INT,
+                "selection": (str,), "query_window": _INT, "progressive": (bool,),
                 "retain_decay": _REAL, "lsh_bits": _INT, "lsh_max_distance": _INT, "lsh_seed": _INT,
                 "embedding_rope_base": _REAL}
 _OPTIONAL = ("retain_ratio",)
+_CHOICES = ("matching", "selection")  # checked against their lists of names

@@ -54,6 +54,9 @@ class ReferenceEntry:
     codes: torch.Tensor  # int64 [T, W]: simhash of position-rotated input embeddings
     embedding: torch.Tensor  # fp32 [hidden]: mean input embedding of the prompt
     fingerprint: str  # model and tokenizer this entry belongs to
+    # Leading positions whose K/V are exactly a full prefill's: every position for a prefill, the exact common
+    # prefix with its own reference for a reused prompt. Only they may serve a later prompt without recompute.
+    exact_prefix: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -104,14 +107,31 @@ def decaying_counts(total: int, layers: int, lead: int, floor: int, target_mean:
     return counts(hi)
 
 
-def recompute_counts(prefill: int, num_layers: int, num_unmatched: int, config: ReuseConfig) -> List[int]:
-    """Rows recomputed per layer for `prefill` reusable positions of which `num_unmatched` must be recomputed (the
-    last prompt token not included): every row in the check layers, then a count decaying by `recompute_decay`, never
-    below the unmatched rows, with the mean over layers of (count + 1) meeting recompute_ratio * (prefill + 1).
+def recompute_counts(prefill: int, num_layers: int, num_unmatched: int, config: ReuseConfig,
+                     exact: int = 0) -> List[int]:
+    """Rows recomputed per layer among positions [exact, prefill) (the last prompt token not included; the first
+    `exact` hold exact K/V already, `exact_prefix`), of which `num_unmatched` must be: every row in the check layers,
+    then a count decaying by `recompute_decay`, never below the unmatched rows, with the mean over layers of
+    (count + 1) meeting recompute_ratio * (prefill + 1), as far as the rows past `exact` allow. The budget is the
+    whole prompt's: what an exact prefix saves goes to the rows whose context changed.
     Shared by every front end (the HF engine, the vLLM connector), so that they recompute the same rows."""
-    target = max(0.0, config.recompute_ratio * (prefill + 1) - 1)
+    rows = prefill - exact
+    target = min(float(rows), max(0.0, config.recompute_ratio * (prefill + 1) - 1))
     lead = effective_check_layers(config)
-    return decaying_counts(prefill, num_layers, lead, num_unmatched, target, config.recompute_decay)
+    return decaying_counts(rows, num_layers, lead, num_unmatched, target, config.recompute_decay)
+
+
+def exact_prefix(match: matching.Match, reference_exact: int, limit: int) -> int:
+    """Leading target positions (at most `limit`) whose K/V the reference holds exactly as a full prefill of the
+    target would compute them: the same token at the same position for every position before, within the
+    reference's own exact prefix. They need no recompute in any layer (causal attention: a position's K/V depend
+    only on the tokens up to it)."""
+    n = min(limit, reference_exact, match.matched)
+    if n <= 0:
+        return 0
+    position = torch.arange(n)
+    same = (match.dst[:n] == position) & (match.src[:n] == position) & match.exact[:n]
+    return n if bool(same.all()) else int(torch.nonzero(~same)[0, 0])
 
 
 def effective_check_layers(config: ReuseConfig) -> int:
@@ -124,19 +144,42 @@ def mandatory_rows(match: matching.Match, prefill: int, config: ReuseConfig) -> 
     """bool [prefill]: the reusable positions every layer recomputes, whatever the budget: those no reference token
     maps to, and the last `recompute_tail`. With `recompute_counts`, shared by every front end."""
     mandatory = match.unmatched_mask()[:prefill]
-    mandatory[max(0, prefill - config.recompute_tail):] = True
+    mandatory[max(0, prefill - tail_rows(config)):] = True
     return mandatory
 
 
-def deviation_order(reused_k: torch.Tensor, reused_v: torch.Tensor, fresh_k: torch.Tensor, fresh_v: torch.Tensor,
-                    unmatched: torch.Tensor) -> torch.Tensor:
-    """Positions (indices into the first dimension, [n, ...] K/V of one layer) to recompute first: the unmatched
-    ones, then the matched ones by ||dK|| + ||dV|| between their reused and freshly computed K/V, largest first
-    (stable: ties keep position order)."""
-    deviation = ((fresh_k - reused_k).float().flatten(1).norm(dim=1)
-                 + (fresh_v - reused_v).float().flatten(1).norm(dim=1))
-    deviation = deviation.masked_fill(unmatched, math.inf)
-    return torch.argsort(deviation, descending=True, stable=True)
+def tail_rows(config: ReuseConfig) -> int:
+    """Last prompt positions recomputed in every layer: `recompute_tail`, and the query window when the selection
+    ranks by the attention those queries pay (their queries must be fresh in every layer that ranks)."""
+    return max(config.recompute_tail, config.query_window if config.selection != "deviation" else 0)
+
+
+def selection_scores(selection: str, reused: tuple, fresh: tuple, attention: Optional[torch.Tensor]) -> torch.Tensor:
+    """How much recomputing each of n rows is worth at one layer (fp32 [n], >= 0): "deviation", ||dK|| + ||dV||
+    between the rows' reused and fresh K/V (CacheBlend, SemShareKV); "attention", the attention the request's last
+    prompt tokens pay them (ProphetKV: what the question needs); "blend", their product (a stale row matters as
+    much as it is attended to). `attention` is [n] or None for "deviation"."""
+    deviation = ((fresh[0] - reused[0]).float().flatten(1).norm(dim=1)
+                 + (fresh[1] - reused[1]).float().flatten(1).norm(dim=1))
+    if selection == "deviation":
+        return deviation
+    if attention is None:
+        raise RuntimeError(f"selection {selection!r}: no attention scores were recorded")
+    if selection == "attention":
+        return attention.float()
+    return deviation * attention.float()
+
+
+def mean_relative_deviation(reused: tuple, fresh: tuple, unmatched: torch.Tensor) -> Optional[float]:
+    """Mean over the matched rows of (||dK|| + ||dV||) / (||K|| + ||V||), reused against fresh K/V of one layer: how
+    stale the reused context is (0: exactly what a full prefill computes). None without matched rows."""
+    matched = ~unmatched
+    if not bool(matched.any()):
+        return None
+    k0, v0 = (t[matched].float().flatten(1) for t in reused)
+    k1, v1 = (t[matched].float().flatten(1) for t in fresh)
+    size = (k1.norm(dim=1) + v1.norm(dim=1)).clamp_min(1e-30)
+    return float((((k1 - k0).norm(dim=1) + (v1 - v0).norm(dim=1)) / size).mean())
 
 
 class ReuseEngine:
@@ -182,7 +225,7 @@ class ReuseEngine:
         cache = self._new_cache(capacity=len(ids))
         with cache.active():
             self.model(input_ids=ids[None], use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-        return self._entry(ids, cache.keys, cache.values)  # [L, T, H, D]: the layers are views of these
+        return self._entry(ids, cache.keys, cache.values, len(ids))  # [L, T, H, D]: the layers are views of these
 
     @contextlib.contextmanager
     def using(self, config: Optional[ReuseConfig]) -> Iterator["ReuseEngine"]:
@@ -231,31 +274,32 @@ class ReuseEngine:
             raise ValueError("return_entry: a request served with retain_ratio keeps a partial cache; "
                              "an entry needs every prompt position in every layer")
         ids = self.tokenize(prompt, max_new_tokens)
-        stats = {"mode": "full", "prompt_tokens": len(ids), "matched_tokens": 0,
-                 "recomputed_tokens": [len(ids)] * self.num_layers, "similarity": None}
-        cache, kv_bytes = None, None
-        if reference is not None:
-            self._check_reference(reference)
-            match = self._match(reference, ids)
-            stats["matched_tokens"] = match.matched
-            stats["similarity"] = match.matched / len(ids)
-            if stats["similarity"] < gate:
-                stats["mode"] = "fallback"
-            else:
-                stats["mode"] = "reuse"
-                cache = self._new_cache(capacity=len(ids) + max_new_tokens, used=len(ids) - 1)
-                stats["recomputed_tokens"] = self._assemble_and_recompute(cache, reference, ids, match)
-                kv_bytes = cache.nbytes() + self.num_layers * self.token_bytes  # + the last prompt token
-        if cache is None:
-            cache = self._new_cache(capacity=len(ids) + max_new_tokens)
+        cache, stats, exact = self._serve_prompt(ids, reference, gate, capacity=len(ids) + max_new_tokens)
         new_ids, ttft_s, logits = self._decode(ids, cache, max_new_tokens, start, generate_kwargs)
-        kv_full = self.num_layers * len(ids) * self.token_bytes
-        stats.update(reuse_ratio=1.0 - sum(stats["recomputed_tokens"]) / (self.num_layers * len(ids)),
-                     kv_bytes=kv_full if kv_bytes is None else kv_bytes, kv_bytes_full=kv_full,
-                     ttft_ms=ttft_s * 1e3)
+        stats["ttft_ms"] = ttft_s * 1e3
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-        entry = self._entry_from_cache(ids, cache) if return_entry else None
+        entry = self._entry_from_cache(ids, cache, exact) if return_entry else None
         return GenerationOutput(text, new_ids, stats, logits, entry)
+
+    @torch.inference_mode()
+    def score(self, prompt: Prompt, continuation: Sequence[int], reference: Optional[ReferenceEntry] = None,
+              min_similarity: Optional[float] = None) -> tuple:
+        """Teacher-forced next-token logits ([len(continuation), vocab], fp32) after the prompt and after each
+        continuation token but the last, the prompt served as `generate` serves it (from `reference` when given
+        and similar enough, else a full prefill), and the request's stats. What `semshare eval` compares over a
+        whole continuation: a distance that moves smoothly where greedy outputs flip."""
+        cont = self.tokenize(list(continuation), 0) if len(continuation) else None
+        if cont is None:
+            raise ValueError("continuation: expected at least one token id")
+        ids = self.tokenize(prompt, len(cont))
+        gate = self.config.min_similarity if min_similarity is None else min_similarity
+        cache, stats, _ = self._serve_prompt(ids, reference, gate, capacity=len(ids) + len(cont))
+        done = cache.layers[0].used  # prompt positions already in the cache (none for a full prefill)
+        inputs = torch.cat([ids[done:], cont[:-1]])
+        with cache.active():
+            out = self.model(input_ids=inputs[None], use_cache=True, logits_to_keep=len(cont),
+                             **{self._cache_kw: cache})
+        return out.logits[0].float(), stats
 
     # ---- what the store, the CLI and the benchmarks use of an engine -----------------------------------------
 
@@ -335,19 +379,48 @@ class ReuseEngine:
         if reference.fingerprint != self.fingerprint:
             raise ValueError("reference: it was made by another model or tokenizer than this engine's")
 
-    def _entry_from_cache(self, ids: torch.Tensor, cache: SemShareCache) -> ReferenceEntry:
+    def _serve_prompt(self, ids: torch.Tensor, reference: Optional[ReferenceEntry], gate: float, capacity: int):
+        """A cache holding what reuse provides of the prompt (positions 0..T-2; empty for a full prefill), the
+        request's stats, and the exact prefix an entry of this prompt would have."""
+        stats = {"mode": "full", "prompt_tokens": len(ids), "matched_tokens": 0,
+                 "recomputed_tokens": [len(ids)] * self.num_layers, "similarity": None, "exact_tokens": 0,
+                 "check_deviation": None}
+        cache, kv_bytes, exact = None, None, len(ids)
+        if reference is not None:
+            self._check_reference(reference)
+            match = self._match(reference, ids)
+            stats["matched_tokens"] = match.matched
+            stats["similarity"] = match.matched / len(ids)
+            if stats["similarity"] < gate:
+                stats["mode"] = "fallback"
+            else:
+                stats["mode"] = "reuse"
+                cache = self._new_cache(capacity=capacity, used=len(ids) - 1)
+                stats["recomputed_tokens"], stats["exact_tokens"], stats["check_deviation"] = \
+                    self._assemble_and_recompute(cache, reference, ids, match)
+                kv_bytes = cache.nbytes() + self.num_layers * self.token_bytes  # + the last prompt token
+                # The last prompt token is computed over the reused context: exact only if all of it is.
+                exact = len(ids) if stats["exact_tokens"] == len(ids) - 1 else stats["exact_tokens"]
+        if cache is None:
+            cache = self._new_cache(capacity=capacity)
+        kv_full = self.num_layers * len(ids) * self.token_bytes
+        stats.update(reuse_ratio=1.0 - sum(stats["recomputed_tokens"]) / (self.num_layers * len(ids)),
+                     kv_bytes=kv_full if kv_bytes is None else kv_bytes, kv_bytes_full=kv_full)
+        return cache, stats, exact
+
+    def _entry_from_cache(self, ids: torch.Tensor, cache: SemShareCache, exact: int) -> ReferenceEntry:
         """Prompt positions 0..T-1 of every layer, copied out (the cache also holds the new tokens)."""
         n = len(ids)
         for layer in cache.layers:  # slot == position holds while no layer was compacted
             torch._check(layer.used >= n and bool((layer.kv_pos[:n] == torch.arange(n, device=ids.device)).all()),
                          lambda: "semshare cache: prompt slots are not in position order")
         return self._entry(ids, torch.stack([layer.keys[:n] for layer in cache.layers]),
-                           torch.stack([layer.values[:n] for layer in cache.layers]))
+                           torch.stack([layer.values[:n] for layer in cache.layers]), exact)
 
-    def _entry(self, ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> ReferenceEntry:
+    def _entry(self, ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, exact: int) -> ReferenceEntry:
         embeddings = self.embed(ids)
         return ReferenceEntry(ids.cpu(), keys, values, self.token_codes(embeddings).cpu(),
-                              embeddings.float().mean(0).cpu(), self.fingerprint)
+                              embeddings.float().mean(0).cpu(), self.fingerprint, exact)
 
     def _layer_input(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The hidden states [1, n, hidden] that the model's own forward hands its first decoder layer for these
@@ -384,21 +457,26 @@ class ReuseEngine:
                                      self.config.lsh_max_distance)
 
     def _assemble_and_recompute(self, cache: SemShareCache, reference: ReferenceEntry, ids: torch.Tensor,
-                                match: matching.Match) -> List[int]:
-        """Steps 2-4 for prompt positions 0..T-2; returns the recomputed tokens per layer (last token included)."""
+                                match: matching.Match) -> tuple:
+        """Steps 2-4 for prompt positions 0..T-2; returns the recomputed tokens per layer (last token included) and
+        the exact prefix (positions no layer recomputes)."""
         cfg, prefill = self.config, len(ids) - 1
-        keep = match.dst < prefill
+        window = min(_OBSERVER_WINDOW, prefill) if cfg.retain_ratio is not None else 0
+        exact = exact_prefix(match, reference.exact_prefix, prefill - window)
+        # The exact prefix is the reference's K/V at the same positions: one plain copy of every layer.
+        cache.keys[:, :exact] = reference.keys[:, :exact].to(self.device)
+        cache.values[:, :exact] = reference.values[:, :exact].to(self.device)
+        keep = (match.dst >= exact) & (match.dst < prefill)
         dst, src = match.dst[keep].to(self.device), match.src[keep].to(self.device)
         delta = dst - src if cfg.rope_correction else torch.zeros_like(dst)
         self._reuse_kv(cache, reference, src, dst, delta)
-        window = min(_OBSERVER_WINDOW, prefill) if cfg.retain_ratio is not None else 0
         unmatched = mandatory_rows(match, prefill, cfg).to(self.device)
         unmatched[prefill - window:] = True  # the observer window of retention is always recomputed
         with cache.active():
-            counts = self._recompute(cache, ids[:prefill], unmatched, window)
+            counts, deviation = self._recompute(cache, ids[:prefill], unmatched, window, exact)
         if cfg.retain_ratio is not None:
             self._retain(cache, prefill, window)
-        return [c + 1 for c in counts]
+        return [c + 1 for c in counts], exact, deviation
 
     def _reuse_kv(self, cache: SemShareCache, reference: ReferenceEntry, src: torch.Tensor, dst: torch.Tensor,
                   delta: torch.Tensor) -> None:
@@ -506,41 +584,52 @@ class ReuseEngine:
                                           f"{err:.3g} (relative): the model does something between its layers that "
                                           "the engine does not")
 
-    def _recompute(self, cache: SemShareCache, ids: torch.Tensor, unmatched: torch.Tensor, window: int) -> List[int]:
-        """Run the decoder layers on a nested, shrinking set of positions; K/V go into the cache as they come."""
+    def _recompute(self, cache: SemShareCache, ids: torch.Tensor, unmatched: torch.Tensor, window: int,
+                   exact: int) -> List[int]:
+        """Run the decoder layers on a nested, shrinking set of positions past `exact`; K/V go into the cache as they
+        come. The rows of each next layer are the best-ranked of this one (`selection_scores`): ranked once at the
+        last check layer, or again at every layer that shrinks the set (`progressive`)."""
         cfg, prefill, num_layers = self.config, len(ids), self.num_layers
-        if prefill == 0:
-            return [0] * num_layers
-        counts = recompute_counts(prefill, num_layers, int(unmatched.sum()), cfg)
+        n = prefill - exact
+        counts = recompute_counts(prefill, num_layers, int(unmatched[exact:].sum()), cfg, exact)
+        deviation = None
+        if n == 0:
+            return counts, deviation
+        must = unmatched[exact:]
         check = min(effective_check_layers(cfg), num_layers) - 1
-        rows = torch.arange(prefill, device=self.device)
-        order = torch.argsort((~unmatched).to(torch.int8), stable=True)  # unmatched first until ranked
-        if counts[0] < prefill:
+        rows = torch.arange(n, device=self.device)  # indices into positions exact..prefill-1
+        order = torch.argsort((~must).to(torch.int8), stable=True)  # unmatched first until ranked
+        if counts[0] < n:
             rows = order[: counts[0]].sort().values
-        hidden = self._layer_input(ids[rows], rows)
-        cache.observe = window
-        for idx, layer in enumerate(self.decoder.layers):
+        hidden = self._layer_input(ids[exact + rows], exact + rows)
+        queries = min(cfg.query_window, n) if cfg.selection != "deviation" else 0
+        cache.observe = max(window, queries)
+        fused = torch.zeros(n, device=self.device)
+        for idx in range(num_layers):
             if len(rows) == 0:  # nested sets: every deeper layer reuses everything too
                 break
-            snapshot = None
-            if idx == check and min(counts) < prefill:  # deviation ranking is needed only if some layer skips
-                snapshot = (cache.layers[idx].keys[:prefill].clone(), cache.layers[idx].values[:prefill].clone())
-            hidden = self._run_layer(idx, hidden, rows, cache)
-            if snapshot is not None:
-                order = self._priority(cache.layers[idx], snapshot, unmatched)
-            if idx + 1 < num_layers and counts[idx + 1] < len(rows):
-                chosen = order[: counts[idx + 1]].sort().values  # a prefix of one order: sets stay nested
+            shrinks = idx + 1 < num_layers and counts[idx + 1] < len(rows)
+            ranks = idx == check and min(counts) < n or cfg.progressive and idx > check and shrinks
+            layer, positions = cache.layers[idx], exact + rows
+            if ranks:
+                reused = (layer.keys[positions].clone(), layer.values[positions].clone())
+            hidden = self._run_layer(idx, hidden, positions, cache)
+            if ranks:
+                scores = selection_scores(cfg.selection, reused, (layer.keys[positions], layer.values[positions]),
+                                          None if layer.scores is None else layer.scores[positions])
+                if idx == check:
+                    deviation = mean_relative_deviation(reused, (layer.keys[positions], layer.values[positions]),
+                                                        must)
+                fused[rows] += scores / scores.mean().clamp_min(1e-30)  # each ranking layer weighs the same
+                ranked = fused.masked_fill(must, math.inf)
+                order = torch.argsort(ranked[rows], descending=True, stable=True)
+                order = rows[order] if cfg.progressive else order  # rows is every row at the check layer
+            if shrinks:
+                chosen = order[: counts[idx + 1]].sort().values  # a prefix of one order of these rows: nested
                 hidden = hidden[:, torch.searchsorted(rows, chosen)]
                 rows = chosen
         cache.observe = 0
-        return counts
-
-    @staticmethod
-    def _priority(layer, snapshot, unmatched: torch.Tensor) -> torch.Tensor:
-        """Positions to recompute first: unmatched ones, then matched ones by ||dK|| + ||dV|| (reused vs fresh)."""
-        prefill = len(unmatched)
-        old_k, old_v = snapshot
-        return deviation_order(old_k, old_v, layer.keys[:prefill], layer.values[:prefill], unmatched)
+        return counts, deviation
 
     def _retain(self, cache: SemShareCache, prefill: int, window: int) -> None:
         """Keep fewer KV entries in deeper layers: the most attended-to by the observer window, plus the first

@@ -72,7 +72,9 @@ from .checks import SETTINGS, check_settings
 from .entries import CHECKSUM_FIELDS, ENTRY_ID, Node, tensors_checksum
 
 FORMAT = "semshare_ops.KVStore"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Version 2 had no exact_prefix per entry: its entries load with none (recomputed like any reused K/V; never wrong).
+READ_VERSIONS = (2, FORMAT_VERSION)
 INDEX_FILE = "index.json"
 TENSOR_FILE = re.compile(r"entries-\d{8,}-[0-9a-f]{16}\.safetensors")
 TEMP_INDEX = re.compile(r"index\.json\.[0-9a-f]{16}\.tmp")
@@ -87,7 +89,7 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 INDEX_FIELDS = ("format", "version", "generation", "fingerprint", "tensors", "config", "engine_lsh", "clock",
                 "evictions", "offloads", "entries")
 ENTRY_FIELDS = ("id", "tenant", "shared", "parent", "depth", "edits", "opcodes", "tier", "stamp", "checksum",
-                "key_checksum")
+                "key_checksum", "exact_prefix")
 LSH_FIELDS = ("lsh_bits", "lsh_seed", "embedding_rope_base")
 EDIT_COUNTS = ("keep", "insert", "delete", "replace")
 OPCODE_TAGS = {"e": "keep", "i": "insert", "d": "delete", "r": "replace"}
@@ -125,7 +127,7 @@ def snapshot(engine: ReuseEngine, config: Dict, counters: Counters, nodes: Itera
     nodes = list(nodes)
     meta = [{"id": n.id, "tenant": n.tenant, "shared": n.shared, "parent": n.parent, "depth": n.depth,
              "edits": n.edits, "opcodes": None if n.opcodes is None else [list(op) for op in n.opcodes],
-             "tier": n.tier, "stamp": n.stamp} for n in nodes]
+             "tier": n.tier, "stamp": n.stamp, "exact_prefix": n.entry.exact_prefix} for n in nodes]
     index = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": engine.fingerprint, "config": config,
              "engine_lsh": engine_lsh(engine), "clock": counters.clock, "evictions": counters.evictions,
              "offloads": counters.offloads, "entries": meta}
@@ -349,10 +351,13 @@ class SavedStore:
         lengths: Dict[str, int] = {}
         key_size = None  # one size across the sentence keys: they are stacked into one matrix
         nodes = []
-        for meta in index["entries"]:
+        for i, meta in enumerate(index["entries"]):
             entry_id = meta["id"]
             fields = {name: tensors[f"{entry_id}.{name}"] for name in FIELDS}
             lengths[entry_id] = _check_entry_tensors(path, entry_id, fields, shapes)
+            if meta["exact_prefix"] > lengths[entry_id]:
+                raise _bad(self.index_path, f"entries[{i}].exact_prefix", f"{meta['exact_prefix']} exceeds the "
+                                                                          f"entry's {lengths[entry_id]} tokens")
             if verify and tensors_checksum(fields[name] for name in FIELDS) != meta["checksum"]:
                 raise _bad(path, entry_id, "its tensors do not match the checksum saved in the index (the file is "
                                            "damaged)")
@@ -366,7 +371,7 @@ class SavedStore:
                                                                 "(the file is damaged)")
             on = engine.device if meta["tier"] == "device" else torch.device("cpu")
             fields["keys"], fields["values"] = fields["keys"].to(on), fields["values"].to(on)
-            entry = ReferenceEntry(fingerprint=engine.fingerprint, **fields)
+            entry = ReferenceEntry(fingerprint=engine.fingerprint, exact_prefix=meta["exact_prefix"], **fields)
             opcodes = None if meta["opcodes"] is None else tuple(tuple(op) for op in meta["opcodes"])
             nodes.append(Node(entry_id, entry, meta["tenant"], meta["shared"], key if sentence_keys else None,
                               meta["parent"], meta["depth"], meta["edits"], opcodes, meta["tier"], meta["stamp"],
@@ -424,9 +429,9 @@ def _check_index(index, path: Path, engine: ReuseEngine) -> Dict:
     if version == 1:
         raise _bad(path, "version", "format version 1 (saves that were not atomic, no checksums) is not read by "
                                     f"this build, which reads version {FORMAT_VERSION}: build the store again")
-    if version != FORMAT_VERSION:
-        raise _bad(path, "version", f"unknown KVStore format version {version!r}; this build reads version "
-                                    f"{FORMAT_VERSION}")
+    if version not in READ_VERSIONS:
+        raise _bad(path, "version", f"unknown KVStore format version {version!r}; this build reads versions "
+                                    f"{', '.join(map(str, READ_VERSIONS))}")
     _fields(path, "", index, INDEX_FIELDS)
     if index["fingerprint"] != engine.fingerprint:
         raise _bad(path, "fingerprint", f"the store was written for another model or tokenizer (fingerprint "
@@ -454,6 +459,8 @@ def _check_index(index, path: Path, engine: ReuseEngine) -> Dict:
         raise _bad(path, "entries", f"expected a list, got {type(entries).__name__}")
     where: Dict[str, int] = {}
     for i, meta in enumerate(entries):
+        if index["version"] == 2 and isinstance(meta, dict):
+            meta["exact_prefix"] = 0
         _check_entry_meta(path, i, meta, index["clock"])
         if meta["id"] in where:
             raise _bad(path, f"entries[{i}].id", f"{meta['id']!r} is stored twice (also entries[{where[meta['id']]}])")
@@ -480,6 +487,7 @@ def _check_entry_meta(path: Path, i: int, meta, clock: int) -> None:
         raise _bad(path, f"{at}.parent", f"{meta['id']!r} names itself as its parent")
     _int(path, f"{at}.depth", meta["depth"])
     stamp = _int(path, f"{at}.stamp", meta["stamp"])
+    _int(path, f"{at}.exact_prefix", meta["exact_prefix"])
     if stamp > clock:
         raise _bad(path, f"{at}.stamp", f"{stamp} is past the store's clock ({clock})")
     if meta["tier"] not in TIERS:

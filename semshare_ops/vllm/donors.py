@@ -36,6 +36,7 @@ class DonorInfo:
     namespace: Optional[str]  # the request's cache_salt; None is the default (unsalted) namespace
     token_ids: List[int]
     depth: int
+    exact_prefix: int = 0  # leading positions whose K/V are exactly a full prefill's (engine.ReferenceEntry's)
     grams: frozenset = field(default_factory=frozenset)
     used: int = 0  # recency stamp
 

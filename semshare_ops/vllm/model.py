@@ -165,6 +165,13 @@ class VllmModel:
     def read(self, idx: int, block_ids: torch.Tensor, start: int, stop: int):
         return layout.read_range(self.kv_caches[idx], block_ids, start, stop, self.isa)
 
+    def read_rows(self, idx: int, block_ids: torch.Tensor, positions: torch.Tensor):
+        """K and V [n, H, D] of sorted, unique positions of one request in layer idx."""
+        if positions.numel() and int(positions[-1] - positions[0]) + 1 == positions.numel():  # one range
+            return self.read(idx, block_ids, int(positions[0]), int(positions[-1]) + 1)
+        return layout.read_slots(self.kv_caches[idx], layout.slots_of(block_ids, positions, self.block_size),
+                                 self.isa)
+
     def read_all(self, block_ids: torch.Tensor, start: int, stop: int):
         return layout.read_layers(self.kv_caches, block_ids, start, stop, self.isa)
 

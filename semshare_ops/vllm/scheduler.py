@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..engine.engine import mandatory_rows, recompute_counts
+from ..engine.engine import exact_prefix, mandatory_rows, recompute_counts
 from .donors import DonorIndex, DonorInfo
 from .model import Unsupported, check_architecture
 from .options import ConnectorOptions, RequestOptions, parse_request
@@ -47,6 +47,7 @@ class LoadPlan:
     start: int  # vLLM's exact prefix hit p: positions [start, stop) are loaded
     stop: int  # T - 1
     config: object  # ReuseConfig
+    exact: int  # positions [start, exact) are the donor's exact K/V (a common prefix): loaded, never recomputed
     fail_load: bool = False
     block_ids: Optional[torch.Tensor] = None  # int64, the request's block table (set when the step is built)
     # The alignment the donor was chosen by: the worker takes it as it is for matching "edit" (aligning the same
@@ -118,8 +119,9 @@ class SchedulerSide:
     def _new_state(self, request) -> RequestState:
         ids = list(request.prompt_token_ids or [])
         stats = {"mode": "full", "reason": None, "prompt_tokens": len(ids), "prefix_hit_tokens": 0,
-                 "loaded_tokens": 0, "matched_tokens": 0, "similarity": None, "donor_id": None, "donor_depth": None,
-                 "recomputed_tokens": [len(ids)] * self.num_layers, "reuse_ratio": 0.0, "saved": False}
+                 "loaded_tokens": 0, "exact_tokens": 0, "matched_tokens": 0, "similarity": None, "donor_id": None,
+                 "donor_depth": None, "recomputed_tokens": [len(ids)] * self.num_layers, "reuse_ratio": 0.0,
+                 "check_deviation": None, "saved": False}
         options = None
         try:
             options = parse_request((request.kv_transfer_params or {}).get("semshare"), self.options)
@@ -159,16 +161,17 @@ class SchedulerSide:
                                                  f"{cfg.min_similarity} (donor {choice.donor.donor_id})")
             return 0
         stop = total - 1
+        exact = max(prefix_hit, exact_prefix(choice.match, choice.donor.exact_prefix, stop))
         state.plan = LoadPlan(request.request_id, choice.donor.donor_id, torch.tensor(state.token_ids),
-                              prefix_hit, stop, cfg, opts.fail_load, match=choice.match)
+                              prefix_hit, stop, cfg, exact, opts.fail_load, match=choice.match)
         state.donor_depth = choice.donor.depth
         self.index.touch(choice.donor.donor_id)
         # What the worker will recompute if it matches what this alignment matched ("edit"); its report replaces
         # this with what it did.
         unmatched = mandatory_rows(choice.match, stop, cfg)
-        counts = recompute_counts(stop - prefix_hit, self.num_layers, int(unmatched[prefix_hit:].sum()), cfg)
+        counts = recompute_counts(stop, self.num_layers, int(unmatched[exact:].sum()), cfg, exact)
         self._set_recomputed(stats, [c + 1 for c in counts])
-        stats.update(mode="reuse", reason=None, loaded_tokens=stop - prefix_hit)
+        stats.update(mode="reuse", reason=None, loaded_tokens=stop - prefix_hit, exact_tokens=exact)
         self._taint(request, state, prefix_hit)
         return stop - prefix_hit
 
@@ -252,7 +255,12 @@ class SchedulerSide:
                 continue
             block_ids = torch.tensor(self.manager.get_block_ids(req_id)[0], dtype=torch.long)
             saves.append(SavePlan(req_id, req_id, torch.tensor(state.token_ids), block_ids))
-            self.pending_saves[req_id] = (DonorInfo(req_id, state.namespace, state.token_ids, depth), state.stats)
+            # vLLM computes the last prompt token over what was loaded: exact only if all of it is.
+            exact = total
+            if state.stats["mode"] == "reuse" and state.plan.exact < state.plan.stop:
+                exact = state.plan.exact
+            info = DonorInfo(req_id, state.namespace, state.token_ids, depth, exact)
+            self.pending_saves[req_id] = (info, state.stats)
         return loads, saves
 
     def apply_report(self, report: Optional[Dict]) -> None:
@@ -284,7 +292,7 @@ class SchedulerSide:
                          similarity=result["covered_tokens"] / max(len(state.token_ids), 1),
                          load_ms=result["load_ms"], assemble_ms=result["assemble_ms"],
                          recompute_ms=result["recompute_ms"], worker_match_ms=result["match_ms"],
-                         attention_runs=result["runs"])
+                         attention_runs=result["runs"], check_deviation=result["check_deviation"])
 
     def _set_recomputed(self, stats: Dict, per_layer: List[int]) -> None:
         """Per-layer recomputed tokens of a reuse request, the exact prefix hit counted as reused."""

@@ -8,7 +8,7 @@ forward, doing what `ReuseEngine` does between match and decode:
    vLLM's own exact prefix-cache hit, left as it is;
 3. recompute a decaying, nested row set layer by layer through vLLM's decoder layers (`model.VllmModel`): every
    row in the check layers, then the unmatched rows and the rows whose K/V deviate most at the last check layer
-   (`engine.recompute_counts`, `engine.deviation_order`: the HF engine's own schedule and ranking);
+   (`engine.recompute_counts`, `engine.selection_scores`: the HF engine's own schedule and ranking);
 4. vLLM then computes the last prompt token in its forward, and decodes.
 
 A failure anywhere (a donor evicted since the scheduler chose it, an exception) reports the request's blocks from p
@@ -29,8 +29,8 @@ import torch
 
 from .. import ops
 from ..engine import matching
-from ..engine.engine import (deviation_order, effective_check_layers, layer_slices, mandatory_rows,
-                              recompute_counts)
+from ..engine.engine import (effective_check_layers, layer_slices, mandatory_rows, mean_relative_deviation,
+                              recompute_counts, selection_scores)
 from . import layout, plugin
 from .donors import Donor, DonorStore
 from .model import Unsupported, VllmModel
@@ -160,10 +160,11 @@ class WorkerSide:
         t1 = time.perf_counter()
         self._assemble(plan, donor, src, dst, cfg.rope_correction)
         t2 = time.perf_counter()
-        counts, runs = self._recompute(plan, unmatched[start:])
+        counts, runs, deviation = self._recompute(plan, unmatched)
         t3 = time.perf_counter()
         covered = int((match.dst >= start).sum()) + start
         return {"matched_tokens": match.matched, "covered_tokens": covered, "recomputed": counts, "runs": runs,
+                "check_deviation": deviation,
                 "match_ms": (t1 - t0) * 1e3, "assemble_ms": (t2 - t1) * 1e3, "recompute_ms": (t3 - t2) * 1e3}
 
     def _assemble(self, plan, donor: Donor, src: torch.Tensor, dst: torch.Tensor, rope_correction: bool) -> None:
@@ -189,36 +190,50 @@ class WorkerSide:
             model.write(idx, keys[idx], values[idx], slots)
 
     def _recompute(self, plan, unmatched: torch.Tensor):
-        """The HF engine's `_recompute` over positions [start, stop): nested row sets through vLLM's layers."""
-        model, cfg, start = self.model, plan.config, plan.start
-        n, num_layers = len(unmatched), model.num_layers
-        counts = recompute_counts(n, num_layers, int(unmatched.sum()), cfg)
+        """The HF engine's `_recompute` over positions [exact, stop) (engine.ReuseEngine._recompute: the same
+        counts, ranking and nesting) through vLLM's layers."""
+        model, cfg, exact, stop = self.model, plan.config, plan.exact, plan.stop
+        n, num_layers = stop - exact, model.num_layers
+        counts = recompute_counts(stop, num_layers, int(unmatched[exact:].sum()), cfg, exact)
+        runs, deviation = [], None
+        if n == 0:
+            return counts, runs, deviation
+        if cfg.selection != "deviation":
+            raise LoadFailed(f"selection {cfg.selection!r} is not served by the connector (only 'deviation')")
+        must = unmatched[exact:stop]
         check = min(effective_check_layers(cfg), num_layers) - 1
-        rows = torch.arange(n)
-        order = torch.argsort((~unmatched).to(torch.int8), stable=True)  # unmatched first until ranked
+        rows = torch.arange(n)  # indices into positions exact..stop-1
+        order = torch.argsort((~must).to(torch.int8), stable=True)  # unmatched first until ranked
         if counts[0] < n:
             rows = order[: counts[0]].sort().values
         ids = plan.token_ids
-        hidden, residual = model.embed(ids[start + rows]), None
-        runs = []
+        hidden, residual = model.embed(ids[exact + rows]), None
+        fused = torch.zeros(n)
         for idx in range(num_layers):
             if len(rows) == 0:  # nested sets: every deeper layer reuses everything too
                 break
-            snapshot = None
-            if idx == check and min(counts) < n:  # deviation ranking is needed only if some layer skips rows
-                snapshot = model.read(idx, plan.block_ids, start, start + n)
-            positions = rows + start
+            shrinks = idx + 1 < num_layers and counts[idx + 1] < len(rows)
+            ranks = idx == check and min(counts) < n or cfg.progressive and idx > check and shrinks
+            positions = rows + exact
+            if ranks:
+                reused = model.read_rows(idx, plan.block_ids, positions)
             context = model.metadata(positions, plan.block_ids)
             runs.append(len(next(iter(context[0].values())).seq_lens))
             hidden, residual = model.run_layer(idx, positions, hidden, residual, plan.block_ids, context)
-            if snapshot is not None:
-                fresh = model.read(idx, plan.block_ids, start, start + n)
-                order = deviation_order(snapshot[0], snapshot[1], fresh[0], fresh[1], unmatched)
-            if idx + 1 < num_layers and counts[idx + 1] < len(rows):
-                chosen = order[: counts[idx + 1]].sort().values  # a prefix of one order: sets stay nested
+            if ranks:
+                fresh = model.read_rows(idx, plan.block_ids, positions)
+                scores = selection_scores(cfg.selection, reused, fresh, None)
+                if idx == check:
+                    deviation = mean_relative_deviation(reused, fresh, must)
+                fused[rows] += scores / scores.mean().clamp_min(1e-30)  # each ranking layer weighs the same
+                ranked = fused.masked_fill(must, float("inf"))
+                order = torch.argsort(ranked[rows], descending=True, stable=True)
+                order = rows[order] if cfg.progressive else order  # rows is every row at the check layer
+            if shrinks:
+                chosen = order[: counts[idx + 1]].sort().values  # a prefix of one order of these rows: nested
                 keep = torch.searchsorted(rows, chosen)
                 hidden, residual, rows = hidden[keep], residual[keep], chosen
-        return counts, runs
+        return counts, runs, deviation
 
 
 def _empty_report() -> Dict:

@@ -59,6 +59,8 @@ def test_run_e2e_tiny_model():
             assert r["mode"] == "full" and r["reuse_ratio"] == 0.0 and r["speedup_vs_full"] == pytest.approx(1.0)
         elif method == "hf":
             assert r["mode"] == "full" and r["reuse_ratio"] == 0.0 and r["recompute_ratio"] is None
+        elif method == "decode":  # the last prompt token alone: the floor of every reuse
+            assert r["mode"] == "decode" and r["mean_ttft_ms"] < by[(tokens, share, "full")]["mean_ttft_ms"]
         else:
             assert r["mode"] == "reuse"
             assert r["kv_bytes"] == r["kv_bytes_full"]  # no retention in any method

@@ -117,9 +117,12 @@ def test_return_entry_rejected_with_retention(model, tokenizer, reference_ids, r
 
 
 def test_recompute_tail_is_recomputed_in_every_layer(model, tokenizer, reference_ids, ref_entry):
-    engine = engine_for(model, tokenizer, recompute_ratio=0.0, recompute_tail=24, check_layers=1)
-    out = engine.generate(reference_ids, reference=ref_entry, max_new_tokens=2)
-    assert out.stats["recomputed_tokens"] == [len(reference_ids)] + [24 + 1] * (LAYERS - 1)
+    engine = engine_for(model, tokenizer, matching="edit", recompute_ratio=0.0, recompute_tail=24, check_layers=1)
+    target = [(reference_ids[0] + 1) % 512] + reference_ids[1:]  # no exact prefix: every row is reused K/V
+    out = engine.generate(target, reference=ref_entry, max_new_tokens=2)
+    assert out.stats["exact_tokens"] == 0
+    # Check layer: every row; then the tail, the unmatched first token and the last prompt token.
+    assert out.stats["recomputed_tokens"] == [len(target)] + [24 + 1 + 1] * (LAYERS - 1)
     with pytest.raises(ValueError, match="recompute_tail"):
         ReuseConfig(recompute_tail=-1)
 
@@ -176,7 +179,7 @@ def test_full_prefill_takes_causal_sdpa_and_agrees_with_partial_attn(model, toke
 def test_reuse_check_layers_take_causal_sdpa(model, tokenizer, reference_ids, ref_entry, retain, monkeypatch):
     """Check layers recompute every position (fast path); deeper layers recompute a subset (partial_attn). With
     retention the observer's scores come out the same either way."""
-    target = edited(reference_ids, "replace")
+    target = [(reference_ids[0] + 1) % 512] + edited(reference_ids, "replace")[1:]  # no exact prefix
     engine = engine_for(model, tokenizer, check_layers=2, recompute_ratio=0.6, retain_ratio=retain)
     calls = count_attention_paths(monkeypatch)
     fast, fast_logits = generate_with_logits(engine, target, reference=ref_entry, max_new_tokens=2)

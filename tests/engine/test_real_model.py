@@ -43,7 +43,9 @@ def test_full_recompute_gives_full_prefill_output(engine, prompts):
         everything = engine.generate(target, reference=entry, max_new_tokens=24)
     finally:
         engine.config.recompute_ratio = 0.2
-    assert everything.stats["reuse_ratio"] == 0.0
+    # Every row past the exact common prefix (the reference's own K/V) is recomputed in every layer.
+    assert everything.stats["reuse_ratio"] == pytest.approx(everything.stats["exact_tokens"] /
+                                                            everything.stats["prompt_tokens"])
     assert everything.token_ids == full.token_ids
 
 

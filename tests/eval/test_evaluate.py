@@ -59,8 +59,9 @@ def test_run_eval_on_a_tiny_model(engine):
     for run in identical["reuse"]:
         assert run["rougeL"] == pytest.approx(1.0) and run["first_token_equal"] and run["first8_equal"]
         assert run["kl_first_token"] == pytest.approx(0.0, abs=1e-4)
-    # recompute ratio 1.0 is a full prefill (invariant 2); ratio 0 reused most of the prompt
-    assert edited["reuse"][1]["reuse_ratio"] == pytest.approx(0.0)
+    # recompute ratio 1.0 is a full prefill (invariant 2): only the exact common prefix before the edit (the first
+    # sentence's few tokens, the reference's own K/V) is not recomputed; ratio 0 reused most of the prompt
+    assert 0.0 < edited["reuse"][1]["reuse_ratio"] < 0.15
     assert edited["reuse"][1]["rougeL"] == pytest.approx(1.0)
     assert edited["reuse"][0]["reuse_ratio"] > 0.4  # 2 of the 4 layers are check layers: at most 0.5
     assert result["sweep"][1]["first_token_agreement"] == 1.0

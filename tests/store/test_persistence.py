@@ -97,6 +97,23 @@ def test_save_load_round_trip(engine, tmp_path):
     assert KVStore.load(tmp_path / "c", engine).checksums is True
 
 
+def test_exact_prefixes_are_saved_and_version_2_loads_without_them(engine, tmp_path):
+    """A stored entry's exact prefix (its own root: every token; a reused child: up to its first edit) comes back
+    from a file; a version-2 file, which had none, loads with none: its entries are recomputed like any reused K/V,
+    never taken as exact."""
+    store, root = _filled_store(engine)
+    exact = {e.id: e.entry.exact_prefix for e in store.entries()}
+    child = [e for e in store.entries() if e.parent is not None][0]
+    assert exact[child.id] == 30 and exact[child.parent] == len(root)
+    store.save(tmp_path)
+    assert {e.id: e.entry.exact_prefix for e in KVStore.load(tmp_path, engine).entries()} == exact
+    index = _index(tmp_path)
+    for meta in index["entries"]:
+        del meta["exact_prefix"]
+    (tmp_path / "index.json").write_text(json.dumps({**index, "version": 2}))
+    assert {e.entry.exact_prefix for e in KVStore.load(tmp_path, engine).entries()} == {0}
+
+
 def test_generations_replace_each_other(engine, tmp_path):
     store, root = _filled_store(engine)
     store.save(tmp_path)
@@ -443,6 +460,9 @@ MALFORMED = {
     "tensor path": (lambda ix: ix.update(tensors="../" + ix["tensors"]), None, rf"{INDEX}: tensors"),
     "negative counter": (lambda ix: ix.update(evictions=-1), None, rf"{INDEX}: evictions"),
     "not an object": (lambda ix: ix.update(entries={}), None, rf"{INDEX}: entries: expected a list"),
+    "exact prefix negative": (lambda ix: _set(ix, 0, exact_prefix=-1), None, rf"{INDEX}: entries\[0\]\.exact_prefix"),
+    "exact prefix past the tokens": (lambda ix: _set(ix, 1, exact_prefix=10**6), None,
+                                     rf"{INDEX}: entries\[1\]\.exact_prefix: 1000000 exceeds the entry's \d+ tokens"),
     "wrong shape": (None, lambda t, e: t.update({f"{e}.keys": t[f"{e}.keys"][:, :-1]}),
                     rf"{TENSOR_NAME}: kv[0-9a-f]+\.keys: expected torch\.float32 \(4, \d+, 2, 16\)"),
     "wrong dtype": (None, lambda t, e: t.update({f"{e}.values": t[f"{e}.values"].half()}),

@@ -36,7 +36,8 @@ def test_every_row_recomputed_is_vllms_own_prefill(llm, texts, donor_salt, full)
     out = serve(llm, texts[1], donor_salt, {"save": False, "recompute_ratio": 1.0, "min_similarity": 0.0})
     s = out.stats
     assert s["mode"] == "reuse" and s["loaded_tokens"] == len(texts[1]) - 1 - s["prefix_hit_tokens"], s
-    assert s["recomputed_tokens"] == [len(texts[1]) - s["prefix_hit_tokens"]] * len(s["recomputed_tokens"])
+    assert s["exact_tokens"] >= s["prefix_hit_tokens"]  # rows past the exact common prefix are recomputed
+    assert s["recomputed_tokens"] == [len(texts[1]) - s["exact_tokens"]] * len(s["recomputed_tokens"])
     assert out.tokens == full.tokens
     assert max(abs(a - b) for a, b in zip(out.logprobs, full.logprobs)) < LOGPROB_ATOL
 
@@ -108,6 +109,9 @@ def test_an_identical_prompt_is_vllms_own_output(llm, texts, donor_salt):
     plain = serve(llm, texts[0], "identical-full", OFF)
     assert out.stats["mode"] == "reuse" and out.stats["prefix_hit_tokens"] > 0, out.stats
     assert out.stats["matched_tokens"] == len(texts[0])
+    # Every loaded row is the donor's exact K/V: none is recomputed, vLLM computes the last prompt token.
+    assert out.stats["exact_tokens"] == len(texts[0]) - 1
+    assert out.stats["recomputed_tokens"] == [1] * len(out.stats["recomputed_tokens"])
     assert out.tokens == plain.tokens
     assert max(abs(a - b) for a, b in zip(out.logprobs, plain.logprobs)) < LOGPROB_ATOL
 

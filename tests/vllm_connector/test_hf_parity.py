@@ -1,5 +1,6 @@
 """The connector inside vLLM and `ReuseEngine` on the same model (the converted SmolLM2, fp32, transformers) serve six
-controlled edits of one real prompt the same way: the same rows recomputed per layer, and the same closeness to
+controlled edits of one real prompt the same way: the same exact common prefix left as it is, the same rows
+recomputed per layer, and the same closeness to
 their own engine's full prefill (ROUGE-L of 24 greedy tokens, averaged, within 0.05).
 
 Each edit touches the first 64 tokens, so vLLM has no exact prefix-cache hit (its CPU blocks hold 128 tokens) and
@@ -59,6 +60,7 @@ def test_vllm_and_hf_engines_reuse_the_same_way(llm, hf_engine, texts):
         assert reused.stats["mode"] == "reuse" and reused.stats["prefix_hit_tokens"] == 0, (name, reused.stats)
         assert hf_reused.stats["mode"] == "reuse", (name, hf_reused.stats)
         assert reused.stats["matched_tokens"] == hf_reused.stats["matched_tokens"], name
+        assert reused.stats["exact_tokens"] == hf_reused.stats["exact_tokens"] > 0, name  # the common prefix
         assert reused.stats["recomputed_tokens"] == hf_reused.stats["recomputed_tokens"], name
         assert full.tokens == hf_full.token_ids[:NEW] or rouge_l(tokenizer.decode(full.tokens), hf_full.text) > 0.9
         scores["vllm"].append(rouge_l(tokenizer.decode(reused.tokens), tokenizer.decode(full.tokens)))

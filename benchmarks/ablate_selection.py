@@ -1,0 +1,149 @@
+"""Which rows to recompute, and how many: selection methods and budget policies on the built-in eval pairs.
+
+    python benchmarks/ablate_selection.py [--chat] [--ratios 0.2] [--variants ...] [--rouge] [--limit N]
+                                          [--out benchmarks/results/ablation_selection_cpu.json]
+
+Greedy outputs of a 135M model flip between two answers on a small change (one flip moves a 20-pair ROUGE-L mean by
+0.05), so methods are ranked first by a distance that moves smoothly: the full prefill's own 48-token greedy
+continuation is fed back (teacher forcing) after the prompt served by full prefill and by reuse, and each variant is
+scored by the mean KL(full || reuse) of the next-token distributions over those 48 positions, and by how many of the
+48 greedy next tokens agree (`agree`). The noise floor is the same distance for the target with one leading space,
+served by full prefill (what `semshare eval` calls the floor). With --rouge every variant also generates 48 tokens
+greedily, for ROUGE-L against the full prefill's output and first-token / first-8 agreement (`semshare eval`'s
+metrics). Every variant runs at each --ratios recompute ratio; reuse_ratio and TTFT are recorded beside.
+"""
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import torch
+
+from semshare_ops.bench.provenance import environment
+from semshare_ops.engine import ReuseConfig, ReuseEngine, load_model
+from semshare_ops.engine.prompts import as_chat
+from semshare_ops.eval import pairs as evalsets
+from semshare_ops.eval.evaluate import rouge_l
+
+# Every variant spells out the knobs it compares (selection, progressive, recompute_decay, check_layers, tail), so
+# that a recorded run means the same whatever the defaults of the day.
+_BASE = {"selection": "deviation", "progressive": False, "recompute_decay": 0.95, "check_layers": 2,
+         "recompute_tail": 0}
+VARIANTS = {name: {**_BASE, **knobs} for name, knobs in {
+    "deviation": {},
+    "deviation, progressive": {"progressive": True},
+    "deviation, progressive, decay=1.0": {"progressive": True, "recompute_decay": 1.0},
+    "deviation, progressive, decay=0.9": {"progressive": True, "recompute_decay": 0.9},
+    "attention": {"selection": "attention"},
+    "attention, progressive": {"selection": "attention", "progressive": True},
+    "blend": {"selection": "blend"},
+    "blend, progressive": {"selection": "blend", "progressive": True},
+    "deviation, tail=16": {"recompute_tail": 16},
+    "deviation, decay=1.0": {"recompute_decay": 1.0},
+    "blend, progressive, decay=1.0": {"selection": "blend", "progressive": True, "recompute_decay": 1.0},
+    "deviation, check_layers=1": {"check_layers": 1},
+    "blend, progressive, check_layers=1": {"selection": "blend", "progressive": True, "check_layers": 1},
+}.items()}
+
+
+def kl_rows(full: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    p, q = torch.log_softmax(full, -1), torch.log_softmax(other, -1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--sets", nargs="+", choices=evalsets.SETS, default=list(evalsets.SETS))
+    parser.add_argument("--limit", type=int, default=None, help="pairs per set")
+    parser.add_argument("--rouge", action="store_true", help="also generate greedily for ROUGE-L")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    torch.set_grad_enabled(False)
+    model, tokenizer = load_model(progress=False)
+    engine = ReuseEngine(model, tokenizer, ReuseConfig())
+    wrap = (lambda text: as_chat(tokenizer, text)) if args.chat else (lambda text: text)
+    pairs = evalsets.load_eval_pairs(sets=args.sets, limit=args.limit)
+    records = []
+    for i, pair in enumerate(pairs):
+        reference, target = wrap(pair["reference"]), wrap(pair["target"])
+        entry = engine.prefill(reference)
+        full = engine.generate(target, max_new_tokens=args.max_new_tokens)
+        cont = full.token_ids
+        full_logits, _ = engine.score(target, cont)
+        noise_logits, _ = engine.score(" " + target, cont)
+        record = {"id": pair.get("id"), "set": pair["set"], "prompt_tokens": full.stats["prompt_tokens"],
+                  "kl_floor": float(kl_rows(full_logits, noise_logits).mean()),
+                  "agree_floor": float((noise_logits.argmax(-1) == full_logits.argmax(-1)).float().mean()),
+                  "ttft_ms_full": full.stats["ttft_ms"], "variants": {}}
+        if args.rouge:
+            noise = engine.generate(" " + target, max_new_tokens=args.max_new_tokens)
+            record["rougeL_floor"] = rouge_l(noise.text, full.text)
+        for name in args.variants:
+            for ratio in args.ratios:
+                config = dataclasses.replace(ReuseConfig(), recompute_ratio=ratio, **VARIANTS[name])
+                with engine.using(config):
+                    start = time.perf_counter()
+                    logits, stats = engine.score(target, cont, reference=entry)
+                    elapsed = (time.perf_counter() - start) * 1e3
+                    result = {"kl": float(kl_rows(full_logits, logits).mean()),
+                              "agree": float((logits.argmax(-1) == full_logits.argmax(-1)).float().mean()),
+                              "reuse_ratio": stats["reuse_ratio"], "mode": stats["mode"],
+                              "exact_tokens": stats["exact_tokens"], "check_deviation": stats.get("check_deviation"),
+                              "score_ms": elapsed}
+                    if args.rouge:
+                        out = engine.generate(target, reference=entry, max_new_tokens=args.max_new_tokens)
+                        result.update(rougeL=rouge_l(out.text, full.text), ttft_ms=out.stats["ttft_ms"],
+                                      first_token=out.token_ids[:1] == cont[:1], first8=out.token_ids[:8] == cont[:8])
+                record["variants"][f"{name} @ {ratio}"] = result
+        records.append(record)
+        print(f"[{i + 1}/{len(pairs)}] {pair['set']} {pair.get('id')}: floor kl {record['kl_floor']:.4f} " +
+              " ".join(f"{k.split(' @')[0][:14]}={v['kl']:.4f}" for k, v in list(record["variants"].items())[:4]),
+              flush=True)
+
+    summary = {}
+    for key in records[0]["variants"]:
+        for group in args.sets + ["all"]:
+            chosen = [r for r in records if group in ("all", r["set"])]
+            if not chosen:
+                continue
+            vals = [r["variants"][key] for r in chosen]
+            row = {"pairs": len(chosen), "kl": statistics.fmean(v["kl"] for v in vals),
+                   "kl_median": statistics.median(v["kl"] for v in vals),
+                   "agree": statistics.fmean(v["agree"] for v in vals),
+                   "kl_floor": statistics.fmean(r["kl_floor"] for r in chosen),
+                   "agree_floor": statistics.fmean(r["agree_floor"] for r in chosen),
+                   "reuse_ratio": statistics.fmean(v["reuse_ratio"] for v in vals),
+                   "score_ms": statistics.fmean(v["score_ms"] for v in vals)}
+            if args.rouge:
+                row.update(rougeL=statistics.fmean(v["rougeL"] for v in vals),
+                           rougeL_floor=statistics.fmean(r["rougeL_floor"] for r in chosen),
+                           first_token=statistics.fmean(float(v["first_token"]) for v in vals),
+                           first8=statistics.fmean(float(v["first8"]) for v in vals),
+                           ttft_ms=statistics.fmean(v["ttft_ms"] for v in vals))
+            summary.setdefault(key, {})[group] = row
+    print(f"{'variant':<44} {'set':<15} {'reuse':>5} {'KL':>7} {'floor':>7} {'agree':>6} {'floor':>6}"
+          + (f" {'ROUGE-L':>7} {'floor':>6}" if args.rouge else ""))
+    for key, groups in summary.items():
+        for group, row in groups.items():
+            line = (f"{key:<44} {group:<15} {row['reuse_ratio']:>5.3f} {row['kl']:>7.4f} {row['kl_floor']:>7.4f} "
+                    f"{row['agree']:>6.3f} {row['agree_floor']:>6.3f}")
+            if args.rouge:
+                line += f" {row['rougeL']:>7.3f} {row['rougeL_floor']:>6.3f}"
+            print(line)
+    if args.out:
+        result = {**environment(),
+                  "chat_template": args.chat, "max_new_tokens": args.max_new_tokens, "summary": summary,
+                  "records": records}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""Which rows a reuse request recomputes: the exact common prefix (never), the selection methods and their nesting,
+and the teacher-forced `score` the ablation ranks them by. On the tiny random Llama and Qwen2 of conftest.py."""
+
+import dataclasses
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from semshare_ops.engine import ReuseConfig  # noqa: E402
+from semshare_ops.engine.config import SELECTIONS  # noqa: E402
+from semshare_ops.engine.engine import exact_prefix  # noqa: E402
+from semshare_ops.engine.hf import SemShareCache  # noqa: E402
+from semshare_ops.engine.matching import Match  # noqa: E402
+
+from engine_testutils import LAYERS, NEW, edited, engine_for, generate_with_logits, rand_tokens  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VARIANTS = [(selection, progressive) for selection in SELECTIONS for progressive in (False, True)]
+
+
+def record_rows(monkeypatch) -> list:
+    """(layer, positions) of every recompute step the engine runs, in order."""
+    steps = []
+    original = SemShareCache.set_write_positions
+
+    def spy(self, layer_idx, positions):
+        if positions is not None:
+            steps.append((layer_idx, positions.clone()))
+        return original(self, layer_idx, positions)
+
+    monkeypatch.setattr(SemShareCache, "set_write_positions", spy)
+    return steps
+
+
+@pytest.mark.parametrize("method", ["edit", "hybrid"])
+def test_identical_prompt_recomputes_only_its_last_token(model, tokenizer, reference_ids, ref_entry, method,
+                                                         monkeypatch):
+    engine = engine_for(model, tokenizer, matching=method)
+    full, full_logits = generate_with_logits(engine, reference_ids, max_new_tokens=NEW)
+    steps = record_rows(monkeypatch)
+    out, logits = generate_with_logits(engine, reference_ids, reference=ref_entry, max_new_tokens=NEW)
+    assert out.stats["exact_tokens"] == len(reference_ids) - 1
+    assert out.stats["recomputed_tokens"] == [1] * LAYERS  # the last prompt token, which decoding computes
+    assert out.stats["reuse_ratio"] == pytest.approx(1 - 1 / len(reference_ids))
+    assert steps == []  # no layer ran on any prompt row before decoding
+    assert out.token_ids == full.token_ids
+    torch.testing.assert_close(logits, full_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_extension_recomputes_only_the_new_tokens(model, tokenizer, reference_ids, ref_entry):
+    target = reference_ids + rand_tokens(30, seed=11)
+    engine = engine_for(model, tokenizer, recompute_ratio=0.0)
+    full, full_logits = generate_with_logits(engine, target, max_new_tokens=NEW)
+    out, logits = generate_with_logits(engine, target, reference=ref_entry, max_new_tokens=NEW)
+    assert out.stats["exact_tokens"] == len(reference_ids)
+    assert out.stats["recomputed_tokens"] == [30] * LAYERS
+    assert out.token_ids == full.token_ids
+    torch.testing.assert_close(logits, full_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_rows_of_the_exact_prefix_are_never_recomputed(model, tokenizer, reference_ids, ref_entry, monkeypatch):
+    target = edited(reference_ids, "replace")  # equal to the reference up to position 120
+    engine = engine_for(model, tokenizer, recompute_ratio=0.5)
+    steps = record_rows(monkeypatch)  # after the engine's start-up probes
+    out = engine.generate(target, reference=ref_entry, max_new_tokens=2)
+    assert out.stats["exact_tokens"] == 120
+    assert steps and all(int(rows.min()) >= 120 for _, rows in steps)
+    assert [len(rows) + 1 for _, rows in steps] == out.stats["recomputed_tokens"]
+    assert len(steps[0][1]) == len(target) - 1 - 120  # the check layers: every row past the prefix
+
+
+def test_entries_carry_their_exact_prefix(model, tokenizer, reference_ids, ref_entry):
+    engine = engine_for(model, tokenizer)
+    assert ref_entry.exact_prefix == len(reference_ids)
+    target = edited(reference_ids, "replace")
+    assert engine.generate(target, max_new_tokens=2, return_entry=True).entry.exact_prefix == len(target)
+    served = engine.generate(target, reference=ref_entry, max_new_tokens=2, return_entry=True)
+    assert served.entry.exact_prefix == 120  # reused K/V past the edit are approximate
+    same = engine.generate(reference_ids, reference=ref_entry, max_new_tokens=2, return_entry=True)
+    assert same.entry.exact_prefix == len(reference_ids)  # every row exact, so the last token too
+    # A request served from the served entry: its exact prefix cannot exceed the entry's, however long the common
+    # prefix of the two prompts.
+    again = engine.generate(target[:300] + rand_tokens(20, seed=12), reference=served.entry, max_new_tokens=2)
+    assert again.stats["exact_tokens"] == 120
+
+
+def test_reference_without_exact_prefix_is_recomputed(model, tokenizer, reference_ids, ref_entry):
+    entry = dataclasses.replace(ref_entry, exact_prefix=0)  # what a version-2 store file loads as
+    out = engine_for(model, tokenizer).generate(reference_ids, reference=entry, max_new_tokens=2)
+    assert out.stats["exact_tokens"] == 0
+    assert out.stats["recomputed_tokens"][0] == len(reference_ids)  # the first check layer: every row
+
+
+def test_exact_prefix_stops_at_the_first_row_not_taken_in_place():
+    n = 10
+    dst = torch.arange(n)
+
+    def match(src, exact=None):
+        return Match(dst, src, torch.ones(n, dtype=torch.bool) if exact is None else exact, n)
+
+    assert exact_prefix(match(torch.arange(n)), reference_exact=n, limit=n) == n
+    assert exact_prefix(match(torch.arange(n)), reference_exact=4, limit=n) == 4
+    assert exact_prefix(match(torch.arange(n)), reference_exact=n, limit=7) == 7
+    shifted = torch.arange(n)
+    shifted[6:] += 1  # a deletion in the reference before position 6
+    assert exact_prefix(match(shifted), n, n) == 6
+    fuzzy = torch.ones(n, dtype=torch.bool)
+    fuzzy[3] = False  # an LSH pair of different tokens
+    assert exact_prefix(match(torch.arange(n), fuzzy), n, n) == 3
+    gap = Match(torch.tensor([0, 1, 3]), torch.tensor([0, 1, 3]), torch.ones(3, dtype=torch.bool), n)
+    assert exact_prefix(gap, n, n) == 2  # position 2 unmatched
+
+
+@pytest.mark.parametrize("selection,progressive", VARIANTS)
+def test_selection_sets_are_nested_and_keep_the_mandatory_rows(model, tokenizer, reference_ids, ref_entry,
+                                                               selection, progressive, monkeypatch):
+    target = [(reference_ids[0] + 1) % 512] + edited(reference_ids, "few")[1:]
+    engine = engine_for(model, tokenizer, matching="edit", recompute_ratio=0.5, check_layers=1, selection=selection,
+                        progressive=progressive, query_window=8, recompute_decay=0.8)  # sets that shrink
+    steps = record_rows(monkeypatch)
+    out = engine.generate(target, reference=ref_entry, max_new_tokens=2)
+    assert [layer for layer, _ in steps] == list(range(LAYERS))
+    assert [len(rows) + 1 for _, rows in steps] == out.stats["recomputed_tokens"]
+    prefill = len(target) - 1
+    unmatched = engine.match(ref_entry, target).unmatched_mask()[:prefill].nonzero()[:, 0]
+    tail = torch.arange(prefill - 8, prefill) if selection != "deviation" else torch.empty(0, dtype=torch.long)
+    for (_, outer), (_, inner) in zip(steps, steps[1:]):
+        assert bool(torch.isin(inner, outer).all())  # every recomputed row had a fresh input
+    for _, rows in steps:
+        assert bool(torch.isin(unmatched, rows).all()) and bool(torch.isin(tail, rows).all())
+    assert len(steps[-1][1]) < len(steps[0][1])  # it did choose
+
+
+def test_selection_methods_choose_differently(model, tokenizer, reference_ids, ref_entry, monkeypatch):
+    """The knob is live: on the same request, ranking by deviation, by attention and progressively pick different
+    rows somewhere."""
+    target = [(reference_ids[0] + 1) % 512] + edited(reference_ids, "few")[1:]
+    chosen = {}
+    for selection, progressive in VARIANTS:
+        engine = engine_for(model, tokenizer, recompute_ratio=0.5, check_layers=1, selection=selection,
+                            progressive=progressive, recompute_decay=0.8)  # progressive ranks where sets shrink
+        steps = record_rows(monkeypatch)
+        engine.generate(target, reference=ref_entry, max_new_tokens=2)
+        chosen[selection, progressive] = tuple(tuple(rows.tolist()) for _, rows in steps)
+        monkeypatch.undo()
+    assert len(set(chosen.values())) == len(VARIANTS)
+
+
+@pytest.mark.parametrize("selection,progressive", VARIANTS)
+def test_every_selection_at_ratio_one_is_full_prefill(model, tokenizer, reference_ids, ref_entry, selection,
+                                                      progressive):
+    target = edited(reference_ids, "insert")
+    engine = engine_for(model, tokenizer, recompute_ratio=1.0, selection=selection, progressive=progressive)
+    full, full_logits = generate_with_logits(engine, target, max_new_tokens=NEW)
+    out, logits = generate_with_logits(engine, target, reference=ref_entry, max_new_tokens=NEW)
+    assert out.token_ids == full.token_ids
+    torch.testing.assert_close(logits, full_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_selection_config_is_checked():
+    with pytest.raises(ValueError, match="selection"):
+        ReuseConfig(selection="entropy")
+    with pytest.raises(ValueError, match="selection"):
+        ReuseConfig(selection=1)
+    with pytest.raises(ValueError, match="query_window"):
+        ReuseConfig(query_window=0)
+    with pytest.raises(TypeError, match="progressive"):
+        ReuseConfig(progressive=1)
+
+
+@pytest.mark.parametrize("served", ["full", "reuse"])
+def test_score_is_the_logits_generate_decodes_with(model, tokenizer, reference_ids, ref_entry, served):
+    target = edited(reference_ids, "few")
+    engine = engine_for(model, tokenizer)
+    reference = ref_entry if served == "reuse" else None
+    out = engine.generate(target, reference=reference, max_new_tokens=NEW, output_logits=True,
+                          return_dict_in_generate=True)
+    logits, stats = engine.score(target, out.token_ids, reference=reference)
+    assert stats["mode"] == served and logits.shape == (NEW, model.config.vocab_size)
+    torch.testing.assert_close(logits, torch.cat(out.logits).float(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="continuation"):
+        engine.score(target, [])
