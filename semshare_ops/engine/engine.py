@@ -585,10 +585,11 @@ class ReuseEngine:
                                           "the engine does not")
 
     def _recompute(self, cache: SemShareCache, ids: torch.Tensor, unmatched: torch.Tensor, window: int,
-                   exact: int) -> List[int]:
+                   exact: int) -> tuple:
         """Run the decoder layers on a nested, shrinking set of positions past `exact`; K/V go into the cache as they
         come. The rows of each next layer are the best-ranked of this one (`selection_scores`): ranked once at the
-        last check layer, or again at every layer that shrinks the set (`progressive`)."""
+        last check layer, or again at every layer that shrinks the set (`progressive`). Returns the rows per layer
+        and the check layer's mean relative deviation (None when nothing needed ranking)."""
         cfg, prefill, num_layers = self.config, len(ids), self.num_layers
         n = prefill - exact
         counts = recompute_counts(prefill, num_layers, int(unmatched[exact:].sum()), cfg, exact)
@@ -622,8 +623,7 @@ class ReuseEngine:
                                                         must)
                 fused[rows] += scores / scores.mean().clamp_min(1e-30)  # each ranking layer weighs the same
                 ranked = fused.masked_fill(must, math.inf)
-                order = torch.argsort(ranked[rows], descending=True, stable=True)
-                order = rows[order] if cfg.progressive else order  # rows is every row at the check layer
+                order = rows[torch.argsort(ranked[rows], descending=True, stable=True)]
             if shrinks:
                 chosen = order[: counts[idx + 1]].sort().values  # a prefix of one order of these rows: nested
                 hidden = hidden[:, torch.searchsorted(rows, chosen)]

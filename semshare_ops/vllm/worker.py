@@ -227,8 +227,7 @@ class WorkerSide:
                     deviation = mean_relative_deviation(reused, fresh, must)
                 fused[rows] += scores / scores.mean().clamp_min(1e-30)  # each ranking layer weighs the same
                 ranked = fused.masked_fill(must, float("inf"))
-                order = torch.argsort(ranked[rows], descending=True, stable=True)
-                order = rows[order] if cfg.progressive else order  # rows is every row at the check layer
+                order = rows[torch.argsort(ranked[rows], descending=True, stable=True)]
             if shrinks:
                 chosen = order[: counts[idx + 1]].sort().values  # a prefix of one order of these rows: nested
                 keep = torch.searchsorted(rows, chosen)
