@@ -29,7 +29,7 @@ from semshare_ops.eval.evaluate import rouge_l
 # Every variant spells out the knobs it compares (selection, progressive, recompute_decay, check_layers, tail), so
 # that a recorded run means the same whatever the defaults of the day.
 _BASE = {"selection": "deviation", "progressive": False, "recompute_decay": 0.95, "check_layers": 2,
-         "recompute_tail": 0}
+         "recompute_tail": 0, "budget": "fixed"}
 VARIANTS = {name: {**_BASE, **knobs} for name, knobs in {
     "deviation": {},
     "deviation, progressive": {"progressive": True},
@@ -43,6 +43,8 @@ VARIANTS = {name: {**_BASE, **knobs} for name, knobs in {
     "deviation, decay=1.0": {"recompute_decay": 1.0},
     "blend, progressive, decay=1.0": {"selection": "blend", "progressive": True, "recompute_decay": 1.0},
     "deviation, check_layers=1": {"check_layers": 1},
+    "default": {"progressive": True, "recompute_decay": 1.0},
+    "default, adaptive budget": {"progressive": True, "recompute_decay": 1.0, "budget": "adaptive"},
     "blend, progressive, check_layers=1": {"selection": "blend", "progressive": True, "check_layers": 1},
 }.items()}
 

@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD:$PWD/build/vllm-plugin VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=nobind \\
         .venv-vllm/bin/python benchmarks/vllm_e2e.py [--model DIR] [--length 4096] [--edit 0.1] [--prompts 2] \\
-        [--repeat 2] [--recompute-ratio 0.2 ...] [--out benchmarks/results/vllm_e2e_cpu.json]
+        [--repeat 2] [--recompute-ratio 0.2 ...] [--in-process] [--out benchmarks/results/vllm_e2e_cpu.json]
 
 (`make test-vllm` builds `.venv-vllm`, the converted model in build/smollm2-135m-fp32 and the plugin's entry point in
 build/vllm-plugin.) One vLLM engine with the connector serves every method, request by request, so that all of them
@@ -44,6 +44,9 @@ def parse_args(argv=None):
     parser.add_argument("--prompts", type=int, default=2, help="distinct real prompts")
     parser.add_argument("--repeat", type=int, default=2, help="rounds per prompt")
     parser.add_argument("--recompute-ratio", type=float, nargs="+", default=[0.2])
+    parser.add_argument("--in-process", action="store_true",
+                        help="run vLLM's engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) for every "
+                             "method: one process instead of two on a small machine")
     parser.add_argument("--out", help="JSON file to write")
     return parser.parse_args(argv)
 
@@ -57,6 +60,8 @@ def prompts(tokenizer, length: int, count: int):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.in_process:  # read by vLLM when the engine starts
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
@@ -123,7 +128,8 @@ def main(argv=None) -> dict:
     result = {"environment": {**environment("cpu"), "vllm": vllm.__version__,
                               "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
               "settings": {**vars(args), "engine": "vllm", "dtype": "float32", "enforce_eager": True,
-                           "enable_prefix_caching": True, "max_tokens": 1},
+                           "enable_prefix_caching": True, "max_tokens": 1,
+                           "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")},
               "summary": summary, "runs": runs}
     print(json.dumps(summary, indent=1))
     if args.out:

@@ -7,6 +7,7 @@ from typing import Optional
 
 MATCHING_METHODS = ("edit", "lsh", "hybrid", "prefix", "chunk")
 SELECTIONS = ("deviation", "attention", "blend")
+BUDGETS = ("fixed", "adaptive")
 
 
 @dataclass
@@ -34,6 +35,9 @@ class ReuseConfig:
     # Rank again at every layer that shrinks the set (CacheBlend's gradual filtering), not once at the last check
     # layer: better at recompute_decay 0.95, the same at 1.0 (a flat count shrinks no set past the check layers).
     progressive: bool = True
+    # "fixed": recompute_ratio of the prompt, the rows that must be recomputed (unmatched, tail) included; "adaptive":
+    # those rows on top of recompute_ratio of the others, so a worse match recomputes more (engine.recompute_counts).
+    budget: str = "fixed"
     retain_decay: float = 0.9  # per-layer factor of the KV kept, when retain_ratio is set
     lsh_bits: int = 128
     lsh_max_distance: int = 24  # fuzzy matches farther than this many bits stay unmatched
@@ -58,6 +62,8 @@ class ReuseConfig:
         if not isinstance(self.selection, str) or self.selection not in SELECTIONS:
             raise ValueError(f"selection: expected one of {', '.join(map(repr, SELECTIONS))}, "
                              f"got {self.selection!r}")
+        if not isinstance(self.budget, str) or self.budget not in BUDGETS:
+            raise ValueError(f"budget: expected one of {', '.join(map(repr, BUDGETS))}, got {self.budget!r}")
         if self.query_window < 1:
             raise ValueError(f"query_window: expected >= 1, got {self.query_window}")
         if not 0.0 <= self.recompute_ratio <= 1.0:
@@ -86,8 +92,8 @@ class ReuseConfig:
 _INT, _REAL = (int,), (int, float)
 _FIELD_TYPES = {"matching": (str,), "recompute_ratio": _REAL, "retain_ratio": _REAL, "min_similarity": _REAL,
                 "rope_correction": (bool,), "check_layers": _INT, "recompute_decay": _REAL, "recompute_tail": _INT,
-                "selection": (str,), "query_window": _INT, "progressive": (bool,),
+                "selection": (str,), "query_window": _INT, "progressive": (bool,), "budget": (str,),
                 "retain_decay": _REAL, "lsh_bits": _INT, "lsh_max_distance": _INT, "lsh_seed": _INT,
                 "embedding_rope_base": _REAL}
 _OPTIONAL = ("retain_ratio",)
-_CHOICES = ("matching", "selection")  # checked against their lists of names
+_CHOICES = ("matching", "selection", "budget")  # checked against their lists of names

@@ -112,11 +112,15 @@ def recompute_counts(prefill: int, num_layers: int, num_unmatched: int, config: 
     """Rows recomputed per layer among positions [exact, prefill) (the last prompt token not included; the first
     `exact` hold exact K/V already, `exact_prefix`), of which `num_unmatched` must be: every row in the check layers,
     then a count decaying by `recompute_decay`, never below the unmatched rows, with the mean over layers of
-    (count + 1) meeting recompute_ratio * (prefill + 1), as far as the rows past `exact` allow. The budget is the
-    whole prompt's: what an exact prefix saves goes to the rows whose context changed.
+    (count + 1) meeting recompute_ratio * (prefill + 1), as far as the rows past `exact` allow ("adaptive" budget:
+    plus (1 - recompute_ratio) * num_unmatched, so that the matched rows get their share whatever the unmatched
+    ones take). The budget is the whole prompt's: what an exact prefix saves goes to the rows whose context changed.
     Shared by every front end (the HF engine, the vLLM connector), so that they recompute the same rows."""
     rows = prefill - exact
-    target = min(float(rows), max(0.0, config.recompute_ratio * (prefill + 1) - 1))
+    target = max(0.0, config.recompute_ratio * (prefill + 1) - 1)
+    if config.budget == "adaptive":  # the mandatory rows on top of the ratio of the others
+        target += (1.0 - config.recompute_ratio) * num_unmatched
+    target = min(float(rows), target)
     lead = effective_check_layers(config)
     return decaying_counts(rows, num_layers, lead, num_unmatched, target, config.recompute_decay)
 

@@ -29,7 +29,7 @@ import torch
 
 from .. import ops
 from ..engine import matching
-from ..engine.engine import (effective_check_layers, layer_slices, mandatory_rows, mean_relative_deviation,
+from ..engine.engine import (effective_check_layers, mandatory_rows, mean_relative_deviation,
                               recompute_counts, selection_scores)
 from . import layout, plugin
 from .donors import Donor, DonorStore
@@ -168,26 +168,26 @@ class WorkerSide:
                 "match_ms": (t1 - t0) * 1e3, "assemble_ms": (t2 - t1) * 1e3, "recompute_ms": (t3 - t2) * 1e3}
 
     def _assemble(self, plan, donor: Donor, src: torch.Tensor, dst: torch.Tensor, rope_correction: bool) -> None:
-        """Positions [start, stop) of every layer from the donor's K/V, keys re-rotated by the position delta. Slots
+        """Positions [start, stop) of every layer from the donor's K/V, keys re-rotated by the position delta, one
+        layer at a time through one buffer of the request's rows (a few MB, warm in the CPU's caches, where a buffer of
+        every layer, hundreds of MB fresh from the allocator, cost page faults and a second pass over memory). Slots
         no donor token maps to are recomputed in every layer, which writes them before its attention reads them;
-        they are zeroed all the same (a few rows, where zeroing the whole buffer costs as much as the copy)."""
+        they hold zeros until then, so that the check layer's ranking never reads another request's leftovers."""
         model, start, stop = self.model, plan.start, plan.stop
         n = stop - start
-        shape = (model.num_layers, n, model.kv_heads, model.head_dim)
-        keys = torch.empty(shape, dtype=model.dtype)
-        values = torch.empty(shape, dtype=model.dtype)
+        keys = torch.empty((1, n, model.kv_heads, model.head_dim), dtype=model.dtype)
+        values = torch.empty_like(keys)
         unmapped = torch.ones(n, dtype=torch.bool)
         unmapped[dst - start] = False
-        keys[:, unmapped] = 0
+        keys[:, unmapped] = 0  # never written by rope_reuse_: zero for every layer
         values[:, unmapped] = 0
         delta = dst - src if rope_correction else torch.zeros_like(dst)
-        for group in model.rope_groups:
-            for layers in layer_slices(group.layers):  # views: rope_reuse_ writes into keys/values themselves
-                ops.rope_reuse_(keys[layers], values[layers], donor.keys[layers], donor.values[layers], src,
-                                dst - start, delta, group.inv_freq, group.neox)
         slots = layout.slots_of(plan.block_ids, torch.arange(start, stop), model.block_size)
-        for idx in range(model.num_layers):
-            model.write(idx, keys[idx], values[idx], slots)
+        for group in model.rope_groups:
+            for idx in group.layers:
+                ops.rope_reuse_(keys, values, donor.keys[idx: idx + 1], donor.values[idx: idx + 1], src, dst - start,
+                                delta, group.inv_freq, group.neox)
+                model.write(idx, keys[0], values[0], slots)
 
     def _recompute(self, plan, unmatched: torch.Tensor):
         """The HF engine's `_recompute` over positions [exact, stop) (engine.ReuseEngine._recompute: the same
@@ -208,7 +208,7 @@ class WorkerSide:
             rows = order[: counts[0]].sort().values
         ids = plan.token_ids
         hidden, residual = model.embed(ids[exact + rows]), None
-        fused = torch.zeros(n)
+        fused, context = torch.zeros(n), None
         for idx in range(num_layers):
             if len(rows) == 0:  # nested sets: every deeper layer reuses everything too
                 break
@@ -217,7 +217,8 @@ class WorkerSide:
             positions = rows + exact
             if ranks:
                 reused = model.read_rows(idx, plan.block_ids, positions)
-            context = model.metadata(positions, plan.block_ids)
+            if context is None:  # built again only when the row set changes (one metadata serves every layer)
+                context = model.metadata(positions, plan.block_ids)
             runs.append(len(next(iter(context[0].values())).seq_lens))
             hidden, residual = model.run_layer(idx, positions, hidden, residual, plan.block_ids, context)
             if ranks:
@@ -231,7 +232,7 @@ class WorkerSide:
             if shrinks:
                 chosen = order[: counts[idx + 1]].sort().values  # a prefix of one order of these rows: nested
                 keep = torch.searchsorted(rows, chosen)
-                hidden, residual, rows = hidden[keep], residual[keep], chosen
+                hidden, residual, rows, context = hidden[keep], residual[keep], chosen, None
         return counts, runs, deviation
 
 

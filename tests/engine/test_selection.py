@@ -183,3 +183,21 @@ def test_score_is_the_logits_generate_decodes_with(model, tokenizer, reference_i
     torch.testing.assert_close(logits, torch.cat(out.logits).float(), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="continuation"):
         engine.score(target, [])
+
+
+def test_adaptive_budget_adds_the_rows_that_must_be_recomputed(model, tokenizer, reference_ids, ref_entry):
+    """"fixed" counts the unmatched rows inside recompute_ratio; "adaptive" puts them on top of the ratio of the
+    other rows, so a worse match recomputes more."""
+    target = [(reference_ids[0] + 1) % 512] + edited(reference_ids, "replace")[1:]  # no exact prefix
+    ratio = 0.6  # above what the two check layers of four take on their own, so the budget decides
+    runs = {budget: engine_for(model, tokenizer, matching="edit", recompute_ratio=ratio, budget=budget).generate(
+        target, reference=ref_entry, max_new_tokens=2) for budget in ("fixed", "adaptive")}
+    prefill = len(target) - 1
+    unmatched = int(engine_for(model, tokenizer, matching="edit").match(ref_entry, target)
+                    .unmatched_mask()[:prefill].sum())
+    assert unmatched >= 25  # the replaced span
+    extra = sum(runs["adaptive"].stats["recomputed_tokens"]) - sum(runs["fixed"].stats["recomputed_tokens"])
+    assert extra == pytest.approx(LAYERS * (1 - ratio) * unmatched, abs=LAYERS)
+    assert runs["adaptive"].stats["reuse_ratio"] < runs["fixed"].stats["reuse_ratio"]
+    with pytest.raises(ValueError, match="budget"):
+        ReuseConfig(budget="greedy")
