@@ -121,7 +121,7 @@ def test_bench_e2e_json_on_the_embedded_model(capsys, monkeypatch, smollm2):
     monkeypatch.setattr(models, "load_model", lambda *a, **k: smollm2)
     assert cli.main(["bench", "e2e", "--json", "--lengths", "96", "--edit-levels", "0.1", "--repeat", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert {r["method"] for r in result["records"]} == {"full", "hf", "prefix", "cacheblend", "semshare"}
+    assert {r["method"] for r in result["records"]} == {"full", "hf", "prefix", "cacheblend", "semshare", "decode"}
     for r in result["records"]:
         assert {"mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "kv_bytes"} <= r.keys()
     assert result["device"] == "cpu" and "torch" in result and "command" in result
