@@ -290,11 +290,12 @@ class ReuseEngine:
               min_similarity: Optional[float] = None) -> tuple:
         """Teacher-forced next-token logits ([len(continuation), vocab], fp32) after the prompt and after each
         continuation token but the last, the prompt served as `generate` serves it (from `reference` when given
-        and similar enough, else a full prefill), and the request's stats. What `semshare eval` compares over a
-        whole continuation: a distance that moves smoothly where greedy outputs flip."""
-        cont = self.tokenize(list(continuation), 0) if len(continuation) else None
-        if cont is None:
+        and similar enough, else a full prefill), and the request's stats. Compared over a whole continuation (the
+        full prefill's own greedy output), reuse and full prefill differ by a distance that moves smoothly where
+        greedy outputs flip (docs/design.md, the selection ablation)."""
+        if len(continuation) == 0:
             raise ValueError("continuation: expected at least one token id")
+        cont = self.tokenize(continuation.tolist() if torch.is_tensor(continuation) else list(continuation), 0)
         ids = self.tokenize(prompt, len(cont))
         gate = self.config.min_similarity if min_similarity is None else min_similarity
         cache, stats, _ = self._serve_prompt(ids, reference, gate, capacity=len(ids) + len(cont))
