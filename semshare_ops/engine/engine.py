@@ -138,6 +138,12 @@ def exact_prefix(match: matching.Match, reference_exact: int, limit: int) -> int
     return n if bool(same.all()) else int(torch.nonzero(~same)[0, 0])
 
 
+def kept_exact_prefix(exact: int, prompt_tokens: int) -> int:
+    """The exact prefix of a served prompt's own K/V when `exact` of its positions before the last were taken as
+    they are: the last token is computed over all of them, so it is exact too only when every one of them is."""
+    return prompt_tokens if exact >= prompt_tokens - 1 else exact
+
+
 def effective_check_layers(config: ReuseConfig) -> int:
     """Leading layers that recompute every row, the last of them ranking the rest by deviation. None for "prefix"
     matching: a prefix-cache hit holds exactly the K/V a full prefill would."""
@@ -184,6 +190,58 @@ def mean_relative_deviation(reused: tuple, fresh: tuple, unmatched: torch.Tensor
     k1, v1 = (t[matched].float().flatten(1) for t in fresh)
     size = (k1.norm(dim=1) + v1.norm(dim=1)).clamp_min(1e-30)
     return float((((k1 - k0).norm(dim=1) + (v1 - v0).norm(dim=1)) / size).mean())
+
+
+class RowSchedule:
+    """Which of the n positions past the exact prefix each layer recomputes: nested sets that keep the mandatory rows,
+    the others ranked (`selection_scores`) at the last check layer and again where a set shrinks (`progressive`).
+    Shared by every front end (the HF engine, the vLLM connector): they run the layers, this chooses the rows.
+
+        schedule = RowSchedule(counts, mandatory, config, num_layers)
+        for idx in range(num_layers):  # while schedule.rows is not empty
+            ranks = schedule.ranks(idx)        # keep the rows' reused K/V before the layer overwrites them
+            ... run layer idx on schedule.rows ...
+            if ranks: schedule.rank(idx, reused, fresh, attention)
+            keep = schedule.advance(idx)       # indices into this layer's rows of the next layer's, or None
+    """
+
+    def __init__(self, counts: List[int], mandatory: torch.Tensor, config: ReuseConfig, num_layers: int):
+        self.counts, self.mandatory, self.config = counts, mandatory, config
+        self.n = len(mandatory)
+        self.check = min(effective_check_layers(config), num_layers) - 1
+        self.order = torch.argsort((~mandatory).to(torch.int8), stable=True)  # mandatory first until ranked
+        self.rows = torch.arange(self.n, device=mandatory.device)  # sorted indices into the n positions
+        if counts[0] < self.n:
+            self.rows = self.order[: counts[0]].sort().values
+        self.fused = torch.zeros(self.n, device=mandatory.device)
+        self.deviation: Optional[float] = None  # the last check layer's mean_relative_deviation
+
+    def _shrinks(self, idx: int) -> bool:
+        return idx + 1 < len(self.counts) and self.counts[idx + 1] < len(self.rows)
+
+    def ranks(self, idx: int) -> bool:
+        """Whether layer idx ranks its rows: the caller keeps their reused K/V for `rank`."""
+        return (idx == self.check and min(self.counts) < self.n
+                or self.config.progressive and idx > self.check and self._shrinks(idx))
+
+    def rank(self, idx: int, reused: tuple, fresh: tuple, attention: Optional[torch.Tensor] = None) -> None:
+        """Rank this layer's rows by their scores here, summed over the layers ranked so far."""
+        scores = selection_scores(self.config.selection, reused, fresh, attention)
+        if idx == self.check:
+            self.deviation = mean_relative_deviation(reused, fresh, self.mandatory)
+        self.fused[self.rows] += scores / scores.mean().clamp_min(1e-30)  # each ranking layer weighs the same
+        ranked = self.fused.masked_fill(self.mandatory, math.inf)
+        self.order = self.rows[torch.argsort(ranked[self.rows], descending=True, stable=True)]
+
+    def advance(self, idx: int) -> Optional[torch.Tensor]:
+        """After layer idx: indices into its rows of the next layer's (a prefix of one order: nested), or None when
+        the next layer recomputes the same rows."""
+        if not self._shrinks(idx):
+            return None
+        chosen = self.order[: self.counts[idx + 1]].sort().values
+        keep = torch.searchsorted(self.rows, chosen)
+        self.rows = chosen
+        return keep
 
 
 class ReuseEngine:
@@ -404,8 +462,7 @@ class ReuseEngine:
                 stats["recomputed_tokens"], stats["exact_tokens"], stats["check_deviation"] = \
                     self._assemble_and_recompute(cache, reference, ids, match)
                 kv_bytes = cache.nbytes() + self.num_layers * self.token_bytes  # + the last prompt token
-                # The last prompt token is computed over the reused context: exact only if all of it is.
-                exact = len(ids) if stats["exact_tokens"] == len(ids) - 1 else stats["exact_tokens"]
+                exact = kept_exact_prefix(stats["exact_tokens"], len(ids))
         if cache is None:
             cache = self._new_cache(capacity=capacity)
         kv_full = self.num_layers * len(ids) * self.token_bytes
@@ -463,8 +520,8 @@ class ReuseEngine:
 
     def _assemble_and_recompute(self, cache: SemShareCache, reference: ReferenceEntry, ids: torch.Tensor,
                                 match: matching.Match) -> tuple:
-        """Steps 2-4 for prompt positions 0..T-2; returns the recomputed tokens per layer (last token included) and
-        the exact prefix (positions no layer recomputes)."""
+        """Steps 2-4 for prompt positions 0..T-2; returns the recomputed tokens per layer (last token included), the
+        exact prefix (positions no layer recomputes) and the check layer's mean relative deviation."""
         cfg, prefill = self.config, len(ids) - 1
         window = min(_OBSERVER_WINDOW, prefill) if cfg.retain_ratio is not None else 0
         exact = exact_prefix(match, reference.exact_prefix, prefill - window)
@@ -598,43 +655,28 @@ class ReuseEngine:
         cfg, prefill, num_layers = self.config, len(ids), self.num_layers
         n = prefill - exact
         counts = recompute_counts(prefill, num_layers, int(unmatched[exact:].sum()), cfg, exact)
-        deviation = None
         if n == 0:
-            return counts, deviation
-        must = unmatched[exact:]
-        check = min(effective_check_layers(cfg), num_layers) - 1
-        rows = torch.arange(n, device=self.device)  # indices into positions exact..prefill-1
-        order = torch.argsort((~must).to(torch.int8), stable=True)  # unmatched first until ranked
-        if counts[0] < n:
-            rows = order[: counts[0]].sort().values
-        hidden = self._layer_input(ids[exact + rows], exact + rows)
+            return counts, None
+        schedule = RowSchedule(counts, unmatched[exact:], cfg, num_layers)
+        hidden = self._layer_input(ids[exact + schedule.rows], exact + schedule.rows)
         queries = min(cfg.query_window, n) if cfg.selection != "deviation" else 0
         cache.observe = max(window, queries)
-        fused = torch.zeros(n, device=self.device)
         for idx in range(num_layers):
-            if len(rows) == 0:  # nested sets: every deeper layer reuses everything too
+            if len(schedule.rows) == 0:  # nested sets: every deeper layer reuses everything too
                 break
-            shrinks = idx + 1 < num_layers and counts[idx + 1] < len(rows)
-            ranks = idx == check and min(counts) < n or cfg.progressive and idx > check and shrinks
-            layer, positions = cache.layers[idx], exact + rows
+            layer, positions = cache.layers[idx], exact + schedule.rows
+            ranks = schedule.ranks(idx)
             if ranks:
                 reused = (layer.keys[positions].clone(), layer.values[positions].clone())
             hidden = self._run_layer(idx, hidden, positions, cache)
             if ranks:
-                scores = selection_scores(cfg.selection, reused, (layer.keys[positions], layer.values[positions]),
-                                          None if layer.scores is None else layer.scores[positions])
-                if idx == check:
-                    deviation = mean_relative_deviation(reused, (layer.keys[positions], layer.values[positions]),
-                                                        must)
-                fused[rows] += scores / scores.mean().clamp_min(1e-30)  # each ranking layer weighs the same
-                ranked = fused.masked_fill(must, math.inf)
-                order = rows[torch.argsort(ranked[rows], descending=True, stable=True)]
-            if shrinks:
-                chosen = order[: counts[idx + 1]].sort().values  # a prefix of one order of these rows: nested
-                hidden = hidden[:, torch.searchsorted(rows, chosen)]
-                rows = chosen
+                schedule.rank(idx, reused, (layer.keys[positions], layer.values[positions]),
+                              None if layer.scores is None else layer.scores[positions])
+            keep = schedule.advance(idx)
+            if keep is not None:
+                hidden = hidden[:, keep]
         cache.observe = 0
-        return counts, deviation
+        return counts, schedule.deviation
 
     def _retain(self, cache: SemShareCache, prefill: int, window: int) -> None:
         """Keep fewer KV entries in deeper layers: the most attended-to by the observer window, plus the first

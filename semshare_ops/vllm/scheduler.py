@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..engine.engine import exact_prefix, mandatory_rows, recompute_counts
+from ..engine.engine import exact_prefix, kept_exact_prefix, mandatory_rows, recompute_counts
 from .donors import DonorIndex, DonorInfo
 from .model import Unsupported, check_architecture
 from .options import ConnectorOptions, RequestOptions, parse_request
@@ -255,10 +255,7 @@ class SchedulerSide:
                 continue
             block_ids = torch.tensor(self.manager.get_block_ids(req_id)[0], dtype=torch.long)
             saves.append(SavePlan(req_id, req_id, torch.tensor(state.token_ids), block_ids))
-            # vLLM computes the last prompt token over what was loaded: exact only if all of it is.
-            exact = total
-            if state.stats["mode"] == "reuse" and state.plan.exact < state.plan.stop:
-                exact = state.plan.exact
+            exact = kept_exact_prefix(state.plan.exact, total) if state.stats["mode"] == "reuse" else total
             info = DonorInfo(req_id, state.namespace, state.token_ids, depth, exact)
             self.pending_saves[req_id] = (info, state.stats)
         return loads, saves

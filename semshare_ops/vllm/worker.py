@@ -8,7 +8,7 @@ forward, doing what `ReuseEngine` does between match and decode:
    vLLM's own exact prefix-cache hit, left as it is;
 3. recompute a decaying, nested row set layer by layer through vLLM's decoder layers (`model.VllmModel`): every
    row in the check layers, then the unmatched rows and the rows whose K/V deviate most at the last check layer
-   (`engine.recompute_counts`, `engine.selection_scores`: the HF engine's own schedule and ranking);
+   (`engine.recompute_counts`, `engine.RowSchedule`: the HF engine's own schedule and ranking);
 4. vLLM then computes the last prompt token in its forward, and decodes.
 
 A failure anywhere (a donor evicted since the scheduler chose it, an exception) reports the request's blocks from p
@@ -29,8 +29,7 @@ import torch
 
 from .. import ops
 from ..engine import matching
-from ..engine.engine import (effective_check_layers, mandatory_rows, mean_relative_deviation,
-                              recompute_counts, selection_scores)
+from ..engine.engine import RowSchedule, mandatory_rows, recompute_counts
 from . import layout, plugin
 from .donors import Donor, DonorStore
 from .model import Unsupported, VllmModel
@@ -195,26 +194,18 @@ class WorkerSide:
         model, cfg, exact, stop = self.model, plan.config, plan.exact, plan.stop
         n, num_layers = stop - exact, model.num_layers
         counts = recompute_counts(stop, num_layers, int(unmatched[exact:].sum()), cfg, exact)
-        runs, deviation = [], None
+        runs = []
         if n == 0:
-            return counts, runs, deviation
-        if cfg.selection != "deviation":
-            raise LoadFailed(f"selection {cfg.selection!r} is not served by the connector (only 'deviation')")
-        must = unmatched[exact:stop]
-        check = min(effective_check_layers(cfg), num_layers) - 1
-        rows = torch.arange(n)  # indices into positions exact..stop-1
-        order = torch.argsort((~must).to(torch.int8), stable=True)  # unmatched first until ranked
-        if counts[0] < n:
-            rows = order[: counts[0]].sort().values
-        ids = plan.token_ids
-        hidden, residual = model.embed(ids[exact + rows]), None
-        fused, context = torch.zeros(n), None
+            return counts, runs, None
+        # Ranked by deviation only (the connector does not take `selection`): vLLM's layers keep their queries.
+        schedule = RowSchedule(counts, unmatched[exact:stop], cfg, num_layers)
+        hidden, residual = model.embed(plan.token_ids[exact + schedule.rows]), None
+        context = None
         for idx in range(num_layers):
-            if len(rows) == 0:  # nested sets: every deeper layer reuses everything too
+            if len(schedule.rows) == 0:  # nested sets: every deeper layer reuses everything too
                 break
-            shrinks = idx + 1 < num_layers and counts[idx + 1] < len(rows)
-            ranks = idx == check and min(counts) < n or cfg.progressive and idx > check and shrinks
-            positions = rows + exact
+            positions = exact + schedule.rows
+            ranks = schedule.ranks(idx)
             if ranks:
                 reused = model.read_rows(idx, plan.block_ids, positions)
             if context is None:  # built again only when the row set changes (one metadata serves every layer)
@@ -222,18 +213,11 @@ class WorkerSide:
             runs.append(len(next(iter(context[0].values())).seq_lens))
             hidden, residual = model.run_layer(idx, positions, hidden, residual, plan.block_ids, context)
             if ranks:
-                fresh = model.read_rows(idx, plan.block_ids, positions)
-                scores = selection_scores(cfg.selection, reused, fresh, None)
-                if idx == check:
-                    deviation = mean_relative_deviation(reused, fresh, must)
-                fused[rows] += scores / scores.mean().clamp_min(1e-30)  # each ranking layer weighs the same
-                ranked = fused.masked_fill(must, float("inf"))
-                order = rows[torch.argsort(ranked[rows], descending=True, stable=True)]
-            if shrinks:
-                chosen = order[: counts[idx + 1]].sort().values  # a prefix of one order of these rows: nested
-                keep = torch.searchsorted(rows, chosen)
-                hidden, residual, rows, context = hidden[keep], residual[keep], chosen, None
-        return counts, runs, deviation
+                schedule.rank(idx, reused, model.read_rows(idx, plan.block_ids, positions))
+            keep = schedule.advance(idx)
+            if keep is not None:
+                hidden, residual, context = hidden[keep], residual[keep], None
+        return counts, runs, schedule.deviation
 
 
 def _empty_report() -> Dict:
