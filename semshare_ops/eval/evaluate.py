@@ -23,7 +23,9 @@ from ..engine.prompts import as_chat
 
 
 def rouge_l(prediction: str, target: str) -> float:
-    if not prediction.strip() and not target.strip():
+    # rouge-score keeps only [a-z0-9] tokens: an output of code symbols or another script ("# \n# \n#") would score
+    # 0 against itself. Equal outputs are equal whatever their tokens.
+    if prediction == target or not prediction.strip() and not target.strip():
         return 1.0
     return _scorer().score(target, prediction)["rougeL"].fmeasure
 
@@ -71,7 +73,8 @@ def evaluate_pair(engine: ReuseEngine, reference: str, target: str, ratios: Sequ
             "rougeL": rouge_l(reuse.text, full.text),
             "first_token_equal": reuse.token_ids[:1] == full.token_ids[:1],
             "first8_equal": reuse.token_ids[:8] == full.token_ids[:8],
-            "kl_first_token": first_token_kl(full.logits, reuse.logits), "text": reuse.text})
+            "kl_first_token": first_token_kl(full.logits, reuse.logits), "guard": reuse.stats.get("guard"),
+            "text": reuse.text})
     if baselines:
         noise = engine.generate(" " + target, max_new_tokens=max_new_tokens)
         cached = engine.generate(reference, max_new_tokens=max_new_tokens)
@@ -84,13 +87,23 @@ def _mean(values: List[Optional[float]]) -> Optional[float]:
     return statistics.fmean(values) if values else None
 
 
+def _stderr(values: List[Optional[float]]) -> Optional[float]:
+    """Standard error of the mean over pairs: the spread a difference of means is read against."""
+    values = [v for v in values if v is not None]
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
+
+
 def summarise(records: List[Dict], ratio_index: int = 0) -> Dict:
-    """docs/contract.md's `semshare eval --json` keys for one recompute ratio (plus ours)."""
+    """docs/contract.md's `semshare eval --json` keys for one recompute ratio (plus ours). `rougeL_minus_floor` is the
+    mean over pairs of (reuse's ROUGE-L - the floor's), each pair against itself, with its standard error."""
     reuse = [r["reuse"][ratio_index] for r in records]
+    paired = [x["rougeL"] - r["rougeL_noise_floor"] for x, r in zip(reuse, records) if "rougeL_noise_floor" in r]
     return {
         "recompute_ratio": reuse[0]["recompute_ratio"] if reuse else None,
         "pairs": len(records),
         "rougeL": _mean([x["rougeL"] for x in reuse]),
+        "rougeL_stderr": _stderr([x["rougeL"] for x in reuse]),
+        "rougeL_minus_floor": _mean(paired), "rougeL_minus_floor_stderr": _stderr(paired),
         "rougeL_noise_floor": _mean([r.get("rougeL_noise_floor") for r in records]),
         "rougeL_gptcache": _mean([r.get("rougeL_gptcache") for r in records]),
         "first_token_agreement": _mean([float(x["first_token_equal"]) for x in reuse]),
@@ -101,6 +114,7 @@ def summarise(records: List[Dict], ratio_index: int = 0) -> Dict:
         "tokens_reused": _mean([float(x["matched_tokens"]) for x in reuse]),
         "prompt_tokens": _mean([float(r["prompt_tokens"]) for r in records]),
         "fallbacks": sum(x["mode"] != "reuse" for x in reuse),
+        "repairs": sum((x.get("guard") or {}).get("repaired_at") is not None for x in reuse),
         "mean_ttft_ms_full": _mean([r["ttft_ms_full"] for r in records]),
         "mean_ttft_ms_reuse": _mean([x["ttft_ms"] for x in reuse]),
     }
