@@ -38,6 +38,11 @@ class ReuseConfig:
     # "fixed": recompute_ratio of the prompt, the rows that must be recomputed (unmatched, tail) included; "adaptive":
     # those rows on top of recompute_ratio of the others, so a worse match recomputes more (engine.recompute_counts).
     budget: str = "fixed"
+    # Decode guard (HF engine): from a reused cache that kept stale rows, a greedy step whose best token leads the
+    # second by less than this many logits is not taken from it; the prompt and the tokens so far are prefilled in
+    # full and decoding goes on exact (stats["guard"]). Reuse moves logits a little; it flips a greedy output only
+    # where the lead is small. 0 turns the guard off.
+    guard_margin: float = 0.0
     retain_decay: float = 0.9  # per-layer factor of the KV kept, when retain_ratio is set
     lsh_bits: int = 128
     lsh_max_distance: int = 24  # fuzzy matches farther than this many bits stay unmatched
@@ -72,6 +77,8 @@ class ReuseConfig:
             raise ValueError(f"retain_ratio: expected None or a value in (0, 1], got {self.retain_ratio}")
         if not 0.0 <= self.min_similarity <= 1.0:
             raise ValueError(f"min_similarity: expected a value in [0, 1], got {self.min_similarity}")
+        if self.guard_margin < 0:
+            raise ValueError(f"guard_margin: expected >= 0 (0 turns the guard off), got {self.guard_margin}")
         if self.recompute_tail < 0:
             raise ValueError(f"recompute_tail: expected >= 0, got {self.recompute_tail}")
         if self.check_layers < 1:
@@ -93,6 +100,7 @@ _INT, _REAL = (int,), (int, float)
 _FIELD_TYPES = {"matching": (str,), "recompute_ratio": _REAL, "retain_ratio": _REAL, "min_similarity": _REAL,
                 "rope_correction": (bool,), "check_layers": _INT, "recompute_decay": _REAL, "recompute_tail": _INT,
                 "selection": (str,), "query_window": _INT, "progressive": (bool,), "budget": (str,),
+                "guard_margin": _REAL,
                 "retain_decay": _REAL, "lsh_bits": _INT, "lsh_max_distance": _INT, "lsh_seed": _INT,
                 "embedding_rope_base": _REAL}
 _OPTIONAL = ("retain_ratio",)

@@ -14,7 +14,9 @@ How a reuse request runs (target of T tokens):
    K/V deviate most (||dK|| + ||dV|| between reused and fresh K/V at the last check layer), their number decaying by
    `recompute_decay` per layer and scaled so that the average over layers meets `recompute_ratio`.
 4. Optionally keep fewer KV entries in deeper layers (`retain_ratio`), by the attention the last prompt tokens pay.
-5. Decode with HF `generate`: it runs the last prompt token through every layer, then the new tokens.
+5. Decode with HF `generate`: it runs the last prompt token through every layer, then the new tokens. With
+   `guard_margin` set, a step from a stale reused cache whose best token barely leads is not taken from it: the
+   prompt and the tokens so far are prefilled in full and decoding goes on exact (`stats["guard"]`).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from .. import ops
@@ -73,19 +76,59 @@ class GenerationOutput:
 
 
 class _FirstTokenTimer(BaseStreamer):
-    """Notes when generate emits its first new token (its first `put` is the prompt)."""
+    """Notes when generate emits its first new token (its first `put` is the prompt), and passes every put on to the
+    caller's own streamer, if any. After a guard repair (`restart`) the repair's prompt put is not passed on again:
+    the caller's streamer has seen the prompt and the tokens it holds."""
 
-    def __init__(self, start: float):
-        self.start, self.calls, self.first_token_s = start, 0, None
+    def __init__(self, start: float, forward: Optional[BaseStreamer] = None):
+        self.start, self.calls, self.first_token_s, self.forward = start, 0, None, forward
+        self.skip_prompt = False
 
     def put(self, value) -> None:
         self.calls += 1
         if self.calls == 2 and self.first_token_s is None:
             self.first_token_s = time.perf_counter() - self.start
+        if self.forward is not None and not (self.skip_prompt and self.calls == 1):
+            self.forward.put(value)
+
+    def restart(self) -> None:
+        self.calls, self.skip_prompt = 0, True
 
     def end(self) -> None:
         if self.first_token_s is None:
             self.first_token_s = time.perf_counter() - self.start
+        if self.forward is not None:
+            self.forward.end()
+
+
+class _GuardTripped(Exception):
+    """A decode step from a reused cache led by less than the guard's margin, before its token was emitted."""
+
+    def __init__(self, generated: List[int], lead: float):
+        super().__init__(f"guard tripped after {len(generated)} tokens (lead {lead:.3f})")
+        self.generated, self.lead = generated, lead
+
+
+class _MarginGuard(LogitsProcessor):
+    """ReuseConfig.guard_margin: the lead of each step's best token over the second in the model's logits (first
+    of the caller's processors; after those the model's generation config adds, which greedy decoding has none of
+    by default). A lead under the margin raises _GuardTripped before the token is chosen, so nothing from that
+    step is emitted or streamed. Keeps the steps' logits when the caller asked for them (a repair loses the first
+    run's own record)."""
+
+    def __init__(self, margin: float, prompt_tokens: int, keep_scores: bool):
+        self.margin, self.prompt_tokens, self.keep_scores = margin, prompt_tokens, keep_scores
+        self.lowest, self.scores = math.inf, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        top = scores[0].float().topk(2).values
+        lead = float(top[0] - top[1])
+        if lead < self.margin:
+            raise _GuardTripped(input_ids[0, self.prompt_tokens:].tolist(), lead)
+        self.lowest = min(self.lowest, lead)
+        if self.keep_scores:
+            self.scores.append(scores)
+        return scores
 
 
 def decaying_counts(total: int, layers: int, lead: int, floor: int, target_mean: float, decay: float) -> List[int]:
@@ -337,7 +380,11 @@ class ReuseEngine:
                              "an entry needs every prompt position in every layer")
         ids = self.tokenize(prompt, max_new_tokens)
         cache, stats, exact = self._serve_prompt(ids, reference, gate, capacity=len(ids) + max_new_tokens)
-        new_ids, ttft_s, logits = self._decode(ids, cache, max_new_tokens, start, generate_kwargs)
+        new_ids, ttft_s, logits, cache, stats["guard"] = self._decode(ids, cache, max_new_tokens, start,
+                                                                      generate_kwargs, self._guard_margin(stats))
+        if stats["guard"] is not None and stats["guard"]["repaired_at"] is not None:
+            # Repaired: the prompt ended up prefilled in full, so nothing was saved; the cache is exact throughout.
+            stats["guard"]["reuse_ratio"], stats["reuse_ratio"], exact = stats["reuse_ratio"], 0.0, len(ids)
         stats["ttft_ms"] = ttft_s * 1e3
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         entry = self._entry_from_cache(ids, cache, exact) if return_entry else None
@@ -469,6 +516,15 @@ class ReuseEngine:
         stats.update(reuse_ratio=1.0 - sum(stats["recomputed_tokens"]) / (self.num_layers * len(ids)),
                      kv_bytes=kv_full if kv_bytes is None else kv_bytes, kv_bytes_full=kv_full)
         return cache, stats, exact
+
+    def _guard_margin(self, stats: Dict) -> float:
+        """The guard watches a request served by reuse that kept stale rows: a reused row past the exact prefix in
+        some layer, or rows dropped by retain_ratio. An exact cache (an identical prompt, ratio 1.0) is not watched."""
+        if stats["mode"] != "reuse":
+            return 0.0
+        stale = (min(stats["recomputed_tokens"]) < stats["prompt_tokens"] - stats["exact_tokens"]
+                 or self.config.retain_ratio is not None)
+        return self.config.guard_margin if stale else 0.0
 
     def _entry_from_cache(self, ids: torch.Tensor, cache: SemShareCache, exact: int) -> ReferenceEntry:
         """Prompt positions 0..T-1 of every layer, copied out (the cache also holds the new tokens)."""
@@ -695,16 +751,39 @@ class ReuseEngine:
             layer.keep(kept)
 
     def _decode(self, ids: torch.Tensor, cache: SemShareCache, max_new_tokens: int, start: float,
-                generate_kwargs: Dict):
-        timer = _FirstTokenTimer(start)
-        kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "streamer": timer,
+                generate_kwargs: Dict, guard_margin: float) -> tuple:
+        """Greedy decode over `cache` with HF generate. With a guard margin (a reused cache with stale rows), a step
+        whose best token leads by less is not taken: the prompt and the tokens so far are prefilled in full into a
+        new cache and decoding goes on from there (`_MarginGuard`). Returns the new token ids, the first-token time,
+        the logits when asked for, the cache the request ended with, and the guard's record (None if unwatched)."""
+        kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens,
                   "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **generate_kwargs}
-        with cache.active():
-            out = self.model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None],
-                                      **{self._cache_kw: cache}, **kwargs)
+        timer = kwargs["streamer"] = _FirstTokenTimer(start, generate_kwargs.get("streamer"))
+        processors = LogitsProcessorList(generate_kwargs.get("logits_processor") or [])
+        watch = _MarginGuard(guard_margin, len(ids), bool(kwargs.get("output_logits"))) if guard_margin > 0 else None
+        try:
+            out = self._generate(ids, cache, {**kwargs, "logits_processor": LogitsProcessorList(
+                [watch, *processors] if watch else processors)})
+            done, record = [], None if watch is None else {
+                "margin": guard_margin, "repaired_at": None, "lowest_lead": watch.lowest}
+        except _GuardTripped as trip:
+            done = trip.generated
+            record = {"margin": guard_margin, "repaired_at": len(done), "lowest_lead": min(watch.lowest, trip.lead)}
+            timer.restart()
+            cache = self._new_cache(capacity=len(ids) + max_new_tokens)
+            out = self._generate(torch.cat([ids, ids.new_tensor(done)]), cache,
+                                 {**kwargs, "max_new_tokens": max_new_tokens - len(done), "logits_processor": processors})
         logits = getattr(out, "logits", None)  # a GenerateOutput when return_dict_in_generate=True
+        if logits is not None and done:
+            logits = tuple(watch.scores[:len(done)]) + tuple(logits)
         sequences = getattr(out, "sequences", out)
-        return sequences[0, len(ids):].tolist(), timer.first_token_s, logits
+        new_ids = done + sequences[0, len(ids) + len(done):].tolist()
+        return new_ids, timer.first_token_s, logits, cache, record
+
+    def _generate(self, ids: torch.Tensor, cache: SemShareCache, kwargs: Dict):
+        with cache.active():
+            return self.model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None],
+                                       **{self._cache_kw: cache}, **kwargs)
 
 
 class _FirstLayerReached(Exception):

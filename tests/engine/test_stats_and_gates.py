@@ -150,7 +150,7 @@ def test_token_ids_out_of_vocab_rejected(model, tokenizer):
 
 @pytest.mark.parametrize("field, value", [("matching", "foo"), ("recompute_ratio", 1.5), ("recompute_ratio", -0.1),
                                           ("retain_ratio", 0.0), ("retain_ratio", 1.5), ("min_similarity", 2.0),
-                                          ("check_layers", 0)])
+                                          ("check_layers", 0), ("guard_margin", -0.5)])
 def test_bad_config_rejected(field, value):
     with pytest.raises(ValueError, match=field):
         ReuseConfig(**{field: value})
@@ -170,7 +170,8 @@ def test_config_defaults():
     ("embedding_rope_base", 0.0, ValueError), ("embedding_rope_base", -1.0, ValueError),
     ("embedding_rope_base", float("nan"), ValueError), ("recompute_ratio", "0.2", TypeError),
     ("recompute_ratio", float("inf"), ValueError), ("check_layers", 1.5, TypeError), ("rope_correction", 1, TypeError),
-    ("min_similarity", None, TypeError), ("lsh_max_distance", 128, ValueError), ("matching", None, ValueError)])
+    ("min_similarity", None, TypeError), ("lsh_max_distance", 128, ValueError), ("matching", None, ValueError),
+    ("guard_margin", "1", TypeError), ("guard_margin", float("inf"), ValueError), ("guard_margin", True, TypeError)])
 def test_config_fields_are_typed(field, value, error):
     with pytest.raises(error, match=field):
         ReuseConfig(**{field: value})

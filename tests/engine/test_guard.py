@@ -1,0 +1,101 @@
+"""The decode guard (ReuseConfig.guard_margin): a greedy step from a stale reused cache whose best token leads by less
+than the margin is not taken; the prompt and the tokens so far are prefilled in full and decoding goes on from that
+exact cache. On the tiny random Llama and Qwen2 of conftest.py."""
+
+import pytest
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from engine_testutils import NEW, edited, engine_for  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def leads(logits) -> list:
+    """The lead of each step's best token over the second, from generate's per-step logits."""
+    return [float(v[0] - v[1]) for v in (step[0].float().topk(2).values for step in logits)]
+
+
+def generate(engine, prompt, **kwargs):
+    return engine.generate(prompt, max_new_tokens=NEW, output_logits=True, return_dict_in_generate=True, **kwargs)
+
+
+class Recorder(BaseStreamer):
+    def __init__(self):
+        self.puts, self.ended = [], 0
+
+    def put(self, value):
+        self.puts.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended += 1
+
+
+def test_guard_off_by_zero_and_unwatched_without_stale_rows(model, tokenizer, reference_ids, ref_entry):
+    target = edited(reference_ids, "few")
+    assert generate(engine_for(model, tokenizer, guard_margin=0.0), target, reference=ref_entry).stats["guard"] is None
+    huge = engine_for(model, tokenizer, guard_margin=1e9)
+    # Nothing stale: an identical prompt (its rows are exact), every row recomputed, or a full prefill.
+    assert generate(huge, reference_ids, reference=ref_entry).stats["guard"] is None
+    assert generate(engine_for(model, tokenizer, guard_margin=1e9, recompute_ratio=1.0), target,
+                    reference=ref_entry).stats["guard"] is None
+    assert generate(huge, target).stats["guard"] is None
+
+
+def test_repair_at_the_first_token_is_a_full_prefill(model, tokenizer, reference_ids, ref_entry):
+    target = edited(reference_ids, "few")
+    full = generate(engine_for(model, tokenizer), target)
+    served = generate(engine_for(model, tokenizer, recompute_ratio=0.1), target, reference=ref_entry)
+    out = generate(engine_for(model, tokenizer, recompute_ratio=0.1, guard_margin=1e9), target, reference=ref_entry,
+                   return_entry=True)
+    guard = out.stats["guard"]
+    assert guard["repaired_at"] == 0 and guard["margin"] == 1e9
+    assert guard["reuse_ratio"] == pytest.approx(served.stats["reuse_ratio"]) and guard["reuse_ratio"] > 0.5
+    assert out.stats["reuse_ratio"] == 0.0  # repaired: nothing was saved
+    assert out.token_ids == full.token_ids
+    assert len(out.logits) == NEW
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(full.logits))
+    # The entry it hands back is a full prefill's: exact throughout.
+    prefilled = engine_for(model, tokenizer).prefill(target)
+    assert out.entry.exact_prefix == len(target)
+    torch.testing.assert_close(out.entry.keys, prefilled.keys)
+
+
+def test_repair_mid_decode_keeps_the_tokens_before_it(model, tokenizer, reference_ids, ref_entry):
+    # A margin between the first step whose lead is below every earlier one and those earlier ones trips there
+    # (the first of a few edited prompts whose output has such a step past the first token).
+    for seed in range(8):
+        target = edited(reference_ids, "few", seed=seed)[:200 + 10 * seed]
+        served = generate(engine_for(model, tokenizer, recompute_ratio=0.1), target, reference=ref_entry)
+        lead = leads(served.logits)
+        step = next((k for k in range(1, NEW) if lead[k] < min(lead[:k])), None)
+        if step is not None:
+            break
+    assert step is not None, "no prompt has a step whose lead is below every earlier one"
+    margin = (lead[step] + min(lead[:step])) / 2
+    streamer = Recorder()
+    out = generate(engine_for(model, tokenizer, recompute_ratio=0.1, guard_margin=margin), target,
+                   reference=ref_entry, streamer=streamer)
+    assert out.stats["guard"]["repaired_at"] == step
+    assert out.stats["guard"]["lowest_lead"] == pytest.approx(lead[step])
+    assert out.token_ids[:step] == served.token_ids[:step]
+    # After the repair: what a full prefill of the prompt and those tokens generates.
+    rest = generate(engine_for(model, tokenizer), target + served.token_ids[:step])
+    assert out.token_ids[step:] == rest.token_ids[:NEW - step]
+    assert len(out.logits) == NEW
+    torch.testing.assert_close(torch.stack(out.logits[:step]), torch.stack(served.logits[:step]))
+    torch.testing.assert_close(torch.stack(out.logits[step:]), torch.stack(rest.logits[:NEW - step]))
+    # The caller's streamer saw the prompt once, then every token once, in order, and one end.
+    assert streamer.puts[0] == target and sum(streamer.puts[1:], []) == out.token_ids and streamer.ended == 1
+
+
+def test_a_margin_no_step_falls_below_changes_nothing(model, tokenizer, reference_ids, ref_entry):
+    target = edited(reference_ids, "insert")
+    served = generate(engine_for(model, tokenizer, recompute_ratio=0.1), target, reference=ref_entry)
+    low = min(leads(served.logits))
+    out = generate(engine_for(model, tokenizer, recompute_ratio=0.1, guard_margin=low / 2), target,
+                   reference=ref_entry)
+    assert out.stats["guard"]["repaired_at"] is None
+    assert out.stats["guard"]["lowest_lead"] == pytest.approx(low)
+    assert out.token_ids == served.token_ids and out.stats["reuse_ratio"] == served.stats["reuse_ratio"]
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(served.logits))
