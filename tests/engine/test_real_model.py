@@ -57,7 +57,7 @@ def test_edited_target_reuses_most_tokens_and_leaves_the_entry_alone(engine, pro
     stats = out.stats
     assert stats["mode"] == "reuse"
     assert 0.85 < stats["similarity"] <= 1.0
-    assert stats["reuse_ratio"] >= 0.75
+    assert stats["reuse_ratio"] >= 0.7  # the adaptive budget recomputes the ~10% unmatched on top of the 20%
     assert len(stats["recomputed_tokens"]) == engine.num_layers
     assert out.text.strip()
     after = (entry.token_ids, entry.keys, entry.values, entry.codes, entry.embedding)

