@@ -24,6 +24,7 @@ import torch
 
 from semshare_ops.bench.provenance import environment
 from semshare_ops.engine import ReuseConfig, ReuseEngine, load_model
+from semshare_ops.engine.engine import logit_leads
 from semshare_ops.engine.prompts import as_chat
 from semshare_ops.eval import pairs as evalsets
 from semshare_ops.eval.evaluate import rouge_l
@@ -58,18 +59,13 @@ VARIANTS = {name: {**_BASE, **knobs} for name, knobs in {
 }.items()}
 
 
-def leads(logits: torch.Tensor) -> torch.Tensor:
-    """Lead of each position's best next token over the second (logits): what ReuseConfig.guard_margin reads."""
-    top = logits.topk(2, -1).values
-    return top[:, 0] - top[:, 1]
-
-
 def divergence(full: torch.Tensor, other: torch.Tensor) -> dict:
-    """Where greedy decoding from `other` would first leave the full prefill's path, and the leads around it: a guard
-    margin that catches that step before it is taken must exceed every lead up to it (`needed_margin`)."""
+    """Where greedy decoding from `other` would first leave the full prefill's path, and the leads around it. A guard
+    margin above `other`'s lead at that step (`needed_margin`) trips there or earlier, so it catches the step before
+    it is taken; one above `min_lead` trips somewhere in the continuation (a repair either way)."""
     agree = (other.argmax(-1) == full.argmax(-1)).tolist()
     first = next((i for i, ok in enumerate(agree) if not ok), None)
-    lead, full_lead = leads(other), leads(full)
+    lead, full_lead = logit_leads(other), logit_leads(full)
     return {"first_divergence": first, "min_lead": float(lead.min()),
             "full_lead_at_divergence": None if first is None else float(full_lead[first]),
             "needed_margin": None if first is None else float(lead[first])}

@@ -9,7 +9,6 @@ targets: full prefill, the last-token `decode` floor and semshare with budget "f
 Records carry a `budget` key.
 """
 import argparse
-import dataclasses
 import json
 
 import torch
@@ -31,12 +30,12 @@ def main() -> int:
     torch.set_grad_enabled(False)
     model, tokenizer = load_model(progress=False)
     text_ids = e2e.text_prompt(tokenizer, max(args.lengths))
+    engine = ReuseEngine(model, tokenizer)
     records = []
     for budget, methods in (("fixed", ("full", "semshare", "decode")), ("adaptive", ("semshare",))):
-        config = ReuseConfig(recompute_ratio=args.recompute_ratio, budget=budget)
-        engine = ReuseEngine(model, tokenizer, config)
-        for record in e2e.run_e2e(engine, lambda n: text_ids[:n], args.lengths, args.edit_levels, methods,
-                                  args.repeat):
+        with engine.using(ReuseConfig(recompute_ratio=args.recompute_ratio, budget=budget)):
+            run = e2e.run_e2e(engine, lambda n: text_ids[:n], args.lengths, args.edit_levels, methods, args.repeat)
+        for record in run:
             record["budget"] = budget if record["method"] == "semshare" else None
             records.append(record)
             print(f"{budget:8s} " + e2e.format_e2e([record]).splitlines()[2], flush=True)

@@ -110,6 +110,12 @@ class _GuardTripped(Exception):
         self.generated, self.lead = generated, lead
 
 
+def logit_leads(logits: torch.Tensor) -> torch.Tensor:
+    """[..., vocab] -> [...]: how far each row's best logit leads the second, the quantity `guard_margin` bounds."""
+    top = logits.float().topk(2, -1).values
+    return top[..., 0] - top[..., 1]
+
+
 class _MarginGuard(LogitsProcessor):
     """ReuseConfig.guard_margin: the lead of each step's best token over the second in the model's logits (first
     of the caller's processors; after those the model's generation config adds, which greedy decoding has none of
@@ -122,8 +128,7 @@ class _MarginGuard(LogitsProcessor):
         self.lowest, self.scores = math.inf, []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        top = scores[0].float().topk(2).values
-        lead = float(top[0] - top[1])
+        lead = float(logit_leads(scores[0]))
         if lead < self.margin:
             raise _GuardTripped(input_ids[0, self.prompt_tokens:].tolist(), lead)
         self.lowest = min(self.lowest, lead)
