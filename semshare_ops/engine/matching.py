@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -55,24 +55,33 @@ def edit_opcodes(reference_ids: Sequence[int], target_ids: Sequence[int]) -> lis
 
     The one token alignment of the package: the engine keeps the "equal" runs (`edit_pairs`), the store records the
     whole script between an entry and its parent. The kept tokens are a longest common subsequence (`lcs_pairs`),
-    less its runs shorter than `_MIN_TRUSTED_RUN` inside the prompts: as many tokens reused as any alignment keeps,
-    stray coincidences left out. difflib's longest-block-first diff is not that: when the prompt
+    less its runs shorter than `_MIN_TRUSTED_RUN` between the common prefix and suffix: as many tokens reused as any
+    alignment keeps, stray coincidences left out. difflib's longest-block-first diff is not that: when the prompt
     repeats a passage longer than the stretches between edits (a quoted paragraph, a list pasted twice), it anchors
     on the repeat crosswise and gives up everything on either side (measured: 3135 of 4152 tokens kept for 10%
     scattered edits of a ShareGPT text, where this keeps 3859). difflib (autojunk off) remains for prompts past
-    `_LCS_MAX_CELLS`.
+    `_LCS_MAX_CELLS` cells between the common prefix and suffix.
     """
     a, b = list(reference_ids), list(target_ids)
-    if len(a) * len(b) > _LCS_MAX_CELLS:
-        return difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
-    pairs = lcs_pairs(a, b)
-    runs = []  # (i, j, length) of the LCS's runs of consecutive pairs
-    for i, j in pairs:
-        if runs and runs[-1][0] + runs[-1][2] == i and runs[-1][1] + runs[-1][2] == j:
-            runs[-1][2] += 1
-        else:
-            runs.append([i, j, 1])
-    runs = _trusted_runs(runs, len(a), len(b))
+    n, m = len(a), len(b)
+    # The common prefix and suffix are aligned as they stand (an optimal LCS keeps both whole), and only what lies
+    # between them is aligned by LCS: an identical prompt, or one that extends its reference, costs no DP at all.
+    head = common_prefix(a, b)
+    tail = common_prefix(a[head:][::-1], b[head:][::-1])
+    mid_a, mid_b = a[head:n - tail], b[head:m - tail]
+    if len(mid_a) * len(mid_b) > _LCS_MAX_CELLS:
+        blocks = difflib.SequenceMatcher(None, mid_a, mid_b, autojunk=False).get_matching_blocks()
+        middle = [[i, j, size] for i, j, size in blocks]
+    else:
+        middle = []  # (i, j, length) of the LCS's runs of consecutive pairs
+        for i, j in lcs_pairs(mid_a, mid_b):
+            if middle and middle[-1][0] + middle[-1][2] == i and middle[-1][1] + middle[-1][2] == j:
+                middle[-1][2] += 1
+            else:
+                middle.append([i, j, 1])
+    middle = [run for run in middle if run[2] >= _MIN_TRUSTED_RUN]  # stray coincidences out
+    runs = ([[0, 0, head]] if head else []) + [[i + head, j + head, size] for i, j, size in middle] + \
+        ([[n - tail, m - tail, tail]] if tail else [])
     opcodes = []
     i = j = 0
     for i_next, j_next, length in runs + [[len(a), len(b), 0]]:
@@ -92,12 +101,6 @@ def edit_opcodes(reference_ids: Sequence[int], target_ids: Sequence[int]) -> lis
 # Measured: unrelated sentences keep 0-3 of 61 tokens (difflib: 11-17); 10% scattered edits of a 4k-token ShareGPT
 # text keep 3790 of 4057 (difflib 3797) and, where the text repeats a passage, 3859 of 4152 (difflib 3135).
 _MIN_TRUSTED_RUN = 3
-
-
-def _trusted_runs(runs: list, n: int, m: int) -> list:
-    """The runs [i, j, length] kept of an LCS of sequences of lengths n and m (see _MIN_TRUSTED_RUN)."""
-    return [run for run in runs if run[2] >= _MIN_TRUSTED_RUN or run[0] == run[1] == 0
-            or (run[0] + run[2] == n and run[1] + run[2] == m)]
 
 
 def lcs_pairs(a: Sequence[int], b: Sequence[int]) -> list[tuple[int, int]]:
@@ -185,15 +188,19 @@ def chunk_pairs(reference_ids: Sequence[int], target_ids: Sequence[int],
     return dst, src
 
 
-def rotate_embeddings(embeddings: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """Row t rotated by angle t * base^(-2k/d) in each pair (2k, 2k+1): position folded into the hashed vector.
+def rotate_embeddings(embeddings: torch.Tensor, base: float = 10000.0,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Row t rotated by angle p_t * base^(-2k/d) in each pair (2k, 2k+1), p_t its position (`positions`, default
+    the row's index): position folded into the hashed vector.
 
-    The rotation is the one rope_reuse_ applies (oracle.rotate), with each row's delta its own index.
+    The rotation is the one rope_reuse_ applies (oracle.rotate), with each row's delta its own position.
     """
     tokens, dim = embeddings.shape
     inv_freq = base ** (-torch.arange(dim // 2, dtype=torch.float32, device=embeddings.device) * 2 / dim)
-    positions = torch.arange(tokens, device=embeddings.device)
-    return oracle.rotate(embeddings.float()[:, None, :], positions, inv_freq, neox=False)[:, 0, :]
+    if positions is None:
+        positions = torch.arange(tokens, device=embeddings.device)
+    return oracle.rotate(embeddings.float()[:, None, :], positions.to(embeddings.device), inv_freq,
+                         neox=False)[:, 0, :]
 
 
 def lsh_planes(dim: int, bits: int, seed: int) -> torch.Tensor:
@@ -202,8 +209,10 @@ def lsh_planes(dim: int, bits: int, seed: int) -> torch.Tensor:
     return torch.randn(dim, bits, generator=gen)
 
 
-def embedding_codes(embeddings: torch.Tensor, planes: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    return ops.simhash(rotate_embeddings(embeddings, base), planes.to(embeddings.device))
+def embedding_codes(embeddings: torch.Tensor, planes: torch.Tensor, base: float = 10000.0,
+                    positions: torch.Tensor | None = None) -> torch.Tensor:
+    """SimHash codes of embeddings rotated by their positions (`rotate_embeddings`)."""
+    return ops.simhash(rotate_embeddings(embeddings, base, positions), planes.to(embeddings.device))
 
 
 def lsh_pairs(target_codes: torch.Tensor, reference_codes: torch.Tensor, target_ids: torch.Tensor,
@@ -225,9 +234,14 @@ def lsh_pairs(target_codes: torch.Tensor, reference_codes: torch.Tensor, target_
 
 
 def match_tokens(reference_ids: torch.Tensor, target_ids: torch.Tensor, method: str,
-                 reference_codes: torch.Tensor | None = None, target_codes: torch.Tensor | None = None,
+                 reference_codes: torch.Tensor | None = None,
+                 target_codes: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
                  max_distance: int = 24) -> Match:
-    """Pairs target positions with reference positions by `method`: "edit", "lsh", "hybrid", "prefix", "chunk"."""
+    """Pairs target positions with reference positions by `method`: "edit", "lsh", "hybrid", "prefix", "chunk".
+
+    `target_codes` (for "lsh" and "hybrid") are the codes of every target token, or a function giving the codes of
+    the target positions it is handed: then only the tokens edit alignment left unmatched are hashed (none for an
+    identical prompt)."""
     n = int(target_ids.numel())
     dst = src = torch.empty(0, dtype=torch.long)
     exact = torch.empty(0, dtype=torch.bool)
@@ -236,11 +250,15 @@ def match_tokens(reference_ids: torch.Tensor, target_ids: torch.Tensor, method: 
         d, s = exact_pairs[method](reference_ids.tolist(), target_ids.tolist())
         dst, src = torch.tensor(d, dtype=torch.long), torch.tensor(s, dtype=torch.long)
         exact = torch.ones(len(d), dtype=torch.bool)
-    if method in ("lsh", "hybrid"):
-        left = torch.ones(n, dtype=torch.bool)
-        left[dst] = False
-        d, s, e = lsh_pairs(target_codes, reference_codes, target_ids, reference_ids,
-                            torch.nonzero(left)[:, 0], max_distance)
+    left = torch.ones(n, dtype=torch.bool)
+    left[dst] = False
+    candidates = torch.nonzero(left)[:, 0]
+    if method in ("lsh", "hybrid") and candidates.numel():
+        if callable(target_codes):
+            codes = target_codes(candidates)
+            target_codes = codes.new_zeros(n, codes.shape[1])  # lsh_pairs reads the candidates' rows only
+            target_codes[candidates] = codes
+        d, s, e = lsh_pairs(target_codes, reference_codes, target_ids, reference_ids, candidates, max_distance)
         dst, src, exact = torch.cat([dst, d]), torch.cat([src, s]), torch.cat([exact, e])
     order = torch.argsort(dst)
     return Match(dst[order], src[order], exact[order], n)

@@ -20,6 +20,7 @@ cache after the forward (`wait_for_save`) into the `DonorStore`.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import traceback
@@ -134,9 +135,11 @@ class WorkerSide:
 
     # ---- the reuse path ----------------------------------------------------------------------------------------
 
-    def _codes(self, ids: torch.Tensor) -> torch.Tensor:
+    def _codes(self, ids: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """LSH codes of the prompt's tokens at `positions` (default: all of them)."""
         cfg = self.options.reuse
-        return matching.embedding_codes(self.model.embed(ids).float(), self.planes, cfg.embedding_rope_base)
+        embeddings = self.model.embed(ids if positions is None else ids[positions]).float()
+        return matching.embedding_codes(embeddings, self.planes, cfg.embedding_rope_base, positions)
 
     def _load(self, plan) -> Dict:
         cfg = plan.config
@@ -150,7 +153,7 @@ class WorkerSide:
         if cfg.matching == "edit" and plan.match is not None:
             match = plan.match  # the scheduler's alignment of the same two prompts
         else:
-            codes = self._codes(ids) if cfg.matching != "edit" else None
+            codes = functools.partial(self._codes, ids) if cfg.matching != "edit" else None
             match = matching.match_tokens(donor.token_ids, ids, cfg.matching, donor.codes, codes,
                                           cfg.lsh_max_distance)
         unmatched = mandatory_rows(match, prefill, cfg)

@@ -164,6 +164,50 @@ def test_edit_pairs_with_repeated_tokens():
     assert len(dst) >= 70 + 110
 
 
+def lcs_length(a, b) -> int:
+    """The textbook O(n m) dynamic program: independent of the bit-parallel one."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev_diag, row[0] = 0, 0
+        for j, y in enumerate(b, 1):
+            prev_diag, row[j] = row[j], prev_diag + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_edit_pairs_are_an_lcs_with_the_common_prefix_and_suffix_aligned_first(seed, monkeypatch):
+    """The common prefix and suffix are aligned as they stand and only the middle by LCS: still a longest common
+    subsequence of the whole (every run trusted here), on a small vocabulary where tokens repeat at the edits."""
+    monkeypatch.setattr(matching, "_MIN_TRUSTED_RUN", 1)
+    ref = random_tokens(120, seed=40 + seed, vocab=5)
+    tgt = ref[:30 + seed] + random_tokens(7, seed=50 + seed, vocab=5) + ref[45:90] + ref[95 + seed:]
+    dst, src = matching.edit_pairs(ref, tgt)
+    assert_valid_pairs(dst, src, ref, tgt)
+    assert len(dst) == lcs_length(ref, tgt)
+    head = matching.common_prefix(ref, tgt)
+    assert dst[:head] == src[:head] == list(range(head))  # the exact prefix stays whole
+
+
+def test_edit_opcodes_of_an_identical_or_extended_prompt():
+    ref = random_tokens(500, seed=60)
+    assert matching.edit_opcodes(ref, ref) == [("equal", 0, 500, 0, 500)]
+    more = random_tokens(40, seed=61)
+    assert matching.edit_opcodes(ref, ref + more) == [("equal", 0, 500, 0, 500), ("insert", 500, 500, 500, 540)]
+    assert matching.edit_opcodes(ref + more, ref) == [("equal", 0, 500, 0, 500), ("delete", 500, 540, 500, 500)]
+    # Same suffix, new start: the suffix is aligned whole even when the LCS table would exceed its cell budget.
+    head = random_tokens(30, seed=62)
+    assert matching.edit_opcodes(ref, head + ref[10:]) == [("replace", 0, 10, 0, 30), ("equal", 10, 500, 30, 520)]
+
+
+def test_edit_opcodes_past_the_cell_budget_use_difflib_on_the_middle(monkeypatch):
+    monkeypatch.setattr(matching, "_LCS_MAX_CELLS", 100)
+    ref = random_tokens(300, seed=63)
+    tgt = ref[:100] + random_tokens(20, seed=64) + ref[120:200] + ref[210:]
+    dst, src = matching.edit_pairs(ref, tgt)
+    assert_valid_pairs(dst, src, ref, tgt)
+    assert len(dst) == 100 + 80 + 90
+
+
 # ---- rotate_embeddings -----------------------------------------------------------------------------------------
 
 
@@ -189,6 +233,13 @@ def test_rotate_embeddings_matches_float64_oracle():
     z = torch.complex(xd[:, 0::2], xd[:, 1::2]) * torch.polar(torch.ones_like(ang), ang)
     expected = torch.stack([z.real, z.imag], dim=-1).reshape(40, DIM)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_rotate_embeddings_at_given_positions_are_the_rows_of_the_full_rotation():
+    x = torch.randn(40, DIM, generator=gen(9))
+    rows = torch.tensor([3, 17, 18, 39])
+    torch.testing.assert_close(matching.rotate_embeddings(x[rows], positions=rows), matching.rotate_embeddings(x)[rows],
+                               rtol=0, atol=0)
 
 
 def test_rotate_embeddings_same_position_keeps_dot_products():
@@ -297,6 +348,30 @@ def test_match_edit_equals_edit_pairs(edit, embedding_matrix, planes):
     assert bool(m.exact.all())
     assert_match_well_formed(m, ref, tgt)
     assert_valid_pairs(dst, src, ref, tgt)
+
+
+@pytest.mark.parametrize("method", ["lsh", "hybrid"])
+@pytest.mark.parametrize("edit", EDITS)
+def test_match_with_codes_on_demand_hashes_only_the_unmatched(method, edit, embedding_matrix, planes):
+    """Target codes as a function: the same match as with every code given, and only the positions edit alignment
+    left unmatched are hashed (none of an identical prompt)."""
+    ref, tgt = make_pair(edit)
+    full, rc, _ = run_match(method, ref, tgt, embedding_matrix, planes)
+    asked = []
+
+    def codes(positions):
+        asked.append(positions.clone())
+        return matching.embedding_codes(embedding_matrix[torch.tensor(tgt)[positions]], planes, positions=positions)
+
+    lazy = matching.match_tokens(torch.tensor(ref), torch.tensor(tgt), method, rc, codes)
+    for name in ("dst", "src", "exact"):
+        assert torch.equal(getattr(lazy, name), getattr(full, name)), name
+    kept = set(matching.edit_pairs(ref, tgt)[0]) if method == "hybrid" else set()
+    hashed = torch.cat(asked).tolist() if asked else []
+    assert sorted(hashed) == sorted(set(range(len(tgt))) - kept)
+    assert len(asked) == (1 if hashed else 0)  # one call, none when everything is matched
+    if edit == "identical" and method == "hybrid":
+        assert asked == []
 
 
 def test_match_edit_needs_no_codes():
