@@ -27,6 +27,7 @@ import inspect
 import json
 import numbers
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Union
@@ -40,7 +41,7 @@ from ..ops import oracle
 from . import matching
 from .config import ReuseConfig
 from .architecture import Architecture, RopeGroup, UnsupportedModelError, refusal
-from .hf import SemShareCache, use_semshare_attention
+from .hf import KVWritten, SemShareCache, use_semshare_attention
 
 Prompt = Union[str, Sequence[int]]
 
@@ -265,27 +266,34 @@ class RowSchedule:
         self.fused = torch.zeros(self.n, device=mandatory.device)
         self.deviation: Optional[float] = None  # the last check layer's mean_relative_deviation
 
-    def _shrinks(self, idx: int) -> bool:
+    def shrinks(self, idx: int) -> bool:
+        """Whether the layer after idx recomputes fewer rows than idx."""
         return idx + 1 < len(self.counts) and self.counts[idx + 1] < len(self.rows)
 
     def ranks(self, idx: int) -> bool:
         """Whether layer idx ranks its rows: the caller keeps their reused K/V for `rank`."""
         return (idx == self.check and min(self.counts) < self.n
-                or self.config.progressive and idx > self.check and self._shrinks(idx))
+                or self.config.progressive and idx > self.check and self.shrinks(idx))
 
     def rank(self, idx: int, reused: tuple, fresh: tuple, attention: Optional[torch.Tensor] = None) -> None:
         """Rank this layer's rows by their scores here, summed over the layers ranked so far."""
         scores = selection_scores(self.config.selection, reused, fresh, attention)
         if idx == self.check:
             self.deviation = mean_relative_deviation(reused, fresh, self.mandatory)
-        self.fused[self.rows] += scores / scores.mean().clamp_min(1e-30)  # each ranking layer weighs the same
+        # Only the rows that compete are scored: a mandatory row is recomputed anyway, and an unmatched one had no
+        # reused K/V (its "reused" slot was never written: anything, NaN included, may be there). Each ranking layer
+        # weighs the same.
+        free = ~self.mandatory[self.rows]
+        if bool(free.any()):
+            scores = scores.masked_fill(~free, 0.0)
+            self.fused[self.rows] += scores / scores[free].mean().clamp_min(1e-30)
         ranked = self.fused.masked_fill(self.mandatory, math.inf)
         self.order = self.rows[torch.argsort(ranked[self.rows], descending=True, stable=True)]
 
     def advance(self, idx: int) -> Optional[torch.Tensor]:
         """After layer idx: indices into its rows of the next layer's (a prefix of one order: nested), or None when
         the next layer recomputes the same rows."""
-        if not self._shrinks(idx):
+        if not self.shrinks(idx):
             return None
         chosen = self.order[: self.counts[idx + 1]].sort().values
         keep = torch.searchsorted(self.rows, chosen)
@@ -301,6 +309,8 @@ class ReuseEngine:
         exactly; see architecture.py for what is checked, statically and by two small measured probes."""
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = config or ReuseConfig()
+        self._spare: Optional[tuple] = None  # cache storage of a finished request, for the next (_request_cache)
+        self._spare_lock = threading.Lock()
         try:
             self._set_up(model)
         except UnsupportedModelError:
@@ -394,6 +404,7 @@ class ReuseEngine:
         stats["ttft_ms"] = ttft_s * 1e3
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         entry = self._entry_from_cache(ids, cache, exact) if return_entry else None
+        self._give_back(cache)
         return GenerationOutput(text, new_ids, stats, logits, entry)
 
     @torch.inference_mode()
@@ -415,6 +426,7 @@ class ReuseEngine:
         with cache.active():
             out = self.model(input_ids=inputs[None], use_cache=True, logits_to_keep=len(cont),
                              **{self._cache_kw: cache})
+        self._give_back(cache)
         return out.logits[0].float(), stats
 
     # ---- what the store, the CLI and the benchmarks use of an engine -----------------------------------------
@@ -464,9 +476,10 @@ class ReuseEngine:
         """The model's input embeddings of token ids: [n, hidden] in the model's dtype."""
         return self.decoder.embed_tokens(ids)
 
-    def token_codes(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """SimHash codes (int64 [n, W]) of embeddings rotated by their own position: what LSH matching compares."""
-        return matching.embedding_codes(embeddings, self.planes, self.config.embedding_rope_base)
+    def token_codes(self, embeddings: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """SimHash codes (int64 [n, W]) of embeddings rotated by their position (default: row index): what LSH
+        matching compares."""
+        return matching.embedding_codes(embeddings, self.planes, self.config.embedding_rope_base, positions)
 
     # ---- steps -----------------------------------------------------------------------------------------------
 
@@ -511,13 +524,13 @@ class ReuseEngine:
                 stats["mode"] = "fallback"
             else:
                 stats["mode"] = "reuse"
-                cache = self._new_cache(capacity=capacity, used=len(ids) - 1)
+                cache = self._request_cache(capacity=capacity, used=len(ids) - 1)
                 stats["recomputed_tokens"], stats["exact_tokens"], stats["check_deviation"] = \
                     self._assemble_and_recompute(cache, reference, ids, match)
                 kv_bytes = cache.nbytes() + self.num_layers * self.token_bytes  # + the last prompt token
                 exact = kept_exact_prefix(stats["exact_tokens"], len(ids))
         if cache is None:
-            cache = self._new_cache(capacity=capacity)
+            cache = self._request_cache(capacity=capacity)
         kv_full = self.num_layers * len(ids) * self.token_bytes
         stats.update(reuse_ratio=1.0 - sum(stats["recomputed_tokens"]) / (self.num_layers * len(ids)),
                      kv_bytes=kv_full if kv_bytes is None else kv_bytes, kv_bytes_full=kv_full)
@@ -569,16 +582,37 @@ class ReuseEngine:
             raise RuntimeError("the model's forward never called its first decoder layer")
         return captured[0]
 
-    def _new_cache(self, capacity: int, used: int = 0) -> SemShareCache:
+    def _new_cache(self, capacity: int, used: int = 0, storage: Optional[tuple] = None) -> SemShareCache:
         return SemShareCache.allocate(self.num_layers, capacity, self.kv_heads, self.head_dim, self.head_dim,
-                                      self._dtype, self.device, used)
+                                      self._dtype, self.device, used, storage)
+
+    def _request_cache(self, capacity: int, used: int = 0) -> SemShareCache:
+        """The cache of one request (`generate`, `score`), laid in the storage an earlier request gave back
+        (`_give_back`) when that is large enough. New memory is paid for on first touch: on CPU a page fault per
+        4 KiB, 40 ms for the 188 MB of a 4k-token SmolLM2 request against 8 ms to copy its prompt's K/V into warm
+        memory, which made an identical prompt cost 2.5x a decode step. One request's storage stays held between
+        requests; nothing of the last one is read (a layer reads only its first `used` slots)."""
+        shape = (self.num_layers, capacity, self.kv_heads, self.head_dim)
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is not None and not SemShareCache.storage_fits(spare, shape, shape, self._dtype, self.device):
+            spare = None  # too small: the larger storage of this request replaces it when given back
+        return self._new_cache(capacity, used, spare)
+
+    def _give_back(self, cache: SemShareCache) -> None:
+        """Hand a finished request's cache storage to the next request: nothing may hold a view of it any more
+        (entries are copied out of the cache; `prefill`'s cache is the entry and is never given back)."""
+        with self._spare_lock:
+            if self._spare is None or self._spare[0].numel() < cache.storage[0].numel():
+                self._spare = cache.storage
 
     def _match(self, reference: ReferenceEntry, ids: torch.Tensor) -> matching.Match:
-        codes = None
-        if self.config.matching != "edit":
-            codes = self.token_codes(self.embed(ids)).cpu()
-        return matching.match_tokens(reference.token_ids, ids.cpu(), self.config.matching, reference.codes, codes,
-                                     self.config.lsh_max_distance)
+        def codes(positions: torch.Tensor) -> torch.Tensor:  # hashed only for what edit alignment leaves unmatched
+            positions = positions.to(self.device)
+            return self.token_codes(self.embed(ids[positions]), positions).cpu()
+
+        return matching.match_tokens(reference.token_ids, ids.cpu(), self.config.matching, reference.codes,
+                                     None if self.config.matching == "edit" else codes, self.config.lsh_max_distance)
 
     def _assemble_and_recompute(self, cache: SemShareCache, reference: ReferenceEntry, ids: torch.Tensor,
                                 match: matching.Match) -> tuple:
@@ -631,6 +665,18 @@ class ReuseEngine:
         finally:
             cache.set_write_positions(idx, None)
         return out[0] if isinstance(out, tuple) else out
+
+    def _write_kv(self, idx: int, hidden: torch.Tensor, rows: torch.Tensor, cache: SemShareCache) -> None:
+        """Decoder layer `idx` on positions `rows` up to the write of their K/V into the cache, and no further."""
+        layer = cache.layers[idx]
+        layer.stop_after_write = True
+        try:
+            self._run_layer(idx, hidden, rows, cache)
+        except KVWritten:
+            return
+        finally:
+            layer.stop_after_write = False
+        raise RuntimeError(f"decoder layer {idx} ran to its end without writing K/V to the cache")
 
     def _probe_rope(self) -> List[RopeGroup]:
         """Measure how each layer's keys depend on position: the same inputs at positions p and p + delta through
@@ -730,6 +776,18 @@ class ReuseEngine:
             ranks = schedule.ranks(idx)
             if ranks:
                 reused = (layer.keys[positions].clone(), layer.values[positions].clone())
+            if schedule.shrinks(idx) and (not ranks or cfg.selection == "deviation"):
+                # Rows that the next layer drops need only their K/V here: a K/V-only pass over every row (the model's
+                # own layer, stopped once its K/V are written), then the whole layer over the rows that go on, whose
+                # queries see every row's fresh K/V. The same cache as running the layer over every row, without the
+                # attention and MLP of the rows dropped: at the last check layer most of them.
+                self._write_kv(idx, hidden, positions, cache)
+                if ranks:
+                    schedule.rank(idx, reused, (layer.keys[positions], layer.values[positions]))
+                keep = schedule.advance(idx)
+                if len(keep):  # (none: every deeper layer reuses everything)
+                    hidden = self._run_layer(idx, hidden[:, keep], exact + schedule.rows, cache)
+                continue
             hidden = self._run_layer(idx, hidden, positions, cache)
             if ranks:
                 schedule.rank(idx, reused, (layer.keys[positions], layer.values[positions]),
@@ -776,7 +834,7 @@ class ReuseEngine:
             done = trip.generated
             record = {"margin": guard_margin, "repaired_at": len(done), "lowest_lead": min(watch.lowest, trip.lead)}
             timer.restart()
-            cache = self._new_cache(capacity=len(ids) + max_new_tokens)
+            cache = self._request_cache(capacity=len(ids) + max_new_tokens)
             out = self._generate(torch.cat([ids, ids.new_tensor(done)]), cache,
                                  {**kwargs, "max_new_tokens": max_new_tokens - len(done), "logits_processor": processors})
         logits = getattr(out, "logits", None)  # a GenerateOutput when return_dict_in_generate=True

@@ -23,6 +23,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
@@ -43,6 +44,10 @@ _ACTIVE_CACHE: contextvars.ContextVar[Optional["SemShareCache"]] = contextvars.C
 _PREVIOUS_ATTENTION: dict = {}
 
 
+class KVWritten(Exception):
+    """Raised by a layer set to `stop_after_write`: the decoder layer's K/V are in the cache, the rest is not run."""
+
+
 class TokenMajorLayer(CacheLayerMixin):
     """One layer's K/V in token-major buffers; `used` slots are live, `length` positions have been seen."""
 
@@ -61,6 +66,7 @@ class TokenMajorLayer(CacheLayerMixin):
         self.in_order = True  # slot i holds position i for every live slot (no compaction, no gap)
         self.causal_step = False  # the last update wrote every position 0..used-1: plain causal attention
         self.step_positions: Optional[torch.Tensor] = None  # positions of the last update's tokens (its queries)
+        self.stop_after_write = False  # raise KVWritten once the step's K/V are written (a K/V-only pass)
         self.is_initialized = True
         self.dtype, self.device = keys.dtype, keys.device
 
@@ -99,6 +105,8 @@ class TokenMajorLayer(CacheLayerMixin):
         self.values.index_copy_(0, slots, v)
         self.kv_pos.index_copy_(0, slots, positions)
         self.step_positions = positions
+        if self.stop_after_write:
+            raise KVWritten
         return self.keys[: self.used], self.values[: self.used]
 
     def keep(self, slots: torch.Tensor) -> None:
@@ -131,15 +139,32 @@ class SemShareCache(Cache):
     def __init__(self, layers: List[TokenMajorLayer], keys: torch.Tensor, values: torch.Tensor):
         super().__init__(layers=layers)
         self.keys, self.values = keys, values  # [L, capacity, H, D]: the layers start as views of these
+        self.storage: Optional[tuple] = None  # the flat (keys, values) buffers they lie in, when allocate made them
         self.observe = 0  # > 0: record the attention the last `observe` queries of a recompute step pay
 
     @classmethod
     def allocate(cls, num_layers: int, capacity: int, heads: int, head_dim: int, v_head_dim: int,
-                 dtype: torch.dtype, device, used: int = 0) -> "SemShareCache":
-        """Layers that are views of one [L, capacity, H, D] K and V allocation (what rope_reuse_ fills at once)."""
-        keys = torch.zeros(num_layers, capacity, heads, head_dim, dtype=dtype, device=device)
-        values = torch.zeros(num_layers, capacity, heads, v_head_dim, dtype=dtype, device=device)
-        return cls([TokenMajorLayer(keys[i], values[i], used) for i in range(num_layers)], keys, values)
+                 dtype: torch.dtype, device, used: int = 0,
+                 storage: Optional[tuple] = None) -> "SemShareCache":
+        """Layers that are views of one [L, capacity, H, D] K and V allocation (what rope_reuse_ fills at once):
+        new zeroed memory, or the front of `storage`, flat (keys, values) buffers of the dtype and device at least
+        that large (`storage_fits`), whose old contents are never read (only a layer's first `used` slots are)."""
+        k_shape, v_shape = (num_layers, capacity, heads, head_dim), (num_layers, capacity, heads, v_head_dim)
+        if storage is None:
+            storage = (torch.zeros(math.prod(k_shape), dtype=dtype, device=device),
+                       torch.zeros(math.prod(v_shape), dtype=dtype, device=device))
+        torch._check(cls.storage_fits(storage, k_shape, v_shape, dtype, device),
+                     lambda: "semshare cache: the storage handed in is too small or of another dtype or device")
+        keys = storage[0][:math.prod(k_shape)].view(k_shape)
+        values = storage[1][:math.prod(v_shape)].view(v_shape)
+        cache = cls([TokenMajorLayer(keys[i], values[i], used) for i in range(num_layers)], keys, values)
+        cache.storage = storage
+        return cache
+
+    @staticmethod
+    def storage_fits(storage: tuple, k_shape: tuple, v_shape: tuple, dtype: torch.dtype, device) -> bool:
+        return all(buf.dtype == dtype and buf.device == torch.device(device) and buf.numel() >= math.prod(shape)
+                   for buf, shape in zip(storage, (k_shape, v_shape)))
 
     def set_write_positions(self, layer_idx: int, positions: Optional[torch.Tensor]) -> None:
         self.layers[layer_idx].write_positions = positions

@@ -177,8 +177,9 @@ def test_full_prefill_takes_causal_sdpa_and_agrees_with_partial_attn(model, toke
 
 @pytest.mark.parametrize("retain", [None, 0.6])
 def test_reuse_check_layers_take_causal_sdpa(model, tokenizer, reference_ids, ref_entry, retain, monkeypatch):
-    """Check layers recompute every position (fast path); deeper layers recompute a subset (partial_attn). With
-    retention the observer's scores come out the same either way."""
+    """Check layers recompute every position (fast path; for the rows the next layer drops, the last one computes
+    only K/V); deeper layers recompute a subset (partial_attn). With retention the observer's scores come out the
+    same either way."""
     target = [(reference_ids[0] + 1) % 512] + edited(reference_ids, "replace")[1:]  # no exact prefix
     engine = engine_for(model, tokenizer, check_layers=2, recompute_ratio=0.6, retain_ratio=retain)
     calls = count_attention_paths(monkeypatch)
@@ -186,7 +187,9 @@ def test_reuse_check_layers_take_causal_sdpa(model, tokenizer, reference_ids, re
     counts = fast.stats["recomputed_tokens"]
     full_layers = sum(c == len(target) for c in counts)
     assert fast.stats["mode"] == "reuse" and full_layers == 2 and min(counts) < len(target)
-    assert calls["sdpa"] == full_layers
+    # The first check layer as one causal step; the last computes K/V of every row, then attends for the rows that
+    # go on only (partial_attn).
+    assert calls["sdpa"] == full_layers - 1
     monkeypatch.undo()
     force_general_path(monkeypatch)
     general, general_logits = generate_with_logits(engine, target, reference=ref_entry, max_new_tokens=2)
@@ -207,3 +210,52 @@ def test_compacted_layers_leave_the_fast_path():
     layer.write_positions = torch.arange(5)  # every live slot rewritten, but slots no longer hold positions 0..4
     layer.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
     assert not layer.causal_step
+
+
+# ---- cache storage handed from one request to the next -----------------------------------------------------------
+
+
+def test_a_request_lays_its_cache_in_the_last_requests_storage_and_reads_none_of_it(model, tokenizer, reference_ids,
+                                                                                    ref_entry):
+    """The spare storage is poisoned with NaN: a served request that read one slot it did not write would come out
+    NaN. Outputs equal those of requests on new zeroed memory, bit for bit, and the storage really is taken."""
+    target = edited(reference_ids, "few")
+    engine = engine_for(model, tokenizer)
+    expected = [generate_with_logits(engine_for(model, tokenizer), target, reference=ref, max_new_tokens=NEW)
+                for ref in (ref_entry, None)]
+    for (want, want_logits), ref in zip(expected, (ref_entry, None)):
+        size = LAYERS * (len(target) + NEW + 50) * engine.kv_heads * engine.head_dim
+        engine._spare = (torch.full((size,), float("nan")), torch.full((size,), float("nan")))
+        spare = engine._spare
+        seen = []
+        real_generate = engine._generate
+        engine._generate = lambda ids, cache, kwargs: (seen.append(cache.keys.data_ptr()),
+                                                       real_generate(ids, cache, kwargs))[1]
+        out, logits = generate_with_logits(engine, target, reference=ref, max_new_tokens=NEW)
+        del engine._generate
+        assert seen == [spare[0].data_ptr()]  # the request's cache lay in the spare storage
+        assert engine._spare is spare  # and it was handed back
+        assert out.token_ids == want.token_ids
+        assert torch.equal(logits, want_logits)
+
+
+def test_entries_and_scores_do_not_share_the_storage_handed_on(model, tokenizer, reference_ids, ref_entry):
+    """An entry handed back by one request stays as it was while later requests write into the storage it came from;
+    score() hands its storage on too."""
+    engine = engine_for(model, tokenizer)
+    first = engine.generate(edited(reference_ids, "few"), reference=ref_entry, max_new_tokens=NEW, return_entry=True)
+    keys, values = first.entry.keys.clone(), first.entry.values.clone()
+    engine.generate(edited(reference_ids, "replace"), reference=ref_entry, max_new_tokens=NEW)
+    logits, _ = engine.score(edited(reference_ids, "insert"), first.token_ids, reference=ref_entry)
+    assert torch.isfinite(logits).all()
+    assert torch.equal(first.entry.keys, keys) and torch.equal(first.entry.values, values)
+    assert engine._spare is not None
+    # A spare too small for the request is not used; the larger storage replaces it.
+    small = (torch.zeros(8), torch.zeros(8))
+    engine._spare = small
+    engine.generate(reference_ids, reference=ref_entry, max_new_tokens=NEW)
+    assert engine._spare is not small and engine._spare[0].numel() >= LAYERS * len(reference_ids)
+    # prefill() makes the entry from its cache: that storage is never handed on.
+    spare = engine._spare
+    entry = engine.prefill(reference_ids)
+    assert engine._spare is spare and entry.keys.data_ptr() != spare[0].data_ptr()

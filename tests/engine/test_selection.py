@@ -2,6 +2,7 @@
 and the teacher-forced `score` the ablation ranks them by. On the tiny random Llama and Qwen2 of conftest.py."""
 
 import dataclasses
+from typing import Optional
 
 import pytest
 import torch
@@ -21,14 +22,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 VARIANTS = [(selection, progressive) for selection in SELECTIONS for progressive in (False, True)]
 
 
-def record_rows(monkeypatch) -> list:
-    """(layer, positions) of every recompute step the engine runs, in order."""
-    steps = []
+def record_rows(monkeypatch, whole: Optional[list] = None) -> list:
+    """(layer, positions) whose K/V each recompute step writes, in order. A layer whose next one recomputes fewer rows
+    runs twice: a K/V-only pass over all its rows (recorded here), then the whole layer over the rows that go on
+    (appended to `whole`, when given, as (layer, positions))."""
+    steps, last_kv_only = [], [None]
     original = SemShareCache.set_write_positions
 
     def spy(self, layer_idx, positions):
         if positions is not None:
-            steps.append((layer_idx, positions.clone()))
+            if last_kv_only[0] == layer_idx:  # the whole layer after its K/V-only pass
+                if whole is not None:
+                    whole.append((layer_idx, positions.clone()))
+                last_kv_only[0] = None
+            else:
+                steps.append((layer_idx, positions.clone()))
+                last_kv_only[0] = layer_idx if self.layers[layer_idx].stop_after_write else None
         return original(self, layer_idx, positions)
 
     monkeypatch.setattr(SemShareCache, "set_write_positions", spy)
@@ -120,9 +129,17 @@ def test_selection_sets_are_nested_and_keep_the_mandatory_rows(model, tokenizer,
     target = [(reference_ids[0] + 1) % 512] + edited(reference_ids, "few")[1:]
     engine = engine_for(model, tokenizer, matching="edit", recompute_ratio=0.5, check_layers=1, selection=selection,
                         progressive=progressive, query_window=8, recompute_decay=0.8)  # sets that shrink
-    steps = record_rows(monkeypatch)
+    whole = []
+    steps = record_rows(monkeypatch, whole)
     out = engine.generate(target, reference=ref_entry, max_new_tokens=2)
     assert [layer for layer, _ in steps] == list(range(LAYERS))
+    # Where the next layer drops rows, this one computed only K/V for them and ran whole on the next set; not where it
+    # ranks by attention (the attention its last queries pay every row is the ranking).
+    shrinking = [i for i in range(LAYERS - 1) if len(steps[i + 1][1]) < len(steps[i][1])]
+    ranks_by_attention = [i for i in shrinking if selection != "deviation" and (i == 0 or progressive)]
+    assert [layer for layer, _ in whole] == [i for i in shrinking if i not in ranks_by_attention]
+    assert all(torch.equal(rows, steps[layer + 1][1]) for layer, rows in whole)
+    assert whole or selection != "deviation"
     assert [len(rows) + 1 for _, rows in steps] == out.stats["recomputed_tokens"]
     prefill = len(target) - 1
     unmatched = engine.match(ref_entry, target).unmatched_mask()[:prefill].nonzero()[:, 0]
@@ -201,3 +218,71 @@ def test_adaptive_budget_adds_the_rows_that_must_be_recomputed(model, tokenizer,
     assert runs["adaptive"].stats["reuse_ratio"] < runs["fixed"].stats["reuse_ratio"]
     with pytest.raises(ValueError, match="budget"):
         ReuseConfig(budget="greedy")
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_ranking_reads_no_reused_kv_of_mandatory_rows(selection):
+    """A mandatory row is recomputed anyway, and an unmatched one has no reused K/V: the vLLM connector's slot holds
+    whatever an earlier request left there. Whatever it holds (NaN here), the order of the competing rows over the
+    progressive rankings is the same."""
+    from semshare_ops.engine.engine import RowSchedule
+
+    n, layers = 40, 6
+    mandatory = torch.zeros(n, dtype=torch.bool)
+    mandatory[[3, 4, 5, 20, 39]] = True
+    config = ReuseConfig(selection=selection, recompute_ratio=0.3, recompute_decay=0.8, progressive=True,
+                         budget="fixed", check_layers=1)
+    counts = [n, 30, 24, 18, 14, 12]
+    gen = torch.Generator().manual_seed(7)
+    inputs = [[torch.randn(n, 2, 8, generator=gen) for _ in range(4)] + [torch.rand(n, generator=gen)]
+              for _ in range(layers)]
+    orders = []
+    for fill in (0.0, float("nan")):
+        schedule = RowSchedule(counts, mandatory, config, layers)
+        seen = []
+        for idx in range(layers):
+            rows = schedule.rows
+            if schedule.ranks(idx):
+                rk, rv, fk, fv, att = (t[rows] for t in inputs[idx])
+                rk, rv = rk.clone(), rv.clone()
+                rk[mandatory[rows]], rv[mandatory[rows]] = fill, fill
+                schedule.rank(idx, (rk, rv), (fk, fv), att)
+                seen.append(schedule.order.tolist())
+            schedule.advance(idx)
+        assert len(seen) >= 2  # ranked at the check layer and again as the set shrank
+        orders.append(seen)
+    assert orders[0] == orders[1]
+
+
+def test_kv_only_pass_writes_what_the_whole_layer_writes(model, tokenizer, reference_ids, ref_entry, monkeypatch):
+    """The rows a layer computes only for the next one to drop: their K/V-only pass (the model's layer stopped once
+    its K/V are written) leaves the cache the whole layer would, bit for bit, and their MLP is never run."""
+    from engine_testutils import capture_assembled_cache
+    from semshare_ops.engine.engine import ReuseEngine
+
+    target = [(reference_ids[0] + 1) % 512] + edited(reference_ids, "few")[1:]
+    results = []
+    for stop in (True, False):
+        engine = engine_for(model, tokenizer, recompute_ratio=0.4, recompute_decay=0.8)  # sets that shrink
+        if not stop:  # the whole layer on every row, its output dropped
+            monkeypatch.setattr(ReuseEngine, "_write_kv",
+                                lambda self, idx, hidden, rows, cache: self._run_layer(idx, hidden, rows, cache))
+        seen = capture_assembled_cache(engine, monkeypatch)
+        mlp_rows = [0] * LAYERS
+        hooks = [layer.mlp.register_forward_hook(lambda m, args, out, i=i: mlp_rows.__setitem__(
+            i, mlp_rows[i] + args[0].shape[1])) for i, layer in enumerate(model.model.layers)]
+        try:
+            out, logits = generate_with_logits(engine, target, reference=ref_entry, max_new_tokens=2)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        results.append((seen, logits, out.stats["recomputed_tokens"], mlp_rows))
+        monkeypatch.undo()
+    (split, split_logits, counts, split_mlp), (whole, whole_logits, _, whole_mlp) = results
+    for name in ("keys", "values", "kv_pos"):
+        assert all(torch.equal(a, b) for a, b in zip(split[name], whole[name])), name
+    assert torch.equal(split_logits, whole_logits)
+    # MLP rows per layer: the next layer's set where the set shrinks, + 2 for the last prompt token and the new token.
+    rows = [c - 1 for c in counts]
+    assert split_mlp == [(rows[i + 1] if i + 1 < LAYERS else rows[i]) + 1 + 1 for i in range(LAYERS)]
+    assert sum(whole_mlp) > sum(split_mlp)
