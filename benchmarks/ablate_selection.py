@@ -52,6 +52,8 @@ VARIANTS = {name: {**_BASE, **knobs} for name, knobs in {
     "default, check_layers=3": {"progressive": True, "recompute_decay": 1.0, "check_layers": 3},
     "default, check_layers=4": {"progressive": True, "recompute_decay": 1.0, "check_layers": 4},
     "default, tail=32": {"progressive": True, "recompute_decay": 1.0, "recompute_tail": 32},
+    "default, adaptive budget, tail=16": {"progressive": True, "recompute_decay": 1.0, "budget": "adaptive",
+                                          "recompute_tail": 16},
     "default, adaptive budget, tail=32": {"progressive": True, "recompute_decay": 1.0, "budget": "adaptive",
                                           "recompute_tail": 32},
     "default, adaptive budget, check_layers=4": {"progressive": True, "recompute_decay": 1.0, "budget": "adaptive",
