@@ -60,7 +60,9 @@ def test_run_e2e_tiny_model():
         elif method == "hf":
             assert r["mode"] == "full" and r["reuse_ratio"] == 0.0 and r["recompute_ratio"] is None
         elif method == "decode":  # the last prompt token alone: the floor of every reuse
-            assert r["mode"] == "decode" and r["mean_ttft_ms"] < by[(tokens, share, "full")]["mean_ttft_ms"]
+            # (Not timed against "full" here: on this tiny model both take about 3 ms, so their order is noise.)
+            assert r["mode"] == "decode" and r["matched_tokens"] == tokens - 1
+            assert r["reuse_ratio"] == pytest.approx(1 - 1 / tokens)
         else:
             assert r["mode"] == "reuse"
             assert r["kv_bytes"] == r["kv_bytes_full"]  # no retention in any method
