@@ -25,7 +25,8 @@ def git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True).stdout.strip()
 
 
-def bench(tree: Path, length: int, levels, methods, repeat: int, out: Path) -> list:
+def bench(tree: Path, length: int, levels, methods, repeat: int, out: Path) -> tuple:
+    """(records, the whole result with its provenance) of one `bench e2e` run from `tree`."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, "-m", "semshare_ops.cli", "bench", "e2e", "--lengths", str(length), "--edit-levels",
            *map(str, levels), "--methods", *methods, "--repeat", str(repeat), "--out", str(out)]

@@ -84,7 +84,7 @@ def edit_opcodes(reference_ids: Sequence[int], target_ids: Sequence[int]) -> lis
         ([[n - tail, m - tail, tail]] if tail else [])
     opcodes = []
     i = j = 0
-    for i_next, j_next, length in runs + [[len(a), len(b), 0]]:
+    for i_next, j_next, length in runs + [[n, m, 0]]:
         if i < i_next or j < j_next:
             tag = "replace" if i < i_next and j < j_next else ("delete" if i < i_next else "insert")
             opcodes.append((tag, i, i_next, j, j_next))
