@@ -162,6 +162,26 @@ class VllmModel:
         with set_forward_context(md, self.vllm_config, slot_mapping=slot_mapping):
             return self.layers[idx](rows, hidden, residual)
 
+    def write_kv(self, idx: int, rows: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
+                 block_ids: torch.Tensor) -> None:
+        """Decoder layer `idx` on positions `rows` only up to its cache write: the layer's own input norm, QKV
+        projection and rotary embedding, and the K/V written through its attention's cache-update function (what
+        `run_layer` writes, bit for bit: the same modules on the same rows). No attention, no MLP: for rows whose
+        output the next layer does not take. `hidden` and `residual` are left as they are (vLLM's fused add-norm
+        may work in place)."""
+        layer = self.layers[idx]
+        attn = layer.self_attn
+        if residual is None:
+            normed = layer.input_layernorm(hidden.clone())
+        else:
+            normed, _ = layer.input_layernorm(hidden.clone(), residual.clone())
+        qkv, _ = attn.qkv_proj(normed)
+        query, key, value = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        _, key = attn.rotary_emb(rows, query, key)  # the queries too (as the layer calls it; the CPU op is in place)
+        n = rows.numel()
+        self.write(idx, key.reshape(n, self.kv_heads, self.head_dim), value.reshape(n, self.kv_heads, self.head_dim),
+                   layout.slots_of(block_ids, rows, self.block_size))
+
     def read(self, idx: int, block_ids: torch.Tensor, start: int, stop: int):
         return layout.read_range(self.kv_caches[idx], block_ids, start, stop, self.isa)
 

@@ -8,7 +8,8 @@ forward, doing what `ReuseEngine` does between match and decode:
    vLLM's own exact prefix-cache hit, left as it is;
 3. recompute a decaying, nested row set layer by layer through vLLM's decoder layers (`model.VllmModel`): every
    row in the check layers, then the unmatched rows and the rows whose K/V deviate most at the last check layer
-   (`engine.recompute_counts`, `engine.RowSchedule`: the HF engine's own schedule and ranking);
+   (`engine.recompute_counts`, `engine.RowSchedule`: the HF engine's own schedule and ranking); where the next layer
+   takes fewer rows, the dropped ones get only their K/V in this layer (`VllmModel.write_kv`), as in the HF engine;
 4. vLLM then computes the last prompt token in its forward, and decodes.
 
 A failure anywhere (a donor evicted since the scheduler chose it, an exception) reports the request's blocks from p
@@ -211,6 +212,21 @@ class WorkerSide:
             ranks = schedule.ranks(idx)
             if ranks:
                 reused = model.read_rows(idx, plan.block_ids, positions)
+            if schedule.shrinks(idx):
+                # As the HF engine: the rows the next layer drops need only their K/V here (a K/V-only pass over every
+                # row), then the whole layer runs over the rows that go on, their queries seeing every row's fresh K/V.
+                model.write_kv(idx, positions, hidden, residual, plan.block_ids)
+                if ranks:
+                    schedule.rank(idx, reused, model.read_rows(idx, plan.block_ids, positions))
+                keep = schedule.advance(idx)
+                if len(keep) == 0:  # every deeper layer reuses everything
+                    break
+                hidden, residual = hidden[keep], None if residual is None else residual[keep]
+                positions = exact + schedule.rows
+                context = model.metadata(positions, plan.block_ids)
+                runs.append(len(next(iter(context[0].values())).seq_lens))
+                hidden, residual = model.run_layer(idx, positions, hidden, residual, plan.block_ids, context)
+                continue
             if context is None:  # built again only when the row set changes (one metadata serves every layer)
                 context = model.metadata(positions, plan.block_ids)
             runs.append(len(next(iter(context[0].values())).seq_lens))

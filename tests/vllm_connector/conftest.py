@@ -27,6 +27,9 @@ def llm(model_dir):
 
     import semshare_ops.vllm as ssv
 
+    # Lets a test send a function of its own to the worker (`LLM.collective_rpc`, pickled by value): our own
+    # processes only.
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     engine = LLM(model_dir, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
                  **ssv.engine_args(recompute_ratio=0.2))
     yield engine

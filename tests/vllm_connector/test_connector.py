@@ -95,6 +95,50 @@ def test_stats_of_a_one_token_request_include_the_workers_figures(llm, texts, do
     assert out.stats["mode"] == "reuse" and "load_ms" in out.stats, out.stats
 
 
+def test_the_kv_only_pass_writes_what_the_whole_layer_writes(llm):
+    """`VllmModel.write_kv` (the rows a shrinking layer drops) against `run_layer` on the same rows, in the worker:
+    the first layer (no residual yet) and the second (after the first), scattered rows on scratch blocks at the end
+    of the pool. The same K/V bit for bit, the inputs left as they were."""
+
+    def in_worker(worker):
+        import torch
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        model = get_kv_transfer_group()._worker.model
+        rows = torch.cat([torch.arange(3, 45), torch.arange(70, 131)])
+        need = (int(rows[-1]) + model.block_size) // model.block_size
+        block_ids = torch.arange(model.num_blocks - need, model.num_blocks, dtype=torch.long)
+        gen = torch.Generator().manual_seed(1)
+        hidden = model.embed(torch.randint(0, model.model.config.vocab_size, (rows.numel(),), generator=gen))
+        residual, found = None, []
+        try:
+            with torch.inference_mode():
+                for idx in (0, 1):
+                    for cache in model.kv_caches:
+                        cache[block_ids].zero_()
+                    args = (hidden.clone(), None if residual is None else residual.clone())
+                    out = model.run_layer(idx, rows, *args, block_ids)
+                    whole = model.read_rows(idx, block_ids, rows)
+                    model.kv_caches[idx][block_ids].zero_()
+                    model.write_kv(idx, rows, *args, block_ids)
+                    kv_only = model.read_rows(idx, block_ids, rows)
+                    found.append({
+                        "keys_equal": torch.equal(whole[0], kv_only[0]),
+                        "values_equal": torch.equal(whole[1], kv_only[1]),
+                        "written": bool((kv_only[0].abs().amax(dim=(1, 2)) > 0).all()),
+                        "inputs_kept": torch.equal(args[0], hidden) and (
+                            residual is None or torch.equal(args[1], residual)),
+                    })
+                    hidden, residual = out
+        finally:
+            for cache in model.kv_caches:
+                cache[block_ids].zero_()
+        return found
+
+    (found,) = llm.collective_rpc(in_worker)
+    assert found == [{"keys_equal": True, "values_equal": True, "written": True, "inputs_kept": True}] * 2, found
+
+
 def test_unsupported_architectures_are_named():
     with pytest.raises(Unsupported, match="GPT2LMHeadModel"):
         check_architecture(["GPT2LMHeadModel"])
