@@ -74,15 +74,13 @@ def main() -> int:
     summary = []
     keys = sorted({(r["prompt_tokens"], r["edited_share"], r["method"]) for r in records})
     for tokens, level, method in keys:
-        mean = {tree: [r["mean_ttft_ms"] for r in records if (r["prompt_tokens"], r["edited_share"], r["method"],
-                                                                r["tree"]) == (tokens, level, method, tree)]
-                for tree in ("commit", "this")}
-        if all(mean.values()):
-            a, b = (sum(v) / len(v) for v in (mean["commit"], mean["this"]))
-            reuse = [r["reuse_ratio"] for r in records if (r["prompt_tokens"], r["edited_share"], r["method"]) ==
-                     (tokens, level, method)]
+        runs = {tree: [r for r in records if (r["prompt_tokens"], r["edited_share"], r["method"], r["tree"]) ==
+                       (tokens, level, method, tree)] for tree in ("commit", "this")}
+        if all(runs.values()):
+            a, b = (sum(r["mean_ttft_ms"] for r in v) / len(v) for v in (runs["commit"], runs["this"]))
             summary.append({"prompt_tokens": tokens, "edited_share": level, "method": method, "commit_ttft_ms": a,
-                            "this_ttft_ms": b, "ratio": b / a, "reuse_ratio": reuse})
+                            "this_ttft_ms": b, "ratio": b / a,
+                            **{f"{tree}_reuse_ratio": [r["reuse_ratio"] for r in v] for tree, v in runs.items()}})
             print(f"{tokens:>5} {level:.2f} {method:<9} commit {a:8.0f} ms  this {b:8.0f} ms  x{b / a:.2f}")
     result = {"command": " ".join(["python", *sys.argv]), "commit": commit, "this": git("rev-parse", "HEAD"),
               "provenance": provenance, "summary": summary, "records": records}

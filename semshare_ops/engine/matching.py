@@ -215,15 +215,19 @@ def embedding_codes(embeddings: torch.Tensor, planes: torch.Tensor, base: float 
     return ops.simhash(rotate_embeddings(embeddings, base, positions), planes.to(embeddings.device))
 
 
-def lsh_pairs(target_codes: torch.Tensor, reference_codes: torch.Tensor, target_ids: torch.Tensor,
-              reference_ids: torch.Tensor, candidates: torch.Tensor, max_distance: int,
+def lsh_pairs(candidates: torch.Tensor, candidate_codes: torch.Tensor, target_ids: torch.Tensor,
+              reference_codes: torch.Tensor, reference_ids: torch.Tensor, max_distance: int,
               neighbours: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fuzzy matches for the target positions `candidates`: (dst, src, exact), dropping those too far away."""
+    """Fuzzy matches for the target positions `candidates` (`candidate_codes`: their codes, one row each):
+    (dst, src, exact), dropping those too far away."""
     if candidates.numel() == 0 or reference_codes.shape[0] == 0:
         empty = torch.empty(0, dtype=torch.long)
         return empty, empty, torch.empty(0, dtype=torch.bool)
+    if candidate_codes.shape[0] != candidates.numel():
+        raise ValueError(f"candidate_codes: expected one row per candidate ({candidates.numel()}), got "
+                         f"{candidate_codes.shape[0]}")
     k = min(neighbours, reference_codes.shape[0])
-    dist, idx = ops.hamming_topk(target_codes[candidates], reference_codes, k)
+    dist, idx = ops.hamming_topk(candidate_codes, reference_codes, k)
     # An exact token match within range wins over nearer codes; out of range it does not shadow them.
     same = (reference_ids[idx] == target_ids[candidates][:, None]) & (dist <= max_distance)
     choice = torch.where(same.any(1), same.float().argmax(1), torch.zeros_like(candidates))
@@ -254,11 +258,8 @@ def match_tokens(reference_ids: torch.Tensor, target_ids: torch.Tensor, method: 
     left[dst] = False
     candidates = torch.nonzero(left)[:, 0]
     if method in ("lsh", "hybrid") and candidates.numel():
-        if callable(target_codes):
-            codes = target_codes(candidates)
-            target_codes = codes.new_zeros(n, codes.shape[1])  # lsh_pairs reads the candidates' rows only
-            target_codes[candidates] = codes
-        d, s, e = lsh_pairs(target_codes, reference_codes, target_ids, reference_ids, candidates, max_distance)
+        codes = target_codes(candidates) if callable(target_codes) else target_codes[candidates]
+        d, s, e = lsh_pairs(candidates, codes, target_ids, reference_codes, reference_ids, max_distance)
         dst, src, exact = torch.cat([dst, d]), torch.cat([src, s]), torch.cat([exact, e])
     order = torch.argsort(dst)
     return Match(dst[order], src[order], exact[order], n)

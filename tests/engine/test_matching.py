@@ -438,13 +438,18 @@ def codes(*values):
     return torch.tensor([[v] for v in values], dtype=torch.int64)
 
 
+def lsh_pairs(tgt_codes, ref_codes, tgt_ids, ref_ids, candidates, max_distance):
+    """`matching.lsh_pairs` handed the candidates' own rows of a whole target's codes."""
+    return matching.lsh_pairs(candidates, tgt_codes[candidates], tgt_ids, ref_codes, ref_ids, max_distance)
+
+
 def test_exact_token_match_wins_over_nearer_code():
     # target 0 (id 30): nearest ref code is index 0 (distance 0, id 10); index 2 has its id at distance 3.
     ref_codes = codes(0b0000, 0b0001, 0b0111, 0b1111_0000)
     ref_ids = torch.tensor([10, 20, 30, 40])
     tgt_codes = codes(0b0000, 0b0011)
     tgt_ids = torch.tensor([30, 99])
-    dst, src, exact = matching.lsh_pairs(tgt_codes, ref_codes, tgt_ids, ref_ids, torch.tensor([0, 1]), 8)
+    dst, src, exact = lsh_pairs(tgt_codes, ref_codes, tgt_ids, ref_ids, torch.tensor([0, 1]), 8)
     assert dst.tolist() == [0, 1]
     assert src.tolist() == [2, 1]  # target 1 has no same-id candidate: nearest code (0b0001 at 1, ties -> lower)
     assert exact.tolist() == [True, False]
@@ -456,9 +461,9 @@ def test_max_distance_zero_only_identical_codes():
     tgt_codes = codes(0b1010, 0b0111, 0b1111_1111)  # identical, 1 bit off, identical
     tgt_ids = torch.tensor([1, 2, 7])
     cand = torch.tensor([0, 1, 2])
-    dst, src, exact = matching.lsh_pairs(tgt_codes, ref_codes, tgt_ids, ref_ids, cand, 0)
+    dst, src, exact = lsh_pairs(tgt_codes, ref_codes, tgt_ids, ref_ids, cand, 0)
     assert dst.tolist() == [0, 2] and src.tolist() == [0, 2] and exact.tolist() == [True, False]
-    dst, src, _ = matching.lsh_pairs(tgt_codes, ref_codes, tgt_ids, ref_ids, cand, 1)
+    dst, src, _ = lsh_pairs(tgt_codes, ref_codes, tgt_ids, ref_ids, cand, 1)
     assert dst.tolist() == [0, 1, 2] and src.tolist() == [0, 1, 2]
 
 
@@ -478,13 +483,14 @@ def test_lsh_pairs_only_candidates_and_empty_inputs():
     ref_ids = torch.tensor([1, 2, 3, 4])
     tgt_codes = codes(1, 2, 4, 8)
     tgt_ids = torch.tensor([1, 2, 3, 4])
-    dst, src, _ = matching.lsh_pairs(tgt_codes, ref_codes, tgt_ids, ref_ids, torch.tensor([1, 3]), 0)
+    dst, src, _ = lsh_pairs(tgt_codes, ref_codes, tgt_ids, ref_ids, torch.tensor([1, 3]), 0)
     assert dst.tolist() == [1, 3] and src.tolist() == [1, 3]
-    dst, src, exact = matching.lsh_pairs(tgt_codes, ref_codes, tgt_ids, ref_ids, torch.tensor([], dtype=torch.long),
-                                         0)
+    dst, src, exact = lsh_pairs(tgt_codes, ref_codes, tgt_ids, ref_ids, torch.tensor([], dtype=torch.long), 0)
     assert dst.numel() == src.numel() == exact.numel() == 0
-    dst, _, _ = matching.lsh_pairs(tgt_codes, codes()[:0].reshape(0, 1), tgt_ids, ref_ids[:0], torch.tensor([0]), 64)
+    dst, _, _ = lsh_pairs(tgt_codes, codes()[:0].reshape(0, 1), tgt_ids, ref_ids[:0], torch.tensor([0]), 64)
     assert dst.numel() == 0
+    with pytest.raises(ValueError, match="candidate_codes"):
+        matching.lsh_pairs(torch.tensor([1, 3]), tgt_codes, tgt_ids, ref_codes, ref_ids, 0)
 
 
 # ---- baselines of the benchmarks: prefix blocks and verbatim chunks ---------------------------------------------
