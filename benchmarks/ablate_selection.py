@@ -32,7 +32,7 @@ from semshare_ops.eval.evaluate import rouge_l
 # Every variant spells out the knobs it compares (selection, progressive, recompute_decay, check_layers, tail), so
 # that a recorded run means the same whatever the defaults of the day.
 _BASE = {"selection": "deviation", "progressive": False, "recompute_decay": 0.95, "check_layers": 2,
-         "recompute_tail": 0, "budget": "fixed"}
+         "recompute_tail": 0, "recompute_boundary": 0, "budget": "fixed"}
 VARIANTS = {name: {**_BASE, **knobs} for name, knobs in {
     "deviation": {},
     "deviation, progressive": {"progressive": True},
@@ -58,6 +58,10 @@ VARIANTS = {name: {**_BASE, **knobs} for name, knobs in {
                                           "recompute_tail": 32},
     "default, adaptive budget, check_layers=4": {"progressive": True, "recompute_decay": 1.0, "budget": "adaptive",
                                                  "check_layers": 4},
+    "default, adaptive budget, boundary=1": {"progressive": True, "recompute_decay": 1.0, "budget": "adaptive",
+                                             "recompute_boundary": 1},
+    "default, adaptive budget, boundary=4": {"progressive": True, "recompute_decay": 1.0, "budget": "adaptive",
+                                             "recompute_boundary": 4},
 }.items()}
 
 

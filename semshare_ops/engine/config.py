@@ -28,6 +28,9 @@ class ReuseConfig:
     # places, so deep layers need recomputed tokens as much as shallow ones.
     recompute_decay: float = 1.0
     recompute_tail: int = 0  # last prompt tokens recomputed in every layer (the question, the chat template's end)
+    # Matched tokens recomputed in every layer right after each alignment break (`Match.breaks`: after an unmatched
+    # run, or where the donor positions jump): the tokens whose nearest context changed. 0: left to the ranking.
+    recompute_boundary: int = 0
     # How rows are ranked for recompute (engine.selection_scores): "deviation" of reused from fresh K/V, "attention"
     # the last `query_window` prompt tokens pay them, or "blend" (their product).
     selection: str = "deviation"
@@ -82,8 +85,9 @@ class ReuseConfig:
             raise ValueError(f"min_similarity: expected a value in [0, 1], got {self.min_similarity}")
         if self.guard_margin < 0:
             raise ValueError(f"guard_margin: expected >= 0 (0 turns the guard off), got {self.guard_margin}")
-        if self.recompute_tail < 0:
-            raise ValueError(f"recompute_tail: expected >= 0, got {self.recompute_tail}")
+        for name in ("recompute_tail", "recompute_boundary"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if self.check_layers < 1:
             raise ValueError(f"check_layers: expected >= 1, got {self.check_layers}")
         for name in ("recompute_decay", "retain_decay"):
@@ -102,6 +106,7 @@ class ReuseConfig:
 _INT, _REAL = (int,), (int, float)
 _FIELD_TYPES = {"matching": (str,), "recompute_ratio": _REAL, "retain_ratio": _REAL, "min_similarity": _REAL,
                 "rope_correction": (bool,), "check_layers": _INT, "recompute_decay": _REAL, "recompute_tail": _INT,
+                "recompute_boundary": _INT,
                 "selection": (str,), "query_window": _INT, "progressive": (bool,), "budget": (str,),
                 "guard_margin": _REAL,
                 "retain_decay": _REAL, "lsh_bits": _INT, "lsh_max_distance": _INT, "lsh_seed": _INT,

@@ -202,8 +202,12 @@ def effective_check_layers(config: ReuseConfig) -> int:
 
 def mandatory_rows(match: matching.Match, prefill: int, config: ReuseConfig) -> torch.Tensor:
     """bool [prefill]: the reusable positions every layer recomputes, whatever the budget: those no reference token
-    maps to, and the last `recompute_tail`. With `recompute_counts`, shared by every front end."""
+    maps to, the first `recompute_boundary` after each alignment break, and the last `recompute_tail`. With
+    `recompute_counts`, shared by every front end."""
     mandatory = match.unmatched_mask()[:prefill]
+    if config.recompute_boundary:
+        rows = (match.breaks()[:, None] + torch.arange(config.recompute_boundary)).flatten()
+        mandatory[rows[rows < prefill]] = True
     mandatory[max(0, prefill - tail_rows(config)):] = True
     return mandatory
 

@@ -43,6 +43,13 @@ class Match:
         mask[self.dst] = False
         return mask
 
+    def breaks(self) -> torch.Tensor:
+        """int64: the matched target positions after 0 whose predecessor is unmatched or maps to a reference position
+        other than theirs minus one: where the reused context starts to differ from the target's own."""
+        follows = torch.zeros(self.matched, dtype=torch.bool)
+        follows[1:] = (self.dst[1:] == self.dst[:-1] + 1) & (self.src[1:] == self.src[:-1] + 1)
+        return self.dst[~follows & (self.dst > 0)]
+
 
 # Above this many DP cells (reference x target tokens) the bit-parallel LCS would keep too many rows for its
 # traceback (one bit per cell: 32 MiB here); difflib's longest-block diff takes over.
