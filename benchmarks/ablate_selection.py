@@ -62,6 +62,9 @@ VARIANTS = {name: {**_BASE, **knobs} for name, knobs in {
                                              "recompute_boundary": 1},
     "default, adaptive budget, boundary=4": {"progressive": True, "recompute_decay": 1.0, "budget": "adaptive",
                                              "recompute_boundary": 4},
+    "default, adaptive budget, boundary=4, tail=32": {"progressive": True, "recompute_decay": 1.0,
+                                                      "budget": "adaptive", "recompute_boundary": 4,
+                                                      "recompute_tail": 32},
 }.items()}
 
 

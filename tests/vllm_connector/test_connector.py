@@ -116,10 +116,11 @@ def test_the_kv_only_pass_writes_what_the_whole_layer_writes(llm):
                 for idx in (0, 1):
                     for cache in model.kv_caches:
                         cache[block_ids].zero_()
-                    args = (hidden.clone(), None if residual is None else residual.clone())
-                    out = model.run_layer(idx, rows, *args, block_ids)
+                    copies = lambda: (hidden.clone(), None if residual is None else residual.clone())  # noqa: E731
+                    out = model.run_layer(idx, rows, *copies(), block_ids)
                     whole = model.read_rows(idx, block_ids, rows)
                     model.kv_caches[idx][block_ids].zero_()
+                    args = copies()
                     model.write_kv(idx, rows, *args, block_ids)
                     kv_only = model.read_rows(idx, block_ids, rows)
                     found.append({
