@@ -81,27 +81,38 @@ def divergence(full: torch.Tensor, other: torch.Tensor) -> dict:
 
 
 def kl_rows(full: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    p, q = torch.log_softmax(full, -1), torch.log_softmax(other, -1)
+    """KL(full || other) of each row's next-token distribution, in nats."""
+    p, q = torch.log_softmax(full.float(), -1), torch.log_softmax(other.float(), -1)
     return (p.exp() * (p - q)).sum(-1)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def pair_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every run over the built-in eval pairs takes (here and in noise_floors.py)."""
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--sets", nargs="+", choices=evalsets.SETS, default=list(evalsets.SETS))
     parser.add_argument("--limit", type=int, default=None, help="pairs per set")
-    parser.add_argument("--rouge", action="store_true", help="also generate greedily for ROUGE-L")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
 
+
+def engine_and_pairs(args) -> tuple:
+    """(the embedded model's engine with the default config, the prompt wrapper --chat asks for, the pairs)."""
     torch.set_grad_enabled(False)
     model, tokenizer = load_model(progress=False)
     engine = ReuseEngine(model, tokenizer, ReuseConfig())
     wrap = (lambda text: as_chat(tokenizer, text)) if args.chat else (lambda text: text)
-    pairs = evalsets.load_eval_pairs(sets=args.sets, limit=args.limit)
+    return engine, wrap, evalsets.load_eval_pairs(sets=args.sets, limit=args.limit)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    pair_arguments(parser)
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--rouge", action="store_true", help="also generate greedily for ROUGE-L")
+    args = parser.parse_args()
+
+    engine, wrap, pairs = engine_and_pairs(args)
     records = []
     for i, pair in enumerate(pairs):
         reference, target = wrap(pair["reference"]), wrap(pair["target"])

@@ -21,13 +21,10 @@ import argparse
 import json
 import statistics
 
-import torch
-
 from semshare_ops.bench.provenance import environment
-from semshare_ops.engine import ReuseConfig, ReuseEngine, load_model
-from semshare_ops.engine.prompts import as_chat
-from semshare_ops.eval import pairs as evalsets
 from semshare_ops.eval.evaluate import rouge_l
+
+from ablate_selection import engine_and_pairs, kl_rows, pair_arguments  # this folder (run as a script)
 
 
 def _double_middle_space(text: str) -> str:
@@ -45,11 +42,6 @@ PERTURBATIONS = {
 }
 
 
-def kl_rows(full: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    p, q = torch.log_softmax(full.float(), -1), torch.log_softmax(other.float(), -1)
-    return (p.exp() * (p - q)).sum(-1)
-
-
 def _mean_se(values):
     values = list(values)
     mean = statistics.fmean(values)
@@ -59,18 +51,10 @@ def _mean_se(values):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
-    parser.add_argument("--sets", nargs="+", choices=evalsets.SETS, default=list(evalsets.SETS))
-    parser.add_argument("--limit", type=int, default=None, help="pairs per set")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--out", default=None)
+    pair_arguments(parser)
     args = parser.parse_args()
 
-    torch.set_grad_enabled(False)
-    model, tokenizer = load_model(progress=False)
-    engine = ReuseEngine(model, tokenizer, ReuseConfig())
-    wrap = (lambda text: as_chat(tokenizer, text)) if args.chat else (lambda text: text)
-    pairs = evalsets.load_eval_pairs(sets=args.sets, limit=args.limit)
+    engine, wrap, pairs = engine_and_pairs(args)
     records = []
     for i, pair in enumerate(pairs):
         target = pair["target"]
