@@ -65,6 +65,8 @@ VARIANTS = {name: {**_BASE, **knobs} for name, knobs in {
     "default, adaptive budget, boundary=4, tail=32": {"progressive": True, "recompute_decay": 1.0,
                                                       "budget": "adaptive", "recompute_boundary": 4,
                                                       "recompute_tail": 32},
+    "default, adaptive budget, boundary=8": {"progressive": True, "recompute_decay": 1.0, "budget": "adaptive",
+                                             "recompute_boundary": 8},
 }.items()}
 
 

@@ -30,7 +30,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
@@ -158,21 +158,24 @@ def decaying_counts(total: int, layers: int, lead: int, floor: int, target_mean:
 
 
 def recompute_counts(prefill: int, num_layers: int, num_unmatched: int, config: ReuseConfig,
-                     exact: int = 0) -> List[int]:
+                     exact: int = 0, num_mandatory: Optional[int] = None) -> List[int]:
     """Rows recomputed per layer among positions [exact, prefill) (the last prompt token not included; the first
-    `exact` hold exact K/V already, `exact_prefix`), of which `num_unmatched` must be: every row in the check layers,
-    then a count decaying by `recompute_decay`, never below the unmatched rows, with the mean over layers of
-    (count + 1) meeting recompute_ratio * (prefill + 1), as far as the rows past `exact` allow ("adaptive" budget:
-    plus (1 - recompute_ratio) * num_unmatched, so that the matched rows get their share whatever the unmatched
-    ones take). The budget is the whole prompt's: what an exact prefix saves goes to the rows whose context changed.
-    Shared by every front end (the HF engine, the vLLM connector), so that they recompute the same rows."""
+    `exact` hold exact K/V already, `exact_prefix`): every row in the check layers, then a count decaying by
+    `recompute_decay`, never below the `num_mandatory` rows that every layer recomputes (`mandatory_rows`; default
+    `num_unmatched`), with the mean over layers of (count + 1) meeting recompute_ratio * (prefill + 1), as far as the
+    rows past `exact` allow ("adaptive" budget: plus (1 - recompute_ratio) * num_unmatched, so that the matched rows
+    get their share whatever the `num_unmatched` rows without reusable K/V take; the matched rows made mandatory, the
+    tail's, come first out of that share and raise it only where they exceed it). The budget is the whole prompt's:
+    what an exact prefix saves goes to the rows whose context changed. Shared by every front end (the HF engine, the
+    vLLM connector), so that they recompute the same rows."""
     rows = prefill - exact
+    floor = num_unmatched if num_mandatory is None else num_mandatory
     target = max(0.0, config.recompute_ratio * (prefill + 1) - 1)
-    if config.budget == "adaptive":  # the mandatory rows on top of the ratio of the others
+    if config.budget == "adaptive":  # the rows without reusable K/V on top of the ratio of the others
         target += (1.0 - config.recompute_ratio) * num_unmatched
     target = min(float(rows), target)
     lead = effective_check_layers(config)
-    return decaying_counts(rows, num_layers, lead, num_unmatched, target, config.recompute_decay)
+    return decaying_counts(rows, num_layers, lead, floor, target, config.recompute_decay)
 
 
 def exact_prefix(match: matching.Match, reference_exact: int, limit: int) -> int:
@@ -202,14 +205,31 @@ def effective_check_layers(config: ReuseConfig) -> int:
 
 def mandatory_rows(match: matching.Match, prefill: int, config: ReuseConfig) -> torch.Tensor:
     """bool [prefill]: the reusable positions every layer recomputes, whatever the budget: those no reference token
-    maps to, the first `recompute_boundary` after each alignment break, and the last `recompute_tail`. With
-    `recompute_counts`, shared by every front end."""
+    maps to and the last `recompute_tail`."""
     mandatory = match.unmatched_mask()[:prefill]
-    if config.recompute_boundary:
-        rows = (match.breaks()[:, None] + torch.arange(config.recompute_boundary)).flatten()
-        mandatory[rows[rows < prefill]] = True
     mandatory[max(0, prefill - tail_rows(config)):] = True
     return mandatory
+
+
+def boundary_rows(match: matching.Match, prefill: int, config: ReuseConfig) -> torch.Tensor:
+    """bool [prefill]: the first `recompute_boundary` positions after each alignment break (`Match.breaks`), the
+    matched tokens whose nearest context changed: ranked first among the rows the budget chooses."""
+    first = torch.zeros(prefill, dtype=torch.bool)
+    if config.recompute_boundary:
+        rows = (match.breaks()[:, None] + torch.arange(config.recompute_boundary)).flatten()
+        first[rows[rows < prefill]] = True
+    return first
+
+
+def recompute_rows(match: matching.Match, prefill: int, num_layers: int, config: ReuseConfig, exact: int = 0,
+                   window: int = 0) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """One request's rows to recompute, as every front end computes them: (`mandatory_rows` and the last `window`
+    positions, `boundary_rows`, `recompute_counts` over [exact, prefill))."""
+    mandatory = mandatory_rows(match, prefill, config)
+    mandatory[prefill - window:] = True  # (none when window is 0)
+    unmatched = int(match.unmatched_mask()[exact:prefill].sum())
+    counts = recompute_counts(prefill, num_layers, unmatched, config, exact, int(mandatory[exact:].sum()))
+    return mandatory, boundary_rows(match, prefill, config), counts
 
 
 def tail_rows(config: ReuseConfig) -> int:
@@ -248,10 +268,11 @@ def mean_relative_deviation(reused: tuple, fresh: tuple, unmatched: torch.Tensor
 
 class RowSchedule:
     """Which of the n positions past the exact prefix each layer recomputes: nested sets that keep the mandatory rows,
-    the others ranked (`selection_scores`) at the last check layer and again where a set shrinks (`progressive`).
-    Shared by every front end (the HF engine, the vLLM connector): they run the layers, this chooses the rows.
+    the others ranked (`selection_scores`) at the last check layer and again where a set shrinks (`progressive`), the
+    `first` rows (`boundary_rows`) above the rest. Shared by every front end (the HF engine, the vLLM connector): they
+    run the layers, this chooses the rows.
 
-        schedule = RowSchedule(counts, mandatory, config, num_layers)
+        schedule = RowSchedule(counts, mandatory, config, num_layers, first)
         for idx in range(num_layers):  # while schedule.rows is not empty
             ranks = schedule.ranks(idx)        # keep the rows' reused K/V before the layer overwrites them
             ... run layer idx on schedule.rows ...
@@ -259,11 +280,14 @@ class RowSchedule:
             keep = schedule.advance(idx)       # indices into this layer's rows of the next layer's, or None
     """
 
-    def __init__(self, counts: List[int], mandatory: torch.Tensor, config: ReuseConfig, num_layers: int):
+    def __init__(self, counts: List[int], mandatory: torch.Tensor, config: ReuseConfig, num_layers: int,
+                 first: Optional[torch.Tensor] = None):
         self.counts, self.mandatory, self.config = counts, mandatory, config
         self.n = len(mandatory)
+        self.first = (torch.zeros_like(mandatory) if first is None else first.to(mandatory.device)) & ~mandatory
         self.check = min(effective_check_layers(config), num_layers) - 1
-        self.order = torch.argsort((~mandatory).to(torch.int8), stable=True)  # mandatory first until ranked
+        tier = 2 - 2 * mandatory.to(torch.int8) - self.first.to(torch.int8)  # mandatory, first, the rest
+        self.order = torch.argsort(tier, stable=True)  # until ranked
         self.rows = torch.arange(self.n, device=mandatory.device)  # sorted indices into the n positions
         if counts[0] < self.n:
             self.rows = self.order[: counts[0]].sort().values
@@ -291,7 +315,9 @@ class RowSchedule:
         if bool(free.any()):
             scores = scores.masked_fill(~free, 0.0)
             self.fused[self.rows] += scores / scores[free].mean().clamp_min(1e-30)
-        ranked = self.fused.masked_fill(self.mandatory, math.inf)
+        # The first rows above every other (by their own scores among themselves), the mandatory ones above all.
+        ranked = self.fused + self.first * (self.fused.max() + 1.0)
+        ranked = ranked.masked_fill(self.mandatory, math.inf)
         self.order = self.rows[torch.argsort(ranked[self.rows], descending=True, stable=True)]
 
     def advance(self, idx: int) -> Optional[torch.Tensor]:
@@ -632,10 +658,10 @@ class ReuseEngine:
         dst, src = match.dst[keep].to(self.device), match.src[keep].to(self.device)
         delta = dst - src if cfg.rope_correction else torch.zeros_like(dst)
         self._reuse_kv(cache, reference, src, dst, delta)
-        unmatched = mandatory_rows(match, prefill, cfg).to(self.device)
-        unmatched[prefill - window:] = True  # the observer window of retention is always recomputed
+        mandatory, first, counts = recompute_rows(match, prefill, self.num_layers, cfg, exact,
+                                                  window)  # retention's observer window: recomputed in every layer
         with cache.active():
-            counts, deviation = self._recompute(cache, ids[:prefill], unmatched, window, exact)
+            deviation = self._recompute(cache, ids[:prefill], mandatory.to(self.device), first, counts, window, exact)
         if cfg.retain_ratio is not None:
             self._retain(cache, prefill, window)
         return [c + 1 for c in counts], exact, deviation
@@ -758,18 +784,17 @@ class ReuseEngine:
                                           f"{err:.3g} (relative): the model does something between its layers that "
                                           "the engine does not")
 
-    def _recompute(self, cache: SemShareCache, ids: torch.Tensor, unmatched: torch.Tensor, window: int,
-                   exact: int) -> tuple:
+    def _recompute(self, cache: SemShareCache, ids: torch.Tensor, mandatory: torch.Tensor, first: torch.Tensor,
+                   counts: List[int], window: int, exact: int) -> Optional[float]:
         """Run the decoder layers on a nested, shrinking set of positions past `exact`; K/V go into the cache as they
-        come. The rows of each next layer are the best-ranked of this one (`selection_scores`): ranked once at the
-        last check layer, or again at every layer that shrinks the set (`progressive`). Returns the rows per layer
-        and the check layer's mean relative deviation (None when nothing needed ranking)."""
+        come, `counts[i]` rows in layer i. The rows of each next layer are the best-ranked of this one
+        (`selection_scores`): ranked once at the last check layer, or again at every layer that shrinks the set
+        (`progressive`). Returns the check layer's mean relative deviation (None when nothing needed ranking)."""
         cfg, prefill, num_layers = self.config, len(ids), self.num_layers
         n = prefill - exact
-        counts = recompute_counts(prefill, num_layers, int(unmatched[exact:].sum()), cfg, exact)
         if n == 0:
-            return counts, None
-        schedule = RowSchedule(counts, unmatched[exact:], cfg, num_layers)
+            return None
+        schedule = RowSchedule(counts, mandatory[exact:], cfg, num_layers, first[exact:])
         hidden = self._layer_input(ids[exact + schedule.rows], exact + schedule.rows)
         queries = min(cfg.query_window, n) if cfg.selection != "deviation" else 0
         cache.observe = max(window, queries)
@@ -800,7 +825,7 @@ class ReuseEngine:
             if keep is not None:
                 hidden = hidden[:, keep]
         cache.observe = 0
-        return counts, schedule.deviation
+        return schedule.deviation
 
     def _retain(self, cache: SemShareCache, prefill: int, window: int) -> None:
         """Keep fewer KV entries in deeper layers: the most attended-to by the observer window, plus the first

@@ -44,11 +44,14 @@ class Match:
         return mask
 
     def breaks(self) -> torch.Tensor:
-        """int64: the matched target positions after 0 whose predecessor is unmatched or maps to a reference position
-        other than theirs minus one: where the reused context starts to differ from the target's own."""
+        """int64: the matched target positions whose predecessor is unmatched or maps to a reference position other
+        than theirs minus one, position 0 where it maps to another than 0 (the reference had text before it): where
+        the reused context starts to differ from the target's own."""
         follows = torch.zeros(self.matched, dtype=torch.bool)
         follows[1:] = (self.dst[1:] == self.dst[:-1] + 1) & (self.src[1:] == self.src[:-1] + 1)
-        return self.dst[~follows & (self.dst > 0)]
+        if self.matched:
+            follows[0] = bool(self.dst[0] == 0) and bool(self.src[0] == 0)
+        return self.dst[~follows]
 
 
 # Above this many DP cells (reference x target tokens) the bit-parallel LCS would keep too many rows for its

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..engine.engine import exact_prefix, kept_exact_prefix, mandatory_rows, recompute_counts
+from ..engine.engine import exact_prefix, kept_exact_prefix, recompute_rows
 from .donors import DonorIndex, DonorInfo
 from .model import Unsupported, check_architecture
 from .options import ConnectorOptions, RequestOptions, parse_request
@@ -168,8 +168,7 @@ class SchedulerSide:
         self.index.touch(choice.donor.donor_id)
         # What the worker will recompute if it matches what this alignment matched ("edit"); its report replaces
         # this with what it did.
-        unmatched = mandatory_rows(choice.match, stop, cfg)
-        counts = recompute_counts(stop, self.num_layers, int(unmatched[exact:].sum()), cfg, exact)
+        *_, counts = recompute_rows(choice.match, stop, self.num_layers, cfg, exact)
         self._set_recomputed(stats, [c + 1 for c in counts])
         stats.update(mode="reuse", reason=None, loaded_tokens=stop - prefix_hit, exact_tokens=exact)
         self._taint(request, state, prefix_hit)

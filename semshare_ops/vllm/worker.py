@@ -25,13 +25,13 @@ import functools
 import logging
 import time
 import traceback
-from typing import Dict, Optional, Set
+from typing import Dict, List, Optional, Set
 
 import torch
 
 from .. import ops
 from ..engine import matching
-from ..engine.engine import RowSchedule, mandatory_rows, recompute_counts
+from ..engine.engine import RowSchedule, recompute_rows
 from . import layout, plugin
 from .donors import Donor, DonorStore
 from .model import Unsupported, VllmModel
@@ -157,13 +157,13 @@ class WorkerSide:
             codes = functools.partial(self._codes, ids) if cfg.matching != "edit" else None
             match = matching.match_tokens(donor.token_ids, ids, cfg.matching, donor.codes, codes,
                                           cfg.lsh_max_distance)
-        unmatched = mandatory_rows(match, prefill, cfg)
+        mandatory, first, counts = recompute_rows(match, prefill, self.model.num_layers, cfg, plan.exact)
         keep = (match.dst >= start) & (match.dst < prefill)
         dst, src = match.dst[keep], match.src[keep]
         t1 = time.perf_counter()
         self._assemble(plan, donor, src, dst, cfg.rope_correction)
         t2 = time.perf_counter()
-        counts, runs, deviation = self._recompute(plan, unmatched)
+        runs, deviation = self._recompute(plan, mandatory, first, counts)
         t3 = time.perf_counter()
         covered = int((match.dst >= start).sum()) + start
         return {"matched_tokens": match.matched, "covered_tokens": covered, "recomputed": counts, "runs": runs,
@@ -192,17 +192,16 @@ class WorkerSide:
                                 delta, group.inv_freq, group.neox)
                 model.write(idx, keys[0], values[0], slots)
 
-    def _recompute(self, plan, unmatched: torch.Tensor):
+    def _recompute(self, plan, mandatory: torch.Tensor, first: torch.Tensor, counts: List[int]):
         """The HF engine's `_recompute` over positions [exact, stop) (engine.ReuseEngine._recompute: the same
         counts, ranking and nesting) through vLLM's layers."""
         model, cfg, exact, stop = self.model, plan.config, plan.exact, plan.stop
         n, num_layers = stop - exact, model.num_layers
-        counts = recompute_counts(stop, num_layers, int(unmatched[exact:].sum()), cfg, exact)
         runs = []
         if n == 0:
-            return counts, runs, None
+            return runs, None
         # Ranked by deviation only (the connector does not take `selection`): vLLM's layers keep their queries.
-        schedule = RowSchedule(counts, unmatched[exact:stop], cfg, num_layers)
+        schedule = RowSchedule(counts, mandatory[exact:stop], cfg, num_layers, first[exact:stop])
         hidden, residual = model.embed(plan.token_ids[exact + schedule.rows]), None
         context = None
         for idx in range(num_layers):
@@ -236,7 +235,7 @@ class WorkerSide:
             keep = schedule.advance(idx)
             if keep is not None:
                 hidden, residual, context = hidden[keep], residual[keep], None
-        return counts, runs, schedule.deviation
+        return runs, schedule.deviation
 
 
 def _empty_report() -> Dict:

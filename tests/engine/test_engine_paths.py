@@ -127,21 +127,6 @@ def test_recompute_tail_is_recomputed_in_every_layer(model, tokenizer, reference
         ReuseConfig(recompute_tail=-1)
 
 
-def test_recompute_boundary_is_recomputed_in_every_layer(model, tokenizer, reference_ids, ref_entry):
-    engine = engine_for(model, tokenizer, matching="edit", recompute_ratio=0.0, recompute_boundary=4, check_layers=1)
-    target = list(reference_ids)
-    target[100] = (target[100] + 1) % 512  # one token replaced: the exact prefix ends there, one break after it
-    out = engine.generate(target, reference=ref_entry, max_new_tokens=2)
-    assert out.stats["exact_tokens"] == 100
-    # Check layer: every row past the exact prefix; then the replaced token, the 4 after it and the last prompt token.
-    assert out.stats["recomputed_tokens"] == [len(target) - 100] + [1 + 4 + 1] * (LAYERS - 1)
-    plain = engine_for(model, tokenizer, matching="edit", recompute_ratio=0.0, check_layers=1)
-    assert plain.generate(target, reference=ref_entry, max_new_tokens=2).stats["recomputed_tokens"][1:] == \
-        [1 + 1] * (LAYERS - 1)
-    with pytest.raises(ValueError, match="recompute_boundary"):
-        ReuseConfig(recompute_boundary=-1)
-
-
 def count_attention_paths(monkeypatch) -> dict:
     """Count the steps semshare_attention sends to SDPA's causal kernel and to partial_attn (fast path on CPU too)."""
     from semshare_ops.engine import hf

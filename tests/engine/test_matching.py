@@ -432,14 +432,17 @@ def test_match_empty_target(embedding_matrix, planes):
 
 
 def test_breaks_are_where_the_reused_context_stops_following_the_target():
-    # 3 unmatched, then a jump in the reference positions at 6; position 0 maps elsewhere but has no context.
+    # Position 0 maps to reference position 5 (whose K/V saw 5 tokens before it; here it has none), 3 unmatched,
+    # then a jump in the reference positions at 6.
     m = matching.Match(dst=torch.tensor([0, 1, 2, 4, 5, 6, 7]), src=torch.tensor([5, 6, 7, 8, 9, 20, 21]),
                        exact=torch.ones(7, dtype=torch.bool), target_tokens=9)
-    assert m.breaks().tolist() == [4, 6]
+    assert m.breaks().tolist() == [0, 4, 6]
     ids = torch.arange(50)
     assert matching.match_tokens(ids, ids, "edit").breaks().numel() == 0  # identical: the context follows throughout
     inserted = torch.cat([ids[:20], torch.tensor([99, 98]), ids[20:]])
     assert matching.match_tokens(ids, inserted, "edit").breaks().tolist() == [22]
+    assert matching.match_tokens(ids, ids[7:], "edit").breaks().tolist() == [0]  # the reference's first 7 cut
+    assert matching.match_tokens(ids, torch.cat([torch.tensor([99]), ids]), "edit").breaks().tolist() == [1]
 
 
 # ---- lsh_pairs on hand-made codes ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from semshare_ops.engine import ReuseConfig  # noqa: E402
 from semshare_ops.engine.config import SELECTIONS  # noqa: E402
-from semshare_ops.engine.engine import exact_prefix  # noqa: E402
+from semshare_ops.engine.engine import exact_prefix, recompute_counts  # noqa: E402
 from semshare_ops.engine.hf import SemShareCache  # noqa: E402
 from semshare_ops.engine.matching import Match  # noqa: E402
 
@@ -218,6 +218,70 @@ def test_adaptive_budget_adds_the_rows_that_must_be_recomputed(model, tokenizer,
     assert runs["adaptive"].stats["reuse_ratio"] < runs["fixed"].stats["reuse_ratio"]
     with pytest.raises(ValueError, match="budget"):
         ReuseConfig(budget="greedy")
+
+
+def test_boundary_rows_are_the_first_the_budget_takes(model, tokenizer, reference_ids, ref_entry, monkeypatch):
+    """`recompute_boundary`: the matched tokens right after each alignment break are the first rows the budget takes
+    in every layer past the check layer, and the budget is the same as without them."""
+    target = list(reference_ids)
+    for at in (100, 200):  # one token replaced at each: the exact prefix ends at 100, a break after each
+        target[at] = (target[at] + 1) % 512
+    boundary = torch.tensor([101, 102, 103, 104, 201, 202, 203, 204])
+    runs = {}
+    for k in (0, 4):
+        engine = engine_for(model, tokenizer, matching="edit", recompute_ratio=0.2, recompute_boundary=k,
+                            check_layers=1)
+        steps = record_rows(monkeypatch)
+        out = engine.generate(target, reference=ref_entry, max_new_tokens=2)
+        assert out.stats["exact_tokens"] == 100
+        runs[k] = [rows for _, rows in steps[1:]], out.stats["recomputed_tokens"]
+        monkeypatch.undo()
+    assert runs[4][1] == runs[0][1] and len(runs[0][0][0]) < len(target) - 100  # the same budget, a real one
+    assert all(bool(torch.isin(boundary, rows).all()) for rows in runs[4][0])
+    assert not all(bool(torch.isin(boundary, rows).all()) for rows in runs[0][0])  # not what the ranking takes
+    with pytest.raises(ValueError, match="recompute_boundary"):
+        ReuseConfig(recompute_boundary=-1)
+
+
+def test_first_rows_rank_above_the_others_and_below_the_mandatory():
+    from semshare_ops.engine.engine import RowSchedule
+
+    n, layers = 30, 3
+    mandatory, first = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    mandatory[[2, 9]] = True
+    first[[5, 9, 17, 25]] = True  # 9 is mandatory too
+    config = ReuseConfig(recompute_ratio=0.3, check_layers=1, budget="fixed")
+    schedule = RowSchedule([n, 8, 8], mandatory, config, layers, first)
+    gen = torch.Generator().manual_seed(3)
+    reused = (torch.randn(n, 2, 4, generator=gen), torch.randn(n, 2, 4, generator=gen))
+    fresh = tuple(t.clone() for t in reused)
+    fresh[0][[0, 1, 3, 4, 6, 7, 8, 10]] += 5.0  # the most stale rows: none of them first
+    schedule.rank(0, reused, fresh)
+    schedule.advance(0)
+    top = schedule.order[:5].tolist()
+    assert set(top[:2]) == {2, 9}  # the mandatory rows (9 is first too) above everything
+    assert set(top[2:]) == {5, 17, 25}  # then the first rows, however little they deviate
+    assert set(schedule.order[5:8].tolist()) <= {0, 1, 3, 4, 6, 7, 8, 10}  # then by deviation
+    assert schedule.rows.tolist() == sorted(schedule.order[:8].tolist())
+
+
+@pytest.mark.parametrize("knob", ["recompute_tail", "recompute_boundary"])
+def test_matched_mandatory_rows_come_out_of_the_adaptive_share(model, tokenizer, reference_ids, ref_entry, knob):
+    """The tail and the boundary make matched rows mandatory: under "adaptive" they are the first of the matched
+    rows' share, not more rows on top of it, while they fit in it (the same count in every layer, they in it)."""
+    target = [(reference_ids[0] + 1) % 512] + edited(reference_ids, "replace")[1:]  # no exact prefix
+    prefill = len(target) - 1
+    runs = {k: engine_for(model, tokenizer, matching="edit", recompute_ratio=0.6, check_layers=1, **{knob: k})
+            .generate(target, reference=ref_entry, max_new_tokens=2) for k in (0, 4)}
+    with_rows, without = (runs[k].stats["recomputed_tokens"] for k in (4, 0))
+    assert with_rows == without and max(without[1:]) < prefill  # a real budget, and the same one
+    # Past the share, they are still all recomputed: the count never falls below them.
+    mandatory = 0.9 * prefill
+    counts = recompute_counts(prefill, LAYERS, 10, ReuseConfig(recompute_ratio=0.2, check_layers=1), 0,
+                              int(mandatory))
+    assert min(counts) == int(mandatory)
+    assert recompute_counts(prefill, LAYERS, 10, ReuseConfig(recompute_ratio=0.2, check_layers=1), 0, 10) == \
+        recompute_counts(prefill, LAYERS, 10, ReuseConfig(recompute_ratio=0.2, check_layers=1))
 
 
 @pytest.mark.parametrize("selection", SELECTIONS)
