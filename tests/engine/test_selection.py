@@ -265,23 +265,19 @@ def test_first_rows_rank_above_the_others_and_below_the_mandatory():
     assert schedule.rows.tolist() == sorted(schedule.order[:8].tolist())
 
 
-@pytest.mark.parametrize("knob", ["recompute_tail", "recompute_boundary"])
-def test_matched_mandatory_rows_come_out_of_the_adaptive_share(model, tokenizer, reference_ids, ref_entry, knob):
-    """The tail and the boundary make matched rows mandatory: under "adaptive" they are the first of the matched
-    rows' share, not more rows on top of it, while they fit in it (the same count in every layer, they in it)."""
+def test_the_tails_rows_come_out_of_the_adaptive_share(model, tokenizer, reference_ids, ref_entry):
+    """`recompute_tail` makes matched rows mandatory: under "adaptive" they are the first of the matched rows' share,
+    not rows on top of it, while they fit in it; past it the count never falls below them."""
     target = [(reference_ids[0] + 1) % 512] + edited(reference_ids, "replace")[1:]  # no exact prefix
     prefill = len(target) - 1
-    runs = {k: engine_for(model, tokenizer, matching="edit", recompute_ratio=0.6, check_layers=1, **{knob: k})
-            .generate(target, reference=ref_entry, max_new_tokens=2) for k in (0, 4)}
-    with_rows, without = (runs[k].stats["recomputed_tokens"] for k in (4, 0))
-    assert with_rows == without and max(without[1:]) < prefill  # a real budget, and the same one
-    # Past the share, they are still all recomputed: the count never falls below them.
-    mandatory = 0.9 * prefill
-    counts = recompute_counts(prefill, LAYERS, 10, ReuseConfig(recompute_ratio=0.2, check_layers=1), 0,
-                              int(mandatory))
-    assert min(counts) == int(mandatory)
-    assert recompute_counts(prefill, LAYERS, 10, ReuseConfig(recompute_ratio=0.2, check_layers=1), 0, 10) == \
-        recompute_counts(prefill, LAYERS, 10, ReuseConfig(recompute_ratio=0.2, check_layers=1))
+    runs = {tail: engine_for(model, tokenizer, matching="edit", recompute_ratio=0.6, check_layers=1,
+                             recompute_tail=tail).generate(target, reference=ref_entry, max_new_tokens=2)
+            for tail in (0, 8)}
+    with_tail, without = (runs[tail].stats["recomputed_tokens"] for tail in (8, 0))
+    assert with_tail == without and max(without[1:]) < prefill  # a real budget, and the same one
+    config = ReuseConfig(recompute_ratio=0.2, check_layers=1)
+    assert min(recompute_counts(prefill, LAYERS, 10, config, 0, int(0.9 * prefill))) == int(0.9 * prefill)
+    assert recompute_counts(prefill, LAYERS, 10, config, 0, 10) == recompute_counts(prefill, LAYERS, 10, config)
 
 
 @pytest.mark.parametrize("selection", SELECTIONS)
