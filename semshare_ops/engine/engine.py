@@ -161,7 +161,7 @@ def recompute_counts(prefill: int, num_layers: int, num_unmatched: int, config: 
                      exact: int = 0, num_mandatory: Optional[int] = None) -> List[int]:
     """Rows recomputed per layer among positions [exact, prefill) (the last prompt token not included; the first
     `exact` hold exact K/V already, `exact_prefix`): every row in the check layers, then a count decaying by
-    `recompute_decay`, never below the `num_mandatory` rows that every layer recomputes (`mandatory_rows`; default
+    `recompute_decay`, never below the `num_mandatory` rows that every layer recomputes (`recompute_rows`; default
     `num_unmatched`), with the mean over layers of (count + 1) meeting recompute_ratio * (prefill + 1), as far as the
     rows past `exact` allow ("adaptive" budget: plus (1 - recompute_ratio) * num_unmatched, so that the matched rows
     get their share whatever the `num_unmatched` rows without reusable K/V take; the matched rows made mandatory, the
@@ -203,14 +203,6 @@ def effective_check_layers(config: ReuseConfig) -> int:
     return 0 if config.matching == "prefix" else config.check_layers
 
 
-def mandatory_rows(match: matching.Match, prefill: int, config: ReuseConfig) -> torch.Tensor:
-    """bool [prefill]: the reusable positions every layer recomputes, whatever the budget: those no reference token
-    maps to and the last `recompute_tail`."""
-    mandatory = match.unmatched_mask()[:prefill]
-    mandatory[max(0, prefill - tail_rows(config)):] = True
-    return mandatory
-
-
 def boundary_rows(match: matching.Match, prefill: int, config: ReuseConfig) -> torch.Tensor:
     """bool [prefill]: the first `recompute_boundary` positions after each alignment break (`Match.breaks`), the
     matched tokens whose nearest context changed: ranked first among the rows the budget chooses."""
@@ -223,12 +215,14 @@ def boundary_rows(match: matching.Match, prefill: int, config: ReuseConfig) -> t
 
 def recompute_rows(match: matching.Match, prefill: int, num_layers: int, config: ReuseConfig, exact: int = 0,
                    window: int = 0) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
-    """One request's rows to recompute, as every front end computes them: (`mandatory_rows` and the last `window`
-    positions, `boundary_rows`, `recompute_counts` over [exact, prefill))."""
-    mandatory = mandatory_rows(match, prefill, config)
-    mandatory[prefill - window:] = True  # (none when window is 0)
-    unmatched = int(match.unmatched_mask()[exact:prefill].sum())
-    counts = recompute_counts(prefill, num_layers, unmatched, config, exact, int(mandatory[exact:].sum()))
+    """One request's rows to recompute, as every front end computes them: bool [prefill] of the reusable positions
+    every layer recomputes whatever the budget (those no reference token maps to, the last `recompute_tail` and the
+    last `window`), bool [prefill] of the `boundary_rows`, and `recompute_counts` over [exact, prefill)."""
+    unmatched = match.unmatched_mask()[:prefill]
+    mandatory = unmatched.clone()
+    mandatory[max(0, prefill - max(tail_rows(config), window)):] = True
+    counts = recompute_counts(prefill, num_layers, int(unmatched[exact:].sum()), config, exact,
+                              int(mandatory[exact:].sum()))
     return mandatory, boundary_rows(match, prefill, config), counts
 
 
