@@ -97,11 +97,12 @@ def pair_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None)
 
 
-def engine_and_pairs(args) -> tuple:
-    """(the embedded model's engine with the default config, the prompt wrapper --chat asks for, the pairs)."""
+def engine_and_pairs(args, engine_class=ReuseEngine) -> tuple:
+    """(the embedded model's engine (an `engine_class`) with the default config, the prompt wrapper --chat asks for,
+    the pairs)."""
     torch.set_grad_enabled(False)
     model, tokenizer = load_model(progress=False)
-    engine = ReuseEngine(model, tokenizer, ReuseConfig())
+    engine = engine_class(model, tokenizer, ReuseConfig())
     wrap = (lambda text: as_chat(tokenizer, text)) if args.chat else (lambda text: text)
     return engine, wrap, evalsets.load_eval_pairs(sets=args.sets, limit=args.limit)
 

@@ -22,13 +22,11 @@ import statistics
 import torch
 
 from semshare_ops.bench.provenance import environment
-from semshare_ops.engine import ReuseConfig, ReuseEngine, load_model
+from semshare_ops.engine import ReuseConfig, ReuseEngine
 from semshare_ops.engine.engine import effective_check_layers
-from semshare_ops.engine.prompts import as_chat
-from semshare_ops.eval import pairs as evalsets
 from semshare_ops.eval.evaluate import rouge_l
 
-from ablate_selection import kl_rows, pair_arguments  # this folder (run as a script)
+from ablate_selection import engine_and_pairs, kl_rows, pair_arguments  # this folder (run as a script)
 
 
 class OracleEngine(ReuseEngine):
@@ -75,18 +73,13 @@ def main() -> int:
         if name != "deep" and not (name.startswith("L") and name[1:].isdigit()):
             parser.error(f"--oracles: expected 'deep' or 'L<layer>', got {name!r}")
 
-    torch.set_grad_enabled(False)
-    model, tokenizer = load_model(progress=False)
-    engine = OracleEngine(model, tokenizer, ReuseConfig())
-    wrap = (lambda text: as_chat(tokenizer, text)) if args.chat else (lambda text: text)
-    pairs = evalsets.load_eval_pairs(sets=args.sets, limit=args.limit)
+    engine, wrap, pairs = engine_and_pairs(args, OracleEngine)
     records = []
     for i, pair in enumerate(pairs):
         reference, target = wrap(pair["reference"]), wrap(pair["target"])
         entry = engine.prefill(reference)
-        truth = engine.prefill(target)
-        engine.truth = (truth.keys.cpu(), truth.values.cpu())
-        full = engine.generate(target, max_new_tokens=args.max_new_tokens)
+        full = engine.generate(target, max_new_tokens=args.max_new_tokens, return_entry=True)  # its K/V: the truth
+        engine.truth = (full.entry.keys.cpu(), full.entry.values.cpu())
         cont = full.token_ids
         full_logits, _ = engine.score(target, cont)
         noise_logits, _ = engine.score(" " + target, cont)
