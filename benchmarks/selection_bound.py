@@ -23,7 +23,7 @@ import torch
 
 from semshare_ops.bench.provenance import environment
 from semshare_ops.engine import ReuseConfig, ReuseEngine
-from semshare_ops.engine.engine import effective_check_layers
+from semshare_ops.engine.engine import effective_check_layers, selection_scores
 from semshare_ops.eval.evaluate import rouge_l
 
 from ablate_selection import engine_and_pairs, kl_rows, pair_arguments  # this folder (run as a script)
@@ -50,8 +50,8 @@ class OracleEngine(ReuseEngine):
             free = ~mandatory[exact:].cpu()
             staleness = torch.zeros(len(rows))
             for layer in self._layers():
-                dev = ((cache.keys[layer, rows].float().cpu() - keys[layer, rows].float()).flatten(1).norm(dim=1)
-                       + (cache.values[layer, rows].float().cpu() - values[layer, rows].float()).flatten(1).norm(dim=1))
+                reused = (cache.keys[layer, rows].float().cpu(), cache.values[layer, rows].float().cpu())
+                dev = selection_scores("deviation", reused, (keys[layer, rows], values[layer, rows]), None)
                 staleness += dev / dev[free].mean().clamp_min(1e-30) if bool(free.any()) else dev
             # The default's deep count less its mandatory rows: the rows its ranking would choose, the oracle's first
             # tier instead (ranked above every other matched row, so exactly these are taken).
