@@ -32,7 +32,7 @@ from semshare_ops.eval.evaluate import rouge_l
 # Every variant spells out the knobs it compares (selection, progressive, recompute_decay, check_layers, tail), so
 # that a recorded run means the same whatever the defaults of the day.
 _BASE = {"selection": "deviation", "progressive": False, "recompute_decay": 0.95, "check_layers": 2,
-         "recompute_tail": 0, "recompute_boundary": 0, "budget": "fixed"}
+         "recompute_tail": 0, "recompute_boundary": 0, "budget": "fixed", "decode_recompute": 0}
 VARIANTS = {name: {**_BASE, **knobs} for name, knobs in {
     "deviation": {},
     "deviation, progressive": {"progressive": True},
@@ -67,6 +67,9 @@ VARIANTS = {name: {**_BASE, **knobs} for name, knobs in {
                                                       "recompute_tail": 32},
     "default, adaptive budget, boundary=8": {"progressive": True, "recompute_decay": 1.0, "budget": "adaptive",
                                              "recompute_boundary": 8},
+    **{f"default, adaptive budget, boundary=4, decode={k}": {
+        "progressive": True, "recompute_decay": 1.0, "budget": "adaptive", "recompute_boundary": 4,
+        "decode_recompute": k} for k in (16, 64, 256)},
 }.items()}
 
 
@@ -120,14 +123,16 @@ def main() -> int:
     for i, pair in enumerate(pairs):
         reference, target = wrap(pair["reference"]), wrap(pair["target"])
         entry = engine.prefill(reference)
+        start = time.perf_counter()
         full = engine.generate(target, max_new_tokens=args.max_new_tokens)
+        full_ms = (time.perf_counter() - start) * 1e3
         cont = full.token_ids
         full_logits, _ = engine.score(target, cont)
         noise_logits, _ = engine.score(" " + target, cont)
         record = {"id": pair.get("id"), "set": pair["set"], "prompt_tokens": full.stats["prompt_tokens"],
                   "kl_floor": float(kl_rows(full_logits, noise_logits).mean()),
                   "agree_floor": float((noise_logits.argmax(-1) == full_logits.argmax(-1)).float().mean()),
-                  "ttft_ms_full": full.stats["ttft_ms"], "variants": {}}
+                  "ttft_ms_full": full.stats["ttft_ms"], "generate_ms_full": full_ms, "variants": {}}
         if args.rouge:
             noise = engine.generate(" " + target, max_new_tokens=args.max_new_tokens)
             record["rougeL_floor"] = rouge_l(noise.text, full.text)
@@ -142,11 +147,15 @@ def main() -> int:
                               "agree": float((logits.argmax(-1) == full_logits.argmax(-1)).float().mean()),
                               "reuse_ratio": stats["reuse_ratio"], "mode": stats["mode"],
                               "exact_tokens": stats["exact_tokens"], "check_deviation": stats.get("check_deviation"),
+                              "decode_recomputed_tokens": stats["decode_recomputed_tokens"],
                               "score_ms": elapsed, **divergence(full_logits, logits)}
                     if args.rouge:
+                        start = time.perf_counter()
                         out = engine.generate(target, reference=entry, max_new_tokens=args.max_new_tokens)
+                        elapsed = (time.perf_counter() - start) * 1e3
                         result.update(rougeL=rouge_l(out.text, full.text), ttft_ms=out.stats["ttft_ms"],
-                                      first_token=out.token_ids[:1] == cont[:1], first8=out.token_ids[:8] == cont[:8])
+                                      generate_ms=elapsed, first_token=out.token_ids[:1] == cont[:1],
+                                      first8=out.token_ids[:8] == cont[:8])
                 record["variants"][f"{name} @ {ratio}"] = result
         records.append(record)
         print(f"[{i + 1}/{len(pairs)}] {pair['set']} {pair.get('id')}: floor kl {record['kl_floor']:.4f} " +
@@ -166,13 +175,15 @@ def main() -> int:
                    "kl_floor": statistics.fmean(r["kl_floor"] for r in chosen),
                    "agree_floor": statistics.fmean(r["agree_floor"] for r in chosen),
                    "reuse_ratio": statistics.fmean(v["reuse_ratio"] for v in vals),
-                   "score_ms": statistics.fmean(v["score_ms"] for v in vals)}
+                   "score_ms": statistics.fmean(v["score_ms"] for v in vals),
+                   "decode_recomputed_tokens": statistics.fmean(v["decode_recomputed_tokens"] for v in vals)}
             if args.rouge:
                 row.update(rougeL=statistics.fmean(v["rougeL"] for v in vals),
                            rougeL_floor=statistics.fmean(r["rougeL_floor"] for r in chosen),
                            first_token=statistics.fmean(float(v["first_token"]) for v in vals),
                            first8=statistics.fmean(float(v["first8"]) for v in vals),
-                           ttft_ms=statistics.fmean(v["ttft_ms"] for v in vals))
+                           ttft_ms=statistics.fmean(v["ttft_ms"] for v in vals),
+                           generate_ms=statistics.fmean(v["generate_ms"] for v in vals))
             summary.setdefault(key, {})[group] = row
     print(f"{'variant':<44} {'set':<15} {'reuse':>5} {'KL':>7} {'floor':>7} {'agree':>6} {'floor':>6}"
           + (f" {'ROUGE-L':>7} {'floor':>6}" if args.rouge else ""))

@@ -53,6 +53,11 @@ class ReuseConfig:
     # full and decoding goes on exact (stats["guard"]). Reuse moves logits a little; it flips a greedy output only
     # where the lead is small. 0 turns the guard off.
     guard_margin: float = 0.0
+    # Decode-time recompute (HF engine; KVShare v2's decode stage): from the second decode step on, the next this
+    # many prompt rows that the prefill left reused in some layer, in its own ranking's order, run through every
+    # layer between steps, their K/V overwritten fresh (stats["decode_recomputed_tokens"]). The first token's time
+    # is untouched; each later step costs about one more pass over the weights until no stale row is left. 0: off.
+    decode_recompute: int = 0
     retain_decay: float = 0.9  # per-layer factor of the KV kept, when retain_ratio is set
     lsh_bits: int = 128
     lsh_max_distance: int = 24  # fuzzy matches farther than this many bits stay unmatched
@@ -89,9 +94,12 @@ class ReuseConfig:
             raise ValueError(f"min_similarity: expected a value in [0, 1], got {self.min_similarity}")
         if self.guard_margin < 0:
             raise ValueError(f"guard_margin: expected >= 0 (0 turns the guard off), got {self.guard_margin}")
-        for name in ("recompute_tail", "recompute_boundary"):
+        for name in ("recompute_tail", "recompute_boundary", "decode_recompute"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if self.decode_recompute and self.retain_ratio is not None:
+            raise ValueError("decode_recompute: not with retain_ratio (a compacted layer has no slot for a dropped "
+                             "row to be recomputed into)")
         if self.check_layers < 1:
             raise ValueError(f"check_layers: expected >= 1, got {self.check_layers}")
         for name in ("recompute_decay", "retain_decay"):
@@ -112,7 +120,7 @@ _FIELD_TYPES = {"matching": (str,), "recompute_ratio": _REAL, "retain_ratio": _R
                 "rope_correction": (bool,), "check_layers": _INT, "recompute_decay": _REAL, "recompute_tail": _INT,
                 "recompute_boundary": _INT,
                 "selection": (str,), "query_window": _INT, "progressive": (bool,), "budget": (str,),
-                "guard_margin": _REAL,
+                "guard_margin": _REAL, "decode_recompute": _INT,
                 "retain_decay": _REAL, "lsh_bits": _INT, "lsh_max_distance": _INT, "lsh_seed": _INT,
                 "embedding_rope_base": _REAL}
 _OPTIONAL = ("retain_ratio",)

@@ -17,7 +17,9 @@ How a reuse request runs (target of T tokens):
 4. Optionally keep fewer KV entries in deeper layers (`retain_ratio`), by the attention the last prompt tokens pay.
 5. Decode with HF `generate`: it runs the last prompt token through every layer, then the new tokens. With
    `guard_margin` set, a step from a stale reused cache whose best token barely leads is not taken from it: the
-   prompt and the tokens so far are prefilled in full and decoding goes on exact (`stats["guard"]`).
+   prompt and the tokens so far are prefilled in full and decoding goes on exact (`stats["guard"]`). With
+   `decode_recompute` set, the rows step 3 left reused in some layer are recomputed a few per step between decode
+   steps, most stale first (`stats["decode_recomputed_tokens"]`).
 """
 from __future__ import annotations
 
@@ -135,6 +137,28 @@ class _MarginGuard(LogitsProcessor):
         self.lowest = min(self.lowest, lead)
         if self.keep_scores:
             self.scores.append(scores)
+        return scores
+
+
+class _DecodeRecompute(LogitsProcessor):
+    """ReuseConfig.decode_recompute: between decode steps, the next `rows` stale prompt positions (`cache.stale`)
+    run through every layer (ReuseEngine._recompute_stale). Called before each step's token is chosen; the first
+    call (the first token's) does nothing, so the first token is not delayed. Returns the scores unchanged."""
+
+    def __init__(self, engine: "ReuseEngine", ids: torch.Tensor, cache: SemShareCache, rows: int):
+        self.engine, self.ids, self.cache, self.rows = engine, ids, cache, rows
+        self.calls = self.done = 0
+
+    def step(self) -> None:
+        stale = self.cache.stale
+        if self.calls > 0 and self.done < len(stale):
+            positions = stale[self.done: self.done + self.rows].sort().values
+            self.engine._recompute_stale(self.cache, self.ids, positions)
+            self.done += len(positions)
+        self.calls += 1
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.step()
         return scores
 
 
@@ -314,6 +338,15 @@ class RowSchedule:
         ranked = ranked.masked_fill(self.mandatory, math.inf)
         self.order = self.rows[torch.argsort(ranked[self.rows], descending=True, stable=True)]
 
+    def stale(self) -> torch.Tensor:
+        """After the last layer: the rows (indices into the n positions) that some layer left reused, i.e. not in
+        the deepest layer's set, ranked as the budget ranked them (the first rows first, then by fused score)."""
+        left = torch.ones(self.n, dtype=torch.bool, device=self.mandatory.device)
+        left[self.rows] = False
+        rows = left.nonzero().flatten()
+        ranked = (self.fused + self.first * (self.fused.max() + 1.0))[rows] if self.n else self.fused
+        return rows[torch.argsort(ranked, descending=True, stable=True)]
+
     def advance(self, idx: int) -> Optional[torch.Tensor]:
         """After layer idx: indices into its rows of the next layer's (a prefix of one order: nested), or None when
         the next layer recomputes the same rows."""
@@ -420,8 +453,8 @@ class ReuseEngine:
                              "an entry needs every prompt position in every layer")
         ids = self.tokenize(prompt, max_new_tokens)
         cache, stats, exact = self._serve_prompt(ids, reference, gate, capacity=len(ids) + max_new_tokens)
-        new_ids, ttft_s, logits, cache, stats["guard"] = self._decode(ids, cache, max_new_tokens, start,
-                                                                      generate_kwargs, self._guard_margin(stats))
+        new_ids, ttft_s, logits, cache, stats["guard"], stats["decode_recomputed_tokens"] = self._decode(
+            ids, cache, max_new_tokens, start, generate_kwargs, self._guard_margin(stats))
         if stats["guard"] is not None and stats["guard"]["repaired_at"] is not None:
             # Repaired: the prompt ended up prefilled in full, so nothing was saved; the cache is exact throughout.
             stats["guard"]["reuse_ratio"], stats["reuse_ratio"], exact = stats["reuse_ratio"], 0.0, len(ids)
@@ -448,10 +481,23 @@ class ReuseEngine:
         done = cache.layers[0].used  # prompt positions already in the cache (none for a full prefill)
         inputs = torch.cat([ids[done:], cont[:-1]])
         with cache.active():
-            out = self.model(input_ids=inputs[None], use_cache=True, logits_to_keep=len(cont),
-                             **{self._cache_kw: cache})
+            if self.config.decode_recompute and len(cache.stale):
+                # One step at a time, stale rows recomputed between steps as generate does them.
+                heal, logits, steps = _DecodeRecompute(self, ids, cache, self.config.decode_recompute), [], len(cont)
+                first = len(inputs) - steps + 1  # the prompt's tokens not in the cache: the last one
+                for t, chunk in enumerate([inputs[:first]] + [inputs[i:i + 1] for i in range(first, len(inputs))]):
+                    logits.append(self.model(input_ids=chunk[None], use_cache=True, logits_to_keep=1,
+                                             **{self._cache_kw: cache}).logits[0].float())
+                    if t + 1 < steps:
+                        heal.step()  # where generate's processor runs: after step t's forward, before t + 1's
+                logits = torch.cat(logits)
+                stats["decode_recomputed_tokens"] = heal.done
+            else:
+                logits = self.model(input_ids=inputs[None], use_cache=True, logits_to_keep=len(cont),
+                                    **{self._cache_kw: cache}).logits[0].float()
+                stats["decode_recomputed_tokens"] = 0
         self._give_back(cache)
-        return out.logits[0].float(), stats
+        return logits, stats
 
     # ---- what the store, the CLI and the benchmarks use of an engine -----------------------------------------
 
@@ -819,7 +865,17 @@ class ReuseEngine:
             if keep is not None:
                 hidden = hidden[:, keep]
         cache.observe = 0
+        cache.stale = exact + schedule.stale()  # what decode_recompute takes next, most stale first
         return schedule.deviation
+
+    def _recompute_stale(self, cache: SemShareCache, ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """Prompt positions (sorted) through every layer, their K/V overwritten in place (decode_recompute). Their
+        queries see what the cache holds at each layer now (causal by position: none of the new tokens), as the
+        prefill's recomputed rows did; the last layer's K/V are all that is kept of them, so it stops there."""
+        hidden = self._layer_input(ids[positions], positions)
+        for idx in range(self.num_layers - 1):
+            hidden = self._run_layer(idx, hidden, positions, cache)
+        self._write_kv(self.num_layers - 1, hidden, positions, cache)
 
     def _retain(self, cache: SemShareCache, prefill: int, window: int) -> None:
         """Keep fewer KV entries in deeper layers: the most attended-to by the observer window, plus the first
@@ -841,16 +897,21 @@ class ReuseEngine:
                 generate_kwargs: Dict, guard_margin: float) -> tuple:
         """Greedy decode over `cache` with HF generate. With a guard margin (a reused cache with stale rows), a step
         whose best token leads by less is not taken: the prompt and the tokens so far are prefilled in full into a
-        new cache and decoding goes on from there (`_MarginGuard`). Returns the new token ids, the first-token time,
-        the logits when asked for, the cache the request ended with, and the guard's record (None if unwatched)."""
+        new cache and decoding goes on from there (`_MarginGuard`). With `decode_recompute`, stale rows are
+        recomputed between steps (`_DecodeRecompute`). Returns the new token ids, the first-token time, the logits
+        when asked for, the cache the request ended with, the guard's record (None if unwatched) and the number of
+        rows recomputed during decode."""
         kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens,
                   "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **generate_kwargs}
         timer = kwargs["streamer"] = _FirstTokenTimer(start, generate_kwargs.get("streamer"))
         processors = LogitsProcessorList(generate_kwargs.get("logits_processor") or [])
         watch = _MarginGuard(guard_margin, len(ids), bool(kwargs.get("output_logits"))) if guard_margin > 0 else None
+        # After the guard: a step it refuses is not taken, so nothing is recomputed for it.
+        heal = _DecodeRecompute(self, ids, cache, self.config.decode_recompute) \
+            if self.config.decode_recompute and len(cache.stale) else None
         try:
             out = self._generate(ids, cache, {**kwargs, "logits_processor": LogitsProcessorList(
-                [watch, *processors] if watch else processors)})
+                [p for p in (watch, heal) if p is not None] + list(processors))})
             done, record = [], None if watch is None else {
                 "margin": guard_margin, "repaired_at": None, "lowest_lead": watch.lowest}
         except _GuardTripped as trip:
@@ -865,7 +926,7 @@ class ReuseEngine:
             logits = tuple(watch.scores[:len(done)]) + tuple(logits)
         sequences = getattr(out, "sequences", out)
         new_ids = done + sequences[0, len(ids) + len(done):].tolist()
-        return new_ids, timer.first_token_s, logits, cache, record
+        return new_ids, timer.first_token_s, logits, cache, record, 0 if heal is None else heal.done
 
     def _generate(self, ids: torch.Tensor, cache: SemShareCache, kwargs: Dict):
         with cache.active():

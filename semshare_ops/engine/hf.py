@@ -141,6 +141,9 @@ class SemShareCache(Cache):
         self.keys, self.values = keys, values  # [L, capacity, H, D]: the layers start as views of these
         self.storage: Optional[tuple] = None  # the flat (keys, values) buffers they lie in, when allocate made them
         self.observe = 0  # > 0: record the attention the last `observe` queries of a recompute step pay
+        # Prompt positions that hold reused K/V in some layer, most stale first (set by the engine's recompute;
+        # what ReuseConfig.decode_recompute takes): none for a full prefill.
+        self.stale = torch.zeros(0, dtype=torch.long, device=keys.device)
 
     @classmethod
     def allocate(cls, num_layers: int, capacity: int, heads: int, head_dim: int, v_head_dim: int,

@@ -23,6 +23,7 @@ from ..engine.engine import check_count
 # ReuseConfig fields the connector honours. retain_ratio/retain_decay are not among them: vLLM's paged cache holds
 # every position of every layer and its attention reads them all. Nor are selection/query_window: the connector
 # ranks by deviation only (the attention of the prompt's tail would need vLLM's queries, which its layers keep).
+# Nor are guard_margin/decode_recompute: they act between decode steps, and vLLM's scheduler runs decoding.
 REUSE_FIELDS = ("matching", "recompute_ratio", "min_similarity", "rope_correction", "check_layers", "recompute_decay",
                 "recompute_tail", "recompute_boundary", "progressive", "budget", "lsh_bits", "lsh_max_distance",
                 "lsh_seed", "embedding_rope_base")
@@ -90,6 +91,11 @@ def parse_extra_config(extra: Mapping[str, Any] | None) -> ConnectorOptions:
                              "cache keeps every position of every layer); leave it unset")
         extra.pop("retain_ratio", None)
         extra.pop("retain_decay", None)
+    for key in ("guard_margin", "decode_recompute"):
+        if extra.get(key):
+            raise ValueError(f"{_where(key, where)}: not supported by the vLLM connector (it acts between decode "
+                             "steps, and vLLM's scheduler runs decoding); leave it unset")
+        extra.pop(key, None)
     unknown = sorted(set(extra) - set(REUSE_FIELDS) - set(CONNECTOR_FIELDS))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of "

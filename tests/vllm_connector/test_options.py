@@ -29,6 +29,8 @@ def test_defaults_match_edit_alignment():
     ({"recompute_ration": 0.2}, ValueError, "recompute_ration"),  # a misspelt knob is refused, not ignored
     ({"matching": "prefix"}, ValueError, "matching"),
     ({"retain_ratio": 0.5}, ValueError, "retain_ratio"),
+    ({"decode_recompute": 64}, ValueError, "decode_recompute.*decode steps"),  # HF engine only
+    ({"guard_margin": 0.5}, ValueError, "guard_margin.*decode steps"),
     ({"donor_bytes": 0}, ValueError, "donor_bytes"),
     ({"donor_bytes": 1.5}, TypeError, "donor_bytes"),
     ({"max_depth": -1}, ValueError, "max_depth"),

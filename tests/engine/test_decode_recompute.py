@@ -1,0 +1,81 @@
+"""Decode-time recompute (ReuseConfig.decode_recompute): between decode steps, the prompt rows the prefill left
+reused run through every layer, most stale first, their K/V overwritten. On the tiny random Llama and Qwen2 of
+conftest.py."""
+
+import pytest
+import torch
+
+from semshare_ops.engine import ReuseConfig
+from engine_testutils import NEW, edited, engine_for  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# An insertion after an exact prefix, nothing recomputed past the check layers but the inserted (unmatched) rows:
+# those see only the exact prefix and themselves, so they are exact, and every other row past the prefix is stale.
+STALE_ONLY = dict(matching="edit", recompute_ratio=0.0, budget="fixed", recompute_boundary=0)
+
+
+def generate(engine, prompt, **kwargs):
+    return engine.generate(prompt, max_new_tokens=NEW, output_logits=True, return_dict_in_generate=True, **kwargs)
+
+
+def test_every_stale_row_recomputed_gives_the_full_prefill_cache(model, tokenizer, reference_ids, ref_entry):
+    target = edited(reference_ids, "insert")  # ref[:60] + 15 new tokens + ref[60:]
+    full = engine_for(model, tokenizer).prefill(target)
+    prompt = len(target) - 1  # the last prompt token is computed by decoding, over the stale rows: not compared
+    plain = generate(engine_for(model, tokenizer, **STALE_ONLY), target, reference=ref_entry, return_entry=True)
+    healed = generate(engine_for(model, tokenizer, decode_recompute=len(target), **STALE_ONLY), target,
+                      reference=ref_entry, return_entry=True)
+    stale = prompt - 75  # positions 75..T-2: matched, shifted by 15, reused
+    assert plain.stats["decode_recomputed_tokens"] == 0
+    assert healed.stats["decode_recomputed_tokens"] == stale
+    assert healed.stats["reuse_ratio"] == plain.stats["reuse_ratio"] > 0.5  # the prefill's work is the same
+    deep = slice(2, None)  # past the check layers
+    gap = (plain.entry.keys[deep, 75:prompt] - full.keys[deep, 75:prompt]).abs().max()
+    assert gap > 1e-3  # the test can fail: without it those rows are stale
+    for name in ("keys", "values"):
+        torch.testing.assert_close(getattr(healed.entry, name)[:, :prompt], getattr(full, name)[:, :prompt],
+                                   rtol=1e-4, atol=1e-4)
+    # The first token comes from the prefill's cache in both; nothing is recomputed before it.
+    torch.testing.assert_close(healed.logits[0], plain.logits[0])
+
+
+def test_rows_per_step_until_none_is_stale(model, tokenizer, reference_ids, ref_entry):
+    target = edited(reference_ids, "few")
+    engine = engine_for(model, tokenizer, recompute_ratio=0.1, decode_recompute=3)
+    out = generate(engine, target, reference=ref_entry)
+    assert out.stats["decode_recomputed_tokens"] == 3 * (NEW - 1)  # every step but the first
+    # Fewer steps than stale rows take what the steps allow; more than enough stop at the stale rows.
+    many = generate(engine_for(model, tokenizer, recompute_ratio=0.1, decode_recompute=10_000), target,
+                    reference=ref_entry)
+    stale = many.stats["decode_recomputed_tokens"]
+    assert 3 * (NEW - 1) < stale < len(target)
+    # Nothing stale: an identical prompt, every row recomputed, a full prefill.
+    for prompt, kwargs in ((list(reference_ids), {"reference": ref_entry}), (target, {})):
+        assert generate(engine, prompt, **kwargs).stats["decode_recomputed_tokens"] == 0
+    every = engine_for(model, tokenizer, recompute_ratio=1.0, decode_recompute=3)
+    assert generate(every, target, reference=ref_entry).stats["decode_recomputed_tokens"] == 0
+
+
+def test_score_recomputes_where_generate_does(model, tokenizer, reference_ids, ref_entry):
+    target = edited(reference_ids, "replace")
+    engine = engine_for(model, tokenizer, recompute_ratio=0.1, decode_recompute=8)
+    out = generate(engine, target, reference=ref_entry)
+    logits, stats = engine.score(target, out.token_ids, reference=ref_entry)
+    assert stats["decode_recomputed_tokens"] == out.stats["decode_recomputed_tokens"] - 8  # not after the last
+    torch.testing.assert_close(logits, torch.cat(out.logits).float(), rtol=1e-4, atol=1e-4)
+    one, _ = engine.score(target, out.token_ids[:1], reference=ref_entry)  # nothing to recompute before a step
+    torch.testing.assert_close(one, logits[:1], rtol=1e-4, atol=1e-4)
+    # and it changes the logits: without it, from the second step on, they differ
+    plain, _ = engine_for(model, tokenizer, recompute_ratio=0.1).score(target, out.token_ids, reference=ref_entry)
+    torch.testing.assert_close(plain[:2], logits[:2], rtol=1e-4, atol=1e-4)
+    assert (plain[2:] - logits[2:]).abs().max() > 1e-3
+
+
+def test_refused_settings():
+    with pytest.raises(ValueError, match="decode_recompute"):
+        ReuseConfig(decode_recompute=-1)
+    with pytest.raises(ValueError, match="decode_recompute.*retain_ratio"):
+        ReuseConfig(decode_recompute=4, retain_ratio=0.5)
+    with pytest.raises(TypeError, match="decode_recompute"):
+        ReuseConfig(decode_recompute=2.5)
