@@ -29,10 +29,10 @@ from semshare_ops.engine.prompts import as_chat
 from semshare_ops.eval import pairs as evalsets
 from semshare_ops.eval.evaluate import rouge_l
 
-# Every variant spells out the knobs it compares (selection, progressive, recompute_decay, check_layers, tail), so
+# Every variant spells out the knobs it compares (selection, progressive, recompute_decay, check_layers, tail, ...), so
 # that a recorded run means the same whatever the defaults of the day.
 _BASE = {"selection": "deviation", "progressive": False, "recompute_decay": 0.95, "check_layers": 2,
-         "recompute_tail": 0, "recompute_boundary": 0, "budget": "fixed", "decode_recompute": 0}
+         "recompute_tail": 0, "recompute_boundary": 0, "budget": "fixed", "decode_recompute": 0, "query_window": 16}
 VARIANTS = {name: {**_BASE, **knobs} for name, knobs in {
     "deviation": {},
     "deviation, progressive": {"progressive": True},
@@ -67,6 +67,9 @@ VARIANTS = {name: {**_BASE, **knobs} for name, knobs in {
                                                       "recompute_tail": 32},
     "default, adaptive budget, boundary=8": {"progressive": True, "recompute_decay": 1.0, "budget": "adaptive",
                                              "recompute_boundary": 8},
+    **{f"default, adaptive budget, boundary=4, lookahead={q}": {
+        "progressive": True, "recompute_decay": 1.0, "budget": "adaptive", "recompute_boundary": 4,
+        "selection": "lookahead", "query_window": q} for q in (16, 64)},
     **{f"default, adaptive budget, boundary=4, decode={k}": {
         "progressive": True, "recompute_decay": 1.0, "budget": "adaptive", "recompute_boundary": 4,
         "decode_recompute": k} for k in (16, 64, 256)},

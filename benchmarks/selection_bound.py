@@ -42,7 +42,7 @@ class OracleEngine(ReuseEngine):
         layer = int(self.oracle[1:])
         return range(layer, layer + 1)
 
-    def _recompute(self, cache, ids, mandatory, first, counts, window, exact):
+    def _recompute(self, cache, ids, mandatory, first, counts, window, exact, unmatched):
         # Here the cache holds every matched row's reused K/V in every layer (nothing recomputed yet).
         if self.oracle is not None and len(ids) > exact:
             keys, values = self.truth
@@ -59,7 +59,7 @@ class OracleEngine(ReuseEngine):
             first = torch.zeros(len(ids), dtype=torch.bool)
             chosen = torch.topk(staleness.masked_fill(~free, -1.0), take).indices if take else rows[:0]
             first[exact + chosen] = True
-        return super()._recompute(cache, ids, mandatory, first, counts, window, exact)
+        return super()._recompute(cache, ids, mandatory, first, counts, window, exact, unmatched)
 
 
 def main() -> int:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 MATCHING_METHODS = ("edit", "lsh", "hybrid", "prefix", "chunk")
-SELECTIONS = ("deviation", "attention", "blend")
+SELECTIONS = ("deviation", "attention", "blend", "lookahead")
 BUDGETS = ("fixed", "adaptive")
 
 
@@ -35,9 +35,13 @@ class ReuseConfig:
     # divergences repaired; 8 no better (docs/design.md). 0: left to the ranking.
     recompute_boundary: int = 4
     # How rows are ranked for recompute (engine.selection_scores): "deviation" of reused from fresh K/V, "attention"
-    # the last `query_window` prompt tokens pay them, or "blend" (their product).
+    # the last `query_window` prompt tokens pay them at the check layer, "blend" (their product), or "lookahead"
+    # (ProphetKV's two stages: those tokens first run through every layer over the reused cache, and the attention
+    # they pay in the layers past the check layers multiplies the deviation; their rows come out of the budget).
     selection: str = "deviation"
-    query_window: int = 16  # last prompt tokens whose attention ranks rows ("attention", "blend"); always recomputed
+    # Last prompt tokens whose attention ranks rows: recomputed in every layer for "attention" and "blend", run
+    # through every layer once before the recompute for "lookahead".
+    query_window: int = 16
     # Rank again at every layer that shrinks the set (CacheBlend's gradual filtering), not once at the last check
     # layer: better at recompute_decay 0.95, the same at 1.0 (a flat count shrinks no set past the check layers).
     progressive: bool = True

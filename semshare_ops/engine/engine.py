@@ -182,7 +182,7 @@ def decaying_counts(total: int, layers: int, lead: int, floor: int, target_mean:
 
 
 def recompute_counts(prefill: int, num_layers: int, num_unmatched: int, config: ReuseConfig,
-                     exact: int = 0, num_mandatory: Optional[int] = None) -> List[int]:
+                     exact: int = 0, num_mandatory: Optional[int] = None, lookahead: int = 0) -> List[int]:
     """Rows recomputed per layer among positions [exact, prefill) (the last prompt token not included; the first
     `exact` hold exact K/V already, `exact_prefix`): every row in the check layers, then a count decaying by
     `recompute_decay`, never below the `num_mandatory` rows that every layer recomputes (`recompute_rows`; default
@@ -191,13 +191,14 @@ def recompute_counts(prefill: int, num_layers: int, num_unmatched: int, config: 
     get their share whatever the `num_unmatched` rows without reusable K/V take; the matched rows made mandatory, the
     tail's, come first out of that share and raise it only where they exceed it). The budget is the whole prompt's:
     what an exact prefix saves goes to the rows whose context changed. Shared by every front end (the HF engine, the
-    vLLM connector), so that they recompute the same rows."""
+    vLLM connector), so that they recompute the same rows. `lookahead` rows that a first pass runs through every
+    layer (`lookahead_rows`) come out of the same budget: the work per request stays what recompute_ratio says."""
     rows = prefill - exact
     floor = num_unmatched if num_mandatory is None else num_mandatory
     target = max(0.0, config.recompute_ratio * (prefill + 1) - 1)
     if config.budget == "adaptive":  # the rows without reusable K/V on top of the ratio of the others
         target += (1.0 - config.recompute_ratio) * num_unmatched
-    target = min(float(rows), target)
+    target = min(float(rows), target - lookahead)
     lead = effective_check_layers(config)
     return decaying_counts(rows, num_layers, lead, floor, target, config.recompute_decay)
 
@@ -246,21 +247,28 @@ def recompute_rows(match: matching.Match, prefill: int, num_layers: int, config:
     mandatory = unmatched.clone()
     mandatory[max(0, prefill - max(tail_rows(config), window)):] = True
     counts = recompute_counts(prefill, num_layers, int(unmatched[exact:].sum()), config, exact,
-                              int(mandatory[exact:].sum()))
+                              int(mandatory[exact:].sum()), lookahead_rows(config, prefill - exact))
     return mandatory, boundary_rows(match, prefill, config), counts
 
 
 def tail_rows(config: ReuseConfig) -> int:
     """Last prompt positions recomputed in every layer: `recompute_tail`, and the query window when the selection
     ranks by the attention those queries pay (their queries must be fresh in every layer that ranks)."""
-    return max(config.recompute_tail, config.query_window if config.selection != "deviation" else 0)
+    return max(config.recompute_tail, config.query_window if config.selection in ("attention", "blend") else 0)
+
+
+def lookahead_rows(config: ReuseConfig, rows: int) -> int:
+    """Rows that selection="lookahead" runs through every layer before the recompute (the last `query_window` of
+    the `rows` past the exact prefix; `ReuseEngine._lookahead`), 0 for the other selections."""
+    return min(config.query_window, rows) if config.selection == "lookahead" else 0
 
 
 def selection_scores(selection: str, reused: tuple, fresh: tuple, attention: Optional[torch.Tensor]) -> torch.Tensor:
     """How much recomputing each of n rows is worth at one layer (fp32 [n], >= 0): "deviation", ||dK|| + ||dV||
     between the rows' reused and fresh K/V (CacheBlend, SemShareKV); "attention", the attention the request's last
-    prompt tokens pay them (ProphetKV: what the question needs); "blend", their product (a stale row matters as
-    much as it is attended to). `attention` is [n] or None for "deviation"."""
+    prompt tokens pay them (ProphetKV: what the question needs); "blend" and "lookahead", their product (a stale row
+    matters as much as it is attended to; "lookahead" reads the attention in every layer past the check layers, in a
+    first pass over the reused cache: `ReuseEngine._lookahead`). `attention` is [n] or None for "deviation"."""
     deviation = ((fresh[0] - reused[0]).float().flatten(1).norm(dim=1)
                  + (fresh[1] - reused[1]).float().flatten(1).norm(dim=1))
     if selection == "deviation":
@@ -701,10 +709,11 @@ class ReuseEngine:
         mandatory, first, counts = recompute_rows(match, prefill, self.num_layers, cfg, exact,
                                                   window)  # retention's observer window: recomputed in every layer
         with cache.active():
-            deviation = self._recompute(cache, ids[:prefill], mandatory.to(self.device), first, counts, window, exact)
+            deviation, looked = self._recompute(cache, ids[:prefill], mandatory.to(self.device), first, counts,
+                                                window, exact, match.unmatched_mask()[:prefill])
         if cfg.retain_ratio is not None:
             self._retain(cache, prefill, window)
-        return [c + 1 for c in counts], exact, deviation
+        return [c + 1 + looked for c in counts], exact, deviation
 
     def _reuse_kv(self, cache: SemShareCache, reference: ReferenceEntry, src: torch.Tensor, dst: torch.Tensor,
                   delta: torch.Tensor) -> None:
@@ -825,19 +834,29 @@ class ReuseEngine:
                                           "the engine does not")
 
     def _recompute(self, cache: SemShareCache, ids: torch.Tensor, mandatory: torch.Tensor, first: torch.Tensor,
-                   counts: List[int], window: int, exact: int) -> Optional[float]:
+                   counts: List[int], window: int, exact: int, unmatched: torch.Tensor) -> tuple:
         """Run the decoder layers on a nested, shrinking set of positions past `exact`; K/V go into the cache as they
         come, `counts[i]` rows in layer i. The rows of each next layer are the best-ranked of this one
         (`selection_scores`): ranked once at the last check layer, or again at every layer that shrinks the set
-        (`progressive`). Returns the check layer's mean relative deviation (None when nothing needed ranking)."""
+        (`progressive`). `unmatched`: bool [len(ids)], the rows without reusable K/V. Returns the check layer's mean
+        relative deviation (None when nothing needed ranking) and the rows the lookahead ran in every layer (0 when
+        it did not run)."""
         cfg, prefill, num_layers = self.config, len(ids), self.num_layers
         n = prefill - exact
         if n == 0:
-            return None
+            return None, 0
         schedule = RowSchedule(counts, mandatory[exact:], cfg, num_layers, first[exact:])
+        lookahead = self._lookahead(cache, ids, exact, unmatched) \
+            if lookahead_rows(cfg, n) and min(counts) < n else None
         hidden = self._layer_input(ids[exact + schedule.rows], exact + schedule.rows)
-        queries = min(cfg.query_window, n) if cfg.selection != "deviation" else 0
+        queries = min(cfg.query_window, n) if cfg.selection in ("attention", "blend") else 0
         cache.observe = max(window, queries)
+
+        def attention(layer, positions: torch.Tensor) -> Optional[torch.Tensor]:
+            if lookahead is not None:
+                return lookahead[positions - exact]
+            return None if layer.scores is None else layer.scores[positions]
+
         for idx in range(num_layers):
             if len(schedule.rows) == 0:  # nested sets: every deeper layer reuses everything too
                 break
@@ -845,14 +864,15 @@ class ReuseEngine:
             ranks = schedule.ranks(idx)
             if ranks:
                 reused = (layer.keys[positions].clone(), layer.values[positions].clone())
-            if schedule.shrinks(idx) and (not ranks or cfg.selection == "deviation"):
+            if schedule.shrinks(idx) and (not ranks or cfg.selection in ("deviation", "lookahead")):
                 # Rows that the next layer drops need only their K/V here: a K/V-only pass over every row (the model's
                 # own layer, stopped once its K/V are written), then the whole layer over the rows that go on, whose
                 # queries see every row's fresh K/V. The same cache as running the layer over every row, without the
                 # attention and MLP of the rows dropped: at the last check layer most of them.
                 self._write_kv(idx, hidden, positions, cache)
                 if ranks:
-                    schedule.rank(idx, reused, (layer.keys[positions], layer.values[positions]))
+                    schedule.rank(idx, reused, (layer.keys[positions], layer.values[positions]),
+                                  attention(layer, positions))
                 keep = schedule.advance(idx)
                 if len(keep):  # (none: every deeper layer reuses everything)
                     hidden = self._run_layer(idx, hidden[:, keep], exact + schedule.rows, cache)
@@ -860,13 +880,52 @@ class ReuseEngine:
             hidden = self._run_layer(idx, hidden, positions, cache)
             if ranks:
                 schedule.rank(idx, reused, (layer.keys[positions], layer.values[positions]),
-                              None if layer.scores is None else layer.scores[positions])
+                              attention(layer, positions))
             keep = schedule.advance(idx)
             if keep is not None:
                 hidden = hidden[:, keep]
         cache.observe = 0
         cache.stale = exact + schedule.stale()  # what decode_recompute takes next, most stale first
-        return schedule.deviation
+        return schedule.deviation, 0 if lookahead is None else lookahead_rows(cfg, n)
+
+    def _lookahead(self, cache: SemShareCache, ids: torch.Tensor, exact: int, unmatched: torch.Tensor) -> torch.Tensor:
+        """ProphetKV's first stage: the last `query_window` positions of ids run through every layer over the cache as
+        assembled (reused K/V; the `unmatched` rows, which hold none, hidden), and the attention they pay each
+        position of [exact, len(ids)) in every layer past the check layers, normalised per layer, summed: fp32
+        [len(ids) - exact]. Layer 1's deviation sees little of a change far back; deep layers read it from
+        everywhere, and these queries say which rows they read (docs/design.md, "Looking ahead"). The cache is left
+        as it was: the queries' K/V and every slot's position are put back."""
+        prefill = len(ids)
+        q = lookahead_rows(self.config, prefill - exact)
+        queries = torch.arange(prefill - q, prefill, device=self.device)
+        hidden_rows = unmatched.to(self.device).nonzero().flatten()
+        hidden_rows = hidden_rows[hidden_rows < prefill - q]
+        touched = torch.cat([queries, hidden_rows])
+        saved = (cache.keys[:, touched].clone(), cache.values[:, touched].clone(),
+                 [layer.kv_pos[hidden_rows].clone() for layer in cache.layers])
+        check = effective_check_layers(self.config)
+        deep = check if check < self.num_layers else 0
+        fused = torch.zeros(prefill - exact, dtype=torch.float32, device=self.device)
+        # Hidden: invisible to attention (partial_attn's contract) and zero, since a masked slot's NaN would still
+        # reach the output through 0 * NaN.
+        cache.keys[:, hidden_rows], cache.values[:, hidden_rows] = 0, 0
+        for layer in cache.layers:
+            layer.kv_pos[hidden_rows] = -1
+        cache.observe = q
+        try:
+            hidden = self._layer_input(ids[queries], queries)
+            for idx in range(self.num_layers):
+                hidden = self._run_layer(idx, hidden, queries, cache)
+                if idx >= deep:
+                    paid = cache.layers[idx].scores[exact:prefill].float()
+                    fused += paid / paid.sum().clamp_min(1e-30)
+        finally:
+            cache.observe = 0
+            cache.keys[:, touched], cache.values[:, touched] = saved[0], saved[1]
+            for layer, kv_pos in zip(cache.layers, saved[2]):
+                layer.kv_pos[hidden_rows] = kv_pos
+                layer.scores = None
+        return fused
 
     def _recompute_stale(self, cache: SemShareCache, ids: torch.Tensor, positions: torch.Tensor) -> None:
         """Prompt positions (sorted) through every layer, their K/V overwritten in place (decode_recompute). Their

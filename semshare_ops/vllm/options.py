@@ -34,6 +34,9 @@ REQUEST_FIELDS = ("recompute_ratio", "min_similarity", "rope_correction", "check
 # use once edit alignment runs.
 MATCHING = ("edit", "lsh", "hybrid")
 CONNECTOR_FIELDS = {"donor_bytes": 1 << 30, "max_depth": 4, "candidates": 4}
+# The connector's ReuseConfig before kv_connector_extra_config: edit alignment, rows ranked by deviation (whatever
+# the HF engine's default selection: the connector runs no lookahead pass and reads no attention).
+CONNECTOR_BASE = {"matching": "edit", "selection": "deviation"}
 # A request-level switch for the fallback path's test: the worker fails this request's load on purpose.
 FAIL_LOAD_FOR_TESTING = "fail_load_for_testing"
 
@@ -42,7 +45,7 @@ FAIL_LOAD_FOR_TESTING = "fail_load_for_testing"
 class ConnectorOptions:
     """Everything `kv_connector_extra_config` sets, checked."""
 
-    reuse: ReuseConfig = field(default_factory=lambda: ReuseConfig(matching="edit"))
+    reuse: ReuseConfig = field(default_factory=lambda: ReuseConfig(**CONNECTOR_BASE))
     donor_bytes: int = CONNECTOR_FIELDS["donor_bytes"]
     max_depth: int = CONNECTOR_FIELDS["max_depth"]
     candidates: int = CONNECTOR_FIELDS["candidates"]
@@ -58,7 +61,7 @@ class ConnectorOptions:
 class RequestOptions:
     reuse: bool = True
     save: bool = True
-    config: ReuseConfig = field(default_factory=ReuseConfig)
+    config: ReuseConfig = field(default_factory=lambda: ReuseConfig(**CONNECTOR_BASE))
     fail_load: bool = False
 
 
@@ -100,7 +103,8 @@ def parse_extra_config(extra: Mapping[str, Any] | None) -> ConnectorOptions:
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of "
                          f"{sorted(REUSE_FIELDS + tuple(CONNECTOR_FIELDS))}")
-    reuse = _reuse_config({k: v for k, v in extra.items() if k in REUSE_FIELDS}, ReuseConfig(matching="edit"), where)
+    reuse = _reuse_config({k: v for k, v in extra.items() if k in REUSE_FIELDS}, ReuseConfig(**CONNECTOR_BASE),
+                          where)
     own = {}
     for key, default in CONNECTOR_FIELDS.items():
         own[key] = check_count(_where(key, where), extra.get(key, default), 1 if key != "max_depth" else 0)

@@ -132,18 +132,25 @@ def test_selection_sets_are_nested_and_keep_the_mandatory_rows(model, tokenizer,
     whole = []
     steps = record_rows(monkeypatch, whole)
     out = engine.generate(target, reference=ref_entry, max_new_tokens=2)
+    prefill = len(target) - 1
+    queries = torch.arange(prefill - 8, prefill)
+    looked = 8 if selection == "lookahead" else 0
+    if looked:  # first the lookahead: the last query_window rows through every layer
+        assert [layer for layer, _ in steps[:LAYERS]] == list(range(LAYERS))
+        assert all(torch.equal(rows, queries) for _, rows in steps[:LAYERS])
+        steps = steps[LAYERS:]
     assert [layer for layer, _ in steps] == list(range(LAYERS))
     # Where the next layer drops rows, this one computed only K/V for them and ran whole on the next set; not where it
-    # ranks by attention (the attention its last queries pay every row is the ranking).
+    # ranks by the attention its own last queries pay every row (that attention is the ranking).
     shrinking = [i for i in range(LAYERS - 1) if len(steps[i + 1][1]) < len(steps[i][1])]
-    ranks_by_attention = [i for i in shrinking if selection != "deviation" and (i == 0 or progressive)]
+    by_attention = selection in ("attention", "blend")
+    ranks_by_attention = [i for i in shrinking if by_attention and (i == 0 or progressive)]
     assert [layer for layer, _ in whole] == [i for i in shrinking if i not in ranks_by_attention]
     assert all(torch.equal(rows, steps[layer + 1][1]) for layer, rows in whole)
-    assert whole or selection != "deviation"
-    assert [len(rows) + 1 for _, rows in steps] == out.stats["recomputed_tokens"]
-    prefill = len(target) - 1
+    assert whole or by_attention
+    assert [len(rows) + 1 + looked for _, rows in steps] == out.stats["recomputed_tokens"]
     unmatched = engine.match(ref_entry, target).unmatched_mask()[:prefill].nonzero()[:, 0]
-    tail = torch.arange(prefill - 8, prefill) if selection != "deviation" else torch.empty(0, dtype=torch.long)
+    tail = queries if by_attention else torch.empty(0, dtype=torch.long)
     for (_, outer), (_, inner) in zip(steps, steps[1:]):
         assert bool(torch.isin(inner, outer).all())  # every recomputed row had a fresh input
     for _, rows in steps:
@@ -161,6 +168,8 @@ def test_selection_methods_choose_differently(model, tokenizer, reference_ids, r
                             progressive=progressive, recompute_decay=0.8)  # progressive ranks where sets shrink
         steps = record_rows(monkeypatch)
         engine.generate(target, reference=ref_entry, max_new_tokens=2)
+        if selection == "lookahead":  # its first pass (the query rows in every layer) is not a choice
+            steps = steps[LAYERS:]
         chosen[selection, progressive] = tuple(tuple(rows.tolist()) for _, rows in steps)
         monkeypatch.undo()
     assert len(set(chosen.values())) == len(VARIANTS)
@@ -353,3 +362,88 @@ def test_kv_only_pass_writes_what_the_whole_layer_writes(model, tokenizer, refer
     rows = [c - 1 for c in counts]
     assert split_mlp == [(rows[i + 1] if i + 1 < LAYERS else rows[i]) + 1 + 1 for i in range(LAYERS)]
     assert sum(whole_mlp) > sum(split_mlp)
+
+
+def _cache_of(engine, keys: torch.Tensor, values: torch.Tensor) -> SemShareCache:
+    """A request cache whose positions 0..len-1 hold these K/V [layers, len, H, D] in every layer."""
+    cache = engine._new_cache(capacity=keys.shape[1] + 1, used=keys.shape[1])
+    cache.keys[:, : keys.shape[1]], cache.values[:, : keys.shape[1]] = keys, values
+    return cache
+
+
+@pytest.mark.parametrize("exact", [0, 50])
+def test_lookahead_reads_the_attention_a_full_prefill_pays(tokenizer, arch, exact):
+    """Over a cache that holds the prompt's own K/V, the lookahead's queries are the full prefill's: their attention
+    (per layer past the check layer, over [exact, prefill), normalised, summed) is what the model's own eager
+    attention gives them, read from output_attentions of an independent copy of the model."""
+    from engine_testutils import build_model
+
+    def sharp_model():  # queries and keys scaled up: attention far from uniform, and different in every layer
+        model = build_model(arch, seed=1)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(4.0)
+                layer.self_attn.k_proj.weight.mul_(4.0)
+        return model
+
+    ids = rand_tokens(200, seed=5)
+    prefill, q, check = len(ids) - 1, 8, 1
+    engine = engine_for(sharp_model(), tokenizer, selection="lookahead", query_window=q, check_layers=check)
+    entry = engine.prefill(ids)
+    cache = _cache_of(engine, entry.keys[:, :prefill], entry.values[:, :prefill])
+    with torch.no_grad(), cache.active():
+        fused = engine._lookahead(cache, torch.tensor(ids[:prefill]), exact, torch.zeros(prefill, dtype=torch.bool))
+
+    eager = sharp_model()
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = eager(torch.tensor([ids[:prefill]]), output_attentions=True).attentions
+    per_layer = []
+    for layer in range(LAYERS):
+        paid = attentions[layer][0, :, -q:, exact:].double().sum((0, 1))
+        per_layer.append(paid / paid.sum())
+    expected = sum(per_layer[check:])
+    assert fused.shape == (prefill - exact,)
+    torch.testing.assert_close(fused.double(), expected, atol=2e-5, rtol=1e-4)
+    # The comparison tells the layers apart: with the check layer counted too, or the queries' first layer instead
+    # of their last, it would fail.
+    assert float((sum(per_layer) - expected).abs().max()) > 1e-3
+    assert float((sum(per_layer[:-1]) - expected).abs().max()) > 1e-3
+
+
+def test_lookahead_hides_rows_without_kv_and_leaves_the_cache_as_it_was(model, tokenizer):
+    """Rows with no reusable K/V (unmatched: their slots hold anything, NaN here) get no attention and change nothing;
+    afterwards every slot's K/V, position and score are what they were, the query rows' included (random K/V here,
+    which the lookahead's own would not reproduce)."""
+    ids = rand_tokens(120, seed=6)
+    prefill = len(ids) - 1
+    engine = engine_for(model, tokenizer, selection="lookahead", query_window=8)
+    gen = torch.Generator().manual_seed(3)
+    shape = (LAYERS, prefill) + tuple(engine._new_cache(1).keys.shape[2:])
+    cache = _cache_of(engine, torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
+    unmatched = torch.zeros(prefill, dtype=torch.bool)
+    unmatched[30:45] = True
+    cache.keys[:, 30:45], cache.values[:, 30:45] = float("nan"), float("nan")
+    before = (cache.keys.clone(), cache.values.clone(), [layer.kv_pos.clone() for layer in cache.layers])
+    with torch.no_grad(), cache.active():
+        fused = engine._lookahead(cache, torch.tensor(ids[:prefill]), 0, unmatched)
+    assert bool(torch.isfinite(fused).all()) and bool((fused[30:45] == 0).all()) and bool((fused[:30] > 0).all())
+    torch.testing.assert_close(cache.keys, before[0], atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(cache.values, before[1], atol=0, rtol=0, equal_nan=True)
+    assert all(torch.equal(layer.kv_pos, kv_pos) for layer, kv_pos in zip(cache.layers, before[2]))
+    assert all(layer.scores is None and cache.observe == 0 for layer in cache.layers)
+
+
+def test_lookahead_rows_come_out_of_the_budget():
+    """The lookahead's rows run in every layer, so the recompute counts give up as many: the same work per request
+    at the same recompute_ratio (down to the mandatory floor)."""
+    from semshare_ops.engine.engine import lookahead_rows
+
+    config = ReuseConfig(selection="lookahead", query_window=16, recompute_ratio=0.3)
+    assert lookahead_rows(config, 500) == 16 and lookahead_rows(config, 10) == 10
+    assert lookahead_rows(dataclasses.replace(config, selection="blend"), 500) == 0
+    prefill, layers = 500, 12
+    plain = recompute_counts(prefill, layers, 20, config)
+    looked = recompute_counts(prefill, layers, 20, config, lookahead=16)
+    assert abs((sum(plain) - sum(looked)) - 16 * layers) <= layers  # rounding of the per-layer counts
+    assert looked[:2] == [prefill] * 2 and min(looked) >= 20

@@ -21,6 +21,9 @@ def test_kv_transfer_config_round_trips_through_json():
 def test_defaults_match_edit_alignment():
     options = parse_extra_config(None)
     assert options == ConnectorOptions() and options.reuse.matching == "edit"
+    # Ranked by deviation whatever the HF engine's default selection: the connector runs no lookahead pass.
+    assert options.reuse.selection == "deviation" and parse_request({}, options).config.selection == "deviation"
+    assert parse_request(None, options).config.selection == "deviation"
 
 
 @pytest.mark.parametrize("kwargs, error, name", [
