@@ -193,7 +193,11 @@ def test_reuse_check_layers_take_causal_sdpa(model, tokenizer, reference_ids, re
     monkeypatch.undo()
     force_general_path(monkeypatch)
     general, general_logits = generate_with_logits(engine, target, reference=ref_entry, max_new_tokens=2)
-    assert general.stats == {**fast.stats, "ttft_ms": general.stats["ttft_ms"]}
+    # The same rows and counts; the check layer's deviation to float rounding (the two attention paths sum in
+    # different orders, and which one rounds lower depends on the CPU's kernels).
+    assert general.stats["check_deviation"] == pytest.approx(fast.stats["check_deviation"], rel=1e-5)
+    assert general.stats == {**fast.stats, "ttft_ms": general.stats["ttft_ms"],
+                             "check_deviation": general.stats["check_deviation"]}
     torch.testing.assert_close(fast_logits, general_logits, atol=1e-4, rtol=1e-4)
 
 
