@@ -251,10 +251,15 @@ def recompute_rows(match: matching.Match, prefill: int, num_layers: int, config:
     return mandatory, boundary_rows(match, prefill, config), counts
 
 
+# Selections that rank by the attention the last query_window prompt rows pay in the layer being ranked: those rows are
+# recomputed in every layer, observed there, and such a layer runs whole (no K/V-only pass).
+QUERY_SELECTIONS = ("attention", "blend")
+
+
 def tail_rows(config: ReuseConfig) -> int:
     """Last prompt positions recomputed in every layer: `recompute_tail`, and the query window when the selection
     ranks by the attention those queries pay (their queries must be fresh in every layer that ranks)."""
-    return max(config.recompute_tail, config.query_window if config.selection in ("attention", "blend") else 0)
+    return max(config.recompute_tail, config.query_window if config.selection in QUERY_SELECTIONS else 0)
 
 
 def lookahead_rows(config: ReuseConfig, rows: int) -> int:
@@ -849,7 +854,7 @@ class ReuseEngine:
         lookahead = self._lookahead(cache, ids, exact, unmatched) \
             if lookahead_rows(cfg, n) and min(counts) < n else None
         hidden = self._layer_input(ids[exact + schedule.rows], exact + schedule.rows)
-        queries = min(cfg.query_window, n) if cfg.selection in ("attention", "blend") else 0
+        queries = min(cfg.query_window, n) if cfg.selection in QUERY_SELECTIONS else 0
         cache.observe = max(window, queries)
 
         def attention(layer, positions: torch.Tensor) -> Optional[torch.Tensor]:
@@ -864,7 +869,7 @@ class ReuseEngine:
             ranks = schedule.ranks(idx)
             if ranks:
                 reused = (layer.keys[positions].clone(), layer.values[positions].clone())
-            if schedule.shrinks(idx) and (not ranks or cfg.selection in ("deviation", "lookahead")):
+            if schedule.shrinks(idx) and (not ranks or cfg.selection not in QUERY_SELECTIONS):
                 # Rows that the next layer drops need only their K/V here: a K/V-only pass over every row (the model's
                 # own layer, stopped once its K/V are written), then the whole layer over the rows that go on, whose
                 # queries see every row's fresh K/V. The same cache as running the layer over every row, without the
