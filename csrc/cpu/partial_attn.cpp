@@ -1,9 +1,12 @@
 // CPU kernel of partial_attn: exact attention for an arbitrary set of query positions against a (possibly
 // compressed) KV cache. Flash-style: queries are sorted by position and tiled with the query heads of one KV head
-// (GQA shares each packed K/V tile), keys stream through in tiles with an online softmax, so no Nq x Nk score
-// matrix exists. KV tiles that no query of a tile can see (past its last query, or before the sliding window of its
+// (GQA shares each K/V tile), keys stream through in tiles with an online softmax, so no Nq x Nk score matrix
+// exists. KV tiles that no query of a tile can see (past its last query, or before the sliding window of its
 // first) are skipped; tiles every query sees fully skip the mask. Soft-capping is applied to each tile's logits
 // before the softmax; attention sinks join the denominator once, when a row is finished.
+// Few queries (decoding, a small recompute) are a stream through K/V with little arithmetic per byte, so there
+// the kernel reads fp32 K/V where they lie instead of packing them, and splits each item's keys over the threads
+// (flash-decoding) when the items alone would leave threads idle; many queries pack each K/V tile once for all.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,6 +20,7 @@
 #include <limits>
 #include <memory>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -177,12 +181,60 @@ inline void gemm_tile(int64_t rows, int64_t cols, int64_t K, const float* A, int
   }
 }
 
+// The sums of eight vectors, one per lane: three rounds of pairwise adds (the hadd pattern) instead of eight
+// horizontal sums.
+inline vf8 hadd(vf8 a, vf8 b) {
+  return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+         __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+
+inline vf8 hsum8(const vf8* a) {
+  const vf8 h0 = hadd(hadd(a[0], a[1]), hadd(a[2], a[3]));  // lanes 0-3: a0..a3's low halves, 4-7: high halves
+  const vf8 h1 = hadd(hadd(a[4], a[5]), hadd(a[6], a[7]));
+  return __builtin_shufflevector(h0, h1, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(h0, h1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// S[r][j] = Q_r . K_j for the few rows of a decode-like tile, reading K where it lies (fp32 rows of D, D a multiple
+// of 8, ldk apart) instead of packing it: eight keys at a time, one accumulator each, reduced together. Columns
+// past nk are zero (the mask covers them).
+inline void scores_direct(int64_t rows, int64_t D, int64_t nk, const float* Q, const float* K, int64_t ldk,
+                          float* S) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* qr = Q + r * D;
+    float* sr = S + r * kBlockK;
+    int64_t j = 0;
+    for (; j + 8 <= nk; j += 8) {
+      vf8 acc[8];
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) acc[c] = splat(0.0f);
+      for (int64_t d = 0; d < D; d += 8) {
+        const vf8 qv = load8(qr + d);
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; ++c) acc[c] += qv * load8(K + (j + c) * ldk + d);
+      }
+      store8(sr + j, hsum8(acc));
+    }
+    for (; j < nk; ++j) {
+      vf8 acc = splat(0.0f);
+      for (int64_t d = 0; d < D; d += 8) acc += load8(qr + d) * load8(K + j * ldk + d);
+      sr[j] = hsum(acc);
+    }
+    for (; j < kBlockK; ++j) sr[j] = 0.0f;
+  }
+}
+
 // One KV tile for every row (query x head-in-group) of a query tile: S = Q K^T, cap, mask, online softmax,
-// O += P V. With softcap > 0, Q carries scale / softcap, so the cap is softcap * tanh(S).
+// O += P V. With softcap > 0, Q carries scale / softcap, so the cap is softcap * tanh(S). K is either a packed tile
+// (Kt[d][j], ldk == 0) or fp32 rows ldk apart; V is rows of Dvp ldv apart (packed: ldv == Dvp).
 inline void attend_tile(int64_t rows, int64_t D, int64_t Dvp, int64_t nk, int64_t G, bool need_mask, float softcap,
-                        const float* Q, const float* Kt, const float* V, const float* bias, float* S, float* O,
-                        float* M, float* L, float* alpha) {
-  gemm_tile(rows, kBlockK, D, Q, D, Kt, kBlockK, S, kBlockK, nullptr);
+                        const float* Q, const float* K, int64_t ldk, const float* V, int64_t ldv, const float* bias,
+                        float* S, float* O, float* M, float* L, float* alpha) {
+  if (ldk == 0) {
+    gemm_tile(rows, kBlockK, D, Q, D, K, kBlockK, S, kBlockK, nullptr);
+  } else {
+    scores_direct(rows, D, nk, Q, K, ldk, S);
+  }
   if (softcap > 0.0f) {
     for (int64_t i = 0; i < rows * kBlockK; i += 8) store8(S + i, softcap * tanh8(load8(S + i)));
   }
@@ -218,13 +270,34 @@ inline void attend_tile(int64_t rows, int64_t D, int64_t Dvp, int64_t nk, int64_
     M[row] = m_new;
   }
 
-  // Keys past nk are zero padding in V (and P is finite there), so the full tile depth could be used; nk skips it.
-  gemm_tile(rows, Dvp, nk, S, kBlockK, V, Dvp, O, Dvp, alpha);
+  // Keys past nk are zero padding in a packed V (and P is finite there), so the full tile depth could be used; nk
+  // skips it, and is what keeps an unpacked V from being read past its end.
+  gemm_tile(rows, Dvp, nk, S, kBlockK, V, ldv, O, Dvp, alpha);
 }
 
-// One unit of work: the queries sorted[q_begin, q_end) of sequence b, with every query head of KV head g.
+// Split-KV, as in flash-decoding and the CUDA kernel: with too few (query tile, KV head) items to keep every thread
+// busy -- decoding, or the few queries of a low recompute ratio -- each item's key range is cut into slices of whole
+// tiles that run as separate items; each slice leaves its unnormalised output, running max and sum, and the slices
+// are merged after. kItemsPerThread items per thread let the dynamic hand-out even out slices of unequal cost;
+// slices of at least kMinSplitKeys keys keep the merge's traffic (one row per slice) small beside the K/V a slice
+// reads. The split depends on the call's shape and thread count, so a query's output may differ in rounding between
+// calls with different companions, as on CUDA.
+constexpr int64_t kItemsPerThread = 4;
+constexpr int64_t kMinSplitKeys = 256;
+constexpr int64_t kMaxSplits = 64;
+
+// K/V are packed (fp32, K transposed) once per call into a shared buffer when more than this many query tiles of a
+// sequence read each K/V tile. With fewer, a packed tile would be used once or twice and packing costs about what
+// its arithmetic does: fp32 K/V are read where they lie, other dtypes packed (converted) by the item that reads
+// them, into a buffer that stays in L1.
+constexpr int64_t kLocalPackTiles = 2;
+
+
+// One unit of work: the queries sorted[q_begin, q_end) of sequence b, with every query head of KV head g, against
+// the keys [k_begin, k_end) of the sequence (tile-aligned from its first key). part < 0: the whole range, finished
+// in place; otherwise slice `slice` of `slices` of a split item whose partial rows start at part.
 struct WorkItem {
-  int64_t b, g, q_begin, q_end, cost;
+  int64_t b, g, q_begin, q_end, k_begin, k_end, cost, part, slice, slices;
 };
 
 template <typename scalar_t>
@@ -270,21 +343,66 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
       break;
     }
   }
+  // Each (sequence, query tile, KV head) and the key range its queries can see: from the first query's window
+  // (default positions only) to the last query's position (default positions) or the sequence's end (kv_pos).
   std::vector<WorkItem> items;
+  int64_t max_tiles_per_seq = 0, longest = 0;
   for (int64_t b = 0; b < s.batch; ++b) {
-    const int64_t nk_b = s.cu_k[b + 1] - s.cu_k[b];
+    const int64_t k0 = s.cu_k[b], k1 = s.cu_k[b + 1], nq_b = s.cu_q[b + 1] - s.cu_q[b];
+    max_tiles_per_seq = std::max(max_tiles_per_seq, (nq_b + tile_q - 1) / tile_q);
+    if (k1 == k0) {  // no keys: the queries still need their zeros and -inf
+      for (int64_t t = s.cu_q[b]; t < s.cu_q[b + 1]; t += tile_q) {
+        for (int64_t g = 0; g < s.kv_heads; ++g) {
+          items.push_back({b, g, t, std::min(t + tile_q, s.cu_q[b + 1]), k0, k0, 0, -1, 0, 1});
+        }
+      }
+      continue;
+    }
     for (int64_t t = s.cu_q[b]; t < s.cu_q[b + 1]; t += tile_q) {
       const int64_t t_end = std::min(t + tile_q, s.cu_q[b + 1]);
-      // Cost estimate for scheduling: keys from the first query's window to the last query's position (exact
-      // without compression).
-      const int64_t first = window > 0 ? std::max<int64_t>(0, qpos[order[t]] - window + 1) : 0;
-      const int64_t reach =
-          kvpos ? nk_b : std::max<int64_t>(0, std::min(nk_b, qpos[order[t_end - 1]] + 1) - std::min(nk_b, first));
-      for (int64_t g = 0; g < s.kv_heads; ++g) items.push_back({b, g, t, t_end, (t_end - t) * (reach + kBlockK)});
+      int64_t kb = k0, ke = k1;
+      if (!kvpos) {
+        if (window > 0) kb = k0 + std::max<int64_t>(0, qpos[order[t]] - window + 1) / kBlockK * kBlockK;
+        ke = std::min(k1, k0 + std::max<int64_t>(0, qpos[order[t_end - 1]] + 1));
+        kb = std::min(kb, ke > k0 ? (ke - k0 - 1) / kBlockK * kBlockK + k0 : k0);
+      }
+      longest = std::max(longest, ke - kb);
+      for (int64_t g = 0; g < s.kv_heads; ++g) {
+        items.push_back({b, g, t, t_end, kb, ke, (t_end - t) * (ke - kb + kBlockK), -1, 0, 1});
+      }
     }
+  }
+
+  // How many slices: one key length for the whole call, as on CUDA (the longest item sets the pace).
+  const int64_t threads = at::get_num_threads();
+  int64_t split_keys = 0;
+  if (threads > 1 && !items.empty()) {
+    const int64_t n = static_cast<int64_t>(items.size());
+    const int64_t want = std::min({(kItemsPerThread * threads + n - 1) / n, kMaxSplits, longest / kMinSplitKeys});
+    if (want > 1) split_keys = ((longest + kBlockK - 1) / kBlockK + want - 1) / want * kBlockK;
+  }
+  int64_t part_rows = 0;  // partial rows of every split item, slice-major within an item
+  if (split_keys > 0) {
+    std::vector<WorkItem> split;
+    for (const WorkItem& w : items) {
+      const int64_t slices = (w.k_end - w.k_begin + split_keys - 1) / split_keys;
+      if (slices <= 1) {
+        split.push_back(w);
+        continue;
+      }
+      const int64_t rows = (w.q_end - w.q_begin) * G;
+      for (int64_t z = 0; z < slices; ++z) {
+        const int64_t kb = w.k_begin + z * split_keys, ke = std::min(w.k_end, kb + split_keys);
+        split.push_back({w.b, w.g, w.q_begin, w.q_end, kb, ke, (w.q_end - w.q_begin) * (ke - kb + kBlockK),
+                         part_rows, z, slices});
+      }
+      part_rows += slices * rows;
+    }
+    items.swap(split);
   }
   // Longest first, then handed out one at a time: causal tiles differ in cost by up to Nk / kBlockK times.
   std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& c) { return a.cost > c.cost; });
+  AlignedBuffer part_o(part_rows * Dvp), part_m(part_rows), part_l(part_rows);
 
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
@@ -295,39 +413,70 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1);
   const int64_t os0 = out.stride(0), os1 = out.stride(1);
 
-  // K and V packed once per call, in fp32 and in the tile layout the micro-kernels read (K transposed:
-  // Kt[d][j]; V rows padded to Dvp); every query tile of the KV head then shares them. Padding is zero.
+  // One K/V tile of KV head g, keys [j0, j0 + nk), in fp32 and the layout the micro-kernels read (K transposed:
+  // Kt[d][j]; V rows padded to Dvp); the padding is zero.
+  auto pack_tile = [&](int64_t g, int64_t j0, int64_t nk, float* Kt, float* V) {
+    std::fill(Kt, Kt + D * kBlockK, 0.0f);
+    std::fill(V, V + kBlockK * Dvp, 0.0f);
+    for (int64_t j = 0; j < nk; ++j) {
+      const scalar_t* kr = kp + (j0 + j) * ks0 + g * ks1;
+      for (int64_t d = 0; d < D; ++d) Kt[d * kBlockK + j] = static_cast<float>(kr[d]);
+      const scalar_t* vr = vp + (j0 + j) * vs0 + g * vs1;
+      for (int64_t e = 0; e < Dv; ++e) V[j * Dvp + e] = static_cast<float>(vr[e]);
+    }
+  };
+
+  const bool few_tiles = max_tiles_per_seq <= kLocalPackTiles;
+  const bool direct = few_tiles && std::is_same_v<scalar_t, float> && D % 8 == 0 && Dv % kVChunk == 0;
+  const bool local_pack = few_tiles && !direct, shared_pack = !few_tiles;
   std::vector<int64_t> tile_base(s.batch + 1, 0);
   for (int64_t b = 0; b < s.batch; ++b) {
     tile_base[b + 1] = tile_base[b] + (s.cu_k[b + 1] - s.cu_k[b] + kBlockK - 1) / kBlockK;
   }
-  const int64_t total_tiles = tile_base[s.batch];
+  const int64_t total_tiles = shared_pack ? tile_base[s.batch] : 0;
   AlignedBuffer kt_all(s.kv_heads * total_tiles * D * kBlockK), v_all(s.kv_heads * total_tiles * kBlockK * Dvp);
-  at::parallel_for(0, s.kv_heads * total_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t g = t / total_tiles, tile = t % total_tiles;
-      const int64_t b = std::upper_bound(tile_base.begin(), tile_base.end(), tile) - tile_base.begin() - 1;
-      const int64_t j0 = s.cu_k[b] + (tile - tile_base[b]) * kBlockK, nk = std::min(kBlockK, s.cu_k[b + 1] - j0);
-      float* Kt = kt_all.get() + t * D * kBlockK;
-      float* V = v_all.get() + t * kBlockK * Dvp;
-      std::fill(Kt, Kt + D * kBlockK, 0.0f);
-      std::fill(V, V + kBlockK * Dvp, 0.0f);
-      for (int64_t j = 0; j < nk; ++j) {
-        const scalar_t* kr = kp + (j0 + j) * ks0 + g * ks1;
-        for (int64_t d = 0; d < D; ++d) Kt[d * kBlockK + j] = static_cast<float>(kr[d]);
-        const scalar_t* vr = vp + (j0 + j) * vs0 + g * vs1;
-        for (int64_t e = 0; e < Dv; ++e) V[j * Dvp + e] = static_cast<float>(vr[e]);
+  if (shared_pack) {
+    at::parallel_for(0, s.kv_heads * total_tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t g = t / total_tiles, tile = t % total_tiles;
+        const int64_t b = std::upper_bound(tile_base.begin(), tile_base.end(), tile) - tile_base.begin() - 1;
+        const int64_t j0 = s.cu_k[b] + (tile - tile_base[b]) * kBlockK;
+        pack_tile(g, j0, std::min(kBlockK, s.cu_k[b + 1] - j0), kt_all.get() + t * D * kBlockK,
+                  v_all.get() + t * kBlockK * Dvp);
       }
+    });
+  }
+
+  // out = O / L and lse = M + log L for query i, head h, one rounding to the output dtype; no visible key: 0 and
+  // -inf. A sink adds exp(sink) to the denominator only: with m = max(M, sink), L' = L e^(M - m) + e^(sink - m) and
+  // out = O e^(M - m) / L'.
+  auto finish = [&](int64_t i, int64_t h, const float* orow, float m, float l) {
+    scalar_t* dst = op + i * os0 + h * os1;
+    float o_scale = 1.0f;
+    if (sink && sink[h] > kNegInf) {
+      const float m_new = std::max(m, sink[h]);
+      o_scale = l > 0.0f ? std::exp(m - m_new) : 0.0f;
+      l = l * o_scale + std::exp(sink[h] - m_new);
+      m = m_new;
     }
-  });
+    if (l > 0.0f) {
+      const float inv = o_scale / l;
+      for (int64_t e = 0; e < Dv; ++e) dst[e] = static_cast<scalar_t>(orow[e] * inv);
+      lp[i * s.q_heads + h] = m + std::log(l);
+    } else {
+      for (int64_t e = 0; e < Dv; ++e) dst[e] = static_cast<scalar_t>(0.0f);
+      lp[i * s.q_heads + h] = kNegInf;
+    }
+  };
 
   std::atomic<int64_t> next{0};
   const int64_t n_items = static_cast<int64_t>(items.size());
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n_items, 1));
+  const int64_t workers = std::min<int64_t>(threads, std::max<int64_t>(n_items, 1));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const int64_t rows_max = tile_q * G;
-    AlignedBuffer qbuf(rows_max * D), sbuf(rows_max * kBlockK),
-        obuf(rows_max * Dvp), mbuf(rows_max), lbuf(rows_max), alphabuf(rows_max), biasbuf(tile_q * kBlockK);
+    AlignedBuffer qbuf(rows_max * D), sbuf(rows_max * kBlockK), obuf(rows_max * Dvp), mbuf(rows_max),
+        lbuf(rows_max), alphabuf(rows_max), biasbuf(tile_q * kBlockK), ktbuf(local_pack ? D * kBlockK : 0),
+        vbuf(local_pack ? kBlockK * Dvp : 0);
     std::vector<int64_t> tile_qpos(tile_q), key_pos(kBlockK);
     float* Q = qbuf.get();
     float* S = sbuf.get();
@@ -340,7 +489,7 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
     for (int64_t it = next++; it < n_items; it = next++) {
       const WorkItem& w = items[it];
       const int64_t nq = w.q_end - w.q_begin, rows = nq * G;
-      const int64_t k0 = s.cu_k[w.b], k1 = s.cu_k[w.b + 1];
+      const int64_t k0 = s.cu_k[w.b];
 
       // Q rows (query r, head-in-group hh) -> row r * G + hh, in fp32 with the softmax scale folded in.
       for (int64_t r = 0; r < nq; ++r) {
@@ -356,13 +505,11 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
       std::fill(M, M + rows, kNegInf);
       std::fill(L, L + rows, 0.0f);
       const int64_t q_min = tile_qpos[0], q_max = tile_qpos[nq - 1];
-      // Keys at positions <= q_min - window are outside every query's window. With default positions (key j of
-      // the sequence is position j) whole tiles before that are never visited.
+      // Keys at positions <= q_min - window are outside every query's window.
       const int64_t win_lo = window > 0 ? q_min - window : std::numeric_limits<int64_t>::min();
-      const int64_t j_first = kvpos || window <= 0 ? k0 : k0 + std::max<int64_t>(0, win_lo + 1) / kBlockK * kBlockK;
 
-      for (int64_t j0 = j_first; j0 < k1; j0 += kBlockK) {
-        const int64_t nk = std::min(kBlockK, k1 - j0);
+      for (int64_t j0 = w.k_begin; j0 < w.k_end; j0 += kBlockK) {
+        const int64_t nk = std::min(kBlockK, s.cu_k[w.b + 1] - j0);
         int64_t pos_min = std::numeric_limits<int64_t>::max(), pos_max = std::numeric_limits<int64_t>::min();
         bool all_present = nk == kBlockK;
         for (int64_t j = 0; j < kBlockK; ++j) {
@@ -381,9 +528,31 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
         const bool whole_window = window <= 0 || pos_min > q_max - window;  // in every query's window
         const bool need_mask = !(all_present && pos_max <= q_min && whole_window);
 
-        const int64_t tile_id = w.g * total_tiles + tile_base[w.b] + (j0 - k0) / kBlockK;
-        const float* Kt = kt_all.get() + tile_id * D * kBlockK;
-        const float* V = v_all.get() + tile_id * kBlockK * Dvp;
+        const float *Kt, *V;
+        int64_t ldk = 0, ldv = Dvp;
+        if (direct) {  // fp32 rows where they lie (the branch is dead for other dtypes)
+          Kt = reinterpret_cast<const float*>(kp + j0 * ks0 + w.g * ks1);
+          V = reinterpret_cast<const float*>(vp + j0 * vs0 + w.g * vs1);
+          ldk = ks0;
+          ldv = vs0;
+          // The next tile's rows are requested now: one head's rows are a stride apart, which the hardware
+          // prefetchers follow poorly, and a decode call is nothing but this stream.
+          const int64_t next_nk = std::min(kBlockK, w.k_end - j0 - kBlockK);
+          for (int64_t j = 0; j < next_nk; ++j) {
+            const char* kr = reinterpret_cast<const char*>(Kt + (kBlockK + j) * ldk);
+            const char* vr = reinterpret_cast<const char*>(V + (kBlockK + j) * ldv);
+            for (int64_t b = 0; b < D * 4; b += 64) __builtin_prefetch(kr + b);
+            for (int64_t b = 0; b < Dv * 4; b += 64) __builtin_prefetch(vr + b);
+          }
+        } else if (local_pack) {
+          pack_tile(w.g, j0, nk, ktbuf.get(), vbuf.get());
+          Kt = ktbuf.get();
+          V = vbuf.get();
+        } else {
+          const int64_t tile_id = w.g * total_tiles + tile_base[w.b] + (j0 - k0) / kBlockK;
+          Kt = kt_all.get() + tile_id * D * kBlockK;
+          V = v_all.get() + tile_id * kBlockK * Dvp;
+        }
 
         // Additive masks (0 or -inf) per query of the tile, shared by its G heads.
         if (need_mask) {
@@ -396,33 +565,54 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
             }
           }
         }
-        attend_tile(rows, D, Dvp, nk, G, need_mask, softcap, Q, Kt, V, bias, S, O, M, L, alpha);
+        attend_tile(rows, D, Dvp, nk, G, need_mask, softcap, Q, Kt, ldk, V, ldv, bias, S, O, M, L, alpha);
       }
 
-      // out = O / L and lse = M + log L, one rounding to the output dtype; no visible key: 0 and -inf. A sink
-      // adds exp(sink) to the denominator only: with m = max(M, sink), L' = L e^(M - m) + e^(sink - m) and
-      // out = O e^(M - m) / L'.
+      if (w.part < 0) {
+        for (int64_t r = 0; r < nq; ++r) {
+          for (int64_t hh = 0; hh < G; ++hh) {
+            const int64_t row = r * G + hh;
+            finish(order[w.q_begin + r], w.g * G + hh, O + row * Dvp, M[row], L[row]);
+          }
+        }
+      } else {  // a slice: its state, merged below
+        const int64_t base = w.part + w.slice * rows;
+        std::memcpy(part_o.get() + base * Dvp, O, sizeof(float) * rows * Dvp);
+        std::memcpy(part_m.get() + base, M, sizeof(float) * rows);
+        std::memcpy(part_l.get() + base, L, sizeof(float) * rows);
+      }
+    }
+  });
+  if (part_rows == 0) return;
+
+  // Merge the slices of each split item, in slice order: m = max M_z, L = sum L_z e^(M_z - m), O likewise. A slice
+  // that saw nothing has M_z = -inf, so it adds nothing; a row no slice saw is finished as with no visible key.
+  std::vector<const WorkItem*> heads;  // slice 0 of each split item
+  for (const WorkItem& w : items) {
+    if (w.part >= 0 && w.slice == 0) heads.push_back(&w);
+  }
+  at::parallel_for(0, static_cast<int64_t>(heads.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(Dvp);
+    for (int64_t x = begin; x < end; ++x) {
+      const WorkItem& w = *heads[x];
+      const int64_t nq = w.q_end - w.q_begin, rows = nq * G;
       for (int64_t r = 0; r < nq; ++r) {
-        const int64_t i = order[w.q_begin + r];
         for (int64_t hh = 0; hh < G; ++hh) {
-          const int64_t row = r * G + hh, h = w.g * G + hh;
-          scalar_t* dst = op + i * os0 + h * os1;
-          const float* orow = O + row * Dvp;
-          float o_scale = 1.0f, m = M[row], l = L[row];
-          if (sink && sink[h] > kNegInf) {
-            const float m_new = std::max(m, sink[h]);
-            o_scale = l > 0.0f ? std::exp(m - m_new) : 0.0f;
-            l = l * o_scale + std::exp(sink[h] - m_new);
-            m = m_new;
+          const int64_t row = w.part + r * G + hh;
+          float m = kNegInf;
+          for (int64_t z = 0; z < w.slices; ++z) m = std::max(m, part_m.get()[row + z * rows]);
+          float l = 0.0f;
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          if (m > kNegInf) {
+            for (int64_t z = 0; z < w.slices; ++z) {
+              const int64_t zr = row + z * rows;
+              const float c = std::exp(part_m.get()[zr] - m);  // 0 for a slice that saw nothing
+              l += part_l.get()[zr] * c;
+              const float* o = part_o.get() + zr * Dvp;
+              for (int64_t e = 0; e < Dv; ++e) acc[e] += o[e] * c;
+            }
           }
-          if (l > 0.0f) {
-            const float inv = o_scale / l;
-            for (int64_t e = 0; e < Dv; ++e) dst[e] = static_cast<scalar_t>(orow[e] * inv);
-            lp[i * s.q_heads + h] = m + std::log(l);
-          } else {
-            for (int64_t e = 0; e < Dv; ++e) dst[e] = static_cast<scalar_t>(0.0f);
-            lp[i * s.q_heads + h] = kNegInf;
-          }
+          finish(order[w.q_begin + r], w.g * G + hh, acc.data(), m, l);
         }
       }
     }

@@ -310,6 +310,73 @@ def test_split_kv(impl, device, dtype, name, monkeypatch):
         assert not torch.equal(lse1, lse), "the split and single-pass runs gave identical lse: no split happened"
 
 
+# ---- the CPU kernel's paths ----------------------------------------------------------------------------------------
+# csrc/cpu/partial_attn.cpp chooses per call how a K/V tile reaches the micro-kernels: with at most two query tiles
+# per sequence (decoding, the few queries of a small recompute), fp32 K and V are read where they lie ("direct")
+# and other dtypes, or a V width the micro-kernel cannot take unpadded, are packed by the item that reads them
+# ("local"); with more, every tile is packed once for all ("shared"). With fewer than 4 items per thread and keys
+# to spare, each item's keys are cut into slices merged after by their running max and sum ("split"), so the thread
+# count changes the rounding. Each case runs on 1 thread (never split) and 4 (split where the call is small), both
+# against the float64 reference; in the small ones the two must differ in rounding somewhere, or the split never
+# ran (bf16's rounding of one row can hide it: not asserted), and in the large ones they must be the same bits.
+
+CPU_PATHS = {  # name: (queries, (hq, hkv, d, dv), keys, dtype, split on 4 threads; None: not asserted)
+    "direct_decode": (1, (9, 3, 64, 64), 1031, torch.float32, True),
+    "direct_8_rows": (2, (8, 2, 128, 128), 700, torch.float32, True),
+    "direct_d80_short": (2, (4, 2, 80, 80), 13, torch.float32, False),
+    "direct_2_tiles": (30, (9, 3, 64, 64), 900, torch.float32, True),
+    "local_dv40": (1, (6, 3, 64, 40), 900, torch.float32, True),
+    "local_bf16_decode": (1, (9, 3, 64, 64), 1031, torch.bfloat16, None),
+    "local_fp16_2_tiles": (30, (9, 3, 64, 64), 900, torch.float16, True),
+    "shared": (300, (9, 3, 64, 64), 600, torch.float32, False),
+}
+CPU_FEATURES = {"plain": (False, -1, 0.0, False), "kv_pos_window": (True, 300, 0.0, False),
+                "softcap_sinks": (True, -1, 8.0, True)}  # (kv_pos, window, softcap, sinks)
+
+
+@pytest.mark.parametrize("features", list(CPU_FEATURES))
+@pytest.mark.parametrize("path", list(CPU_PATHS))
+def test_cpu_kernel_paths(path, features):
+    nq, (hq, hkv, d, dv), nk, dtype, splits = CPU_PATHS[path]
+    with_kv_pos, window, softcap, with_sinks = CPU_FEATURES[features]
+    ops = impl_module("ops")
+    gen = make_generator(31)
+    q, k, v = make_qkv("cpu", dtype, nq, nk, hq, hkv, d, dv, seed=32)
+    q_pos = torch.randint(nk // 2, nk + 20, (nq,), generator=gen)
+    q_pos[0] = nk + 20  # past every key: sees the whole cache (the decode row)
+    kv_pos = None
+    if with_kv_pos:  # shuffled positions, a tenth evicted
+        kv_pos = torch.randperm(nk + 20, generator=gen)[:nk]
+        kv_pos[torch.rand(nk, generator=gen) < 0.1] = -1
+    sinks = make_sinks(hq, "cpu", seed=33) if with_sinks else None
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            out, lse, _ = run_check(ops, q, k, v, q_pos, kv_pos, window=window, softcap=softcap, sinks=sinks)
+            results.append((out, lse))
+    finally:
+        torch.set_num_threads(threads)
+    (out1, lse1), (out4, lse4) = results
+    if splits:
+        assert not (torch.equal(out1, out4) and torch.equal(lse1, lse4)), "no split on 4 threads"
+    elif splits is not None:
+        assert torch.equal(out1, out4) and torch.equal(lse1, lse4), "split where the call has work enough"
+
+
+def test_cpu_direct_path_runs():
+    """A decode row computed alone (fp32: K/V read in place) and inside a call of 100 queries (packed tiles): both
+    right, and different in rounding, or the unpacked path never ran."""
+    ops = impl_module("ops")
+    q, k, v = make_qkv("cpu", torch.float32, 100, 500, 9, 3, 64, seed=34)
+    q_pos = torch.arange(400, 500)
+    alone, alone_lse, _ = run_check(ops, q[-1:], k, v, q_pos[-1:])
+    many, _, _ = run_check(ops, q, k, v, q_pos)
+    torch.testing.assert_close(alone, many[-1:], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(alone, many[-1:]), "the decode row was computed as the packed tiles compute it"
+
+
 # ---- ragged batches ---------------------------------------------------------------------------------------------
 
 SEQS = [(3, 10), (0, 7), (2, 0), (5, 65), (1, 1), (4, 33)]  # (queries, keys); one with no queries, one with no keys
