@@ -292,7 +292,6 @@ constexpr int64_t kMaxSplits = 64;
 // them, into a buffer that stays in L1.
 constexpr int64_t kLocalPackTiles = 2;
 
-
 // One unit of work: the queries sorted[q_begin, q_end) of sequence b, with every query head of KV head g, against
 // the keys [k_begin, k_end) of the sequence (tile-aligned from its first key). part < 0: the whole range, finished
 // in place; otherwise slice `slice` of `slices` of a split item whose partial rows start at part.
@@ -344,20 +343,13 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
     }
   }
   // Each (sequence, query tile, KV head) and the key range its queries can see: from the first query's window
-  // (default positions only) to the last query's position (default positions) or the sequence's end (kv_pos).
+  // (default positions only) to the last query's position (default positions) or the sequence's end (kv_pos). A
+  // sequence without keys gets an empty range: its items only finish their rows (zeros and -inf).
   std::vector<WorkItem> items;
   int64_t max_tiles_per_seq = 0, longest = 0;
   for (int64_t b = 0; b < s.batch; ++b) {
     const int64_t k0 = s.cu_k[b], k1 = s.cu_k[b + 1], nq_b = s.cu_q[b + 1] - s.cu_q[b];
     max_tiles_per_seq = std::max(max_tiles_per_seq, (nq_b + tile_q - 1) / tile_q);
-    if (k1 == k0) {  // no keys: the queries still need their zeros and -inf
-      for (int64_t t = s.cu_q[b]; t < s.cu_q[b + 1]; t += tile_q) {
-        for (int64_t g = 0; g < s.kv_heads; ++g) {
-          items.push_back({b, g, t, std::min(t + tile_q, s.cu_q[b + 1]), k0, k0, 0, -1, 0, 1});
-        }
-      }
-      continue;
-    }
     for (int64_t t = s.cu_q[b]; t < s.cu_q[b + 1]; t += tile_q) {
       const int64_t t_end = std::min(t + tile_q, s.cu_q[b + 1]);
       int64_t kb = k0, ke = k1;
