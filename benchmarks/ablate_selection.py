@@ -2,6 +2,7 @@
 
     python benchmarks/ablate_selection.py [--chat] [--ratios 0.2] [--variants ...] [--rouge] [--limit N]
                                           [--out benchmarks/results/ablation_selection_cpu.json]
+    python benchmarks/ablate_selection.py --summarize benchmarks/results/<a --rouge run>.json
 
 Greedy outputs of a 135M model flip between two answers on a small change (one flip moves a 20-pair ROUGE-L mean by
 0.05), so methods are ranked first by a distance that moves smoothly: the full prefill's own 48-token greedy
@@ -13,6 +14,8 @@ greedily, for ROUGE-L against the full prefill's output and first-token / first-
 metrics). Every variant runs at each --ratios recompute ratio; reuse_ratio and TTFT are recorded beside. Each record
 also says where greedy decoding from the reused cache would first leave the full prefill's path and the leads
 (best logit minus second) around it: what a decode guard (ReuseConfig.guard_margin) would need to catch it.
+--summarize prints a recorded --rouge run as the README's table: ROUGE-L with its standard error over pairs, and
+paired differences (each pair against itself) to the floor and to the run's first variant at the same ratio.
 """
 import argparse
 import dataclasses
@@ -67,6 +70,12 @@ VARIANTS = {name: {**_BASE, **knobs} for name, knobs in {
                                                       "recompute_tail": 32},
     "default, adaptive budget, boundary=8": {"progressive": True, "recompute_decay": 1.0, "budget": "adaptive",
                                              "recompute_boundary": 8},
+    # The default with only the selection changed, and with only the budget changed: the issue's ablation grid.
+    **{f"default, adaptive budget, boundary=4, {selection}": {
+        "progressive": True, "recompute_decay": 1.0, "budget": "adaptive", "recompute_boundary": 4,
+        "selection": selection} for selection in ("attention", "blend")},
+    "default, fixed budget, boundary=4": {"progressive": True, "recompute_decay": 1.0, "budget": "fixed",
+                                          "recompute_boundary": 4},
     **{f"default, adaptive budget, boundary=4, lookahead={q}": {
         "progressive": True, "recompute_decay": 1.0, "budget": "adaptive", "recompute_boundary": 4,
         "selection": "lookahead", "query_window": q} for q in (16, 64)},
@@ -113,13 +122,96 @@ def engine_and_pairs(args, engine_class=ReuseEngine) -> tuple:
     return engine, wrap, evalsets.load_eval_pairs(sets=args.sets, limit=args.limit)
 
 
+def _mean_se(values: list) -> tuple:
+    """(mean, standard error of the mean) of a non-empty list."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0)
+
+
+def summarize(records: list, sets: list, rouge: bool) -> dict:
+    """Per variant @ ratio and per set (and "all"): means over pairs. With ROUGE-L: its standard error, and two paired
+    differences, each pair against itself: `rougeL_minus_floor` (reuse minus the one-leading-space floor) and
+    `rougeL_minus_first` (this variant minus the run's first variant at the same ratio), each with its standard error."""
+    summary = {}
+    keys = list(records[0]["variants"])
+    for key in keys:
+        first = next(k for k in keys if k.rsplit(" @ ", 1)[1] == key.rsplit(" @ ", 1)[1])
+        for group in sets + ["all"]:
+            chosen = [r for r in records if group in ("all", r["set"])]
+            if not chosen:
+                continue
+            vals = [r["variants"][key] for r in chosen]
+            row = {"pairs": len(chosen), "kl": statistics.fmean(v["kl"] for v in vals),
+                   "kl_median": statistics.median(v["kl"] for v in vals),
+                   "agree": statistics.fmean(v["agree"] for v in vals),
+                   "kl_floor": statistics.fmean(r["kl_floor"] for r in chosen),
+                   "agree_floor": statistics.fmean(r["agree_floor"] for r in chosen),
+                   "reuse_ratio": statistics.fmean(v["reuse_ratio"] for v in vals),
+                   "score_ms": statistics.fmean(v["score_ms"] for v in vals),
+                   "decode_recomputed_tokens": statistics.fmean(v["decode_recomputed_tokens"] for v in vals)}
+            if rouge:
+                rouge_l_, se = _mean_se([v["rougeL"] for v in vals])
+                floor, floor_se = _mean_se([r["rougeL_floor"] for r in chosen])
+                minus_floor, minus_floor_se = _mean_se([v["rougeL"] - r["rougeL_floor"] for v, r in zip(vals, chosen)])
+                minus_first, minus_first_se = _mean_se([v["rougeL"] - r["variants"][first]["rougeL"]
+                                                        for v, r in zip(vals, chosen)])
+                row.update(rougeL=rouge_l_, rougeL_se=se, rougeL_floor=floor, rougeL_floor_se=floor_se,
+                           rougeL_minus_floor=minus_floor, rougeL_minus_floor_se=minus_floor_se,
+                           rougeL_minus_first=minus_first, rougeL_minus_first_se=minus_first_se,
+                           first_token=statistics.fmean(float(v["first_token"]) for v in vals),
+                           first8=statistics.fmean(float(v["first8"]) for v in vals),
+                           ttft_ms=statistics.fmean(v["ttft_ms"] for v in vals),
+                           ttft_ms_full=statistics.fmean(r["ttft_ms_full"] for r in chosen),
+                           generate_ms=statistics.fmean(v["generate_ms"] for v in vals))
+            summary.setdefault(key, {})[group] = row
+    return summary
+
+
+def print_summary(summary: dict, rouge: bool) -> None:
+    print(f"{'variant':<44} {'set':<15} {'reuse':>5} {'KL':>7} {'floor':>7} {'agree':>6} {'floor':>6}"
+          + (f" {'ROUGE-L':>7} {'floor':>6}" if rouge else ""))
+    for key, groups in summary.items():
+        for group, row in groups.items():
+            line = (f"{key:<44} {group:<15} {row['reuse_ratio']:>5.3f} {row['kl']:>7.4f} {row['kl_floor']:>7.4f} "
+                    f"{row['agree']:>6.3f} {row['agree_floor']:>6.3f}")
+            if rouge:
+                line += f" {row['rougeL']:>7.3f} {row['rougeL_floor']:>6.3f}"
+            print(line)
+
+
+def markdown_table(summary: dict) -> str:
+    """The README's ablation table from a --rouge run's summary: one row per set and variant @ ratio."""
+    lines = ["| set | variant | ratio | reuse | ROUGE-L | - floor | - first variant | first token | first 8 | KL (median) "
+             "| TTFT ms (full) |", "|---" * 11 + "|"]
+    groups = [g for g in next(iter(summary.values())) if g != "all"]
+    for group in groups:
+        for key, rows in summary.items():
+            row, (name, ratio) = rows[group], key.rsplit(" @ ", 1)
+            lines.append(f"| {group} | {name} | {ratio} | {row['reuse_ratio']:.3f} | {row['rougeL']:.3f} ± "
+                         f"{row['rougeL_se']:.3f} | {row['rougeL_minus_floor']:+.3f} ± {row['rougeL_minus_floor_se']:.3f} "
+                         f"| {row['rougeL_minus_first']:+.3f} ± {row['rougeL_minus_first_se']:.3f} | "
+                         f"{row['first_token']:.2f} | {row['first8']:.2f} | {row['kl']:.4f} ({row['kl_median']:.5f}) | "
+                         f"{row['ttft_ms']:.0f} ({row['ttft_ms_full']:.0f}) |")
+        lines.append(f"| {group} | floor (one leading space) | | | {rows[group]['rougeL_floor']:.3f} ± "
+                     f"{rows[group]['rougeL_floor_se']:.3f} | | | | | {rows[group]['kl_floor']:.4f} | |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     pair_arguments(parser)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--rouge", action="store_true", help="also generate greedily for ROUGE-L")
+    parser.add_argument("--summarize", metavar="RESULT", default=None,
+                        help="run nothing: print a recorded --rouge run's summary as a markdown table")
     args = parser.parse_args()
+    if args.summarize:
+        with open(args.summarize) as f:
+            recorded = json.load(f)
+        sets = list(dict.fromkeys(r["set"] for r in recorded["records"]))
+        print(markdown_table(summarize(recorded["records"], sets, rouge=True)))
+        return 0
 
     engine, wrap, pairs = engine_and_pairs(args)
     records = []
@@ -165,38 +257,8 @@ def main() -> int:
               " ".join(f"{k.split(' @')[0][:14]}={v['kl']:.4f}" for k, v in list(record["variants"].items())[:4]),
               flush=True)
 
-    summary = {}
-    for key in records[0]["variants"]:
-        for group in args.sets + ["all"]:
-            chosen = [r for r in records if group in ("all", r["set"])]
-            if not chosen:
-                continue
-            vals = [r["variants"][key] for r in chosen]
-            row = {"pairs": len(chosen), "kl": statistics.fmean(v["kl"] for v in vals),
-                   "kl_median": statistics.median(v["kl"] for v in vals),
-                   "agree": statistics.fmean(v["agree"] for v in vals),
-                   "kl_floor": statistics.fmean(r["kl_floor"] for r in chosen),
-                   "agree_floor": statistics.fmean(r["agree_floor"] for r in chosen),
-                   "reuse_ratio": statistics.fmean(v["reuse_ratio"] for v in vals),
-                   "score_ms": statistics.fmean(v["score_ms"] for v in vals),
-                   "decode_recomputed_tokens": statistics.fmean(v["decode_recomputed_tokens"] for v in vals)}
-            if args.rouge:
-                row.update(rougeL=statistics.fmean(v["rougeL"] for v in vals),
-                           rougeL_floor=statistics.fmean(r["rougeL_floor"] for r in chosen),
-                           first_token=statistics.fmean(float(v["first_token"]) for v in vals),
-                           first8=statistics.fmean(float(v["first8"]) for v in vals),
-                           ttft_ms=statistics.fmean(v["ttft_ms"] for v in vals),
-                           generate_ms=statistics.fmean(v["generate_ms"] for v in vals))
-            summary.setdefault(key, {})[group] = row
-    print(f"{'variant':<44} {'set':<15} {'reuse':>5} {'KL':>7} {'floor':>7} {'agree':>6} {'floor':>6}"
-          + (f" {'ROUGE-L':>7} {'floor':>6}" if args.rouge else ""))
-    for key, groups in summary.items():
-        for group, row in groups.items():
-            line = (f"{key:<44} {group:<15} {row['reuse_ratio']:>5.3f} {row['kl']:>7.4f} {row['kl_floor']:>7.4f} "
-                    f"{row['agree']:>6.3f} {row['agree_floor']:>6.3f}")
-            if args.rouge:
-                line += f" {row['rougeL']:>7.3f} {row['rougeL_floor']:>6.3f}"
-            print(line)
+    summary = summarize(records, args.sets, args.rouge)
+    print_summary(summary, args.rouge)
     if args.out:
         result = {**environment(),
                   "chat_template": args.chat, "max_new_tokens": args.max_new_tokens, "summary": summary,

@@ -240,3 +240,38 @@ def test_plot_results_writes_pngs(tmp_path, capsys, sweep):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["e2e_test_speedup.png", "eval_test_quality.png"]
     assert capsys.readouterr().out.count("wrote") == 2
+
+
+# ---- benchmarks/ablate_selection.py: the ablation table's paired differences --------------------------------------
+
+def _ablation_script():
+    spec = importlib.util.spec_from_file_location("ablate_selection_script",
+                                                  ROOT / "benchmarks" / "ablate_selection.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_ablation_summary_pairs_each_pair_against_itself():
+    def variant(rouge, kl):
+        return {"rougeL": rouge, "kl": kl, "agree": 0.9, "reuse_ratio": 0.8, "score_ms": 1.0, "ttft_ms": 10.0,
+                "generate_ms": 20.0, "first_token": True, "first8": rouge == 1.0, "decode_recomputed_tokens": 0}
+
+    # Pair by pair, "b" is "a" + 0.1 and the floor is "a" + 0.2: the paired differences have no spread at all, while
+    # the values themselves spread widely (an unpaired standard error would be about 0.2).
+    a = [0.2, 0.9, 0.5, 0.6]
+    records = [{"set": "s", "kl_floor": 0.001, "agree_floor": 1.0, "rougeL_floor": x + 0.2, "ttft_ms_full": 50.0,
+                "variants": {"a @ 0.2": variant(x, 0.01), "b @ 0.2": variant(x + 0.1, 0.02),
+                             "a @ 0.3": variant(1.0, 0.03)}} for x in a]
+    script = _ablation_script()
+    summary = script.summarize(records, ["s"], rouge=True)
+    b = summary["b @ 0.2"]["s"]
+    assert b["rougeL"] == pytest.approx(0.65) and b["rougeL_se"] == pytest.approx(0.1443, abs=1e-4)
+    assert b["rougeL_minus_first"] == pytest.approx(0.1) and b["rougeL_minus_first_se"] == pytest.approx(0, abs=1e-12)
+    assert b["rougeL_minus_floor"] == pytest.approx(-0.1) and b["rougeL_minus_floor_se"] == pytest.approx(0, abs=1e-12)
+    # The first variant of each ratio is that ratio's reference, not the run's first variant.
+    assert summary["a @ 0.3"]["s"]["rougeL_minus_first"] == 0.0
+    assert summary["a @ 0.2"]["s"]["first8"] == 0.0 and summary["a @ 0.3"]["s"]["first8"] == 1.0
+    table = script.markdown_table(summary)
+    assert "| s | b | 0.2 | 0.800 | 0.650 ± 0.144 | -0.100 ± 0.000 | +0.100 ± 0.000 |" in table
+    assert "| s | floor (one leading space) | | | 0.750 ± 0.144 |" in table
