@@ -122,8 +122,9 @@ def engine_and_pairs(args, engine_class=ReuseEngine) -> tuple:
     return engine, wrap, evalsets.load_eval_pairs(sets=args.sets, limit=args.limit)
 
 
-def _mean_se(values: list) -> tuple:
-    """(mean, standard error of the mean) of a non-empty list."""
+def mean_se(values) -> tuple:
+    """(mean, standard error of the mean) over pairs of a non-empty iterable (here and in noise_floors.py)."""
+    values = list(values)
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0)
 
@@ -150,10 +151,10 @@ def summarize(records: list, sets: list, rouge: bool) -> dict:
                    "score_ms": statistics.fmean(v["score_ms"] for v in vals),
                    "decode_recomputed_tokens": statistics.fmean(v["decode_recomputed_tokens"] for v in vals)}
             if rouge:
-                rouge_l_, se = _mean_se([v["rougeL"] for v in vals])
-                floor, floor_se = _mean_se([r["rougeL_floor"] for r in chosen])
-                minus_floor, minus_floor_se = _mean_se([v["rougeL"] - r["rougeL_floor"] for v, r in zip(vals, chosen)])
-                minus_first, minus_first_se = _mean_se([v["rougeL"] - r["variants"][first]["rougeL"]
+                rouge_l_, se = mean_se([v["rougeL"] for v in vals])
+                floor, floor_se = mean_se([r["rougeL_floor"] for r in chosen])
+                minus_floor, minus_floor_se = mean_se([v["rougeL"] - r["rougeL_floor"] for v, r in zip(vals, chosen)])
+                minus_first, minus_first_se = mean_se([v["rougeL"] - r["variants"][first]["rougeL"]
                                                         for v, r in zip(vals, chosen)])
                 row.update(rougeL=rouge_l_, rougeL_se=se, rougeL_floor=floor, rougeL_floor_se=floor_se,
                            rougeL_minus_floor=minus_floor, rougeL_minus_floor_se=minus_floor_se,
@@ -183,8 +184,8 @@ def markdown_table(summary: dict) -> str:
     """The README's ablation table from a --rouge run's summary: one row per set and variant @ ratio."""
     lines = ["| set | variant | ratio | reuse | ROUGE-L | - floor | - first variant | first token | first 8 | KL (median) "
              "| TTFT ms (full) |", "|---" * 11 + "|"]
-    groups = [g for g in next(iter(summary.values())) if g != "all"]
-    for group in groups:
+    any_variant = next(iter(summary.values()))  # the floor is per pair: the same under every variant
+    for group in [g for g in any_variant if g != "all"]:
         for key, rows in summary.items():
             row, (name, ratio) = rows[group], key.rsplit(" @ ", 1)
             lines.append(f"| {group} | {name} | {ratio} | {row['reuse_ratio']:.3f} | {row['rougeL']:.3f} ± "
@@ -192,8 +193,9 @@ def markdown_table(summary: dict) -> str:
                          f"| {row['rougeL_minus_first']:+.3f} ± {row['rougeL_minus_first_se']:.3f} | "
                          f"{row['first_token']:.2f} | {row['first8']:.2f} | {row['kl']:.4f} ({row['kl_median']:.5f}) | "
                          f"{row['ttft_ms']:.0f} ({row['ttft_ms_full']:.0f}) |")
-        lines.append(f"| {group} | floor (one leading space) | | | {rows[group]['rougeL_floor']:.3f} ± "
-                     f"{rows[group]['rougeL_floor_se']:.3f} | | | | | {rows[group]['kl_floor']:.4f} | |")
+        floor = any_variant[group]
+        lines.append(f"| {group} | floor (one leading space) | | | {floor['rougeL_floor']:.3f} ± "
+                     f"{floor['rougeL_floor_se']:.3f} | | | | | {floor['kl_floor']:.4f} | |")
     return "\n".join(lines)
 
 
@@ -209,6 +211,8 @@ def main() -> int:
     if args.summarize:
         with open(args.summarize) as f:
             recorded = json.load(f)
+        if not all("rougeL_floor" in r for r in recorded["records"]):
+            parser.error(f"--summarize: {args.summarize} was not recorded with --rouge")
         sets = list(dict.fromkeys(r["set"] for r in recorded["records"]))
         print(markdown_table(summarize(recorded["records"], sets, rouge=True)))
         return 0

@@ -24,7 +24,7 @@ import statistics
 from semshare_ops.bench.provenance import environment
 from semshare_ops.eval.evaluate import rouge_l
 
-from ablate_selection import engine_and_pairs, kl_rows, pair_arguments  # this folder (run as a script)
+from ablate_selection import engine_and_pairs, kl_rows, mean_se, pair_arguments  # this folder (run as a script)
 
 
 def _double_middle_space(text: str) -> str:
@@ -40,13 +40,6 @@ PERTURBATIONS = {
     "leading newline": lambda text: "\n" + text,
     "space doubled mid-prompt": _double_middle_space,
 }
-
-
-def _mean_se(values):
-    values = list(values)
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-    return mean, se
 
 
 def main() -> int:
@@ -90,14 +83,14 @@ def main() -> int:
         rows = {}
         for name in [*PERTURBATIONS, "reuse"]:
             runs = [r["reuse"] if name == "reuse" else r["floors"][name] for r in chosen]
-            row = {metric: _mean_se(float(run[metric]) for run in runs)
+            row = {metric: mean_se(float(run[metric]) for run in runs)
                    for metric in ("rougeL", "first_token", "first8", "kl", "agree")}
             if name != "reuse":  # each pair's reuse against this floor of the same pair
-                row["reuse_minus_floor_rougeL"] = _mean_se(r["reuse"]["rougeL"] - r["floors"][name]["rougeL"]
+                row["reuse_minus_floor_rougeL"] = mean_se(r["reuse"]["rougeL"] - r["floors"][name]["rougeL"]
                                                            for r in chosen)
             rows[name] = row
         pooled = [statistics.fmean(r["floors"][n]["rougeL"] for n in PERTURBATIONS) for r in chosen]
-        rows["mean of the floors"] = {"rougeL": _mean_se(pooled), "reuse_minus_floor_rougeL": _mean_se(
+        rows["mean of the floors"] = {"rougeL": mean_se(pooled), "reuse_minus_floor_rougeL": mean_se(
             r["reuse"]["rougeL"] - p for r, p in zip(chosen, pooled))}
         summary[group] = {"pairs": len(chosen), "reuse_ratio": statistics.fmean(r["reuse"]["reuse_ratio"]
                                                                                 for r in chosen), "rows": rows}

@@ -275,3 +275,13 @@ def test_ablation_summary_pairs_each_pair_against_itself():
     table = script.markdown_table(summary)
     assert "| s | b | 0.2 | 0.800 | 0.650 ± 0.144 | -0.100 ± 0.000 | +0.100 ± 0.000 |" in table
     assert "| s | floor (one leading space) | | | 0.750 ± 0.144 |" in table
+
+
+def test_ablation_summarize_refuses_a_run_without_rouge(tmp_path, monkeypatch, capsys):
+    recorded = tmp_path / "run.json"
+    recorded.write_text(json.dumps({"records": [{"set": "s", "kl_floor": 0.001, "variants": {}}]}))
+    monkeypatch.setattr("sys.argv", ["ablate_selection.py", "--summarize", str(recorded)])
+    with pytest.raises(SystemExit) as exit_:
+        _ablation_script().main()
+    assert exit_.value.code == 2
+    assert "--summarize" in capsys.readouterr().err
