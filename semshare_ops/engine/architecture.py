@@ -54,9 +54,10 @@ class RopeGroup:
 @dataclass
 class Architecture:
     layer_types: List[Optional[str]]  # per decoder layer: the rotary embedding's layer_type argument (or None)
-    inv_freq: Dict[Optional[str], torch.Tensor]  # fp32 frequencies per rotary layer type
+    inv_freq: Dict[Optional[str], torch.Tensor]  # fp32 frequencies per rotary layer type (one 0 for a type without)
     max_positions: Optional[int]  # positions a request may use (prompt + new tokens)
     position_limit_reason: str  # why max_positions is what it is
+    unrotated_types: frozenset = frozenset()  # layer types the model gives no position embeddings
 
     @classmethod
     def of(cls, model) -> "Architecture":
@@ -79,13 +80,20 @@ class Architecture:
             rope_types = {None: getattr(rotary, "rope_type", "default")}
         else:
             types = getattr(cfg, "layer_types", None)
-            if types is None or not all(hasattr(rotary, f"{t}_inv_freq") for t in set(types)):
+            per_type = getattr(rotary, "rope_type", None)
+            # A layer type the rotary embedding has no entry for takes no position embeddings (Ergo's global layers:
+            # rope_parameters None); the probe still checks that its keys do not move with position.
+            unrotated = {t for t in set(types or ()) if isinstance(per_type, dict) and t not in per_type
+                         and not hasattr(rotary, f"{t}_inv_freq")}
+            if types is None or not all(hasattr(rotary, f"{t}_inv_freq") or t in unrotated for t in set(types)):
                 raise refusal(model, f"a rotary embedding ({type(rotary).__name__}) with neither one inv_freq nor "
                                      "one per layer type")
             layer_types = list(types[:num_layers])
-            rope_types = {t: (rotary.rope_type[t] if isinstance(rotary.rope_type, dict) else rotary.rope_type)
-                          for t in set(layer_types)}
+            rope_types = {t: (per_type[t] if isinstance(per_type, dict) else per_type)
+                          for t in set(layer_types) - unrotated}
         inv_freq, max_positions, reason = {}, getattr(cfg, "max_position_embeddings", None), "the model's context"
+        for t in set(layer_types) - set(rope_types):
+            inv_freq[t] = torch.zeros(1)  # turns a key by 0 at any delta: reused keys are copied as they are
         for t, rope_type in rope_types.items():
             prefix = "" if t is None else f"{t}_"
             if rope_type in LENGTH_DEPENDENT_ROPE or "dynamic" in str(rope_type):
@@ -103,11 +111,13 @@ class Architecture:
             else:
                 freq = getattr(rotary, f"{prefix}inv_freq")
             inv_freq[t] = freq.detach().float().clone()
-        return cls(layer_types, inv_freq, max_positions, reason)
+        return cls(layer_types, inv_freq, max_positions, reason, frozenset(set(layer_types) - set(rope_types)))
 
     def position_embeddings(self, decoder, hidden: torch.Tensor, position_ids: torch.Tensor, layer: int):
         """(cos, sin) for `layer` at `position_ids`, computed as the model's own forward computes them."""
         t = self.layer_types[layer]
+        if t in self.unrotated_types:
+            return None
         if t is None:
             return decoder.rotary_emb(hidden, position_ids)
         return decoder.rotary_emb(hidden, position_ids, t)

@@ -89,9 +89,12 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
             bar.update()
             bar.set_postfix_str("weights")
             # The cache holds fp32; dtype casts as from_pretrained always does (inv_freq stays fp32).
+            # use_kernels=False everywhere: from 5.25 transformers swaps layers for ones fetched from the Hub by
+            # default (and raises without the `kernels` package); what is served stays the model's own torch code,
+            # offline and the same on every version in the range.
             model = AutoModelForCausalLM.from_pretrained(
                 where, local_files_only=True, dtype=torch.float32 if extra else dtype, attn_implementation="sdpa",
-                **extra
+                use_kernels=False, **extra
             )
             bar.update()
             if extra:
@@ -101,10 +104,11 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
                 if dtype != torch.float32 and (target / _CACHE_DONE).is_file():
                     # As a cached load would: from_pretrained's cast keeps buffers like inv_freq in fp32.
                     model = AutoModelForCausalLM.from_pretrained(target, local_files_only=True, dtype=dtype,
-                                                                 attn_implementation="sdpa")
+                                                                 attn_implementation="sdpa", use_kernels=False)
                 elif dtype != torch.float32:
                     model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True, dtype=dtype,
-                                                                 attn_implementation="sdpa", **extra)
+                                                                 attn_implementation="sdpa", use_kernels=False,
+                                                                 **extra)
                 bar.update()
     finally:
         if gguf_tqdm is not None:

