@@ -78,6 +78,7 @@ class Architecture:
         if hasattr(rotary, "inv_freq") and not hasattr(rotary, "layer_types"):
             layer_types: List[Optional[str]] = [None] * num_layers
             rope_types = {None: getattr(rotary, "rope_type", "default")}
+            unrotated = set()
         else:
             types = getattr(cfg, "layer_types", None)
             per_type = getattr(rotary, "rope_type", None)
@@ -91,8 +92,9 @@ class Architecture:
             layer_types = list(types[:num_layers])
             rope_types = {t: (per_type[t] if isinstance(per_type, dict) else per_type)
                           for t in set(layer_types) - unrotated}
+        unrotated = frozenset(unrotated & set(layer_types))
         inv_freq, max_positions, reason = {}, getattr(cfg, "max_position_embeddings", None), "the model's context"
-        for t in set(layer_types) - set(rope_types):
+        for t in unrotated:
             inv_freq[t] = torch.zeros(1)  # turns a key by 0 at any delta: reused keys are copied as they are
         for t, rope_type in rope_types.items():
             prefix = "" if t is None else f"{t}_"
@@ -111,7 +113,7 @@ class Architecture:
             else:
                 freq = getattr(rotary, f"{prefix}inv_freq")
             inv_freq[t] = freq.detach().float().clone()
-        return cls(layer_types, inv_freq, max_positions, reason, frozenset(set(layer_types) - set(rope_types)))
+        return cls(layer_types, inv_freq, max_positions, reason, unrotated)
 
     def position_embeddings(self, decoder, hidden: torch.Tensor, position_ids: torch.Tensor, layer: int):
         """(cos, sin) for `layer` at `position_ids`, computed as the model's own forward computes them."""
