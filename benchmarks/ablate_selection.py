@@ -1,6 +1,7 @@
 """Which rows to recompute, and how many: selection methods and budget policies on the built-in eval pairs.
 
     python benchmarks/ablate_selection.py [--chat] [--ratios 0.2] [--variants ...] [--rouge] [--limit N]
+                                          [--edit-share S]
                                           [--out benchmarks/results/ablation_selection_cpu.json]
     python benchmarks/ablate_selection.py --summarize benchmarks/results/<a --rouge run>.json
 
@@ -14,7 +15,9 @@ greedily, for ROUGE-L against the full prefill's output and first-token / first-
 metrics). Every variant runs at each --ratios recompute ratio; reuse_ratio and TTFT are recorded beside. Each record
 also says where greedy decoding from the reused cache would first leave the full prefill's path and the leads
 (best logit minus second) around it: what a decode guard (ReuseConfig.guard_margin) would need to catch it.
---summarize prints a recorded --rouge run as the README's table: ROUGE-L with its standard error over pairs, and
+--edit-share S serves, instead of each pair's target, its reference with about S of its tokens edited the way
+`semshare bench e2e` edits its prompts (seeded by the pair's index): heavily edited prompts, where a budget policy
+shows its cost. --summarize prints a recorded --rouge run as the README's table: ROUGE-L with its standard error over pairs, and
 paired differences (each pair against itself) to the floor and to the run's first variant at the same ratio.
 """
 import argparse
@@ -25,6 +28,7 @@ import time
 
 import torch
 
+from semshare_ops.bench import e2e
 from semshare_ops.bench.provenance import environment
 from semshare_ops.engine import ReuseConfig, ReuseEngine, load_model
 from semshare_ops.engine.engine import logit_leads
@@ -35,7 +39,8 @@ from semshare_ops.eval.evaluate import rouge_l
 # Every variant spells out the knobs it compares (selection, progressive, recompute_decay, check_layers, tail, ...), so
 # that a recorded run means the same whatever the defaults of the day.
 _BASE = {"selection": "deviation", "progressive": False, "recompute_decay": 0.95, "check_layers": 2,
-         "recompute_tail": 0, "recompute_boundary": 0, "budget": "fixed", "decode_recompute": 0, "query_window": 16}
+         "recompute_tail": 0, "recompute_boundary": 0, "budget": "fixed", "budget_cap": None, "decode_recompute": 0,
+         "query_window": 16}
 VARIANTS = {name: {**_BASE, **knobs} for name, knobs in {
     "deviation": {},
     "deviation, progressive": {"progressive": True},
@@ -76,6 +81,9 @@ VARIANTS = {name: {**_BASE, **knobs} for name, knobs in {
         "selection": selection} for selection in ("attention", "blend")},
     "default, fixed budget, boundary=4": {"progressive": True, "recompute_decay": 1.0, "budget": "fixed",
                                           "recompute_boundary": 4},
+    **{f"default, adaptive budget, boundary=4, cap={cap}": {
+        "progressive": True, "recompute_decay": 1.0, "budget": "adaptive", "recompute_boundary": 4,
+        "budget_cap": cap} for cap in (1.25, 1.5)},
     **{f"default, adaptive budget, boundary=4, lookahead={q}": {
         "progressive": True, "recompute_decay": 1.0, "budget": "adaptive", "recompute_boundary": 4,
         "selection": "lookahead", "query_window": q} for q in (16, 64)},
@@ -108,6 +116,7 @@ def pair_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     parser.add_argument("--sets", nargs="+", choices=evalsets.SETS, default=list(evalsets.SETS))
     parser.add_argument("--limit", type=int, default=None, help="pairs per set")
+    parser.add_argument("--ids", nargs="+", default=None, help="only the pairs with these ids")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--out", default=None)
 
@@ -119,7 +128,19 @@ def engine_and_pairs(args, engine_class=ReuseEngine) -> tuple:
     model, tokenizer = load_model(progress=False)
     engine = engine_class(model, tokenizer, ReuseConfig())
     wrap = (lambda text: as_chat(tokenizer, text)) if args.chat else (lambda text: text)
-    return engine, wrap, evalsets.load_eval_pairs(sets=args.sets, limit=args.limit)
+    pairs = evalsets.load_eval_pairs(sets=args.sets, limit=args.limit)
+    if args.ids:
+        unknown = sorted(set(args.ids) - {pair.get("id") for pair in pairs})
+        if unknown:
+            raise SystemExit(f"--ids: no pair {', '.join(unknown)} in the sets {args.sets}")
+        pairs = [pair for pair in pairs if pair.get("id") in args.ids]
+    return engine, wrap, pairs
+
+
+def edited_text(tokenizer, text: str, share: float, seed: int) -> str:
+    """`text` with about `share` of its tokens edited by `semshare bench e2e`'s edit model, decoded back to text."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer.decode(e2e.edit_tokens(ids, share, seed), skip_special_tokens=True)
 
 
 def mean_se(values) -> tuple:
@@ -205,6 +226,9 @@ def main() -> int:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--rouge", action="store_true", help="also generate greedily for ROUGE-L")
+    parser.add_argument("--edit-share", type=float, default=None,
+                        help="targets: each pair's reference with this share of its tokens edited as `semshare bench "
+                             "e2e` edits them (spans of up to 8 tokens replaced, inserted or deleted), not its target")
     parser.add_argument("--summarize", metavar="RESULT", default=None,
                         help="run nothing: print a recorded --rouge run's summary as a markdown table")
     args = parser.parse_args()
@@ -218,6 +242,9 @@ def main() -> int:
         return 0
 
     engine, wrap, pairs = engine_and_pairs(args)
+    if args.edit_share is not None:
+        pairs = [{**pair, "target": edited_text(engine.tokenizer, pair["reference"], args.edit_share, seed=i)}
+                 for i, pair in enumerate(pairs)]
     records = []
     for i, pair in enumerate(pairs):
         reference, target = wrap(pair["reference"]), wrap(pair["target"])
@@ -264,8 +291,8 @@ def main() -> int:
     summary = summarize(records, args.sets, args.rouge)
     print_summary(summary, args.rouge)
     if args.out:
-        result = {**environment(),
-                  "chat_template": args.chat, "max_new_tokens": args.max_new_tokens, "summary": summary,
+        result = {**environment(), "chat_template": args.chat, "edit_share": args.edit_share,
+                  "max_new_tokens": args.max_new_tokens, "summary": summary,
                   "records": records}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -20,9 +20,10 @@ from semshare_ops.bench.provenance import environment
 from semshare_ops.engine import ReuseConfig, ReuseEngine, load_model
 
 # Spelt out in full, so that a recorded run means the same whatever the defaults of the day.
-VARIANTS = {"fixed": {"budget": "fixed", "selection": "deviation"},
-            "adaptive": {"budget": "adaptive", "selection": "deviation"},
-            "lookahead": {"budget": "adaptive", "selection": "lookahead", "query_window": 16}}
+VARIANTS = {"fixed": {"budget": "fixed", "selection": "deviation", "budget_cap": None},
+            "adaptive": {"budget": "adaptive", "selection": "deviation", "budget_cap": None},
+            **{f"cap={cap}": {"budget": "adaptive", "selection": "deviation", "budget_cap": cap} for cap in (1.25, 1.5)},
+            "lookahead": {"budget": "adaptive", "selection": "lookahead", "query_window": 16, "budget_cap": None}}
 
 
 def main() -> int:

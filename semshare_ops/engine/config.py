@@ -52,6 +52,10 @@ class ReuseConfig:
     # at reuse 0.78 against 0.67 for fixed at 0.74; docs/design.md): under "fixed" a prompt whose unmatched rows take
     # the whole budget recomputes none of its stale matched rows.
     budget: str = "adaptive"
+    # Ceiling of the adaptive budget, as a multiple of recompute_ratio: where many tokens changed, the extra rows stop
+    # there (the rows without reusable K/V are recomputed whatever it says: they count against it first). Bounds what
+    # a heavily edited prompt costs (TTFT grows about in proportion to the rows recomputed). None: no ceiling.
+    budget_cap: Optional[float] = None
     # Decode guard (HF engine): from a reused cache that kept stale rows, a greedy step whose best token leads the
     # second by less than this many logits is not taken from it; the prompt and the tokens so far are prefilled in
     # full and decoding goes on exact (stats["guard"]). Reuse moves logits a little; it flips a greedy output only
@@ -96,6 +100,8 @@ class ReuseConfig:
             raise ValueError(f"retain_ratio: expected None or a value in (0, 1], got {self.retain_ratio}")
         if not 0.0 <= self.min_similarity <= 1.0:
             raise ValueError(f"min_similarity: expected a value in [0, 1], got {self.min_similarity}")
+        if self.budget_cap is not None and self.budget_cap < 1.0:
+            raise ValueError(f"budget_cap: expected None or a multiple of recompute_ratio >= 1, got {self.budget_cap}")
         if self.guard_margin < 0:
             raise ValueError(f"guard_margin: expected >= 0 (0 turns the guard off), got {self.guard_margin}")
         for name in ("recompute_tail", "recompute_boundary", "decode_recompute"):
@@ -124,8 +130,8 @@ _FIELD_TYPES = {"matching": (str,), "recompute_ratio": _REAL, "retain_ratio": _R
                 "rope_correction": (bool,), "check_layers": _INT, "recompute_decay": _REAL, "recompute_tail": _INT,
                 "recompute_boundary": _INT,
                 "selection": (str,), "query_window": _INT, "progressive": (bool,), "budget": (str,),
-                "guard_margin": _REAL, "decode_recompute": _INT,
+                "budget_cap": _REAL, "guard_margin": _REAL, "decode_recompute": _INT,
                 "retain_decay": _REAL, "lsh_bits": _INT, "lsh_max_distance": _INT, "lsh_seed": _INT,
                 "embedding_rope_base": _REAL}
-_OPTIONAL = ("retain_ratio",)
+_OPTIONAL = ("retain_ratio", "budget_cap")
 _CHOICES = ("matching", "selection", "budget")  # checked against their lists of names

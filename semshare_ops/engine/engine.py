@@ -188,16 +188,20 @@ def recompute_counts(prefill: int, num_layers: int, num_unmatched: int, config: 
     `recompute_decay`, never below the `num_mandatory` rows that every layer recomputes (`recompute_rows`; default
     `num_unmatched`), with the mean over layers of (count + 1) meeting recompute_ratio * (prefill + 1), as far as the
     rows past `exact` allow ("adaptive" budget: plus (1 - recompute_ratio) * num_unmatched, so that the matched rows
-    get their share whatever the `num_unmatched` rows without reusable K/V take; the matched rows made mandatory, the
-    tail's, come first out of that share and raise it only where they exceed it). The budget is the whole prompt's:
-    what an exact prefix saves goes to the rows whose context changed. Shared by every front end (the HF engine, the
-    vLLM connector), so that they recompute the same rows. `lookahead` rows that a first pass runs through every
-    layer (`lookahead_rows`) come out of the same budget: the work per request stays what recompute_ratio says."""
+    get their share whatever the `num_unmatched` rows without reusable K/V take, up to `budget_cap` times the fixed
+    target; the matched rows made mandatory, the tail's, come first out of that share and raise it only where they
+    exceed it). The budget is the whole prompt's: what an exact prefix saves goes to the rows whose context changed.
+    Shared by every front end (the HF engine, the vLLM connector), so that they recompute the same rows. `lookahead`
+    rows that a first pass runs through every layer (`lookahead_rows`) come out of the same budget: the work per
+    request stays what recompute_ratio says."""
     rows = prefill - exact
     floor = num_unmatched if num_mandatory is None else num_mandatory
     target = max(0.0, config.recompute_ratio * (prefill + 1) - 1)
     if config.budget == "adaptive":  # the rows without reusable K/V on top of the ratio of the others
-        target += (1.0 - config.recompute_ratio) * num_unmatched
+        extra = (1.0 - config.recompute_ratio) * num_unmatched
+        if config.budget_cap is not None:  # ... up to the ceiling, never below the fixed budget's target
+            extra = min(extra, max(0.0, (config.budget_cap - 1.0) * config.recompute_ratio * (prefill + 1)))
+        target += extra
     target = min(float(rows), target - lookahead)
     lead = effective_check_layers(config)
     return decaying_counts(rows, num_layers, lead, floor, target, config.recompute_decay)

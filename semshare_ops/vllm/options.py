@@ -25,11 +25,11 @@ from ..engine.engine import check_count
 # ranks by deviation only (the attention of the prompt's tail would need vLLM's queries, which its layers keep).
 # Nor are guard_margin/decode_recompute: they act between decode steps, and vLLM's scheduler runs decoding.
 REUSE_FIELDS = ("matching", "recompute_ratio", "min_similarity", "rope_correction", "check_layers", "recompute_decay",
-                "recompute_tail", "recompute_boundary", "progressive", "budget", "lsh_bits", "lsh_max_distance",
-                "lsh_seed", "embedding_rope_base")
+                "recompute_tail", "recompute_boundary", "progressive", "budget", "budget_cap", "lsh_bits",
+                "lsh_max_distance", "lsh_seed", "embedding_rope_base")
 # Those a request may set for itself; the LSH planes (bits, seed) are the worker's, fixed per engine.
 REQUEST_FIELDS = ("recompute_ratio", "min_similarity", "rope_correction", "check_layers", "recompute_decay",
-                  "recompute_tail", "recompute_boundary", "progressive", "budget", "lsh_max_distance")
+                  "recompute_tail", "recompute_boundary", "progressive", "budget", "budget_cap", "lsh_max_distance")
 # "prefix" and "chunk" are the HF benchmarks' baselines: vLLM's own prefix cache is the first, and the second has no
 # use once edit alignment runs.
 MATCHING = ("edit", "lsh", "hybrid")

@@ -229,6 +229,34 @@ def test_adaptive_budget_adds_the_rows_that_must_be_recomputed(model, tokenizer,
         ReuseConfig(budget="greedy")
 
 
+def test_budget_cap_bounds_the_adaptive_extra_never_the_mandatory_rows():
+    """`budget_cap`: the adaptive budget recomputes at most that multiple of the fixed target (mean over layers),
+    never less than "fixed", and never fewer rows in a layer than the unmatched ones, which have no K/V to reuse."""
+    prefill, layers, ratio = 999, 30, 0.2
+
+    def mean_share(config, unmatched):
+        counts = recompute_counts(prefill, layers, unmatched, config)
+        assert min(counts) >= unmatched
+        return sum(count + 1 for count in counts) / layers / (prefill + 1)
+
+    for unmatched in (0, 30, 100, 150):
+        fixed, adaptive = (mean_share(ReuseConfig(recompute_ratio=ratio, budget=b), unmatched)
+                           for b in ("fixed", "adaptive"))
+        for cap in (1.0, 1.25, 1.5):
+            capped = mean_share(ReuseConfig(recompute_ratio=ratio, budget_cap=cap), unmatched)
+            assert fixed - 1e-3 <= capped <= adaptive + 1e-3
+            assert capped == pytest.approx(min(adaptive, max(fixed, cap * ratio)), abs=2e-3)
+    assert mean_share(ReuseConfig(recompute_ratio=ratio, budget_cap=1.25), 100) < mean_share(ReuseConfig(), 100)
+    assert mean_share(ReuseConfig(recompute_ratio=ratio, budget_cap=1.25), 400) >= 0.4  # the unmatched rows, all
+    assert (recompute_counts(prefill, layers, 100, ReuseConfig(budget="fixed", budget_cap=1.25))
+            == recompute_counts(prefill, layers, 100, ReuseConfig(budget="fixed")))  # a ceiling of "adaptive" only
+    for bad in (0.5, -1.0):
+        with pytest.raises(ValueError, match="budget_cap"):
+            ReuseConfig(budget_cap=bad)
+    with pytest.raises(TypeError, match="budget_cap"):
+        ReuseConfig(budget_cap="1.25")
+
+
 def test_boundary_rows_are_the_first_the_budget_takes(model, tokenizer, reference_ids, ref_entry, monkeypatch):
     """`recompute_boundary`: the matched tokens right after each alignment break are the first rows the budget takes
     in every layer past the check layer, and the budget is the same as without them."""
