@@ -1,7 +1,7 @@
 """Which rows to recompute, and how many: selection methods and budget policies on the built-in eval pairs.
 
     python benchmarks/ablate_selection.py [--chat] [--ratios 0.2] [--variants ...] [--rouge] [--limit N]
-                                          [--edit-share S]
+                                          [--ids ID ...] [--edit-share S]
                                           [--out benchmarks/results/ablation_selection_cpu.json]
     python benchmarks/ablate_selection.py --summarize benchmarks/results/<a --rouge run>.json
 
@@ -17,8 +17,9 @@ also says where greedy decoding from the reused cache would first leave the full
 (best logit minus second) around it: what a decode guard (ReuseConfig.guard_margin) would need to catch it.
 --edit-share S serves, instead of each pair's target, its reference with about S of its tokens edited the way
 `semshare bench e2e` edits its prompts (seeded by the pair's index): heavily edited prompts, where a budget policy
-shows its cost. --summarize prints a recorded --rouge run as the README's table: ROUGE-L with its standard error over pairs, and
-paired differences (each pair against itself) to the floor and to the run's first variant at the same ratio.
+shows its cost. --summarize prints a recorded --rouge run as the README's table: ROUGE-L with its standard error
+over pairs, and paired differences (each pair against itself) to the floor and to the run's first variant at the
+same ratio.
 """
 import argparse
 import dataclasses

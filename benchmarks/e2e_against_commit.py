@@ -5,10 +5,10 @@
 
 What "TTFT within x% of what it was" needs: both codes timed under the same conditions. The commit is checked out in
 a temporary git worktree, with this tree's built extension copied in (or, when csrc/ differs between the two, the
-commit's own extension built there, CPU kernels only), and each round times every length with the commit's default config, then
-with this tree's, alternating so that a slow spell of the machine falls on both. Each record carries `tree`
-("commit" or "this") and `round`; the summary gives, per length and edit level, the mean TTFT of both and their
-ratio.
+commit's own extension built there, CPU kernels only), and each round times every length with the commit's default
+config, then with this tree's, alternating so that a slow spell of the machine falls on both. Each record carries
+`tree` ("commit" or "this") and `round`; the summary gives, per length and edit level, the mean TTFT of both and
+their ratio. The result records this tree's uncommitted changes (`this_tree_changes`) beside its commit.
 """
 import argparse
 import json
@@ -86,7 +86,8 @@ def main() -> int:
                             **{f"{tree}_reuse_ratio": [r["reuse_ratio"] for r in v] for tree, v in runs.items()}})
             print(f"{tokens:>5} {level:.2f} {method:<9} commit {a:8.0f} ms  this {b:8.0f} ms  x{b / a:.2f}")
     result = {"command": " ".join(["python", *sys.argv]), "commit": commit, "this": git("rev-parse", "HEAD"),
-              "this_tree_changes": git("diff", "--stat", "HEAD"), "commit_extension": "built" if own_build else "copied",
+              "this_tree_changes": git("diff", "--stat", "HEAD"),
+              "commit_extension": "built" if own_build else "copied",
               "provenance": provenance, "summary": summary, "records": records}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -7,8 +7,8 @@
 `semshare bench e2e` times the default config only; this runs its `run_e2e` once per variant on one engine and the
 same targets: full prefill and the last-token `decode` floor with the first, then semshare with each: "fixed" (the
 unmatched rows inside recompute_ratio), "adaptive" (on top of recompute_ratio of the others, so an edited prompt
-recomputes more), "lookahead" (adaptive, rows ranked by selection="lookahead"). Records carry `budget` and
-`variant` keys.
+recomputes more), "cap=1.25" / "cap=1.5" (adaptive up to that multiple of the fixed budget, `budget_cap`),
+"lookahead" (adaptive, rows ranked by selection="lookahead"). Records carry `budget` and `variant` keys.
 """
 import argparse
 import json
@@ -22,7 +22,8 @@ from semshare_ops.engine import ReuseConfig, ReuseEngine, load_model
 # Spelt out in full, so that a recorded run means the same whatever the defaults of the day.
 VARIANTS = {"fixed": {"budget": "fixed", "selection": "deviation", "budget_cap": None},
             "adaptive": {"budget": "adaptive", "selection": "deviation", "budget_cap": None},
-            **{f"cap={cap}": {"budget": "adaptive", "selection": "deviation", "budget_cap": cap} for cap in (1.25, 1.5)},
+            **{f"cap={cap}": {"budget": "adaptive", "selection": "deviation", "budget_cap": cap}
+               for cap in (1.25, 1.5)},
             "lookahead": {"budget": "adaptive", "selection": "lookahead", "query_window": 16, "budget_cap": None}}
 
 
