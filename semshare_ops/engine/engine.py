@@ -199,8 +199,8 @@ def recompute_counts(prefill: int, num_layers: int, num_unmatched: int, config: 
     target = max(0.0, config.recompute_ratio * (prefill + 1) - 1)
     if config.budget == "adaptive":  # the rows without reusable K/V on top of the ratio of the others
         extra = (1.0 - config.recompute_ratio) * num_unmatched
-        if config.budget_cap is not None:  # ... up to the ceiling, never below the fixed budget's target
-            extra = min(extra, max(0.0, (config.budget_cap - 1.0) * config.recompute_ratio * (prefill + 1)))
+        if config.budget_cap is not None:  # ... up to the ceiling (>= 1: never below the fixed budget's target)
+            extra = min(extra, (config.budget_cap - 1.0) * config.recompute_ratio * (prefill + 1))
         target += extra
     target = min(float(rows), target - lookahead)
     lead = effective_check_layers(config)
