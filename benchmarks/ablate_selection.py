@@ -12,9 +12,10 @@ scored by the mean KL(full || reuse) of the next-token distributions over those 
 48 greedy next tokens agree (`agree`). The noise floor is the same distance for the target with one leading space,
 served by full prefill (what `semshare eval` calls the floor). With --rouge every variant also generates 48 tokens
 greedily, for ROUGE-L against the full prefill's output and first-token / first-8 agreement (`semshare eval`'s
-metrics). Every variant runs at each --ratios recompute ratio; reuse_ratio and TTFT are recorded beside. Each record
-also says where greedy decoding from the reused cache would first leave the full prefill's path and the leads
-(best logit minus second) around it: what a decode guard (ReuseConfig.guard_margin) would need to catch it.
+metrics). Every variant runs at each --ratios recompute ratio; reuse_ratio, similarity (what `min_similarity` gates
+on: `benchmarks/similarity_gate.py` replays a run under other gates) and TTFT are recorded beside. Each record also
+says where greedy decoding from the reused cache would first leave the full prefill's path and the leads (best logit
+minus second) around it: what a decode guard (ReuseConfig.guard_margin) would need to catch it.
 --edit-share S serves, instead of each pair's target, its reference with about S of its tokens edited the way
 `semshare bench e2e` edits its prompts (seeded by the pair's index): heavily edited prompts, where a budget policy
 shows its cost. --summarize prints a recorded --rouge run as the README's table: ROUGE-L with its standard error
@@ -273,6 +274,7 @@ def main() -> int:
                     result = {"kl": float(kl_rows(full_logits, logits).mean()),
                               "agree": float((logits.argmax(-1) == full_logits.argmax(-1)).float().mean()),
                               "reuse_ratio": stats["reuse_ratio"], "mode": stats["mode"],
+                              "similarity": stats["similarity"],
                               "exact_tokens": stats["exact_tokens"], "check_deviation": stats.get("check_deviation"),
                               "decode_recomputed_tokens": stats["decode_recomputed_tokens"],
                               "score_ms": elapsed, **divergence(full_logits, logits)}

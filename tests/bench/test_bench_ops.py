@@ -285,3 +285,44 @@ def test_ablation_summarize_refuses_a_run_without_rouge(tmp_path, monkeypatch, c
         _ablation_script().main()
     assert exit_.value.code == 2
     assert "--summarize" in capsys.readouterr().err
+
+
+# ---- benchmarks/similarity_gate.py: the gate replay's arithmetic ---------------------------------------------------
+
+def _gate_script(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports ablate_selection from its own folder
+    spec = importlib.util.spec_from_file_location("similarity_gate_script", ROOT / "benchmarks" / "similarity_gate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_similarity_gate_serves_requests_under_the_gate_by_full_prefill(monkeypatch):
+    def record(similarity, rouge, mode="reuse"):
+        return {"id": f"r{similarity}", "rougeL_floor": 0.9, "ttft_ms_full": 1000.0,
+                "variants": {"v @ 0.2": {"similarity": similarity, "rougeL": rouge, "kl": 0.01, "reuse_ratio": 0.8,
+                                         "ttft_ms": 200.0, "mode": mode}}}
+
+    # similarities 0.6 / 0.85 / 0.95 / 0.99 with ROUGE-L 0.2 / 0.4 / 0.6 / 0.3; the last took a full prefill in the
+    # run (its recorded reuse-ratio, ROUGE-L and TTFT are not what it was served: the replay must not read them).
+    records = [record(0.6, 0.2), record(0.85, 0.4), record(0.95, 0.6), record(0.99, 0.3, mode="fallback")]
+    rows = {row["gate"]: row for row in _gate_script(monkeypatch).replay(records, "v @ 0.2", [0.9])}
+    none, gate = rows[0.0], rows[0.9]
+    # No gate: only the run's own fallback is a full prefill (ROUGE-L 1.0, KL 0, reuse 0, the full prefill's TTFT).
+    assert none["fallback_share"] == 0.25 and none["rougeL"] == pytest.approx((0.2 + 0.4 + 0.6 + 1.0) / 4)
+    assert none["reuse_ratio"] == pytest.approx(0.6) and none["ttft_ms"] == pytest.approx(400.0)
+    # Gate 0.9: the two under it go to full prefill too.
+    assert gate["fallback_share"] == 0.75 and gate["rougeL"] == pytest.approx((1.0 + 1.0 + 0.6 + 1.0) / 4)
+    assert gate["kl"] == pytest.approx(0.0025) and gate["reuse_ratio"] == pytest.approx(0.2)
+    assert gate["ttft_ms"] == pytest.approx(800.0)
+    assert gate["rougeL_minus_floor"] == pytest.approx(0.9 - 0.9) and gate["rougeL_minus_floor_se"] > 0
+    # At random: the same share sent to full prefill, the rest at the mean ROUGE-L served without a gate (0.55).
+    assert gate["rougeL_same_share_at_random"] == pytest.approx(0.75 + 0.25 * 0.55)
+
+
+def test_similarity_gate_refuses_a_run_without_similarity(monkeypatch):
+    record = {"id": "old", "rougeL_floor": 0.9, "ttft_ms_full": 1.0,
+              "variants": {"v @ 0.2": {"similarity": None, "rougeL": 0.5, "kl": 0.0, "reuse_ratio": 0.8,
+                                       "ttft_ms": 1.0, "mode": "full"}}}
+    with pytest.raises(SystemExit, match="old: no similarity"):
+        _gate_script(monkeypatch).replay([record], "v @ 0.2", [0.5])
