@@ -86,8 +86,9 @@ def main() -> int:
         if not all("rougeL_floor" in r for r in records):
             parser.error(f"{path}: not recorded with --rouge")
         variant = args.variant or next(iter(records[0]["variants"]))
-        label = (f"{records[0]['set']}, {run['edit_share']:.0%} of the reference edited" if run.get("edit_share")
-                 is not None else f"{records[0]['set']}, the pairs' own targets")
+        edited = run.get("edit_share")
+        label = records[0]["set"] + (", the pairs' own targets" if edited is None else
+                                     f", {edited:.0%} of the reference edited")
         results.append({"run": path, "label": label, "variant": variant, "command": run.get("command"),
                         "gates": replay(records, variant, args.gates),
                         "by_similarity": by_similarity(records, variant, edges)})
