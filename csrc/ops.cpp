@@ -16,10 +16,19 @@ TORCH_LIBRARY(semshare, m) {
 
 #ifdef SEMSHARE_PYTHON_MODULE
 // `import semshare_ops._C` loads this library (and so runs the registrations above) without pybind11:
-// an empty module is all Python needs. Built with the limited API so one wheel serves every CPython >= 3.10.
+// a module with one constant is all Python needs. Built with the limited API so one wheel serves every
+// CPython >= 3.10.
 #include <Python.h>
+#include <torch/version.h>
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  // The torch release this library was compiled against. Torch keeps no C++ ABI across releases, so Python
+  // refuses to use the library under another one (semshare_ops/ops/__init__.py) instead of risking wrong results.
+  if (module != nullptr && PyModule_AddStringConstant(module, "TORCH_VERSION", TORCH_VERSION) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 #endif

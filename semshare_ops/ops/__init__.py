@@ -11,9 +11,28 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import _C  # noqa: F401  (loads the library: schemas and CPU/CUDA kernels register on import)
+from .. import _C  # loads the library: schemas and CPU/CUDA kernels register on import
 
 __all__ = ["simhash", "hamming_topk", "rope_reuse_", "partial_attn"]
+
+
+def check_torch_version(built: str, running: str) -> None:
+    """ImportError unless the torch the kernels were compiled against (`built`, e.g. "2.13.0") and the one running
+    (`running`, e.g. "2.13.0+cpu") are the same release (major.minor; a patch or local build tag may differ): a
+    C++ extension has no ABI guarantee across torch releases, and one that loads may still run wrong."""
+    def release(version: str) -> tuple:
+        return tuple(version.split("+")[0].split(".")[:2])
+
+    if release(built) != release(running):
+        raise ImportError(
+            f"semshare_ops: its kernels were compiled against torch {built}, but torch {running} is installed; a "
+            f"C++ extension only runs under the torch release it was built for. Rebuild it against this torch "
+            f"(`pip install --no-build-isolation .` in the source tree) or install torch {'.'.join(release(built))}.")
+
+
+# A library built before it recorded its torch (an old in-place build) is taken as it is: nothing to compare with.
+if hasattr(_C, "TORCH_VERSION"):
+    check_torch_version(_C.TORCH_VERSION, torch.__version__)
 
 
 def simhash(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
