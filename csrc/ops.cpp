@@ -1,5 +1,6 @@
 // Op schemas of the `semshare` namespace (docs/contract.md section 3). Kernels register themselves per device in
-// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) kernels are registered from Python in semshare_ops/ops.py.
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) kernels are registered from Python in
+// semshare_ops/ops/__init__.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(semshare, m) {

@@ -9,7 +9,6 @@ import textwrap
 import pytest
 import torch
 
-import semshare_ops
 from semshare_ops import _C
 from semshare_ops.ops import check_torch_version
 
@@ -61,4 +60,3 @@ def test_import_under_another_torch_release_is_refused():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("REFUSED:") and f"torch {other} is installed" in out.stdout, out.stdout
-    assert semshare_ops.__version__  # this process's import was accepted
