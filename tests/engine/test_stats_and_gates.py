@@ -157,9 +157,14 @@ def test_bad_config_rejected(field, value):
 
 
 def test_config_defaults():
+    """The defaults docs/contract.md's ReuseConfig table states, every one (its first five are the contract's)."""
+    want = dict(matching="hybrid", recompute_ratio=0.2, retain_ratio=None, min_similarity=0.5, rope_correction=True,
+                check_layers=2, recompute_decay=1.0, recompute_tail=0, recompute_boundary=4, selection="deviation",
+                query_window=16, progressive=True, budget="adaptive", budget_cap=None, guard_margin=0.0,
+                decode_recompute=0, retain_decay=0.9, lsh_bits=128, lsh_max_distance=24, lsh_seed=0,
+                embedding_rope_base=10000.0)
     cfg = ReuseConfig()
-    assert cfg.matching == "hybrid" and cfg.rope_correction is True and cfg.retain_ratio is None
-    assert 0.0 <= cfg.recompute_ratio <= 1.0 and 0.0 <= cfg.min_similarity <= 1.0
+    assert {name: getattr(cfg, name) for name in want} == want
 
 
 # ---- typed arguments: every bad value named, nothing served --------------------------------------------------------

@@ -1,5 +1,6 @@
 """partial_attn (docs/contract.md 3.4) against torch SDPA in float64 with an explicit mask, and ops against reference."""
 
+import importlib.util
 import math
 
 import pytest
@@ -592,8 +593,8 @@ def test_window_split_kv(impl, device, dtype, name, monkeypatch):
 
 
 def sliding_window_causal_mask(n, window):
-    """[n, n] bool: causal attention with HF's sliding window, by transformers' own mask function when importable
-    (transformers.masking_utils), else an explicit band: tril & triu(-(window - 1))."""
+    """([n, n] bool, where it came from): causal attention with HF's sliding window, by transformers' own mask
+    function when importable (transformers.masking_utils), else an explicit band: tril & triu(-(window - 1))."""
     idx = torch.arange(n)
     try:
         from transformers import masking_utils
@@ -602,12 +603,12 @@ def sliding_window_causal_mask(n, window):
     for name in ("sliding_window_causal_mask_function", "sliding_window_causal_function"):
         fn = getattr(masking_utils, name, None)
         if fn is not None:
-            return fn(window)(0, 0, idx[:, None], idx[None, :]).expand(n, n)
+            return fn(window)(0, 0, idx[:, None], idx[None, :]).expand(n, n), name
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     overlay = getattr(masking_utils, "sliding_window_overlay", None)
     if overlay is not None:
-        return causal & overlay(window)(0, 0, idx[:, None], idx[None, :])
-    return causal & torch.ones(n, n, dtype=torch.bool).triu(-(window - 1))
+        return causal & overlay(window)(0, 0, idx[:, None], idx[None, :]), "sliding_window_overlay"
+    return causal & torch.ones(n, n, dtype=torch.bool).triu(-(window - 1)), None
 
 
 @pytest.mark.parametrize("window", [1, 4, 16])
@@ -616,7 +617,11 @@ def test_window_causal_prefill_matches_hf_mask(impl, device, dtype, window):
     """q_pos = arange(N) over the whole cache with a window is HF's sliding-window causal attention: float64 SDPA
     under transformers' mask (a band of `window` keys ending at the query's own)."""
     n, hq, hkv, d = 45, 6, 2, 64
-    mask = sliding_window_causal_mask(n, window)
+    mask, source = sliding_window_causal_mask(n, window)
+    if source is None and importlib.util.find_spec("transformers") is not None \
+            and importlib.util.find_spec("transformers.masking_utils") is not None:
+        pytest.fail("transformers.masking_utils has none of the mask functions sliding_window_causal_mask names: "
+                    "the band below would be compared with itself")
     band = torch.ones(n, n, dtype=torch.bool).tril() & torch.ones(n, n, dtype=torch.bool).triu(-(window - 1))
     assert torch.equal(mask, band) and mask.sum(dim=1).max() == window
     q, k, v = make_qkv(device, dtype, n, n, hq, hkv, d, seed=70 + window)
