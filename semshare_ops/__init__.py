@@ -5,7 +5,7 @@ Sub-packages by job; each imports only those listed before it:
   and `ops.oracle`, the same contract in plain torch;
 - `engine`: `ReuseEngine` and `ReuseConfig` on Hugging Face causal LMs, `load_model`;
 - `store`: `KVStore`, many users' requests and their K/V;
-- integrations with serving engines, one sub-package each (the vLLM one is planned: `semshare_ops.vllm`);
+- integrations with serving engines, one sub-package each (`vllm`: a KV connector and plugin for vLLM);
 - leaves that the library never imports: `cli` (the `semshare` command), `bench`, `eval`.
 The engine and store load transformers only when first used.
 """

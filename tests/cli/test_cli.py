@@ -67,9 +67,15 @@ def test_run_json_on_the_embedded_model(capsys, monkeypatch, tmp_path, smollm2):
     assert set(result) == {"full", "reuse", "speedup"}
     for side in ("full", "reuse"):
         assert set(result[side]) == {"text", "token_ids", "stats"}
-        assert len(result[side]["token_ids"]) >= 1
+        assert result[side]["text"].strip()  # a user turn of the chat template: the model answers
     assert result["full"]["stats"]["mode"] == "full" and result["reuse"]["stats"]["mode"] == "reuse"
     assert result["speedup"] > 0
+    # --no-chat-template: the files' text as given, the same tokens as the tokenizer makes of it.
+    assert cli.main(["run", "--reference", str(reference), "--target", str(target), "--json",
+                     "--max-new-tokens", "6", "--no-chat-template"]) == 0
+    raw = json.loads(capsys.readouterr().out)
+    assert raw["full"]["stats"]["prompt_tokens"] == len(smollm2[1](DEMO_TARGET)["input_ids"])
+    assert result["full"]["stats"]["prompt_tokens"] > raw["full"]["stats"]["prompt_tokens"]
 
 
 def test_eval_missing_pairs_file_exits_2(capsys, monkeypatch, tmp_path):
