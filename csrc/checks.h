@@ -70,6 +70,7 @@ inline bool rows_aligned(const at::Tensor& t, int64_t elems) {
 
 inline void check_simhash_args(const at::Tensor& x, const at::Tensor& planes) {
   TORCH_CHECK(x.dim() >= 1, "x: expected at least 1 dimension, got a scalar");
+  TORCH_CHECK(x.size(-1) > 0, "x: expected at least one feature in the last dimension, got shape ", x.sizes());
   check_activation(x, "x");
   check_dim(planes, 2, "planes");
   check_dtype(planes, at::kFloat, "planes");
@@ -99,8 +100,8 @@ inline void check_hamming_topk_args(const at::Tensor& q_codes, const at::Tensor&
   check_same_device(k_codes, q_codes, "k_codes", "q_codes");
   TORCH_CHECK(k_codes.size(1) == q_codes.size(1), "k_codes: expected ", q_codes.size(1),
               " words per code (as q_codes), got shape ", k_codes.sizes());
-  TORCH_CHECK(q_codes.size(1) == 0 || q_codes.stride(1) == 1, "q_codes: the last dimension must be contiguous");
-  TORCH_CHECK(k_codes.size(1) == 0 || k_codes.stride(1) == 1, "k_codes: the last dimension must be contiguous");
+  TORCH_CHECK(q_codes.size(1) <= 1 || q_codes.stride(1) == 1, "q_codes: the last dimension must be contiguous");
+  TORCH_CHECK(k_codes.size(1) <= 1 || k_codes.stride(1) == 1, "k_codes: the last dimension must be contiguous");
   TORCH_CHECK_VALUE(k >= 1 && k <= k_codes.size(0), "k: expected 1 <= k <= ", k_codes.size(0),
                     " (the number of reference codes), got ", k);
 }
@@ -170,8 +171,11 @@ inline RopeReuseShape check_rope_reuse_args(const at::Tensor& k_dst, const at::T
   }
 
   // Outputs must not share memory with each other or with the sources: the kernels read and write in one pass.
-  at::assert_no_internal_overlap(k_dst);
-  at::assert_no_internal_overlap(v_dst);
+  for (auto [t, name] : {std::pair{&k_dst, "k_dst"}, {&v_dst, "v_dst"}}) {
+    TORCH_CHECK(at::has_internal_overlap(*t) != at::MemOverlap::Yes, name,
+                ": some of its elements share memory (an expanded view?); an output needs one address per element, ",
+                "got strides ", t->strides(), " for shape ", t->sizes());
+  }
   auto no_overlap = [](const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn) {
     TORCH_CHECK(!may_share_memory(a, b), an, ": must not share memory with ", bn);
   };
@@ -257,6 +261,7 @@ inline PartialAttnShape check_partial_attn_args(const at::Tensor& q, const at::T
   s.kv_heads = k.size(1);
   s.v_head_dim = v.size(2);
   TORCH_CHECK(s.head_dim > 0, "q: head dim must be positive");
+  TORCH_CHECK(s.q_heads > 0, "q: expected at least one query head, got shape ", q.sizes());
   check_size(k, 2, s.head_dim, "k", "head dim, as q");
   check_size(v, 0, s.nk, "v", "keys, as k");
   check_size(v, 1, s.kv_heads, "v", "kv heads, as k");
@@ -285,14 +290,20 @@ inline PartialAttnShape check_partial_attn_args(const at::Tensor& q, const at::T
     s.cu_k = {0, s.nk};
   }
   s.batch = static_cast<int64_t>(s.cu_q.size()) - 1;
-  TORCH_CHECK_VALUE(!scale.has_value() || (std::isfinite(*scale) && *scale > 0.0),
-                    "scale: expected a finite positive number or None, got ", scale.value_or(0.0));
+  // Both are used in fp32 (as are the logits): a double that rounds to 0 or inf there is refused, not run as
+  // "no cap" or "every logit infinite".
+  const auto fp32_positive = [](double x) {
+    const float f = static_cast<float>(x);
+    return std::isfinite(x) && x > 0.0 && std::isfinite(f) && f > 0.0f;
+  };
+  TORCH_CHECK_VALUE(!scale.has_value() || fp32_positive(*scale),
+                    "scale: expected a positive number within fp32's range, or None, got ", scale.value_or(0.0));
   s.scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
   TORCH_CHECK_VALUE(window == -1 || window > 0, "window: expected -1 (no sliding window) or a positive number of ",
                     "positions, got ", window);
   s.window = window;
-  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, "softcap: expected 0 (off) or a finite positive cap, ",
-                    "got ", softcap);
+  TORCH_CHECK_VALUE(softcap == 0.0 || fp32_positive(softcap),
+                    "softcap: expected 0 (off) or a positive cap within fp32's range, got ", softcap);
   s.softcap = softcap;
   if (sinks.has_value()) {
     check_dim(*sinks, 1, "sinks");

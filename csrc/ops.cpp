@@ -1,6 +1,8 @@
 // Op schemas of the `semshare` namespace (docs/contract.md section 3). Kernels register themselves per device in
-// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) kernels are registered from Python in
-// semshare_ops/ops/__init__.py.
+// csrc/cpu/*.cpp and csrc/cuda/*.cu, rope_reuse_'s autograd-facing ones below; fake (meta) kernels are registered
+// from Python in semshare_ops/ops/__init__.py.
+#include <ATen/core/grad_mode.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(semshare, m) {
@@ -13,6 +15,47 @@ TORCH_LIBRARY(semshare, m) {
       "partial_attn(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor? kv_pos=None, "
       "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, float? scale=None, int window=-1, float softcap=0.0, "
       "Tensor? sinks=None) -> (Tensor out, Tensor lse)");
+}
+
+// rope_reuse_ writes k_dst and v_dst in place and has no derivative. Two kernels above the device ones make autograd
+// see that, as it sees torch's own in-place ops: under grad mode, a tensor of the call that requires grad is refused
+// (a gradient through the op would be silently wrong: nothing flows back through it); and every call bumps the
+// version counters of the two outputs, so a graph that saved one of them before the write fails at backward instead
+// of differentiating through the new values. Inference tensors skip both keys, as with torch's ops.
+namespace {
+
+void rope_reuse_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  if (at::GradMode::is_enabled()) {
+    const char* names[] = {"k_dst", "v_dst", "k_src", "v_src"};
+    for (int i = 0; i < 4; ++i) {
+      const c10::IValue& arg = (*stack)[stack->size() - 9 + i];
+      TORCH_CHECK(!(arg.isTensor() && arg.toTensor().requires_grad()), "rope_reuse_: ", names[i],
+                  " requires grad, but the op has no derivative; call it under torch.no_grad() or on detached tensors");
+    }
+  }
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
+}
+
+void rope_reuse_inplace_or_view(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  const at::Tensor k_dst = (*stack)[stack->size() - 9].toTensor();
+  const at::Tensor v_dst = (*stack)[stack->size() - 8].toTensor();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  k_dst.unsafeGetTensorImpl()->bump_version();
+  v_dst.unsafeGetTensorImpl()->bump_version();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(semshare, Autograd, m) {
+  m.impl("rope_reuse_", torch::CppFunction::makeFromBoxedFunction<&rope_reuse_autograd>());
+}
+
+TORCH_LIBRARY_IMPL(semshare, ADInplaceOrView, m) {
+  m.impl("rope_reuse_", torch::CppFunction::makeFromBoxedFunction<&rope_reuse_inplace_or_view>());
 }
 
 #ifdef SEMSHARE_PYTHON_MODULE

@@ -239,13 +239,17 @@ inline void attend_tile(int64_t rows, int64_t D, int64_t Dvp, int64_t nk, int64_
     for (int64_t i = 0; i < rows * kBlockK; i += 8) store8(S + i, softcap * tanh8(load8(S + i)));
   }
 
-  // Online softmax per row. A row that sees nothing in this tile keeps its state: alpha 1 and P 0.
+  // Online softmax per row. A row that sees nothing in this tile keeps its state: alpha 1 and P 0. Masked logits
+  // are replaced by -inf, not added to it: a NaN key the row does not see (an evicted slot, a later position) must
+  // not reach it.
+  const vf8 neg_inf = splat(kNegInf);
   for (int64_t row = 0; row < rows; ++row) {
     float* pr = S + row * kBlockK;
     const float* br = bias + (row / G) * kBlockK;
     vf8 a[8];
 #pragma GCC unroll 8
-    for (int c = 0; c < 8; ++c) a[c] = need_mask ? load8(pr + 8 * c) + load8(br + 8 * c) : load8(pr + 8 * c);
+    for (int c = 0; c < 8; ++c) a[c] = need_mask ? (load8(br + 8 * c) == 0.0f ? load8(pr + 8 * c) : neg_inf)
+                                                 : load8(pr + 8 * c);
     vf8 vmax = a[0];
 #pragma GCC unroll 8
     for (int c = 1; c < 8; ++c) vmax = vmax > a[c] ? vmax : a[c];
@@ -353,9 +357,10 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
     for (int64_t t = s.cu_q[b]; t < s.cu_q[b + 1]; t += tile_q) {
       const int64_t t_end = std::min(t + tile_q, s.cu_q[b + 1]);
       int64_t kb = k0, ke = k1;
-      if (!kvpos) {
-        if (window > 0) kb = k0 + std::max<int64_t>(0, qpos[order[t]] - window + 1) / kBlockK * kBlockK;
-        ke = std::min(k1, k0 + std::max<int64_t>(0, qpos[order[t_end - 1]] + 1));
+      if (!kvpos) {  // clamped to the sequence before adding k0: a position may be as large as int64 allows
+        const int64_t n = k1 - k0, first = qpos[order[t]], last = qpos[order[t_end - 1]];
+        if (window > 0) kb = k0 + std::clamp<int64_t>(first - window + 1, 0, n) / kBlockK * kBlockK;
+        ke = k0 + (last >= n ? n : std::max<int64_t>(0, last + 1));
         kb = std::min(kb, ke > k0 ? (ke - k0 - 1) / kBlockK * kBlockK + k0 : k0);
       }
       longest = std::max(longest, ke - kb);
@@ -441,17 +446,19 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
 
   // out = O / L and lse = M + log L for query i, head h, one rounding to the output dtype; no visible key: 0 and
   // -inf. A sink adds exp(sink) to the denominator only: with m = max(M, sink), L' = L e^(M - m) + e^(sink - m) and
-  // out = O e^(M - m) / L'.
+  // out = O e^(M - m) / L'; a sink of +inf takes all the weight (out 0, lse +inf). A NaN anywhere in a row's logits
+  // or sink leaves L NaN, and the row comes out NaN: never as "no visible key" (L == 0).
   auto finish = [&](int64_t i, int64_t h, const float* orow, float m, float l) {
     scalar_t* dst = op + i * os0 + h * os1;
     float o_scale = 1.0f;
-    if (sink && sink[h] > kNegInf) {
-      const float m_new = std::max(m, sink[h]);
-      o_scale = l > 0.0f ? std::exp(m - m_new) : 0.0f;
-      l = l * o_scale + std::exp(sink[h] - m_new);
+    if (sink && sink[h] != kNegInf) {
+      const float sk = sink[h];
+      const float m_new = std::isnan(sk) || sk == std::numeric_limits<float>::infinity() ? sk : std::max(m, sk);
+      o_scale = l != 0.0f ? std::exp(m - m_new) : 0.0f;
+      l = m_new == std::numeric_limits<float>::infinity() ? 1.0f : l * o_scale + std::exp(sk - m_new);
       m = m_new;
     }
-    if (l > 0.0f) {
+    if (l != 0.0f) {
       const float inv = o_scale / l;
       for (int64_t e = 0; e < Dv; ++e) dst[e] = static_cast<scalar_t>(orow[e] * inv);
       lp[i * s.q_heads + h] = m + std::log(l);
@@ -546,7 +553,7 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
           V = v_all.get() + tile_id * kBlockK * Dvp;
         }
 
-        // Additive masks (0 or -inf) per query of the tile, shared by its G heads.
+        // Masks per query of the tile (0: visible, -inf: not), shared by its G heads; attend_tile selects by them.
         if (need_mask) {
           for (int64_t r = 0; r < nq; ++r) {
             float* br = bias + r * kBlockK;

@@ -76,13 +76,26 @@ __device__ __forceinline__ bool key_visible(int64_t p, int64_t qp, int64_t windo
 // sum and `sink` its sink logit, all in log2 units (the exp2 softmax). Returns the factor that turns the row's
 // accumulated output into its output (1 / l without a sink; 0 when the row saw no key and has no sink) and leaves m
 // and l including the sink.
+// A NaN in the row's logits (l NaN) or its sink comes out NaN, never as "no visible key" (l == 0); a sink of +inf
+// takes all the weight (output 0, lse +inf).
 __device__ __forceinline__ float fold_sink_log2(float sink, float& m, float& l) {
-  if (sink == -INFINITY) return l > 0.0f ? 1.0f / l : 0.0f;
-  const float m_new = fmaxf(m, sink);
-  const float o_scale = l > 0.0f ? exp2f(m - m_new) : 0.0f;
-  l = l * o_scale + exp2f(sink - m_new);
+  if (sink == -INFINITY) return l != 0.0f ? 1.0f / l : 0.0f;
+  const float m_new = isnan(sink) || sink == INFINITY ? sink : fmaxf(m, sink);
+  const float o_scale = l != 0.0f ? exp2f(m - m_new) : 0.0f;
+  l = m_new == INFINITY ? 1.0f : l * o_scale + exp2f(sink - m_new);
   m = m_new;
   return o_scale / l;
+}
+
+// Keys [k0, end) a query at position qp can see with default positions, clamped before k0 is added: a position may
+// be as large as int64 allows.
+__device__ __forceinline__ int64_t seen_end(int64_t k0, int64_t k1, int64_t qp) {
+  return qp >= k1 - k0 ? k1 : k0 + max(qp + 1, int64_t{0});
+}
+
+// The first key of the tile, `tile` keys wide, where the window of a query at qp starts (default positions).
+__device__ __forceinline__ int64_t window_begin(int64_t k0, int64_t k1, int64_t qp, int64_t window, int64_t tile) {
+  return k0 + min(max(qp - window + 1, int64_t{0}), k1 - k0) / tile * tile;
 }
 
 // A tile's sequence, first and end index into `order`, and its sequence's key range. Without cu_seqlens there is one
@@ -148,8 +161,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t q_min = row_pos[0], q_max = row_pos[rows - 1];
   // With default positions (key j of the sequence is position j), tiles before the first query's window are
   // never visited.
-  const int64_t j_first =
-      a.kv_pos || a.window <= 0 ? k0 : k0 + max(q_min - a.window + 1, int64_t{0}) / kBlockK * kBlockK;
+  const int64_t j_first = a.kv_pos || a.window <= 0 ? k0 : window_begin(k0, k1, q_min, a.window, kBlockK);
 
   for (int64_t j0 = j_first; j0 < k1; j0 += kBlockK) {
     const int64_t nk = min(static_cast<int64_t>(kBlockK), k1 - j0);
@@ -210,10 +222,10 @@ __global__ void __launch_bounds__(kWarps * 32)
     if (a.sinks) {
       float m2 = Ms[row] * kLog2e, l2 = l;
       Ls[row] = fold_sink_log2(a.sinks[h] * kLog2e, m2, l2);
-      lse[i * a.q_heads + h] = l2 > 0.0f ? (m2 + log2f(l2)) * kLn2 : -INFINITY;
+      lse[i * a.q_heads + h] = l2 != 0.0f ? (m2 + log2f(l2)) * kLn2 : -INFINITY;
     } else {
-      Ls[row] = l > 0.0f ? 1.0f / l : 0.0f;
-      lse[i * a.q_heads + h] = l > 0.0f ? Ms[row] + logf(l) : -INFINITY;
+      Ls[row] = l != 0.0f ? 1.0f / l : 0.0f;
+      lse[i * a.q_heads + h] = l != 0.0f ? Ms[row] + logf(l) : -INFINITY;
     }
   }
   __syncthreads();
@@ -302,8 +314,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   const float cap_in = a.softcap > 0.0f ? a.scale / a.softcap : 0.0f, cap_out = a.softcap * kLog2e;
   // Default positions are the key indices: keys past q_max are invisible to the whole tile, and so are whole
   // tiles before the first query's window.
-  int64_t k_begin = k0, k_end = a.kv_pos ? k1 : min(k1, k0 + max(q_max + 1, static_cast<int64_t>(0)));
-  if (!a.kv_pos && a.window > 0) k_begin = k0 + max(q_min - a.window + 1, int64_t{0}) / kMmaKeys * kMmaKeys;
+  int64_t k_begin = k0, k_end = a.kv_pos ? k1 : seen_end(k0, k1, q_max);
+  if (!a.kv_pos && a.window > 0) k_begin = window_begin(k0, k1, q_min, a.window, kMmaKeys);
   if (a.n_splits > 1) {  // this block's slice: whole key tiles, so no tile reaches into the next slice
     const int64_t slice = k0 + static_cast<int64_t>(blockIdx.z) * a.split_keys;
     k_begin = min(k_end, max(k_begin, slice));
@@ -434,7 +446,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     // Sinks join the denominator once: here without a split, in merge_splits_kernel with one.
     const float sink = a.sinks && a.n_splits == 1 ? a.sinks[row_h[r]] * kLog2e : -INFINITY;
     const float inv = fold_sink_log2(sink, m[r], l[r]);
-    const float row_lse = l[r] > 0.0f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
+    const float row_lse = l[r] != 0.0f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
     if (a.n_splits > 1) {
       const int64_t part_row = (blockIdx.z * a.nq_total + row_i[r]) * a.q_heads + row_h[r];
       float* orow = a.o_part + part_row * D;
@@ -467,8 +479,20 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   if (row >= rows) return;  // whole warps: a warp never straddles this
   const int64_t i = row / a.q_heads, h = row % a.q_heads;
   const float sink = a.sinks ? a.sinks[h] : -INFINITY;
+  uint16_t* orow = out + i * a.os0 + h * a.os1;
+  if (sink == INFINITY) {  // as fold_sink_log2: the sink takes all the weight
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c) *reinterpret_cast<uint32_t*>(orow + 64 * c + 2 * lane) = pack2<kBf16>(0.0f, 0.0f);
+    if (lane == 0) lse[row] = INFINITY;
+    return;
+  }
   float lse_max = sink;
-  for (int64_t z = 0; z < a.n_splits; ++z) lse_max = fmaxf(lse_max, a.lse_part[z * rows + row]);
+  bool nan_row = isnan(sink);  // fmaxf drops NaN: a NaN slice or sink is carried here, and the row comes out NaN
+  for (int64_t z = 0; z < a.n_splits; ++z) {
+    const float lz = a.lse_part[z * rows + row];
+    nan_row = nan_row || isnan(lz);
+    lse_max = fmaxf(lse_max, lz);
+  }
   float acc[D / 64][2] = {};
   float weight_sum = lse_max != -INFINITY && sink != -INFINITY ? expf(sink - lse_max) : 0.0f;
   if (lse_max != -INFINITY) {
@@ -484,13 +508,13 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
       }
     }
   }
-  const float inv = weight_sum > 0.0f ? 1.0f / weight_sum : 0.0f;
-  uint16_t* orow = out + i * a.os0 + h * a.os1;
+  if (nan_row) weight_sum = NAN;
+  const float inv = weight_sum != 0.0f ? 1.0f / weight_sum : 0.0f;
 #pragma unroll
   for (int c = 0; c < D / 64; ++c) {
     *reinterpret_cast<uint32_t*>(orow + 64 * c + 2 * lane) = pack2<kBf16>(acc[c][0] * inv, acc[c][1] * inv);
   }
-  if (lane == 0) lse[row] = weight_sum > 0.0f ? lse_max + logf(weight_sum) : -INFINITY;
+  if (lane == 0) lse[row] = weight_sum != 0.0f ? lse_max + logf(weight_sum) : -INFINITY;
 }
 
 }  // namespace

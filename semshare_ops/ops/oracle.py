@@ -110,7 +110,9 @@ def partial_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch
             sink = sinks.float()[:, None, None].expand(hq, scores.shape[1], 1)
             scores = torch.cat([scores, sink], dim=-1)
         lse_b = torch.logsumexp(scores, dim=-1)  # [hq, nq_b]; -inf where nothing is visible
-        probs = torch.exp(scores - lse_b[..., None]).nan_to_num(0.0)  # rows with no visible key: 0
+        # Rows with no visible key (lse -inf): 0 (exp(-inf - -inf) is NaN). A NaN logit stays NaN; a sink of +inf
+        # takes all the weight (exp(s - inf) = 0).
+        probs = torch.where(torch.isneginf(lse_b)[..., None], 0.0, torch.exp(scores - lse_b[..., None]))
         if sinks is not None:
             probs = probs[..., :-1]
         out[qs] = torch.einsum("hqk,khe->qhe", probs, vb).to(q.dtype)

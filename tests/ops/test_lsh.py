@@ -176,6 +176,7 @@ def test_simhash_bad_args(device):
     x_nc = randn((5, 2 * D), gen=gen, device=device)[:, ::2]  # last dim stride 2
     assert x_nc.shape[-1] == D and x_nc.stride(-1) == 2
     expect_arg_error(lambda: ops.simhash(x_nc, planes), "x")
+    expect_arg_error(lambda: ops.simhash(x[:, :0], planes[:0]), "x")  # no features: named, not a reshape error
 
 
 # ---- hamming_topk ----------------------------------------------------------------------------------------------
@@ -290,3 +291,16 @@ def test_hamming_topk_bad_args(device):
     expect_arg_error(lambda: ops.hamming_topk(q, r, 11), "k")
     expect_arg_error(lambda: ops.hamming_topk(q, r, -1), "k")
     expect_arg_error(lambda: ops.hamming_topk(q[0], r, 3), "q_codes")  # must be 2-D
+
+
+def test_hamming_topk_one_word_codes_of_any_stride(device):
+    """A last dim of size 1 is contiguous whatever its stride: [N, 1] columns cut from a wider tensor are served
+    (they were refused as "not contiguous"), with the same result as contiguous copies."""
+    ops = impl_module("ops")
+    rng = np.random.default_rng(2)
+    r = torch.from_numpy(random_codes(rng, 9, 3)).to(device)[:, 2:]  # [9, 1], rows 3 words apart
+    qt = torch.from_numpy(random_codes(rng, 1, 5)).to(device).t()  # [5, 1] with stride(1) == 5
+    assert qt.shape == (5, 1) and qt.stride(1) != 1
+    got = ops.hamming_topk(qt, r, 4)
+    want = ops.hamming_topk(qt.contiguous(), r.contiguous(), 4)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -840,6 +840,65 @@ def test_raw_op_registered(device):
 # ---- bad arguments ------------------------------------------------------------------------------------------------
 
 
+# ---- extreme positions and non-finite values --------------------------------------------------------------------
+
+I64_MAX = 2**63 - 1
+
+
+@pytest.mark.parametrize("window", [-1, 1, 40])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_positions_near_int64_max(impl, device, dtype, window):
+    """A query position may be as large as int64 allows: it sees every key of its sequence (within its window), as
+    the oracle says. The kernels clamp before adding a sequence's first key: the sum once overflowed and read "no
+    visible key", or (with a window, in a later sequence) walked some 2^57 empty tiles."""
+    q, k, v = make_qkv(device, dtype, 4, 200, 4, 2, 64, seed=120)
+    qp = pos([I64_MAX, 3, I64_MAX - 10, 150], device)
+    run_check(impl, q, k, v, qp, window=window)
+    run_check(impl, q, k, v, qp, cu_q=pos([0, 2, 4], device), cu_k=pos([0, 70, 200], device), window=window)
+
+
+@pytest.mark.parametrize("nk", [40, 2048])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_non_finite_keys_a_query_does_not_see_never_reach_it(impl, device, dtype, nk):
+    """NaN and inf in K at an evicted slot (kv_pos -1) and at positions past a query, in the key tiles it reads: the
+    result is bit for bit the clean cache's. A masked logit is replaced by -inf, not added to it (NaN + -inf is
+    NaN, which once made such a query report "no visible key"). 2048 keys: split over the threads or SMs too."""
+    q, k, v = make_qkv(device, dtype, 3, nk, 4, 2, 64, seed=121)
+    kv_pos = torch.arange(nk, device=device)
+    kv_pos[7] = -1
+    qp = pos([nk // 2, nk // 2 + 5, nk - 10], device)
+    bad = k.clone()
+    bad[7] = float("nan")  # evicted
+    bad[nk - 9] = float("nan")  # past every query, in the tile of the last one
+    bad[nk - 5] = float("inf")
+    out, lse = impl.partial_attn(q, k, v, qp, kv_pos)
+    out_bad, lse_bad = impl.partial_attn(q, bad, v, qp, kv_pos)
+    assert torch.isfinite(lse).all() and torch.isfinite(out.float()).all()
+    assert torch.equal(out_bad, out) and torch.equal(lse_bad, lse)
+
+
+@pytest.mark.parametrize("nk", [40, 2048])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_non_finite_inputs_a_query_sees_come_out_nan(impl, device, dtype, nk):
+    """A NaN key a query sees makes its row NaN (out and lse), never "no visible key" (out 0, lse -inf, as it once
+    came out); a NaN sink likewise; a sink of +inf takes all the weight: out 0, lse +inf (the oracle agrees)."""
+    q, k, v = make_qkv(device, dtype, 2, nk, 4, 2, 64, seed=122)
+    qp = pos([nk - 1, 3], device)
+    bad = k.clone()
+    bad[5, 0] = float("nan")  # kv head 0, read by query heads 0 and 1; query 1 (position 3) does not see it
+    out, lse = impl.partial_attn(q, bad, v, qp)
+    assert torch.isnan(lse[0, :2]).all() and torch.isnan(out[0, :2].float()).all()
+    assert torch.isfinite(lse[0, 2:]).all() and torch.isfinite(lse[1]).all()
+    sinks = torch.tensor([math.inf, math.nan, 2.0, -math.inf], device=device)
+    out, lse = impl.partial_attn(q, k, v, qp, sinks=sinks)
+    ref_out, ref_lse = impl_module("oracle").partial_attn(q, k, v, qp, sinks=sinks)
+    for got, want in ((lse, ref_lse), (out.float(), ref_out.float())):
+        assert torch.isnan(got[:, 1]).all() and torch.isnan(want[:, 1]).all()
+    assert (lse[:, 0] == math.inf).all() and (ref_lse[:, 0] == math.inf).all()
+    assert (out[:, 0] == 0).all() and (ref_out[:, 0] == 0).all()
+    assert torch.isfinite(lse[:, 2:]).all() and torch.isfinite(out[:, 2:].float()).all()
+
+
 def base_args(device):
     q, k, v = make_qkv(device, torch.float32, 5, 12, 4, 2, 32, seed=23)
     return dict(q=q, k=k, v=v, q_pos=pos([11, 0, 4, 4, 9], device), kv_pos=None, cu_seqlens_q=None,
@@ -917,6 +976,12 @@ BAD_CASES = {
     "scale_inf": (_upd(scale=lambda a: math.inf), ["scale"]),
     "scale_zero": (_upd(scale=lambda a: 0.0), ["scale"]),
     "scale_negative": (_upd(scale=lambda a: -0.125), ["scale"]),
+    # Finite doubles that fp32, where the kernels use them, rounds to 0 or inf.
+    "scale_under_fp32": (_upd(scale=lambda a: 1e-46), ["scale"]),
+    "scale_over_fp32": (_upd(scale=lambda a: 1e39), ["scale"]),
+    "softcap_under_fp32": (_upd(softcap=lambda a: 1e-46), ["softcap"]),
+    "softcap_over_fp32": (_upd(softcap=lambda a: 1e39), ["softcap"]),
+    "q_no_heads": (_upd(q=lambda a: a["q"][:, :0]), ["q"]),
 }
 
 

@@ -608,6 +608,9 @@ BAD_CASES = {
         a["k_dst"].shape[:-1] + (a["v_src"].shape[-1],), device=a["k_dst"].device)), ["k_dst", "k_src"]),
     "k_src_overlaps_k_dst": (_overlap_k, ["k_dst", "k_src"]),
     "v_src_overlaps_v_dst": (_overlap_v, ["v_dst", "v_src"]),
+    # an output whose elements share memory (one token row expanded over all): named, not ATen's generic message
+    "k_dst_expanded": (_set("k_dst", lambda t: t[:1].expand(t.shape)), ["k_dst"]),
+    "v_dst_expanded_heads": (_set("v_dst", lambda t: t[:, :1].expand(t.shape)), ["v_dst"]),
 }
 
 BAD_CASES_4D = {
@@ -699,3 +702,25 @@ def test_meta_tensor_mixed_with_cpu_tensors_is_refused(which):
                 delta=torch.tensor([1]), inv_freq=torch.ones(2))
     args[which] = args[which].to("meta")
     expect_arg_error(lambda: impl_module("ops").rope_reuse_(**args), which if which != "k_dst" else "v_dst")
+
+
+def test_autograd_sees_the_in_place_write(device):
+    """No derivative, and autograd is told so: under grad mode a tensor of the call that requires grad is refused
+    by name, and the write bumps both outputs' version counters, so a graph that saved one of them fails at
+    backward instead of differentiating through the new values (as with torch's own in-place ops)."""
+    a = make_case(device, t_dst=12, t_src=9, pairs=4, seed=30)
+    w = a["k_dst"].clone().requires_grad_()
+    for name in ("k_dst", "v_src"):
+        b = dict(a, **{name: a[name].clone().requires_grad_()})
+        before = b["k_dst"].detach().clone()
+        with pytest.raises(RuntimeError, match=f"{name} requires grad"):
+            call(impl_module("ops"), b)
+        assert torch.equal(b["k_dst"].detach(), before)
+    kd = w * 1.0
+    y = (kd * kd).sum()
+    with torch.no_grad():
+        v0, vv0 = kd._version, a["v_dst"]._version
+        call(impl_module("ops"), dict(a, k_dst=kd))
+        assert kd._version > v0 and a["v_dst"]._version > vv0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()

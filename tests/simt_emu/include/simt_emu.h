@@ -31,6 +31,10 @@
 #include <tuple>
 #include <vector>
 
+// CUDA's math library declares isnan / isinf for device code in the global namespace; <cmath> puts them in std.
+using std::isinf;
+using std::isnan;
+
 #define __global__
 #define __device__
 #define __host__
