@@ -24,12 +24,17 @@ TORCH_LIBRARY(semshare, m) {
 // of differentiating through the new values. Inference tensors skip both keys, as with torch's ops.
 namespace {
 
+// The call's arguments on a boxed stack, first one at index 0; named and counted by the op's schema.
+const c10::IValue& argument(const c10::OperatorHandle& op, const torch::jit::Stack* stack, size_t i) {
+  return (*stack)[stack->size() - op.schema().arguments().size() + i];
+}
+
 void rope_reuse_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
   if (at::GradMode::is_enabled()) {
-    const char* names[] = {"k_dst", "v_dst", "k_src", "v_src"};
-    for (int i = 0; i < 4; ++i) {
-      const c10::IValue& arg = (*stack)[stack->size() - 9 + i];
-      TORCH_CHECK(!(arg.isTensor() && arg.toTensor().requires_grad()), "rope_reuse_: ", names[i],
+    for (size_t i = 0; i < 4; ++i) {  // k_dst, v_dst, k_src, v_src
+      const c10::IValue& arg = argument(op, stack, i);
+      TORCH_CHECK(!(arg.isTensor() && arg.toTensor().requires_grad()), "rope_reuse_: ",
+                  op.schema().arguments()[i].name(),
                   " requires grad, but the op has no derivative; call it under torch.no_grad() or on detached tensors");
     }
   }
@@ -38,8 +43,8 @@ void rope_reuse_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, 
 }
 
 void rope_reuse_inplace_or_view(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
-  const at::Tensor k_dst = (*stack)[stack->size() - 9].toTensor();
-  const at::Tensor v_dst = (*stack)[stack->size() - 8].toTensor();
+  const at::Tensor k_dst = argument(op, stack, 0).toTensor();
+  const at::Tensor v_dst = argument(op, stack, 1).toTensor();
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);

@@ -1,6 +1,5 @@
 """partial_attn (docs/contract.md 3.4) against torch SDPA in float64 with an explicit mask, and ops against reference."""
 
-import importlib.util
 import math
 
 import pytest
@@ -593,22 +592,22 @@ def test_window_split_kv(impl, device, dtype, name, monkeypatch):
 
 
 def sliding_window_causal_mask(n, window):
-    """([n, n] bool, where it came from): causal attention with HF's sliding window, by transformers' own mask
-    function when importable (transformers.masking_utils), else an explicit band: tril & triu(-(window - 1))."""
+    """[n, n] bool: causal attention with HF's sliding window, by transformers' own mask function when importable
+    (transformers.masking_utils), else an explicit band: tril & triu(-(window - 1)). A masking_utils without any of
+    the functions named here fails the test: the caller's band would then be compared with itself."""
     idx = torch.arange(n)
     try:
         from transformers import masking_utils
     except ImportError:
-        masking_utils = None
+        return torch.ones(n, n, dtype=torch.bool).tril() & torch.ones(n, n, dtype=torch.bool).triu(-(window - 1))
     for name in ("sliding_window_causal_mask_function", "sliding_window_causal_function"):
         fn = getattr(masking_utils, name, None)
         if fn is not None:
-            return fn(window)(0, 0, idx[:, None], idx[None, :]).expand(n, n), name
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
+            return fn(window)(0, 0, idx[:, None], idx[None, :]).expand(n, n)
     overlay = getattr(masking_utils, "sliding_window_overlay", None)
-    if overlay is not None:
-        return causal & overlay(window)(0, 0, idx[:, None], idx[None, :]), "sliding_window_overlay"
-    return causal & torch.ones(n, n, dtype=torch.bool).triu(-(window - 1)), None
+    if overlay is None:
+        pytest.fail("transformers.masking_utils has none of the mask functions sliding_window_causal_mask names")
+    return torch.ones(n, n, dtype=torch.bool).tril() & overlay(window)(0, 0, idx[:, None], idx[None, :])
 
 
 @pytest.mark.parametrize("window", [1, 4, 16])
@@ -617,11 +616,7 @@ def test_window_causal_prefill_matches_hf_mask(impl, device, dtype, window):
     """q_pos = arange(N) over the whole cache with a window is HF's sliding-window causal attention: float64 SDPA
     under transformers' mask (a band of `window` keys ending at the query's own)."""
     n, hq, hkv, d = 45, 6, 2, 64
-    mask, source = sliding_window_causal_mask(n, window)
-    if source is None and importlib.util.find_spec("transformers") is not None \
-            and importlib.util.find_spec("transformers.masking_utils") is not None:
-        pytest.fail("transformers.masking_utils has none of the mask functions sliding_window_causal_mask names: "
-                    "the band below would be compared with itself")
+    mask = sliding_window_causal_mask(n, window)
     band = torch.ones(n, n, dtype=torch.bool).tril() & torch.ones(n, n, dtype=torch.bool).triu(-(window - 1))
     assert torch.equal(mask, band) and mask.sum(dim=1).max() == window
     q, k, v = make_qkv(device, dtype, n, n, hq, hkv, d, seed=70 + window)
@@ -837,9 +832,6 @@ def test_raw_op_registered(device):
         check_attn(out, lse, q, v, ref_out, ref_lse, torch.float32)
 
 
-# ---- bad arguments ------------------------------------------------------------------------------------------------
-
-
 # ---- extreme positions and non-finite values --------------------------------------------------------------------
 
 I64_MAX = 2**63 - 1
@@ -897,6 +889,9 @@ def test_non_finite_inputs_a_query_sees_come_out_nan(impl, device, dtype, nk):
     assert (lse[:, 0] == math.inf).all() and (ref_lse[:, 0] == math.inf).all()
     assert (out[:, 0] == 0).all() and (ref_out[:, 0] == 0).all()
     assert torch.isfinite(lse[:, 2:]).all() and torch.isfinite(out[:, 2:].float()).all()
+
+
+# ---- bad arguments ------------------------------------------------------------------------------------------------
 
 
 def base_args(device):
