@@ -122,3 +122,25 @@ def expect_arg_error(fn, *names: str):
     pattern = "|".join(rf"(?<![A-Za-z0-9_]){re.escape(n)}(?![A-Za-z0-9_])" for n in names)
     assert re.search(pattern, msg), f"error message does not name {' or '.join(names)}: {msg!r}"
     return info.value
+
+
+def fake_call(op, *args, dynamic: bool = False):
+    """`op(*args)` as torch.compile and export trace it: every tensor becomes a fake tensor (its shape, strides, dtype
+    and device, no data), so the op's fake kernel runs and no real one; `dynamic`: every size symbolic, as under
+    `torch.compile(dynamic=True)`. Returns the fake outputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    mode = FakeTensorMode(shape_env=ShapeEnv() if dynamic else None)
+
+    def fake(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        if not dynamic:
+            return mode.from_tensor(t)
+        context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * t.dim())
+        return mode.from_tensor(t, symbolic_context=context)
+
+    fakes = [fake(a) for a in args]
+    with mode:
+        return op(*fakes)

@@ -1,4 +1,4 @@
-"""Typed wrappers of the `torch.ops.semshare` ops, and their fake kernels for torch.compile / export.
+"""Typed wrappers of the `torch.ops.semshare` ops (their fake kernels for torch.compile / export: `fake`).
 
 The kernels live in csrc/ (C++ on CPU, CUDA on GPU); the contract is docs/contract.md section 3 and
 `semshare_ops.ops.oracle` is the same contract in plain torch. Shapes below: T tokens, H heads, D head dim,
@@ -6,12 +6,12 @@ L layers, P pairs, W = ceil(bits / 64) code words.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 
 from .. import _C  # loads the library: schemas and CPU/CUDA kernels register on import
+from . import fake  # noqa: F401  (the fake kernels, for torch.compile / export and meta tensors, register on import)
 
 __all__ = ["simhash", "hamming_topk", "rope_reuse_", "partial_attn"]
 
@@ -83,47 +83,3 @@ def partial_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch
     """
     return torch.ops.semshare.partial_attn.default(q, k, v, q_pos, kv_pos, cu_seqlens_q, cu_seqlens_k, scale, window,
                                                    softcap, sinks)
-
-
-# ---- fake kernels: output metadata only, so torch.compile and export can trace the ops ----------------------
-# They also run for meta tensors: a meta tensor mixed with real ones reaches them and not a real kernel (whose checks
-# would refuse the mix), so they check devices too, instead of returning as if the call had done its work.
-
-def _same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
-    for name, t in others.items():
-        if t is not None:
-            torch._check(t.device == ref.device,
-                         lambda: f"{name}: expected device {ref.device} (the device of {ref_name}), got {t.device}")
-
-
-@torch.library.register_fake("semshare::simhash")
-def _simhash_fake(x, planes):
-    _same_device("x", x, planes=planes)
-    torch._check(planes.dim() == 2 and planes.shape[0] == x.shape[-1], lambda: "planes: expected [D, B]")
-    return x.new_empty((*x.shape[:-1], math.ceil(planes.shape[1] / 64)), dtype=torch.int64)
-
-
-@torch.library.register_fake("semshare::hamming_topk")
-def _hamming_topk_fake(q_codes, k_codes, k):
-    _same_device("q_codes", q_codes, k_codes=k_codes)
-    torch._check(1 <= k, lambda: "k: expected k >= 1")
-    torch._check(k <= k_codes.shape[0], lambda: "k: expected k <= Nk")
-    n = q_codes.shape[0]
-    return q_codes.new_empty((n, k), dtype=torch.int32), q_codes.new_empty((n, k), dtype=torch.int64)
-
-
-@torch.library.register_fake("semshare::rope_reuse_")
-def _rope_reuse_fake(k_dst, v_dst, k_src, v_src, src_idx, dst_idx, delta, inv_freq, neox=True):
-    _same_device("k_dst", k_dst, v_dst=v_dst, k_src=k_src, v_src=v_src, src_idx=src_idx, dst_idx=dst_idx,
-                 delta=delta, inv_freq=inv_freq)
-    return None
-
-
-@torch.library.register_fake("semshare::partial_attn")
-def _partial_attn_fake(q, k, v, q_pos, kv_pos=None, cu_seqlens_q=None, cu_seqlens_k=None, scale=None, window=-1,
-                       softcap=0.0, sinks=None):
-    _same_device("q", q, k=k, v=v, q_pos=q_pos, kv_pos=kv_pos, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                 sinks=sinks)
-    out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
-    lse = q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)
-    return out, lse

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from op_testutils import DTYPE_IDS, DTYPES, expect_arg_error, impl_module, make_generator, randn
+from op_testutils import DTYPE_IDS, DTYPES, expect_arg_error, fake_call, impl_module, make_generator, randn
 
 BITS = [1, 63, 64, 65, 128, 200]
 
@@ -162,21 +162,33 @@ def test_simhash_raw_op_registered(device):
     check_simhash(torch.ops.semshare.simhash(x, planes), x, planes)
 
 
-def test_simhash_bad_args(device):
-    ops = impl_module("ops")
+def runner(op, traced):
+    """`op` itself, or traced as torch.compile / export trace it (its fake kernel, fixed or symbolic sizes): the fake
+    kernel refuses the same calls, naming the same argument."""
+    if traced is None:
+        return op
+    return lambda *args: fake_call(op, *args, dynamic=traced == "dynamic")
+
+
+TRACED = pytest.mark.parametrize("traced", [None, "static", "dynamic"], ids=["run", "traced", "traced_dynamic"])
+
+
+@TRACED
+def test_simhash_bad_args(device, traced):
+    simhash = runner(impl_module("ops").simhash, traced)
     gen = make_generator(4)
     D = 32
     x = randn((5, D), gen=gen, device=device)
     planes = randn((D, 64), gen=gen, device=device)
-    expect_arg_error(lambda: ops.simhash(x, planes.double()), "planes")  # planes must be float32
-    expect_arg_error(lambda: ops.simhash(x, planes.half()), "planes")
-    expect_arg_error(lambda: ops.simhash(x, planes[:-1]), "planes")  # planes rows != D
-    expect_arg_error(lambda: ops.simhash(x, planes[:, 0]), "planes")  # planes must be 2-D
-    expect_arg_error(lambda: ops.simhash(x.double(), planes), "x")  # activations are fp32/fp16/bf16
+    expect_arg_error(lambda: simhash(x, planes.double()), "planes")  # planes must be float32
+    expect_arg_error(lambda: simhash(x, planes.half()), "planes")
+    expect_arg_error(lambda: simhash(x, planes[:-1]), "planes")  # planes rows != D
+    expect_arg_error(lambda: simhash(x, planes[:, 0]), "planes")  # planes must be 2-D
+    expect_arg_error(lambda: simhash(x.double(), planes), "x")  # activations are fp32/fp16/bf16
     x_nc = randn((5, 2 * D), gen=gen, device=device)[:, ::2]  # last dim stride 2
     assert x_nc.shape[-1] == D and x_nc.stride(-1) == 2
-    expect_arg_error(lambda: ops.simhash(x_nc, planes), "x")
-    expect_arg_error(lambda: ops.simhash(x[:, :0], planes[:0]), "x")  # no features: named, not a reshape error
+    expect_arg_error(lambda: simhash(x_nc, planes), "x")
+    expect_arg_error(lambda: simhash(x[:, :0], planes[:0]), "x")  # no features: named, not a reshape error
 
 
 # ---- hamming_topk ----------------------------------------------------------------------------------------------
@@ -279,18 +291,19 @@ def test_hamming_topk_ops_vs_reference(device, words):
         assert d1.dtype == d2.dtype == torch.int32 and i1.dtype == i2.dtype == torch.int64
 
 
-def test_hamming_topk_bad_args(device):
-    ops = impl_module("ops")
+@TRACED
+def test_hamming_topk_bad_args(device, traced):
+    hamming_topk = runner(impl_module("ops").hamming_topk, traced)
     rng = np.random.default_rng(1)
     q = torch.from_numpy(random_codes(rng, 4, 2)).to(device)
     r = torch.from_numpy(random_codes(rng, 10, 2)).to(device)
-    expect_arg_error(lambda: ops.hamming_topk(q.to(torch.int32), r, 3), "q_codes")
-    expect_arg_error(lambda: ops.hamming_topk(q, r.to(torch.int32), 3), "k_codes")
-    expect_arg_error(lambda: ops.hamming_topk(q, r[:, :1].contiguous(), 3), "k_codes", "q_codes")  # W mismatch
-    expect_arg_error(lambda: ops.hamming_topk(q, r, 0), "k")
-    expect_arg_error(lambda: ops.hamming_topk(q, r, 11), "k")
-    expect_arg_error(lambda: ops.hamming_topk(q, r, -1), "k")
-    expect_arg_error(lambda: ops.hamming_topk(q[0], r, 3), "q_codes")  # must be 2-D
+    expect_arg_error(lambda: hamming_topk(q.to(torch.int32), r, 3), "q_codes")
+    expect_arg_error(lambda: hamming_topk(q, r.to(torch.int32), 3), "k_codes")
+    expect_arg_error(lambda: hamming_topk(q, r[:, :1].contiguous(), 3), "k_codes", "q_codes")  # W mismatch
+    expect_arg_error(lambda: hamming_topk(q, r, 0), "k")
+    expect_arg_error(lambda: hamming_topk(q, r, 11), "k")
+    expect_arg_error(lambda: hamming_topk(q, r, -1), "k")
+    expect_arg_error(lambda: hamming_topk(q[0], r, 3), "q_codes")  # must be 2-D
 
 
 def test_hamming_topk_one_word_codes_of_any_stride(device):

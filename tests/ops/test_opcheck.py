@@ -5,7 +5,8 @@ captured in a CUDA graph and compiled with mode="reduce-overhead" (kernels on th
 import pytest
 import torch
 
-from op_testutils import CUDA, DTYPE_IDS, DTYPES, impl_module, make_generator, randint, randn, randperm, tol
+from op_testutils import (CUDA, DTYPE_IDS, DTYPES, expect_arg_error, impl_module, make_generator, randint, randn,
+                          randperm, tol)
 
 import semshare_ops  # noqa: F401  (registers torch.ops.semshare.*)
 
@@ -181,6 +182,31 @@ def graph_step(k_cache, v_cache, k_src, v_src, src_idx, dst_idx, delta, inv_freq
 def assert_same_results(got, want):
     for name, g, w in zip(("k", "v", "out", "lse", "codes", "dist", "idx"), got, want):
         assert torch.equal(g, w), f"{name} differs from eager"  # the same kernels on the same data
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compile_refuses_a_bad_call_while_tracing(dynamic):
+    """A call the kernels refuse is refused by torch.compile before any graph reaches the backend, naming the
+    argument (the fake kernels' checks; every case in the op test files' test_bad_args_refused_when_traced)."""
+    ops = impl_module("ops")
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    q, k, v, q_pos = attn_args("cpu")
+    sinks = torch.randn(q.shape[1] + 1)  # one per query head expected
+
+    def attend(q, k, v, q_pos, sinks):
+        return ops.partial_attn(q, k, v, q_pos, sinks=sinks)
+
+    compiled = torch.compile(attend, backend=backend, fullgraph=True, dynamic=dynamic)
+    expect_arg_error(lambda: compiled(q, k, v, q_pos, sinks), "sinks")
+    assert not graphs, "the bad call was compiled"
+    compiled(q, k, v, q_pos, sinks[:-1])  # the same call with sinks of the right length compiles and runs
+    assert graphs
 
 
 @needs_cuda

@@ -13,6 +13,7 @@ from op_testutils import (
     EmulatedCudaOps,
     assert_bits_equal,
     expect_arg_error,
+    fake_call,
     impl_module,
     make_generator,
     randn,
@@ -987,6 +988,31 @@ def test_bad_args(device, case):
     mutate, names = BAD_CASES[case]
     mutate(a)
     expect_arg_error(lambda: ops.partial_attn(*(a[n] for n in ARG_NAMES)), *names)
+
+
+# Refused by the real kernels only: what values decide, which a traced call (the fake kernel) cannot see.
+VALUE_CASES = {"cu_seqlens_q_not_from_0", "cu_seqlens_q_not_to_nq", "cu_seqlens_k_not_to_nk", "cu_seqlens_k_not_from_0",
+               "cu_seqlens_q_decreasing", "cu_seqlens_k_decreasing"}
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_args_refused_when_traced(case, dynamic):
+    """torch.compile and export run the fake kernel: every bad call that metadata decides fails there, naming the
+    argument as the real kernels do, with fixed and with symbolic sizes; the value cases trace and are left to the
+    real kernel, which the compiled graph calls."""
+    a = base_args("cpu")
+    mutate, names = BAD_CASES[case]
+    mutate(a)
+
+    def trace():
+        return fake_call(impl_module("ops").partial_attn, *(a[n] for n in ARG_NAMES), dynamic=dynamic)
+
+    if case in VALUE_CASES:
+        out, lse = trace()
+        assert out.shape == a["q"].shape and lse.shape == a["q"].shape[:2]
+    else:
+        expect_arg_error(trace, *names)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA not available")

@@ -14,6 +14,7 @@ from op_testutils import (
     assert_bits_equal,
     bits,
     expect_arg_error,
+    fake_call,
     impl_module,
     make_generator,
     randint,
@@ -642,6 +643,33 @@ def test_bad_args(device, case):
 def test_bad_args_4d(device, case):
     mutate, names = BAD_CASES_4D[case]
     _check_bad(device, mutate, names, layers=2)
+
+
+# Refused by the real kernels only: what index values or addresses decide, which a traced call (the fake kernel)
+# cannot see.
+VALUE_CASES = {"src_idx_out_of_range", "dst_idx_out_of_range", "dst_idx_duplicate", "k_src_is_k_dst",
+               "k_src_overlaps_k_dst", "v_src_overlaps_v_dst"}
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("case", [(3, c) for c in BAD_CASES] + [(4, c) for c in BAD_CASES_4D],
+                         ids=lambda c: f"{c[0]}d-{c[1]}")
+def test_bad_args_refused_when_traced(case, dynamic):
+    """torch.compile and export run the fake kernel: every bad call that metadata decides fails there, naming the
+    argument as the real kernels do, with fixed and with symbolic sizes; the value cases trace and are left to the
+    real kernel, which the compiled graph calls."""
+    nd, name = case
+    a = make_case("cpu", layers=2 if nd == 4 else None, t_dst=12, t_src=9, pairs=6, seed=30)
+    mutate, names = (BAD_CASES if nd == 3 else BAD_CASES_4D)[name]
+    mutate(a)
+
+    def trace():
+        return fake_call(lambda *args: call(impl_module("ops"), dict(zip(a, args))), *a.values(), dynamic=dynamic)
+
+    if name in VALUE_CASES:
+        trace()
+    else:
+        expect_arg_error(trace, *names)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA not available")
