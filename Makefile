@@ -76,11 +76,13 @@ test-transformers-newest: build
 # (the in-place build's torch, so the extension loads as it is) and transformers < 5.20. PyPI's torchvision,
 # torchaudio and torchcodec come with it built for another torch; vLLM runs text models without them.
 # build/vllm-plugin holds only the package's `vllm.general_plugins` entry point (pyproject.toml), so that vLLM finds
-# the plugin in every process it starts without a second build of the extension; build/smollm2-135m-fp32 is the
-# embedded model as an HF directory (vLLM cannot read the GGUF), converted once by the main venv.
+# the plugin in every process it starts without a second build of the extension; a .pth file puts it and this tree
+# (the package, built in place) on the venv's path, as an editable install would, so that a script or server run
+# from anywhere imports them; build/smollm2-135m-fp32 is the embedded model as an HF directory (vLLM cannot read the
+# GGUF), converted once by the main venv.
 VLLM_VENV ?= .venv-vllm
 VLLM_MODEL := build/smollm2-135m-fp32
-VLLM_ENV = PYTHONPATH=$(CURDIR):$(CURDIR)/build/vllm-plugin SEMSHARE_VLLM_MODEL=$(CURDIR)/$(VLLM_MODEL) \
+VLLM_ENV = SEMSHARE_VLLM_MODEL=$(CURDIR)/$(VLLM_MODEL) \
   VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=nobind HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1
 
 $(VLLM_VENV)/.deps-stamp: Makefile
@@ -95,6 +97,8 @@ vllm-setup: build $(VLLM_VENV)/.deps-stamp
 	  > build/vllm-plugin/semshare_ops_vllm_plugin-0.dist-info/METADATA
 	printf '[vllm.general_plugins]\nsemshare = semshare_ops.vllm.plugin:register\n' \
 	  > build/vllm-plugin/semshare_ops_vllm_plugin-0.dist-info/entry_points.txt
+	printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/build/vllm-plugin" \
+	  > "$$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/semshare_ops_source.pth"
 	$(PY) -m semshare_ops.vllm.convert $(VLLM_MODEL)
 
 test-vllm: vllm-setup

@@ -24,7 +24,7 @@ def run(args) -> Dict:
     check_out(args.out)
     configs = [reuse_config(r) for r in args.recompute_ratio]
     if importlib.util.find_spec("rouge_score") is None:
-        raise UsageError("eval needs the rouge-score package: pip install semshare_ops[eval]")
+        raise UsageError("eval needs the rouge-score package (the eval extra): pip install rouge-score")
     from ..bench.provenance import environment
     from ..eval import pairs as eval_pairs
     from ..engine.prompts import as_chat
