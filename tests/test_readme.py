@@ -10,11 +10,16 @@ import torch
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def quickstart_blocks():
+def readme_blocks(heading: str, lang: str = "python") -> list:
+    """The README's `lang` code blocks under `## heading`, in order (also tests/vllm_connector/test_readme_vllm.py)."""
     text = README.read_text(encoding="utf-8")
-    section = text[text.index("## Python quickstart"):]
+    section = text[text.index(f"## {heading}"):]
     section = section[:section.index("\n## ", 1)]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
+    return re.findall(rf"```{lang}\n(.*?)```", section, re.S)
+
+
+def quickstart_blocks():
+    return readme_blocks("Python quickstart")
 
 
 def test_quickstart_has_its_blocks():

@@ -18,8 +18,6 @@ import struct
 import torch
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 _check = torch._check
 
 

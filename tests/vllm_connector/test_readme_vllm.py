@@ -14,21 +14,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from test_readme import readme_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "build/smollm2-135m-fp32"  # where the README's blocks find the model, relative to the source tree
 START_TIMEOUT_S = 600
 
 
-def readme_blocks(lang: str) -> list:
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("## Inside vLLM")
-    end = readme.index("\n## ", start + 1)
-    return re.findall(rf"```{lang}\n(.*?)```", readme[start:end], re.S)
-
-
 def the_block(lang: str, containing: str) -> str:
-    found = [b for b in readme_blocks(lang) if containing in b]
+    found = [b for b in readme_blocks("Inside vLLM", lang) if containing in b]
     assert len(found) == 1, f"README, Inside vLLM: expected one {lang} block with {containing!r}, found {len(found)}"
     return found[0]
 
@@ -55,9 +49,7 @@ def stats_lines(stdout: str) -> list:
 def test_readme_script(readme_model, tmp_path):
     script = tmp_path / "reuse.py"
     script.write_text(the_block("python", "LLM("))
-    env = user_env()
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=user_env(), capture_output=True, text=True,
                           timeout=START_TIMEOUT_S + 300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     lines = stats_lines(proc.stdout)
