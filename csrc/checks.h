@@ -3,9 +3,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 #include <vector>
 
@@ -54,6 +55,59 @@ inline bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
   const auto [a_lo, a_hi] = span(a);
   const auto [b_lo, b_hi] = span(b);
   return a_lo < b_hi && b_lo < a_hi;
+}
+
+// Whether an output's elements each have an address of their own. ATen's has_internal_overlap decides only
+// stride 0 (Yes) and dense layouts (No); any other view (a cache prefix, a transposed HF cache, an as_strided view
+// whose rows overlap) is TOO_HARD, and a kernel writing such a view would silently overwrite one row with another.
+// Decided here instead: with the dimensions sorted by stride, the layout is overlap-free when every stride exceeds
+// the span of the smaller-strided dimensions (true of any slice, transpose or permutation of a dense tensor); a
+// layout whose dimensions interleave is decided by listing its offsets, up to kOffsetsListed elements, and beyond
+// that is not decided (Yes / No / TooHard, as ATen's MemOverlap).
+enum class Overlap { No, Yes, TooHard };
+constexpr int64_t kOffsetsListed = int64_t{1} << 20;
+
+inline Overlap internal_overlap(const at::Tensor& t) {
+  if (t.numel() <= 1) return Overlap::No;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dimensions of size > 1
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) == 1) continue;
+    if (t.stride(d) == 0) return Overlap::Yes;
+    dims.emplace_back(std::abs(t.stride(d)), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;  // the largest offset the smaller-strided dimensions reach
+  bool nested = true;
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) {
+      nested = false;
+      break;
+    }
+    span += stride * (size - 1);
+  }
+  if (nested) return Overlap::No;
+  if (t.numel() > kOffsetsListed) return Overlap::TooHard;
+  std::vector<int64_t> offsets{0};
+  offsets.reserve(t.numel());
+  for (const auto& [stride, size] : dims) {
+    const size_t n = offsets.size();
+    for (int64_t i = 1; i < size; ++i) {
+      for (size_t j = 0; j < n; ++j) offsets.push_back(offsets[j] + i * stride);
+    }
+  }
+  std::sort(offsets.begin(), offsets.end());
+  return std::adjacent_find(offsets.begin(), offsets.end()) != offsets.end() ? Overlap::Yes : Overlap::No;
+}
+
+inline void check_one_address_per_element(const at::Tensor& t, const char* name) {
+  const Overlap overlap = internal_overlap(t);
+  TORCH_CHECK(overlap != Overlap::Yes, name,
+              ": some of its elements share memory (an expanded view?); an output needs one address per element, ",
+              "got strides ", t.strides(), " for shape ", t.sizes());
+  TORCH_CHECK(overlap != Overlap::TooHard, name, ": its dimensions interleave in memory (strides ", t.strides(),
+              " for shape ", t.sizes(), "), and whether two of its ", t.numel(), " elements share an address is ",
+              "only checked up to ", kOffsetsListed, " elements; an output needs one address per element: pass a ",
+              "view whose strides nest (each larger than the span of the smaller ones), such as a contiguous tensor");
 }
 
 // For the CUDA kernels' vector paths: the data pointer is aligned to `elems` elements and every stride but the last
@@ -171,11 +225,8 @@ inline RopeReuseShape check_rope_reuse_args(const at::Tensor& k_dst, const at::T
   }
 
   // Outputs must not share memory with each other or with the sources: the kernels read and write in one pass.
-  for (auto [t, name] : {std::pair{&k_dst, "k_dst"}, {&v_dst, "v_dst"}}) {
-    TORCH_CHECK(at::has_internal_overlap(*t) != at::MemOverlap::Yes, name,
-                ": some of its elements share memory (an expanded view?); an output needs one address per element, ",
-                "got strides ", t->strides(), " for shape ", t->sizes());
-  }
+  check_one_address_per_element(k_dst, "k_dst");
+  check_one_address_per_element(v_dst, "v_dst");
   auto no_overlap = [](const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn) {
     TORCH_CHECK(!may_share_memory(a, b), an, ": must not share memory with ", bn);
   };

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import struct
 
+import numpy as np
 import torch
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -47,11 +48,50 @@ def _activation(t: torch.Tensor, name: str) -> None:
            lambda: f"{name}: the last dimension must be contiguous (stride 1), got strides {t.stride()}")
 
 
+OFFSETS_LISTED = 1 << 20  # csrc/checks.h kOffsetsListed
+
+
+def _internal_overlap(sizes, strides) -> str | None:
+    """csrc/checks.h internal_overlap on concrete sizes: "yes", "too_hard" or None (no overlap)."""
+    dims = sorted((abs(stride), size) for size, stride in zip(sizes, strides) if size != 1)
+    if math.prod(sizes) <= 1:
+        return None
+    if any(stride == 0 for stride, _ in dims):
+        return "yes"
+    span = 0
+    for stride, size in dims:
+        if stride <= span:
+            break
+        span += stride * (size - 1)
+    else:
+        return None
+    if math.prod(sizes) > OFFSETS_LISTED:
+        return "too_hard"
+    offsets = np.zeros(1, dtype=np.int64)  # numpy: torch calls here would make fake tensors under the fake mode
+    for stride, size in dims:
+        offsets = (offsets[None, :] + stride * np.arange(size, dtype=np.int64)[:, None]).reshape(-1)
+    return "yes" if np.unique(offsets).size < offsets.size else None
+
+
 def _one_address_per_element(t: torch.Tensor, name: str) -> None:
-    """ATen's internal-overlap test as the kernels apply it to an output: a stride-0 dimension of size > 1."""
+    """The kernels' test of an output (csrc/checks.h check_one_address_per_element): a stride-0 dimension of size
+    > 1 for any sizes; with concrete sizes also the rest, rows that overlap or interleave. Under symbolic sizes that
+    part is left to the real kernel, which the compiled graph calls."""
     _check(not any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())),
            lambda: f"{name}: some of its elements share memory (an expanded view?); an output needs one address per "
                    f"element, got strides {t.stride()} for shape {tuple(t.shape)}")
+    sizes, strides = tuple(t.shape), t.stride()
+    if not all(type(x) is int for x in sizes + strides):
+        return
+    overlap = _internal_overlap(sizes, strides)
+    _check(overlap != "yes",
+           lambda: f"{name}: some of its elements share memory (an expanded view?); an output needs one address per "
+                   f"element, got strides {strides} for shape {sizes}")
+    _check(overlap != "too_hard",
+           lambda: f"{name}: its dimensions interleave in memory (strides {strides} for shape {sizes}), and whether "
+                   f"two of its {math.prod(sizes)} elements share an address is only checked up to {OFFSETS_LISTED} "
+                   f"elements; an output needs one address per element: pass a view whose strides nest (each larger "
+                   f"than the span of the smaller ones), such as a contiguous tensor")
 
 
 def _fp32_positive(x: float) -> bool:
