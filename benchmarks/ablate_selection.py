@@ -92,6 +92,9 @@ VARIANTS = {name: {**_BASE, **knobs} for name, knobs in {
     **{f"default, adaptive budget, boundary=4, decode={k}": {
         "progressive": True, "recompute_decay": 1.0, "budget": "adaptive", "recompute_boundary": 4,
         "decode_recompute": k} for k in (16, 64, 256)},
+    **{f"default, adaptive budget, boundary=4, check_layers={n}": {
+        "progressive": True, "recompute_decay": 1.0, "budget": "adaptive", "recompute_boundary": 4,
+        "check_layers": n} for n in (3, 4)},
 }.items()}
 
 
