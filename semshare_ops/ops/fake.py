@@ -77,16 +77,17 @@ def _one_address_per_element(t: torch.Tensor, name: str) -> None:
     """The kernels' test of an output (csrc/checks.h check_one_address_per_element): a stride-0 dimension of size
     > 1 for any sizes; with concrete sizes also the rest, rows that overlap or interleave. Under symbolic sizes that
     part is left to the real kernel, which the compiled graph calls."""
-    _check(not any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())),
-           lambda: f"{name}: some of its elements share memory (an expanded view?); an output needs one address per "
-                   f"element, got strides {t.stride()} for shape {tuple(t.shape)}")
     sizes, strides = tuple(t.shape), t.stride()
+
+    def shared():
+        return (f"{name}: some of its elements share memory (an expanded view?); an output needs one address per "
+                f"element, got strides {strides} for shape {sizes}")
+
+    _check(not any(stride == 0 and size > 1 for size, stride in zip(sizes, strides)), shared)
     if not all(type(x) is int for x in sizes + strides):
         return
     overlap = _internal_overlap(sizes, strides)
-    _check(overlap != "yes",
-           lambda: f"{name}: some of its elements share memory (an expanded view?); an output needs one address per "
-                   f"element, got strides {strides} for shape {sizes}")
+    _check(overlap != "yes", shared)
     _check(overlap != "too_hard",
            lambda: f"{name}: its dimensions interleave in memory (strides {strides} for shape {sizes}), and whether "
                    f"two of its {math.prod(sizes)} elements share an address is only checked up to {OFFSETS_LISTED} "

@@ -704,7 +704,8 @@ def test_interleaved_outputs_are_served(device):
     ops = impl_module("ops")
     a = make_case(device, t_dst=12, t_src=9, heads=2, pairs=6, seed=31)
     b = dict(a, k_dst=_interleaved(a["k_dst"], 1), v_dst=_interleaved(a["v_dst"], 2))
-    gaps = [t.as_strided((t.untyped_storage().nbytes() // 4,), (1,), 0).clone() for t in (b["k_dst"], b["v_dst"])]
+    gaps = [t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0).clone()
+            for t in (b["k_dst"], b["v_dst"])]
     call(ops, a, True)
     call(ops, b, True)
     for name, gap in zip(("k_dst", "v_dst"), gaps):
