@@ -650,10 +650,15 @@ class ReuseEngine:
         """The hidden states [1, n, hidden] that the model's own forward hands its first decoder layer for these
         tokens at these positions: whatever it does after embed_tokens (Granite's embedding_multiplier, ...) is
         done by the model itself. Its forward runs until the first layer is called, inside an empty semshare cache
-        (so no attention mask is built)."""
-        captured = []
+        (so no attention mask is built).
+
+        The hook is on the model, which other engines may share and run from other threads: it stops only this
+        thread's forward and lets any other pass."""
+        captured, caller = [], threading.get_ident()
 
         def stop(module, args, kwargs):
+            if threading.get_ident() != caller:
+                return None
             captured.append(args[0] if args else kwargs["hidden_states"])
             raise _FirstLayerReached
 

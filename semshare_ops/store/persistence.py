@@ -1,12 +1,13 @@
 """A store on disk: one directory, switched from one saved generation to the next by a single rename, checked whole
 when it is loaded.
 
-Layout (format version 2):
+Layout (format version 4):
 - `index.json`, the commit point: format name and version, the generation, the name of that generation's tensor
   file, the engine fingerprint, the store settings and counters, and per entry its metadata (id, tenant, shared
-  flag, parent, edit script, depth, tier, recency stamp) and the SHA-256 checksum of its tensors, in LRU order,
-  device tier first, so that restoring in file order rebuilds both LRU orders. JSON: small, and readable by anyone
-  inspecting a store.
+  flag, parent, edit script, depth, tier, recency stamp, exact prefix) and the SHA-256 checksum of its tensors, in
+  LRU order, device tier first, so that restoring in file order rebuilds both LRU orders; last, the SHA-256 of all
+  that (`checksum`, over its canonical JSON: `index_checksum`). JSON: small, and readable by anyone inspecting a
+  store.
 - `entries-<generation>-<random>.safetensors`, named by the index and by nothing else: every entry's token_ids,
   keys, values, codes and embedding as `<id>.<field>` (and `<id>.sentence_embedding`, the retrieval key of a store
   with embedding="minilm": it costs a MiniLM forward to recompute, where the model-embedding key is recomputed from
@@ -42,9 +43,15 @@ file), so that no malformed store is served from, and none fails later with a Ke
 - the tensor file carries this generation's metadata and exactly the tensors the index names, each of the shape
   and dtype this engine makes (layers, KV heads, head dim, dtype, hidden size, LSH width; one token count across an
   entry's tensors), with token ids inside the vocabulary and the positions the engine serves;
+- the index hashes to its own checksum (version 4): the metadata is as saved. A flipped bit there can leave every
+  field well formed and still serve wrongly (an entry's exact prefix grown past its exact K/V, its tenant renamed
+  into another's namespace), so it is refused like one in the tensors. Versions 2 and 3 had no such checksum;
 - each entry's tensors hash to the checksum in the index, taken at save over the very tensors written: flipped bits
-  are refused, not served. `KVStore.load(..., verify=False)` skips only the hashing (a large store loads faster;
-  `KVStore.verify()` then finds a damaged entry by the same saved checksums). Checksums find corruption; they do
+  are refused, not served. `KVStore.load(..., verify=False)` skips only the tensors' hashing (a large store loads
+  faster; `KVStore.verify()` then finds a damaged entry by the same saved checksums); the index's is always
+  checked;
+- an entry's parent lies in its namespace (the same tenant's private entries, or the shared ones): an entry's K/V
+  carry its base's context, so a shared entry served from a private one would publish that tenant's prompt. Checksums find corruption; they do
   not authenticate. Whoever can write the directory can make the store serve any K/V, with checksums to match:
   keep it as trusted as the model weights.
 Token codes saved under other LSH settings (bits, seed, rope base) are recomputed by the store, not refused: they
@@ -57,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -72,9 +80,10 @@ from .checks import SETTINGS, check_settings
 from .entries import CHECKSUM_FIELDS, ENTRY_ID, Node, tensors_checksum
 
 FORMAT = "semshare_ops.KVStore"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # Version 2 had no exact_prefix per entry: its entries load with none (recomputed like any reused K/V; never wrong).
-READ_VERSIONS = (2, FORMAT_VERSION)
+# Versions 2 and 3 had no checksum of the index itself.
+READ_VERSIONS = (2, 3, FORMAT_VERSION)
 INDEX_FILE = "index.json"
 TENSOR_FILE = re.compile(r"entries-\d{8,}-[0-9a-f]{16}\.safetensors")
 TEMP_INDEX = re.compile(r"index\.json\.[0-9a-f]{16}\.tmp")
@@ -87,7 +96,8 @@ FIELDS = CHECKSUM_FIELDS  # the tensors of a ReferenceEntry, saved per entry and
 KEY_FIELD = "sentence_embedding"
 SHA256 = re.compile(r"[0-9a-f]{64}")
 INDEX_FIELDS = ("format", "version", "generation", "fingerprint", "tensors", "config", "engine_lsh", "clock",
-                "evictions", "offloads", "entries")
+                "evictions", "offloads", "entries", "checksum")
+UNCHECKED_INDEX_FIELDS = INDEX_FIELDS[:-1]  # versions 2 and 3
 ENTRY_FIELDS = ("id", "tenant", "shared", "parent", "depth", "edits", "opcodes", "tier", "stamp", "checksum",
                 "key_checksum", "exact_prefix")
 LSH_FIELDS = ("lsh_bits", "lsh_seed", "embedding_rope_base")
@@ -113,6 +123,14 @@ class Snapshot:
 
     index: Dict
     entries: List[Tuple[str, ReferenceEntry, Optional[torch.Tensor], Optional[str]]]
+
+
+def index_checksum(index: Dict) -> str:
+    """SHA-256 of an index without its `checksum` field, over its canonical JSON (sorted keys, no spaces, ASCII):
+    the same digest for the dict a save writes and the one a load parses from it."""
+    body = {name: value for name, value in index.items() if name != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def engine_lsh(engine: ReuseEngine) -> Dict:
@@ -165,7 +183,8 @@ def write(directory: Path, take_snapshot: Callable[[], Snapshot]) -> Dict[str, s
             index = dict(snap.index, generation=generation, tensors=tensor_name)
             index["entries"] = [dict(meta, checksum=checksums[meta["id"]], key_checksum=key_checksums[meta["id"]])
                                 for meta in snap.index["entries"]]
-            index = {name: index[name] for name in INDEX_FIELDS}
+            index = {name: index[name] for name in UNCHECKED_INDEX_FIELDS}
+            index["checksum"] = index_checksum(index)
             written.append(temp_index)
             _write_file(directory / temp_index, json.dumps(index, indent=1).encode())
             os.replace(directory / temp_index, directory / INDEX_FILE)  # the commit point
@@ -312,7 +331,7 @@ class SavedStore:
                     raise FileNotFoundError(f"load: tensor file {tensor_path} named by {self.index_path} is "
                                             "missing") from None
                 raise ValueError(f"load: tensor file {tensor_path} is corrupt or unreadable ({err})") from None
-        expected = {"format": FORMAT, "version": str(FORMAT_VERSION), "generation": str(index["generation"]),
+        expected = {"format": FORMAT, "version": str(index["version"]), "generation": str(index["generation"]),
                     "fingerprint": index["fingerprint"]}
         for name, value in expected.items():
             if metadata.get(name) != value:
@@ -428,11 +447,15 @@ def _check_index(index, path: Path, engine: ReuseEngine) -> Dict:
     version = index.get("version")
     if version == 1:
         raise _bad(path, "version", "format version 1 (saves that were not atomic, no checksums) is not read by "
-                                    f"this build, which reads version {FORMAT_VERSION}: build the store again")
-    if version not in READ_VERSIONS:
+                                    f"this build, which reads versions {', '.join(map(str, READ_VERSIONS))}: build "
+                                    "the store again")
+    if not _is_int(version) or version not in READ_VERSIONS:
         raise _bad(path, "version", f"unknown KVStore format version {version!r}; this build reads versions "
                                     f"{', '.join(map(str, READ_VERSIONS))}")
-    _fields(path, "", index, INDEX_FIELDS)
+    _fields(path, "", index, INDEX_FIELDS if version >= 4 else UNCHECKED_INDEX_FIELDS)
+    # Taken before the checks below normalise anything; compared after them, so that a malformed field is named
+    # as such and a well-formed one that is not as saved is still refused.
+    digest = index_checksum(index) if version >= 4 else None
     if index["fingerprint"] != engine.fingerprint:
         raise _bad(path, "fingerprint", f"the store was written for another model or tokenizer (fingerprint "
                                         f"{index['fingerprint']!r}, this engine's is {engine.fingerprint})")
@@ -469,7 +492,20 @@ def _check_index(index, path: Path, engine: ReuseEngine) -> Dict:
         if meta["parent"] is not None and meta["parent"] not in where:
             raise _bad(path, f"entries[{i}].parent", f"{meta['parent']!r} is not a stored entry")
     _check_acyclic(path, entries, where)
+    if digest is not None and digest != index["checksum"]:
+        raise _bad(path, "checksum", "the index does not match the checksum saved with it (the file is damaged)")
+    for i, meta in enumerate(entries):
+        parent = entries[where[meta["parent"]]] if meta["parent"] is not None else None
+        if parent is not None and _namespace(parent) != _namespace(meta):
+            raise _bad(path, f"entries[{i}].parent", f"{meta['parent']!r} lies in {_namespace(parent)}, this entry "
+                                                     f"in {_namespace(meta)}: its K/V carry its parent's context. "
+                                                     "Stores saved before 2026-12-04 could serve a shared request "
+                                                     "from its tenant's private entries: build the store again")
     return index
+
+
+def _namespace(meta: Dict) -> str:
+    return "the shared namespace" if meta["shared"] else f"tenant {meta['tenant']!r}'s namespace"
 
 
 def _check_entry_meta(path: Path, i: int, meta, clock: int) -> None:

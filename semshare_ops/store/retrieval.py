@@ -63,7 +63,7 @@ class PromptKeys:
     def __init__(self, engine: ReuseEngine, engine_lock: threading.RLock, embedding: str):
         self.engine, self.embedding = engine, embedding
         self._engine_lock = engine_lock
-        self._planes = self._center = None
+        self._planes: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (planes, centre): _prompt_planes
         self._minilm = None
         self._minilm_lock = threading.Lock()
         if embedding == "minilm":
@@ -95,13 +95,17 @@ class PromptKeys:
         return ops.simhash((mean_embedding.float() - center)[None], planes)[0]
 
     def _prompt_planes(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self._planes is None:
-            with self._engine_lock, torch.inference_mode():
-                weight = self.engine.decoder.embed_tokens.weight
-                center = weight.float().mean(0).cpu()
-            self._planes = matching.lsh_planes(center.numel(), PROMPT_BITS, PROMPT_SEED)
-            self._center = center
-        return self._planes, self._center
+        # Built once, by the first request, under the engine lock; published as one tuple, so that a request in
+        # another thread sees both parts or neither (two attributes set one after the other: planes and no centre).
+        planes = self._planes
+        if planes is None:
+            with self._engine_lock:
+                planes = self._planes
+                if planes is None:
+                    with torch.inference_mode():
+                        center = self.engine.decoder.embed_tokens.weight.float().mean(0).cpu()
+                    planes = self._planes = (matching.lsh_planes(center.numel(), PROMPT_BITS, PROMPT_SEED), center)
+        return planes
 
     def _load_minilm(self):
         from .embedder import SentenceEmbedder

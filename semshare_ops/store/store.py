@@ -21,16 +21,19 @@ request is the stored entry itself: treat it as read-only. An entry bigger than 
 stored (`request_id` is None).
 
 Tenants. A stored entry lives in one namespace: its tenant's, or the shared namespace when stored with
-`shared=True`. A request sees its tenant's namespace, plus the shared one when `shared=True`. Cross-tenant reuse is
-off by default on purpose: whether a prompt is served from a cache is visible in its latency, so a shared cache
+`shared=True`. A request sees only the namespace its own entry goes into: its tenant's, or with `shared=True` the
+shared one, not its tenant's private entries as well. An entry's K/V carry its base's context (the rows kept from
+the base were computed after the base's text), so a shared entry served from a private one would hand that prompt to
+every tenant; a namespace is a tree of its own. Cross-tenant reuse is off by default on purpose: whether a prompt is served from a cache is visible in its latency, so a shared cache
 tells one tenant what others have asked (a known timing side channel; vLLM's `cache_salt` exists for the same
 reason). Opt in per request only for data that is not secret.
 
 Threads. `generate` may be called from many threads. The store's index (the tree and its nodes, the tiers, the
 retrieval index, the counters) is guarded by one lock held for short sections only (retrieval, insertion, eviction);
 alignment runs outside it. Model calls (tokenizer, embedding lookup, `engine.generate`) are serialised by a lock per
-engine, shared by every store on that engine: the HF model and the batch-1 engine are not made for concurrent
-forwards, so threads give no parallel prefill, only a store that stays consistent under concurrent use.
+model, shared by every store on every engine of that model: the HF model and the batch-1 engine are not made for
+concurrent forwards (two engines may share one model's modules, and what one sets on them, the other would run
+into), so threads give no parallel prefill, only a store that stays consistent under concurrent use.
 """
 from __future__ import annotations
 
@@ -53,17 +56,18 @@ from .retrieval import Prompt, PromptKeys, Request, RetrievalIndex
 from .tiers import Tiers
 from .tree import DeltaTree, depth_after, edit_script
 
-# One lock per engine, shared by every store on it: model calls are serialised.
-_ENGINE_LOCKS: "weakref.WeakKeyDictionary[ReuseEngine, threading.RLock]" = weakref.WeakKeyDictionary()
-_ENGINE_LOCKS_GUARD = threading.Lock()
+# One lock per model, shared by every store on every engine of it: model calls are serialised.
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
 
 
 def engine_lock(engine: ReuseEngine) -> threading.RLock:
-    """The lock that serialises model calls on `engine` (the same object for every store on it)."""
-    with _ENGINE_LOCKS_GUARD:
-        lock = _ENGINE_LOCKS.get(engine)
+    """The lock that serialises model calls on `engine`: one per model, the same object for every store on every
+    engine of that model (engines may share one: the tests' two matchers do)."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(engine.model)
         if lock is None:
-            lock = _ENGINE_LOCKS[engine] = threading.RLock()
+            lock = _MODEL_LOCKS[engine.model] = threading.RLock()
         return lock
 
 
@@ -205,7 +209,7 @@ class KVStore:
     def _choose(self, request: Request, tenant: str, shared: bool) -> _Choice:
         """Retrieve and expand (under the index lock), align candidates (outside it), pick the cheapest usable
         base."""
-        namespaces = [tenant] + ([SHARED] if shared else [])
+        namespaces = [SHARED] if shared else [tenant]  # the one the entry goes into (package doc: Tenants)
         total = len(request.ids)
         with self._lock:
             retrieved = self._index.retrieve(request, namespaces, self.candidates)
@@ -260,7 +264,16 @@ class KVStore:
         node = Node(entry_id, entry, tenant, bool(shared), key, parent, depth, edits, opcodes, "device",
                     self._clock, checksum=checksum)
         self._add(node)
-        self._enforce_budgets()
+        try:
+            self._enforce_budgets()
+        except BaseException:
+            # The budgets could not be applied (a copy to the CPU tier failed): this call stores nothing. What other
+            # entries moved before the failure stays as it went (each move is whole).
+            if node.tier is not None:
+                self._tiers.remove(node)
+            if node.id in self._tree:
+                self._forget(node)
+            raise
         return entry_id
 
     def _add(self, node: Node) -> None:
@@ -275,11 +288,15 @@ class KVStore:
         self._index.remove(node)
 
     def _enforce_budgets(self) -> None:
-        offloaded, dropped = self._tiers.enforce()
-        self.offloads += offloaded
-        for node in dropped:
-            self._forget(node)
-            self.evictions += 1
+        offloaded: List[Node] = []
+        dropped: List[Node] = []
+        try:
+            self._tiers.enforce(offloaded, dropped)
+        finally:  # what moved before a failed copy to the CPU tier stays moved: the index must say so
+            self.offloads += len(offloaded)
+            for node in dropped:
+                self._forget(node)
+                self.evictions += 1
 
     # ---- inspection and maintenance ----------------------------------------------------------------------------
 

@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 from ..engine.engine import ReferenceEntry
 from .entries import Node
 
 TIERS = ("device", "offload")
+
+
+def host_copy(entry: ReferenceEntry) -> ReferenceEntry:
+    """The entry with its K/V in CPU memory (what the CPU tier holds)."""
+    return dataclasses.replace(entry, keys=entry.keys.cpu(), values=entry.values.cpu())
 
 
 class Tiers:
@@ -58,29 +63,30 @@ class Tiers:
             del self._lru[node.tier][node.id]
             self._bytes[node.tier] -= node.entry.nbytes
 
-    def enforce(self) -> Tuple[int, List[Node]]:
-        """Apply the budgets, least recently used first: (entries moved to the CPU tier, nodes dropped).
+    def enforce(self, offloaded: List[Node], dropped: List[Node]) -> None:
+        """Apply the budgets, least recently used first, appending each node that moves to the CPU tier to
+        `offloaded` and each that leaves the tiers (`tier` None) to `dropped`, in the order they go.
 
-        Dropped nodes are out of both tiers, with `tier` None, in the order they left.
+        Each move is whole before the next starts: the CPU copy is made before the node leaves the device tier, so
+        a copy that fails (host memory) raises with that node still in its tier and every earlier move already in
+        the lists, which the caller applies either way.
         """
-        offloaded, dropped = 0, []
         device = self._lru["device"]
         while self._bytes["device"] > self.capacity_bytes:
-            _, node = device.popitem(last=False)
-            self._bytes["device"] -= node.entry.nbytes
+            node = next(iter(device.values()))
             if node.entry.nbytes <= self.offload_bytes:
-                node.entry = dataclasses.replace(node.entry, keys=node.entry.keys.cpu(),
-                                                 values=node.entry.values.cpu())
-                node.tier = "offload"
+                moved = host_copy(node.entry)
+                self.remove(node)
+                node.entry, node.tier = moved, "offload"
                 self.add(node)
-                offloaded += 1
+                offloaded.append(node)
             else:
+                self.remove(node)
                 node.tier = None
                 dropped.append(node)
         offload = self._lru["offload"]
         while self._bytes["offload"] > self.offload_bytes:
-            _, node = offload.popitem(last=False)
-            self._bytes["offload"] -= node.entry.nbytes
+            node = next(iter(offload.values()))
+            self.remove(node)
             node.tier = None
             dropped.append(node)
-        return offloaded, dropped

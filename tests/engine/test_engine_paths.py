@@ -263,3 +263,47 @@ def test_entries_and_scores_do_not_share_the_storage_handed_on(model, tokenizer,
     spare = engine._spare
     entry = engine.prefill(reference_ids)
     assert engine._spare is spare and entry.keys.data_ptr() != spare[0].data_ptr()
+
+
+def test_the_first_layer_capture_stops_only_its_own_thread(model, tokenizer, reference_ids, ref_entry, monkeypatch):
+    """The engine captures the first layer's input with a hook on the model, which other engines may share: while
+    one thread's hook is on (paused there), another thread's engine on the same model serves its request as if the
+    hook were not there, and the first then finishes with its own hidden states."""
+    import threading
+
+    first, second = engine_for(model, tokenizer), engine_for(model, tokenizer, matching="edit")
+    target, other = edited(reference_ids, "replace"), rand_tokens(49, seed=7)
+    want_first = first.generate(target, reference=ref_entry, max_new_tokens=NEW, return_entry=True)
+    want_second = second.generate(other, max_new_tokens=NEW)
+
+    hooked, go = threading.Event(), threading.Event()
+    real_new_cache = first._new_cache
+
+    def pause_inside_the_capture(capacity, *args, **kwargs):
+        if capacity == 1 and not hooked.is_set():  # _layer_input's cache: its hook is on the model now
+            hooked.set()
+            assert go.wait(60)
+        return real_new_cache(capacity, *args, **kwargs)
+
+    monkeypatch.setattr(first, "_new_cache", pause_inside_the_capture)
+    got = {}
+
+    def serve_first():
+        try:
+            got["first"] = first.generate(target, reference=ref_entry, max_new_tokens=NEW, return_entry=True)
+        except BaseException as err:  # noqa: BLE001 -- checked below
+            got["first"] = err
+
+    thread = threading.Thread(target=serve_first)
+    thread.start()
+    try:
+        assert hooked.wait(60)
+        got["second"] = second.generate(other, max_new_tokens=NEW)
+    finally:
+        go.set()
+        thread.join(60)
+    assert got["second"].token_ids == want_second.token_ids
+    assert not isinstance(got["first"], BaseException), got["first"]
+    assert got["first"].token_ids == want_first.token_ids
+    assert torch.equal(got["first"].entry.keys, want_first.entry.keys)
+    assert torch.equal(got["first"].entry.values, want_first.entry.values)

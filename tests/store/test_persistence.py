@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from semshare_ops.engine import ReuseConfig, ReuseEngine
 from semshare_ops.store.entries import entry_checksum
+from semshare_ops.store.persistence import index_checksum
 from semshare_ops.store.store import KVStore
 
 from engine_testutils import FakeTokenizer, build_model
@@ -97,21 +98,41 @@ def test_save_load_round_trip(engine, tmp_path):
     assert KVStore.load(tmp_path / "c", engine).checksums is True
 
 
-def test_exact_prefixes_are_saved_and_version_2_loads_without_them(engine, tmp_path):
+def _as_version(directory, version):
+    """Rewrite a saved store as the writer of format `version` (2 or 3) wrote it: no checksum of the index, the
+    version in the index and in the tensor file's metadata, and for version 2 no exact prefixes."""
+    index = _index(directory)
+    del index["checksum"]
+    if version == 2:
+        for meta in index["entries"]:
+            del meta["exact_prefix"]
+    (directory / "index.json").write_text(json.dumps({**index, "version": version}))
+    path = directory / index["tensors"]
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    safetensors.torch.save_file(tensors, str(path), metadata={**metadata, "version": str(version)})
+
+
+def test_exact_prefixes_are_saved_and_versions_2_and_3_load(engine, tmp_path):
     """A stored entry's exact prefix (its own root: every token; a reused child: up to its first edit) comes back
-    from a file; a version-2 file, which had none, loads with none: its entries are recomputed like any reused K/V,
-    never taken as exact."""
+    from a file. Stores of the earlier formats load: version 3 whole, without the index's checksum; version 2, which
+    had no exact prefixes, with none: its entries are recomputed like any reused K/V, never taken as exact."""
     store, root = _filled_store(engine)
     exact = {e.id: e.entry.exact_prefix for e in store.entries()}
     child = [e for e in store.entries() if e.parent is not None][0]
     assert exact[child.id] == 30 and exact[child.parent] == len(root)
     store.save(tmp_path)
     assert {e.id: e.entry.exact_prefix for e in KVStore.load(tmp_path, engine).entries()} == exact
-    index = _index(tmp_path)
-    for meta in index["entries"]:
-        del meta["exact_prefix"]
-    (tmp_path / "index.json").write_text(json.dumps({**index, "version": 2}))
-    assert {e.entry.exact_prefix for e in KVStore.load(tmp_path, engine).entries()} == {0}
+    for version in (3, 2):
+        directory = tmp_path / f"version{version}"
+        store.save(directory)
+        _as_version(directory, version)
+        loaded = KVStore.load(directory, engine)
+        assert _signature(loaded) == _signature(store)
+        assert {e.id: e.entry.exact_prefix for e in loaded.entries()} == (exact if version == 3 else
+                                                                          dict.fromkeys(exact, 0))
+        loaded.save(directory)  # saved again: the current format
+        assert _index(directory)["version"] == 4 and _signature(KVStore.load(directory, engine)) == _signature(store)
 
 
 def test_generations_replace_each_other(engine, tmp_path):
@@ -446,6 +467,15 @@ def _set(index, i, **fields):
     index["entries"][i].update(fields)
 
 
+def _sealed(edit):
+    """`edit`, then the index's checksum taken again: an index as a faulty writer would save it, well formed and
+    checksummed, so that the checks behind the checksum are what refuses it."""
+    def edit_and_seal(index):
+        edit(index)
+        index["checksum"] = index_checksum(index)
+    return edit_and_seal
+
+
 def _cycle(index):
     a, b = _entry(index, 0)["id"], _entry(index, 2)["id"]
     no_edits = {"edits": {"keep": 0, "insert": 0, "delete": 0, "replace": 0}, "opcodes": []}
@@ -473,14 +503,23 @@ MALFORMED = {
     "stamp past clock": (lambda ix: _set(ix, 0, stamp=ix["clock"] + 1), None, rf"{INDEX}: entries\[0\]\.stamp"),
     "bad tier": (lambda ix: _set(ix, 0, tier="disk"), None, rf"{INDEX}: entries\[0\]\.tier"),
     "bad checksum": (lambda ix: _set(ix, 0, checksum="abc"), None, rf"{INDEX}: entries\[0\]\.checksum"),
-    "edit counts": (lambda ix: _entry(ix, 1)["edits"].update(keep=1), None, rf"{INDEX}: entries\[1\]\.edits"),
-    "opcodes": (lambda ix: _entry(ix, 1)["opcodes"].pop(), None, rf"{INDEX}: entries\[1\]\.opcodes"),
+    "edit counts": (_sealed(lambda ix: _entry(ix, 1)["edits"].update(keep=1)), None,
+                    rf"{INDEX}: entries\[1\]\.edits"),
+    "opcodes": (_sealed(lambda ix: _entry(ix, 1)["opcodes"].pop()), None, rf"{INDEX}: entries\[1\]\.opcodes"),
     "tensor path": (lambda ix: ix.update(tensors="../" + ix["tensors"]), None, rf"{INDEX}: tensors"),
     "negative counter": (lambda ix: ix.update(evictions=-1), None, rf"{INDEX}: evictions"),
     "not an object": (lambda ix: ix.update(entries={}), None, rf"{INDEX}: entries: expected a list"),
     "exact prefix negative": (lambda ix: _set(ix, 0, exact_prefix=-1), None, rf"{INDEX}: entries\[0\]\.exact_prefix"),
-    "exact prefix past the tokens": (lambda ix: _set(ix, 1, exact_prefix=10**6), None,
+    "exact prefix past the tokens": (_sealed(lambda ix: _set(ix, 1, exact_prefix=10**6)), None,
                                      rf"{INDEX}: entries\[1\]\.exact_prefix: 1000000 exceeds the entry's \d+ tokens"),
+    # Well formed, as a flipped bit can leave it ('3' -> '7'), and not as saved: the index's own checksum.
+    "exact prefix grown": (lambda ix: _set(ix, 1, exact_prefix=70), None,
+                           rf"{INDEX}: checksum: the index does not match the checksum saved with it"),
+    "tenant renamed": (lambda ix: _set(ix, 0, tenant="alicf"), None, rf"{INDEX}: checksum: the index does not match"),
+    "checksum missing": (lambda ix: ix.pop("checksum"), None, rf"{INDEX}: checksum: missing"),
+    # A shared entry whose parent is private: what builds before 2026-12-04 could save.
+    "shared child of a private entry": (_sealed(lambda ix: _set(ix, 1, shared=True)), None,
+                                        rf"{INDEX}: entries\[1\]\.parent: 'kv[0-9a-f]+' lies in tenant 'alice'"),
     "wrong shape": (None, lambda t, e: t.update({f"{e}.keys": t[f"{e}.keys"][:, :-1]}),
                     rf"{TENSOR_NAME}: kv[0-9a-f]+\.keys: expected torch\.float32 \(4, \d+, 2, 16\)"),
     "wrong dtype": (None, lambda t, e: t.update({f"{e}.values": t[f"{e}.values"].half()}),

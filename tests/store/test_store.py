@@ -11,7 +11,7 @@ import torch
 from semshare_ops.engine import ReuseConfig, ReuseEngine
 from semshare_ops.store.store import KVStore
 
-from engine_testutils import FakeTokenizer
+from engine_testutils import FakeTokenizer, build_model
 from store_testutils import NEW, STORE_KEYS, assert_tree_consistent, base_tokens, fresh, replace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,6 +66,38 @@ def test_tenant_isolation_and_shared_namespace(engine):
     out = store.generate(other_near, tenant="bob", shared=True, max_new_tokens=NEW)
     assert out.stats["hit"] is True and out.stats["base_id"] == s
     assert store.get(out.stats["request_id"]).shared  # stored into the shared namespace too
+
+
+def test_a_shared_entry_never_carries_a_private_prompt(edit_engine):
+    """A shared request is served from shared entries only, not from its tenant's private ones: the K/V it stores
+    for everyone would carry the private prompt (the kept rows were computed after its text). Two stores that
+    differ only in alice's private secret end with the same shared entry."""
+    public = base_tokens(120, seed=5)
+    shared_keys = []
+    for secret in (900, 901):
+        store = KVStore(edit_engine)
+        private = public[:40] + base_tokens(8, seed=secret) + public[48:]
+        a = store.generate(private, tenant="alice", max_new_tokens=NEW).stats["request_id"]
+        assert store.lookup(public, tenant="alice").base_id == a  # what a private request would be served from
+        assert store.lookup(public, tenant="alice", shared=True).base_id is None
+        out = store.generate(public, tenant="alice", shared=True, max_new_tokens=NEW)
+        assert out.stats["hit"] is False
+        entry = store.get(out.stats["request_id"])
+        assert entry.shared and entry.parent is None
+        bob = store.generate(replace(public, 90, 3), tenant="bob", shared=True, max_new_tokens=NEW)
+        assert bob.stats["hit"] and bob.stats["base_id"] == entry.id
+        shared_keys.append(entry.entry.keys)
+        assert_tree_consistent(store)
+    assert torch.equal(*shared_keys)
+
+
+def test_stores_on_engines_of_one_model_take_turns(model, engine, edit_engine):
+    """Two engines on one model share its modules (the engine's first-layer capture hook sits on them): every
+    store on either serialises its model calls under one lock."""
+    assert engine.model is edit_engine.model
+    assert KVStore(engine)._engine_lock is KVStore(edit_engine)._engine_lock
+    other = ReuseEngine(build_model("llama", seed=1), FakeTokenizer(), ReuseConfig())
+    assert KVStore(other)._engine_lock is not KVStore(engine)._engine_lock
 
 
 def test_prefix_base_lifts_the_similarity_gate(edit_engine):

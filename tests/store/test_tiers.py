@@ -2,6 +2,7 @@
 
 import pytest
 
+from semshare_ops.store import tiers
 from semshare_ops.store.store import KVStore
 
 from store_testutils import NEW, TOKEN_BYTES, assert_tree_consistent, base_tokens, replace
@@ -51,3 +52,37 @@ def test_offload_tier(edit_engine):
     assert out.stats["hit"] and out.stats["base_id"] == b
     assert store.verify() == []
     assert store.device_nbytes <= 2 * size and store.offloaded_nbytes <= size
+
+
+def test_a_failed_copy_to_the_cpu_tier_leaves_the_store_whole(edit_engine, tmp_path, monkeypatch):
+    """The CPU copy of an entry leaving the device tier fails (host memory, simulated): the request that pushed it
+    out raises and stores nothing, the entry stays where it was, counted, and the store saves and loads whole."""
+    n = 64
+    size = n * TOKEN_BYTES
+    store = KVStore(edit_engine, capacity_bytes=2 * size, offload_bytes=4 * size)
+    root = base_tokens(n, 50)
+    a = store.generate(root, tenant="t", max_new_tokens=NEW).stats["request_id"]
+    b = store.generate(replace(root, 30, 3), tenant="t", max_new_tokens=NEW).stats["request_id"]
+    assert store.get(b).parent == a
+    before = (len(store), store.nbytes, store.device_nbytes, store.offloads, store.evictions)
+
+    copies = []
+
+    def no_host_memory(entry):
+        copies.append(entry)
+        raise MemoryError("simulated: no host memory for the CPU tier")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tiers, "host_copy", no_host_memory)
+        with pytest.raises(MemoryError, match="simulated"):
+            store.generate(base_tokens(n, 51), tenant="u", max_new_tokens=NEW)  # pushes `a` out of the device tier
+    assert len(copies) == 1 and copies[0] is store.get(a).entry  # the failure was the copy of `a`
+
+    assert (len(store), store.nbytes, store.device_nbytes, store.offloads, store.evictions) == before
+    assert [e.id for e in store.entries()] == [a, b] and {e.tier for e in store.entries()} == {"device"}
+    assert_tree_consistent(store)
+    # The next request that needs the room moves `a` as it should.
+    c = store.generate(base_tokens(n, 52), tenant="u", max_new_tokens=NEW).stats["request_id"]
+    assert store.get(a).tier == "offload" and store.offloads == 1 and c in store
+    store.save(tmp_path)
+    assert [e.id for e in KVStore.load(tmp_path, edit_engine).entries()] == [e.id for e in store.entries()]
