@@ -121,6 +121,8 @@ class ReuseConfig:
         if not 0 <= self.lsh_max_distance < self.lsh_bits:
             raise ValueError(f"lsh_max_distance: expected 0 <= distance < lsh_bits ({self.lsh_bits}), "
                              f"got {self.lsh_max_distance}")
+        if not -(1 << 63) <= self.lsh_seed < (1 << 64):  # what a torch.Generator takes
+            raise ValueError(f"lsh_seed: expected a seed in [-2**63, 2**64), got {self.lsh_seed}")
         if not self.embedding_rope_base > 1.0:
             raise ValueError(f"embedding_rope_base: expected a rotation base > 1, got {self.embedding_rope_base}")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import itertools
 import json
 import numbers
 import math
@@ -64,6 +65,9 @@ class ReferenceEntry:
     # Leading positions whose K/V are exactly a full prefill's: every position for a prefill, the exact common
     # prefix with its own reference for a reused prompt. Only they may serve a later prompt without recompute.
     exact_prefix: int = 0
+    # The LSH settings `codes` were made with (ReuseConfig's lsh_bits, lsh_seed, embedding_rope_base), which the
+    # fingerprint leaves out; an engine hashing with others refuses the entry. None: not recorded (not checked).
+    codes_lsh: Optional[Tuple[int, int, float]] = None
 
     @property
     def nbytes(self) -> int:
@@ -142,16 +146,17 @@ class _MarginGuard(LogitsProcessor):
 
 class _DecodeRecompute(LogitsProcessor):
     """ReuseConfig.decode_recompute: between decode steps, the next `rows` stale prompt positions (`cache.stale`)
-    run through every layer (ReuseEngine._recompute_stale). Called before each step's token is chosen; the first
-    call (the first token's) does nothing, so the first token is not delayed. Returns the scores unchanged."""
+    run through every layer (ReuseEngine._recompute_stale). Called before each of the `steps` tokens is chosen,
+    after that step's forward: the first call (the first token's) does nothing, so the first token is not delayed,
+    and neither does the last, whose rows no later step would read. Returns the scores unchanged."""
 
-    def __init__(self, engine: "ReuseEngine", ids: torch.Tensor, cache: SemShareCache, rows: int):
-        self.engine, self.ids, self.cache, self.rows = engine, ids, cache, rows
+    def __init__(self, engine: "ReuseEngine", ids: torch.Tensor, cache: SemShareCache, rows: int, steps: int):
+        self.engine, self.ids, self.cache, self.rows, self.steps = engine, ids, cache, rows, steps
         self.calls = self.done = 0
 
     def step(self) -> None:
         stale = self.cache.stale
-        if self.calls > 0 and self.done < len(stale):
+        if 0 < self.calls < self.steps - 1 and self.done < len(stale):
             positions = stale[self.done: self.done + self.rows].sort().values
             self.engine._recompute_stale(self.cache, self.ids, positions)
             self.done += len(positions)
@@ -166,13 +171,16 @@ def decaying_counts(total: int, layers: int, lead: int, floor: int, target_mean:
     """Per-layer counts: `total` for the first `lead` layers, then base * decay^i clamped to [floor, total],
     with base chosen (by bisection) so that the mean over all layers is as close to `target_mean` as allowed."""
     lead = min(lead, layers)
+    step, top = math.log(decay), math.log(total + 1.0)
 
-    def counts(base: float) -> List[int]:
-        tail = [min(total, max(floor, round(base * decay**i))) for i in range(layers - lead)]
+    def counts(log_base: float) -> List[int]:  # base * decay^i as exp(log_base + i log decay): no under/overflow
+        tail = [min(total, max(floor, round(math.exp(min(top, log_base + i * step))))) for i in range(layers - lead)]
         return [total] * lead + tail
 
-    lo, hi = 0.0, total / decay ** max(layers, 1) + 1.0
-    for _ in range(60):
+    # Bisection on log(base): below 0.25 every tail count rounds to 0, at the top even the deepest is `total`. On
+    # base itself, a small decay made the top total / decay^layers, past what 60 halvings resolve (or a float).
+    lo, hi = math.log(0.25), top - step * max(layers, 1)
+    for _ in range(80):
         mid = (lo + hi) / 2
         if sum(counts(mid)) / layers < target_mean:
             lo = mid
@@ -202,7 +210,9 @@ def recompute_counts(prefill: int, num_layers: int, num_unmatched: int, config: 
         if config.budget_cap is not None:  # ... up to the ceiling (>= 1: never below the fixed budget's target)
             extra = min(extra, (config.budget_cap - 1.0) * config.recompute_ratio * (prefill + 1))
         target += extra
-    target = min(float(rows), target - lookahead)
+    if target < rows:  # the lookahead ranks the rows a budget leaves reused: one that covers them all needs none
+        target -= lookahead
+    target = min(float(rows), target)
     lead = effective_check_layers(config)
     return decaying_counts(rows, num_layers, lead, floor, target, config.recompute_decay)
 
@@ -236,8 +246,8 @@ def boundary_rows(match: matching.Match, prefill: int, config: ReuseConfig) -> t
     """bool [prefill]: the first `recompute_boundary` positions after each alignment break (`Match.breaks`), the
     matched tokens whose nearest context changed: ranked first among the rows the budget chooses."""
     first = torch.zeros(prefill, dtype=torch.bool)
-    if config.recompute_boundary:
-        rows = (match.breaks()[:, None] + torch.arange(config.recompute_boundary)).flatten()
+    if config.recompute_boundary:  # no more than the prompt: a huge setting would make a breaks x k table
+        rows = (match.breaks()[:, None] + torch.arange(min(config.recompute_boundary, prefill))).flatten()
         first[rows[rows < prefill]] = True
     return first
 
@@ -381,6 +391,8 @@ class ReuseEngine:
     def __init__(self, model, tokenizer, config: Optional[ReuseConfig] = None):
         """Refuses (ValueError naming the feature and the model class) a model whose KV cache it cannot reuse
         exactly; see architecture.py for what is checked, statically and by two small measured probes."""
+        if config is not None and not isinstance(config, ReuseConfig):
+            raise TypeError(f"config: expected a ReuseConfig or None, got {type(config).__name__}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = config or ReuseConfig()
         self._spare: Optional[tuple] = None  # cache storage of a finished request, for the next (_request_cache)
@@ -391,7 +403,25 @@ class ReuseEngine:
             raise
         except Exception as err:  # anything a new family does differently: refuse it by name, do not guess
             raise refusal(model, f"setting up reuse failed ({type(err).__name__}: {err})") from err
-        self.fingerprint = self._fingerprint()
+        self._fingerprint_of: Optional[tuple] = None  # (the weights' storages and versions, their fingerprint)
+        self.fingerprint  # noqa: B018 -- taken now, not by the first request: the weights' digest is a pass over them
+
+    @property
+    def fingerprint(self) -> str:
+        """What decides whether an entry is valid here (`_fingerprint`), taken again whenever a parameter or buffer
+        changed since (its storage or its version counter: an in-place update, a weight swapped in), so that an
+        entry made before a fine-tuning step is refused, not served with the new weights."""
+        state = tuple((t.data_ptr(), t._version) for t in itertools.chain(self.model.parameters(),
+                                                                            self.model.buffers()))
+        known = self._fingerprint_of
+        if known is None or known[0] != state:
+            known = self._fingerprint_of = (state, self._fingerprint())
+        return known[1]
+
+    @property
+    def codes_lsh(self) -> Tuple[int, int, float]:
+        """The LSH settings this engine's token codes are made with (fixed for its life: `using`)."""
+        return tuple(getattr(self.config, name) for name in LSH_SETTINGS)
 
     def _set_up(self, model) -> None:
         self.arch = Architecture.of(model)
@@ -430,6 +460,13 @@ class ReuseEngine:
         """
         previous = self.config
         if config is not None:
+            if not isinstance(config, ReuseConfig):
+                raise TypeError(f"config: expected a ReuseConfig or None, got {type(config).__name__}")
+            for name in LSH_SETTINGS:  # the planes, and the codes of every entry made so far, depend on them
+                if getattr(config, name) != getattr(previous, name):
+                    raise ValueError(f"config.{name}: {getattr(config, name)!r}, but this engine hashes tokens with "
+                                     f"{getattr(previous, name)!r} (fixed when it is made, like its entries' codes); "
+                                     "make another engine")
             self.config = config
         try:
             yield self
@@ -457,10 +494,7 @@ class ReuseEngine:
         """
         start = time.perf_counter()
         check_count("max_new_tokens", max_new_tokens, minimum=1)
-        if min_similarity is not None and (isinstance(min_similarity, bool) or
-                                           not isinstance(min_similarity, (int, float)) or
-                                           not 0.0 <= min_similarity <= 1.0):
-            raise ValueError(f"min_similarity: expected None or a number in [0, 1], got {min_similarity!r}")
+        check_gate(min_similarity)
         if generate_kwargs.get("num_return_sequences", 1) != 1 or generate_kwargs.get("num_beams", 1) != 1:
             raise ValueError("num_return_sequences / num_beams: the engine serves one sequence per request "
                              "(batch size 1); run several requests instead")
@@ -471,7 +505,7 @@ class ReuseEngine:
         ids = self.tokenize(prompt, max_new_tokens)
         cache, stats, exact = self._serve_prompt(ids, reference, gate, capacity=len(ids) + max_new_tokens)
         new_ids, ttft_s, logits, cache, stats["guard"], stats["decode_recomputed_tokens"] = self._decode(
-            ids, cache, max_new_tokens, start, generate_kwargs, self._guard_margin(stats))
+            ids, cache, max_new_tokens, start, generate_kwargs, self._guard_margin(stats, cache))
         if stats["guard"] is not None and stats["guard"]["repaired_at"] is not None:
             # Repaired: the prompt ended up prefilled in full, so nothing was saved; the cache is exact throughout.
             stats["guard"]["reuse_ratio"], stats["reuse_ratio"], exact = stats["reuse_ratio"], 0.0, len(ids)
@@ -489,9 +523,11 @@ class ReuseEngine:
         and similar enough, else a full prefill), and the request's stats. Compared over a whole continuation (the
         full prefill's own greedy output), reuse and full prefill differ by a distance that moves smoothly where
         greedy outputs flip (docs/design.md, the selection ablation)."""
-        if len(continuation) == 0:
+        cont = self._token_ids(continuation, "continuation", "a 1-D sequence of token ids")
+        if len(cont) == 0:
             raise ValueError("continuation: expected at least one token id")
-        cont = self.tokenize(continuation.tolist() if torch.is_tensor(continuation) else list(continuation), 0)
+        check_gate(min_similarity)
+        cont = torch.tensor(cont, dtype=torch.long, device=self.device)
         ids = self.tokenize(prompt, len(cont))
         gate = self.config.min_similarity if min_similarity is None else min_similarity
         cache, stats, _ = self._serve_prompt(ids, reference, gate, capacity=len(ids) + len(cont))
@@ -500,13 +536,13 @@ class ReuseEngine:
         with cache.active():
             if self.config.decode_recompute and len(cache.stale):
                 # One step at a time, stale rows recomputed between steps as generate does them.
-                heal, logits, steps = _DecodeRecompute(self, ids, cache, self.config.decode_recompute), [], len(cont)
+                steps = len(cont)
+                heal, logits = _DecodeRecompute(self, ids, cache, self.config.decode_recompute, steps), []
                 first = len(inputs) - steps + 1  # the prompt's tokens not in the cache: the last one
-                for t, chunk in enumerate([inputs[:first]] + [inputs[i:i + 1] for i in range(first, len(inputs))]):
+                for chunk in [inputs[:first]] + [inputs[i:i + 1] for i in range(first, len(inputs))]:
                     logits.append(self.model(input_ids=chunk[None], use_cache=True, logits_to_keep=1,
                                              **{self._cache_kw: cache}).logits[0].float())
-                    if t + 1 < steps:
-                        heal.step()  # where generate's processor runs: after step t's forward, before t + 1's
+                    heal.step()  # where generate's processor runs: after step t's forward, before t + 1's
                 logits = torch.cat(logits)
                 stats["decode_recomputed_tokens"] = heal.done
             else:
@@ -535,29 +571,40 @@ class ReuseEngine:
         check_count("max_new_tokens", max_new_tokens, minimum=0)
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt)["input_ids"]
-        elif isinstance(prompt, (bytes, bytearray, dict)) or not isinstance(prompt, Sequence) and \
-                not (torch.is_tensor(prompt) and prompt.dim() == 1):
-            raise TypeError(f"prompt: expected a str or a 1-D sequence of token ids, got {type(prompt).__name__}")
+            self._check_vocabulary(ids, "prompt", "; the tokenizer made one outside it (one of another model?)")
         else:
-            # Only integers: a float or a digit string is not a token id, and int() would take both silently.
-            if torch.is_tensor(prompt):
-                if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
-                    raise TypeError(f"prompt: expected integer token ids, got a {prompt.dtype} tensor")
-                ids = prompt.tolist()
-            else:
-                bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, numbers.Integral)), None)
-                if bad is not None:
-                    raise TypeError(f"prompt: expected integer token ids, got {type(bad).__name__} {bad!r}")
-                ids = [int(t) for t in prompt]
-            vocab = self.model.config.vocab_size
-            if any(t < 0 or t >= vocab for t in ids):
-                raise ValueError(f"prompt: token ids must lie in [0, {vocab})")
+            ids = self._token_ids(prompt, "prompt", "a str or a 1-D sequence of token ids")
         if len(ids) == 0:
             raise ValueError("prompt: empty prompt (no tokens)")
         if self.max_positions and len(ids) + max_new_tokens > self.max_positions:
             raise ValueError(f"prompt: {len(ids)} tokens + {max_new_tokens} new exceed {self.max_positions} positions "
                              f"({self.arch.position_limit_reason})")
         return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def _token_ids(self, value, name: str, expected: str) -> List[int]:
+        """A 1-D sequence or tensor of token ids as a list of ints inside the vocabulary, or TypeError/ValueError
+        naming `name`. Only integers: a float or a digit string is not a token id, and int() would take both
+        silently."""
+        if isinstance(value, (str, bytes, bytearray, dict)) or not isinstance(value, Sequence) and \
+                not (torch.is_tensor(value) and value.dim() == 1):
+            raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+        if torch.is_tensor(value):
+            if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+                raise TypeError(f"{name}: expected integer token ids, got a {value.dtype} tensor")
+            ids = value.tolist()
+        else:
+            bad = next((t for t in value if isinstance(t, bool) or not isinstance(t, numbers.Integral)), None)
+            if bad is not None:
+                raise TypeError(f"{name}: expected integer token ids, got {type(bad).__name__} {bad!r}")
+            ids = [int(t) for t in value]
+        self._check_vocabulary(ids, name)
+        return ids
+
+    def _check_vocabulary(self, ids: List[int], name: str, why: str = "") -> None:
+        # The model's vocabulary, not the tokenizer's: a tokenizer may know more ids than the embedding has rows.
+        vocab = self.model.config.vocab_size
+        if any(t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"{name}: token ids must lie in [0, {vocab}), the model's vocabulary{why}")
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The model's input embeddings of token ids: [n, hidden] in the model's dtype."""
@@ -593,7 +640,13 @@ class ReuseEngine:
         if not isinstance(reference, ReferenceEntry):
             raise TypeError(f"reference: expected a ReferenceEntry, got {type(reference).__name__}")
         if reference.fingerprint != self.fingerprint:
-            raise ValueError("reference: it was made by another model or tokenizer than this engine's")
+            raise ValueError("reference: it was made by another model or tokenizer than this engine's (or before "
+                             "this engine's weights changed)")
+        # The fingerprint is the model's; the token codes are also the LSH settings' (a store rehashes saved codes
+        # made with others instead of refusing them). Codes of other settings would match nothing, or wrong tokens.
+        if reference.codes_lsh is not None and tuple(reference.codes_lsh) != self.codes_lsh:
+            raise ValueError(f"reference: its token codes were made with other LSH settings ({', '.join(LSH_SETTINGS)}"
+                             f" = {tuple(reference.codes_lsh)}) than this engine's {self.codes_lsh}")
 
     def _serve_prompt(self, ids: torch.Tensor, reference: Optional[ReferenceEntry], gate: float, capacity: int):
         """A cache holding what reuse provides of the prompt (positions 0..T-2; empty for a full prefill), the
@@ -623,13 +676,14 @@ class ReuseEngine:
                      kv_bytes=kv_full if kv_bytes is None else kv_bytes, kv_bytes_full=kv_full)
         return cache, stats, exact
 
-    def _guard_margin(self, stats: Dict) -> float:
+    def _guard_margin(self, stats: Dict, cache: SemShareCache) -> float:
         """The guard watches a request served by reuse that kept stale rows: a reused row past the exact prefix in
-        some layer, or rows dropped by retain_ratio. An exact cache (an identical prompt, ratio 1.0) is not watched."""
+        some layer (`cache.stale`, what the recompute left; not `recomputed_tokens`, which also counts the
+        lookahead's rows), or rows dropped by retain_ratio. An exact cache (an identical prompt, ratio 1.0) is not
+        watched."""
         if stats["mode"] != "reuse":
             return 0.0
-        stale = (min(stats["recomputed_tokens"]) < stats["prompt_tokens"] - stats["exact_tokens"]
-                 or self.config.retain_ratio is not None)
+        stale = len(cache.stale) > 0 or self.config.retain_ratio is not None
         return self.config.guard_margin if stale else 0.0
 
     def _entry_from_cache(self, ids: torch.Tensor, cache: SemShareCache, exact: int) -> ReferenceEntry:
@@ -644,7 +698,7 @@ class ReuseEngine:
     def _entry(self, ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, exact: int) -> ReferenceEntry:
         embeddings = self.embed(ids)
         return ReferenceEntry(ids.cpu(), keys, values, self.token_codes(embeddings).cpu(),
-                              embeddings.float().mean(0).cpu(), self.fingerprint, exact)
+                              embeddings.float().mean(0).cpu(), self.fingerprint, exact, self.codes_lsh)
 
     def _layer_input(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The hidden states [1, n, hidden] that the model's own forward hands its first decoder layer for these
@@ -980,7 +1034,7 @@ class ReuseEngine:
         processors = LogitsProcessorList(generate_kwargs.get("logits_processor") or [])
         watch = _MarginGuard(guard_margin, len(ids), bool(kwargs.get("output_logits"))) if guard_margin > 0 else None
         # After the guard: a step it refuses is not taken, so nothing is recomputed for it.
-        heal = _DecodeRecompute(self, ids, cache, self.config.decode_recompute) \
+        heal = _DecodeRecompute(self, ids, cache, self.config.decode_recompute, max_new_tokens) \
             if self.config.decode_recompute and len(cache.stale) else None
         try:
             out = self._generate(ids, cache, {**kwargs, "logits_processor": LogitsProcessorList(
@@ -1005,6 +1059,10 @@ class ReuseEngine:
         with cache.active():
             return self.model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None],
                                        **{self._cache_kw: cache}, **kwargs)
+
+
+# The ReuseConfig fields the token codes depend on: fixed for an engine's life (`using` refuses to change them).
+LSH_SETTINGS = ("lsh_bits", "lsh_seed", "embedding_rope_base")
 
 
 class _FirstLayerReached(Exception):
@@ -1049,6 +1107,18 @@ def tensor_digest(t: torch.Tensor) -> str:
     except (AttributeError, RuntimeError):  # a tensor subclass that takes no attributes: digest again next time
         pass
     return digest
+
+
+def check_gate(min_similarity) -> None:
+    """A per-call similarity gate: None (the config's) or a real number in [0, 1] (numpy's too), else TypeError or
+    ValueError naming it."""
+    if min_similarity is None:
+        return
+    if isinstance(min_similarity, bool) or not isinstance(min_similarity, numbers.Real):
+        raise TypeError(f"min_similarity: expected None or a number in [0, 1], got {type(min_similarity).__name__} "
+                        f"{min_similarity!r}")
+    if not 0.0 <= min_similarity <= 1.0:
+        raise ValueError(f"min_similarity: expected None or a number in [0, 1], got {min_similarity!r}")
 
 
 def check_count(name: str, value, minimum: int) -> int:

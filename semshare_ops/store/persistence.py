@@ -75,7 +75,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from ..engine.engine import ReferenceEntry, ReuseEngine
+from ..engine.engine import LSH_SETTINGS, ReferenceEntry, ReuseEngine
 from .checks import SETTINGS, check_settings
 from .entries import CHECKSUM_FIELDS, ENTRY_ID, Node, tensors_checksum
 
@@ -100,7 +100,7 @@ INDEX_FIELDS = ("format", "version", "generation", "fingerprint", "tensors", "co
 UNCHECKED_INDEX_FIELDS = INDEX_FIELDS[:-1]  # versions 2 and 3
 ENTRY_FIELDS = ("id", "tenant", "shared", "parent", "depth", "edits", "opcodes", "tier", "stamp", "checksum",
                 "key_checksum", "exact_prefix")
-LSH_FIELDS = ("lsh_bits", "lsh_seed", "embedding_rope_base")
+LSH_FIELDS = LSH_SETTINGS
 EDIT_COUNTS = ("keep", "insert", "delete", "replace")
 OPCODE_TAGS = {"e": "keep", "i": "insert", "d": "delete", "r": "replace"}
 TIERS = ("device", "offload")
@@ -135,8 +135,7 @@ def index_checksum(index: Dict) -> str:
 
 def engine_lsh(engine: ReuseEngine) -> Dict:
     """The engine settings its token codes depend on."""
-    cfg = engine.config
-    return {"lsh_bits": cfg.lsh_bits, "lsh_seed": cfg.lsh_seed, "embedding_rope_base": cfg.embedding_rope_base}
+    return dict(zip(LSH_FIELDS, engine.codes_lsh))
 
 
 def snapshot(engine: ReuseEngine, config: Dict, counters: Counters, nodes: Iterable[Node],
@@ -390,7 +389,10 @@ class SavedStore:
                                                                 "(the file is damaged)")
             on = engine.device if meta["tier"] == "device" else torch.device("cpu")
             fields["keys"], fields["values"] = fields["keys"].to(on), fields["values"].to(on)
-            entry = ReferenceEntry(fingerprint=engine.fingerprint, exact_prefix=meta["exact_prefix"], **fields)
+            # The saved codes are made with the saved LSH settings; a store rehashes those of other settings
+            # (KVStore.load), and the rehashed entry is the engine's.
+            entry = ReferenceEntry(fingerprint=engine.fingerprint, exact_prefix=meta["exact_prefix"],
+                                   codes_lsh=tuple(index["engine_lsh"][name] for name in LSH_FIELDS), **fields)
             opcodes = None if meta["opcodes"] is None else tuple(tuple(op) for op in meta["opcodes"])
             nodes.append(Node(entry_id, entry, meta["tenant"], meta["shared"], key if sentence_keys else None,
                               meta["parent"], meta["depth"], meta["edits"], opcodes, meta["tier"], meta["stamp"],

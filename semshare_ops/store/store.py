@@ -423,7 +423,8 @@ class KVStore:
             if rehash:  # the engine hashes tokens with other planes: rehash them
                 with store._engine_lock, torch.inference_mode():
                     ids = node.entry.token_ids.to(engine.device)
-                    node.entry = dataclasses.replace(node.entry, codes=engine.token_codes(engine.embed(ids)).cpu())
+                    node.entry = dataclasses.replace(node.entry, codes=engine.token_codes(engine.embed(ids)).cpu(),
+                                                     codes_lsh=engine.codes_lsh)
                 node.checksum = entry_checksum(node.entry)
             if node.key is not None and key_size is not None and node.key.numel() != key_size:
                 raise ValueError(f"load: {saved.tensor_path}: {node.id}.{persistence.KEY_FIELD}: {node.key.numel()} "

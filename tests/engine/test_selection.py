@@ -175,15 +175,19 @@ def test_selection_methods_choose_differently(model, tokenizer, reference_ids, r
     assert len(set(chosen.values())) == len(VARIANTS)
 
 
+@pytest.mark.parametrize("edit", ["insert", "insert_start"])  # exact prefixes of 60 and of 4 (< query_window)
 @pytest.mark.parametrize("selection,progressive", VARIANTS)
 def test_every_selection_at_ratio_one_is_full_prefill(model, tokenizer, reference_ids, ref_entry, selection,
-                                                      progressive):
-    target = edited(reference_ids, "insert")
+                                                      progressive, edit):
+    """Every row past the exact prefix recomputed in every layer, whatever the ranking: the lookahead's rows,
+    which come out of a budget that leaves rows reused, do not come out of one that covers them all."""
+    target = edited(reference_ids, edit)
     engine = engine_for(model, tokenizer, recompute_ratio=1.0, selection=selection, progressive=progressive)
     full, full_logits = generate_with_logits(engine, target, max_new_tokens=NEW)
     out, logits = generate_with_logits(engine, target, reference=ref_entry, max_new_tokens=NEW)
     assert out.token_ids == full.token_ids
     torch.testing.assert_close(logits, full_logits, atol=1e-4, rtol=1e-4)
+    assert out.stats["recomputed_tokens"] == [len(target) - out.stats["exact_tokens"]] * LAYERS
 
 
 def test_selection_config_is_checked():

@@ -4,15 +4,18 @@ On small randomly initialised Llama and Qwen2 models (fixtures in conftest.py)."
 
 import time
 
+import numpy as np
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from semshare_ops.engine import ReuseConfig  # noqa: E402
+from semshare_ops.engine import ReuseConfig, ReuseEngine  # noqa: E402
+from semshare_ops.engine.engine import decaying_counts  # noqa: E402
 
 from engine_testutils import (
-    EDITS, HEAD_DIM, REF_LEN, KV_HEADS, LAYERS, MAX_POS, NEW, STATS_KEYS, VOCAB, build_model, edited, engine_for,
+    EDITS, HEAD_DIM, REF_LEN, KV_HEADS, LAYERS, MAX_POS, NEW, STATS_KEYS, VOCAB, FakeTokenizer, build_model, edited,
+    engine_for,
     generate_with_logits, rand_tokens)  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -223,3 +226,103 @@ def test_fingerprint_follows_every_weight(arch, tokenizer):
     assert e_base.fingerprint != e_twin.fingerprint and e_base.fingerprint == e_same.fingerprint
     with pytest.raises(ValueError, match="reference"):
         e_twin.generate([5, 6, 7], reference=e_base.prefill([5, 6, 7, 8]), max_new_tokens=1)
+
+
+def test_fingerprint_follows_an_in_place_update(arch, tokenizer):
+    """Weights changed in place under a live engine (a training step, a LoRA merge into the module): the engine's
+    fingerprint is taken again, so entries of the old weights are refused, not served as exact K/V."""
+    model = build_model(arch, seed=0)
+    engine = engine_for(model, tokenizer)
+    prompt = rand_tokens(REF_LEN, seed=100)
+    before, old_entry = engine.fingerprint, engine.prefill(prompt)
+    assert engine.generate(prompt, reference=old_entry, max_new_tokens=2).stats["mode"] == "reuse"
+    with torch.no_grad():
+        model.model.layers[-1].self_attn.v_proj.weight.mul_(-1.0)
+    assert engine.fingerprint != before and engine.fingerprint == engine_for(model, tokenizer).fingerprint
+    with pytest.raises(ValueError, match="reference: .*weights changed"):
+        engine.generate(prompt, reference=old_entry, max_new_tokens=2)
+    new_entry = engine.prefill(prompt)
+    assert new_entry.fingerprint == engine.fingerprint
+    out = engine.generate(prompt, reference=new_entry, max_new_tokens=2)
+    assert out.stats["mode"] == "reuse" and out.token_ids == engine.generate(prompt, max_new_tokens=2).token_ids
+
+
+def test_score_arguments_are_checked_and_named(model, tokenizer):
+    """score takes what generate takes, refused under the same names: the gate, and its continuation as token ids
+    named `continuation` (not `prompt`)."""
+    engine = engine_for(model, tokenizer)
+    prompt = rand_tokens(40, seed=5)
+    for gate, error in ((2.0, ValueError), (-1, ValueError), ("x", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="min_similarity"):
+            engine.score(prompt, [5, 6], min_similarity=gate)
+    for continuation, error in ((5, TypeError), (None, TypeError), ("5 6", TypeError), ([5.0], TypeError),
+                                (torch.tensor([5.0]), TypeError), ([VOCAB], ValueError), ([], ValueError)):
+        with pytest.raises(error, match="continuation"):
+            engine.score(prompt, continuation)
+    gate = np.float32(0.3)  # numpy's numbers are numbers, in generate too
+    logits, _ = engine.score(prompt, [5, 6], min_similarity=gate)
+    assert logits.shape == (2, VOCAB)
+    assert len(engine.generate(prompt, max_new_tokens=2, min_similarity=gate).token_ids) == 2
+
+
+def test_a_config_is_a_reuse_config(model, tokenizer):
+    with pytest.raises(TypeError, match="config: expected a ReuseConfig"):
+        ReuseEngine(model, tokenizer, {"matching": "edit"})
+    engine = engine_for(model, tokenizer)
+    with pytest.raises(TypeError, match="config: expected a ReuseConfig"):
+        with engine.using({"matching": "edit"}):
+            pass
+    with pytest.raises(ValueError, match="lsh_seed"):
+        ReuseConfig(lsh_seed=2**70)
+    assert engine.config == ReuseConfig()
+
+
+def test_lsh_settings_are_fixed_per_engine_and_checked_on_entries(model, tokenizer, reference_ids):
+    """The token codes depend on lsh_bits, lsh_seed and embedding_rope_base: `using` refuses to change them (they
+    were silently ignored), and an entry hashed with other settings is refused by name (it matched nothing)."""
+    engine = engine_for(model, tokenizer)
+    for change in ({"lsh_bits": 64}, {"lsh_seed": 7}, {"embedding_rope_base": 500000.0}):
+        with pytest.raises(ValueError, match=f"config.{next(iter(change))}: .*make another engine"):
+            with engine.using(ReuseConfig(**change)):
+                pass
+    with engine.using(ReuseConfig(recompute_ratio=0.5)):  # the rest may change
+        assert engine.config.recompute_ratio == 0.5
+    target = edited(reference_ids, "few")
+    own = engine.prefill(reference_ids)
+    assert own.codes_lsh == engine.codes_lsh == (128, 0, 10000.0)
+    for change in ({"lsh_bits": 64}, {"lsh_seed": 7}, {"embedding_rope_base": 500000.0}):
+        other = engine_for(model, tokenizer, **change).prefill(reference_ids)
+        assert other.fingerprint == engine.fingerprint  # the model's; the codes are not
+        with pytest.raises(ValueError, match="reference: its token codes were made with other LSH settings"):
+            engine.generate(target, reference=other, max_new_tokens=2)
+    assert engine.generate(target, reference=own, max_new_tokens=2).stats["mode"] == "reuse"
+
+
+def test_token_ids_past_the_model_from_a_tokenizer_are_refused(model):
+    """A tokenizer that knows more ids than the model's embedding: refused naming the prompt, as a list of such ids
+    is (not an IndexError from the embedding)."""
+    engine = engine_for(model, FakeTokenizer(vocab=4 * VOCAB))
+    text = "".join(chr(c) for c in range(200, 260))
+    with pytest.raises(ValueError, match="prompt: token ids must lie in .*the tokenizer made one outside it"):
+        engine.generate(text, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("decay", [0.1, 1e-12, 1e-300])
+def test_a_steep_decay_still_meets_the_budget(decay):
+    """The per-layer counts meet the target mean for any decay in (0, 1]: a small one made the bisection's top
+    overflow (ZeroDivisionError from 1e-12 over 30 layers) or too coarse to resolve (at 0.1 the base came out
+    about 1e15 times too big, every tail layer that could be full was)."""
+    layers, total, target = 30, 1000, 100.0
+    counts = decaying_counts(total, layers, 2, 10, target, decay)
+    assert counts[:2] == [total, total] and all(10 <= c <= total for c in counts)
+    assert counts == sorted(counts, reverse=True)
+    assert target <= sum(counts) / layers <= target + 1.0  # a count moves by one row: the mean by 1/30
+
+
+def test_a_huge_boundary_costs_no_more_than_the_prompt(model, tokenizer, reference_ids, ref_entry):
+    target = edited(reference_ids, "few")
+    out = engine_for(model, tokenizer, recompute_boundary=10**9).generate(target, reference=ref_entry,
+                                                                         max_new_tokens=2)
+    every = engine_for(model, tokenizer, recompute_boundary=len(target)).generate(target, reference=ref_entry,
+                                                                                 max_new_tokens=2)
+    assert out.token_ids == every.token_ids and out.stats["recomputed_tokens"] == every.stats["recomputed_tokens"]

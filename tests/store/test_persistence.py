@@ -631,3 +631,25 @@ def test_save_and_load_arguments(engine, tmp_path):
         KVStore.load(tmp_path, engine, capacity_bytes=1.5)
     with pytest.raises(TypeError, match="engine"):
         KVStore.load(tmp_path, "engine")
+
+
+def test_a_store_loads_into_an_engine_of_other_lsh_settings(engine, model, tmp_path):
+    """Token codes are a function of the token ids and the engine's LSH settings: a store saved by an engine of other
+    settings is rehashed at load (its entries' codes and their record of the settings), not refused, and serves."""
+    store, root = _filled_store(engine)
+    store.save(tmp_path)
+    other = ReuseEngine(model, FakeTokenizer(), ReuseConfig(lsh_seed=5, lsh_bits=64))
+    loaded = KVStore.load(tmp_path, other)
+    assert _signature(loaded) != _signature(store)  # the codes changed, nothing else
+    assert sorted(s[:5] for s in _signature(loaded)) == sorted(s[:5] for s in _signature(store))
+    for e in loaded.entries():
+        assert e.entry.codes_lsh == other.codes_lsh and e.entry.codes.shape == (e.prompt_tokens, 1)
+        assert torch.equal(e.entry.codes, other.token_codes(other.embed(e.entry.token_ids)).cpu())
+    assert loaded.verify() == []
+    out = loaded.generate(replace(root, 50, 3), tenant="alice", max_new_tokens=NEW)
+    assert out.stats["hit"] and out.stats["mode"] == "reuse"
+    # Saved by it, the store records its settings and loads back into the first engine the same way.
+    loaded.save(tmp_path / "again")
+    assert _index(tmp_path / "again")["engine_lsh"] == {"lsh_bits": 64, "lsh_seed": 5, "embedding_rope_base": 10000.0}
+    back = KVStore.load(tmp_path / "again", engine)
+    assert {e.entry.codes_lsh for e in back.entries()} == {engine.codes_lsh}
