@@ -7,8 +7,10 @@ its `depth`: the number of reuse hops its K/V went through since a full prefill.
 hop (tokens not recomputed keep K/V computed in another context), so a hop counts unless it was a pure extension:
 the base is a prefix of the request and nothing past that prefix was matched, in which case the reused K/V are
 causal-prefix K/V, the same a full prefill computes (a growing chat history stays at the depth of its first turn;
-`depth_after`). The store's `max_depth` bounds the depth of every stored entry: a base is not used when serving from
-it would exceed it (with max_depth=0 the store only ever does full prefills and exact K/V are all it keeps).
+`depth_after`). The store's `max_depth` bounds the depth of every entry it stores: a base is not used when serving from
+it would exceed it (with max_depth=0 the store serves only pure extensions of stored prompts, as a prefix cache
+does, and keeps only exact K/V). Entries loaded from a save made under a larger bound keep their depth; they are not
+used as bases past it.
 
 Long chains are merged: when an entry is evicted or removed, its children are re-parented to its parent, with the
 edit script recomputed directly between the two token sequences; depth is a property of the K/V (their drift), so
