@@ -49,11 +49,10 @@ file), so that no malformed store is served from, and none fails later with a Ke
 - each entry's tensors hash to the checksum in the index, taken at save over the very tensors written: flipped bits
   are refused, not served. `KVStore.load(..., verify=False)` skips only the tensors' hashing (a large store loads
   faster; `KVStore.verify()` then finds a damaged entry by the same saved checksums); the index's is always
-  checked;
+  checked. Checksums find corruption; they do not authenticate. Whoever can write the directory can make the store
+  serve any K/V, with checksums to match: keep it as trusted as the model weights;
 - an entry's parent lies in its namespace (the same tenant's private entries, or the shared ones): an entry's K/V
-  carry its base's context, so a shared entry served from a private one would publish that tenant's prompt. Checksums find corruption; they do
-  not authenticate. Whoever can write the directory can make the store serve any K/V, with checksums to match:
-  keep it as trusted as the model weights.
+  carry its base's context, so a shared entry served from a private one would publish that tenant's prompt.
 Token codes saved under other LSH settings (bits, seed, rope base) are recomputed by the store, not refused: they
 are a function of the token ids and the engine.
 

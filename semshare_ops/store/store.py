@@ -24,9 +24,10 @@ Tenants. A stored entry lives in one namespace: its tenant's, or the shared name
 `shared=True`. A request sees only the namespace its own entry goes into: its tenant's, or with `shared=True` the
 shared one, not its tenant's private entries as well. An entry's K/V carry its base's context (the rows kept from
 the base were computed after the base's text), so a shared entry served from a private one would hand that prompt to
-every tenant; a namespace is a tree of its own. Cross-tenant reuse is off by default on purpose: whether a prompt is served from a cache is visible in its latency, so a shared cache
-tells one tenant what others have asked (a known timing side channel; vLLM's `cache_salt` exists for the same
-reason). Opt in per request only for data that is not secret.
+every tenant; a namespace is a tree of its own. Cross-tenant reuse is off by default on purpose: whether a prompt is
+served from a cache is visible in its latency, so a shared cache tells one tenant what others have asked (a known
+timing side channel; vLLM's `cache_salt` exists for the same reason). Opt in per request only for data that is not
+secret.
 
 Threads. `generate` may be called from many threads. The store's index (the tree and its nodes, the tiers, the
 retrieval index, the counters) is guarded by one lock held for short sections only (retrieval, insertion, eviction);
