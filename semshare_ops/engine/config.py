@@ -10,7 +10,7 @@ SELECTIONS = ("deviation", "attention", "blend", "lookahead")
 BUDGETS = ("fixed", "adaptive")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReuseConfig:
     """Knobs of the reuse path. Defaults are our own choices where the papers leave them open (docs/design.md).
 

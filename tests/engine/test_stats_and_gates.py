@@ -2,6 +2,7 @@
 
 On small randomly initialised Llama and Qwen2 models (fixtures in conftest.py)."""
 
+import dataclasses
 import time
 
 import numpy as np
@@ -326,3 +327,13 @@ def test_a_huge_boundary_costs_no_more_than_the_prompt(model, tokenizer, referen
     every = engine_for(model, tokenizer, recompute_boundary=len(target)).generate(target, reference=ref_entry,
                                                                                  max_new_tokens=2)
     assert out.token_ids == every.token_ids and out.stats["recomputed_tokens"] == every.stats["recomputed_tokens"]
+
+
+def test_a_config_stays_as_checked():
+    """Checked when made, and frozen: a field set afterwards (5.0 as a ratio) would skip every check."""
+    cfg = ReuseConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.recompute_ratio = 5.0
+    assert cfg.recompute_ratio == 0.2
+    with pytest.raises(ValueError, match="recompute_ratio"):
+        dataclasses.replace(cfg, recompute_ratio=5.0)
