@@ -269,11 +269,10 @@ class KVStore:
             self._enforce_budgets()
         except BaseException:
             # The budgets could not be applied (a copy to the CPU tier failed): this call stores nothing. What other
-            # entries moved before the failure stays as it went (each move is whole).
-            if node.tier is not None:
-                self._tiers.remove(node)
+            # entries moved before the failure stays as it went (each move is whole); the new node, unless the
+            # budgets dropped it already, leaves as `remove` takes an entry out.
             if node.id in self._tree:
-                self._forget(node)
+                self._drop(node)
             raise
         return entry_id
 
@@ -282,6 +281,11 @@ class KVStore:
         self._tree.add(node)
         self._tiers.add(node)
         self._index.add(node)
+
+    def _drop(self, node: Node) -> None:
+        """Take a stored node out of its tier, the tree (merging its chain) and the retrieval index."""
+        self._tiers.remove(node)
+        self._forget(node)
 
     def _forget(self, node: Node) -> None:
         """Take a node that left the tiers out of the tree (merging its chain) and the retrieval index."""
@@ -341,9 +345,7 @@ class KVStore:
         """Drop an entry; its children are re-parented to its parent (edit scripts recomputed)."""
         check_entry_id(entry_id)
         with self._lock:
-            node = self._tree.node(entry_id)
-            self._tiers.remove(node)
-            self._forget(node)
+            self._drop(self._tree.node(entry_id))
 
     def chain(self, entry_id: str) -> List[str]:
         """Ids on the tree path root -> `entry_id`."""
