@@ -10,10 +10,18 @@ OFF = {"reuse": False, "save": False}  # vLLM's own prefill, nothing kept as a d
 def serve(llm, ids, salt, options=None, n=NEW):
     """Serve prompt token ids under `cache_salt` salt with greedy decoding; the output gains `stats` (the
     connector's kv_transfer_params["semshare"]), `tokens` and `logprobs` (of the chosen tokens)."""
-    params = SamplingParams(temperature=0, max_tokens=n, logprobs=0,
-                            extra_args={"kv_transfer_params": {"semshare": options or {}}})
-    out = llm.generate([{"prompt_token_ids": list(ids), "cache_salt": salt}], params, use_tqdm=False)[0]
-    out.stats = (out.kv_transfer_params or {})["semshare"]
-    out.tokens = list(out.outputs[0].token_ids)
-    out.logprobs = [d[t].logprob for d, t in zip(out.outputs[0].logprobs, out.tokens)]
-    return out
+    return serve_together(llm, [(ids, salt, options)], n)[0]
+
+
+def serve_together(llm, requests, n=NEW):
+    """`serve` for several (ids, salt, options) requests in one `generate` call: admitted in the same step."""
+    params = [SamplingParams(temperature=0, max_tokens=n, logprobs=0,
+                             extra_args={"kv_transfer_params": {"semshare": options or {}}})
+              for _, _, options in requests]
+    outs = llm.generate([{"prompt_token_ids": list(ids), "cache_salt": salt} for ids, salt, _ in requests], params,
+                        use_tqdm=False)
+    for out in outs:
+        out.stats = (out.kv_transfer_params or {})["semshare"]
+        out.tokens = list(out.outputs[0].token_ids)
+        out.logprobs = [d[t].logprob for d, t in zip(out.outputs[0].logprobs, out.tokens)]
+    return outs

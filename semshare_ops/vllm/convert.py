@@ -23,16 +23,18 @@ DONE = ".semshare-converted"  # written last: a directory without it is an inter
 def convert_gguf(out: str | os.PathLike, gguf: str | os.PathLike | None = None,
                  dtype: torch.dtype = torch.float32) -> Path:
     """Write the model of `gguf` (None: the embedded SmolLM2) to `out` as safetensors, config and tokenizer files.
-    Does nothing when `out` already holds a finished conversion. Returns `out`."""
+    Does nothing when `out` already holds a finished conversion of the same file in the same dtype; a conversion of
+    another file or dtype there raises FileExistsError. Returns `out`."""
+    from ..engine.models import default_gguf_path
+
     out = Path(out)
+    file = Path(gguf) if gguf is not None else default_gguf_path()
     if (out / DONE).is_file():
+        _check_done(out, file, dtype)
         return out
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..engine.models import default_gguf_path
-
-    file = Path(gguf) if gguf is not None else default_gguf_path()
     if not file.is_file():
         raise FileNotFoundError(f"gguf: no such file: {file}")
     tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True)
@@ -50,8 +52,20 @@ def convert_gguf(out: str | os.PathLike, gguf: str | os.PathLike | None = None,
     config = json.loads((out / "config.json").read_text())
     config.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / DONE).write_text(f"{file}\n")
+    (out / DONE).write_text(f"{file.resolve()}\n")
     return out
+
+
+def _check_done(out: Path, file: Path, dtype: torch.dtype) -> None:
+    """A finished conversion in `out` is taken only if it is the one asked for: the marker names its GGUF file, and
+    its config.json its dtype (what save_pretrained recorded)."""
+    held = Path((out / DONE).read_text().strip())
+    config = json.loads((out / "config.json").read_text())
+    held_dtype = config.get("dtype", config.get("torch_dtype"))
+    want_dtype = str(dtype).removeprefix("torch.")
+    if held.resolve() != file.resolve() or held_dtype != want_dtype:
+        raise FileExistsError(f"out: {out} already holds a conversion of {held} in {held_dtype}, not of {file} in "
+                              f"{want_dtype}; give another directory, or remove it to convert again")
 
 
 def main(argv=None) -> None:

@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional, Set
 
 import torch
 
@@ -49,6 +49,8 @@ class LoadPlan:
     config: object  # ReuseConfig
     exact: int  # positions [start, exact) are the donor's exact K/V (a common prefix): loaded, never recomputed
     fail_load: bool = False
+    # Set when the step is built: why the worker must not load (it reports the load as failed, vLLM recomputes).
+    refusal: Optional[str] = None
     block_ids: Optional[torch.Tensor] = None  # int64, the request's block table (set when the step is built)
     # The alignment the donor was chosen by: the worker takes it as it is for matching "edit" (aligning the same
     # two prompts again there would double the largest overhead of a load), and starts LSH from it otherwise.
@@ -88,6 +90,7 @@ class SchedulerSide:
         self.finished: Dict[str, RequestState] = {}  # finished, their load report not yet in
         self.pending_saves: Dict[str, tuple] = {}  # donor id -> (DonorInfo, stats of the request saved)
         self.manager = None
+        self.block_size = vllm_config.cache_config.block_size  # the block tables' unit, as the worker reads them
         self.disabled: Optional[str] = None
         try:
             check_architecture(getattr(vllm_config.model_config, "architectures", None))
@@ -106,9 +109,17 @@ class SchedulerSide:
         if state is None:
             state = self._new_state(request)
         elif state.allocated or request.num_preemptions > 0:
-            # Preempted and now resumed: vLLM recomputes what it freed; the connector does not load twice.
-            if state.stats["mode"] == "reuse":
-                state.stats.update(mode="fallback", reason="preempted after the load; vLLM recomputed the prompt")
+            # Preempted and now resumed; the connector does not load twice. vLLM resumes from what its prefix cache
+            # still holds under the request's hashes, and past the plan's start those are the salted hashes of the
+            # loaded (approximate) blocks: a hit beyond it resumes from them, and the request stays a reuse (saved
+            # as one, never as an exact donor). Only a hit that ends before them recomputes the prompt in full.
+            plan, stats = state.plan, state.stats
+            if stats["mode"] == "reuse" and plan is not None and prefix_hit > plan.start:
+                stats.update(reason=f"preempted after the load; resumed from {prefix_hit} cached tokens, of which "
+                                    f"[{plan.start}, {min(prefix_hit, plan.stop)}) are the loaded ones",
+                             resumed_tokens=prefix_hit)
+            elif stats["mode"] == "reuse":
+                stats.update(mode="fallback", reason="preempted after the load; vLLM recomputed the prompt")
             self._untaint(request, state)
             return 0, False
         if state.plan is not None and state.plan.start == prefix_hit:  # asked again: the last step could not admit it
@@ -124,7 +135,10 @@ class SchedulerSide:
                  "check_deviation": None, "saved": False}
         options = None
         try:
-            options = parse_request((request.kv_transfer_params or {}).get("semshare"), self.options)
+            params = request.kv_transfer_params
+            if params is not None and not isinstance(params, Mapping):  # never the engine core's crash
+                raise TypeError(f"kv_transfer_params: expected a dict, got {type(params).__name__}")
+            options = parse_request((params or {}).get("semshare"), self.options)
         except (TypeError, ValueError) as err:
             stats.update(mode="fallback", reason=f"bad request options: {err}")
         state = RequestState(request.request_id, request.cache_salt, ids, options, stats)
@@ -241,6 +255,7 @@ class SchedulerSide:
                 state.plan.block_ids = torch.tensor(blocks[req_id], dtype=torch.long)
                 loads.append(state.plan)
                 state.load_sent = state.awaiting_report = True
+        self._refuse_unwritten_prefixes(loads, scheduler_output, computed)
         for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
             state = self.requests.get(req_id)
             if state is None or state.options is None or not state.options.save or req_id not in computed:
@@ -259,6 +274,30 @@ class SchedulerSide:
             self.pending_saves[req_id] = (info, state.stats)
         return loads, saves
 
+    def _refuse_unwritten_prefixes(self, loads: List[LoadPlan], scheduler_output, computed: Dict[str, int]) -> None:
+        """A load whose prefix-cache hit [0, p) lies in blocks another request computes in this same step fails.
+
+        vLLM caches a block's hash when it allocates the block, so a request admitted in the step that computes a
+        prefix can hit it. vLLM's own prefill of that request is right (each layer writes every request's K/V before
+        its attention reads them), but the worker recomputes the loaded rows before the step's forward, when those
+        blocks are not written yet. Such a load is reported as failed; vLLM recomputes [p, T) in the next step, by
+        which time the prefix exists."""
+        pending = [plan for plan in loads if plan.start > 0]
+        if not pending:
+            return
+        bs = self.block_size
+        written: Dict[str, Set[int]] = {}
+        for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
+            if req_id in computed and scheduled > 0:
+                first, end = computed[req_id], computed[req_id] + scheduled
+                table = self.manager.get_block_ids(req_id)[0]
+                written[req_id] = set(table[first // bs: (end - 1) // bs + 1])
+        for plan in pending:
+            prefix = set(plan.block_ids[: -(-plan.start // bs)].tolist())
+            if any(prefix & blocks for req_id, blocks in written.items() if req_id != plan.req_id):
+                plan.refusal = (f"its {plan.start}-token prefix-cache hit is computed by another request in this same "
+                                f"step; vLLM computed the prompt")
+
     def apply_report(self, report: Optional[Dict]) -> None:
         if not report:
             return
@@ -269,6 +308,8 @@ class SchedulerSide:
             if info is not None:
                 self.index.add(info)
                 stats["saved"] = True
+        for donor_id in report.get("unsaved", []):  # the worker skipped it (a failed load, too large, an error)
+            self.pending_saves.pop(donor_id, None)
         for donor_id in report.get("evicted", []):
             self.index.remove(donor_id)
         for req_id, result in report.get("loads", {}).items():

@@ -94,6 +94,8 @@ class WorkerSide:
                     raise LoadFailed(self.disabled)
                 if plan.fail_load:
                     raise LoadFailed("load failed on purpose (fail_load_for_testing)")
+                if plan.refusal:
+                    raise LoadFailed(plan.refusal)
                 with torch.inference_mode():
                     result = self._load(plan)
                 result["load_ms"] = (time.perf_counter() - start) * 1e3
@@ -110,7 +112,9 @@ class WorkerSide:
     def wait_for_save(self, meta) -> None:
         for save in meta.saves:
             if save.req_id in self.failed_requests or self.model is None:
-                continue  # its cache holds a failed load's leftovers this step; vLLM recomputes it first
+                # Its cache holds a failed load's leftovers this step; vLLM recomputes it first.
+                self.report["unsaved"].append(save.donor_id)
+                continue
             try:
                 with torch.inference_mode():
                     keys, values = self.model.read_all(save.block_ids, 0, len(save.token_ids))
@@ -121,9 +125,12 @@ class WorkerSide:
                 stored, evicted = self.store.put(donor)
                 if stored:
                     self.report["saved"][save.donor_id] = donor.nbytes
+                else:
+                    self.report["unsaved"].append(save.donor_id)
                 self.report["evicted"].extend(evicted)
             except Exception as err:  # a donor less, nothing worse
                 logger.warning("semshare connector: saving %s failed: %s: %s", save.req_id, type(err).__name__, err)
+                self.report["unsaved"].append(save.donor_id)
 
     def take_report(self) -> Optional[Dict]:
         report, self.report = self.report, _empty_report()
@@ -239,4 +246,4 @@ class WorkerSide:
 
 
 def _empty_report() -> Dict:
-    return {"loads": {}, "saved": {}, "evicted": []}
+    return {"loads": {}, "saved": {}, "evicted": [], "unsaved": []}

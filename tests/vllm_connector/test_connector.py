@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from vllm_testutils import LOGPROB_ATOL, OFF, serve  # noqa: E402
+from vllm_testutils import LOGPROB_ATOL, OFF, serve, serve_together  # noqa: E402
 
 from semshare_ops.vllm.model import Unsupported, check_architecture  # noqa: E402
 
@@ -138,6 +138,81 @@ def test_the_kv_only_pass_writes_what_the_whole_layer_writes(llm):
 
     (found,) = llm.collective_rpc(in_worker)
     assert found == [{"keys_equal": True, "values_equal": True, "written": True, "inputs_kept": True}] * 2, found
+
+
+SMALL_ENGINE = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from vllm_testutils import OFF, serve, serve_together
+if __name__ == "__main__":
+    from vllm import LLM
+    import semshare_ops.vllm as ssv
+    from semshare_ops.bench.e2e import edit_tokens, text_prompt
+    # 24 blocks of 32 tokens: one request of 300 + 260 tokens fits, two do not, so the second is preempted.
+    llm = LLM({model!r}, dtype="float32", enforce_eager=True, max_model_len=704, seed=0, block_size=32,
+              num_gpu_blocks_override=24, max_num_seqs=2, **ssv.engine_args())
+    ids = text_prompt(llm.get_tokenizer(), 900)
+    ratio_1 = {{"save": False, "recompute_ratio": 1.0, "min_similarity": 0.0}}
+    diff = lambda a, b: (a.tokens == b.tokens, max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)))
+    result = {{}}
+
+    # Same step: A computes the prefix B's prefix-cache hit lies in.
+    shared, own, head, tail = ids[0:128], ids[128:228], ids[300:400], ids[400:600]
+    serve(llm, head + tail, "same-step")  # B's donor
+    target = shared + edit_tokens(tail, 0.1, seed=7)
+    _, b = serve_together(llm, [(shared + own, "same-step", OFF), (target, "same-step", ratio_1)])
+    result["same_step"] = {{"stats": b.stats, "full": diff(b, serve(llm, target, "same-step-full", OFF))}}
+
+    # Preempted after its load.
+    donor, other = ids[:300], ids[600:900]
+    target = edit_tokens(donor, 0.1, seed=7)
+    serve(llm, donor, "s")
+    full = serve(llm, target, "full", OFF)
+    _, first = serve_together(llm, [(other, "other", OFF), (target, "s", None)], n=260)
+    again = serve(llm, target, "s", ratio_1)
+    result["preempted"] = {{"first": first.stats, "again": again.stats, "full": diff(again, full)}}
+    print("RESULT " + json.dumps(result))
+"""
+
+
+@pytest.fixture(scope="module")
+def small_engine(model_dir, tmp_path_factory):
+    """Scheduling cases of an engine of its own, in one process (VLLM_ENABLE_V1_MULTIPROCESSING=0: requests given
+    to one `generate` call are all queued before its first step, which the engine-core process does not promise)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path_factory.mktemp("small_engine") / "run.py"
+    path.write_text(SMALL_ENGINE.format(tests=str(Path(__file__).parents[1]), model=model_dir))
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_a_prefix_computed_in_the_same_step_is_vllms_own_prefill(small_engine):
+    """B's prefix-cache hit lies in blocks A computes in the same step. vLLM's own prefill of B would be right, but
+    the connector recomputes B's loaded rows before the step's forward writes A's blocks: it must not load."""
+    case = small_engine["same_step"]
+    assert case["stats"]["prefix_hit_tokens"] > 0, case  # the case under test: a hit on A's blocks
+    assert case["stats"]["mode"] == "fallback" and "same step" in case["stats"]["reason"], case
+    same, diff = case["full"]
+    assert same and diff < LOGPROB_ATOL, case
+
+
+def test_a_request_preempted_after_its_load_is_never_an_exact_donor(small_engine):
+    """Preempted after its load, a reuse request resumes from its own approximate blocks (vLLM still holds them
+    under their salted hashes): saved as a reuse, never as an exact donor, so that a later request at ratio 1.0
+    that takes it as donor recomputes past the common prefix and is vLLM's own prefill."""
+    case = small_engine["preempted"]
+    assert "preempted" in case["first"]["reason"], case  # the case under test happened
+    assert case["again"]["mode"] == "reuse" and case["again"]["donor_id"] is not None, case
+    same, diff = case["full"]
+    assert same and diff < LOGPROB_ATOL, case
 
 
 def test_unsupported_architectures_are_named():

@@ -1,0 +1,123 @@
+"""The connector's scheduler-side bookkeeping (semshare_ops.vllm.scheduler) against stand-ins of vLLM's request,
+KV-cache manager and scheduler output: what it plans for a request admitted beside the one that computes its prefix,
+for a request resumed after preemption, for options that are not a dict, and for saves the worker skips. No vLLM
+needed: these run in `make test` too; test_connector.py serves the same cases through a real engine."""
+from types import SimpleNamespace
+
+import torch
+
+from semshare_ops.vllm.donors import DonorInfo
+from semshare_ops.vllm.options import ConnectorOptions
+from semshare_ops.vllm.scheduler import SavePlan, SchedulerSide
+from semshare_ops.vllm.worker import WorkerSide
+
+BS = 4  # block size
+LAYERS = 3
+
+
+def _side():
+    config = SimpleNamespace(
+        model_config=SimpleNamespace(get_num_layers=lambda parallel: LAYERS, architectures=["LlamaForCausalLM"]),
+        parallel_config=None, cache_config=SimpleNamespace(block_size=BS))
+    side = SchedulerSide(config, ConnectorOptions())
+    side.tables = {}  # req_id -> its block table, as the manager keeps it
+    side.bind(SimpleNamespace(block_pool=SimpleNamespace(hash_block_size=BS),
+                              get_block_ids=lambda req_id: [side.tables[req_id]]))
+    return side
+
+
+def _request(req_id, ids, params=None):
+    blocks = [bytes([i]) * 8 for i in range(len(ids) // BS)]
+    return SimpleNamespace(request_id=req_id, prompt_token_ids=list(ids), kv_transfer_params=params, cache_salt="s",
+                           num_preemptions=0, block_hashes=blocks, _block_hasher=lambda req: [])
+
+
+def _output(new=(), cached=()):
+    """A SchedulerOutput of new requests (req_id, num_computed, num_scheduled, table) and cached ones (the same)."""
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=r, num_computed_tokens=c, block_ids=[t]) for r, c, _, t in new],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[r for r, *_ in cached],
+                                              num_computed_tokens=[c for _, c, *_ in cached]),
+        num_scheduled_tokens={r: n for r, _, n, _ in list(new) + list(cached)})
+
+
+DONOR = list(range(100, 140))  # 40 tokens
+TARGET = DONOR[:20] + [7, 8] + DONOR[22:]  # an edit at 20-21
+
+
+def _admit(side, prefix_hit, table):
+    """A reuse request of TARGET whose vLLM prefix hit is `prefix_hit` tokens, admitted with block table `table`."""
+    side.index.add(DonorInfo("donor", "s", DONOR, depth=0, exact_prefix=len(DONOR)))
+    request = _request("b", TARGET)
+    claimed, _ = side.get_num_new_matched_tokens(request, prefix_hit)
+    assert claimed == len(TARGET) - 1 - prefix_hit
+    side.update_state_after_alloc(request, claimed)
+    side.tables["b"] = table
+    return request
+
+
+def test_a_prefix_computed_by_another_request_in_the_same_step_is_not_loaded_on():
+    side = _side()
+    table_b = [0, 1, 2] + list(range(20, 27))  # blocks 0-2 hold the 12-token prefix hit
+    _admit(side, 12, table_b)
+    side.tables["a"] = [0, 1, 2, 3, 4]  # request A computes the shared prefix (blocks 0-2) in this very step
+    loads, _ = side.build_step(_output(new=[("a", 0, 20, side.tables["a"]), ("b", 39, 1, table_b)]))
+    assert len(loads) == 1 and "same step" in loads[0].refusal, loads[0].refusal
+    # Reported back as a failed load: the request's stats say why, and vLLM recomputes it.
+    side.apply_report({"loads": {"b": {"error": loads[0].refusal}}})
+    assert side.requests["b"].stats["mode"] == "fallback" and "same step" in side.requests["b"].stats["reason"]
+
+
+def test_a_prefix_computed_in_an_earlier_step_is_loaded_on():
+    side = _side()
+    table_b = [0, 1, 2] + list(range(20, 27))
+    _admit(side, 12, table_b)
+    side.tables["a"] = [0, 1, 2, 3, 4]
+    # A computed blocks 0-2 before; this step it writes only its blocks 3-4 (tokens 12-19).
+    loads, _ = side.build_step(_output(new=[("b", 39, 1, table_b)], cached=[("a", 12, 8, None)]))
+    assert len(loads) == 1 and loads[0].refusal is None
+
+
+def _preempted(side, prefix_hit_on_resume):
+    table = list(range(10))
+    request = _admit(side, 0, table)
+    side.build_step(_output(new=[("b", 39, 1, table)]))  # the load step; the prompt completes: a save is planned
+    side.apply_report({"loads": {"b": {"recomputed": [39, 10, 10], "matched_tokens": 38, "covered_tokens": 38,
+                                       "load_ms": 1.0, "assemble_ms": 1.0, "recompute_ms": 1.0, "match_ms": 1.0,
+                                       "runs": [], "check_deviation": None}},
+                       "saved": {"b": 1}})
+    request.num_preemptions = 1
+    assert side.get_num_new_matched_tokens(request, prefix_hit_on_resume) == (0, False)
+    side.tables["b"] = table
+    side.build_step(_output(new=[("b", prefix_hit_on_resume, len(TARGET) - prefix_hit_on_resume, table)]))
+    return side.requests["b"].stats, side.pending_saves["b"][0]
+
+
+def test_a_request_resumed_from_its_loaded_blocks_stays_a_reuse_and_is_no_exact_donor():
+    stats, info = _preempted(_side(), 24)  # vLLM still holds the salted (approximate) blocks 0-5
+    assert stats["mode"] == "reuse" and "resumed from 24" in stats["reason"], stats
+    assert info.depth == 1 and info.exact_prefix == 20  # the common prefix of the edit, not the whole prompt
+
+
+def test_a_request_preempted_and_recomputed_is_an_exact_donor():
+    stats, info = _preempted(_side(), 0)  # vLLM freed and evicted every loaded block: it computes the prompt
+    assert stats["mode"] == "fallback" and "recomputed the prompt" in stats["reason"], stats
+    assert info.depth == 0 and info.exact_prefix == len(TARGET)
+
+
+def test_transfer_params_that_are_not_a_dict_are_a_fallback_not_a_crash():
+    side = _side()
+    for params in (["semshare"], "semshare", 3):
+        request = _request(f"r{params!r}", TARGET, params)
+        assert side.get_num_new_matched_tokens(request, 0) == (0, False)
+        stats = side.requests[request.request_id].stats
+        assert stats["mode"] == "fallback" and "kv_transfer_params" in stats["reason"], stats
+
+
+def test_a_save_the_worker_skips_is_forgotten():
+    side = _side()
+    side.pending_saves["r"] = (DonorInfo("r", "s", TARGET, depth=0), {"saved": False})
+    worker = WorkerSide(SimpleNamespace(), ConnectorOptions())  # no model registered: it cannot save
+    worker.wait_for_save(SimpleNamespace(saves=[SavePlan("r", "r", torch.tensor(TARGET), torch.arange(10))]))
+    side.apply_report(worker.take_report())
+    assert side.pending_saves == {} and "r" not in side.index
