@@ -1,5 +1,6 @@
 """The timing loops every benchmark uses: median microseconds of a call, calls timed in turn, and statistics of
-requests that report their own time to first token."""
+requests that report their own time to first token. Every CUDA call names the device timed: the current CUDA device
+may be another one (cuda:0 while cuda:1 is timed)."""
 from __future__ import annotations
 
 import statistics
@@ -11,7 +12,7 @@ import torch
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def median_us(fn: Callable[[], object], device: str, warmup: int = 2, repeat: int = 7,
@@ -25,13 +26,14 @@ def median_us(fn: Callable[[], object], device: str, warmup: int = 2, repeat: in
     if cuda:
         repeat = max(repeat, 15)
         start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        stream = torch.cuda.current_stream(device)  # the stream fn's kernels on `device` run on
     times: List[float] = []
     start_all = time.perf_counter()
     for _ in range(repeat):
         if cuda:
-            start_ev.record()
+            start_ev.record(stream)
             fn()
-            end_ev.record()
+            end_ev.record(stream)
             end_ev.synchronize()
             times.append(start_ev.elapsed_time(end_ev) / 1e3)
         else:
@@ -67,12 +69,12 @@ def ttft_stats(request: Callable[[], float], repeat: int, device: str) -> Dict:
     ttfts, peak = [], None
     for _ in range(repeat):
         if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
         ttfts.append(request())
         if cuda:
-            peak = torch.cuda.max_memory_allocated() - before
+            peak = torch.cuda.max_memory_allocated(device) - before
     return {"mean_ttft_ms": statistics.fmean(ttfts), "median_ttft_ms": statistics.median(ttfts),
             "p99_ttft_ms": percentile(ttfts, 99), "std_ttft_ms": statistics.pstdev(ttfts), "runs": len(ttfts),
             "peak_memory_bytes": peak}

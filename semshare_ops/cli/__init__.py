@@ -2,7 +2,7 @@
 `add_parser(sub)`, `run(args) -> dict` and `show(result)`.
 
 Every command takes --json and then prints one JSON object on stdout. Bad input exits with code 2 and one line
-on stderr naming the problem.
+on stderr naming the problem. `bench` and `eval` also write their result to --out (here, after printing it).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 from typing import List, Optional
 
 from . import bench, demo, eval as eval_command, run as run_command
-from .common import Parser, UsageError
+from .common import Parser, UsageError, write_json
 
 COMMANDS = {"demo": demo, "run": run_command, "bench": bench, "eval": eval_command}
 
@@ -38,4 +38,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(result))
     else:
         command.show(result)
+    # --out last, after the result is printed: a write that fails then (a full disk) loses nothing.
+    out = getattr(args, "out", None)
+    if out:
+        sys.stdout.flush()
+        try:
+            write_json(out, result)
+        except OSError as e:
+            print(f"semshare: error: --out: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+            return 2
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -88,7 +89,10 @@ def load_engine(args, config=None):
 
     config = config or reuse_config(args.recompute_ratio)
     model, tokenizer = load(args)
-    engine = ReuseEngine(model, tokenizer, config)
+    try:
+        engine = ReuseEngine(model, tokenizer, config)
+    except ValueError as e:  # a model the engine refuses (no rotary positions, ...): one line, not a traceback
+        raise UsageError(f"--model: {e}") from e
     engine.generate("Hello", max_new_tokens=1)  # warm-up: thread pools and first-call costs stay out of TTFT
     return engine
 
@@ -105,27 +109,52 @@ def device_of(args) -> str:
         raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
     if kind == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device: cuda requested but torch sees no GPU")
+    count = torch.cuda.device_count() if kind == "cuda" else 0
+    if kind == "cuda" and (torch.device(device).index or 0) >= count:  # else a traceback at the first CUDA call
+        raise UsageError(f"--device: no {device}: torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
     return device
 
 
-def check_out(path: Optional[str]) -> None:
-    """--out is checked before the work it records: a directory or an unwritable place would lose the result."""
+def check_out(path: Optional[str], **inputs: Optional[str]) -> None:
+    """--out is checked before the work it records: a directory or an unwritable place would lose the result, and an
+    input file (`inputs`: flag name -> path, e.g. pairs=args.pairs) would be overwritten by it."""
     if path is None:
         return
-    p = Path(path)
+    p = Path(path).resolve()  # write_json writes through a link to its target: the checks look at the target too
     if p.is_dir():
         raise UsageError(f"--out: {path} is a directory; give a file name")
-    parent = p.parent if str(p.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise UsageError(f"--out: {parent} is not a directory")
-    if parent.is_dir() and not os.access(parent, os.W_OK):
-        raise UsageError(f"--out: cannot write into {parent}")
+    for flag, other in inputs.items():  # the same file under two names too: a link, a hard link, `./x`
+        if other is not None and (p == Path(other).resolve()
+                                  or p.exists() and Path(other).exists() and os.path.samefile(p, other)):
+            raise UsageError(f"--out: {path} is the --{flag.replace('_', '-')} file; the result would overwrite it")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise UsageError(f"--out: cannot write {path}")
+    # write_json makes the missing folders: the nearest one that exists must be a folder it can write into.
+    ancestor = p.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"--out: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK):
+        raise UsageError(f"--out: cannot write into {ancestor}")
 
 
 def write_json(path: Optional[str], result: Dict) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    """`result` to `path`, indented. Through a temporary file in the same folder and a rename: a write that fails
+    part-way (a full disk) leaves an earlier result at `path` whole, not half overwritten."""
+    if not path:
+        return
+    p = Path(path).resolve()  # a link is written through to its target, as a plain write would, not replaced
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the write's own error is the one to report
+            tmp.unlink()
+        raise
 
 
 def side(out) -> Dict:

@@ -4,15 +4,17 @@ from __future__ import annotations
 import importlib.util
 from typing import Dict
 
-from .common import UsageError, check_out, load_engine, model_args, reuse_config, write_json
+from .common import UsageError, check_out, load_engine, model_args, reuse_config
+
+SETS = ("near_duplicate", "controlled_edit")  # eval.pairs.SETS, without importing it
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="output quality of reuse vs full prefill on real similar-prompt pairs")
     p.add_argument("--pairs", default=None, help='JSON lines {"reference": str, "target": str} (default: the '
                    "built-in ShareGPT near-duplicates and controlled edits)")
-    p.add_argument("--sets", nargs="+", choices=["near_duplicate", "controlled_edit"],
-                   default=["near_duplicate", "controlled_edit"], help="built-in sets to use")
+    p.add_argument("--sets", nargs="+", choices=SETS, default=None,
+                   help="built-in sets to use (default: both; not with --pairs)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N pairs")
     p.add_argument("--no-chat-template", action="store_true", help="tokenize prompts as given")
     p.add_argument("--no-baselines", action="store_true", help="skip the noise floor and the GPTCache baseline")
@@ -21,7 +23,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> Dict:
-    check_out(args.out)
+    if args.pairs is not None and args.sets is not None:  # else silently ignored: --pairs replaces the built-in sets
+        raise UsageError("--sets: not with --pairs (--sets picks among the built-in pairs, which --pairs replaces)")
+    if args.pairs is None and args.sets is None:
+        args.sets = list(SETS)
+    check_out(args.out, pairs=args.pairs)
     configs = [reuse_config(r) for r in args.recompute_ratio]
     if importlib.util.find_spec("rouge_score") is None:
         raise UsageError("eval needs the rouge-score package (the eval extra): pip install rouge-score")
@@ -62,9 +68,7 @@ def run(args) -> Dict:
         + (f" (floor {r['rougeL_noise_floor']:.2f})" if 'rougeL_noise_floor' in r else ""), flush=True))
     result = run_eval(engine, pairs, args.recompute_ratio, args.max_new_tokens, chat=not args.no_chat_template,
                       baselines=not args.no_baselines, progress=progress)
-    result = {**environment(str(engine.device)), "model": engine.model.name_or_path, "dtype": args.dtype, **result}
-    write_json(args.out, result)
-    return result
+    return {**environment(str(engine.device)), "model": engine.model.name_or_path, "dtype": args.dtype, **result}
 
 
 def show(result: Dict) -> None:

@@ -48,7 +48,8 @@ def first_token_kl(full_logits, reuse_logits) -> Optional[float]:
         return None
     p = torch.log_softmax(full_logits[0][0].float(), -1)
     q = torch.log_softmax(reuse_logits[0][0].float(), -1)
-    return float(torch.sum(p.exp() * (p - q)))
+    # KL is never negative; a sum of fp32 terms of both signs can come out a few 1e-10 below 0 for equal logits.
+    return max(0.0, float(torch.sum(p.exp() * (p - q))))
 
 
 def _generate(engine: ReuseEngine, prompt: str, reference=None, max_new_tokens: int = 48):

@@ -112,6 +112,8 @@ def load_eval_pairs(path=None, sets: Iterable[str] = SETS, limit: int | None = N
     edits, in file order, at most ``limit`` from each set. Reads ShareGPT only up to the last text needed. A
     ShareGPT file whose texts differ from those the recipes were made from raises RuntimeError.
     """
+    if limit is not None and limit < 1:  # a slice would take all but the last -limit, or nothing at 0
+        raise ValueError(f"limit: expected at least 1, got {limit}")
     sets = (sets,) if isinstance(sets, str) else tuple(sets)
     for name in sets:
         if name not in SETS:
@@ -162,7 +164,8 @@ def load_eval_pairs(path=None, sets: Iterable[str] = SETS, limit: int | None = N
 
 def read_pairs_jsonl(path) -> list[dict]:
     """Pairs from a JSON-lines file (``semshare eval --pairs FILE``): one ``{"reference": str, "target": str}``
-    object a line, other keys kept, blank lines skipped. A bad line raises ValueError naming file and line."""
+    object a line (``set``, ``kind`` and ``id`` strings too if present), other keys kept, blank lines skipped. A bad
+    line raises ValueError naming file and line."""
     pairs = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -182,5 +185,8 @@ def read_pairs_jsonl(path) -> list[dict]:
                     raise ValueError(f"{where}: {key!r} is {type(obj[key]).__name__}, not a string")
                 if not obj[key].strip():
                     raise ValueError(f"{where}: {key!r} is empty")
+            for key in ("set", "kind", "id"):  # eval sorts and groups by them: a number or a list fails after serving
+                if key in obj and not isinstance(obj[key], str):
+                    raise ValueError(f"{where}: {key!r} is {type(obj[key]).__name__}, not a string")
             pairs.append(obj)
     return pairs

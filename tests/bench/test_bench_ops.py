@@ -194,6 +194,30 @@ def test_bench_ops_passes_the_ceilings_it_writes(monkeypatch, tmp_path, capsys):
     assert seen == {"dtype": torch.float32, "ceilings": fake}
 
 
+def test_provenance_records_a_command_that_reruns(monkeypatch):
+    """Under `python -m semshare_ops.cli`, argv[0] is the path of its __main__.py, which does not run as a script
+    (relative imports): the record names the module instead."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from semshare_ops.bench.provenance import environment
+
+    main = types.ModuleType("__main__")
+    main.__spec__ = importlib.machinery.ModuleSpec("semshare_ops.cli.__main__", None)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    monkeypatch.setattr(sys, "argv", ["/site/semshare_ops/cli/__main__.py", "bench", "ops", "--out", "a b.json"])
+    assert environment("cpu")["command"] == "python -m semshare_ops.cli bench ops --out 'a b.json'"
+    # The console script, a script and an explicit command are recorded as before.
+    main.__spec__ = None
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/semshare", "bench", "e2e"])
+    assert environment("cpu")["command"] == "semshare bench e2e"
+    monkeypatch.setattr(sys, "argv", ["tools/run.py", "--x"])
+    assert environment("cpu")["command"] == "python tools/run.py --x"
+    main.__spec__ = importlib.machinery.ModuleSpec("semshare_ops.cli.__main__", None)
+    assert environment("cpu", command=["bench.py", "ops"])["command"] == "python bench.py ops"
+
+
 # ---- benchmarks/plot_results.py------------------------------------------------------------------------------------
 
 def _plot_script():

@@ -43,6 +43,41 @@ def test_percentile():
     assert percentile(list(map(float, range(101))), 99) == pytest.approx(99.0)
 
 
+def test_cuda_timing_and_provenance_name_the_device_given(monkeypatch):
+    """cuda:1 is synchronised, timed, measured and named as cuda:1, not as the current device (cuda:0): every CUDA
+    call names it (torch.cuda stubbed: this runs without a GPU)."""
+    from semshare_ops.bench import provenance, timing
+
+    calls = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self, stream=None):
+            calls.append(("record", stream))
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 0.25
+
+    def named(name, value=None):
+        return lambda device=None: calls.append((name, device)) or value
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+    for name, value in [("synchronize", None), ("reset_peak_memory_stats", None), ("memory_allocated", 1000),
+                        ("max_memory_allocated", 5000), ("get_device_name", "GPU 1")]:
+        monkeypatch.setattr(torch.cuda, name, named(name, value))
+    assert timing.median_us(lambda: None, "cuda:1", warmup=1, repeat=2) == pytest.approx(250.0)
+    stats = timing.ttft_stats(lambda: 12.5, 2, "cuda:1")
+    assert stats["peak_memory_bytes"] == 4000 and stats["median_ttft_ms"] == 12.5
+    assert provenance.environment("cuda:1")["device_name"] == "GPU 1"
+    assert calls and all(arg in ("cuda:1", "stream of cuda:1") for _, arg in calls), calls
+
+
 def test_run_e2e_tiny_model():
     engine = ReuseEngine(build_model("llama", seed=0), FakeTokenizer(), ReuseConfig())
     reference = rand_tokens(300, seed=2)

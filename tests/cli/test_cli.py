@@ -180,3 +180,181 @@ def test_eval_requests_that_do_not_fit_exit_2_before_serving(capsys, monkeypatch
     new = "100000" if case == "many_new_tokens" else "8"
     assert cli.main(["eval", "--pairs", str(pairs), "--max-new-tokens", new, "--no-baselines"]) == 2
     _one_error_line(capsys, "--pairs" if case == "long_pair" else "--max-new-tokens")
+
+
+# ---- --out: checked before the work, written after the printed result ---------------------------------------------
+
+
+def _no_bench_ops(monkeypatch):
+    from semshare_ops.bench import ops as bench_ops
+
+    monkeypatch.setattr(bench_ops, "device_ceilings", lambda *a, **k: pytest.fail("measured before --out was checked"))
+    monkeypatch.setattr(bench_ops, "run_ops", lambda *a, **k: pytest.fail("ran before --out was checked"))
+
+
+RECORD = {"op": "simhash", "model": "smollm2-135m", "tokens": 64, "bits": 256, "us": 12.5, "Gpairs/s": 0.37,
+          "speedup": {"reference": 3.25}}
+
+
+def _quick_bench_ops(monkeypatch):
+    from semshare_ops.bench import ops as bench_ops
+
+    ceilings = {"device": "cpu", "dtype": "float32", "copy_GB/s": 10.0, "matmul_TFLOP/s": 0.1,
+                "matmul_TFLOP/s_by_dtype": {"float32": 0.1}, "matmul_n": {"float32": 2048}}
+    monkeypatch.setattr(bench_ops, "device_ceilings", lambda device, dtype: ceilings)
+    monkeypatch.setattr(bench_ops, "run_ops", lambda *a, **k: [RECORD])
+
+
+def test_out_under_a_file_exits_2_before_the_work(capsys, monkeypatch, tmp_path):
+    _no_bench_ops(monkeypatch)
+    (tmp_path / "afile").write_text("not a folder")
+    out = tmp_path / "afile" / "sub" / "x.json"  # not the parent: an ancestor further up is the file
+    assert cli.main(["bench", "ops", "--dtype", "float32", "--json", "--out", str(out)]) == 2
+    _one_error_line(capsys, "--out")
+    assert (tmp_path / "afile").read_text() == "not a folder"
+
+
+def test_out_file_that_cannot_be_written_exits_2_before_the_work(capsys, monkeypatch, tmp_path):
+    import os
+
+    _no_bench_ops(monkeypatch)
+    out = tmp_path / "ops.json"
+    out.write_text("{}\n")
+    access = os.access  # root may write anything: the unwritable file is os.access's answer
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if str(p) == str(out) else access(p, mode))
+    assert cli.main(["bench", "ops", "--dtype", "float32", "--json", "--out", str(out)]) == 2
+    _one_error_line(capsys, "--out: cannot write")
+
+
+def test_out_write_failure_keeps_the_printed_result_and_the_earlier_file(capsys, monkeypatch, tmp_path):
+    import errno
+    import os
+
+    _quick_bench_ops(monkeypatch)
+    out = tmp_path / "ops.json"
+    out.write_text('{"earlier": "result"}\n')
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    assert cli.main(["bench", "ops", "--dtype", "float32", "--json", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["records"] == [RECORD]  # printed before the write
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"semshare: error: --out: cannot write {out}: ") and "space" in err[0]
+    assert out.read_text() == '{"earlier": "result"}\n' and sorted(tmp_path.iterdir()) == [out]  # no temp left
+
+
+def test_out_is_written_after_the_shown_result(capsys, monkeypatch, tmp_path):
+    _quick_bench_ops(monkeypatch)
+    out = tmp_path / "new" / "dir" / "ops.json"
+    assert cli.main(["bench", "ops", "--dtype", "float32", "--out", str(out)]) == 0
+    assert "simhash" in capsys.readouterr().out
+    written = json.loads(out.read_text())
+    assert written["records"] == [RECORD] and written["dtype"] == "float32"
+    assert sorted(out.parent.iterdir()) == [out]
+
+
+def test_eval_out_that_is_the_pairs_file_exits_2(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded before --out was checked"))
+    pairs = tmp_path / "pairs.jsonl"
+    text = json.dumps({"reference": "a b c", "target": "a b d"}) + "\n"
+    pairs.write_text(text)
+    (tmp_path / "sub").mkdir()
+    same = tmp_path / "sub" / ".." / "pairs.jsonl"  # another spelling of the same file
+    assert cli.main(["eval", "--pairs", str(pairs), "--out", str(same), "--no-baselines"]) == 2
+    _one_error_line(capsys, "--out")
+    assert pairs.read_text() == text
+
+
+# ---- an unsupported --model: one line, exit code 2 ---------------------------------------------------------------
+
+
+def _gpt2():
+    """A tiny GPT-2: learned absolute positions, which the engine refuses."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from engine_testutils import FakeTokenizer
+
+    torch_model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=16, n_layer=1, n_head=2, n_positions=256))
+    return torch_model.eval(), FakeTokenizer()
+
+
+@pytest.mark.parametrize("argv", [["run", "--reference", "REF", "--target", "REF"],
+                                  ["bench", "e2e", "--lengths", "16", "--edit-levels", "0", "--methods", "full",
+                                   "--repeat", "1"]], ids=["run", "bench-e2e"])
+def test_unsupported_model_exits_2_with_one_line(capsys, monkeypatch, tmp_path, argv):
+    from semshare_ops.bench import e2e
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: _gpt2())
+    monkeypatch.setattr(e2e, "text_prompt", lambda tokenizer, n: list(range(2, n + 2)))
+    monkeypatch.setattr(e2e, "run_e2e", lambda *a, **k: pytest.fail("ran on a refused model"))
+    reference = tmp_path / "r.txt"
+    reference.write_text("some text")
+    assert cli.main([str(reference) if a == "REF" else a for a in argv] + ["--json"]) == 2
+    _one_error_line(capsys, "--model: GPT2LMHeadModel")
+
+
+# ---- bench: a flag of the other sub-command is refused, not ignored ----------------------------------------------
+
+
+@pytest.mark.parametrize("what, argv, name", [
+    ("ops", ["--model", "/does/not/exist"], "--model: not an option of bench ops"),
+    ("ops", ["--shape", "llama3-8b"], "--shape: not an option of bench ops"),
+    ("ops", ["--layers", "2"], "--layers: not an option of bench ops"),
+    ("ops", ["--edit-levels", "0.1"], "--edit-levels: not an option of bench ops"),
+    ("ops", ["--methods", "full"], "--methods: not an option of bench ops"),
+    ("ops", ["--repeat", "2"], "--repeat: not an option of bench ops"),
+    ("ops", ["--recompute-ratio", "0.3"], "--recompute-ratio: not an option of bench ops"),
+    ("e2e", ["--models", "llama3-8b"], "--models: not an option of bench e2e"),
+    ("e2e", ["--ratios", "0.5"], "--ratios: not an option of bench e2e"),
+    ("e2e", ["--windows", "4"], "--windows: not an option of bench e2e"),
+    ("e2e", ["--model", "/does/not/exist", "--shape", "smollm2-135m"], "--model"),
+    ("e2e", ["--layers", "1"], "--layers"),
+    ("e2e", ["--layers", "0"], "--layers"),
+])
+def test_bench_flag_of_the_other_sub_command_exits_2(capsys, monkeypatch, what, argv, name):
+    from semshare_ops.bench import shapes
+
+    _no_bench_ops(monkeypatch)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("must not load a model"))
+    monkeypatch.setattr(shapes, "random_model", lambda *a, **k: pytest.fail("must not build a model"))
+    assert cli.main(["bench", what, "--lengths", "64", "--json"] + argv) == 2
+    _one_error_line(capsys, name)
+
+
+def test_bench_e2e_fills_in_its_defaults(capsys, monkeypatch):
+    from semshare_ops.bench import e2e
+
+    from engine_testutils import FakeTokenizer, build_model
+
+    seen = {}
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (build_model("llama", seed=0), FakeTokenizer()))
+    monkeypatch.setattr(e2e, "text_prompt", lambda tokenizer, n: list(range(2, n + 2)))
+    monkeypatch.setattr(e2e, "run_e2e", lambda engine, prompt, *a, **k: seen.update(args=a, **k) or [])
+    assert cli.main(["bench", "e2e", "--lengths", "64", "--json"]) == 0
+    assert seen["args"] == ([64], [0.02, 0.1, 0.3], ["full", "hf", "prefix", "cacheblend", "semshare", "decode"], 3)
+    assert seen["recompute_ratios"] == () and json.loads(capsys.readouterr().out)["dtype"] == "float32"
+
+
+def test_eval_sets_with_pairs_exits_2(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("must not load a model"))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"reference": "a b c", "target": "a b d"}) + "\n")
+    assert cli.main(["eval", "--pairs", str(pairs), "--sets", "controlled_edit"]) == 2
+    _one_error_line(capsys, "--sets")
+
+
+# ---- --device cuda:N ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cuda:1", "cuda:7"])
+def test_bench_missing_cuda_index_exits_2(capsys, monkeypatch, device):
+    import torch
+
+    _no_bench_ops(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, as torch would see it
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.main(["bench", "ops", "--device", device, "--json"]) == 2
+    _one_error_line(capsys, f"--device: no {device}")

@@ -67,6 +67,41 @@ def test_iter_json_array_rejects_bad_json():
         list(sharegpt.iter_json_array(io.BytesIO(b'{"id": 1}')))
 
 
+@pytest.mark.parametrize("text", ['[1, 2, tru]', '[1, 2, {"a": 1,}]', '[1, 2, 3x]', '[{"a": 1}, {"b": 2]',
+                                  '[{"a": [1, 2}]\n'])
+def test_iter_json_array_rejects_a_bad_last_item_of_a_complete_array(text):
+    # The error is near the end of the text, as at a cut; but the text closes the array, so nothing was cut off.
+    with pytest.raises(ValueError, match="bad JSON"):
+        list(sharegpt.iter_json_array(io.StringIO(text)))
+    with pytest.raises(ValueError, match="bad JSON"):
+        list(sharegpt.iter_json_array(io.BytesIO(text.encode()), chunk_size=3))
+
+
+class _ShortReads(io.RawIOBase):
+    """A raw stream that returns at most `size` bytes a read (as a pipe may): reads end inside characters."""
+
+    def __init__(self, data, size):
+        self.data, self.size = io.BytesIO(data), size
+
+    def readable(self):
+        return True
+
+    def read(self, n=-1):
+        return self.data.read(self.size)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_iter_json_array_reads_through_reads_that_end_inside_a_character(size):
+    data, ends = _array_text(ITEMS)
+    assert list(sharegpt.iter_json_array(_ShortReads(data, size))) == ITEMS
+    assert list(sharegpt.iter_json_array(io.BytesIO(data), chunk_size=size)) == ITEMS
+    # A file cut inside a character (the last byte of "😀" missing) ends quietly after the items before it.
+    emoji = data.index("😀".encode())
+    assert list(sharegpt.iter_json_array(_ShortReads(data[:emoji + 3], size))) == []
+    cut = data.index("😀".encode(), ends[1]) + 3
+    assert list(sharegpt.iter_json_array(_ShortReads(data[:cut], size))) == ITEMS[:2]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Controlled edits on a synthetic text
 
@@ -227,6 +262,9 @@ def test_load_eval_pairs_materialises_recipes_and_stops_early(tmp_path, monkeypa
     only = eval_pairs.load_eval_pairs(path, sets=["near_duplicate"])
     assert [p["id"] for p in only] == ["nd-00"] and consumed == ["a_0", "b_0"]
     assert [p["id"] for p in eval_pairs.load_eval_pairs(path, limit=1)] == ["nd-00", "ce-00"]  # limit is per set
+    for limit in (0, -1):  # a slice would give nothing, or all but the last of each set
+        with pytest.raises(ValueError, match=f"limit: expected at least 1, got {limit}"):
+            eval_pairs.load_eval_pairs(path, limit=limit)
     with pytest.raises(ValueError, match="unknown eval set"):
         eval_pairs.load_eval_pairs(path, sets=["paraphrase"])
 
@@ -261,10 +299,9 @@ def test_committed_recipes_have_the_planned_shape():
 
 def test_read_pairs_jsonl_reads_good_lines(tmp_path):
     path = tmp_path / "pairs.jsonl"
-    path.write_text('{"reference": "a b c", "target": "a b d", "note": 1}\n\n   \n'
-                    + json.dumps({"reference": "x\ny", "target": "é"}) + "\n")
-    assert eval_pairs.read_pairs_jsonl(path) == [{"reference": "a b c", "target": "a b d", "note": 1},
-                                         {"reference": "x\ny", "target": "é"}]
+    named = {"reference": "x\ny", "target": "é", "set": "news", "kind": "edit", "id": "n1"}
+    path.write_text('{"reference": "a b c", "target": "a b d", "note": 1}\n\n   \n' + json.dumps(named) + "\n")
+    assert eval_pairs.read_pairs_jsonl(path) == [{"reference": "a b c", "target": "a b d", "note": 1}, named]
 
 
 @pytest.mark.parametrize("line, why", [
@@ -275,6 +312,9 @@ def test_read_pairs_jsonl_reads_good_lines(tmp_path):
     ('{"reference": "a", "target": "  "}', "'target' is empty"),
     ('{"reference": 3, "target": "b"}', "'reference' is int, not a string"),
     ('{"reference": "a", "target": null}', "'target' is NoneType, not a string"),
+    ('{"reference": "a", "target": "b", "set": 1}', "'set' is int, not a string"),
+    ('{"reference": "a", "target": "b", "kind": ["x"]}', "'kind' is list, not a string"),
+    ('{"reference": "a", "target": "b", "id": 7}', "'id' is int, not a string"),
 ])
 def test_read_pairs_jsonl_names_the_bad_line(tmp_path, line, why):
     path = tmp_path / "pairs.jsonl"

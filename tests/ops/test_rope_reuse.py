@@ -647,6 +647,18 @@ def test_bad_args_4d(device, case):
     _check_bad(device, mutate, names, layers=2)
 
 
+@pytest.mark.parametrize("neox", [None, 0, 1, "yes"], ids=["None", "0", "1", "str"])
+def test_neox_must_be_a_bool(device, neox):
+    """The op's `bool neox` takes None (and 0 or 1) without complaint, None as False: the wrapper refuses all but a
+    bool, before the caches are touched."""
+    a = make_case(device, seed=31)
+    k_before, v_before = a["k_dst"].cpu().clone(), a["v_dst"].cpu().clone()
+    with pytest.raises(TypeError, match=f"neox: expected a bool, got {type(neox).__name__}"):
+        call(impl_module("ops"), a, neox)
+    assert_bits_equal(a["k_dst"].cpu(), k_before, "k_dst after a rejected call")
+    assert_bits_equal(a["v_dst"].cpu(), v_before, "v_dst after a rejected call")
+
+
 # Refused by the real kernels only: what index values or addresses decide, which a traced call (the fake kernel)
 # cannot see.
 VALUE_CASES = {"src_idx_out_of_range", "dst_idx_out_of_range", "dst_idx_duplicate", "k_src_is_k_dst",
