@@ -125,6 +125,21 @@ class Architecture:
         return decoder.rotary_emb(hidden, position_ids, t)
 
 
+def declared_windows(cfg, num_layers: int) -> List[Optional[int]]:
+    """The sliding window the config declares for each decoder layer (None: full attention). With `layer_types`, the
+    "sliding_attention" layers; without, every layer when `sliding_window` is set (PhiMoE: its mask windows all).
+
+    The engine applies the window each attention call passes (`hf.visibility`); some families apply theirs only
+    through the attention mask (Qwen2-MoE, PhiMoE), which the engine replaces. The self-check compares the two."""
+    window = getattr(cfg, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return [None] * num_layers
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" else None for t in types[:num_layers]]
+    return [window] * num_layers
+
+
 def _rope_parameters(cfg, layer_type: Optional[str]) -> dict:
     params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if layer_type is not None and isinstance(params.get(layer_type), dict):

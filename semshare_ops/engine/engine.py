@@ -43,7 +43,7 @@ from .. import ops
 from ..ops import oracle
 from . import matching
 from .config import ReuseConfig
-from .architecture import Architecture, RopeGroup, UnsupportedModelError, refusal
+from .architecture import Architecture, RopeGroup, UnsupportedModelError, declared_windows, refusal
 from .hf import KVWritten, SemShareCache, use_semshare_attention
 
 Prompt = Union[str, Sequence[int]]
@@ -489,8 +489,9 @@ class ReuseEngine:
         out of the cache after decoding, so that a store can serve later requests from it. It needs every
         layer to hold every prompt position (no retain_ratio). min_similarity, when given, is this call's gate
         instead of the config's (the store lifts it for an exact common prefix without touching the config that
-        other threads read). Generation is greedy, one sequence (batch size 1); other `generate` keyword
-        arguments go to HF `generate`.
+        other threads read). Generation is greedy, one sequence (batch size 1), over the engine's cache, whatever the
+        model's generation_config says about sampling, beams or its cache; other `generate` keyword arguments go to
+        HF `generate`.
         """
         start = time.perf_counter()
         check_count("max_new_tokens", max_new_tokens, minimum=1)
@@ -883,6 +884,14 @@ class ReuseEngine:
         full = self._new_cache(capacity=n)
         with full.active():
             engine = self.model(input_ids=ids[None], use_cache=True, **{self._cache_kw: full}).logits[0].float()
+        # A window longer than the check's prompt changes nothing in it: each declared one must be the window the
+        # layer's attention call passes (the one the engine applies), or a mask-only window would go unseen.
+        for idx, window in enumerate(declared_windows(self.model.config, self.num_layers)):
+            binds = window is not None and (self.max_positions is None or window < self.max_positions)
+            if binds and full.layers[idx].window != window:
+                raise refusal(self.model, f"a sliding window of {window} positions (config.sliding_window, layer "
+                                          f"{idx}) that its attention applies only through its mask, which the "
+                                          "engine replaces")
         tol = 1e-3 if self._dtype == torch.float32 else 5e-2
         scale = stock.abs().max().clamp_min(1.0)
         if not torch.isfinite(engine).all() or (engine - stock).abs().max() > tol * scale:
@@ -1028,7 +1037,9 @@ class ReuseEngine:
         recomputed between steps (`_DecodeRecompute`). Returns the new token ids, the first-token time, the logits
         when asked for, the cache the request ended with, the guard's record (None if unwatched) and the number of
         rows recomputed during decode."""
-        kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens,
+        # Greedy, one beam, over the engine's own cache, whatever the model's generation_config says about sampling,
+        # beams or the cache to build (a "static" cache_implementation there would make HF refuse the engine's cache).
+        kwargs = {"do_sample": False, "num_beams": 1, "cache_implementation": None, "max_new_tokens": max_new_tokens,
                   "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **generate_kwargs}
         timer = kwargs["streamer"] = _FirstTokenTimer(start, generate_kwargs.get("streamer"))
         processors = LogitsProcessorList(generate_kwargs.get("logits_processor") or [])

@@ -66,6 +66,7 @@ class TokenMajorLayer(CacheLayerMixin):
         self.in_order = True  # slot i holds position i for every live slot (no compaction, no gap)
         self.causal_step = False  # the last update wrote every position 0..used-1: plain causal attention
         self.step_positions: Optional[torch.Tensor] = None  # positions of the last update's tokens (its queries)
+        self.window: Optional[int] = None  # the sliding window the last attention call passed (-1: none)
         self.stop_after_write = False  # raise KVWritten once the step's K/V are written (a K/V-only pass)
         self.is_initialized = True
         self.dtype, self.device = keys.dtype, keys.device
@@ -229,6 +230,7 @@ def semshare_attention(module, query, key, value, attention_mask, scaling=None, 
         return _previous_attention(module)(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     vis = visibility(module, kwargs)
     layer = cache.layers[module.layer_idx]
+    layer.window = vis.window  # for the engine's self-check against the config's windows
     q_pos = layer.step_positions  # self-attention: the queries are the tokens this step just wrote
     q = query[0].transpose(0, 1)  # [n, Hq, D]
     kv_pos = layer.kv_pos[: layer.used]

@@ -28,8 +28,16 @@ DEMO_TARGET = DEMO_REFERENCE.replace("Anna Petrova", "Maria Lindqvist").replace(
 
 
 def as_chat(tokenizer, text: str) -> str:
-    """The text as one user turn in the model's chat template (as a string: prompts are tokenized as given)."""
+    """The text as one user turn in the model's chat template (as a string: prompts are tokenized as given).
+
+    The engine tokenizes a str with the tokenizer's special tokens, as a plain prompt needs; a template that writes
+    the BOS itself (Llama 3, Gemma, Mistral) would then give two. The rendered BOS is dropped when the tokenizer adds
+    one, so the ids are the template's own (`apply_chat_template(..., tokenize=True)`)."""
     if getattr(tokenizer, "chat_template", None) is None:
         return text
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                          add_generation_prompt=True)
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if bos and chat.startswith(bos) and bos_id is not None and tokenizer("")["input_ids"][:1] == [bos_id]:
+        chat = chat[len(bos):]
+    return chat

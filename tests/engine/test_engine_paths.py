@@ -33,6 +33,22 @@ def test_full_path_matches_plain_hf_generate(arch, model, tokenizer, reference_i
     assert len(out.token_ids) == NEW
 
 
+@pytest.mark.parametrize("field, value", [("cache_implementation", "static"), ("num_beams", 2), ("do_sample", True)])
+def test_the_models_generation_config_leaves_the_engine_greedy(tokenizer, reference_ids, field, value):
+    """A generation_config.json that asks for a static cache, beams or sampling: the engine still decodes greedily,
+    one beam, over its own cache, with and without reuse (a static cache made HF refuse every request, beams made it
+    refuse the engine's streamer)."""
+    model = build_model("llama", seed=0)
+    target = edited(reference_ids, "replace")
+    plain = model.generate(torch.tensor([target]), attention_mask=torch.ones(1, len(target), dtype=torch.long),
+                           max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, len(target):].tolist()
+    setattr(model.generation_config, field, value)
+    engine = engine_for(model, tokenizer)
+    assert engine.generate(target, max_new_tokens=NEW).token_ids == plain
+    same = engine.generate(target, reference=engine.prefill(target), max_new_tokens=NEW)
+    assert same.stats["mode"] == "reuse" and same.token_ids == plain
+
+
 def test_string_prompt_goes_through_tokenizer(model, tokenizer):
     engine = engine_for(model, tokenizer)
     text_a = "The quick brown fox jumps over the lazy dog. " * 6

@@ -75,6 +75,8 @@ SERVED = {
     "ernie4_5": ("ernie4_5", {}),
     "helium": ("helium", {}),
     "nemotron": ("nemotron", {}),
+    # A window at the model's context never binds: served, though its attention applies it only through its mask.
+    "phimoe-window-at-context": ("phimoe", dict(sliding_window=1024, num_local_experts=4, num_experts_per_tok=2)),
     # New in transformers 5.25 (skipped on older versions; make test-transformers-newest runs them).
     "ergo": ("ergo", dict(sliding_window=64, num_hidden_layers=4, global_attention_every_n_layers=2)),  # NoPE globals
     "minicpm5-moe": ("minicpm5_moe", {}),
@@ -104,6 +106,13 @@ REFUSED = {
                                     "cannot be run one layer at a time"),
     "gptj-layout": ("gptj", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=1024),
                     "a layout the engine cannot drive"),
+    # Windows their attention applies only through the mask (no sliding_window= to the attention function).
+    "qwen2-moe-mask-only-window": ("qwen2_moe", dict(BASE, use_sliding_window=True, sliding_window=64,
+                                                     max_window_layers=2, num_experts=4, num_experts_per_tok=2,
+                                                     moe_intermediate_size=32, shared_expert_intermediate_size=32),
+                                   "only through its mask"),
+    "phimoe-mask-only-window": ("phimoe", dict(BASE, sliding_window=64, num_local_experts=4, num_experts_per_tok=2),
+                                "only through its mask"),
     # 5.25: indexed sparse attention, K/V shared across layers
     "kolibri1_1-shared-kv": ("kolibri1_1", dict(BASE, num_hidden_layers=5, index_num_heads=1),
                              "cannot be run one layer at a time"),
