@@ -62,7 +62,7 @@ def entries(engine_and_prompt):
 def test_ttft(benchmark, engine_and_prompt, entries, length, method):
     engine, _, name = engine_and_prompt
     entry, target = entries[length]
-    config = e2e.method_configs(engine.config)[method]
+    config = e2e.method_configs(engine.config, engine.num_layers)[method]
     last = {}
 
     def request():

@@ -3,12 +3,16 @@
 For each prompt length and similarity level a reference prompt is prefilled once and an edited target is served by
 every method, all through the same engine and decode path (one new token: the first-token time is the prefill):
 - `full`: full prefill of the target through the engine (the baseline every speedup is against);
-- `hf`: the model's own forward (SDPA, HF's DynamicCache, no semshare code on the path): stock transformers
-  measured in the same run, so the engine's full path is checked against it rather than assumed equal;
+- `hf`: the model's own forward with HF's DynamicCache and the model's own attention (SDPA; eager for a class
+  without it), measured in the same run so that the engine's full path is checked against it rather than assumed
+  equal. It is reached through the engine's dispatch: the engine has switched the model to its "semshare" attention
+  and mask, which hand every call on to that implementation while no semshare cache is active (one Python call more
+  per layer, no semshare op or cache);
 - `prefix`: vLLM-style prefix caching, the common prefix in whole 16-token blocks reused, the rest prefilled;
 - `cacheblend`: CacheBlend-style, target chunks of 16 tokens found verbatim in the reference reused at their new
-  positions, a fixed 15% of tokens recomputed in every layer past the first (bottom-right causal mask: the
-  recomputed queries see every earlier position);
+  positions, every token recomputed in layer 0 and a fixed 15% of them in every layer past the first (those whose
+  K/V deviate most; the tokens found in no chunk are always among them, and are all recomputed where they are
+  more than 15%; bottom-right causal mask: the recomputed queries see every earlier position);
 - `semshare`: this package's default pipeline (edit + LSH matching, decaying recompute at `recompute_ratio`);
 - `decode`: the last prompt token alone through the model over a cache that holds every earlier position (HF's
   own cache, prefilled outside the timing): the floor of any reuse, what a prefix-cache hit of all but the last
@@ -39,15 +43,35 @@ EDIT_LEVELS = (0.02, 0.1, 0.3)  # share of reference tokens touched by edits
 METHODS = ("full", "hf", "prefix", "cacheblend", "semshare", "decode")
 
 
-def method_configs(base: ReuseConfig) -> Dict[str, Optional[ReuseConfig]]:
-    """The engine config each method runs with (`full` takes no reference)."""
+CACHEBLEND_SHARE = 0.15  # of the prompt's tokens, recomputed in every layer past the first
+
+
+def cacheblend_ratio(num_layers: int) -> float:
+    """The engine's `recompute_ratio` that recomputes CACHEBLEND_SHARE of the prompt in every layer past the first:
+    the ratio is a mean over all layers, layer 0 (the check layer: every token) included, so (1 + share (L - 1)) / L
+    (1.0 for a single layer)."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int):
+        raise TypeError(f"num_layers: expected an int, got {type(num_layers).__name__} {num_layers!r}")
+    if num_layers < 1:
+        raise ValueError(f"num_layers: expected >= 1, got {num_layers}")
+    return (1.0 + CACHEBLEND_SHARE * (num_layers - 1)) / num_layers
+
+
+def method_configs(base: ReuseConfig, num_layers: int) -> Dict[str, Optional[ReuseConfig]]:
+    """The engine config each method runs with (`full` takes no reference), for a model of `num_layers` layers."""
     return {
         "full": None,
         "hf": None,
         "prefix": dataclasses.replace(base, matching="prefix", recompute_ratio=0.0, min_similarity=0.0,
                                       retain_ratio=None),
-        "cacheblend": dataclasses.replace(base, matching="chunk", recompute_ratio=0.15, recompute_decay=1.0,
-                                          check_layers=1, min_similarity=0.0, retain_ratio=None),
+        # CacheBlend's share is the same in every layer past the first and for every request: a fixed budget (the
+        # adaptive one adds rows per unmatched token), a flat count after one check layer, rows ranked by their K/V
+        # deviation as CacheBlend ranks them (the lookahead's rows would come out of the share) and no tail forced
+        # into it, whatever the engine's own config says.
+        "cacheblend": dataclasses.replace(base, matching="chunk", recompute_ratio=cacheblend_ratio(num_layers),
+                                          budget="fixed", recompute_decay=1.0, check_layers=1,
+                                          selection="deviation", recompute_tail=0, min_similarity=0.0,
+                                          retain_ratio=None),
         "semshare": dataclasses.replace(base, min_similarity=0.0),
         "decode": None,
     }
@@ -91,7 +115,8 @@ def _serve(engine: ReuseEngine, config: Optional[ReuseConfig], target: List[int]
 
 
 def _serve_stock(engine: ReuseEngine, target: List[int], repeat: int) -> Dict:
-    """TTFT of the model's own forward on the target: HF's attention and cache, greedy first token."""
+    """TTFT of the model's own forward on the target: HF's cache and the model's own attention, greedy first token.
+    The call passes through the engine's attention dispatch, which hands it on while no semshare cache is active."""
     ids = torch.tensor([target], device=engine.device)
 
     @torch.inference_mode()
@@ -139,7 +164,7 @@ def run_e2e(engine: ReuseEngine, reference_for_length: Callable[[int], List[int]
 
     `recompute_ratios` sweeps semshare over several ratios (one record each); empty: the engine's own ratio.
     """
-    configs = method_configs(engine.config)
+    configs = method_configs(engine.config, engine.num_layers)
     unknown = [m for m in methods if m not in configs]
     if unknown:
         raise ValueError(f"methods: unknown {unknown}; expected some of {list(configs)}")

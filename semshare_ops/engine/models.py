@@ -92,8 +92,10 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
             # use_kernels=False everywhere: from 5.25 transformers swaps layers for ones fetched from the Hub by
             # default (and raises without the `kernels` package); what is served stays the model's own torch code,
             # offline and the same on every version in the range.
+            # The same attention for the dense copy below: the same model.
+            attention = attention_implementation(where, **extra)
             model = AutoModelForCausalLM.from_pretrained(
-                where, local_files_only=True, dtype=torch.float32 if extra else dtype, attn_implementation="sdpa",
+                where, local_files_only=True, dtype=torch.float32 if extra else dtype, attn_implementation=attention,
                 use_kernels=False, **extra
             )
             bar.update()
@@ -104,10 +106,10 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
                 if dtype != torch.float32 and (target / _CACHE_DONE).is_file():
                     # As a cached load would: from_pretrained's cast keeps buffers like inv_freq in fp32.
                     model = AutoModelForCausalLM.from_pretrained(target, local_files_only=True, dtype=dtype,
-                                                                 attn_implementation="sdpa", use_kernels=False)
+                                                                 attn_implementation=attention, use_kernels=False)
                 elif dtype != torch.float32:
                     model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True, dtype=dtype,
-                                                                 attn_implementation="sdpa", use_kernels=False,
+                                                                 attn_implementation=attention, use_kernels=False,
                                                                  **extra)
                 bar.update()
     finally:
@@ -120,6 +122,25 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     # No `.to(dtype)`: from_pretrained already casts the weights and keeps rotary_emb.inv_freq in fp32,
     # which a blanket cast would round to bf16.
     return model.to("cpu").eval(), tokenizer
+
+
+def attention_implementation(where: str | os.PathLike, gguf_file: str | None = None) -> str:
+    """The attention `load_model` asks transformers for: "sdpa" where the class transformers resolves for the model's
+    config supports it, else "eager" (Gemma2 and others: asking for SDPA there is an error, not a fallback).
+
+    A GGUF file (`gguf_file`, only ever the embedded SmolLM2) is a Llama, which supports SDPA: its config is not read,
+    as that re-parses the file's metadata in pure Python (seconds). A config whose class transformers cannot resolve
+    gets "sdpa": from_pretrained then raises its own error for it."""
+    if gguf_file is not None:
+        return "sdpa"
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(where, local_files_only=True)
+    try:
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return "sdpa"
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
 # ---- the dense copy of the default model ---------------------------------------------------------------------------

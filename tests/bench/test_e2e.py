@@ -30,11 +30,41 @@ def test_edit_tokens_touches_about_the_share(share):
 
 
 def test_method_configs():
-    configs = e2e.method_configs(ReuseConfig(recompute_ratio=0.3))
+    configs = e2e.method_configs(ReuseConfig(recompute_ratio=0.3), num_layers=30)
     assert configs["full"] is None and configs["hf"] is None
     assert configs["prefix"].matching == "prefix" and configs["prefix"].recompute_ratio == 0.0
-    assert configs["cacheblend"].matching == "chunk" and configs["cacheblend"].recompute_ratio == 0.15
+    assert configs["cacheblend"].matching == "chunk" and configs["cacheblend"].budget == "fixed"
     assert configs["semshare"].recompute_ratio == 0.3 and configs["semshare"].matching == "hybrid"
+    assert e2e.method_configs(ReuseConfig(), 1)["cacheblend"].recompute_ratio == 1.0  # the one layer is layer 0
+    with pytest.raises(ValueError, match="num_layers"):
+        e2e.method_configs(ReuseConfig(), 0)
+    with pytest.raises(TypeError, match="num_layers"):
+        e2e.method_configs(ReuseConfig(), 8.0)
+
+
+@pytest.mark.parametrize("base", [ReuseConfig(), ReuseConfig(selection="lookahead"), ReuseConfig(recompute_tail=200)],
+                         ids=["defaults", "lookahead", "tail"])
+@pytest.mark.parametrize("unmatched", [0, 50])
+@pytest.mark.parametrize("num_layers", [4, 8, 30])
+def test_cacheblend_recomputes_15_percent_in_every_layer_past_the_first(num_layers, unmatched, base):
+    """What the docs say of the baseline: every token in layer 0, then a fixed 15% of the prompt's tokens in each
+    later layer, whatever the depth, the engine's own config and (below 15%) the tokens found in no chunk. The rows
+    come from the engine's own count (`recompute_rows`), for a prompt whose tokens are matched, none at its own
+    position (no exact prefix), but `unmatched` of them. The old config (recompute_ratio 0.15 as the mean over all
+    layers, layer 0 included) gave 0%, 2.8% and 12% here with every token matched."""
+    from semshare_ops.engine import engine as engine_module
+    from semshare_ops.engine.matching import Match
+
+    config = e2e.method_configs(base, num_layers)["cacheblend"]
+    tokens = 1001  # the prompt; the engine counts rows among the first tokens - 1, the last always computed
+    prefill = tokens - 1
+    positions = torch.cat([torch.arange(100), torch.arange(100 + unmatched, tokens)])
+    match = Match(positions, positions + 16, torch.ones(len(positions), dtype=torch.bool), tokens)
+    _, _, counts = engine_module.recompute_rows(match, prefill, num_layers, config)
+    assert len(counts) == num_layers and counts[0] == prefill
+    for layer, count in enumerate(counts[1:], start=1):
+        # count + 1: the last prompt token is recomputed in every layer besides the counted rows
+        assert abs((count + 1) - 0.15 * tokens) <= 1, (layer, count, counts)
 
 
 def test_percentile():

@@ -358,3 +358,70 @@ def test_bench_missing_cuda_index_exits_2(capsys, monkeypatch, device):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert cli.main(["bench", "ops", "--device", device, "--json"]) == 2
     _one_error_line(capsys, f"--device: no {device}")
+
+
+# ---- --model of a class without SDPA: loaded with eager attention --------------------------------------------------
+# (These test engine/models.py's load_model through the `--model` path; tests/engine/test_models.py is its own file.)
+
+
+def _save_tiny_model(where, model_type, **extra):
+    """A tiny random `model_type` and a word-level tokenizer saved as a local Hugging Face directory."""
+    import torch
+    from tokenizers import Tokenizer
+    from tokenizers import models as word_models
+    from tokenizers import pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<pad>", "<s>", "</s>"] + "the a cat dog sat ran on in mat box and then".split()
+    tokenizer = Tokenizer(word_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(where)
+    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                  max_position_embeddings=512, pad_token_id=1, bos_token_id=2, eos_token_id=3, **extra)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(where)
+    return where
+
+
+def test_model_whose_class_has_no_sdpa_loads_with_eager_and_runs(capsys, monkeypatch, tmp_path):
+    """load_model asked every model for SDPA, and transformers refuses that for a class without it (Gemma2: its logit
+    soft-capping): `--model` of such a family failed to load. It loads with eager attention and is served."""
+    from transformers import Gemma2ForCausalLM
+
+    if Gemma2ForCausalLM._supports_sdpa:
+        pytest.skip("Gemma2 supports SDPA in this transformers: test_load_model_asks_for_sdpa_only_where_supported "
+                    "covers the case")
+    where = _save_tiny_model(tmp_path / "gemma2", "gemma2", sliding_window=64, attn_logit_softcapping=5.0,
+                             final_logit_softcapping=30.0)
+    attention = []  # as loaded, before the engine switches the model to its own dispatch
+    load_model = models.load_model
+
+    def spy(*a, **k):
+        model, tokenizer = load_model(*a, **k)
+        attention.append(model.config._attn_implementation)
+        return model, tokenizer
+
+    monkeypatch.setattr(models, "load_model", spy)
+    reference, target = tmp_path / "r.txt", tmp_path / "t.txt"
+    reference.write_text("the cat sat on the mat and then the dog ran in the box " * 4)
+    target.write_text("the dog sat on the mat and then the cat ran in a box " * 4)
+    argv = ["run", "--model", str(where), "--reference", str(reference), "--target", str(target),
+            "--no-chat-template", "--max-new-tokens", "2", "--json"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert attention == ["eager"]
+    assert json.loads(capsys.readouterr().out)["reuse"]["stats"]["mode"] == "reuse"
+
+
+@pytest.mark.parametrize("sdpa", [True, False], ids=["llama", "llama-without-sdpa"])
+def test_load_model_asks_for_sdpa_only_where_supported(monkeypatch, tmp_path, sdpa):
+    """The class transformers resolves for the config decides (a Llama whose class is made to lack SDPA stands for
+    any such family, in every transformers of the range)."""
+    from transformers import LlamaForCausalLM
+
+    where = _save_tiny_model(tmp_path / "llama", "llama")
+    monkeypatch.setattr(LlamaForCausalLM, "_supports_sdpa", sdpa)
+    assert models.attention_implementation(where) == ("sdpa" if sdpa else "eager")
+    model, _ = models.load_model(str(where), progress=False)
+    assert type(model) is LlamaForCausalLM and model.config._attn_implementation == ("sdpa" if sdpa else "eager")
