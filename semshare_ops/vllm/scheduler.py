@@ -48,8 +48,8 @@ class LoadPlan:
     stop: int  # T - 1
     config: object  # ReuseConfig
     exact: int  # positions [start, exact) are the donor's exact K/V (a common prefix): loaded, never recomputed
-    fail_load: bool = False
-    # Set when the step is built: why the worker must not load (it reports the load as failed, vLLM recomputes).
+    # Why the worker must not load (it reports the load as failed, vLLM recomputes): the request's
+    # fail_load_for_testing, or a prefix computed in the same step (set when the step is built).
     refusal: Optional[str] = None
     block_ids: Optional[torch.Tensor] = None  # int64, the request's block table (set when the step is built)
     # The alignment the donor was chosen by: the worker takes it as it is for matching "edit" (aligning the same
@@ -177,7 +177,8 @@ class SchedulerSide:
         stop = total - 1
         exact = max(prefix_hit, exact_prefix(choice.match, choice.donor.exact_prefix, stop))
         state.plan = LoadPlan(request.request_id, choice.donor.donor_id, torch.tensor(state.token_ids),
-                              prefix_hit, stop, cfg, exact, opts.fail_load, match=choice.match)
+                              prefix_hit, stop, cfg, exact, match=choice.match,
+                              refusal="load failed on purpose (fail_load_for_testing)" if opts.fail_load else None)
         state.donor_depth = choice.donor.depth
         self.index.touch(choice.donor.donor_id)
         # What the worker will recompute if it matches what this alignment matched ("edit"); its report replaces
@@ -282,7 +283,7 @@ class SchedulerSide:
         its attention reads them), but the worker recomputes the loaded rows before the step's forward, when those
         blocks are not written yet. Such a load is reported as failed; vLLM recomputes [p, T) in the next step, by
         which time the prefix exists."""
-        pending = [plan for plan in loads if plan.start > 0]
+        pending = [plan for plan in loads if plan.start > 0 and plan.refusal is None]
         if not pending:
             return
         bs = self.block_size

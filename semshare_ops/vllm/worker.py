@@ -92,8 +92,6 @@ class WorkerSide:
             try:
                 if self.disabled:
                     raise LoadFailed(self.disabled)
-                if plan.fail_load:
-                    raise LoadFailed("load failed on purpose (fail_load_for_testing)")
                 if plan.refusal:
                     raise LoadFailed(plan.refusal)
                 with torch.inference_mode():
