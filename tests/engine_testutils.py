@@ -46,7 +46,7 @@ class FakeTokenizer:
     def __init__(self, vocab: int = VOCAB):
         self.vocab = vocab
 
-    def __call__(self, text):
+    def __call__(self, text, add_special_tokens=True):  # adds no special tokens either way
         return {"input_ids": [2 + (ord(c) * 7) % (self.vocab - 2) for c in text]}
 
     def decode(self, ids, skip_special_tokens=True):

@@ -211,15 +211,20 @@ def format_e2e(records: List[Dict]) -> str:
 # ---- models and prompts ------------------------------------------------------------------------------------------
 
 def text_prompt(tokenizer, length: int) -> List[int]:
-    """The first `length` tokens of real text: ShareGPT answers joined (or the demo text repeated without it)."""
-    chunks, total = [], 0
+    """The first `length` tokens of real text: ShareGPT answers joined (or the demo text repeated without it).
+
+    One prompt, tokenized as the tokenizer would a single text: a BOS (for tokenizers that add one) once at the
+    start, not again at every joined chunk."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    adds_bos = bos_id is not None and tokenizer("")["input_ids"][:1] == [bos_id]
+    chunks, total = [[bos_id] if adds_bos else []], 0
     try:
         from ..eval.sharegpt import iter_sharegpt
 
         for conv in iter_sharegpt():
             for turn in conv.get("conversations", []):
                 if turn.get("from") == "gpt" and len(turn.get("value", "")) > 2000:
-                    ids = tokenizer(turn["value"] + "\n\n")["input_ids"]
+                    ids = tokenizer(turn["value"] + "\n\n", add_special_tokens=False)["input_ids"]
                     chunks.append(ids)
                     total += len(ids)
             if total >= length:
@@ -227,6 +232,6 @@ def text_prompt(tokenizer, length: int) -> List[int]:
     except ImportError:
         pass
     if total < length:
-        ids = tokenizer(DEMO_REFERENCE + "\n\n")["input_ids"]
+        ids = tokenizer(DEMO_REFERENCE + "\n\n", add_special_tokens=False)["input_ids"]
         chunks += [ids] * (length // len(ids) + 1)
     return [t for chunk in chunks for t in chunk][:length]

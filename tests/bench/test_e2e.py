@@ -29,6 +29,33 @@ def test_edit_tokens_touches_about_the_share(share):
     assert 1 - share * 1.3 - 0.01 <= kept / len(ids) <= 1 - share * 0.4
 
 
+class BosTokenizer(FakeTokenizer):
+    """A tokenizer that adds a BOS to every text it tokenizes (Llama 3, Gemma, Mistral do)."""
+
+    bos_token_id = 10**6  # no text character maps to it
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = super().__call__(text)["input_ids"]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+
+
+@pytest.mark.parametrize("with_sharegpt", [True, False])
+def test_text_prompt_has_one_bos_at_the_start(monkeypatch, with_sharegpt):
+    from semshare_ops.eval import sharegpt
+
+    answers = [{"conversations": [{"from": "gpt", "value": f"answer {i} " + "x" * 2100}]} for i in range(3)]
+    if with_sharegpt:
+        monkeypatch.setattr(sharegpt, "iter_sharegpt", lambda: iter(answers))
+    else:  # the demo text, repeated, when ShareGPT is not installed
+        monkeypatch.setattr(sharegpt, "iter_sharegpt", lambda: (_ for _ in ()).throw(ImportError("no sharegpt")))
+    tok = BosTokenizer()
+    ids = e2e.text_prompt(tok, 5000)
+    assert len(ids) == 5000
+    assert ids[0] == tok.bos_token_id and tok.bos_token_id not in ids[1:]
+    plain = e2e.text_prompt(FakeTokenizer(), 5000)  # a tokenizer adding none: the same text, no BOS
+    assert plain == ids[1:] + plain[4999:]
+
+
 def test_method_configs():
     configs = e2e.method_configs(ReuseConfig(recompute_ratio=0.3), num_layers=30)
     assert configs["full"] is None and configs["hf"] is None
