@@ -10,7 +10,7 @@ exact, and the layer writes its rows' K/V into the cache at their slots, as in a
 
 Served: Llama-architecture models (`LlamaForCausalLM`: SmolLM2, Llama 2/3, ...) on the CPU attention backend, one
 KV cache group, no tensor or pipeline parallelism, the model's dtype in the cache (no fp8), no sliding window,
-soft-capping, sinks or ALiBi. Anything else is refused by name (`Unsupported`), and the connector falls back to
+soft-capping, sinks or ALiBi, no LoRA. Anything else is refused by name (`Unsupported`), and the connector falls back to
 vLLM's own prefill for every request. At start-up a probe measures each layer's RoPE on scratch blocks: the keys of
 the same inputs at positions p and p + delta must differ by exactly the rotation `rope_reuse_` applies with the
 layer's inverse frequencies, as the HF engine's probe checks its models.
@@ -40,6 +40,16 @@ def check_architecture(architectures) -> None:
                           f"(served: {', '.join(SUPPORTED_ARCHITECTURES)})")
 
 
+def check_config(vllm_config) -> None:
+    """Refuse, by name, what the engine's configuration alone rules out (both sides: the scheduler before any
+    request, the worker before its start-up probe)."""
+    check_architecture(getattr(vllm_config.model_config, "architectures", None))
+    if getattr(vllm_config, "lora_config", None) is not None:
+        # vLLM's LoRA layers read the step's adapter mapping: rows recomputed outside the step would run under a
+        # mapping made for other tokens, and a donor's K/V under one adapter is not the K/V under another.
+        raise Unsupported("LoRA adapters (enable_lora): the connector recomputes rows with the base weights only")
+
+
 @dataclass(frozen=True)
 class RopeGroup:
     layers: Tuple[int, ...]
@@ -65,6 +75,7 @@ class VllmModel:
         model = runner.get_model() if hasattr(runner, "get_model") else runner.model
         self.model = model
         name = type(model).__name__
+        check_config(vllm_config)
         check_architecture([name])
         decoder = getattr(model, "model", None)
         layers = getattr(decoder, "layers", None)

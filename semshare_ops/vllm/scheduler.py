@@ -33,7 +33,7 @@ import torch
 
 from ..engine.engine import exact_prefix, kept_exact_prefix, recompute_rows
 from .donors import DonorIndex, DonorInfo
-from .model import Unsupported, check_architecture
+from .model import Unsupported, check_config
 from .options import ConnectorOptions, RequestOptions, parse_request
 
 logger = logging.getLogger("semshare_ops.vllm")
@@ -93,7 +93,7 @@ class SchedulerSide:
         self.block_size = vllm_config.cache_config.block_size  # the block tables' unit, as the worker reads them
         self.disabled: Optional[str] = None
         try:
-            check_architecture(getattr(vllm_config.model_config, "architectures", None))
+            check_config(vllm_config)
         except Unsupported as err:
             self.disabled = f"unsupported model: {err}"
             logger.error("semshare connector: reuse is off in this engine, every request takes vLLM's own "

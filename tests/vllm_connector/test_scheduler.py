@@ -15,10 +15,10 @@ BS = 4  # block size
 LAYERS = 3
 
 
-def _side():
+def _side(**config_fields):
     config = SimpleNamespace(
         model_config=SimpleNamespace(get_num_layers=lambda parallel: LAYERS, architectures=["LlamaForCausalLM"]),
-        parallel_config=None, cache_config=SimpleNamespace(block_size=BS))
+        parallel_config=None, cache_config=SimpleNamespace(block_size=BS), **{"lora_config": None, **config_fields})
     side = SchedulerSide(config, ConnectorOptions())
     side.tables = {}  # req_id -> its block table, as the manager keeps it
     side.bind(SimpleNamespace(block_pool=SimpleNamespace(hash_block_size=BS),
@@ -112,6 +112,17 @@ def test_transfer_params_that_are_not_a_dict_are_a_fallback_not_a_crash():
         assert side.get_num_new_matched_tokens(request, 0) == (0, False)
         stats = side.requests[request.request_id].stats
         assert stats["mode"] == "fallback" and "kv_transfer_params" in stats["reason"], stats
+
+
+def test_an_engine_with_lora_is_refused_by_name():
+    side = _side(lora_config=SimpleNamespace(max_loras=1))
+    assert "LoRA" in side.disabled
+    side.index.add(DonorInfo("donor", "s", DONOR, depth=0, exact_prefix=len(DONOR)))
+    request = _request("b", TARGET)  # a donor that matches: without LoRA this would be a reuse
+    assert side.get_num_new_matched_tokens(request, 0) == (0, False)
+    stats = side.requests["b"].stats
+    assert stats["mode"] == "fallback" and "LoRA" in stats["reason"], stats
+    assert _side().disabled is None
 
 
 def test_a_save_the_worker_skips_is_forgotten():
