@@ -81,15 +81,18 @@ class PromptKeys:
             ids = engine.tokenize(prompt, max_new_tokens)
             mean = engine.embed(ids).float().mean(0).cpu()
         ids_list = ids.tolist()
-        return Request(ids_list, self.key_of(ids_list, prompt if isinstance(prompt, str) else None, mean))
+        return Request(ids_list, self.key_of(ids_list, mean))
 
-    def key_of(self, ids: List[int], text: Optional[str], mean_embedding: torch.Tensor) -> torch.Tensor:
-        """The retrieval key of a prompt from its token ids, its text (None: decoded from the ids when needed) and
-        its mean input embedding."""
+    def key_of(self, ids: List[int], mean_embedding: torch.Tensor) -> torch.Tensor:
+        """The retrieval key of a prompt from its token ids and its mean input embedding.
+
+        A function of the ids alone: a prompt sent as a string and the same prompt sent as its token ids (or restored
+        from disk) get one key. The sentence embedding reads the text decoded from the ids, without special tokens,
+        not the string as sent, whose chat-template markup moved the key of the same prompt to cosine 0.91 of itself,
+        farther than a near-duplicate (0.97)."""
         if self.embedding == "minilm":
-            if text is None:
-                with self._engine_lock:
-                    text = self.engine.tokenizer.decode(ids, skip_special_tokens=True)
+            with self._engine_lock:
+                text = self.engine.tokenizer.decode(ids, skip_special_tokens=True)
             return self._sentence_embedding(text)
         planes, center = self._prompt_planes()
         return ops.simhash((mean_embedding.float() - center)[None], planes)[0]

@@ -219,8 +219,9 @@ class KVStore:
             candidates = self._tree.expand(retrieved, self.candidates, namespaces)
             snapshot = [(n.id, n.entry, n.depth, n.stamp) for n in candidates]
         best, costs = None, {}
-        gate = self.engine.config.min_similarity  # read once: this request is judged, and served, by one gate
-        min_matched = gate * total
+        # Read once: this request is judged, and served, by one gate, and tested as the engine tests it (matched /
+        # total < gate; matched < gate * total rounds otherwise: 55 of 100 at 0.55 would pass one and fail the other).
+        gate = self.engine.config.min_similarity
         for entry_id, entry, depth, stamp in snapshot:
             match = self.engine.match(entry, request.ids)
             cost = total - match.matched
@@ -231,12 +232,12 @@ class KVStore:
             # An exact common prefix of min_reuse_tokens or more is reused as a prefix cache would: no similarity
             # gate (those K/V are exactly a full prefill's, however small a share of the request they are).
             if (match.matched < self.min_reuse_tokens
-                    or (match.matched < min_matched and prefix < self.min_reuse_tokens)
+                    or (match.matched / total < gate and prefix < self.min_reuse_tokens)
                     or new_depth > self.max_depth):
                 continue
             rank = (cost, depth, -stamp)
             if best is None or rank < best[0]:
-                best = (rank, entry_id, entry, new_depth, match.matched < min_matched)
+                best = (rank, entry_id, entry, new_depth, match.matched / total < gate)
         if best is None:
             return _Choice(None, None, total, 0, [], costs)
         (cost, _, _), entry_id, entry, new_depth, below_gate = best
@@ -433,7 +434,7 @@ class KVStore:
                 raise ValueError(f"load: {saved.tensor_path}: {node.id}.{persistence.KEY_FIELD}: {node.key.numel()} "
                                  f"dimensions, the sentence embedder makes {key_size}")
             if node.key is None:
-                node.key = store._keys.key_of(node.entry.token_ids.tolist(), None, node.entry.embedding)
+                node.key = store._keys.key_of(node.entry.token_ids.tolist(), node.entry.embedding)
             with store._lock:
                 store._add(node)
         with store._lock:

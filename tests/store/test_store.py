@@ -127,6 +127,21 @@ def test_prefix_base_lifts_the_similarity_gate(edit_engine):
     assert store.generate(other, tenant="u", max_new_tokens=NEW).stats["hit"] is False
 
 
+def test_store_gate_is_the_engines_at_equality(edit_engine):
+    """A base matching exactly min_similarity of the request (55 of 100 at 0.55, where 0.55 * 100 rounds up to
+    55.000000000000007) is served by the store as the engine serves it with that reference: by reuse."""
+    engine = ReuseEngine(edit_engine.model, FakeTokenizer(), ReuseConfig(matching="edit", min_similarity=0.55))
+    reference = base_tokens(100, seed=73)
+    target = fresh(15) + reference[15:70] + fresh(30)  # 100 tokens, 55 of them matched, no common prefix
+    direct = engine.generate(target, reference=engine.prefill(reference), max_new_tokens=NEW).stats
+    assert direct["mode"] == "reuse" and direct["similarity"] == 0.55
+    store = KVStore(engine)
+    base = store.generate(reference, tenant="t", max_new_tokens=NEW).stats["request_id"]
+    assert store.lookup(target, tenant="t").base_id == base
+    out = store.generate(target, tenant="t", max_new_tokens=NEW).stats
+    assert out["hit"] and out["base_id"] == base and out["mode"] == "reuse"
+
+
 def test_stored_tensors_unchanged_after_serving(engine):
     store = KVStore(engine, checksums=True)
     root = base_tokens(150, seed=40)
