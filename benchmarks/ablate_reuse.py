@@ -7,7 +7,8 @@ Only the reuse side runs: the full-prefill output of every pair is read from a r
 (same model and max_new_tokens; prompts with or without the chat template, as that run had them), so each variant
 costs one reuse request per pair. Every variant keeps recompute_ratio 0.2, so rows compare where the recompute
 budget goes (or which tokens are reused), not how big it is:
-- `default`: two check layers in full, then counts decaying by 5% a layer (ReuseConfig defaults);
+- `default`: ReuseConfig's defaults of the day (recorded per variant under `configs`; since the adaptive budget,
+  flat counts: recompute_decay 1.0, so `decay=1.0` is the same run);
 - `check_layers=1`: one full layer, more budget for the deeper ones;
 - `tail=16` / `tail=32`: the last prompt tokens (the end of the user turn and the chat template's assistant header)
   recomputed in every layer;
@@ -93,7 +94,10 @@ def main() -> int:
     if args.out:
         result = {**environment("cpu"), "full_from": args.full_from,
                   "chat_template": chat,
-                  "recompute_ratio": 0.2, "max_new_tokens": max_new, "summary": summary, "records": rows}
+                  "recompute_ratio": 0.2, "max_new_tokens": max_new,
+                  "configs": {name: dataclasses.asdict(dataclasses.replace(engine.config, **overrides))
+                              for name, overrides in variants.items()},
+                  "summary": summary, "records": rows}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     return 0

@@ -36,7 +36,7 @@ from semshare_ops.engine import ReuseConfig, ReuseEngine, load_model
 from semshare_ops.engine.engine import logit_leads
 from semshare_ops.engine.prompts import as_chat
 from semshare_ops.eval import pairs as evalsets
-from semshare_ops.eval.evaluate import rouge_l
+from semshare_ops.eval.evaluate import floor_prompt, rouge_l
 
 # Every variant spells out the knobs it compares (selection, progressive, recompute_decay, check_layers, tail, ...), so
 # that a recorded run means the same whatever the defaults of the day.
@@ -248,24 +248,27 @@ def main() -> int:
 
     engine, wrap, pairs = engine_and_pairs(args)
     if args.edit_share is not None:
-        pairs = [{**pair, "target": edited_text(engine.tokenizer, pair["reference"], args.edit_share, seed=i)}
-                 for i, pair in enumerate(pairs)]
+        # Seeded by the pair's place in its own set (its id's number), not by its index in this run's list: the
+        # same pair gets the same edits under any --ids / --limit / --sets (the recorded runs used one set, unfiltered).
+        pairs = [{**pair, "target": edited_text(engine.tokenizer, pair["reference"], args.edit_share,
+                                                seed=int(pair["id"].rsplit("-", 1)[1]))} for pair in pairs]
     records = []
     for i, pair in enumerate(pairs):
         reference, target = wrap(pair["reference"]), wrap(pair["target"])
+        floor = floor_prompt(pair["target"], wrap)  # the leading space inside the chat template (semshare eval's)
         entry = engine.prefill(reference)
         start = time.perf_counter()
         full = engine.generate(target, max_new_tokens=args.max_new_tokens)
         full_ms = (time.perf_counter() - start) * 1e3
         cont = full.token_ids
         full_logits, _ = engine.score(target, cont)
-        noise_logits, _ = engine.score(" " + target, cont)
+        noise_logits, _ = engine.score(floor, cont)
         record = {"id": pair.get("id"), "set": pair["set"], "prompt_tokens": full.stats["prompt_tokens"],
                   "kl_floor": float(kl_rows(full_logits, noise_logits).mean()),
                   "agree_floor": float((noise_logits.argmax(-1) == full_logits.argmax(-1)).float().mean()),
                   "ttft_ms_full": full.stats["ttft_ms"], "generate_ms_full": full_ms, "variants": {}}
         if args.rouge:
-            noise = engine.generate(" " + target, max_new_tokens=args.max_new_tokens)
+            noise = engine.generate(floor, max_new_tokens=args.max_new_tokens)
             record["rougeL_floor"] = rouge_l(noise.text, full.text)
         for name in args.variants:
             for ratio in args.ratios:

@@ -117,8 +117,7 @@ def main() -> int:
     if args.out:
         from semshare_ops.bench.provenance import environment
 
-        meta = {**environment(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                "baseline_tree": None}
+        meta = {**environment(), "baseline_tree": None}
         if args.baseline_tree:
             head = subprocess.run(["git", "-C", str(trees["baseline"]), "rev-parse", "HEAD"], capture_output=True,
                                   text=True).stdout.strip()

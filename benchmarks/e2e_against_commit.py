@@ -47,7 +47,7 @@ def main() -> int:
     args = parser.parse_args()
 
     commit = git("rev-parse", args.commit)
-    own_build = bool(git("diff", "--stat", commit, "HEAD", "--", "csrc"))
+    own_build = bool(git("diff", "--stat", commit, "--", "csrc"))  # the working tree, which the built .so is of
     built = next((REPO / "semshare_ops").glob("_C*.so"), None)
     if built is None:
         raise SystemExit("build the extension first (make build)")

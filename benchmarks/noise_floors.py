@@ -1,6 +1,6 @@
 """How firm is the noise floor? Several changes that should not matter, each against the full prefill, beside reuse.
 
-    python benchmarks/noise_floors.py [--chat] [--limit N] [--max-new-tokens 48]
+    python benchmarks/noise_floors.py [--chat] [--limit N] [--max-new-tokens 48] [--perturbations NAME ...]
                                       [--out benchmarks/results/noise_floors_raw_cpu.json]
 
 `semshare eval`'s noise floor is one such change: the target with one leading space, served by full prefill, its
@@ -45,7 +45,10 @@ PERTURBATIONS = {
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     pair_arguments(parser)
+    parser.add_argument("--perturbations", nargs="+", choices=list(PERTURBATIONS), default=list(PERTURBATIONS),
+                        help="which changes to draw (default: all four)")
     args = parser.parse_args()
+    perturbations = {name: PERTURBATIONS[name] for name in args.perturbations}
 
     engine, wrap, pairs = engine_and_pairs(args)
     records = []
@@ -63,7 +66,7 @@ def main() -> int:
         # The chat template wraps the changed text: the change stays inside the user's message.
         record = {"id": pair.get("id"), "set": pair["set"], "prompt_tokens": full.stats["prompt_tokens"],
                   "floors": {}}
-        for name, change in PERTURBATIONS.items():
+        for name, change in perturbations.items():
             prompt = wrap(change(target))
             record["floors"][name] = scored(engine.generate(prompt, max_new_tokens=args.max_new_tokens),
                                             engine.score(prompt, cont)[0])
@@ -81,7 +84,7 @@ def main() -> int:
         if not chosen:
             continue
         rows = {}
-        for name in [*PERTURBATIONS, "reuse"]:
+        for name in [*perturbations, "reuse"]:
             runs = [r["reuse"] if name == "reuse" else r["floors"][name] for r in chosen]
             row = {metric: mean_se(float(run[metric]) for run in runs)
                    for metric in ("rougeL", "first_token", "first8", "kl", "agree")}
@@ -89,7 +92,7 @@ def main() -> int:
                 row["reuse_minus_floor_rougeL"] = mean_se(r["reuse"]["rougeL"] - r["floors"][name]["rougeL"]
                                                            for r in chosen)
             rows[name] = row
-        pooled = [statistics.fmean(r["floors"][n]["rougeL"] for n in PERTURBATIONS) for r in chosen]
+        pooled = [statistics.fmean(r["floors"][n]["rougeL"] for n in perturbations) for r in chosen]
         rows["mean of the floors"] = {"rougeL": mean_se(pooled), "reuse_minus_floor_rougeL": mean_se(
             r["reuse"]["rougeL"] - p for r, p in zip(chosen, pooled))}
         summary[group] = {"pairs": len(chosen), "reuse_ratio": statistics.fmean(r["reuse"]["reuse_ratio"]
@@ -110,7 +113,7 @@ def main() -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({**environment(), "chat_template": args.chat, "max_new_tokens": args.max_new_tokens,
-                       "perturbations": list(PERTURBATIONS), "summary": summary, "records": records}, f, indent=1)
+                       "perturbations": list(perturbations), "summary": summary, "records": records}, f, indent=1)
     return 0
 
 

@@ -7,8 +7,8 @@ ratio when the file holds several ratios (`semshare bench e2e --recompute-ratio 
 share, one line per prompt length, the other methods as points at their own ratio); with a single ratio,
 speedup against the edited share, one panel per method, one line per prompt length.
 For every `eval_*.json`, `<name>_quality.png`: ROUGE-L of reuse against full prefill per pair set over the
-recompute-ratio sweep, each set's noise floor (full prefill of the reference prompt vs of the target: what an
-unrelated answer to a near-identical prompt scores) dashed in the same colour.
+recompute-ratio sweep, each set's noise floor (full prefill of the target with one leading space vs without:
+how far a change that should not matter moves the output) dashed in the same colour.
 Needs matplotlib (`pip install matplotlib`, or the `bench` extra).
 """
 from __future__ import annotations
@@ -32,7 +32,10 @@ def _load(path: Path) -> Optional[Dict]:
 
 def _title(result: Dict, what: str) -> str:
     model = Path(str(result.get("model", "?"))).name
-    parts = [model, result.get("dtype"), result.get("device_name") or result.get("device"), result.get("date")]
+    env = result.get("provenance", {}).get("this", {})  # e2e_against_commit.py nests each tree's provenance
+    get = lambda k: result.get(k) or env.get(k)  # noqa: E731
+    model = Path(str(get("model") or "?")).name
+    parts = [model, get("dtype"), get("device_name") or get("device"), get("date")]
     return f"{what}\n" + ", ".join(str(p) for p in parts if p)
 
 
@@ -60,6 +63,15 @@ def plot_e2e(result: Dict, out: Path) -> Optional[Path]:
     records = [r for r in result.get("records", []) if "speedup_vs_full" in r and "method" in r]
     if not records:
         return None
+    # Files of benchmarks/e2e_budgets.py and e2e_against_commit.py hold several variants / trees / rounds of one method:
+    # each variant (or tree) is its own method here, and rounds of one point are averaged, not drawn as a zig-zag.
+    merged: Dict[tuple, List[Dict]] = defaultdict(list)
+    for r in records:
+        tags = ("variant" if r.get("variant") is not None else "budget", "tree")  # older e2e_budgets files: budget
+        name = r["method"] + "".join(f" [{r[k]}]" for k in tags if r.get(k) is not None)
+        merged[(name, r["prompt_tokens"], r["edited_share"], r.get("recompute_ratio"))].append(r)
+    records = [{**runs[0], "method": key[0],
+                "speedup_vs_full": sum(x["speedup_vs_full"] for x in runs) / len(runs)} for key, runs in merged.items()]
     length_of = length_groups([r["prompt_tokens"] for r in records])
     ratios = sorted({r.get("recompute_ratio") for r in records
                      if r["method"] == "semshare" and r.get("recompute_ratio") is not None})
@@ -75,7 +87,7 @@ def plot_e2e(result: Dict, out: Path) -> Optional[Path]:
             for length, points in sorted(lines.items()):
                 xs, ys = zip(*sorted(points))
                 ax.plot(xs, ys, marker="o", label=f"semshare, ~{length} tokens")
-            for method in sorted({r["method"] for r in at} - {"semshare", "full"}):
+            for method in sorted({r["method"] for r in at if r["method"].split(" [")[0] not in ("semshare", "full")}):
                 pts = [(r.get("recompute_ratio") or 0.0, r["speedup_vs_full"]) for r in at if r["method"] == method]
                 ax.scatter(*zip(*pts), marker="x", label=method)
             ax.axhline(1.0, color="grey", linewidth=0.8)
@@ -84,7 +96,7 @@ def plot_e2e(result: Dict, out: Path) -> Optional[Path]:
         axes[0][0].set_ylabel("TTFT speedup vs full prefill")
         axes[0][-1].legend(fontsize=7)
     else:
-        methods = [m for m in dict.fromkeys(r["method"] for r in records) if m != "full"]
+        methods = [m for m in dict.fromkeys(r["method"] for r in records) if m.split(" [")[0] != "full"]
         if not methods:
             return None
         fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 4), squeeze=False, sharey=True)

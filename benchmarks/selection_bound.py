@@ -24,7 +24,7 @@ import torch
 from semshare_ops.bench.provenance import environment
 from semshare_ops.engine import ReuseConfig, ReuseEngine
 from semshare_ops.engine.engine import effective_check_layers, selection_scores
-from semshare_ops.eval.evaluate import rouge_l
+from semshare_ops.eval.evaluate import floor_prompt, rouge_l
 
 from ablate_selection import engine_and_pairs, kl_rows, pair_arguments  # this folder (run as a script)
 
@@ -77,16 +77,17 @@ def main() -> int:
     records = []
     for i, pair in enumerate(pairs):
         reference, target = wrap(pair["reference"]), wrap(pair["target"])
+        floor = floor_prompt(pair["target"], wrap)  # the leading space inside the chat template (semshare eval's)
         entry = engine.prefill(reference)
         full = engine.generate(target, max_new_tokens=args.max_new_tokens, return_entry=True)  # its K/V: the truth
         engine.truth = (full.entry.keys.cpu(), full.entry.values.cpu())
         cont = full.token_ids
         full_logits, _ = engine.score(target, cont)
-        noise_logits, _ = engine.score(" " + target, cont)
+        noise_logits, _ = engine.score(floor, cont)
         record = {"id": pair.get("id"), "set": pair["set"], "prompt_tokens": full.stats["prompt_tokens"],
                   "kl_floor": float(kl_rows(full_logits, noise_logits).mean()), "variants": {}}
         if args.rouge:
-            record["rougeL_floor"] = rouge_l(engine.generate(" " + target, max_new_tokens=args.max_new_tokens).text,
+            record["rougeL_floor"] = rouge_l(engine.generate(floor, max_new_tokens=args.max_new_tokens).text,
                                              full.text)
         for ratio in args.ratios:
             for oracle in [None] + args.oracles:

@@ -87,7 +87,7 @@ def main() -> int:
             parser.error(f"{path}: not recorded with --rouge")
         variant = args.variant or next(iter(records[0]["variants"]))
         edited = run.get("edit_share")
-        label = records[0]["set"] + (", the pairs' own targets" if edited is None else
+        label = "+".join(dict.fromkeys(r["set"] for r in records)) + (", the pairs' own targets" if edited is None else
                                      f", {edited:.0%} of the reference edited")
         results.append({"run": path, "label": label, "variant": variant, "command": run.get("command"),
                         "gates": replay(records, variant, args.gates),

@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads; 1 because 2 threads collapse when the 2 cores are shared")
     parser.add_argument("--progress", action="store_true")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "store_hitrate_cpu.json"))
+    parser.add_argument("--out", default=None, help="JSON file to write (nothing written without it)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -216,8 +216,9 @@ def main(argv=None) -> int:
         "runs": {name: run["summary"] for name, run in runs.items()},
         "requests": {name: run["records"] for name, run in runs.items()},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
 
     rows = [("requests", "d"), ("request_hit_rate", ".3f"), ("prompt_tokens_queried", "d"), ("tokens_hit", "d"),
             ("token_hit_rate", ".3f"), ("prefix_cache_token_hit_rate", ".3f"), ("mean_recomputed_share", ".3f"),
@@ -232,7 +233,8 @@ def main(argv=None) -> int:
             v = runs[n]["summary"][key]
             cells.append(f"{'-':>12s}" if v is None else f"{v:>12{fmt}}")
         print(f"{key:32s}" + "".join(cells))
-    print(f"wrote {os.path.relpath(args.out, os.getcwd())}")
+    if args.out:
+        print(f"wrote {os.path.relpath(args.out, os.getcwd())}")
     return 0
 
 

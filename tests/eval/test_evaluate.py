@@ -94,3 +94,17 @@ def test_engine_config_restored_after_sweep(engine):
     before = engine.config
     evaluate.run_eval(engine, PAIRS[:1], ratios=[0.7], max_new_tokens=2, chat=False, baselines=False)
     assert engine.config is before
+
+
+def test_noise_floor_space_goes_inside_the_chat_template(engine, monkeypatch):
+    """The floor's leading space is in the user's text, inside the template (a prompt a chat client could send), not
+    in front of the templated prompt."""
+    monkeypatch.setattr(evaluate, "as_chat", lambda tokenizer, text: "<turn>" + text + "</turn>")
+    prompts = []
+    generate = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda prompt, *a, **k: prompts.append(prompt) or generate(prompt, *a, **k))
+    evaluate.run_eval(engine, PAIRS[:1], ratios=[0.2], max_new_tokens=2, chat=True)
+    target = PAIRS[0]["target"]
+    assert "<turn> " + target + "</turn>" in prompts
+    assert all(p.startswith("<turn>") for p in prompts), prompts
+    assert evaluate.floor_prompt(target) == " " + target  # without a template, the space leads the prompt
