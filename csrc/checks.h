@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -41,11 +42,13 @@ inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const
               t.sizes());
 }
 
-// True when the byte ranges the two tensors span intersect in one storage. Coarser than an element-exact test
-// (two interleaved views of one buffer count as sharing), but exact for the common case of separate caches,
-// where ATen's get_overlap_status gives up on non-dense views (a cache prefix, a transposed HF cache).
+// True when the byte ranges the two tensors span intersect. Coarser than an element-exact test (two interleaved
+// views of one buffer count as sharing), but exact for the common case of separate caches, where ATen's
+// get_overlap_status gives up on non-dense views (a cache prefix, a transposed HF cache). Addresses, not Storage
+// identity: two Storages can wrap the same memory (torch.from_numpy or DLPack twice over one buffer), and ranges
+// of separate allocations on one device never intersect.
 inline bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
+  if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device()) return false;
   auto span = [](const at::Tensor& t) {
     int64_t last = 0;
     for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
@@ -261,6 +264,12 @@ inline RopeReuseShape check_rope_reuse_args(const at::Tensor& k_dst, const at::T
 }
 
 // ---- partial_attn ----------------------------------------------------------------------------------------------
+
+// q_pos - window without int64 overflow (window > 0): positions may be any int64, and a query whose window start
+// would lie below INT64_MIN sees every non-negative key its position allows.
+inline int64_t window_start(int64_t q_pos, int64_t window) {
+  return q_pos < std::numeric_limits<int64_t>::min() + window ? std::numeric_limits<int64_t>::min() : q_pos - window;
+}
 
 struct PartialAttnShape {
   int64_t nq, nk, q_heads, kv_heads, head_dim, v_head_dim, batch;

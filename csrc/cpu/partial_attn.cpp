@@ -98,13 +98,14 @@ inline vf8 tanh8(vf8 x) {
 }
 
 // Horizontal max and sum in three shuffle steps (halves, quarters, pairs) instead of seven scalar ones.
+// NaN-sticky: a NaN lane wins (a plain `v > w ? v : w` drops it, and a row whose only visible logits are NaN
+// would then look like a row that sees nothing).
+inline vf8 vmax_nan(vf8 v, vf8 w) { return ((v > w) | (v != v)) ? v : w; }
+
 inline float hmax(vf8 v) {
-  vf8 w = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
-  v = v > w ? v : w;
-  w = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
-  v = v > w ? v : w;
-  w = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
-  v = v > w ? v : w;
+  v = vmax_nan(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+  v = vmax_nan(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
+  v = vmax_nan(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
   return v[0];
 }
 
@@ -252,7 +253,7 @@ inline void attend_tile(int64_t rows, int64_t D, int64_t Dvp, int64_t nk, int64_
                                                  : load8(pr + 8 * c);
     vf8 vmax = a[0];
 #pragma GCC unroll 8
-    for (int c = 1; c < 8; ++c) vmax = vmax > a[c] ? vmax : a[c];
+    for (int c = 1; c < 8; ++c) vmax = vmax_nan(vmax, a[c]);
     const float tile_max = hmax(vmax);
     if (tile_max == kNegInf) {
       alpha[row] = 1.0f;
@@ -359,7 +360,7 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
       int64_t kb = k0, ke = k1;
       if (!kvpos) {  // clamped to the sequence before adding k0: a position may be as large as int64 allows
         const int64_t n = k1 - k0, first = qpos[order[t]], last = qpos[order[t_end - 1]];
-        if (window > 0) kb = k0 + std::clamp<int64_t>(first - window + 1, 0, n) / kBlockK * kBlockK;
+        if (window > 0) kb = k0 + std::clamp<int64_t>(window_start(first, window) + 1, 0, n) / kBlockK * kBlockK;
         ke = k0 + (last >= n ? n : std::max<int64_t>(0, last + 1));
         kb = std::min(kb, ke > k0 ? (ke - k0 - 1) / kBlockK * kBlockK + k0 : k0);
       }
@@ -424,7 +425,9 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
   };
 
   const bool few_tiles = max_tiles_per_seq <= kLocalPackTiles;
-  const bool direct = few_tiles && std::is_same_v<scalar_t, float> && D % 8 == 0 && Dv % kVChunk == 0;
+  // k.stride(0) != 0: ldk == 0 tells attend_tile its K is a packed tile, so an expanded K is packed instead.
+  const bool direct = few_tiles && std::is_same_v<scalar_t, float> && D % 8 == 0 && Dv % kVChunk == 0 &&
+                      k.stride(0) != 0;
   const bool local_pack = few_tiles && !direct, shared_pack = !few_tiles;
   std::vector<int64_t> tile_base(s.batch + 1, 0);
   for (int64_t b = 0; b < s.batch; ++b) {
@@ -505,7 +508,7 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
       std::fill(L, L + rows, 0.0f);
       const int64_t q_min = tile_qpos[0], q_max = tile_qpos[nq - 1];
       // Keys at positions <= q_min - window are outside every query's window.
-      const int64_t win_lo = window > 0 ? q_min - window : std::numeric_limits<int64_t>::min();
+      const int64_t win_lo = window > 0 ? window_start(q_min, window) : std::numeric_limits<int64_t>::min();
 
       for (int64_t j0 = w.k_begin; j0 < w.k_end; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, s.cu_k[w.b + 1] - j0);
@@ -524,7 +527,7 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
         // No query of the tile sees any key of this tile (or none is present): past the last query, or before
         // the first query's window.
         if (pos_min > q_max || pos_max <= win_lo) continue;
-        const bool whole_window = window <= 0 || pos_min > q_max - window;  // in every query's window
+        const bool whole_window = window <= 0 || pos_min > window_start(q_max, window);  // in every query's window
         const bool need_mask = !(all_present && pos_max <= q_min && whole_window);
 
         const float *Kt, *V;
@@ -559,7 +562,7 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
             float* br = bias + r * kBlockK;
             for (int64_t j = 0; j < kBlockK; ++j) {
               const int64_t p = key_pos[j];
-              const bool in_window = window <= 0 || p > tile_qpos[r] - window;
+              const bool in_window = window <= 0 || p > window_start(tile_qpos[r], window);
               br[j] = (p >= 0 && p <= tile_qpos[r] && in_window) ? 0.0f : kNegInf;
             }
           }
@@ -598,8 +601,14 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
       for (int64_t r = 0; r < nq; ++r) {
         for (int64_t hh = 0; hh < G; ++hh) {
           const int64_t row = w.part + r * G + hh;
+          // A slice whose visible logits include a NaN has L = NaN (its M may still be -inf, when NaN was all it
+          // saw): carried here, so the row comes out NaN and never as "no visible key".
           float m = kNegInf;
-          for (int64_t z = 0; z < w.slices; ++z) m = std::max(m, part_m.get()[row + z * rows]);
+          bool nan_row = false;
+          for (int64_t z = 0; z < w.slices; ++z) {
+            m = std::max(m, part_m.get()[row + z * rows]);
+            nan_row = nan_row || std::isnan(part_l.get()[row + z * rows]);
+          }
           float l = 0.0f;
           std::fill(acc.begin(), acc.end(), 0.0f);
           if (m > kNegInf) {
@@ -611,6 +620,7 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
               for (int64_t e = 0; e < Dv; ++e) acc[e] += o[e] * c;
             }
           }
+          if (nan_row) l = std::numeric_limits<float>::quiet_NaN();
           finish(order[w.q_begin + r], w.g * G + hh, acc.data(), m, l);
         }
       }

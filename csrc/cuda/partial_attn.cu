@@ -57,9 +57,19 @@ struct AttnArgs {
   float* lse_part;
 };
 
+// NaN-sticky (fmaxf drops a NaN, and a row whose only visible logits are NaN would look like one that sees nothing).
 __device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o /= 2) {
+    const float w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = isnan(v) || isnan(w) ? NAN : fmaxf(v, w);
+  }
   return v;
+}
+
+// q_pos - window without int64 overflow (window > 0), as csrc/checks.h window_start.
+__device__ __forceinline__ int64_t window_start_d(int64_t qp, int64_t window) {
+  constexpr int64_t kMin = static_cast<int64_t>(-9223372036854775807LL - 1);
+  return qp < kMin + window ? kMin : qp - window;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -69,7 +79,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // Whether a key at position p is visible to a query at position qp (docs/contract.md 3.4); p < 0 is an empty slot.
 __device__ __forceinline__ bool key_visible(int64_t p, int64_t qp, int64_t window) {
-  return p >= 0 && p <= qp && (window <= 0 || p > qp - window);
+  return p >= 0 && p <= qp && (window <= 0 || p > window_start_d(qp, window));
 }
 
 // A sink logit joins a finished row's softmax denominator, not its output. m and l are the row's running max and
@@ -95,7 +105,7 @@ __device__ __forceinline__ int64_t seen_end(int64_t k0, int64_t k1, int64_t qp) 
 
 // The first key of the tile, `tile` keys wide, where the window of a query at qp starts (default positions).
 __device__ __forceinline__ int64_t window_begin(int64_t k0, int64_t k1, int64_t qp, int64_t window, int64_t tile) {
-  return k0 + min(max(qp - window + 1, int64_t{0}), k1 - k0) / tile * tile;
+  return k0 + min(max(window_start_d(qp, window) + 1, int64_t{0}), k1 - k0) / tile * tile;
 }
 
 // A tile's sequence, first and end index into `order`, and its sequence's key range. Without cu_seqlens there is one
@@ -137,7 +147,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   float* Ps = Ls + kRows;                    // [kWarps][kBlockK]
   __shared__ int64_t key_pos[kBlockK];
   __shared__ int64_t row_pos[kRows];
-  __shared__ int skip;
 
   const TileBounds tb = tile_bounds(a, blockIdx.x);
   const int64_t t0 = tb.t0, t1 = tb.t1, k0 = tb.k0, k1 = tb.k1;
@@ -165,15 +174,15 @@ __global__ void __launch_bounds__(kWarps * 32)
 
   for (int64_t j0 = j_first; j0 < k1; j0 += kBlockK) {
     const int64_t nk = min(static_cast<int64_t>(kBlockK), k1 - j0);
+    // The barrier's OR, not a shared flag: warp 0 writes the next tile's key_pos right after a skipped tile, and a
+    // flag written there could be read by a warp still deciding about this one.
+    bool seen = false;
     if (warp == 0) {
       const int64_t p = lane < nk ? (a.kv_pos ? a.kv_pos[j0 + lane] : j0 + lane - k0) : -1;
       key_pos[lane] = p;
-      const bool seen = p >= 0 && p <= q_max && (a.window <= 0 || p > q_min - a.window);
-      const bool any = __any_sync(0xffffffffu, seen);
-      if (lane == 0) skip = !any;
+      seen = p >= 0 && p <= q_max && (a.window <= 0 || p > window_start_d(q_min, a.window));
     }
-    __syncthreads();
-    if (skip) continue;  // uniform: no query of the tile sees a key of this tile
+    if (!__syncthreads_or(seen)) continue;  // uniform: no query of the tile sees a key of this tile
     for (int64_t e = threadIdx.x; e < kBlockK * D; e += blockDim.x) {
       const int64_t j = e / D, d = e % D;
       Ks[j * (D + 1) + d] = j < nk ? static_cast<float>(k[(j0 + j) * a.ks0 + g * a.ks1 + d]) : 0.0f;
@@ -358,7 +367,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
       const int64_t j = j0 + threadIdx.x;
       const int64_t p = j < k1 ? (a.kv_pos ? a.kv_pos[j] : j - k0) : -1;
       key_pos[threadIdx.x] = p;
-      seen = p >= 0 && p <= q_max && (a.window <= 0 || p > q_min - a.window);
+      seen = p >= 0 && p <= q_max && (a.window <= 0 || p > window_start_d(q_min, a.window));
     }
     cp_async_wait<1>();  // this thread's copies of tile j0 have landed; the barrier below publishes everyone's
     if (!__syncthreads_or(seen)) continue;  // uniform: no query of the tile sees a key of this tile

@@ -794,6 +794,20 @@ def test_static_cache_prefix_views(impl, device):
     run_check(impl, q, k, v, pos([36, 0, 20, 50], device))
 
 
+@pytest.mark.parametrize("nq", [1, 3])
+def test_expanded_k(impl, device, nq):
+    """fp32 K expanded over its tokens (one key row repeated: token stride 0; only the last stride is constrained)
+    with a decode-size call: the CPU kernel reads fp32 K where it lies there, and once took the zero stride for its
+    mark of a packed tile, reading NaN or garbage."""
+    gen = make_generator(126)
+    nk, hq, hkv, d = 100, 4, 2, 64
+    q = randn((nq, hq, d), gen=gen, device=device)
+    k = (3.0 * randn((1, hkv, d), gen=gen, device=device)).expand(nk, hkv, d)
+    v = randn((nk, hkv, d), gen=gen, device=device)
+    assert k.stride(0) == 0
+    run_check(impl, q, k, v, pos([99, 40, 7][:nq], device))
+
+
 OPS_VS_REF_FEATURES = [  # (window, softcap, with sinks)
     (-1, 0.0, False), (5, 0.0, False), (-1, 10.0, False), (-1, 0.0, True), (4, 6.0, True), (200, 0.0, True)]
 
@@ -890,6 +904,74 @@ def test_non_finite_inputs_a_query_sees_come_out_nan(impl, device, dtype, nk):
     assert (lse[:, 0] == math.inf).all() and (ref_lse[:, 0] == math.inf).all()
     assert (out[:, 0] == 0).all() and (ref_out[:, 0] == 0).all()
     assert torch.isfinite(lse[:, 2:]).all() and torch.isfinite(out[:, 2:].float()).all()
+
+
+@pytest.mark.parametrize("nk", [100, 2048])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_nan_logits_alone_in_their_key_tile_come_out_nan(impl, device, dtype, nk):
+    """A row whose only visible logits in a key tile are NaN (the tile's other keys masked) comes out NaN, never "no
+    visible key": NaN in q of a query at position 3, a NaN key 64 seen by a query at 64 (alone in its tile) and by
+    one at the end; on 4 threads the CPU kernel cuts 2048 keys into slices, each of them NaN for a NaN q at the end.
+    A max that drops NaN (the CPU tile max as a select chain and its merge of the slices by their max, the CUDA-core
+    kernel's fmaxf) once gave lse -inf and out 0, or a finite row."""
+    q, k, v = make_qkv(device, dtype, 4, nk, 4, 2, 64, seed=123)
+    qp = pos([3, 64, 40, nk - 1], device)
+    q[0, 0, 5] = float("nan")  # query 0, head 0: every logit NaN, keys past 3 masked
+    q[3, 1, 9] = float("nan")  # query 3, head 1: every logit NaN, every key seen
+    k[64, 1, 7] = float("nan")  # kv head 1 (query heads 2, 3): seen by queries 1 and 3, not by 2 (position 40)
+    nan_rows = torch.zeros(4, 4, dtype=torch.bool)
+    nan_rows[0, 0] = nan_rows[3, 1] = True
+    nan_rows[1, 2:] = nan_rows[3, 2:] = True
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        out, lse = impl.partial_attn(q, k, v, qp)
+    finally:
+        torch.set_num_threads(threads)
+    ref_out, ref_lse = impl_module("oracle").partial_attn(q, k, v, qp)
+    out, lse, ref_out, ref_lse = out.cpu().float(), lse.cpu(), ref_out.cpu().float(), ref_lse.cpu()
+    assert torch.equal(torch.isnan(ref_lse), nan_rows) and torch.isnan(ref_out[nan_rows]).all()
+    assert torch.equal(torch.isnan(lse), nan_rows), f"lse NaN at {torch.isnan(lse).nonzero().tolist()}"
+    assert torch.isnan(out[nan_rows]).all(), "a row with a NaN logit must give NaN out"
+    assert torch.isfinite(out[~nan_rows]).all() and torch.isfinite(lse[~nan_rows]).all()
+    torch.testing.assert_close(out[~nan_rows].double(), ref_out[~nan_rows].double(), **tol(dtype, 2.0))
+    torch.testing.assert_close(lse[~nan_rows], ref_lse[~nan_rows], atol=LSE_ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [I64_MAX, 2**62], ids=["2^63-1", "2^62"])
+@pytest.mark.parametrize("with_kv_pos", [False, True], ids=["default_kv_pos", "kv_pos"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_window_start_below_int64_min(impl, device, dtype, with_kv_pos, window):
+    """A window as large as int64 allows (2^63 - 1: "no window") with a very negative query position sharing a
+    query tile with ordinary ones: q_pos - window lies below INT64_MIN. It once wrapped to a huge positive start of
+    the tile's windows, and every key of the tile was skipped (CPU, and both CUDA kernels)."""
+    q, k, v = make_qkv(device, dtype, 5, 200, 4, 2, 64, seed=124)
+    qp = pos([-(2**62) - 5, 150, 199, -1, 70], device)
+    kv_pos = torch.arange(200, device=device) if with_kv_pos else None
+    _, _, ref_lse = run_check(impl, q, k, v, qp, kv_pos, window=window, min_live=12)
+    assert torch.isneginf(ref_lse[[0, 3]]).all() and torch.isfinite(ref_lse[[1, 2, 4]]).all()
+
+
+@pytest.mark.parametrize("case", ["evicted_first_tile", "kv_pos_window"])
+def test_cuda_core_kernel_skipped_key_tile_then_visible_one(monkeypatch, case):
+    """The CUDA-core kernel (fp32: never the tensor cores) run by the emulator resuming only the lowest runnable
+    warp (SIMT_EMU_ORDER=warps-ahead): a 32-key tile that no query of the block sees (all evicted, or before every
+    window), then one they see. The skip decision was a shared flag that warp 0 rewrote for the next tile while
+    other warps could still be reading it for this one: a deadlock at the barrier, or keys skipped by some warps
+    only."""
+    emulated = impl_module("cuda_emulated")
+    monkeypatch.setenv("SIMT_EMU_ORDER", "warps-ahead")
+    q, k, v = make_qkv("cpu", torch.float32, 8, 96, 4, 1, 32, seed=125)  # 8 queries x 4 heads: one block of 32 rows
+    kv_pos = torch.arange(96)
+    if case == "evicted_first_tile":
+        kv_pos[:32] = -1
+        kv_pos[64:] = -1
+        qp, window = torch.arange(40, 48), -1
+    else:  # positions shuffled within each tile; the windows of queries 80..87 start past 60: tile 0 unseen
+        gen = make_generator(127)
+        kv_pos = torch.cat([kv_pos[j : j + 32][torch.randperm(32, generator=gen)] for j in (0, 32, 64)])
+        qp, window = torch.arange(80, 88), 20
+    run_check(emulated, q, k, v, qp, kv_pos, window=window)
 
 
 # ---- bad arguments ------------------------------------------------------------------------------------------------

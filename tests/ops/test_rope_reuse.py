@@ -791,6 +791,26 @@ except RuntimeError as err:
     assert proc.returncode == 0 and proc.stdout.strip() == "refused", (proc.returncode, proc.stdout, proc.stderr)
 
 
+@pytest.mark.parametrize("impl_name", ["ops", "cuda_emulated"])
+@pytest.mark.parametrize("pair", ["k_dst-k_src", "v_dst-v_src", "k_dst-v_dst"])
+def test_outputs_sharing_memory_through_another_storage_are_refused(impl_name, pair):
+    """An output and a source (or the other output) over one buffer through two Storages (torch.from_numpy twice;
+    DLPack, frombuffer alike): the kernels compare addresses, not Storage identity, and refuse the call by name
+    before any write. The Storage test once let it through, and the one-pass kernel read rows it had overwritten."""
+    np = pytest.importorskip("numpy")
+    a = make_case("cpu", t_dst=12, t_src=9, heads=3, dim=32, v_dim=32, pairs=6, seed=34)
+    out_name, in_name = pair.split("-")
+    rows = a[out_name].shape[0]
+    buf = randn((rows + 2,) + tuple(a[out_name].shape[1:]), gen=make_generator(35)).numpy()
+    a[out_name] = torch.from_numpy(buf)[:rows]
+    a[in_name] = torch.from_numpy(buf)[2 : 2 + a[in_name].shape[0]]  # overlaps rows 2.. of the output
+    assert a[out_name].untyped_storage().data_ptr() == a[in_name].untyped_storage().data_ptr()  # one buffer
+    before = buf.copy()
+    err = expect_arg_error(lambda: call(impl_module(impl_name), a, True), out_name)
+    assert in_name in str(err) and "share memory" in str(err), str(err)
+    assert np.array_equal(buf, before), "written before refusing"
+
+
 @pytest.mark.parametrize("which", ["k_dst", "v_src", "dst_idx"])
 def test_meta_tensor_mixed_with_cpu_tensors_is_refused(which):
     """A meta tensor routes the call to the fake kernel, which must refuse the mix rather than do nothing."""
