@@ -36,7 +36,8 @@ def smollm2_tokenizer():
 
 def reusable_shares(tokenizer, reference: str, target: str, block: int = 16) -> tuple[float, float]:
     """Share of target tokens reusable by an exact prefix in whole ``block``-token blocks, and by aligning the
-    token sequences (difflib keep operations): BASELINES.md's first table, for the two simplest methods."""
+    token sequences (difflib keep operations): what the two simplest reuse methods (a prefix cache, a token
+    alignment) would reuse."""
     ref = tokenizer(reference, add_special_tokens=False)["input_ids"]
     tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
     prefix = 0
