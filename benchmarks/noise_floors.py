@@ -7,7 +7,8 @@
 greedy output scored against the target's own (ROUGE-L). One draw of one kind. Here every built-in pair's target is
 changed four ways, fixed before any was measured, none of which changes what the prompt says:
 
-- "leading space" (the floor `semshare eval` reports, inside the chat template with --chat), "two leading spaces", "leading newline";
+- "leading space" (the floor `semshare eval` reports, inside the chat template with --chat), "two leading
+  spaces", "leading newline";
 - "space doubled mid-prompt": the first space at or after the middle of the text doubled, a change inside the
   text as near-duplicates' edits are (the first space of the text where the second half has none).
 

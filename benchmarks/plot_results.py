@@ -31,7 +31,6 @@ def _load(path: Path) -> Optional[Dict]:
 
 
 def _title(result: Dict, what: str) -> str:
-    model = Path(str(result.get("model", "?"))).name
     env = result.get("provenance", {}).get("this", {})  # e2e_against_commit.py nests each tree's provenance
     get = lambda k: result.get(k) or env.get(k)  # noqa: E731
     model = Path(str(get("model") or "?")).name

@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..engine import ReuseConfig, ReuseEngine
-from ..engine.prompts import DEMO_REFERENCE
+from ..engine.prompts import DEMO_REFERENCE, adds_bos
 from .shapes import IdTokenizer, random_model, random_prompt  # noqa: F401  (re-exported for the CLI)
 from .timing import ttft_stats
 
@@ -215,9 +215,7 @@ def text_prompt(tokenizer, length: int) -> List[int]:
 
     One prompt, tokenized as the tokenizer would a single text: a BOS (for tokenizers that add one) once at the
     start, not again at every joined chunk."""
-    bos_id = getattr(tokenizer, "bos_token_id", None)
-    adds_bos = bos_id is not None and tokenizer("")["input_ids"][:1] == [bos_id]
-    chunks, total = [[bos_id] if adds_bos else []], 0
+    chunks, total = [[tokenizer.bos_token_id] if adds_bos(tokenizer) else []], 0
     try:
         from ..eval.sharegpt import iter_sharegpt
 

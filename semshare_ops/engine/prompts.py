@@ -27,6 +27,12 @@ DEMO_TARGET = DEMO_REFERENCE.replace("Anna Petrova", "Maria Lindqvist").replace(
     .replace(" On Sundays and Mondays it stays closed.", "")
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS in front of every text it tokenizes with special tokens."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    return bos_id is not None and tokenizer("")["input_ids"][:1] == [bos_id]
+
+
 def as_chat(tokenizer, text: str) -> str:
     """The text as one user turn in the model's chat template (as a string: prompts are tokenized as given).
 
@@ -37,7 +43,7 @@ def as_chat(tokenizer, text: str) -> str:
         return text
     chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                          add_generation_prompt=True)
-    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
-    if bos and chat.startswith(bos) and bos_id is not None and tokenizer("")["input_ids"][:1] == [bos_id]:
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and chat.startswith(bos) and adds_bos(tokenizer):
         chat = chat[len(bos):]
     return chat

@@ -231,13 +231,14 @@ class KVStore:
             new_depth = depth_after(depth, len(base_ids), prefix, match.matched)
             # An exact common prefix of min_reuse_tokens or more is reused as a prefix cache would: no similarity
             # gate (those K/V are exactly a full prefill's, however small a share of the request they are).
+            below_gate = match.matched / total < gate
             if (match.matched < self.min_reuse_tokens
-                    or (match.matched / total < gate and prefix < self.min_reuse_tokens)
+                    or (below_gate and prefix < self.min_reuse_tokens)
                     or new_depth > self.max_depth):
                 continue
             rank = (cost, depth, -stamp)
             if best is None or rank < best[0]:
-                best = (rank, entry_id, entry, new_depth, match.matched / total < gate)
+                best = (rank, entry_id, entry, new_depth, below_gate)
         if best is None:
             return _Choice(None, None, total, 0, [], costs)
         (cost, _, _), entry_id, entry, new_depth, below_gate = best

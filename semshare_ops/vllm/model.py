@@ -10,8 +10,8 @@ exact, and the layer writes its rows' K/V into the cache at their slots, as in a
 
 Served: Llama-architecture models (`LlamaForCausalLM`: SmolLM2, Llama 2/3, ...) on the CPU attention backend, one
 KV cache group, no tensor or pipeline parallelism, the model's dtype in the cache (no fp8), no sliding window,
-soft-capping, sinks or ALiBi, no LoRA. Anything else is refused by name (`Unsupported`), and the connector falls back to
-vLLM's own prefill for every request. At start-up a probe measures each layer's RoPE on scratch blocks: the keys of
+soft-capping, sinks or ALiBi, no LoRA. Anything else is refused by name (`Unsupported`), and the connector falls back
+to vLLM's own prefill for every request. At start-up a probe measures each layer's RoPE on scratch blocks: the keys of
 the same inputs at positions p and p + delta must differ by exactly the rotation `rope_reuse_` applies with the
 layer's inverse frequencies, as the HF engine's probe checks its models.
 """

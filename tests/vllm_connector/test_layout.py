@@ -1,5 +1,6 @@
 """Reading vLLM's paged CPU cache (semshare_ops.vllm.layout) inverts vLLM's own write kernel, bit for bit, for the
-closed-form layout of the vec and vec16 ISAs and for the measured permutation any other ISA would take (`make test-vllm`)."""
+closed-form layout of the vec and vec16 ISAs and for the measured permutation any other ISA would take
+(`make test-vllm`)."""
 import pytest
 import torch
 
