@@ -5,18 +5,20 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../checks.h"
+#include "launch.cuh"
 
 namespace semshare {
 namespace {
 
-// One warp per (row, 64-bit word): lanes read 32 + 32 consecutive projections (coalesced) and two ballots pack
-// their signs, bit b at position b % 64 of word b / 64.
+// One warp per (row, 64-bit word), from `first_warp` on: lanes read 32 + 32 consecutive projections (coalesced)
+// and two ballots pack their signs, bit b at position b % 64 of word b / 64.
 __global__ void pack_signs_kernel(const float* __restrict__ proj, int64_t rows, int64_t bits, int64_t words,
-                                  int64_t* __restrict__ out) {
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+                                  int64_t first_warp, int64_t* __restrict__ out) {
+  const int64_t warp = first_warp + (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp >= rows * words) return;  // uniform per warp: the whole warp leaves together
   const int64_t r = warp / words, w = warp % words;
@@ -123,11 +125,14 @@ at::Tensor simhash_cuda(const at::Tensor& x, const at::Tensor& planes) {
   const auto [proj, out] = simhash_projection(x, planes);
   const int64_t rows = proj.size(0);
   if (rows * words == 0) return out;
-  const int threads = 256;
-  const int64_t blocks = (rows * words * 32 + threads - 1) / threads;
-  pack_signs_kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      proj.data_ptr<float>(), rows, bits, words, out.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int threads = 256, warps_per_block = threads / 32;
+  const int64_t warps = rows * words, max_blocks = max_grid_x(x.get_device());
+  for (int64_t w0 = 0; w0 < warps; w0 += max_blocks * warps_per_block) {
+    const int64_t blocks = std::min(max_blocks, (warps - w0 + warps_per_block - 1) / warps_per_block);
+    pack_signs_kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        proj.data_ptr<float>(), rows, bits, words, w0, out.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return out;
 }
 
@@ -139,19 +144,24 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cuda(const at::Tensor& q_codes, 
               " words per code, got ", words);
   const c10::cuda::CUDAGuard guard(q_codes.device());
   const int64_t nq = q_codes.size(0), nk = k_codes.size(0);
+  // The distance histogram and bucket offsets are 32-bit shared-memory counters.
+  TORCH_CHECK(nk <= INT32_MAX, "k_codes: the CUDA kernel takes at most ", INT32_MAX, " codes, got ", nk);
   at::Tensor dist = at::empty({nq, k}, q_codes.options().dtype(at::kInt));
   at::Tensor idx = at::empty({nq, k}, q_codes.options());
   if (nq == 0) return {dist, idx};
   const at::Tensor kc = k_codes.contiguous();
   const size_t smem = (kTile * words + kWarps * words) * sizeof(uint64_t) + kWarps * (64 * words + 1) * sizeof(int);
-  const int64_t blocks = (nq + kWarps - 1) / kWarps;
   C10_CUDA_CHECK(cudaFuncSetAttribute(hamming_topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
-  hamming_topk_kernel<<<blocks, kWarps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const uint64_t*>(q_codes.data_ptr<int64_t>()), q_codes.stride(0),
-      reinterpret_cast<const uint64_t*>(kc.data_ptr<int64_t>()), nq, nk, static_cast<int>(words), k,
-      dist.data_ptr<int32_t>(), idx.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto* qp = reinterpret_cast<const uint64_t*>(q_codes.data_ptr<int64_t>());
+  const int64_t q_stride = q_codes.stride(0), max_queries = max_grid_x(q_codes.get_device()) * kWarps;
+  for (int64_t q0 = 0; q0 < nq; q0 += max_queries) {  // kWarps queries per block
+    const int64_t n = std::min(max_queries, nq - q0);
+    hamming_topk_kernel<<<(n + kWarps - 1) / kWarps, kWarps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(
+        qp + q0 * q_stride, q_stride, reinterpret_cast<const uint64_t*>(kc.data_ptr<int64_t>()), n, nk,
+        static_cast<int>(words), k, dist.data_ptr<int32_t>() + q0 * k, idx.data_ptr<int64_t>() + q0 * k);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return {dist, idx};
 }
 

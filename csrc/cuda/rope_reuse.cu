@@ -6,10 +6,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../cache_view.h"
 #include "../checks.h"
+#include "launch.cuh"
 #include "ptx.cuh"
 
 namespace semshare {
@@ -25,11 +27,11 @@ struct RopeArgs {
   bool neox;
 };
 
-// One block per (pair, layer); all layers of all pairs in one launch. The block's prologue, shared by both
-// kernels: its pair's rows of the four caches, and when the pair rotates, its cos/sin (precise sincosf: the build
-// has no --use_fast_math; the angle in fp32, as the spec fixes it) computed once into shared memory `cs`
-// [2 * half]. False when the pair is skipped (negative index; out of range only under CUDA-graph capture, where
-// the host check cannot run).
+// One block per (pair, layer); all layers of all pairs in one launch (more than 2^31 - 1 pairs: a few, see
+// launch.cuh). The block's prologue, shared by both kernels: its pair's rows of the four caches, and when the pair
+// rotates, its cos/sin (precise sincosf: the build has no --use_fast_math; the angle in fp32, as the spec fixes it)
+// computed once into shared memory `cs` [2 * half]. False when the pair is skipped (negative index; out of range
+// only under CUDA-graph capture, where the host check cannot run).
 template <typename scalar_t>
 struct PairRows {
   const scalar_t* kin;
@@ -193,7 +195,7 @@ void rope_reuse_cuda(const at::Tensor& k_dst, const at::Tensor& v_dst, const at:
   TORCH_CHECK(s.layers <= 65535, "k_dst: at most 65535 layers in one call, got ", s.layers);
   const at::Tensor src_c = src_idx.contiguous(), dst_c = dst_idx.contiguous(), delta_c = delta.contiguous();
   const at::Tensor freq_c = inv_freq.contiguous();
-  const dim3 grid(static_cast<unsigned>(s.pairs), static_cast<unsigned>(s.layers));
+  const int64_t max_pairs = max_grid_x(k_dst.get_device());
   const int threads = 128;
   const size_t smem = 2 * s.half_rotary * sizeof(float);
   const int64_t vec = 16 / static_cast<int64_t>(k_dst.element_size());
@@ -205,8 +207,15 @@ void rope_reuse_cuda(const at::Tensor& k_dst, const at::Tensor& v_dst, const at:
                    s.t_dst, s.heads, s.head_dim, s.v_head_dim, s.half_rotary, neox};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_dst.scalar_type(), "rope_reuse_cuda", [&] {
     auto kernel = chunked ? rope_reuse_vec_kernel<scalar_t> : rope_reuse_kernel<scalar_t>;
-    kernel<<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (int64_t p0 = 0; p0 < s.pairs; p0 += max_pairs) {  // one block per pair: at most max_pairs per launch
+      RopeArgs c = a;
+      c.src += p0;
+      c.dst += p0;
+      c.delta += p0;
+      const dim3 grid(static_cast<unsigned>(std::min(max_pairs, s.pairs - p0)), static_cast<unsigned>(s.layers));
+      kernel<<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(c);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
 }
 

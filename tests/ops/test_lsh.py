@@ -86,6 +86,16 @@ def test_simhash_many_rows_and_1d(impl, device, nbits):
     check_simhash(impl.simhash(x[5], planes), x[5], planes)
 
 
+@pytest.mark.parametrize("impl", ["cuda_emulated"], indirect=True)  # make cuda-emulate runs it too
+def test_simhash_rows_beyond_one_launch_are_chunked(impl, monkeypatch):
+    """One warp per (row, word), 8 per block, in launches of at most the device's grid.x limit
+    (csrc/cuda/launch.cuh): lowered to 2 blocks, 37 rows of 4 words take 10 launches."""
+    monkeypatch.setenv("SIMT_EMU_MAX_GRID_X", "2")
+    gen = make_generator(12)
+    x, planes = randn((37, 24), gen=gen), randn((24, 200), gen=gen)
+    check_simhash(impl.simhash(x, planes), x, planes)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_simhash_strided_view(impl, device, dtype):
     gen = make_generator(11)
@@ -250,6 +260,28 @@ def test_hamming_topk_many_references(impl, device):
     q_codes, k_codes = q_codes.to(device), k_codes.to(device)
     dist, idx = impl.hamming_topk(q_codes, k_codes, 700)
     check_topk(dist, idx, q_codes, k_codes, 700)
+
+
+@pytest.mark.parametrize("impl", ["cuda_emulated"], indirect=True)  # make cuda-emulate runs it too
+def test_hamming_topk_queries_beyond_one_launch_are_chunked(impl, monkeypatch):
+    """8 queries per block, in launches of at most the device's grid.x limit (csrc/cuda/launch.cuh): lowered to 2
+    blocks, 45 strided query rows take 3 launches, each reading and writing its own rows."""
+    monkeypatch.setenv("SIMT_EMU_MAX_GRID_X", "2")
+    q_all, k_codes = tie_heavy_codes(np.random.default_rng(17), 90, 70, 3)
+    q_codes = q_all[::2, :2]  # row stride 6
+    k_codes = k_codes[:, :2].contiguous()
+    dist, idx = impl.hamming_topk(q_codes, k_codes, 9)
+    check_topk(dist, idx, q_codes, k_codes, 9)
+
+
+@pytest.mark.parametrize("impl", ["cuda_emulated"], indirect=True)  # make cuda-emulate runs it too
+def test_hamming_topk_cuda_refuses_more_codes_than_its_counters_hold(impl):
+    """The CUDA kernel's distance histogram holds 32-bit counts: 2^31 reference codes (one code expanded, nothing
+    allocated) are refused by name before any launch."""
+    q_codes = torch.tensor([[0x5A5A]])
+    k_codes = torch.tensor([[0x0F0F]]).expand(2**31, 1)
+    with pytest.raises(RuntimeError, match="k_codes: the CUDA kernel takes at most 2147483647 codes, got 2147483648"):
+        impl.hamming_topk(q_codes, k_codes, 1)
 
 
 def test_hamming_topk_strided_rows(impl, device):

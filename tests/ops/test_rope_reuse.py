@@ -310,6 +310,20 @@ def test_many_pairs_4d(impl, device, neox):
     run_and_check(impl, a, neox)
 
 
+@pytest.mark.parametrize("kernel, dims", [("vec", (32, 24)), ("scalar", (30, 22))])
+@pytest.mark.parametrize("impl", ["cuda_emulated"], indirect=True)  # make cuda-emulate runs it too
+def test_pairs_beyond_one_launch_are_chunked(impl, monkeypatch, kernel, dims):
+    """One block per pair, in launches of at most the device's grid.x limit (csrc/cuda/launch.cuh): with the
+    emulated limit lowered to 4 blocks, 11 pairs take three launches, each reading its own slice of the index
+    tensors (a skipped pair in the second). Dims 32 / 24 take the 16-byte-chunk kernel; 30 / 22 the element-wise
+    one (half the rotary dim, 15, is not a whole number of fp32's 4-element chunks)."""
+    monkeypatch.setenv("SIMT_EMU_MAX_GRID_X", "4")
+    dim, v_dim = dims
+    a = make_case("cpu", layers=2, t_dst=15, t_src=13, dim=dim, v_dim=v_dim, pairs=11, max_delta=900, seed=31)
+    a["dst_idx"][5] = -1
+    run_and_check(impl, a)
+
+
 def test_neox_and_interleaved_differ(impl, device):
     """Guard against a kernel ignoring `neox`: the two pairings give different keys."""
     a = make_case(device, seed=12)

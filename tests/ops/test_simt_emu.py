@@ -81,6 +81,16 @@ def test_launch_limits(selftest):
         selftest.run("neighbour", 2048)
 
 
+def test_grid_x_limit(selftest, monkeypatch):
+    """A launch over the device's grid.x limit fails, as on a GPU; SIMT_EMU_MAX_GRID_X lowers the limit so that the
+    ops' launches in chunks (csrc/cuda/launch.cuh) run on small inputs."""
+    assert torch.equal(selftest.run("blocks", 5), torch.arange(1.0, 6.0))
+    monkeypatch.setenv("SIMT_EMU_MAX_GRID_X", "4")
+    with pytest.raises(RuntimeError, match=r"launch with grid \(5,1,1\), over the device's \(4,"):
+        selftest.run("blocks", 5)
+    assert torch.equal(selftest.run("blocks", 4), torch.arange(1.0, 5.0))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_mma_from_ptx_fragment_tables(selftest, order, dtype):
     gen = make_generator(7)

@@ -77,6 +77,9 @@ def load():
     sources = [os.path.join(src, "ops.cpp"), os.path.join(HERE, "runtime.cpp")]
     cuda_dir = os.path.join(ROOT, "csrc", "cuda")
     cu_files = [os.path.join(cuda_dir, n) for n in sorted(os.listdir(cuda_dir)) if n.endswith(".cu")]
+    for header in sorted(n for n in os.listdir(cuda_dir) if n.endswith(".cuh") and n != "ptx.cuh"):
+        with open(os.path.join(cuda_dir, header)) as f:  # ptx.cuh: include/ has the emulator's own
+            _write_if_changed(os.path.join(src, "cuda", header), f.read())
     for cu in cu_files + [os.path.join(HERE, "selftest.cu")]:  # selftest.cu: tests/test_simt_emu.py
         with open(cu) as f:
             text = rewrite(f.read())

@@ -19,6 +19,11 @@ __global__ void neighbour_kernel(bool barrier, float* out) {
   out[threadIdx.x] = s[(threadIdx.x + 1) % 64];
 }
 
+// One warp per block; each block writes its own index + 1 (a grid of `n` blocks for the grid.x limit).
+__global__ void blocks_kernel(float* out) {
+  if (threadIdx.x == 0) out[blockIdx.x] = blockIdx.x + 1.0f;
+}
+
 // Half of each warp shuffles, the other half meets in __syncwarp: a collective the warp does not reach together.
 __global__ void divergent_shuffle_kernel(float* out) {
   float v = threadIdx.x;
@@ -118,6 +123,7 @@ at::Tensor run(const std::string& name, int64_t threads, int64_t dynamic_smem) {
   else if (name == "dynamic_shared") dynamic_shared_kernel<<<1, threads, dynamic_smem, stream>>>(o);
   else if (name == "cp_async") cp_async_kernel<<<1, threads, 0, stream>>>(true, p, o);
   else if (name == "cp_async_no_wait") cp_async_kernel<<<1, threads, 0, stream>>>(false, p, o);
+  else if (name == "blocks") blocks_kernel<<<threads, 32, 0, stream>>>(o);  // `threads` blocks here
   else if (name == "out_of_bounds") out_of_bounds_kernel<<<1, threads, 0, stream>>>(o, threads, o);
   else TORCH_CHECK(false, "no selftest kernel ", name);
   return out;

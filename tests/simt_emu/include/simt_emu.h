@@ -78,7 +78,7 @@ inline long long __double_as_longlong(double d) { long long x; std::memcpy(&x, &
 enum cudaError_t { cudaSuccess = 0 };
 enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr { cudaDevAttrMaxGridDimX = 5, cudaDevAttrMultiProcessorCount = 16 };
 
 namespace simt {
 
@@ -422,12 +422,21 @@ inline void run_block(Block& b, char* stacks) {
   t_fiber = nullptr;
 }
 
+// grid.x's limit: 2^31 - 1 as on every GPU since sm_30, unless SIMT_EMU_MAX_GRID_X lowers it, so that host code
+// that launches in chunks of at most this many blocks (csrc/cuda/launch.cuh) runs its chunking on small inputs.
+inline int max_grid_x() {
+  const char* env = std::getenv("SIMT_EMU_MAX_GRID_X");
+  return env ? std::max(1, std::atoi(env)) : 2147483647;
+}
+
 inline void run_grid(const void* kernel, dim3 grid, dim3 blk, size_t dynamic_bytes, const std::function<void()>& body) {
   const int64_t threads = int64_t{blk.x} * blk.y * blk.z;
   TORCH_CHECK(threads >= 1 && threads <= 1024 && blk.z <= 64, "SIMT emulator: launch with block (", blk.x, ",", blk.y,
               ",", blk.z, "): at most 1024 threads, z <= 64");
-  TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.y <= 65535 && grid.z <= 65535,
-              "SIMT emulator: launch with grid (", grid.x, ",", grid.y, ",", grid.z, ")");
+  TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.x <= static_cast<unsigned>(max_grid_x()) &&
+                  grid.y <= 65535 && grid.z <= 65535,
+              "SIMT emulator: launch with grid (", grid.x, ",", grid.y, ",", grid.z, "), over the device's (",
+              max_grid_x(), ",65535,65535)");
   size_t allowed = kDefaultDynamicShared;
   {
     std::lock_guard<std::mutex> lock(attr_mutex());
@@ -559,8 +568,12 @@ inline cudaError_t cudaStreamIsCapturing(simt::Stream, cudaStreamCaptureStatus* 
   return cudaSuccess;
 }
 // The device is an H100 SXM (132 SMs) unless SIMT_EMU_SMS says otherwise: host code that sizes its grid by the SM
-// count (partial_attn's split-KV) can be run both ways.
+// count (partial_attn's split-KV) can be run both ways. Its grid.x limit: simt::max_grid_x.
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
+  if (attr == cudaDevAttrMaxGridDimX) {
+    *value = simt::max_grid_x();
+    return cudaSuccess;
+  }
   TORCH_CHECK(attr == cudaDevAttrMultiProcessorCount, "SIMT emulator: cudaDeviceGetAttribute(", static_cast<int>(attr),
               ") is not modelled");
   const char* env = std::getenv("SIMT_EMU_SMS");
