@@ -19,7 +19,7 @@ How a reuse request runs (target of T tokens):
    `guard_margin` set, a step from a stale reused cache whose best token barely leads is not taken from it: the
    prompt and the tokens so far are prefilled in full and decoding goes on exact (`stats["guard"]`). With
    `decode_recompute` set, the rows step 3 left reused in some layer are recomputed a few per step between decode
-   steps, most stale first (`stats["decode_recomputed_tokens"]`).
+   steps, in position order (`stats["decode_recomputed_tokens"]`).
 """
 from __future__ import annotations
 
@@ -145,10 +145,10 @@ class _MarginGuard(LogitsProcessor):
 
 
 class _DecodeRecompute(LogitsProcessor):
-    """ReuseConfig.decode_recompute: between decode steps, the next `rows` stale prompt positions (`cache.stale`)
-    run through every layer (ReuseEngine._recompute_stale). Called before each of the `steps` tokens is chosen,
-    after that step's forward: the first call (the first token's) does nothing, so the first token is not delayed,
-    and neither does the last, whose rows no later step would read. Returns the scores unchanged."""
+    """ReuseConfig.decode_recompute: between decode steps, the next `rows` stale prompt positions (`cache.stale`, in
+    position order) run through every layer (ReuseEngine._recompute_stale). Called before each of the `steps` tokens
+    is chosen, after that step's forward: the first call (the first token's) does nothing, so the first token is not
+    delayed, and neither does the last, whose rows no later step would read. Returns the scores unchanged."""
 
     def __init__(self, engine: "ReuseEngine", ids: torch.Tensor, cache: SemShareCache, rows: int, steps: int):
         self.engine, self.ids, self.cache, self.rows, self.steps = engine, ids, cache, rows, steps
@@ -157,7 +157,7 @@ class _DecodeRecompute(LogitsProcessor):
     def step(self) -> None:
         stale = self.cache.stale
         if 0 < self.calls < self.steps - 1 and self.done < len(stale):
-            positions = stale[self.done: self.done + self.rows].sort().values
+            positions = stale[self.done: self.done + self.rows]
             self.engine._recompute_stale(self.cache, self.ids, positions)
             self.done += len(positions)
         self.calls += 1
@@ -326,8 +326,11 @@ class RowSchedule:
     """
 
     def __init__(self, counts: List[int], mandatory: torch.Tensor, config: ReuseConfig, num_layers: int,
-                 first: Optional[torch.Tensor] = None):
+                 first: Optional[torch.Tensor] = None, unmatched: Optional[torch.Tensor] = None):
         self.counts, self.mandatory, self.config = counts, mandatory, config
+        # The rows without reused K/V (default: the mandatory ones): the check deviation is over all the others, the
+        # matched rows made mandatory (the tail's, the observer window's) included.
+        self.unmatched = mandatory if unmatched is None else unmatched.to(mandatory.device)
         self.n = len(mandatory)
         self.first = (torch.zeros_like(mandatory) if first is None else first.to(mandatory.device)) & ~mandatory
         self.check = min(effective_check_layers(config), num_layers) - 1
@@ -352,7 +355,7 @@ class RowSchedule:
         """Rank this layer's rows by their scores here, summed over the layers ranked so far."""
         scores = selection_scores(self.config.selection, reused, fresh, attention)
         if idx == self.check:
-            self.deviation = mean_relative_deviation(reused, fresh, self.mandatory)
+            self.deviation = mean_relative_deviation(reused, fresh, self.unmatched[self.rows])
         # Only the rows that compete are scored: a mandatory row is recomputed anyway, and an unmatched one had no
         # reused K/V (its "reused" slot was never written: anything, NaN included, may be there). Each ranking layer
         # weighs the same.
@@ -366,13 +369,11 @@ class RowSchedule:
         self.order = self.rows[torch.argsort(ranked[self.rows], descending=True, stable=True)]
 
     def stale(self) -> torch.Tensor:
-        """After the last layer: the rows (indices into the n positions) that some layer left reused, i.e. not in
-        the deepest layer's set, ranked as the budget ranked them (the first rows first, then by fused score)."""
+        """After the last layer: the rows (indices into the n positions, ascending) that some layer left reused,
+        i.e. not in the deepest layer's set."""
         left = torch.ones(self.n, dtype=torch.bool, device=self.mandatory.device)
         left[self.rows] = False
-        rows = left.nonzero().flatten()
-        ranked = (self.fused + self.first * (self.fused.max() + 1.0))[rows] if self.n else self.fused
-        return rows[torch.argsort(ranked, descending=True, stable=True)]
+        return left.nonzero().flatten()
 
     def advance(self, idx: int) -> Optional[torch.Tensor]:
         """After layer idx: indices into its rows of the next layer's (a prefix of one order: nested), or None when
@@ -680,11 +681,12 @@ class ReuseEngine:
     def _guard_margin(self, stats: Dict, cache: SemShareCache) -> float:
         """The guard watches a request served by reuse that kept stale rows: a reused row past the exact prefix in
         some layer (`cache.stale`, what the recompute left; not `recomputed_tokens`, which also counts the
-        lookahead's rows), or rows dropped by retain_ratio. An exact cache (an identical prompt, ratio 1.0) is not
-        watched."""
+        lookahead's rows), or K/V entries dropped by retain_ratio (`cache.dropped`: none when every layer keeps its
+        whole prompt, as at retain_ratio 1.0 or within the sink tokens and observer window of a short one). An exact
+        cache (an identical prompt, ratio 1.0) is not watched."""
         if stats["mode"] != "reuse":
             return 0.0
-        stale = len(cache.stale) > 0 or self.config.retain_ratio is not None
+        stale = len(cache.stale) > 0 or cache.dropped
         return self.config.guard_margin if stale else 0.0
 
     def _entry_from_cache(self, ids: torch.Tensor, cache: SemShareCache, exact: int) -> ReferenceEntry:
@@ -922,7 +924,7 @@ class ReuseEngine:
         n = prefill - exact
         if n == 0:
             return None, 0
-        schedule = RowSchedule(counts, mandatory[exact:], cfg, num_layers, first[exact:])
+        schedule = RowSchedule(counts, mandatory[exact:], cfg, num_layers, first[exact:], unmatched[exact:])
         lookahead = self._lookahead(cache, ids, exact, unmatched) \
             if lookahead_rows(cfg, n) and min(counts) < n else None
         hidden = self._layer_input(ids[exact + schedule.rows], exact + schedule.rows)
@@ -962,7 +964,10 @@ class ReuseEngine:
             if keep is not None:
                 hidden = hidden[:, keep]
         cache.observe = 0
-        cache.stale = exact + schedule.stale()  # what decode_recompute takes next, most stale first
+        # What decode_recompute takes, in position order: a row then runs over the rows before it already fresh. In
+        # the budget's order (most stale first) a row done in an early step would attend to stale rows before it that
+        # a later step fixes, and keep the K/V computed from them.
+        cache.stale = exact + schedule.stale()
         return schedule.deviation, 0 if lookahead is None else lookahead_rows(cfg, n)
 
     def _lookahead(self, cache: SemShareCache, ids: torch.Tensor, exact: int, unmatched: torch.Tensor) -> torch.Tensor:
@@ -1028,6 +1033,7 @@ class ReuseEngine:
             scores[prefill - window:] = math.inf
             kept = torch.topk(scores, count).indices.sort().values
             layer.keep(kept)
+            cache.dropped = True
 
     def _decode(self, ids: torch.Tensor, cache: SemShareCache, max_new_tokens: int, start: float,
                 generate_kwargs: Dict, guard_margin: float) -> tuple:

@@ -142,9 +142,10 @@ class SemShareCache(Cache):
         self.keys, self.values = keys, values  # [L, capacity, H, D]: the layers start as views of these
         self.storage: Optional[tuple] = None  # the flat (keys, values) buffers they lie in, when allocate made them
         self.observe = 0  # > 0: record the attention the last `observe` queries of a recompute step pay
-        # Prompt positions that hold reused K/V in some layer, most stale first (set by the engine's recompute;
+        # Prompt positions that hold reused K/V in some layer, in position order (set by the engine's recompute;
         # what ReuseConfig.decode_recompute takes): none for a full prefill.
         self.stale = torch.zeros(0, dtype=torch.long, device=keys.device)
+        self.dropped = False  # whether retain_ratio dropped K/V entries from some layer (set by the engine)
 
     @classmethod
     def allocate(cls, num_layers: int, capacity: int, heads: int, head_dim: int, v_head_dim: int,

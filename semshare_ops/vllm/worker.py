@@ -168,7 +168,7 @@ class WorkerSide:
         t1 = time.perf_counter()
         self._assemble(plan, donor, src, dst, cfg.rope_correction)
         t2 = time.perf_counter()
-        runs, deviation = self._recompute(plan, mandatory, first, counts)
+        runs, deviation = self._recompute(plan, mandatory, first, counts, match.unmatched_mask()[:prefill])
         t3 = time.perf_counter()
         covered = int((match.dst >= start).sum()) + start
         return {"matched_tokens": match.matched, "covered_tokens": covered, "recomputed": counts, "runs": runs,
@@ -197,7 +197,8 @@ class WorkerSide:
                                 delta, group.inv_freq, group.neox)
                 model.write(idx, keys[0], values[0], slots)
 
-    def _recompute(self, plan, mandatory: torch.Tensor, first: torch.Tensor, counts: List[int]):
+    def _recompute(self, plan, mandatory: torch.Tensor, first: torch.Tensor, counts: List[int],
+                   unmatched: torch.Tensor):
         """The HF engine's `_recompute` over positions [exact, stop) (engine.ReuseEngine._recompute: the same
         counts, ranking and nesting) through vLLM's layers."""
         model, cfg, exact, stop = self.model, plan.config, plan.exact, plan.stop
@@ -206,7 +207,8 @@ class WorkerSide:
         if n == 0:
             return runs, None
         # Ranked by deviation only (the connector does not take `selection`): vLLM's layers keep their queries.
-        schedule = RowSchedule(counts, mandatory[exact:stop], cfg, num_layers, first[exact:stop])
+        schedule = RowSchedule(counts, mandatory[exact:stop], cfg, num_layers, first[exact:stop],
+                               unmatched[exact:stop])
         hidden, residual = model.embed(plan.token_ids[exact + schedule.rows]), None
         context = None
         for idx in range(num_layers):

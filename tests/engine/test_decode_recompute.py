@@ -1,5 +1,5 @@
 """Decode-time recompute (ReuseConfig.decode_recompute): between decode steps, the prompt rows the prefill left
-reused run through every layer, most stale first, their K/V overwritten. On the tiny random Llama and Qwen2 of
+reused run through every layer, in position order, their K/V overwritten. On the tiny random Llama and Qwen2 of
 conftest.py."""
 
 import pytest
@@ -19,14 +19,21 @@ def generate(engine, prompt, **kwargs):
     return engine.generate(prompt, max_new_tokens=NEW, output_logits=True, return_dict_in_generate=True, **kwargs)
 
 
-def test_every_stale_row_recomputed_gives_the_full_prefill_cache(model, tokenizer, reference_ids, ref_entry):
+@pytest.mark.parametrize("rows", [None, 50, 37], ids=["one_step", "50_per_step", "37_per_step"])
+def test_every_stale_row_recomputed_gives_the_full_prefill_cache(model, tokenizer, reference_ids, ref_entry, rows):
+    """In one step or several: in position order, each step's rows run over the rows before them already fresh (in
+    the budget's order, most stale first, a row done early kept K/V computed from rows a later step fixed)."""
     target = edited(reference_ids, "insert")  # ref[:60] + 15 new tokens + ref[60:]
     full = engine_for(model, tokenizer).prefill(target)
     prompt = len(target) - 1  # the last prompt token is computed by decoding, over the stale rows: not compared
     plain = generate(engine_for(model, tokenizer, **STALE_ONLY), target, reference=ref_entry, return_entry=True)
-    healed = generate(engine_for(model, tokenizer, decode_recompute=len(target), **STALE_ONLY), target,
-                      reference=ref_entry, return_entry=True)
     stale = prompt - 75  # positions 75..T-2: matched, shifted by 15, reused
+    rows = rows or len(target)
+    steps = -(-stale // rows) + 2  # not before the first token, not after the last
+    assert steps > 3 or rows == len(target)
+    healed = engine_for(model, tokenizer, decode_recompute=rows, **STALE_ONLY).generate(
+        target, reference=ref_entry, return_entry=True, max_new_tokens=max(NEW, steps), output_logits=True,
+        return_dict_in_generate=True)
     assert plain.stats["decode_recomputed_tokens"] == 0
     assert healed.stats["decode_recomputed_tokens"] == stale
     assert healed.stats["reuse_ratio"] == plain.stats["reuse_ratio"] > 0.5  # the prefill's work is the same

@@ -42,6 +42,22 @@ def test_guard_off_by_zero_and_unwatched_without_stale_rows(model, tokenizer, re
     assert generate(huge, target).stats["guard"] is None
 
 
+def test_retention_that_drops_nothing_is_not_watched(model, tokenizer, reference_ids, ref_entry):
+    """retain_ratio makes a cache stale only where it drops entries: not at 1.0, nor on a prompt within the sink
+    tokens and observer window that every layer keeps (20 tokens). Such an identical prompt is exact, unwatched and
+    not repaired; one whose deep layers do drop entries is watched."""
+    for ratio, prompt in ((1.0, reference_ids), (0.3, reference_ids[:18])):
+        reference = engine_for(model, tokenizer).prefill(prompt)
+        out = generate(engine_for(model, tokenizer, retain_ratio=ratio, guard_margin=1e9), prompt, reference=reference)
+        assert out.stats["kv_bytes"] == out.stats["kv_bytes_full"]  # nothing dropped
+        assert out.stats["guard"] is None, (ratio, len(prompt))
+        assert out.stats["reuse_ratio"] > 0.0  # served by reuse (the short one recomputes its observer window)
+    dropped = generate(engine_for(model, tokenizer, retain_ratio=0.3, guard_margin=1e9), reference_ids,
+                       reference=ref_entry)
+    assert dropped.stats["kv_bytes"] < dropped.stats["kv_bytes_full"]
+    assert dropped.stats["guard"]["repaired_at"] == 0
+
+
 def test_repair_at_the_first_token_is_a_full_prefill(model, tokenizer, reference_ids, ref_entry):
     target = edited(reference_ids, "few")
     full = generate(engine_for(model, tokenizer), target)

@@ -81,6 +81,18 @@ def test_stats_reuse(model, tokenizer, reference_ids, ref_entry, method, kind):
     assert all(b <= a for a, b in zip(s["recomputed_tokens"], s["recomputed_tokens"][1:])), "must not grow w/ depth"
 
 
+def test_check_deviation_is_over_every_matched_row(model, tokenizer, reference_ids, ref_entry):
+    """The check layers recompute every row, so the deviation there is one number whatever the budget makes
+    mandatory later: the matched rows of the tail, of the query window or of retention's observer window count, as
+    the contract says (the mean over the matched rows)."""
+    target = edited(reference_ids, "few")
+    base = engine_for(model, tokenizer).generate(target, reference=ref_entry, max_new_tokens=1).stats
+    assert base["check_deviation"] > 0.0
+    for kwargs in ({"recompute_tail": 200}, {"selection": "attention"}, {"retain_ratio": 0.5}):
+        stats = engine_for(model, tokenizer, **kwargs).generate(target, reference=ref_entry, max_new_tokens=1).stats
+        assert stats["check_deviation"] == pytest.approx(base["check_deviation"], rel=1e-5), kwargs
+
+
 def test_stats_fallback(model, tokenizer, reference_ids, ref_entry):
     target = rand_tokens(250, seed=999)
     out, ms = timed(engine_for(model, tokenizer), target, reference=ref_entry, max_new_tokens=4)
