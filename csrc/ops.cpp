@@ -1,5 +1,5 @@
 // Op schemas of the `semshare` namespace (docs/contract.md section 3). Kernels register themselves per device in
-// csrc/cpu/*.cpp and csrc/cuda/*.cu, rope_reuse_'s autograd-facing ones below; fake (meta) kernels are registered
+// csrc/cpu/*.cpp and csrc/cuda/*.cu, the autograd-facing ones below; fake (meta) kernels are registered
 // from Python in semshare_ops/ops/__init__.py.
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -17,11 +17,12 @@ TORCH_LIBRARY(semshare, m) {
       "Tensor? sinks=None) -> (Tensor out, Tensor lse)");
 }
 
-// rope_reuse_ writes k_dst and v_dst in place and has no derivative. Two kernels above the device ones make autograd
-// see that, as it sees torch's own in-place ops: under grad mode, a tensor of the call that requires grad is refused
-// (a gradient through the op would be silently wrong: nothing flows back through it); and every call bumps the
-// version counters of the two outputs, so a graph that saved one of them before the write fails at backward instead
-// of differentiating through the new values. Inference tensors skip both keys, as with torch's ops.
+// No op has a derivative. partial_attn's and rope_reuse_'s outputs are floating point, so autograd would otherwise
+// let a call on tensors that require grad through with no gradient flowing back (torch's fallback only warns): under
+// grad mode, a tensor of the call that requires grad is refused by name instead. rope_reuse_ writes k_dst and v_dst
+// in place: every call also bumps their version counters, as torch's own in-place ops do, so a graph that saved one
+// of them before the write fails at backward instead of differentiating through the new values. Inference tensors
+// skip both keys, as with torch's ops. (simhash and hamming_topk return integers, which never require grad.)
 namespace {
 
 // The call's arguments on a boxed stack, first one at index 0; named and counted by the op's schema.
@@ -29,12 +30,14 @@ const c10::IValue& argument(const c10::OperatorHandle& op, const torch::jit::Sta
   return (*stack)[stack->size() - op.schema().arguments().size() + i];
 }
 
-void rope_reuse_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
   if (at::GradMode::is_enabled()) {
-    for (size_t i = 0; i < 4; ++i) {  // k_dst, v_dst, k_src, v_src
+    const auto& arguments = op.schema().arguments();
+    const std::string& name = op.schema().name();  // "semshare::<op>"
+    for (size_t i = 0; i < arguments.size(); ++i) {  // every tensor: an absent optional one is None
       const c10::IValue& arg = argument(op, stack, i);
-      TORCH_CHECK(!(arg.isTensor() && arg.toTensor().requires_grad()), "rope_reuse_: ",
-                  op.schema().arguments()[i].name(),
+      TORCH_CHECK(!(arg.isTensor() && arg.toTensor().requires_grad()), name.substr(name.rfind(':') + 1), ": ",
+                  arguments[i].name(),
                   " requires grad, but the op has no derivative; call it under torch.no_grad() or on detached tensors");
     }
   }
@@ -56,7 +59,8 @@ void rope_reuse_inplace_or_view(const c10::OperatorHandle& op, c10::DispatchKeyS
 }  // namespace
 
 TORCH_LIBRARY_IMPL(semshare, Autograd, m) {
-  m.impl("rope_reuse_", torch::CppFunction::makeFromBoxedFunction<&rope_reuse_autograd>());
+  m.impl("rope_reuse_", torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
+  m.impl("partial_attn", torch::CppFunction::makeFromBoxedFunction<&refuse_grad>());
 }
 
 TORCH_LIBRARY_IMPL(semshare, ADInplaceOrView, m) {

@@ -450,7 +450,7 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
   // out = O / L and lse = M + log L for query i, head h, one rounding to the output dtype; no visible key: 0 and
   // -inf. A sink adds exp(sink) to the denominator only: with m = max(M, sink), L' = L e^(M - m) + e^(sink - m) and
   // out = O e^(M - m) / L'; a sink of +inf takes all the weight (out 0, lse +inf). A NaN anywhere in a row's logits
-  // or sink leaves L NaN, and the row comes out NaN: never as "no visible key" (L == 0).
+  // or sink leaves L NaN, and the row comes out NaN (a +inf sink included): never as "no visible key" (L == 0).
   auto finish = [&](int64_t i, int64_t h, const float* orow, float m, float l) {
     scalar_t* dst = op + i * os0 + h * os1;
     float o_scale = 1.0f;
@@ -458,7 +458,9 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
       const float sk = sink[h];
       const float m_new = std::isnan(sk) || sk == std::numeric_limits<float>::infinity() ? sk : std::max(m, sk);
       o_scale = l != 0.0f ? std::exp(m - m_new) : 0.0f;
-      l = m_new == std::numeric_limits<float>::infinity() ? 1.0f : l * o_scale + std::exp(sk - m_new);
+      // (+inf sink: all the weight, unless the row saw a NaN, which stays NaN)
+      l = m_new == std::numeric_limits<float>::infinity() ? (std::isnan(l) ? l : 1.0f)
+                                                          : l * o_scale + std::exp(sk - m_new);
       m = m_new;
     }
     if (l != 0.0f) {

@@ -87,12 +87,12 @@ __device__ __forceinline__ bool key_visible(int64_t p, int64_t qp, int64_t windo
 // accumulated output into its output (1 / l without a sink; 0 when the row saw no key and has no sink) and leaves m
 // and l including the sink.
 // A NaN in the row's logits (l NaN) or its sink comes out NaN, never as "no visible key" (l == 0); a sink of +inf
-// takes all the weight (output 0, lse +inf).
+// takes all the weight (output 0, lse +inf) from a row without NaN.
 __device__ __forceinline__ float fold_sink_log2(float sink, float& m, float& l) {
   if (sink == -INFINITY) return l != 0.0f ? 1.0f / l : 0.0f;
   const float m_new = isnan(sink) || sink == INFINITY ? sink : fmaxf(m, sink);
   const float o_scale = l != 0.0f ? exp2f(m - m_new) : 0.0f;
-  l = m_new == INFINITY ? 1.0f : l * o_scale + exp2f(sink - m_new);
+  l = m_new == INFINITY ? (isnan(l) ? l : 1.0f) : l * o_scale + exp2f(sink - m_new);  // a NaN row stays NaN
   m = m_new;
   return o_scale / l;
 }
@@ -489,18 +489,18 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   const int64_t i = row / a.q_heads, h = row % a.q_heads;
   const float sink = a.sinks ? a.sinks[h] : -INFINITY;
   uint16_t* orow = out + i * a.os0 + h * a.os1;
-  if (sink == INFINITY) {  // as fold_sink_log2: the sink takes all the weight
-#pragma unroll
-    for (int c = 0; c < D / 64; ++c) *reinterpret_cast<uint32_t*>(orow + 64 * c + 2 * lane) = pack2<kBf16>(0.0f, 0.0f);
-    if (lane == 0) lse[row] = INFINITY;
-    return;
-  }
   float lse_max = sink;
   bool nan_row = isnan(sink);  // fmaxf drops NaN: a NaN slice or sink is carried here, and the row comes out NaN
   for (int64_t z = 0; z < a.n_splits; ++z) {
     const float lz = a.lse_part[z * rows + row];
     nan_row = nan_row || isnan(lz);
     lse_max = fmaxf(lse_max, lz);
+  }
+  if (sink == INFINITY && !nan_row) {  // as fold_sink_log2: the sink takes all the weight
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c) *reinterpret_cast<uint32_t*>(orow + 64 * c + 2 * lane) = pack2<kBf16>(0.0f, 0.0f);
+    if (lane == 0) lse[row] = INFINITY;
+    return;
   }
   float acc[D / 64][2] = {};
   float weight_sum = lse_max != -INFINITY && sink != -INFINITY ? expf(sink - lse_max) : 0.0f;

@@ -94,6 +94,17 @@ def test_opcheck_rope_reuse(device, dtype, layers):
     torch.library.opcheck(torch.ops.semshare.rope_reuse_.default, clone_args(rope_args(device, dtype, layers)))
 
 
+def test_opcheck_rope_reuse_empty_expanded_outputs(device):
+    """An empty k_dst / v_dst has no element to share, whatever its strides: the kernels serve it (nothing to write)
+    and the fake kernel must agree (it once refused the stride-0 dimension as shared memory)."""
+    args = rope_args(device)
+    empty = [torch.empty((0, 1, a.shape[-1]), device=device).expand(0, 2, a.shape[-1]) for a in args[:2]]
+    none = torch.empty(0, dtype=torch.long, device=device)
+    call = tuple(empty) + args[2:4] + (none, none, none) + args[7:]
+    torch.ops.semshare.rope_reuse_(*call)
+    torch.library.opcheck(torch.ops.semshare.rope_reuse_.default, call)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("ragged", [False, True], ids=["plain", "ragged"])
 def test_opcheck_partial_attn(device, dtype, ragged):

@@ -906,6 +906,45 @@ def test_non_finite_inputs_a_query_sees_come_out_nan(impl, device, dtype, nk):
     assert torch.isfinite(lse[:, 2:]).all() and torch.isfinite(out[:, 2:].float()).all()
 
 
+@pytest.mark.parametrize("nk", [40, 2048])
+def test_a_nan_the_row_sees_beats_a_sink_of_inf(impl, device, nk):
+    """A NaN logit makes the row NaN even beside a sink of +inf, which otherwise takes all the weight (out 0, lse
+    +inf; the kernels once gave lse +inf to the NaN row too). On 4 threads the CPU kernel cuts 2048 keys into slices
+    merged after (the sink joins there); the emulated CUDA kernel splits them over its SMs."""
+    q, k, v = make_qkv(device, torch.float16, 2, nk, 4, 2, 64, seed=124)
+    qp = pos([nk - 1, 3], device)
+    k[5, 0] = float("nan")  # kv head 0 (query heads 0, 1); query 1 (position 3) does not see it
+    sinks = torch.tensor([math.inf, math.inf, 2.0, 2.0], device=device)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            for name, (out, lse) in (("kernel", impl.partial_attn(q, k, v, qp, sinks=sinks)),
+                                     ("oracle", impl_module("oracle").partial_attn(q, k, v, qp, sinks=sinks))):
+                assert torch.isnan(lse[0, :2]).all() and torch.isnan(out[0, :2].float()).all(), (name, n)
+                assert (lse[1, :2] == math.inf).all() and (out[1, :2] == 0).all(), (name, n)
+                assert torch.isfinite(lse[:, 2:]).all() and torch.isfinite(out[:, 2:].float()).all(), (name, n)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_no_derivative_refused_by_name(device):
+    """partial_attn has no derivative: under grad mode a tensor of the call that requires grad is refused by name
+    (its outputs would otherwise require grad with no gradient flowing back); under no_grad the call runs."""
+    q, k, v = make_qkv(device, torch.float32, 3, 20, 4, 2, 32, seed=125)
+    qp = pos([19, 4, 11], device)
+    sinks = torch.full((4,), 1.5, device=device)
+    ops = impl_module("ops")
+    for name in ("q", "k", "v", "sinks"):
+        args = dict(q=q, k=k, v=v, sinks=sinks)
+        args[name] = args[name].clone().requires_grad_()
+        with pytest.raises(RuntimeError, match=f"partial_attn: {name} requires grad"):
+            ops.partial_attn(args["q"], args["k"], args["v"], qp, sinks=args["sinks"])
+        with torch.no_grad():
+            out, _ = ops.partial_attn(args["q"], args["k"], args["v"], qp, sinks=args["sinks"])
+        assert not out.requires_grad and torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("nk", [100, 2048])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_nan_logits_alone_in_their_key_tile_come_out_nan(impl, device, dtype, nk):

@@ -841,7 +841,7 @@ def test_autograd_sees_the_in_place_write(device):
     backward instead of differentiating through the new values (as with torch's own in-place ops)."""
     a = make_case(device, t_dst=12, t_src=9, pairs=4, seed=30)
     w = a["k_dst"].clone().requires_grad_()
-    for name in ("k_dst", "v_src"):
+    for name in ("k_dst", "v_src", "inv_freq"):  # inv_freq: fp32, a Parameter of a learned RoPE could reach it
         b = dict(a, **{name: a[name].clone().requires_grad_()})
         before = b["k_dst"].detach().clone()
         with pytest.raises(RuntimeError, match=f"{name} requires grad"):
