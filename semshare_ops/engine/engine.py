@@ -33,7 +33,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
@@ -252,17 +252,29 @@ def boundary_rows(match: matching.Match, prefill: int, config: ReuseConfig) -> t
     return first
 
 
+class RowPlan(NamedTuple):
+    mandatory: torch.Tensor  # bool [prefill]: recomputed in every layer whatever the budget
+    first: torch.Tensor  # bool [prefill]: `boundary_rows`, ranked first
+    counts: List[int]  # rows recomputed per layer among [exact, prefill)
+    lookahead: int  # rows the lookahead's first pass runs through every layer (0: no pass)
+
+
 def recompute_rows(match: matching.Match, prefill: int, num_layers: int, config: ReuseConfig, exact: int = 0,
-                   window: int = 0) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+                   window: int = 0) -> RowPlan:
     """One request's rows to recompute, as every front end computes them: bool [prefill] of the reusable positions
     every layer recomputes whatever the budget (those no reference token maps to, the last `recompute_tail` and the
-    last `window`), bool [prefill] of the `boundary_rows`, and `recompute_counts` over [exact, prefill)."""
+    last `window`), bool [prefill] of the `boundary_rows`, `recompute_counts` over [exact, prefill), and the rows of
+    the lookahead's pass. The lookahead ranks the rows a budget leaves to choose: when, after paying for its pass, no
+    layer has one (every count at the mandatory rows or at all of them), it does not run and costs nothing."""
     unmatched = match.unmatched_mask()[:prefill]
     mandatory = unmatched.clone()
     mandatory[max(0, prefill - max(tail_rows(config), window)):] = True
-    counts = recompute_counts(prefill, num_layers, int(unmatched[exact:].sum()), config, exact,
-                              int(mandatory[exact:].sum()), lookahead_rows(config, prefill - exact))
-    return mandatory, boundary_rows(match, prefill, config), counts
+    num_unmatched, num_mandatory = int(unmatched[exact:].sum()), int(mandatory[exact:].sum())
+    lookahead = lookahead_rows(config, prefill - exact)
+    counts = recompute_counts(prefill, num_layers, num_unmatched, config, exact, num_mandatory, lookahead)
+    if lookahead and not any(num_mandatory < c < prefill - exact for c in counts):
+        lookahead, counts = 0, recompute_counts(prefill, num_layers, num_unmatched, config, exact, num_mandatory)
+    return RowPlan(mandatory, boundary_rows(match, prefill, config), counts, lookahead)
 
 
 # Selections that rank by the attention the last query_window prompt rows pay in the layer being ranked: those rows are
@@ -341,6 +353,10 @@ class RowSchedule:
             self.rows = self.order[: counts[0]].sort().values
         self.fused = torch.zeros(self.n, device=mandatory.device)
         self.deviation: Optional[float] = None  # the last check layer's mean_relative_deviation
+        # Whether some layer has rows to choose: a count between the mandatory rows and all of them (as in
+        # recompute_rows, which runs no lookahead pass otherwise).
+        num_mandatory = int(mandatory.sum())
+        self.chooses = any(num_mandatory < c < self.n for c in counts)
 
     def shrinks(self, idx: int) -> bool:
         """Whether the layer after idx recomputes fewer rows than idx."""
@@ -353,9 +369,11 @@ class RowSchedule:
 
     def rank(self, idx: int, reused: tuple, fresh: tuple, attention: Optional[torch.Tensor] = None) -> None:
         """Rank this layer's rows by their scores here, summed over the layers ranked so far."""
-        scores = selection_scores(self.config.selection, reused, fresh, attention)
         if idx == self.check:
             self.deviation = mean_relative_deviation(reused, fresh, self.unmatched[self.rows])
+        if not self.chooses:  # every layer takes the mandatory rows (first in `order`) or all of them
+            return
+        scores = selection_scores(self.config.selection, reused, fresh, attention)
         # Only the rows that compete are scored: a mandatory row is recomputed anyway, and an unmatched one had no
         # reused K/V (its "reused" slot was never written: anything, NaN included, may be there). Each ranking layer
         # weighs the same.
@@ -777,14 +795,13 @@ class ReuseEngine:
         dst, src = match.dst[keep].to(self.device), match.src[keep].to(self.device)
         delta = dst - src if cfg.rope_correction else torch.zeros_like(dst)
         self._reuse_kv(cache, reference, src, dst, delta)
-        mandatory, first, counts = recompute_rows(match, prefill, self.num_layers, cfg, exact,
-                                                  window)  # retention's observer window: recomputed in every layer
+        # retention's observer window: recomputed in every layer
+        plan = recompute_rows(match, prefill, self.num_layers, cfg, exact, window)
         with cache.active():
-            deviation, looked = self._recompute(cache, ids[:prefill], mandatory.to(self.device), first, counts,
-                                                window, exact, match.unmatched_mask()[:prefill])
+            deviation = self._recompute(cache, ids[:prefill], plan, window, exact, match.unmatched_mask()[:prefill])
         if cfg.retain_ratio is not None:
             self._retain(cache, prefill, window)
-        return [c + 1 + looked for c in counts], exact, deviation
+        return [c + 1 + plan.lookahead for c in plan.counts], exact, deviation
 
     def _reuse_kv(self, cache: SemShareCache, reference: ReferenceEntry, src: torch.Tensor, dst: torch.Tensor,
                   delta: torch.Tensor) -> None:
@@ -912,21 +929,20 @@ class ReuseEngine:
                                           f"{err:.3g} (relative): the model does something between its layers that "
                                           "the engine does not")
 
-    def _recompute(self, cache: SemShareCache, ids: torch.Tensor, mandatory: torch.Tensor, first: torch.Tensor,
-                   counts: List[int], window: int, exact: int, unmatched: torch.Tensor) -> tuple:
+    def _recompute(self, cache: SemShareCache, ids: torch.Tensor, plan: RowPlan, window: int, exact: int,
+                   unmatched: torch.Tensor) -> Optional[float]:
         """Run the decoder layers on a nested, shrinking set of positions past `exact`; K/V go into the cache as they
-        come, `counts[i]` rows in layer i. The rows of each next layer are the best-ranked of this one
+        come, `plan.counts[i]` rows in layer i. The rows of each next layer are the best-ranked of this one
         (`selection_scores`): ranked once at the last check layer, or again at every layer that shrinks the set
-        (`progressive`). `unmatched`: bool [len(ids)], the rows without reusable K/V. Returns the check layer's mean
-        relative deviation (None when nothing needed ranking) and the rows the lookahead ran in every layer (0 when
-        it did not run)."""
+        (`progressive`), after the lookahead's pass when the plan has one. `unmatched`: bool [len(ids)], the rows
+        without reusable K/V. Returns the check layer's mean relative deviation (None when nothing needed ranking)."""
         cfg, prefill, num_layers = self.config, len(ids), self.num_layers
         n = prefill - exact
         if n == 0:
-            return None, 0
-        schedule = RowSchedule(counts, mandatory[exact:], cfg, num_layers, first[exact:], unmatched[exact:])
-        lookahead = self._lookahead(cache, ids, exact, unmatched) \
-            if lookahead_rows(cfg, n) and min(counts) < n else None
+            return None
+        schedule = RowSchedule(plan.counts, plan.mandatory[exact:].to(self.device), cfg, num_layers,
+                               plan.first[exact:], unmatched[exact:])
+        lookahead = self._lookahead(cache, ids, exact, unmatched) if plan.lookahead else None
         hidden = self._layer_input(ids[exact + schedule.rows], exact + schedule.rows)
         queries = min(cfg.query_window, n) if cfg.selection in QUERY_SELECTIONS else 0
         cache.observe = max(window, queries)
@@ -968,7 +984,7 @@ class ReuseEngine:
         # the budget's order (most stale first) a row done in an early step would attend to stale rows before it that
         # a later step fixes, and keep the K/V computed from them.
         cache.stale = exact + schedule.stale()
-        return schedule.deviation, 0 if lookahead is None else lookahead_rows(cfg, n)
+        return schedule.deviation
 
     def _lookahead(self, cache: SemShareCache, ids: torch.Tensor, exact: int, unmatched: torch.Tensor) -> torch.Tensor:
         """ProphetKV's first stage: the last `query_window` positions of ids run through every layer over the cache as

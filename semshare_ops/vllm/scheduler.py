@@ -183,7 +183,7 @@ class SchedulerSide:
         self.index.touch(choice.donor.donor_id)
         # What the worker will recompute if it matches what this alignment matched ("edit"); its report replaces
         # this with what it did.
-        *_, counts = recompute_rows(choice.match, stop, self.num_layers, cfg, exact)
+        counts = recompute_rows(choice.match, stop, self.num_layers, cfg, exact).counts
         self._set_recomputed(stats, [c + 1 for c in counts])
         stats.update(mode="reuse", reason=None, loaded_tokens=stop - prefix_hit, exact_tokens=exact)
         self._taint(request, state, prefix_hit)

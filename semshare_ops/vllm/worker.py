@@ -162,7 +162,8 @@ class WorkerSide:
             codes = functools.partial(self._codes, ids) if cfg.matching != "edit" else None
             match = matching.match_tokens(donor.token_ids, ids, cfg.matching, donor.codes, codes,
                                           cfg.lsh_max_distance)
-        mandatory, first, counts = recompute_rows(match, prefill, self.model.num_layers, cfg, plan.exact)
+        # (no lookahead pass: the connector ranks by deviation)
+        mandatory, first, counts, _ = recompute_rows(match, prefill, self.model.num_layers, cfg, plan.exact)
         keep = (match.dst >= start) & (match.dst < prefill)
         dst, src = match.dst[keep], match.src[keep]
         t1 = time.perf_counter()

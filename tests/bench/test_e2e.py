@@ -87,7 +87,7 @@ def test_cacheblend_recomputes_15_percent_in_every_layer_past_the_first(num_laye
     prefill = tokens - 1
     positions = torch.cat([torch.arange(100), torch.arange(100 + unmatched, tokens)])
     match = Match(positions, positions + 16, torch.ones(len(positions), dtype=torch.bool), tokens)
-    _, _, counts = engine_module.recompute_rows(match, prefill, num_layers, config)
+    counts = engine_module.recompute_rows(match, prefill, num_layers, config).counts
     assert len(counts) == num_layers and counts[0] == prefill
     for layer, count in enumerate(counts[1:], start=1):
         # count + 1: the last prompt token is recomputed in every layer besides the counted rows

@@ -462,6 +462,28 @@ def test_lookahead_hides_rows_without_kv_and_leaves_the_cache_as_it_was(model, t
     assert all(layer.scores is None and cache.observe == 0 for layer in cache.layers)
 
 
+def test_lookahead_runs_only_with_rows_to_choose(model, tokenizer, reference_ids, ref_entry):
+    """When paying for its pass would leave no layer a row to choose (every count the mandatory rows or all of them),
+    the lookahead does not run: the request costs and computes what "deviation" does. It once ran (and billed) its
+    pass anyway, and on a weak match recomputed more rows than a full prefill (reuse_ratio < 0)."""
+    target = edited(reference_ids, "few")
+    for kwargs in ({}, {"recompute_ratio": 0.05}):
+        dev = engine_for(model, tokenizer, **kwargs).generate(target, reference=ref_entry, max_new_tokens=4)
+        look = engine_for(model, tokenizer, selection="lookahead", **kwargs).generate(target, reference=ref_entry,
+                                                                                      max_new_tokens=4)
+        assert look.stats["recomputed_tokens"] == dev.stats["recomputed_tokens"], kwargs
+        assert look.token_ids == dev.token_ids
+    short = engine_for(model, tokenizer).prefill(list(reference_ids[:3]))
+    weak = engine_for(model, tokenizer, selection="lookahead").generate(
+        [7] + list(reference_ids), reference=short, max_new_tokens=2, min_similarity=0.0)
+    assert weak.stats["mode"] == "reuse" and 0.0 <= weak.stats["reuse_ratio"] < 0.05
+    # With rows to choose it runs: its rows in every layer, out of the budget.
+    wide = engine_for(model, tokenizer, selection="lookahead", recompute_ratio=0.5).generate(
+        target, reference=ref_entry, max_new_tokens=4)
+    plain = engine_for(model, tokenizer, recompute_ratio=0.5).generate(target, reference=ref_entry, max_new_tokens=4)
+    assert wide.stats["recomputed_tokens"] != plain.stats["recomputed_tokens"]
+
+
 def test_lookahead_rows_come_out_of_the_budget():
     """The lookahead's rows run in every layer, so the recompute counts give up as many: the same work per request
     at the same recompute_ratio (down to the mandatory floor)."""
