@@ -944,8 +944,8 @@ class ReuseEngine:
                                plan.first[exact:], unmatched[exact:])
         lookahead = self._lookahead(cache, ids, exact, unmatched) if plan.lookahead else None
         hidden = self._layer_input(ids[exact + schedule.rows], exact + schedule.rows)
-        queries = min(cfg.query_window, n) if cfg.selection in QUERY_SELECTIONS else 0
-        cache.observe = max(window, queries)
+        cache.observe = min(cfg.query_window, n) if cfg.selection in QUERY_SELECTIONS else 0
+        cache.retain_observe = window
 
         def attention(layer, positions: torch.Tensor) -> Optional[torch.Tensor]:
             if lookahead is not None:
@@ -979,7 +979,7 @@ class ReuseEngine:
             keep = schedule.advance(idx)
             if keep is not None:
                 hidden = hidden[:, keep]
-        cache.observe = 0
+        cache.observe = cache.retain_observe = 0
         # What decode_recompute takes, in position order: a row then runs over the rows before it already fresh. In
         # the budget's order (most stale first) a row done in an early step would attend to stale rows before it that
         # a later step fixes, and keep the K/V computed from them.
@@ -1042,9 +1042,9 @@ class ReuseEngine:
         counts = decaying_counts(prefill, self.num_layers, cfg.check_layers, floor, cfg.retain_ratio * prefill,
                                  cfg.retain_decay)
         for layer, count in zip(cache.layers, counts):
-            if count >= prefill or layer.scores is None:
+            if count >= prefill or layer.retain_scores is None:
                 continue
-            scores = layer.scores[:prefill].clone()
+            scores = layer.retain_scores[:prefill].clone()
             scores[:_SINK_TOKENS] = math.inf
             scores[prefill - window:] = math.inf
             kept = torch.topk(scores, count).indices.sort().values

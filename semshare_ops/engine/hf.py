@@ -63,6 +63,7 @@ class TokenMajorLayer(CacheLayerMixin):
         self.length = used
         self.write_positions: Optional[torch.Tensor] = None  # set for a recompute step; None appends
         self.scores: Optional[torch.Tensor] = None  # attention paid to each slot by the observer queries
+        self.retain_scores: Optional[torch.Tensor] = None  # ... by retention's observer window (retain_ratio)
         self.in_order = True  # slot i holds position i for every live slot (no compaction, no gap)
         self.causal_step = False  # the last update wrote every position 0..used-1: plain causal attention
         self.step_positions: Optional[torch.Tensor] = None  # positions of the last update's tokens (its queries)
@@ -141,7 +142,10 @@ class SemShareCache(Cache):
         super().__init__(layers=layers)
         self.keys, self.values = keys, values  # [L, capacity, H, D]: the layers start as views of these
         self.storage: Optional[tuple] = None  # the flat (keys, values) buffers they lie in, when allocate made them
-        self.observe = 0  # > 0: record the attention the last `observe` queries of a recompute step pay
+        # > 0: record the attention the last `observe` queries of a recompute step pay (layer.scores: the ranking's
+        # query window, or the lookahead's queries), and that the last `retain_observe` pay (layer.retain_scores)
+        self.observe = 0
+        self.retain_observe = 0
         # Prompt positions that hold reused K/V in some layer, in position order (set by the engine's recompute;
         # what ReuseConfig.decode_recompute takes): none for a full prefill.
         self.stale = torch.zeros(0, dtype=torch.long, device=keys.device)
@@ -236,7 +240,7 @@ def semshare_attention(module, query, key, value, attention_mask, scaling=None, 
     q = query[0].transpose(0, 1)  # [n, Hq, D]
     kv_pos = layer.kv_pos[: layer.used]
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    observe = cache.observe if layer.write_positions is not None else 0
+    observe = max(cache.observe, cache.retain_observe) if layer.write_positions is not None else 0
     attn = functools.partial(ops.partial_attn, scale=scale, window=vis.window, softcap=vis.softcap, sinks=vis.sinks)
     if layer.causal_step and vis.plain and query.device.type in CAUSAL_SDPA_DEVICE_TYPES:
         out = _causal_sdpa(query, key, value, scale)
@@ -246,7 +250,11 @@ def semshare_attention(module, query, key, value, attention_mask, scaling=None, 
         out, lse = attn(q, key, value, q_pos, kv_pos)
         lse = lse[-observe:] if observe else None
     if observe:
-        layer.scores = _attention_received(q[-observe:], key, q_pos[-observe:], kv_pos, lse, scale, vis)
+        received = _attention_received(q[-observe:], key, q_pos[-observe:], kv_pos, lse, scale, vis)
+        if cache.observe:
+            layer.scores = received[-cache.observe:].sum(0)
+        if cache.retain_observe:
+            layer.retain_scores = received[-cache.retain_observe:].sum(0)
     return out.unsqueeze(0), None  # [1, n, Hq, Dv], as HF attention functions return
 
 
@@ -282,7 +290,7 @@ def _causal_sdpa(query, key, value, scale) -> torch.Tensor:
 
 
 def _attention_received(q, key, q_pos, kv_pos, lse, scale, vis: Visibility) -> torch.Tensor:
-    """Sum over the given queries and heads of their softmax weights on each key slot ([slots] fp32), with the
+    """Each given query's softmax weights on each key slot, summed over its heads ([queries, slots] fp32), with the
     visibility and logits of the attention itself (window, cap; a sink's share goes to no slot)."""
     group = q.shape[1] // key.shape[1]
     logits = torch.einsum("qhd,khd->qhk", q.float(), key.float().repeat_interleave(group, dim=1)) * scale
@@ -292,7 +300,7 @@ def _attention_received(q, key, q_pos, kv_pos, lse, scale, vis: Visibility) -> t
     visible = (kv_pos[None, :] >= 0) & (kv_pos[None, :] <= q_pos[:, None])
     if vis.window > 0:
         visible &= kv_pos[None, :] > q_pos[:, None] - vis.window
-    return (weights * visible[:, None, :]).sum((0, 1))
+    return (weights * visible[:, None, :]).sum(1)
 
 
 def use_semshare_attention(model) -> None:

@@ -48,3 +48,34 @@ def test_full_recompute_without_retention_unaffected_by_retention(model, tokeniz
     assert out.token_ids == full.token_ids
     torch.testing.assert_close(logits, full_logits, atol=1e-4, rtol=1e-4)
     assert out.stats["kv_bytes"] == out.stats["kv_bytes_full"]
+
+
+def test_selection_and_retention_keep_their_own_observers(model, tokenizer, reference_ids, ref_entry, monkeypatch):
+    """The ranking reads the attention of its last `query_window` queries and retention that of its 16-token
+    observer window, whichever is larger: each query's weights sum to 1 per head, so the scores sum to queries x
+    heads. One observer once served both (the larger count), so retention changed the ranking and the ranking
+    changed retention."""
+    from semshare_ops.engine import engine as engine_module
+
+    target = [(reference_ids[0] + 1) % 512] + edited(reference_ids, "replace")[1:]  # no exact prefix: every slot
+    heads = model.config.num_attention_heads
+    ranked, retained = [], []
+    select = engine_module.selection_scores
+    monkeypatch.setattr(engine_module, "selection_scores",
+                        lambda selection, reused, fresh, attention: ranked.append(float(attention.sum()))
+                        or select(selection, reused, fresh, attention))
+    retain = engine_module.ReuseEngine._retain
+
+    def spy(self, cache, prefill, window):
+        retained.extend(float(layer.retain_scores[:prefill].sum()) for layer in cache.layers)
+        return retain(self, cache, prefill, window)
+
+    monkeypatch.setattr(engine_module.ReuseEngine, "_retain", spy)
+    for query_window, retain_ratio in ((2, None), (2, 0.5), (48, 0.5)):
+        ranked.clear(), retained.clear()
+        engine_for(model, tokenizer, selection="attention", query_window=query_window, recompute_tail=0,
+                   check_layers=1, recompute_ratio=0.5, retain_ratio=retain_ratio).generate(
+            target, reference=ref_entry, max_new_tokens=1)
+        assert ranked and ranked[0] == pytest.approx(query_window * heads, rel=1e-4), (query_window, retain_ratio)
+        if retain_ratio is not None:
+            assert retained == pytest.approx([16 * heads] * len(retained), rel=1e-4), query_window
