@@ -252,6 +252,12 @@ def boundary_rows(match: matching.Match, prefill: int, config: ReuseConfig) -> t
     return first
 
 
+def has_rows_to_choose(counts: List[int], num_mandatory: int, rows: int) -> bool:
+    """Whether some layer's count lies strictly between the mandatory rows and all `rows`: only then does a ranking
+    (or the lookahead's pass) decide anything."""
+    return any(num_mandatory < c < rows for c in counts)
+
+
 class RowPlan(NamedTuple):
     mandatory: torch.Tensor  # bool [prefill]: recomputed in every layer whatever the budget
     first: torch.Tensor  # bool [prefill]: `boundary_rows`, ranked first
@@ -272,7 +278,7 @@ def recompute_rows(match: matching.Match, prefill: int, num_layers: int, config:
     num_unmatched, num_mandatory = int(unmatched[exact:].sum()), int(mandatory[exact:].sum())
     lookahead = lookahead_rows(config, prefill - exact)
     counts = recompute_counts(prefill, num_layers, num_unmatched, config, exact, num_mandatory, lookahead)
-    if lookahead and not any(num_mandatory < c < prefill - exact for c in counts):
+    if lookahead and not has_rows_to_choose(counts, num_mandatory, prefill - exact):
         lookahead, counts = 0, recompute_counts(prefill, num_layers, num_unmatched, config, exact, num_mandatory)
     return RowPlan(mandatory, boundary_rows(match, prefill, config), counts, lookahead)
 
@@ -353,10 +359,7 @@ class RowSchedule:
             self.rows = self.order[: counts[0]].sort().values
         self.fused = torch.zeros(self.n, device=mandatory.device)
         self.deviation: Optional[float] = None  # the last check layer's mean_relative_deviation
-        # Whether some layer has rows to choose: a count between the mandatory rows and all of them (as in
-        # recompute_rows, which runs no lookahead pass otherwise).
-        num_mandatory = int(mandatory.sum())
-        self.chooses = any(num_mandatory < c < self.n for c in counts)
+        self.chooses = has_rows_to_choose(counts, int(mandatory.sum()), self.n)  # else `rank` has nothing to do
 
     def shrinks(self, idx: int) -> bool:
         """Whether the layer after idx recomputes fewer rows than idx."""

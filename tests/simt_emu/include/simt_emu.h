@@ -433,10 +433,11 @@ inline void run_grid(const void* kernel, dim3 grid, dim3 blk, size_t dynamic_byt
   const int64_t threads = int64_t{blk.x} * blk.y * blk.z;
   TORCH_CHECK(threads >= 1 && threads <= 1024 && blk.z <= 64, "SIMT emulator: launch with block (", blk.x, ",", blk.y,
               ",", blk.z, "): at most 1024 threads, z <= 64");
-  TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.x <= static_cast<unsigned>(max_grid_x()) &&
+  const int max_x = max_grid_x();
+  TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.x <= static_cast<unsigned>(max_x) &&
                   grid.y <= 65535 && grid.z <= 65535,
-              "SIMT emulator: launch with grid (", grid.x, ",", grid.y, ",", grid.z, "), over the device's (",
-              max_grid_x(), ",65535,65535)");
+              "SIMT emulator: launch with grid (", grid.x, ",", grid.y, ",", grid.z, "), over the device's (", max_x,
+              ",65535,65535)");
   size_t allowed = kDefaultDynamicShared;
   {
     std::lock_guard<std::mutex> lock(attr_mutex());
