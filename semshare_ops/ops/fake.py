@@ -5,7 +5,8 @@ So a bad call fails where it is traced, naming the argument as the kernels do, i
 first run; and a meta tensor mixed with real ones, which reaches these and not a real kernel, is refused instead of
 returning as if the call had done its work. What only values or addresses decide stays with the real kernels, which
 every compiled graph still calls: index ranges and duplicates (`rope_reuse_`), the `cu_seqlens` boundaries
-(`partial_attn`), and inputs that share memory with an output. tests/ops checks each op's bad-argument cases here too.
+(`partial_attn`), and inputs that share memory with an output where fake tensors cannot tell (symbolic sizes, two
+storages over one buffer). tests/ops checks each op's bad-argument cases here too.
 
 The conditions go through `torch._check`, so under dynamic shapes a size the checks compare becomes a guard or a
 runtime assertion, not a specialisation.
@@ -97,6 +98,26 @@ def _one_address_per_element(t: torch.Tensor, name: str) -> None:
                    f"than the span of the smaller ones), such as a contiguous tensor")
 
 
+def _may_share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """csrc/checks.h may_share_memory on fake tensors: the byte ranges two views span in one storage intersect.
+    Fake tensors keep the aliasing of the tensors they stand for (views of one base share one fake storage), so a
+    traced call sees what the kernels would. Under symbolic sizes or offsets it says no and the real kernel, which
+    the compiled graph calls, decides."""
+    if a.device != b.device or a.untyped_storage()._cdata != b.untyped_storage()._cdata:
+        return False
+    meta = (*a.shape, *a.stride(), a.storage_offset(), *b.shape, *b.stride(), b.storage_offset())
+    if not all(type(x) is int for x in meta) or a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t):
+        lo = t.storage_offset() * t.element_size()
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return lo, lo + (last + 1) * t.element_size()
+
+    (a_lo, a_hi), (b_lo, b_hi) = span(a), span(b)
+    return a_lo < b_hi and b_lo < a_hi
+
+
 def _fp32_positive(x: float) -> bool:
     """Positive and finite as a double and after rounding to fp32, where the kernels use it (csrc/checks.h)."""
     if not (math.isfinite(x) and x > 0.0):
@@ -173,6 +194,15 @@ def _rope_reuse_fake(k_dst, v_dst, k_src, v_src, src_idx, dst_idx, delta, inv_fr
     _same_device("k_dst", k_dst, src_idx=src_idx, dst_idx=dst_idx, delta=delta, inv_freq=inv_freq)
     _one_address_per_element(k_dst, "k_dst")
     _one_address_per_element(v_dst, "v_dst")
+    # The kernels read and write in one pass (csrc/checks.h): eager refuses outputs that share memory with each
+    # other or with an input, and so must a traced call, or the compiled graph's functionalised copy of k_dst would
+    # serve what eager refuses.
+    pairs = [(k_dst, v_dst, "k_dst", "v_dst"), (k_dst, k_src, "k_dst", "k_src"), (k_dst, v_src, "k_dst", "v_src"),
+             (v_dst, k_src, "v_dst", "k_src"), (v_dst, v_src, "v_dst", "v_src")]
+    for t, name in ((src_idx, "src_idx"), (dst_idx, "dst_idx"), (delta, "delta"), (inv_freq, "inv_freq")):
+        pairs += [(t, k_dst, name, "k_dst"), (t, v_dst, name, "v_dst")]
+    for a, b, an, bn in pairs:
+        _check(not _may_share_memory(a, b), lambda: f"{an}: must not share memory with {bn}")
     return None
 
 

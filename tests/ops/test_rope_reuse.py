@@ -673,13 +673,11 @@ def test_neox_must_be_a_bool(device, neox):
     assert_bits_equal(a["v_dst"].cpu(), v_before, "v_dst after a rejected call")
 
 
-# Refused by the real kernels only: what index values or addresses decide, which a traced call (the fake kernel)
-# cannot see.
-VALUE_CASES = {"src_idx_out_of_range", "dst_idx_out_of_range", "dst_idx_duplicate", "k_src_is_k_dst",
-               "k_src_overlaps_k_dst", "v_src_overlaps_v_dst"}
-# Decided from strides the fake kernel sees as numbers only with fixed sizes (symbolic strides would have to be
-# sorted by guards): refused there, and under symbolic sizes left to the real kernel.
-FIXED_SIZE_CASES = {"k_dst_rows_overlap"}
+# Refused by the real kernels only: what index values decide, which a traced call (the fake kernel) cannot see.
+VALUE_CASES = {"src_idx_out_of_range", "dst_idx_out_of_range", "dst_idx_duplicate"}
+# Decided from strides and storage offsets the fake kernel sees as numbers only with fixed sizes (symbolic ones would
+# have to be compared by guards): refused there, and under symbolic sizes left to the real kernel.
+FIXED_SIZE_CASES = {"k_dst_rows_overlap", "k_src_is_k_dst", "k_src_overlaps_k_dst", "v_src_overlaps_v_dst"}
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
@@ -803,6 +801,37 @@ except RuntimeError as err:
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "refused", (proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("name", list(_ALIAS_CASES))
+def test_inputs_sharing_memory_with_an_output_are_refused_when_traced(name):
+    """The fake kernel sees the aliasing too (fake tensors keep it) and refuses by name where eager does."""
+    torch.manual_seed(0)
+    k_dst, v_dst = torch.randn(16, 2, 8), torch.randn(16, 2, 8)
+    k_src, v_src = torch.randn(16, 2, 8), torch.randn(16, 2, 8)
+    src_idx, dst_idx, delta = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7]), torch.tensor([3, 3, 3, 3])
+    inv_freq = 1.0 / 10000 ** (torch.arange(4, dtype=torch.float32) / 4)
+    args = dict(k_dst=k_dst, v_dst=v_dst, k_src=k_src, v_src=v_src, src_idx=src_idx, dst_idx=dst_idx, delta=delta,
+                inv_freq=inv_freq)
+    exec(_ALIAS_CASES[name], {"torch": torch}, args)
+    err = expect_arg_error(lambda: fake_call(lambda *t: call(impl_module("ops"), dict(zip(args, t)), True),
+                                             *args.values()), name)
+    assert "share memory" in str(err), str(err)
+
+
+def test_overlapping_outputs_are_refused_under_compile():
+    """torch.compile(backend="aot_eager") functionalises the in-place op: k_dst becomes a copy, so without the fake
+    kernel's overlap check a k_src that overlaps k_dst was served (reading the old rows) where eager refuses. Now
+    refused at trace time, naming both, and nothing is written."""
+    a = make_case("cpu", t_dst=12, t_src=9, pairs=6, seed=36)
+    _overlap_k(a)
+    before = a["k_dst"].clone(), a["k_src"].clone()
+    ops = impl_module("ops")
+    compiled = torch.compile(lambda *t: call(ops, dict(zip(a, t)), True), backend="aot_eager", fullgraph=True)
+    err = expect_arg_error(lambda: compiled(*a.values()), "k_dst")
+    assert "must not share memory with k_src" in str(err), str(err)
+    assert_bits_equal(a["k_dst"], before[0], "k_dst after a rejected call")
+    assert_bits_equal(a["k_src"], before[1], "k_src after a rejected call")
 
 
 @pytest.mark.parametrize("impl_name", ["ops", "cuda_emulated"])
