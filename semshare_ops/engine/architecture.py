@@ -159,6 +159,12 @@ def _refuse_static(model, cfg) -> None:
         raise refusal(model, "M-RoPE (mrope_section): multimodal rotary positions")
     if getattr(cfg, "attention_chunk_size", None):
         raise refusal(model, "chunked local attention (attention_chunk_size)")
+    no_rope = getattr(cfg, "no_rope_layers", None)  # Llama4: 1 where a layer rotates, 0 where it does not
+    if getattr(cfg, "attn_temperature_tuning", False) and no_rope and not all(no_rope):
+        # Llama4 scales its NoPE layers' queries by a factor of each query's position, which it counts from the
+        # cache's length: a recomputed row (anywhere in a filled cache) would get the scale of a later position.
+        raise refusal(model, "query temperature tuning in its layers without RoPE (attn_temperature_tuning), whose "
+                             "query positions the model counts from the cache's length, not from position_ids")
     if getattr(cfg, "use_bidirectional_attention", False) or getattr(cfg, "is_causal", True) is False:
         raise refusal(model, "bidirectional attention (use_bidirectional_attention): not a causal decoder")
     if getattr(cfg, "is_encoder_decoder", False):

@@ -44,7 +44,7 @@ from ..ops import oracle
 from . import matching
 from .config import ReuseConfig
 from .architecture import Architecture, RopeGroup, UnsupportedModelError, declared_windows, refusal
-from .hf import KVWritten, SemShareCache, use_semshare_attention
+from .hf import KVWritten, SemShareCache, previous_implementation, use_semshare_attention, watching_mask_windows
 
 Prompt = Union[str, Sequence[int]]
 
@@ -902,18 +902,33 @@ class ReuseEngine:
         n = 12 if self.max_positions is None else max(1, min(12, self.max_positions - 1))
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(0, self.model.config.vocab_size, (n,), generator=gen).to(self.device)
-        stock = self.model(input_ids=ids[None], use_cache=False).logits[0].float()
+        with watching_mask_windows() as mask_windows:
+            stock = self.model(input_ids=ids[None], use_cache=False).logits[0].float()
         full = self._new_cache(capacity=n)
         with full.active():
             engine = self.model(input_ids=ids[None], use_cache=True, **{self._cache_kw: full}).logits[0].float()
         # A window longer than the check's prompt changes nothing in it: each declared one must be the window the
         # layer's attention call passes (the one the engine applies), or a mask-only window would go unseen.
+        def binds(window):
+            return window is not None and window > 0 and (self.max_positions is None or window < self.max_positions)
+
         for idx, window in enumerate(declared_windows(self.model.config, self.num_layers)):
-            binds = window is not None and (self.max_positions is None or window < self.max_positions)
-            if binds and full.layers[idx].window != window:
+            if binds(window) and full.layers[idx].window != window:
                 raise refusal(self.model, f"a sliding window of {window} positions (config.sliding_window, layer "
                                           f"{idx}) that its attention applies only through its mask, which the "
                                           "engine replaces")
+        # And the other way: a window the attention call passes, which SDPA and eager ignore, must be one that a mask
+        # of the model's own forward applies (OLMoE given a sliding_window passes it and masks causally). Flash
+        # attention applies the keyword itself, as the engine does.
+        if "flash" not in previous_implementation(self.model.config):
+            for idx, layer in enumerate(full.layers):
+                if binds(layer.window) and layer.window not in mask_windows:
+                    built = sorted({"none" if w is None else str(w) for w in mask_windows})
+                    raise refusal(self.model, f"its attention in layer {idx} passes a sliding window of "
+                                              f"{layer.window} positions that no attention mask of its own forward "
+                                              f"applies (the masks' windows: {', '.join(built) or 'no mask built'}), "
+                                              "so its own output and the engine's would differ past "
+                                              f"{layer.window} tokens")
         tol = 1e-3 if self._dtype == torch.float32 else 5e-2
         scale = stock.abs().max().clamp_min(1.0)
         if not torch.isfinite(engine).all() or (engine - stock).abs().max() > tol * scale:

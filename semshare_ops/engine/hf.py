@@ -258,13 +258,13 @@ def semshare_attention(module, query, key, value, attention_mask, scaling=None, 
     return out.unsqueeze(0), None  # [1, n, Hq, Dv], as HF attention functions return
 
 
-def _previous_implementation(config) -> str:
+def previous_implementation(config) -> str:
     return _PREVIOUS_ATTENTION.get(id(config), "sdpa")
 
 
 def _previous_attention(module):
     """The attention function the model used before it was switched to "semshare"."""
-    name = _previous_implementation(module.config)
+    name = previous_implementation(module.config)
     if name == "eager":  # not in the registry: each modeling file has its own (soft-capping, sinks, ...)
         fn = getattr(inspect.getmodule(type(module)), "eager_attention_forward", None)
         if fn is None:
@@ -278,7 +278,56 @@ def semshare_mask(*args, config=None, **kwargs):
     else the mask of the model's previous attention."""
     if _ACTIVE_CACHE.get() is not None:
         return None
-    return ALL_MASK_ATTENTION_FUNCTIONS[_previous_implementation(config)](*args, config=config, **kwargs)
+    windows = _MASK_WINDOWS.get()
+    if windows is not None:
+        windows.append(mask_window(kwargs.get("mask_function")))
+    return ALL_MASK_ATTENTION_FUNCTIONS[previous_implementation(config)](*args, config=config, **kwargs)
+
+
+# The windows of the masks the model's own forward builds, while `watching_mask_windows` collects them.
+_MASK_WINDOWS: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("semshare_mask_windows", default=None)
+UNKNOWN_WINDOW = "unknown"
+
+
+@contextlib.contextmanager
+def watching_mask_windows() -> Iterator[list]:
+    """Collect `mask_window` of every mask the model's own forward builds inside (outside a semshare cache).
+
+    A window that an attention call passes is applied by the engine; the model's own SDPA or eager attention
+    ignores that keyword and applies only its mask. The two agree only when some mask of the forward windows the
+    same, which the engine's self-check asks, since its short prompt cannot show a window in the logits."""
+    windows: list = []
+    token = _MASK_WINDOWS.set(windows)
+    try:
+        yield windows
+    finally:
+        _MASK_WINDOWS.reset(token)
+
+
+def mask_window(mask_function, far: int = 1 << 40):
+    """The sliding window of a transformers mask function (batch, head, q_idx, kv_idx) -> visible: w where query q
+    sees keys q - w < k <= q, None where it sees every earlier key, UNKNOWN_WINDOW where it is neither (or cannot
+    be called on plain positions). Read at two distant query positions, one past and one just before a large power
+    of two (a chunked mask shows them different spans), by bisecting for the first key seen."""
+    def sees(q: int, k: int) -> bool:
+        zero = torch.tensor(0)
+        return bool(mask_function(zero, zero, torch.tensor(q), torch.tensor(k)))
+
+    try:
+        found = set()
+        for q in (far - 1, far // 2 + 1):
+            if not sees(q, q) or sees(q, q + 1):
+                return UNKNOWN_WINDOW
+            lo, hi = 0, q  # the first key seen lies in [lo, hi]
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if sees(q, mid) else (mid + 1, hi)
+            if lo > 0 and sees(q, lo - 1):
+                return UNKNOWN_WINDOW
+            found.add(None if lo == 0 else q - lo + 1)
+    except Exception:  # a mask that reads tensors of the real sequence (padding, packing) at far positions
+        return UNKNOWN_WINDOW
+    return found.pop() if len(found) == 1 else UNKNOWN_WINDOW
 
 
 def _causal_sdpa(query, key, value, scale) -> torch.Tensor:

@@ -10,6 +10,7 @@ A refused family raises ValueError at ReuseEngine(...) naming the feature and th
 """
 from __future__ import annotations
 
+import inspect
 import re
 
 import pytest
@@ -96,6 +97,10 @@ REFUSED = {
     "llama4-chunked": ("llama4_text", dict(BASE, intermediate_size_mlp=128, num_local_experts=4,
                                            num_experts_per_tok=2, no_rope_layers=[1, 1, 0],
                                            attention_chunk_size=64), "chunked local attention"),
+    # Chunking off: its NoPE layers scale queries by a temperature of the position, counted from the cache length.
+    "llama4-temperature-tuning": ("llama4_text", dict(BASE, intermediate_size_mlp=128, num_local_experts=4,
+                                                      num_experts_per_tok=2, no_rope_layers=[1, 1, 0],
+                                                      attention_chunk_size=None), "attn_temperature_tuning"),
     "gemma3-bidirectional": ("gemma3_text", dict(BASE, use_bidirectional_attention=True), "bidirectional"),
     "qwen3-next-linear-attention": ("qwen3_next", dict(BASE, num_hidden_layers=4, linear_conv_kernel_dim=4,
                                                        linear_key_head_dim=16, linear_value_head_dim=16,
@@ -113,6 +118,10 @@ REFUSED = {
                                    "only through its mask"),
     "phimoe-mask-only-window": ("phimoe", dict(BASE, sliding_window=64, num_local_experts=4, num_experts_per_tok=2),
                                 "only through its mask"),
+    # The other way round: a window passed to the attention call (which SDPA and eager ignore) that no mask of the
+    # model's forward applies (OLMoE masks causally, whatever its config says).
+    "olmoe-window-not-masked": ("olmoe", dict(BASE, sliding_window=16, num_experts=4, num_experts_per_tok=2),
+                                "no attention mask of its own forward applies"),
     # 5.25: indexed sparse attention, K/V shared across layers
     "kolibri1_1-shared-kv": ("kolibri1_1", dict(BASE, num_hidden_layers=5, index_num_heads=1),
                              "cannot be run one layer at a time"),
@@ -220,3 +229,24 @@ def test_length_dependent_rope_is_refused_past_its_original_length():
     with pytest.raises(ValueError, match="longrope"):
         engine.generate([2 + i % 250 for i in range(500)], max_new_tokens=20)
     assert len(engine.generate([2 + i % 250 for i in range(500)], max_new_tokens=8).token_ids) == 8
+
+
+def test_mask_window_reads_transformers_mask_functions():
+    """The self-check's reading of a mask function's window, on transformers' own: causal (no window), sliding
+    windows of several sizes (query q sees q - w < k <= q, as partial_attn's window), and what is not a causal
+    window (chunked attention, a mask that reads the real sequence's padding) read as unknown, never as a window."""
+    from transformers import masking_utils as mu
+
+    from semshare_ops.engine.hf import UNKNOWN_WINDOW, mask_window
+
+    assert mask_window(mu.causal_mask_function) is None
+    for w in (1, 16, 4096, 131072):
+        assert mask_window(mu.sliding_window_causal_mask_function(w)) == w
+    chunked = getattr(mu, "chunked_causal_mask_function", None)
+    if chunked is not None:
+        args = inspect.signature(chunked).parameters
+        fn = chunked(64, torch.zeros(1, dtype=torch.long)) if len(args) == 2 else chunked(64)
+        assert mask_window(fn) == UNKNOWN_WINDOW
+    padded = mu.and_masks(mu.causal_mask_function, mu.padding_mask_function(torch.ones(1, 12, dtype=torch.bool)))
+    assert mask_window(padded) == UNKNOWN_WINDOW
+    assert mask_window(None) == UNKNOWN_WINDOW
