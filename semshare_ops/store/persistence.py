@@ -22,14 +22,17 @@ to it with one rename:
 4. the directory fsync'd (the rename is durable), and only then the previous generation's files removed.
 Before 3 the old index still names the old tensor file, untouched; from 3 on the new index names a file that is
 already on disk. Whatever else lies in the directory (a half-written tensor file or temporary index of a save that
-died or failed) is named by no index, so a load never reads it and the next save removes it. A save that fails
-before 3 removes what it wrote and raises; the old generation stays.
+died or failed) is named by no index, so a load never reads it and the next save removes it (safetensors' own
+temporary name, which carries no mark of this package, only where a store index was already committed). A save that
+fails before 3 removes what it wrote and raises; the old generation stays. A save never goes over an index.json of
+another program: it refuses the directory by name, with nothing written or removed.
 
 Saves into one directory take turns under an exclusive `flock` of the directory, whether they come from one store,
 two stores or two processes (the kernel drops the lock of a saver that dies), and each picks fresh names for the
 files it creates, so no two saves ever write one file: the last to commit wins, complete. Loads take no lock: the
 index they read names a file that exists, and when a save commits and removes that file before they open it,
-they read the new index and start again. The guarantees rest on POSIX rename, fsync of a directory and flock
+they read the new index and start again. Once open, the file is read through that one descriptor (a save removing
+it meanwhile changes nothing) into memory the store owns: no loaded tensor is a view of the file on disk. The guarantees rest on POSIX rename, fsync of a directory and flock
 (Linux, the package's platform).
 
 Checks at load, each a ValueError naming the file and the field (FileNotFoundError for a missing index or tensor
@@ -164,8 +167,9 @@ def write(directory: Path, take_snapshot: Callable[[], Snapshot]) -> Dict[str, s
     if created:
         _fsync_directory(directory.parent)  # the new directory's own name
     with _locked(directory) as dir_fd:
+        committed = _committed_index(directory)
         snap = take_snapshot()
-        generation = _committed_generation(directory) + 1
+        generation = _committed_generation(committed) + 1
         tensor_name = f"entries-{generation:08d}-{secrets.token_hex(8)}.safetensors"
         temp_index = f"{INDEX_FILE}.{secrets.token_hex(8)}.tmp"
         written: List[str] = []
@@ -176,6 +180,9 @@ def write(directory: Path, take_snapshot: Callable[[], Snapshot]) -> Dict[str, s
             written.append(tensor_name)
             save_file(tensors, str(directory / tensor_name), metadata=metadata)
             del tensors
+            # safetensors creates the file 0600 (its temporary file's mode); the index gets the umask's mode, and a
+            # store whose index another user can read but not its tensors would not load for them.
+            os.chmod(directory / tensor_name, _new_file_mode())
             _fsync_file(directory / tensor_name)
             os.fsync(dir_fd)  # the tensor file's name is durable before any index names it
             index = dict(snap.index, generation=generation, tensors=tensor_name)
@@ -194,7 +201,7 @@ def write(directory: Path, take_snapshot: Callable[[], Snapshot]) -> Dict[str, s
         # Only once the new index is durable may the old generation go: a crash before this fsync can bring the old
         # index back, and it needs its tensor file.
         os.fsync(dir_fd)
-        _remove_stale(directory, keep=tensor_name)
+        _remove_stale(directory, keep=tensor_name, committed=committed)
     return checksums
 
 
@@ -239,14 +246,40 @@ def _locked(directory: Path):
             os.close(fd)
 
 
-def _committed_generation(directory: Path) -> int:
-    """The generation of the committed index, -1 when there is none it can read (the generation only orders the
-    tensor files' names; what makes them unique is their random part)."""
+def _committed_index(directory: Path) -> Optional[Dict]:
+    """The index a save would replace: None when there is none, {} when it does not read as JSON (a damaged store
+    index, replaced by this save). An index.json of some other program is refused, naming the directory: a save
+    there would replace it and remove files it does not know to be its own."""
+    path = directory / INDEX_FILE
     try:
-        generation = json.loads((directory / INDEX_FILE).read_bytes()).get("generation")
-    except (OSError, ValueError, AttributeError):
-        return -1
-    return generation if isinstance(generation, int) and not isinstance(generation, bool) else -1
+        index = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise ValueError(f"save: directory {directory} holds an {INDEX_FILE} that is not a KVStore index; nothing "
+                         "was written (save the store into a directory of its own)")
+    return index
+
+
+def _committed_generation(committed: Optional[Dict]) -> int:
+    """The committed index's generation, -1 when it has none that a load accepts (the generation only orders the
+    tensor files' names; what makes them unique is their random part)."""
+    generation = (committed or {}).get("generation")
+    return generation if _is_int(generation) and generation >= 0 else -1
+
+
+def _new_file_mode() -> int:
+    """The mode a file created 0o644 gets under this process's umask (read from /proc: os.umask sets it too, which
+    another thread creating a file meanwhile would see)."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o644 & ~umask
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -277,13 +310,18 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def _remove_stale(directory: Path, keep: str) -> None:
+def _remove_stale(directory: Path, keep: str, committed: Optional[Dict]) -> None:
     """Remove every file of an earlier generation or a dead save, but `keep`; a file that will not go is left for
-    the next save (nothing reads it)."""
+    the next save (nothing reads it). Names with a random part of this format's own are this package's wherever
+    they lie; the generic ones (safetensors' ".tmpXXXXXX", version 1's fixed names) only where a store index
+    was committed before this save (version 1's only over a version-1 index), so that no file of someone else's is
+    taken for a leftover."""
+    ours = bool(committed)
+    legacy = ours and committed.get("version") == 1
     for path in directory.iterdir():
         name = path.name
-        if name != keep and (TENSOR_FILE.fullmatch(name) or TEMP_INDEX.fullmatch(name) or name in LEGACY_FILES
-                             or SAFETENSORS_TEMP.fullmatch(name)):
+        if name != keep and (TENSOR_FILE.fullmatch(name) or TEMP_INDEX.fullmatch(name)
+                             or (legacy and name in LEGACY_FILES) or (ours and SAFETENSORS_TEMP.fullmatch(name))):
             with contextlib.suppress(OSError):
                 os.remove(path)
 
@@ -315,11 +353,10 @@ class SavedStore:
             index = _check_index(_read_index(self.index_path), self.index_path, engine)
             self.tensor_path = tensor_path = directory / index["tensors"]
             try:
-                with safe_open(str(tensor_path), framework="pt", device="cpu") as f:
-                    metadata, names = f.metadata() or {}, set(f.keys())
-                    tensors = {name: f.get_tensor(name) for name in names}
+                metadata, tensors = _read_tensor_file(tensor_path, safe_open)
+                names = set(tensors)
                 break
-            except (SafetensorError, OSError, ValueError) as err:
+            except (SafetensorError, OSError, ValueError, RuntimeError) as err:
                 # A save may have committed a newer generation and removed this one's file since the index was read.
                 again = _read_index(self.index_path) if self.index_path.is_file() else None
                 if isinstance(again, dict) and again.get("tensors") != index["tensors"] and \
@@ -403,6 +440,23 @@ class SavedStore:
         return counters, nodes
 
 
+def _read_tensor_file(path: Path, safe_open) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
+    """The metadata and tensors of a safetensors file, read through one open descriptor, into memory of their own.
+
+    safe_open opens its path twice (the header, then a memory map for the tensors): between the two a save could
+    commit and remove the file. Through /proc/self/fd both opens reach the one file this descriptor holds, removed
+    or not. And the tensors are copied out of the map: views of it would change under an in-place rewrite of the
+    file (cp, rsync --inplace) and fault (SIGBUS) if it were truncated, after the load had checked them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with safe_open(f"/proc/self/fd/{fd}", framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
+    finally:
+        os.close(fd)
+    return metadata, tensors
+
+
 def _bad(path: Path, field: str, problem: str) -> ValueError:
     return ValueError(f"load: {path}: {field}: {problem}")
 
@@ -412,7 +466,7 @@ def _read_index(path: Path):
         raise FileNotFoundError(f"load: no KVStore index at {path}")
     try:
         return json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, an int past Python's digits
         raise ValueError(f"load: {path} is not a valid KVStore index ({err})") from None
 
 
@@ -456,7 +510,10 @@ def _check_index(index, path: Path, engine: ReuseEngine) -> Dict:
     _fields(path, "", index, INDEX_FIELDS if version >= 4 else UNCHECKED_INDEX_FIELDS)
     # Taken before the checks below normalise anything; compared after them, so that a malformed field is named
     # as such and a well-formed one that is not as saved is still refused.
-    digest = index_checksum(index) if version >= 4 else None
+    try:
+        digest = index_checksum(index) if version >= 4 else None
+    except ValueError as err:  # NaN or infinity somewhere: not JSON as a save writes it
+        raise _bad(path, "checksum", f"the index holds a value no save writes ({err})") from None
     if index["fingerprint"] != engine.fingerprint:
         raise _bad(path, "fingerprint", f"the store was written for another model or tokenizer (fingerprint "
                                         f"{index['fingerprint']!r}, this engine's is {engine.fingerprint})")
@@ -545,7 +602,8 @@ def _check_entry_meta(path: Path, i: int, meta, clock: int) -> None:
     if not isinstance(opcodes, list):
         raise _bad(path, f"{at}.opcodes", f"expected a list, got {type(opcodes).__name__}")
     for k, op in enumerate(opcodes):
-        if not (isinstance(op, list) and len(op) == 5 and op[0] in OPCODE_TAGS and all(map(_is_int, op[1:]))):
+        if not (isinstance(op, list) and len(op) == 5 and isinstance(op[0], str) and op[0] in OPCODE_TAGS
+                and all(map(_is_int, op[1:]))):
             raise _bad(path, f"{at}.opcodes[{k}]", f"expected [tag, i1, i2, j1, j2] with tag one of e, i, d, r, "
                                                    f"got {op!r}")
 

@@ -150,6 +150,64 @@ def test_generations_replace_each_other(engine, tmp_path):
     assert _signature(KVStore.load(tmp_path, engine)) == _signature(store)
 
 
+def test_save_leaves_files_it_cannot_tell_are_its_own(engine, tmp_path):
+    """A save into a directory whose index.json is some other program's is refused by name, with nothing written or
+    removed; into one with no index it removes none of the generic leftover names (safetensors' .tmpXXXXXX,
+    version 1's entries.safetensors) it finds there; over its own index, safetensors' leftovers go, and version 1's
+    names only over a version-1 index."""
+    store, _ = _filled_store(engine)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    files = {"index.json": b'{"weight_map": {}}', "notes.txt": b"mine", ".tmpAbC123": b"x", "entries.safetensors": b"y"}
+    for name, data in files.items():
+        (foreign / name).write_bytes(data)
+    with pytest.raises(ValueError, match=r"directory .*foreign holds an index\.json that is not a KVStore index"):
+        store.save(foreign)
+    assert {p.name: p.read_bytes() for p in foreign.iterdir()} == files
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in (".tmpAbC123", "entries.safetensors"):
+        (bare / name).write_bytes(files[name])
+    store.save(bare)
+    assert {".tmpAbC123", "entries.safetensors"} <= set(_files(bare))
+    store.save(bare)  # over its own index now: safetensors' temporary name is a dead save's, version 1's is not
+    assert ".tmpAbC123" not in _files(bare) and "entries.safetensors" in _files(bare)
+    index = _index(bare)
+    (bare / "index.json").write_text(json.dumps({**index, "version": 1}))
+    store.save(bare)
+    _assert_one_generation(bare)
+    assert _signature(KVStore.load(bare, engine)) == _signature(store)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_files_take_the_umask_mode(engine, tmp_path, umask):
+    """The tensor file gets the mode the index gets (0o644 under the umask), not safetensors' 0600, so whoever can
+    read the index can read the tensors."""
+    store, _ = _filled_store(engine)
+    previous = os.umask(umask)
+    try:
+        store.save(tmp_path)
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert set(modes.values()) == {0o644 & ~umask}, modes
+
+
+def test_a_negative_generation_is_not_carried_on(engine, tmp_path):
+    """A damaged index whose generation is negative (refused at load) is saved over with generation 0, which
+    loads, rather than with its successor (-4: a store that never loads, whose files no save removes)."""
+    store, _ = _filled_store(engine)
+    store.save(tmp_path)
+    index = _index(tmp_path)
+    (tmp_path / "index.json").write_text(json.dumps({**index, "generation": -5}))
+    with pytest.raises(ValueError, match="generation: expected an int >= 0"):
+        KVStore.load(tmp_path, engine)
+    store.save(tmp_path)
+    assert _index(tmp_path)["generation"] == 0
+    _assert_one_generation(tmp_path)
+    assert _signature(KVStore.load(tmp_path, engine)) == _signature(store)
+
+
 def test_save_makes_files_durable_before_the_commit(engine, tmp_path, monkeypatch):
     """The order that makes a power cut safe: tensor file fsync'd, directory fsync'd, index fsync'd, then the
     rename, then the directory fsync'd, and only then the old generation removed."""
@@ -345,20 +403,59 @@ def test_save_killed_at_every_step_and_at_random_instants(engine, two_stores, tm
 def test_load_retries_when_a_save_replaces_the_file_it_named(engine, two_stores, tmp_path, monkeypatch):
     """A load that read the index just before a save committed and removed the tensor file it named reads the
     new index and goes on."""
+    from semshare_ops.store import persistence
+
     old, new = two_stores
     old.save(tmp_path)
-    real_open = safe_open
+    real_read = persistence._read_tensor_file
     calls = []
 
-    def racing_open(path, *args, **kwargs):
+    def racing_read(path, *args, **kwargs):
         calls.append(path)
         if len(calls) == 1:
             new.save(tmp_path)  # commits and removes `path`
-        return real_open(path, *args, **kwargs)
+        return real_read(path, *args, **kwargs)
 
-    monkeypatch.setattr("safetensors.safe_open", racing_open)
+    monkeypatch.setattr(persistence, "_read_tensor_file", racing_read)
     assert _signature(KVStore.load(tmp_path, engine)) == _signature(new)
     assert len(calls) == 2 and calls[0] != calls[1]
+
+
+def test_a_save_between_the_opens_of_one_load_leaves_it_whole(engine, two_stores, tmp_path, monkeypatch):
+    """safetensors opens the file it reads twice (header, then the map of the tensors). A save that commits and
+    removes the file between the two once failed the load with a raw RuntimeError; read through one descriptor, the
+    load gets the generation it opened, whole, and the next load the new one."""
+    old, new = two_stores
+    old.save(tmp_path)
+    real = torch.UntypedStorage.from_file
+    saved = []
+
+    def save_in_between(*args, **kwargs):
+        if not saved:
+            saved.append(new.save(tmp_path))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", save_in_between)
+    assert _signature(KVStore.load(tmp_path, engine)) == _signature(old)
+    monkeypatch.undo()
+    assert saved and _signature(KVStore.load(tmp_path, engine)) == _signature(new)
+
+
+def test_a_loaded_store_owns_its_tensors(engine, tmp_path):
+    """A loaded store's K/V are copies, not views of a map of its file: rewriting the file in place (cp, rsync
+    --inplace) or truncating it after the load changes nothing the store serves, and faults nothing (SIGBUS)."""
+    store, _ = _filled_store(engine)
+    store.save(tmp_path)
+    loaded = KVStore.load(tmp_path, engine)
+    before = _signature(loaded)
+    path = tmp_path / _index(tmp_path)["tensors"]
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # in place: the same inode, as a mapping of it would see
+        f.seek(size // 2)
+        f.write(bytes(size - size // 2))
+    assert loaded.verify() == [] and _signature(loaded) == before
+    os.truncate(path, 16)
+    assert loaded.verify() == [] and _signature(loaded) == before
 
 
 def test_concurrent_saves_and_loads_of_one_directory(engine, two_stores, tmp_path):
@@ -512,6 +609,10 @@ MALFORMED = {
     "exact prefix negative": (lambda ix: _set(ix, 0, exact_prefix=-1), None, rf"{INDEX}: entries\[0\]\.exact_prefix"),
     "exact prefix past the tokens": (_sealed(lambda ix: _set(ix, 1, exact_prefix=10**6)), None,
                                      rf"{INDEX}: entries\[1\]\.exact_prefix: 1000000 exceeds the entry's \d+ tokens"),
+    "opcode tag a list": (lambda ix: _entry(ix, 1)["opcodes"][0].__setitem__(0, ["e"]), None,
+                          rf"{INDEX}: entries\[1\]\.opcodes\[0\]: expected \[tag"),
+    "clock NaN": (lambda ix: ix.update(clock=float("nan")), None,
+                  rf"{INDEX}: checksum: the index holds a value no save writes"),
     # Well formed, as a flipped bit can leave it ('3' -> '7'), and not as saved: the index's own checksum.
     "exact prefix grown": (lambda ix: _set(ix, 1, exact_prefix=70), None,
                            rf"{INDEX}: checksum: the index does not match the checksum saved with it"),
@@ -597,6 +698,11 @@ def test_load_refuses_other_model_version_and_bad_files(engine, tmp_path):
         KVStore.load(tmp_path, engine)
     (tmp_path / "index.json").write_text("[" * 100_000)
     with pytest.raises(ValueError, match="not a valid KVStore index"):
+        KVStore.load(tmp_path, engine)
+    # An int past Python's digit limit for str -> int: its ValueError named neither the file nor the problem.
+    text = json.dumps({**index, "evictions": 12345}).replace('"evictions": 12345', '"evictions": ' + "9" * 5000)
+    (tmp_path / "index.json").write_text(text)
+    with pytest.raises(ValueError, match=r"index\.json is not a valid KVStore index"):
         KVStore.load(tmp_path, engine)
     (tmp_path / "index.json").write_text(json.dumps(index))
     data = tensors.read_bytes()
