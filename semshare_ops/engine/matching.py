@@ -256,10 +256,16 @@ def match_tokens(reference_ids: torch.Tensor, target_ids: torch.Tensor, method: 
     `target_codes` (for "lsh" and "hybrid") are the codes of every target token, or a function giving the codes of
     the target positions it is handed: then only the tokens edit alignment left unmatched are hashed (none for an
     identical prompt)."""
+    exact_pairs = {"edit": edit_pairs, "hybrid": edit_pairs, "prefix": prefix_pairs, "chunk": chunk_pairs}
+    if method not in (*exact_pairs, "lsh"):
+        raise ValueError(f"method: expected one of 'edit', 'lsh', 'hybrid', 'prefix', 'chunk', got {method!r}")
+    if method in ("lsh", "hybrid"):
+        for name, codes in (("reference_codes", reference_codes), ("target_codes", target_codes)):
+            if codes is None:
+                raise ValueError(f"{name}: method {method!r} needs the LSH codes of the tokens")
     n = int(target_ids.numel())
     dst = src = torch.empty(0, dtype=torch.long)
     exact = torch.empty(0, dtype=torch.bool)
-    exact_pairs = {"edit": edit_pairs, "hybrid": edit_pairs, "prefix": prefix_pairs, "chunk": chunk_pairs}
     if method in exact_pairs:
         d, s = exact_pairs[method](reference_ids.tolist(), target_ids.tolist())
         dst, src = torch.tensor(d, dtype=torch.long), torch.tensor(s, dtype=torch.long)

@@ -551,3 +551,15 @@ def test_match_tokens_baseline_methods_are_exact(method):
     assert torch.equal(tgt[m.dst], ref[m.src])
     if method == "prefix":
         assert m.dst.tolist() == list(range(64))
+
+
+def test_match_refuses_an_unknown_method_or_missing_codes():
+    """An unknown method matched nothing without a word (a typo served as full prefill), and "lsh" without codes
+    failed with a bare TypeError: both are ValueErrors naming the argument."""
+    ids = torch.tensor([5, 6, 7, 8, 9])
+    with pytest.raises(ValueError, match=r"method: expected one of .* got 'Edit'"):
+        matching.match_tokens(ids, ids, "Edit")
+    with pytest.raises(ValueError, match="reference_codes"):
+        matching.match_tokens(ids, torch.tensor([1, 2, 3]), "lsh")
+    with pytest.raises(ValueError, match="target_codes"):
+        matching.match_tokens(ids, torch.tensor([1, 2, 3]), "hybrid", reference_codes=torch.zeros(5, 1, dtype=torch.long))
