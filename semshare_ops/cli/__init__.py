@@ -18,7 +18,8 @@ COMMANDS = {"demo": demo, "run": run_command, "bench": bench, "eval": eval_comma
 
 def build_parser() -> Parser:
     parser = Parser(prog="semshare", description="Semantic KV-cache reuse on HF models (semshare_ops).")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser,
+                                metavar="{" + ",".join(COMMANDS) + "}")
     for command in COMMANDS.values():
         command.add_parser(sub)
     return parser

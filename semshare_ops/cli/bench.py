@@ -19,8 +19,9 @@ E2E_DEFAULTS = {"model": None, "shape": None, "layers": None, "edit_levels": [0.
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="microbenchmarks of the ops (ops) or TTFT of full prefill vs reuse (e2e)")
-    p.add_argument("what", choices=["ops", "e2e"])
-    p.add_argument("--device", default=None)
+    p.add_argument("what", choices=["ops", "e2e"], metavar="{ops,e2e}",
+                   help="ops: the ops against their baselines; e2e: TTFT of full prefill vs reuse")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--models", nargs="+", default=None, help="ops: model shapes (default: smollm2-135m)")
     p.add_argument("--lengths", nargs="+", type=int, default=None,
                    help="prompt lengths in tokens (ops: 1024 4096, add 8192 16384 on GPUs; e2e: 1024 2048 4096)")
@@ -89,8 +90,8 @@ def run_ops(args, device: str) -> Dict:
         raise UsageError("--windows: every window must be at least 1 position")
     dtype = torch_dtype(args.dtype)
     ceilings = device_ceilings(device, dtype)  # once, so every record's percentage uses the same numbers
-    if not args.json:
-        print(format_ceilings(ceilings), flush=True)
+    if not args.json:  # the table row by row as measured (show adds nothing after it)
+        print(format_ceilings(ceilings) + "\n" + format_table([]).splitlines()[0], flush=True)
     records = bench_ops(device, args.models, args.lengths, args.ratios,
                         progress=(lambda r: None) if args.json else
                         (lambda r: print(format_table([r]).splitlines()[1], flush=True)),
@@ -130,6 +131,8 @@ def run_e2e(args, device: str) -> Dict:
     if limit and max(args.lengths) * (1 + max(args.edit_levels)) + 1 > limit:
         raise UsageError(f"--lengths: edited prompts of {max(args.lengths)} tokens may exceed the model's context "
                          f"of {limit}")
+    if not args.json:  # the table row by row as measured (show adds nothing after it)
+        print("\n".join(e2e.format_e2e([]).splitlines()[:2]), flush=True)
     records = e2e.run_e2e(engine, prompt, args.lengths, args.edit_levels, args.methods, args.repeat,
                           progress=(lambda r: None) if args.json else
                           (lambda r: print(e2e.format_e2e([r]).splitlines()[2], flush=True)),
@@ -138,11 +141,5 @@ def run_e2e(args, device: str) -> Dict:
 
 
 def show(result: Dict) -> None:
-    if "ceilings" in result:
-        from ..bench.ops import format_ceilings, format_table
-
-        print("\n" + format_ceilings(result["ceilings"]) + "\n" + format_table(result["records"]))
-    else:
-        from ..bench.e2e import format_e2e
-
-        print("\n" + format_e2e(result["records"]))
+    """Nothing: without --json, run() printed the table row by row as it measured them (it once printed it again
+    here)."""

@@ -32,13 +32,14 @@ def torch_dtype(name: str):
 def model_args(p, ratios: bool = False) -> None:
     """The arguments of the commands that load a model and serve prompts."""
     p.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2-135M)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default: 48)")
     if ratios:
         p.add_argument("--recompute-ratio", type=float, nargs="+", default=[0.2],
-                       help="one or more recompute ratios (the first gives the top-level keys)")
+                       help="one or more recompute ratios (the first gives the top-level keys; default: 0.2)")
     else:
-        p.add_argument("--recompute-ratio", type=float, default=0.2)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+        p.add_argument("--recompute-ratio", type=float, default=0.2,
+                       help="share of the reused tokens recomputed (default: 0.2; 1.0 gives full prefill's tokens)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="(default: float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -186,10 +187,13 @@ def show_comparison(result: Dict) -> None:
     full, reuse = result["full"]["stats"], result["reuse"]["stats"]
     print(f"\nprompt: {full['prompt_tokens']} tokens; reuse mode '{reuse['mode']}', "
           f"{reuse['matched_tokens']} tokens matched (similarity {reuse['similarity'] or 0:.2f}), "
-          f"reuse ratio {reuse['reuse_ratio']:.2f}, "
-          f"KV {reuse['kv_bytes'] / 1e6:.1f} of {reuse['kv_bytes_full'] / 1e6:.1f} MB\n")
+          f"reuse ratio {reuse['reuse_ratio']:.2f}"
+          + ("" if reuse["kv_bytes"] == reuse["kv_bytes_full"] else
+             f", KV cache {reuse['kv_bytes'] / 1e6:.1f} MB against {reuse['kv_bytes_full'] / 1e6:.1f} MB for full "
+             "prefill") + "\n")
     print(_side_by_side(f"full prefill: TTFT {full['ttft_ms']:.0f} ms", result["full"]["text"],
                         f"reuse: TTFT {reuse['ttft_ms']:.0f} ms", result["reuse"]["text"]))
     same = result["full"]["token_ids"] == result["reuse"]["token_ids"]
     print(f"\nspeedup of time to first token: {result['speedup']:.2f}x; outputs "
-          f"{'identical' if same else 'differ'}")
+          + ("identical" if same else "differ (reuse is approximate below --recompute-ratio 1.0, which gives the "
+                                      "full prefill's tokens)"))

