@@ -32,8 +32,8 @@ two stores or two processes (the kernel drops the lock of a saver that dies), an
 files it creates, so no two saves ever write one file: the last to commit wins, complete. Loads take no lock: the
 index they read names a file that exists, and when a save commits and removes that file before they open it,
 they read the new index and start again. Once open, the file is read through that one descriptor (a save removing
-it meanwhile changes nothing) into memory the store owns: no loaded tensor is a view of the file on disk. The guarantees rest on POSIX rename, fsync of a directory and flock
-(Linux, the package's platform).
+it meanwhile changes nothing) into memory the store owns: no loaded tensor is a view of the file on disk. The
+guarantees rest on POSIX rename, fsync of a directory and flock (Linux, the package's platform).
 
 Checks at load, each a ValueError naming the file and the field (FileNotFoundError for a missing index or tensor
 file), so that no malformed store is served from, and none fails later with a KeyError or a RecursionError:
