@@ -200,7 +200,12 @@ def write(directory: Path, take_snapshot: Callable[[], Snapshot]) -> Dict[str, s
             raise
         # Only once the new index is durable may the old generation go: a crash before this fsync can bring the old
         # index back, and it needs its tensor file.
-        os.fsync(dir_fd)
+        try:
+            os.fsync(dir_fd)
+        except OSError as err:  # past the commit point: say so, rather than let it read as a save that failed
+            raise OSError(err.errno, f"save: the new generation is committed in {directory}, but the directory's "
+                                     f"fsync failed ({err.strerror or err}): it may not survive a power loss, so "
+                                     "the previous generation's files are kept") from err
         _remove_stale(directory, keep=tensor_name, committed=committed)
     return checksums
 

@@ -235,6 +235,30 @@ def test_save_makes_files_durable_before_the_commit(engine, tmp_path, monkeypatc
                       ("fsync", "<dir>"), ("remove", old_tensors)]
 
 
+def test_a_failed_fsync_after_the_commit_says_the_save_committed(engine, two_stores, tmp_path, monkeypatch):
+    """The directory's fsync after the rename is past the commit point: its failure raises an OSError that says the
+    new generation is in place (not durable yet), and the old generation's files stay for an old index a crash
+    could bring back."""
+    old, new = two_stores
+    old.save(tmp_path)
+    old_tensors = _index(tmp_path)["tensors"]
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 4:  # tensor file, directory, temporary index, then the directory after the rename
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="the new generation is committed .* fsync failed") as info:
+        new.save(tmp_path)
+    assert info.value.errno == errno.EIO
+    monkeypatch.undo()
+    assert _signature(KVStore.load(tmp_path, engine)) == _signature(new)
+    assert old_tensors in _files(tmp_path)
+
+
 # ---- faults and kills ----------------------------------------------------------------------------------------------
 
 STEP_FUNCTIONS = ("open", "write", "fsync", "close", "replace", "remove")  # the os functions a save calls
