@@ -77,7 +77,7 @@ def load(args, device: Optional[str] = None):
             raise UsageError(f"--model: {args.model} is not a Hugging Face model directory (no config.json)")
     try:
         model, tokenizer = models.load_model(args.model, dtype=torch_dtype(args.dtype), progress=not args.json)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ModuleNotFoundError) as e:  # no such directory; the embedded model not installed
         raise UsageError(f"--model: {e}") from e
     except (OSError, ValueError) as e:  # a directory transformers cannot load: one line, not a traceback
         raise UsageError(f"--model: cannot load {args.model or 'the embedded model'}: "

