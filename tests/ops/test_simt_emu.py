@@ -79,6 +79,14 @@ def test_launch_limits(selftest):
         selftest.run("dynamic_shared", 128, 64 * 1024)  # over 48 KiB without cudaFuncSetAttribute
     with pytest.raises(RuntimeError, match="at most 1024 threads"):
         selftest.run("neighbour", 2048)
+    # Without the opt-in, static and dynamic shared memory share the 48 KiB (40 KiB static here).
+    assert torch.equal(selftest.run("static_and_dynamic", 64, 4 * 1024), torch.full((64,), 3.0))
+    with pytest.raises(RuntimeError, match=r"static \+ dynamic shared memory over 48 KiB"):
+        selftest.run("static_and_dynamic", 64, 16 * 1024)
+    # __launch_bounds__(64): more threads per block fail the launch, as on a GPU.
+    assert torch.equal(selftest.run("bounded", 64), torch.ones(64))
+    with pytest.raises(RuntimeError, match=r"128 threads per block, over the kernel's __launch_bounds__\(64\)"):
+        selftest.run("bounded", 128)
 
 
 def test_grid_x_limit(selftest, monkeypatch):

@@ -10,8 +10,10 @@ kernels of `torch.ops.semshare_emu.*`, the same schemas as `torch.ops.semshare.*
 - ``TORCH_LIBRARY_IMPL(semshare, CUDA, m)`` becomes ``TORCH_LIBRARY_IMPL(semshare_emu, CPU, m)``.
 
 Every CUDA thread is a fiber, warps meet in real barriers, and misaligned accesses, unreached barriers, divergent
-warp collectives, shared memory read before written (it starts as 0xff bytes) and launch limits fail the call with
-a RuntimeError (see include/simt_emu.h). Timing, inter-block memory ordering and the exact fp32 rounding of the
+warp collectives and launch limits (block and grid sizes, shared memory with and without the opt-in,
+``__launch_bounds__``, which a fourth rewrite moves into the kernel's body) fail the call with a RuntimeError (see
+include/simt_emu.h). Shared memory starts as 0xff bytes (NaN in floats, -1 in integers), so a read before a write
+shows in the results, not as an error: a max, a false comparison or a -1 meaning "empty" can hide it. Timing, inter-block memory ordering and the exact fp32 rounding of the
 tensor cores are not modelled: the GPU run (benchmarks/gpu_session.sh) stays the real check.
 """
 from __future__ import annotations
@@ -28,6 +30,8 @@ NAME = "semshare_simt_emu"
 
 _SHARED_ARRAY = re.compile(r"__shared__ (?:__align__\((\d+)\) )?([\w:]+) (\w+)\[([^\]]+)\];")
 _SHARED_SCALAR = re.compile(r"__shared__ ([\w:]+) (\w+);")
+# __global__ void __launch_bounds__(bound) name(params) {  ->  ... name(params) { ::simt::launch_bounds(bound);
+_LAUNCH_BOUNDS = re.compile(r"__launch_bounds__\(([^()]*(?:\([^()]*\)[^()]*)*)\)(\s+\w+\s*\([^{;]*\)\s*)\{")
 _EXTERN_SHARED = re.compile(r"extern __shared__ ([\w:]+(?: [\w:]+)*) (\w+)\[\];")
 _LAUNCH = re.compile(r"([\w:]+(?:<[^<>;]*>)?)<<<(.*?)>>>\(", re.S)  # kernel or kernel<T, N>
 
@@ -39,8 +43,9 @@ def rewrite(source: str) -> str:
         lambda m: f"{m[2]}* {m[3]} = ::simt::shared_array<{m[2]}>({m[4]}, {m[1] or f'alignof({m[2]})'});", s)
     s = _SHARED_SCALAR.sub(r"\1& \2 = *::simt::shared_array<\1>(1, alignof(\1));", s)
     s = _LAUNCH.sub(r"::simt::launch(\1, \2)(", s)
+    s = _LAUNCH_BOUNDS.sub(r"\2{ ::simt::launch_bounds(\1);", s)
     s = s.replace("TORCH_LIBRARY_IMPL(semshare, CUDA, m)", "TORCH_LIBRARY_IMPL(semshare_emu, CPU, m)")
-    leftover = [w for w in ("__shared__", "<<<", "TORCH_LIBRARY_IMPL(semshare,") if w in s]
+    leftover = [w for w in ("__shared__", "<<<", "TORCH_LIBRARY_IMPL(semshare,", "__launch_bounds__") if w in s]
     if leftover:
         raise RuntimeError(f"simt_emu: no rewrite for {leftover} (extend tests/simt_emu/__init__.py)")
     return s

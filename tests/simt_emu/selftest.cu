@@ -64,6 +64,18 @@ __global__ void uninitialized_shared_kernel(float* out) {
   out[threadIdx.x] = s[threadIdx.x];
 }
 
+// 40 KiB static beside the launch's dynamic shared memory: over 48 KiB together without the opt-in.
+__global__ void static_and_dynamic_kernel(float* out) {
+  __shared__ float s[10240];
+  extern __shared__ float d[];
+  s[threadIdx.x] = 1.0f;
+  d[threadIdx.x] = 2.0f;
+  __syncthreads();
+  out[threadIdx.x] = s[threadIdx.x] + d[threadIdx.x];
+}
+
+__global__ void __launch_bounds__(64) bounded_kernel(float* out) { out[threadIdx.x] = 1.0f; }
+
 __global__ void dynamic_shared_kernel(float* out) {
   extern __shared__ float d[];
   d[threadIdx.x] = 2.0f;
@@ -121,6 +133,8 @@ at::Tensor run(const std::string& name, int64_t threads, int64_t dynamic_smem) {
   else if (name == "misaligned_load16") misaligned_load16_kernel<<<1, threads, 0, stream>>>(p, o);
   else if (name == "uninitialized_shared") uninitialized_shared_kernel<<<1, threads, 0, stream>>>(o);
   else if (name == "dynamic_shared") dynamic_shared_kernel<<<1, threads, dynamic_smem, stream>>>(o);
+  else if (name == "static_and_dynamic") static_and_dynamic_kernel<<<1, threads, dynamic_smem, stream>>>(o);
+  else if (name == "bounded") bounded_kernel<<<1, threads, 0, stream>>>(o);
   else if (name == "cp_async") cp_async_kernel<<<1, threads, 0, stream>>>(true, p, o);
   else if (name == "cp_async_no_wait") cp_async_kernel<<<1, threads, 0, stream>>>(false, p, o);
   else if (name == "blocks") blocks_kernel<<<threads, 32, 0, stream>>>(o);  // `threads` blocks here

@@ -39,7 +39,7 @@ using std::isnan;
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(...)
+#define __launch_bounds__(...)  // the rewrite moves the bound into the kernel's body: ::simt::launch_bounds
 #define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
@@ -439,10 +439,11 @@ inline void run_grid(const void* kernel, dim3 grid, dim3 blk, size_t dynamic_byt
               "SIMT emulator: launch with grid (", grid.x, ",", grid.y, ",", grid.z, "), over the device's (", max_x,
               ",65535,65535)");
   size_t allowed = kDefaultDynamicShared;
+  bool opted_in = false;  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize) called for this kernel
   {
     std::lock_guard<std::mutex> lock(attr_mutex());
     auto it = max_dynamic_smem().find(kernel);
-    if (it != max_dynamic_smem().end()) allowed = it->second;
+    if (it != max_dynamic_smem().end()) allowed = it->second, opted_in = true;
   }
   TORCH_CHECK(dynamic_bytes <= allowed, "SIMT emulator: ", dynamic_bytes,
               " bytes of dynamic shared memory, over the kernel's limit of ", allowed,
@@ -475,6 +476,12 @@ inline void run_grid(const void* kernel, dim3 grid, dim3 blk, size_t dynamic_byt
       run_block(b, stacks.get());
       if (b.error.empty() && b.static_bytes + dynamic_bytes > kMaxShared) {
         b.error = "shared memory per block over 227 KiB: " + std::to_string(b.static_bytes + dynamic_bytes);
+      }
+      // Without the opt-in, static and dynamic together must fit the default 48 KiB (the static size is known
+      // only once the block has declared its arrays).
+      if (b.error.empty() && !opted_in && b.static_bytes + dynamic_bytes > kDefaultDynamicShared) {
+        b.error = "static + dynamic shared memory over 48 KiB without cudaFuncSetAttribute(MaxDynamicSharedMemorySize): " +
+                  std::to_string(b.static_bytes) + " + " + std::to_string(dynamic_bytes);
       }
       if (!b.error.empty()) {
         std::lock_guard<std::mutex> lock(error_mutex);
@@ -524,6 +531,17 @@ Launch<P...> launch(void (*kernel)(P...), G grid, B blk, size_t smem, S) {
 #define blockIdx (::simt::block().idx)
 #define blockDim (::simt::block().dim)
 #define gridDim (::simt::block().grid)
+
+namespace simt {
+// A kernel's __launch_bounds__(n): launched with more threads per block it fails, as the launch does on a GPU.
+inline void launch_bounds(int64_t max_threads, ...) {
+  const int64_t threads = int64_t{block().dim.x} * block().dim.y * block().dim.z;
+  if (threads > max_threads) {
+    fail("launch with " + std::to_string(threads) + " threads per block, over the kernel's __launch_bounds__(" +
+         std::to_string(max_threads) + ")");
+  }
+}
+}  // namespace simt
 
 inline void __syncthreads() { ::simt::sync_block(); }
 inline int __syncthreads_or(int pred) {
