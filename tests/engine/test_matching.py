@@ -562,4 +562,5 @@ def test_match_refuses_an_unknown_method_or_missing_codes():
     with pytest.raises(ValueError, match="reference_codes"):
         matching.match_tokens(ids, torch.tensor([1, 2, 3]), "lsh")
     with pytest.raises(ValueError, match="target_codes"):
-        matching.match_tokens(ids, torch.tensor([1, 2, 3]), "hybrid", reference_codes=torch.zeros(5, 1, dtype=torch.long))
+        matching.match_tokens(ids, torch.tensor([1, 2, 3]), "hybrid",
+                              reference_codes=torch.zeros(5, 1, dtype=torch.long))

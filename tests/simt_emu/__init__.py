@@ -13,8 +13,9 @@ Every CUDA thread is a fiber, warps meet in real barriers, and misaligned access
 warp collectives and launch limits (block and grid sizes, shared memory with and without the opt-in,
 ``__launch_bounds__``, which a fourth rewrite moves into the kernel's body) fail the call with a RuntimeError (see
 include/simt_emu.h). Shared memory starts as 0xff bytes (NaN in floats, -1 in integers), so a read before a write
-shows in the results, not as an error: a max, a false comparison or a -1 meaning "empty" can hide it. Timing, inter-block memory ordering and the exact fp32 rounding of the
-tensor cores are not modelled: the GPU run (benchmarks/gpu_session.sh) stays the real check.
+shows in the results, not as an error: a max, a false comparison or a -1 meaning "empty" can hide it. Timing,
+inter-block memory ordering and the exact fp32 rounding of the tensor cores are not modelled: the GPU run
+(benchmarks/gpu_session.sh) stays the real check.
 """
 from __future__ import annotations
 

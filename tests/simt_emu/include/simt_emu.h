@@ -480,8 +480,9 @@ inline void run_grid(const void* kernel, dim3 grid, dim3 blk, size_t dynamic_byt
       // Without the opt-in, static and dynamic together must fit the default 48 KiB (the static size is known
       // only once the block has declared its arrays).
       if (b.error.empty() && !opted_in && b.static_bytes + dynamic_bytes > kDefaultDynamicShared) {
-        b.error = "static + dynamic shared memory over 48 KiB without cudaFuncSetAttribute(MaxDynamicSharedMemorySize): " +
-                  std::to_string(b.static_bytes) + " + " + std::to_string(dynamic_bytes);
+        b.error = "static + dynamic shared memory over 48 KiB without cudaFuncSetAttribute"
+                  "(MaxDynamicSharedMemorySize): " + std::to_string(b.static_bytes) + " + " +
+                  std::to_string(dynamic_bytes);
       }
       if (!b.error.empty()) {
         std::lock_guard<std::mutex> lock(error_mutex);
