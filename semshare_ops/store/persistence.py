@@ -20,6 +20,7 @@ to it with one rename:
 3. `os.replace` of that over `index.json`: the one commit point. A rename within a directory is atomic, so a
    reader, or a restart after a crash at any instant, finds the old index or the new one, never a mix;
 4. the directory fsync'd (the rename is durable), and only then the previous generation's files removed.
+A directory the save creates, and every parent it creates with it, has its name fsync'd in its parent first.
 Before 3 the old index still names the old tensor file, untouched; from 3 on the new index names a file that is
 already on disk. Whatever else lies in the directory (a half-written tensor file or temporary index of a save that
 died or failed) is named by no index, so a load never reads it and the next save removes it (safetensors' own
@@ -29,7 +30,9 @@ another program: it refuses the directory by name, with nothing written or remov
 
 Saves into one directory take turns under an exclusive `flock` of the directory, whether they come from one store,
 two stores or two processes (the kernel drops the lock of a saver that dies), and each picks fresh names for the
-files it creates, so no two saves ever write one file: the last to commit wins, complete. Loads take no lock: the
+files it creates, so no two saves ever write one file: the last to commit wins, complete. A save whose directory
+was moved, removed or replaced while it waited for the lock is refused, with nothing written (the lock only holds
+what it opened; moving a store while a save runs is the caller's to avoid). Loads take no lock: the
 index they read names a file that exists, and when a save commits and removes that file before they open it,
 they read the new index and start again. Once open, the file is read through that one descriptor (a save removing
 it meanwhile changes nothing) into memory the store owns: no loaded tensor is a view of the file on disk. The
@@ -66,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -162,11 +166,9 @@ def write(directory: Path, take_snapshot: Callable[[], Snapshot]) -> Dict[str, s
     Returns the checksum written per entry id."""
     from safetensors.torch import save_file
 
-    created = not directory.is_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    if created:
-        _fsync_directory(directory.parent)  # the new directory's own name
+    _make_directory(directory)
     with _locked(directory) as dir_fd:
+        _check_still_at(directory, dir_fd)
         committed = _committed_index(directory)
         snap = take_snapshot()
         generation = _committed_generation(committed) + 1
@@ -230,6 +232,34 @@ def _gather(snap: Snapshot) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], Di
                            "stored (their tensors changed in memory); nothing was written. Remove them and save "
                            "again")
     return tensors, checksums, key_checksums
+
+
+def _make_directory(directory: Path) -> None:
+    """Create `directory` with whatever parents it lacks, each durable: a directory's name lives in its parent, so
+    the parent of every level created is fsync'd (a crash must not lose a committed store by losing the name of a
+    directory above it)."""
+    missing = []
+    level = directory
+    while not level.is_dir() and level != level.parent:
+        missing.append(level)
+        level = level.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):
+        _fsync_directory(created.parent)
+
+
+def _check_still_at(directory: Path, dir_fd: int) -> None:
+    """Refuse a save whose directory was moved, removed or replaced while it waited for the lock: its files are
+    written by path, and would land beside a directory it does not hold (or nowhere), while the lock and the fsyncs
+    went to the one it opened."""
+    held = os.fstat(dir_fd)
+    try:
+        now = os.stat(directory)
+    except FileNotFoundError:
+        now = None
+    if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+        raise FileNotFoundError(errno.ENOENT, f"save: the directory was moved, removed or replaced while this save "
+                                              "waited for its lock; nothing was written", str(directory))
 
 
 @contextlib.contextmanager

@@ -235,6 +235,71 @@ def test_save_makes_files_durable_before_the_commit(engine, tmp_path, monkeypatc
                       ("fsync", "<dir>"), ("remove", old_tensors)]
 
 
+def test_a_new_directory_and_its_new_parents_are_made_durable(engine, tmp_path, monkeypatch):
+    """A save into a directory whose parents are missing creates them all, and fsyncs the parent of every level it
+    created (only the deepest's parent was, before): otherwise a crash could lose a committed store with the name of
+    a directory above it."""
+    from semshare_ops.store import persistence
+
+    store, _ = _filled_store(engine)
+    synced = []
+    real = persistence._fsync_directory
+    monkeypatch.setattr(persistence, "_fsync_directory", lambda path: (synced.append(path), real(path))[1])
+    target = tmp_path / "a" / "b" / "c"
+    store.save(target)
+    assert synced == [tmp_path, tmp_path / "a", tmp_path / "a" / "b"]
+    assert _signature(KVStore.load(target, engine)) == _signature(store)
+    synced.clear()
+    store.save(target)  # nothing created: no parent to fsync
+    assert synced == []
+
+
+@pytest.mark.parametrize("change", ["moved", "replaced"])
+def test_a_directory_moved_while_the_save_waits_for_its_lock_is_refused(engine, two_stores, tmp_path, monkeypatch,
+                                                                         change):
+    """The lock holds the directory the save opened, but its files are written by path: a directory moved (or
+    replaced by another) while the save waited would have the new files land elsewhere, or fail half way. The save
+    is refused by name, with nothing written to either directory."""
+    import fcntl
+
+    old, new = two_stores
+    directory, moved = tmp_path / "store", tmp_path / "moved"
+    old.save(directory)
+    before = _files(directory)
+    holder = os.open(directory, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    waiting = threading.Event()
+    real_flock = fcntl.flock
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (waiting.set(), real_flock(fd, op))[1])
+    errors = []
+
+    def save():
+        try:
+            new.save(directory)
+        except Exception as err:  # noqa: BLE001 - the test reads it
+            errors.append(err)
+
+    saver = threading.Thread(target=save)
+    saver.start()
+    try:
+        assert waiting.wait(30)
+        time.sleep(0.2)  # the saver is inside flock, blocked on the holder
+        os.rename(directory, moved)
+        if change == "replaced":
+            directory.mkdir()
+    finally:
+        real_flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+        saver.join(60)
+    assert len(errors) == 1 and isinstance(errors[0], FileNotFoundError), errors
+    assert "moved, removed or replaced while this save waited" in str(errors[0])
+    assert str(directory) in str(errors[0])
+    assert _files(moved) == before
+    assert _signature(KVStore.load(moved, engine)) == _signature(old)
+    if change == "replaced":
+        assert _files(directory) == []
+
+
 def test_a_failed_fsync_after_the_commit_says_the_save_committed(engine, two_stores, tmp_path, monkeypatch):
     """The directory's fsync after the rename is past the commit point: its failure raises an OSError that says the
     new generation is in place (not durable yet), and the old generation's files stay for an old index a crash
