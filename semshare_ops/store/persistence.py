@@ -429,7 +429,8 @@ class SavedStore:
         """The saved counters and entries, in file order (LRU, device tier first), each checked against the engine
         and, with `verify`, against its saved checksum.
 
-        Each node's K/V are on the engine's device (device tier) or on CPU (offload tier); its `key` is the saved
+        Each node's K/V are on CPU, whatever its tier (the store moves those its device tier keeps); its `key` is
+        the saved
         sentence embedding when `sentence_keys` and the file has one, else None (the store computes it); its
         `checksum` is the saved one; its children are not filled in.
         """
@@ -458,8 +459,6 @@ class SavedStore:
                 if verify and tensors_checksum([key]) != meta["key_checksum"]:
                     raise _bad(path, f"{entry_id}.{KEY_FIELD}", "does not match the checksum saved in the index "
                                                                 "(the file is damaged)")
-            on = engine.device if meta["tier"] == "device" else torch.device("cpu")
-            fields["keys"], fields["values"] = fields["keys"].to(on), fields["values"].to(on)
             # The saved codes are made with the saved LSH settings; a store rehashes those of other settings
             # (KVStore.load), and the rehashed entry is the engine's.
             entry = ReferenceEntry(fingerprint=engine.fingerprint, exact_prefix=meta["exact_prefix"],

@@ -441,4 +441,11 @@ class KVStore:
         with store._lock:
             store._tree.link_children()
             store._enforce_budgets()
+            # The K/V were read into CPU memory; only what the device tier keeps under its budget goes to the
+            # device, so a store loaded with a smaller capacity than it was saved with evicts before it allocates
+            # (moving every saved device entry first could exhaust the device that the smaller capacity fits).
+            for node in store._tiers.nodes():
+                if node.tier == "device":
+                    node.entry = dataclasses.replace(node.entry, keys=node.entry.keys.to(engine.device),
+                                                     values=node.entry.values.to(engine.device))
         return store

@@ -98,6 +98,26 @@ def test_save_load_round_trip(engine, tmp_path):
     assert KVStore.load(tmp_path / "c", engine).checksums is True
 
 
+def test_load_moves_to_the_device_only_what_its_device_tier_keeps(engine, tmp_path, monkeypatch):
+    """A store's K/V are read into CPU memory and only the entries its device tier keeps under the load's capacity
+    go to the engine's device: a store saved with more device bytes than the loading device holds evicts or
+    offloads before it allocates (every saved device entry went to the device first, before). No GPU here, so the
+    engine's device is faked as `meta`: a meta tensor cannot be copied back to the CPU tier, and a move before the
+    budgets were applied fails the load."""
+    store, _ = _filled_store(engine, capacity_bytes=1 << 24)
+    store.save(tmp_path)
+    saved = store.entries()
+    assert all(e.tier == "device" for e in saved) and len(saved) == 3
+    newest = saved[-1].entry.nbytes
+    older = sum(e.entry.nbytes for e in saved[:-1])
+    monkeypatch.setattr(type(engine), "device", property(lambda self: torch.device("meta")))
+    loaded = KVStore.load(tmp_path, engine, capacity_bytes=newest, offload_bytes=older)
+    places = [(e.id, e.tier, e.entry.keys.device.type, e.entry.values.device.type) for e in loaded.entries()]
+    assert places == [(saved[-1].id, "device", "meta", "meta")] + [(e.id, "offload", "cpu", "cpu")
+                                                                    for e in saved[:-1]]  # device tier first
+    assert loaded.offloads == 2 and loaded.device_nbytes == newest
+
+
 def _as_version(directory, version):
     """Rewrite a saved store as the writer of format `version` (2 or 3) wrote it: no checksum of the index, the
     version in the index and in the tensor file's metadata, and for version 2 no exact prefixes."""
