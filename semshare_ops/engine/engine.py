@@ -503,21 +503,26 @@ class ReuseEngine:
 
     @torch.inference_mode()
     def generate(self, prompt: Prompt, reference: Optional[ReferenceEntry] = None, max_new_tokens: int = 64,
-                 return_entry: bool = False, min_similarity: Optional[float] = None,
+                 return_entry: bool = False, min_similarity: Optional[float] = None, prefix_only: bool = False,
                  **generate_kwargs) -> GenerationOutput:
         """Generate from `prompt`, reusing `reference`'s KV when given and similar enough; else full prefill.
 
         return_entry=True also hands back this request's prompt K/V as a ReferenceEntry (`out.entry`), copied
         out of the cache after decoding, so that a store can serve later requests from it. It needs every
         layer to hold every prompt position (no retain_ratio). min_similarity, when given, is this call's gate
-        instead of the config's (the store lifts it for an exact common prefix without touching the config that
-        other threads read). Generation is greedy, one sequence (batch size 1), over the engine's cache, whatever the
+        instead of the config's (read per call: the config is not changed, since other threads read it).
+        prefix_only=True takes from `reference` only its exact common prefix with the prompt (the positions whose K/V
+        it holds exactly as a full prefill of the prompt computes them, as a prefix cache would) and computes every
+        other position in full, whatever the similarity: a full prefill's result for less work (the store's path
+        for a base under the gate that shares an exact prefix). Generation is greedy, one sequence (batch size 1), over the engine's cache, whatever the
         model's generation_config says about sampling, beams or its cache; other `generate` keyword arguments go to
         HF `generate`.
         """
         start = time.perf_counter()
         check_count("max_new_tokens", max_new_tokens, minimum=1)
         check_gate(min_similarity)
+        if not isinstance(prefix_only, bool):
+            raise TypeError(f"prefix_only: expected a bool, got {type(prefix_only).__name__}")
         if generate_kwargs.get("num_return_sequences", 1) != 1 or generate_kwargs.get("num_beams", 1) != 1:
             raise ValueError("num_return_sequences / num_beams: the engine serves one sequence per request "
                              "(batch size 1); run several requests instead")
@@ -526,7 +531,8 @@ class ReuseEngine:
             raise ValueError("return_entry: a request served with retain_ratio keeps a partial cache; "
                              "an entry needs every prompt position in every layer")
         ids = self.tokenize(prompt, max_new_tokens)
-        cache, stats, exact = self._serve_prompt(ids, reference, gate, capacity=len(ids) + max_new_tokens)
+        cache, stats, exact = self._serve_prompt(ids, reference, gate, capacity=len(ids) + max_new_tokens,
+                                                 prefix_only=prefix_only)
         new_ids, ttft_s, logits, cache, stats["guard"], stats["decode_recomputed_tokens"] = self._decode(
             ids, cache, max_new_tokens, start, generate_kwargs, self._guard_margin(stats, cache))
         if stats["guard"] is not None and stats["guard"]["repaired_at"] is not None:
@@ -671,19 +677,21 @@ class ReuseEngine:
             raise ValueError(f"reference: its token codes were made with other LSH settings ({', '.join(LSH_SETTINGS)}"
                              f" = {tuple(reference.codes_lsh)}) than this engine's {self.codes_lsh}")
 
-    def _serve_prompt(self, ids: torch.Tensor, reference: Optional[ReferenceEntry], gate: float, capacity: int):
+    def _serve_prompt(self, ids: torch.Tensor, reference: Optional[ReferenceEntry], gate: float, capacity: int,
+                      prefix_only: bool = False):
         """A cache holding what reuse provides of the prompt (positions 0..T-2; empty for a full prefill), the
-        request's stats, and the exact prefix an entry of this prompt would have."""
+        request's stats, and the exact prefix an entry of this prompt would have. `prefix_only`: only the
+        reference's exact common prefix is taken, with no gate (generate)."""
         stats = {"mode": "full", "prompt_tokens": len(ids), "matched_tokens": 0,
                  "recomputed_tokens": [len(ids)] * self.num_layers, "similarity": None, "exact_tokens": 0,
                  "check_deviation": None}
         cache, kv_bytes, exact = None, None, len(ids)
         if reference is not None:
             self._check_reference(reference)
-            match = self._match(reference, ids)
+            match = self._prefix_match(reference, ids) if prefix_only else self._match(reference, ids)
             stats["matched_tokens"] = match.matched
             stats["similarity"] = match.matched / len(ids)
-            if stats["similarity"] < gate:
+            if stats["similarity"] < gate and not prefix_only:
                 stats["mode"] = "fallback"
             else:
                 stats["mode"] = "reuse"
@@ -783,6 +791,14 @@ class ReuseEngine:
 
         return matching.match_tokens(reference.token_ids, ids.cpu(), self.config.matching, reference.codes,
                                      None if self.config.matching == "edit" else codes, self.config.lsh_max_distance)
+
+    @staticmethod
+    def _prefix_match(reference: ReferenceEntry, ids: torch.Tensor) -> matching.Match:
+        """The reference's exact common prefix with the prompt: the same tokens at the same positions, within the
+        rows the reference holds exactly (its `exact_prefix`), and nothing else."""
+        n = min(matching.common_prefix(reference.token_ids.tolist(), ids.tolist()), reference.exact_prefix)
+        pairs = torch.arange(n)
+        return matching.Match(pairs, pairs.clone(), torch.ones(n, dtype=torch.bool), len(ids))
 
     def _assemble_and_recompute(self, cache: SemShareCache, reference: ReferenceEntry, ids: torch.Tensor,
                                 match: matching.Match) -> tuple:

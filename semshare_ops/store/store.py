@@ -6,9 +6,11 @@ this module does the rest:
 3. **Pick the cheapest base.** Every candidate is aligned with the request by `engine.match` (no model call); its
    cost is the number of prompt tokens left unmatched, i.e. recomputed whatever `recompute_ratio` says. A candidate
    is usable when it matches at least `config.min_similarity` of the request's tokens (the engine's own gate) or
-   shares an exact common prefix of at least `min_reuse_tokens` tokens with it (an earlier turn of a growing chat
-   history, a common system prompt: those K/V are exactly what a full prefill computes, however small a share of
-   the request they cover, so the engine's gate is lifted for that call; "prefix" is not "the whole base": a
+   shares an exact common prefix of at least `min_reuse_tokens` tokens with it, within the rows it holds exactly
+   (an earlier turn of a growing chat history, a common system prompt: those K/V are exactly what a full prefill
+   computes, however small a share of the request they cover). A base under the gate serves that prefix only, as a
+   prefix cache would, and every other position is computed in full (`engine.generate(prefix_only=True)`): below
+   the gate the request gets a full prefill's result, for less work ("prefix" is not "the whole base": a
    tokenizer may merge the base's last token with the text that follows it), and serving from it keeps the new
    entry within `max_depth`, and it matches at least `min_reuse_tokens` (16) tokens (fewer do not pay for the reuse
    path's fixed overhead). The base is the usable candidate of least cost; ties go to the shallower one, then the
@@ -98,7 +100,8 @@ class _Choice:
     depth: int
     chain: List[str]  # the base's path root -> base at lookup time (to re-parent if the base leaves meanwhile)
     candidates: Dict[str, int]
-    gate: Optional[float] = None  # the engine's similarity gate for this request: 0.0 for a common-prefix base
+    gate: Optional[float] = None  # the engine's similarity gate for this request
+    prefix_only: bool = False  # a base under the gate: only its exact common prefix is taken (engine.generate)
 
 
 class KVStore:
@@ -165,7 +168,7 @@ class KVStore:
         check_tenant(tenant)
         check_bool("shared", shared)
         check_int("max_new_tokens", max_new_tokens, 1)
-        for name in ("reference", "return_entry", "min_similarity"):
+        for name in ("reference", "return_entry", "min_similarity", "prefix_only"):
             if name in generate_kwargs:
                 raise TypeError(f"{name}: chosen by the store, not by the caller")
         request = self._keys.request(prompt, max_new_tokens)  # the engine checks the prompt
@@ -175,7 +178,8 @@ class KVStore:
         with self._engine_lock:
             engine_start = time.perf_counter()
             out = self.engine.generate(request.ids, reference=choice.base, max_new_tokens=max_new_tokens,
-                                       return_entry=True, min_similarity=choice.gate, **generate_kwargs)
+                                       return_entry=True, min_similarity=choice.gate, prefix_only=choice.prefix_only,
+                                       **generate_kwargs)
         hit = out.stats["mode"] == "reuse"
         entry = out.entry
         checksum = entry_checksum(entry) if self.checksums else None
@@ -228,10 +232,15 @@ class KVStore:
             costs[entry_id] = cost
             base_ids = entry.token_ids.tolist()
             prefix = matching.common_prefix(base_ids, request.ids)
-            new_depth = depth_after(depth, len(base_ids), prefix, match.matched)
-            # An exact common prefix of min_reuse_tokens or more is reused as a prefix cache would: no similarity
-            # gate (those K/V are exactly a full prefill's, however small a share of the request they are).
+            # Under the gate, an exact common prefix of min_reuse_tokens or more is still taken, as a prefix cache
+            # would take it, and nothing else (prefix_only): those K/V are exactly a full prefill's, however small
+            # a share of the request they are, and the rest is computed in full. Only the base's own exact rows
+            # count: past its exact_prefix a reused entry holds approximate K/V.
             below_gate = match.matched / total < gate
+            if below_gate:
+                prefix = min(prefix, entry.exact_prefix)
+                cost = costs[entry_id] = total - prefix
+            new_depth = depth_after(depth, len(base_ids), prefix, prefix if below_gate else match.matched)
             if (match.matched < self.min_reuse_tokens
                     or (below_gate and prefix < self.min_reuse_tokens)
                     or new_depth > self.max_depth):
@@ -244,7 +253,7 @@ class KVStore:
         (cost, _, _), entry_id, entry, new_depth, below_gate = best
         with self._lock:
             chain = self._tree.chain(entry_id) if entry_id in self._tree else [entry_id]
-        return _Choice(entry, entry_id, cost, new_depth, chain, costs, 0.0 if below_gate else gate)
+        return _Choice(entry, entry_id, cost, new_depth, chain, costs, gate, below_gate)
 
     # ---- the index (callers hold self._lock) -------------------------------------------------------------------
 

@@ -276,6 +276,9 @@ def test_score_arguments_are_checked_and_named(model, tokenizer):
     logits, _ = engine.score(prompt, [5, 6], min_similarity=gate)
     assert logits.shape == (2, VOCAB)
     assert len(engine.generate(prompt, max_new_tokens=2, min_similarity=gate).token_ids) == 2
+    for flag in ("yes", 1, None):
+        with pytest.raises(TypeError, match="prefix_only: expected a bool"):
+            engine.generate(prompt, max_new_tokens=2, prefix_only=flag)
 
 
 def test_a_config_is_a_reuse_config(model, tokenizer):

@@ -127,6 +127,38 @@ def test_prefix_base_lifts_the_similarity_gate(edit_engine):
     assert store.generate(other, tenant="u", max_new_tokens=NEW).stats["hit"] is False
 
 
+def test_under_the_gate_only_the_exact_prefix_is_taken(engine):
+    """A base under the gate is served only for its exact common prefix with the request, as a prefix cache would
+    serve it, and every other position is computed in full: the request gets a full prefill's K/V (the gate's
+    promise), not approximate reuse of what else matched. Before, the gate was lifted for the whole request: tokens
+    of the base found again further on (here a 40-token span, then fuzzy matches) were reused at shifted positions.
+    Only the base's exact rows count as its prefix: a base that was itself served by reuse lends no approximate
+    row."""
+    store = KVStore(engine, capacity_bytes=1 << 30)
+    a = base_tokens(200, seed=90)
+    store.generate(a, tenant="t", max_new_tokens=NEW)
+    request = a[:20] + a[100:140] + fresh(100)  # 60 of 160 tokens found in the base: under the 0.5 gate
+    assert store.lookup(request, tenant="t").cost == len(request) - 20
+    out = store.generate(request, tenant="t", max_new_tokens=NEW)
+    assert out.stats["hit"] and out.stats["mode"] == "reuse"
+    assert out.stats["matched_tokens"] == 20 and out.stats["exact_tokens"] == 20
+    assert out.stats["recomputed_tokens"] == [len(request) - 20] * engine.num_layers
+    full = engine.prefill(request)
+    torch.testing.assert_close(out.entry.keys, full.keys, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.entry.values, full.values, atol=1e-4, rtol=1e-4)
+    # A base served by reuse holds exact K/V only up to its exact prefix (30 here): no more is lent under the gate.
+    b = replace(a, 30, 4)
+    served = store.generate(b, tenant="t", max_new_tokens=NEW)
+    assert served.stats["hit"] and store.get(served.stats["request_id"]).entry.exact_prefix == 30
+    request = b[:100] + fresh(200)
+    out = store.generate(request, tenant="t", max_new_tokens=NEW)
+    assert out.stats["hit"] and out.stats["matched_tokens"] == 30 and out.stats["exact_tokens"] == 30
+    torch.testing.assert_close(out.entry.keys, engine.prefill(request).keys, atol=1e-4, rtol=1e-4)
+    # The engine's own keyword, refused from a store's caller like the other serving choices.
+    with pytest.raises(TypeError, match="prefix_only"):
+        store.generate(request, tenant="t", max_new_tokens=NEW, prefix_only=True)
+
+
 def test_store_gate_is_the_engines_at_equality(edit_engine):
     """A base matching exactly min_similarity of the request (55 of 100 at 0.55, where 0.55 * 100 rounds up to
     55.000000000000007) is served by the store as the engine serves it with that reference: by reuse."""
