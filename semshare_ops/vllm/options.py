@@ -27,6 +27,15 @@ from ..engine.engine import check_count
 REUSE_FIELDS = ("matching", "recompute_ratio", "min_similarity", "rope_correction", "check_layers", "recompute_decay",
                 "recompute_tail", "recompute_boundary", "progressive", "budget", "budget_cap", "lsh_bits",
                 "lsh_max_distance", "lsh_seed", "embedding_rope_base")
+# The other ReuseConfig fields: accepted only at the value that means "off" (OFF_FIELDS, with why), or, where they
+# only tune a setting that is off here, at any value ReuseConfig accepts (MOOT_FIELDS); either way checked as
+# ReuseConfig checks them, so a mistyped value is named and not passed over.
+_BETWEEN_STEPS = "it acts between decode steps, and vLLM's scheduler runs decoding"
+OFF_FIELDS = {"retain_ratio": (None, "vLLM's paged cache keeps every position of every layer"),
+              "guard_margin": (0.0, _BETWEEN_STEPS), "decode_recompute": (0, _BETWEEN_STEPS),
+              "selection": ("deviation", "it ranks rows by deviation only: the attention of the prompt's last "
+                                         "tokens would need the queries vLLM's layers keep")}
+MOOT_FIELDS = ("retain_decay", "query_window")  # read only with retain_ratio / a selection other than deviation
 # Those a request may set for itself; the LSH planes (bits, seed) are the worker's, fixed per engine.
 REQUEST_FIELDS = ("recompute_ratio", "min_similarity", "rope_correction", "check_layers", "recompute_decay",
                   "recompute_tail", "recompute_boundary", "progressive", "budget", "budget_cap", "lsh_max_distance")
@@ -88,17 +97,12 @@ def parse_extra_config(extra: Mapping[str, Any] | None) -> ConnectorOptions:
     extra = dict(extra or {})
     if not all(isinstance(k, str) for k in extra):
         raise ValueError(f"{where}: keys must be strings")
-    if "retain_ratio" in extra or "retain_decay" in extra:
-        if extra.get("retain_ratio") is not None:
-            raise ValueError(f"{_where('retain_ratio', where)}: not supported by the vLLM connector (vLLM's paged "
-                             "cache keeps every position of every layer); leave it unset")
-        extra.pop("retain_ratio", None)
-        extra.pop("retain_decay", None)
-    for key in ("guard_margin", "decode_recompute"):
-        if extra.get(key):
-            raise ValueError(f"{_where(key, where)}: not supported by the vLLM connector (it acts between decode "
-                             "steps, and vLLM's scheduler runs decoding); leave it unset")
-        extra.pop(key, None)
+    for key in [k for k in extra if k in OFF_FIELDS or k in MOOT_FIELDS]:
+        value = extra.pop(key)
+        _reuse_config({key: value}, ReuseConfig(**CONNECTOR_BASE), where)  # its type and range, as ReuseConfig's
+        if key in OFF_FIELDS and value != OFF_FIELDS[key][0]:
+            raise ValueError(f"{_where(key, where)}: not supported by the vLLM connector ({OFF_FIELDS[key][1]}); "
+                             f"leave it unset or {OFF_FIELDS[key][0]!r}, got {value!r}")
     unknown = sorted(set(extra) - set(REUSE_FIELDS) - set(CONNECTOR_FIELDS))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of "

@@ -34,6 +34,13 @@ def test_defaults_match_edit_alignment():
     ({"retain_ratio": 0.5}, ValueError, "retain_ratio"),
     ({"decode_recompute": 64}, ValueError, "decode_recompute.*decode steps"),  # HF engine only
     ({"guard_margin": 0.5}, ValueError, "guard_margin.*decode steps"),
+    ({"selection": "lookahead"}, ValueError, "selection.*deviation only"),
+    # Off or moot here, yet checked as ReuseConfig checks them: a mistyped value is named, not passed over.
+    ({"retain_decay": "junk"}, TypeError, "retain_decay"),
+    ({"retain_decay": -5}, ValueError, "retain_decay"),
+    ({"guard_margin": None}, TypeError, "guard_margin"),
+    ({"decode_recompute": 0.0}, TypeError, "decode_recompute"),
+    ({"query_window": 0}, ValueError, "query_window"),
     ({"donor_bytes": 0}, ValueError, "donor_bytes"),
     ({"donor_bytes": 1.5}, TypeError, "donor_bytes"),
     ({"max_depth": -1}, ValueError, "max_depth"),
@@ -58,6 +65,23 @@ def test_engine_args_name_the_bad_argument(kwargs, error, name):
 def test_request_options_name_the_bad_key(params, error, name):
     with pytest.raises(error, match=name):
         parse_request(params, parse_extra_config(None))
+
+
+def test_every_reuse_config_field_is_taken_or_named_off():
+    """A ReuseConfig field the connector neither honours nor lists as off (or moot) would be refused as unknown:
+    each new field needs a decision here. The off ones are accepted at their off value, the moot ones at any valid
+    value, and change nothing."""
+    import dataclasses
+
+    from semshare_ops.engine.config import ReuseConfig
+    from semshare_ops.vllm.options import MOOT_FIELDS, OFF_FIELDS, REUSE_FIELDS
+
+    names = {f.name for f in dataclasses.fields(ReuseConfig)}
+    assert names == set(REUSE_FIELDS) | set(OFF_FIELDS) | set(MOOT_FIELDS)
+    off = {name: value for name, (value, _) in OFF_FIELDS.items()}
+    assert parse_extra_config({**off, "retain_decay": 0.8, "query_window": 32}) == parse_extra_config(None)
+    assert ssv.kv_transfer_config(selection="deviation", guard_margin=0.0, decode_recompute=0) == \
+        ssv.kv_transfer_config()
 
 
 def test_request_options_override_per_request_only():
