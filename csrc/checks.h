@@ -149,6 +149,11 @@ inline std::pair<at::Tensor, at::Tensor> simhash_projection(const at::Tensor& x,
 
 // ---- hamming_topk ----------------------------------------------------------------------------------------------
 
+// Words per code hamming_topk takes, on every device: the CUDA kernel keeps a query's code and its distance
+// histogram (64 * words + 1 bins) per warp in shared memory, and one limit for both devices keeps them agreeing on
+// what is legal. 1024 bits is far past what LSH matching needs (ReuseConfig.lsh_bits allows as much).
+constexpr int64_t kMaxCodeWords = 16;
+
 inline void check_hamming_topk_args(const at::Tensor& q_codes, const at::Tensor& k_codes, int64_t k) {
   check_dim(q_codes, 2, "q_codes");
   check_dim(k_codes, 2, "k_codes");
@@ -157,6 +162,8 @@ inline void check_hamming_topk_args(const at::Tensor& q_codes, const at::Tensor&
   check_same_device(k_codes, q_codes, "k_codes", "q_codes");
   TORCH_CHECK(k_codes.size(1) == q_codes.size(1), "k_codes: expected ", q_codes.size(1),
               " words per code (as q_codes), got shape ", k_codes.sizes());
+  TORCH_CHECK(q_codes.size(1) >= 1 && q_codes.size(1) <= kMaxCodeWords, "q_codes: expected 1 to ", kMaxCodeWords,
+              " words per code (up to ", 64 * kMaxCodeWords, " bits), got shape ", q_codes.sizes());
   TORCH_CHECK(q_codes.size(1) <= 1 || q_codes.stride(1) == 1, "q_codes: the last dimension must be contiguous");
   TORCH_CHECK(k_codes.size(1) <= 1 || k_codes.stride(1) == 1, "k_codes: the last dimension must be contiguous");
   TORCH_CHECK_VALUE(k >= 1 && k <= k_codes.size(0), "k: expected 1 <= k <= ", k_codes.size(0),

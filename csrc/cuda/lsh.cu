@@ -31,7 +31,6 @@ __global__ void pack_signs_kernel(const float* __restrict__ proj, int64_t rows, 
 
 constexpr int kWarps = 8;        // queries per block: they share each tile of reference codes
 constexpr int kTile = 256;       // reference codes per shared-memory tile
-constexpr int kMaxWords = 16;    // up to 1024-bit codes on the GPU
 
 // Distance of the query to the code whose word w is c[w * kTile] (the tile is word-major, see below).
 __device__ __forceinline__ int hamming(const uint64_t* q, const uint64_t* c, int words) {
@@ -139,9 +138,7 @@ at::Tensor simhash_cuda(const at::Tensor& x, const at::Tensor& planes) {
 std::tuple<at::Tensor, at::Tensor> hamming_topk_cuda(const at::Tensor& q_codes, const at::Tensor& k_codes,
                                                      int64_t k) {
   check_hamming_topk_args(q_codes, k_codes, k);
-  const int64_t words = q_codes.size(1);
-  TORCH_CHECK(words >= 1 && words <= kMaxWords, "q_codes: the CUDA kernel takes 1 to ", kMaxWords,
-              " words per code, got ", words);
+  const int64_t words = q_codes.size(1);  // 1 to kMaxCodeWords (checks.h)
   const c10::cuda::CUDAGuard guard(q_codes.device());
   const int64_t nq = q_codes.size(0), nk = k_codes.size(0);
   // The distance histogram and bucket offsets are 32-bit shared-memory counters.

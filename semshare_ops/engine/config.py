@@ -17,7 +17,7 @@ class ReuseConfig:
     Every field is type- and range-checked when the config is made: TypeError or ValueError naming the field."""
 
     matching: str = "hybrid"  # "edit" | "lsh" | "hybrid"; baselines: "prefix" | "chunk" (see matching.py)
-    recompute_ratio: float = 0.2  # share of prompt tokens recomputed, averaged over layers (mandatory ones count)
+    recompute_ratio: float = 0.2  # share of prompt tokens recomputed, averaged over layers (see budget below)
     retain_ratio: Optional[float] = None  # KV kept, averaged over layers; None keeps everything
     min_similarity: float = 0.5  # share of target tokens matched below which a request takes a full prefill
     rope_correction: bool = True  # re-rotate reused keys by the position delta
@@ -116,8 +116,8 @@ class ReuseConfig:
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: expected a value in (0, 1], got {getattr(self, name)}")
         # No bits, or a non-positive or huge rotation base, makes every code alike: unrelated prompts would "match".
-        if not 1 <= self.lsh_bits <= 4096:
-            raise ValueError(f"lsh_bits: expected 1..4096 bits, got {self.lsh_bits}")
+        if not 1 <= self.lsh_bits <= 1024:  # hamming_topk takes codes of up to 16 words (csrc/checks.h)
+            raise ValueError(f"lsh_bits: expected 1..1024 bits, got {self.lsh_bits}")
         if not 0 <= self.lsh_max_distance < self.lsh_bits:
             raise ValueError(f"lsh_max_distance: expected 0 <= distance < lsh_bits ({self.lsh_bits}), "
                              f"got {self.lsh_max_distance}")

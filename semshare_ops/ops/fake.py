@@ -143,6 +143,9 @@ def _simhash_fake(x, planes):
     return x.new_empty((*x.shape[:-1], (planes.shape[1] + 63) // 64), dtype=torch.int64)
 
 
+MAX_CODE_WORDS = 16  # csrc/checks.h kMaxCodeWords
+
+
 @torch.library.register_fake("semshare::hamming_topk")
 def _hamming_topk_fake(q_codes, k_codes, k):
     _dim(q_codes, 2, "q_codes")
@@ -152,6 +155,10 @@ def _hamming_topk_fake(q_codes, k_codes, k):
     _same_device("q_codes", q_codes, k_codes=k_codes)
     _check(k_codes.shape[1] == q_codes.shape[1], lambda: f"k_codes: expected {q_codes.shape[1]} words per code (as "
                                                          f"q_codes), got shape {tuple(k_codes.shape)}")
+    words = q_codes.shape[1]
+    for ok in (words >= 1, words <= MAX_CODE_WORDS):  # two checks: each a guard of its own under dynamic shapes
+        _check(ok, lambda: f"q_codes: expected 1 to {MAX_CODE_WORDS} words per code (up to {64 * MAX_CODE_WORDS} "
+                           f"bits), got shape {tuple(q_codes.shape)}")
     for t, name in ((q_codes, "q_codes"), (k_codes, "k_codes")):
         _check(t.shape[1] <= 1 or t.stride(1) == 1, lambda: f"{name}: the last dimension must be contiguous")
     torch._check_value(1 <= k and k <= k_codes.shape[0],

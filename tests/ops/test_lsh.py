@@ -336,6 +336,12 @@ def test_hamming_topk_bad_args(device, traced):
     expect_arg_error(lambda: hamming_topk(q, r, 11), "k")
     expect_arg_error(lambda: hamming_topk(q, r, -1), "k")
     expect_arg_error(lambda: hamming_topk(q[0], r, 3), "q_codes")  # must be 2-D
+    # 1 to 16 words per code on every device (the CUDA kernel's limit, one contract for both): none, or 17, refused.
+    expect_arg_error(lambda: hamming_topk(q[:, :0], r[:, :0], 3), "q_codes")
+    wide_q, wide_r = (torch.from_numpy(random_codes(rng, n, 17)).to(device) for n in (4, 10))
+    expect_arg_error(lambda: hamming_topk(wide_q, wide_r, 3), "q_codes")
+    dist, idx = hamming_topk(wide_q[:, :16], wide_r[:, :16], 3)  # 16 words, 1024 bits: served
+    assert dist.shape == idx.shape == (4, 3)
 
 
 def test_hamming_topk_one_word_codes_of_any_stride(device):
