@@ -105,7 +105,9 @@ class Architecture:
                 limit = params.get(key) or getattr(cfg, key, None)
                 if not limit:
                     raise refusal(model, f"'{rope_type}' RoPE without {key}")
-                if max_positions is None or limit < max_positions:
+                # At the model's own context too (dynamic RoPE's limit is max_position_embeddings): the model runs
+                # past it, so the rope is the reason a request is refused.
+                if max_positions is None or limit <= max_positions:
                     max_positions = int(limit)
                     reason = (f"{type(model).__name__}'s '{rope_type}' RoPE changes its frequencies with the sequence "
                               f"length past {limit} positions")

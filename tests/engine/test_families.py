@@ -229,6 +229,13 @@ def test_length_dependent_rope_is_refused_past_its_original_length():
     with pytest.raises(ValueError, match="longrope"):
         engine.generate([2 + i % 250 for i in range(500)], max_new_tokens=20)
     assert len(engine.generate([2 + i % 250 for i in range(500)], max_new_tokens=8).token_ids) == 8
+    # dynamic RoPE's limit is the model's own max_position_embeddings: the refusal still names the rope type (the
+    # model itself runs past that length, with other frequencies), not only "the model's context".
+    model = build(*SERVED["llama-rope-dynamic"])
+    engine = ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
+    assert engine.max_positions == model.config.max_position_embeddings
+    with pytest.raises(ValueError, match="'dynamic' RoPE changes its frequencies"):
+        engine.generate([2 + i % 250 for i in range(engine.max_positions)], max_new_tokens=2)
 
 
 def test_mask_window_reads_transformers_mask_functions():
