@@ -38,7 +38,8 @@ def model_args(p, ratios: bool = False) -> None:
                        help="one or more recompute ratios (the first gives the top-level keys; default: 0.2)")
     else:
         p.add_argument("--recompute-ratio", type=float, default=0.2,
-                       help="share of the reused tokens recomputed (default: 0.2; 1.0 gives full prefill's tokens)")
+                       help="share of the prompt's tokens recomputed, averaged over layers, spent after the exact "
+                            "common prefix (default: 0.2; 1.0 gives full prefill's tokens)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="(default: float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
