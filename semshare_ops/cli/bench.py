@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
                    help="ops: default bfloat16 (float32 is the fast path of CPUs without AMX); "
                    "e2e: default float32 for real models, bfloat16 for --shape")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
 def run(args) -> Dict:

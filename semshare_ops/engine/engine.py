@@ -63,7 +63,8 @@ class ReferenceEntry:
     embedding: torch.Tensor  # fp32 [hidden]: mean input embedding of the prompt
     fingerprint: str  # model and tokenizer this entry belongs to
     # Leading positions whose K/V are exactly a full prefill's: every position for a prefill, the exact common
-    # prefix with its own reference for a reused prompt. Only they may serve a later prompt without recompute.
+    # prefix with its own reference for a reused prompt (every position when no row was left reused in any layer:
+    # an extension of its reference, ratio 1.0). Only they may serve a later prompt without recompute.
     exact_prefix: int = 0
     # The LSH settings `codes` were made with (ReuseConfig's lsh_bits, lsh_seed, embedding_rope_base), which the
     # fingerprint leaves out; an engine hashing with others refuses the entry. None: not recorded (not checked).
@@ -699,7 +700,11 @@ class ReuseEngine:
                 stats["recomputed_tokens"], stats["exact_tokens"], stats["check_deviation"] = \
                     self._assemble_and_recompute(cache, reference, ids, match)
                 kv_bytes = cache.nbytes() + self.num_layers * self.token_bytes  # + the last prompt token
-                exact = kept_exact_prefix(stats["exact_tokens"], len(ids))
+                # No row left reused in any layer (an extension of the reference, ratio 1.0): every row past the
+                # exact prefix was computed in every layer over exact K/V, so the whole prompt's K/V are a full
+                # prefill's, and an entry of it serves a later extension as a prefix (a growing chat's next turn).
+                stale = len(cache.stale) > 0 or cache.dropped
+                exact = kept_exact_prefix(stats["exact_tokens"], len(ids)) if stale else len(ids)
         if cache is None:
             cache = self._request_cache(capacity=capacity)
         kv_full = self.num_layers * len(ids) * self.token_bytes

@@ -94,6 +94,18 @@ def test_entries_carry_their_exact_prefix(model, tokenizer, reference_ids, ref_e
     # prefix of the two prompts.
     again = engine.generate(target[:300] + rand_tokens(20, seed=12), reference=served.entry, max_new_tokens=2)
     assert again.stats["exact_tokens"] == 120
+    # No row left reused in any layer: the whole entry is exact. An extension of its reference (edit alignment: the
+    # new tokens have no match, so every layer computes them), and the same target at ratio 1.0.
+    edit = engine_for(model, tokenizer, matching="edit")
+    longer = reference_ids + rand_tokens(30, seed=13)
+    grown = edit.generate(longer, reference=ref_entry, max_new_tokens=2, return_entry=True)
+    assert grown.stats["exact_tokens"] == len(reference_ids) and grown.entry.exact_prefix == len(longer)
+    # ... so the next turn is served from it as a prefix, as from a prefill: only its own new rows are computed.
+    turn = edit.generate(longer + rand_tokens(20, seed=14), reference=grown.entry, max_new_tokens=2)
+    assert turn.stats["exact_tokens"] == len(longer) and turn.stats["recomputed_tokens"] == [20] * edit.num_layers
+    full = engine_for(model, tokenizer, recompute_ratio=1.0)
+    assert full.generate(target, reference=ref_entry, max_new_tokens=2,
+                         return_entry=True).entry.exact_prefix == len(target)
 
 
 def test_reference_without_exact_prefix_is_recomputed(model, tokenizer, reference_ids, ref_entry):
