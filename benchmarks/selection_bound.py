@@ -42,12 +42,12 @@ class OracleEngine(ReuseEngine):
         layer = int(self.oracle[1:])
         return range(layer, layer + 1)
 
-    def _recompute(self, cache, ids, mandatory, first, counts, window, exact, unmatched):
+    def _recompute(self, cache, ids, plan, window, exact, unmatched):
         # Here the cache holds every matched row's reused K/V in every layer (nothing recomputed yet).
         if self.oracle is not None and len(ids) > exact:
             keys, values = self.truth
             rows = torch.arange(exact, len(ids))
-            free = ~mandatory[exact:].cpu()
+            free = ~plan.mandatory[exact:].cpu()
             staleness = torch.zeros(len(rows))
             for layer in self._layers():
                 reused = (cache.keys[layer, rows].float().cpu(), cache.values[layer, rows].float().cpu())
@@ -55,11 +55,12 @@ class OracleEngine(ReuseEngine):
                 staleness += dev / dev[free].mean().clamp_min(1e-30) if bool(free.any()) else dev
             # The default's deep count less its mandatory rows: the rows its ranking would choose, the oracle's first
             # tier instead (ranked above every other matched row, so exactly these are taken).
-            take = min(int(free.sum()), max(0, counts[-1] - int((~free).sum())))
+            take = min(int(free.sum()), max(0, plan.counts[-1] - int((~free).sum())))
             first = torch.zeros(len(ids), dtype=torch.bool)
             chosen = torch.topk(staleness.masked_fill(~free, -1.0), take).indices if take else rows[:0]
             first[exact + chosen] = True
-        return super()._recompute(cache, ids, mandatory, first, counts, window, exact, unmatched)
+            plan = plan._replace(first=first)
+        return super()._recompute(cache, ids, plan, window, exact, unmatched)
 
 
 def main() -> int:

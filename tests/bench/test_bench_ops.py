@@ -311,6 +311,64 @@ def test_ablation_summarize_refuses_a_run_without_rouge(tmp_path, monkeypatch, c
     assert "--summarize" in capsys.readouterr().err
 
 
+# ---- benchmarks/selection_bound.py and suite_*.py: they still run against the library ------------------------------
+
+def test_selection_bound_oracle_runs_on_the_engine_it_subclasses(monkeypatch):
+    """The oracle overrides ReuseEngine._recompute: a change of that method's arguments broke the script unnoticed
+    (TypeError at its first request). On a tiny model: the oracle serves, at the default's counts, with rows that
+    leave less staleness than the default's ranking in the layers it reads."""
+    from engine_testutils import FakeTokenizer, build_model, rand_tokens
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports ablate_selection from its own folder
+    spec = importlib.util.spec_from_file_location("selection_bound_script", ROOT / "benchmarks" / "selection_bound.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # Ratio 0.5: the tiny model's 4 layers leave its deep layers rows to choose past the mandatory ones.
+    engine = script.OracleEngine(build_model("llama", seed=0), FakeTokenizer(), script.ReuseConfig(recompute_ratio=0.5))
+    reference = rand_tokens(200, seed=3)
+    target = reference[:40] + rand_tokens(6, seed=4) + reference[40:120] + rand_tokens(5, seed=5) + reference[120:]
+    entry = engine.prefill(reference)
+    truth = engine.prefill(target)
+    engine.truth = (truth.keys.cpu(), truth.values.cpu())
+    runs = {}
+    for oracle in (None, "deep"):
+        engine.oracle = oracle
+        runs[oracle] = engine.generate(target, reference=entry, max_new_tokens=2, return_entry=True)
+    assert runs["deep"].stats["recomputed_tokens"] == runs[None].stats["recomputed_tokens"]
+    deep = slice(2, engine.num_layers)  # past the check layers: what the oracle reads
+
+    def staleness(out):
+        return float((out.entry.keys[deep] - truth.keys[deep]).norm() + (out.entry.values[deep] -
+                                                                         truth.values[deep]).norm())
+
+    assert staleness(runs["deep"]) < staleness(runs[None])
+
+
+def test_benchmark_suites_use_only_what_the_library_has():
+    """benchmarks/suite_*.py run under pytest-benchmark (`make bench-suite`), which `make test` does not install: a
+    name they take from the library that no longer exists fails only there (bench.DTYPES did). Every
+    `<module>.<name>` they read from the library modules they import must exist."""
+    import ast
+    import importlib
+    import re
+
+    for path in sorted((ROOT / "benchmarks").glob("suite_*.py")):
+        source = path.read_text()
+        aliases = {}
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("semshare_ops"):
+                for alias in node.names:
+                    module = f"{node.module}.{alias.name}"
+                    try:
+                        aliases[alias.asname or alias.name] = importlib.import_module(module)
+                    except ImportError:
+                        pass  # a name, not a module: nothing to look up on it
+        assert aliases, path.name
+        for name, module in aliases.items():
+            for attribute in set(re.findall(rf"(?<![\w.]){name}\.(\w+)", source)):
+                assert hasattr(module, attribute), f"{path.name}: {name}.{attribute} ({module.__name__})"
+
+
 # ---- benchmarks/similarity_gate.py: the gate replay's arithmetic ---------------------------------------------------
 
 def _gate_script(monkeypatch):
