@@ -109,7 +109,7 @@ def _serve(engine: ReuseEngine, config: Optional[ReuseConfig], target: List[int]
         return last["ttft_ms"]
 
     with engine.using(config):
-        timing = ttft_stats(request, repeat, str(engine.device))
+        timing = ttft_stats(request, repeat, str(engine.device), release=engine.release_cache_storage)
     return {**timing, **{key: last[key] for key in ("kv_bytes", "kv_bytes_full", "mode", "matched_tokens",
                                                     "reuse_ratio", "similarity")}}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -62,13 +62,19 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def ttft_stats(request: Callable[[], float], repeat: int, device: str) -> Dict:
+def ttft_stats(request: Callable[[], float], repeat: int, device: str,
+               release: Optional[Callable[[], None]] = None) -> Dict:
     """Run `request` (it returns its TTFT in ms) `repeat` times: TTFT statistics in `vllm bench serve`'s names, and
-    the device's peak allocation during a request (CUDA only; None elsewhere)."""
+    the device's peak allocation during a request (CUDA only; None elsewhere). `release` drops what the caller keeps
+    between requests for the next one's use (the engine's cache storage): called before each request's baseline on
+    CUDA, so that memory counts in the request's peak instead of in the baseline (torch's caching allocator hands
+    the same block back, so the request's time does not change)."""
     cuda = device.startswith("cuda")
     ttfts, peak = [], None
     for _ in range(repeat):
         if cuda:
+            if release is not None:
+                release()
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)

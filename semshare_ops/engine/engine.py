@@ -782,6 +782,13 @@ class ReuseEngine:
             spare = None  # too small: the larger storage of this request replaces it when given back
         return self._new_cache(capacity, used, spare)
 
+    def release_cache_storage(self) -> None:
+        """Drop the cache storage kept from the last finished request for the next one: frees that memory (the next
+        request allocates its own). A benchmark of a request's peak memory calls it first, so that the storage counts
+        as the request's."""
+        with self._spare_lock:
+            self._spare = None
+
     def _give_back(self, cache: SemShareCache) -> None:
         """Hand a finished request's cache storage to the next request: nothing may hold a view of it any more
         (entries are copied out of the cache; `prefill`'s cache is the entry and is never given back)."""

@@ -135,6 +135,40 @@ def test_cuda_timing_and_provenance_name_the_device_given(monkeypatch):
     assert calls and all(arg in ("cuda:1", "stream of cuda:1") for _, arg in calls), calls
 
 
+def test_cuda_peak_memory_counts_the_storage_the_engine_keeps_between_requests(monkeypatch):
+    """The engine keeps a finished request's cache storage for the next request: read into the baseline, it left
+    that request's own K/V out of its peak (every run but the first). `release` drops it before the baseline. An
+    allocator stubbed on torch.cuda: a request takes 3000 bytes of cache storage, from the spare when there is one,
+    and hands it back as the spare."""
+    from semshare_ops.bench import timing
+
+    state = {"live": 0, "peak": 0, "spare": 0}
+
+    def request():
+        if not state["spare"]:
+            state["live"] += 3000
+        state["spare"] = 0
+        state["peak"] = max(state["peak"], state["live"])
+        state["spare"] = 3000  # given back, still allocated
+        return 10.0
+
+    def release():
+        state["live"] -= state["spare"]
+        state["spare"] = 0
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["live"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["live"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    assert timing.ttft_stats(request, 3, "cuda")["peak_memory_bytes"] == 0  # the spare read as the baseline
+    assert timing.ttft_stats(request, 3, "cuda", release=release)["peak_memory_bytes"] == 3000
+    engine = ReuseEngine(build_model("llama", seed=0), FakeTokenizer(), ReuseConfig())
+    engine.generate(rand_tokens(40, seed=1), max_new_tokens=1)
+    assert engine._spare is not None
+    engine.release_cache_storage()
+    assert engine._spare is None
+
+
 def test_run_e2e_tiny_model():
     engine = ReuseEngine(build_model("llama", seed=0), FakeTokenizer(), ReuseConfig())
     reference = rand_tokens(300, seed=2)

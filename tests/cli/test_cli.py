@@ -212,7 +212,7 @@ def _quick_bench_ops(monkeypatch):
     from semshare_ops.bench import ops as bench_ops
 
     ceilings = {"device": "cpu", "dtype": "float32", "copy_GB/s": 10.0, "matmul_TFLOP/s": 0.1,
-                "matmul_TFLOP/s_by_dtype": {"float32": 0.1}, "matmul_n": {"float32": 2048}}
+                "matmul_fp32_TFLOP/s": 0.1, "matmul_TFLOP/s_by_dtype": {"float32": 0.1}, "matmul_n": {"float32": 2048}}
     monkeypatch.setattr(bench_ops, "device_ceilings", lambda device, dtype: ceilings)
 
     def run_ops(*args, progress=None, **kwargs):
