@@ -13,7 +13,8 @@ every method, all through the same engine and decode path (one new token: the fi
   positions, every token recomputed in layer 0 and a fixed 15% of them in every layer past the first (those whose
   K/V deviate most; the tokens found in no chunk are always among them, and are all recomputed where they are
   more than 15%; bottom-right causal mask: the recomputed queries see every earlier position);
-- `semshare`: this package's default pipeline (edit + LSH matching, decaying recompute at `recompute_ratio`);
+- `semshare`: this package's default pipeline (hybrid matching, the same count in every layer past the check
+  layers, the adaptive budget at `recompute_ratio`), with no similarity gate;
 - `decode`: the last prompt token alone through the model over a cache that holds every earlier position (HF's
   own cache, prefilled outside the timing): the floor of any reuse, what a prefix-cache hit of all but the last
   token costs. Edit level 0 serves the reference itself (an identical prompt).

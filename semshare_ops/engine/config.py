@@ -62,7 +62,7 @@ class ReuseConfig:
     # where the lead is small. 0 turns the guard off.
     guard_margin: float = 0.0
     # Decode-time recompute (HF engine; KVShare v2's decode stage): from the second decode step on, the next this
-    # many prompt rows that the prefill left reused in some layer, in its own ranking's order, run through every
+    # many prompt rows that the prefill left reused in some layer, in position order, run through every
     # layer between steps, their K/V overwritten fresh (stats["decode_recomputed_tokens"]). The first token's time
     # is untouched; each later step costs about one more pass over the weights until no stale row is left. 0: off.
     decode_recompute: int = 0

@@ -9,11 +9,12 @@ How a reuse request runs (target of T tokens):
 1. Match target tokens to reference tokens (matching.py).
 2. Assemble the target cache for positions 0..T-2 with `rope_reuse_`, one call per group of layers that share a
    rotary embedding (architecture.py: how the engine learns each layer's, and which models it refuses).
-3. Recompute layer by layer through the model's own decoder layers, for a shrinking, nested set of positions:
-   every position in the first `check_layers` layers; past them the unmatched tokens plus the matched tokens whose
-   K/V deviate most (||dK|| + ||dV|| between reused and fresh K/V at the last check layer), their number decaying by
-   `recompute_decay` per layer and scaled so that the average over layers meets `recompute_ratio` (of the matched
-   tokens, the unmatched on top, with the default `budget="adaptive"`).
+3. Recompute layer by layer through the model's own decoder layers, for a shrinking, nested set of positions past
+   the exact common prefix (recomputed in no layer): every one in the first `check_layers` layers; past them the
+   unmatched tokens, then the `recompute_boundary` tokens after each break, then the matched tokens whose K/V
+   deviate most (||dK|| + ||dV|| between reused and fresh K/V at the last check layer), their number decaying by
+   `recompute_decay` per layer (1.0: the same in every layer) and scaled so that the average over layers meets
+   `recompute_ratio` (of the matched tokens, the unmatched on top, with the default `budget="adaptive"`).
 4. Optionally keep fewer KV entries in deeper layers (`retain_ratio`), by the attention the last prompt tokens pay.
 5. Decode with HF `generate`: it runs the last prompt token through every layer, then the new tokens. With
    `guard_margin` set, a step from a stale reused cache whose best token barely leads is not taken from it: the

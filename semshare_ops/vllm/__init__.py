@@ -6,7 +6,8 @@
     outs = llm.generate([{"prompt": text, "cache_salt": "alice"}], SamplingParams(temperature=0, max_tokens=64))
     outs[0].kv_transfer_params["semshare"]   # mode, matched_tokens, reuse_ratio, recomputed_tokens, donor_id, ...
 
-Every prompt vLLM serves is kept (K/V on the worker, within `donor_bytes`) as a donor for later prompts of the same
+Every prompt served with `save` on (the default) is kept (K/V on the worker, within `donor_bytes` and `max_depth`) as
+a donor for later prompts of the same
 `cache_salt` (no salt: one shared default namespace). A later prompt close enough to a donor has its KV cache
 assembled from the donor's (keys re-rotated to their new positions with `rope_reuse_`) and partly recomputed through
 vLLM's own decoder layers, exactly as `ReuseEngine` does on a Hugging Face model; vLLM then computes the last prompt

@@ -6,9 +6,10 @@ forward, doing what `ReuseEngine` does between match and decode:
 2. assemble positions [p, T-1) from the donor's K/V with `rope_reuse_` (keys re-rotated by the position delta with
    each layer's own inverse frequencies) and write them through each attention layer's cache-update function; p is
    vLLM's own exact prefix-cache hit, left as it is;
-3. recompute a decaying, nested row set layer by layer through vLLM's decoder layers (`model.VllmModel`): every
-   row in the check layers, then the unmatched rows and the rows whose K/V deviate most at the last check layer
-   (`engine.recompute_counts`, `engine.RowSchedule`: the HF engine's own schedule and ranking); where the next layer
+3. recompute a nested row set past the exact prefix layer by layer through vLLM's decoder layers
+   (`model.VllmModel`): every row in the check layers, then the unmatched rows, the boundary rows and the rows whose
+   K/V deviate most at the last check layer (`engine.recompute_rows`, `engine.RowSchedule`: the HF engine's own
+   schedule and ranking); where the next layer
    takes fewer rows, the dropped ones get only their K/V in this layer (`VllmModel.write_kv`), as in the HF engine;
 4. vLLM then computes the last prompt token in its forward, and decodes.
 
