@@ -165,10 +165,12 @@ def test_model_directory_without_a_model_exits_2(capsys, tmp_path):
     _one_error_line(capsys, "--model")
 
 
-@pytest.mark.parametrize("device", ["foo", "tpu"])
-def test_bench_ops_bad_device_exits_2(capsys, device):
+@pytest.mark.parametrize("device, says", [("foo", "not a device"), ("tpu", "not a device"),
+                                          ("meta", "expected cpu, cuda or cuda:N, got 'meta'")])
+def test_bench_ops_bad_device_exits_2(capsys, device, says):
+    """What torch cannot parse, and a device torch knows that the benchmarks do not run on."""
     assert cli.main(["bench", "ops", "--device", device]) == 2
-    _one_error_line(capsys, "--device")
+    _one_error_line(capsys, f"--device: {says}")
 
 
 def test_eval_out_directory_exits_2_before_evaluating(capsys, monkeypatch, tmp_path):
@@ -330,8 +332,7 @@ def test_unsupported_model_exits_2_with_one_line(capsys, monkeypatch, tmp_path, 
     ("e2e", ["--ratios", "0.5"], "--ratios: not an option of bench e2e"),
     ("e2e", ["--windows", "4"], "--windows: not an option of bench e2e"),
     ("e2e", ["--model", "/does/not/exist", "--shape", "smollm2-135m"], "--model"),
-    ("e2e", ["--layers", "1"], "--layers"),
-    ("e2e", ["--layers", "0"], "--layers"),
+    ("e2e", ["--layers", "1"], "--layers: only with --shape"),
 ])
 def test_bench_flag_of_the_other_sub_command_exits_2(capsys, monkeypatch, what, argv, name):
     from semshare_ops.bench import shapes
@@ -341,6 +342,14 @@ def test_bench_flag_of_the_other_sub_command_exits_2(capsys, monkeypatch, what, 
     monkeypatch.setattr(shapes, "random_model", lambda *a, **k: pytest.fail("must not build a model"))
     assert cli.main(["bench", what, "--lengths", "64", "--json"] + argv) == 2
     _one_error_line(capsys, name)
+
+
+def test_bench_e2e_layers_under_one_exit_2_before_a_model_is_built(capsys, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "__init__", lambda *a, **k: pytest.fail("must not build a model"))
+    assert cli.main(["bench", "e2e", "--shape", "llama3-8b", "--layers", "0", "--lengths", "64", "--json"]) == 2
+    _one_error_line(capsys, "--shape/--layers: layers: expected >= 1, got 0")
 
 
 def test_bench_e2e_fills_in_its_defaults(capsys, monkeypatch):

@@ -78,4 +78,4 @@ def test_selection_and_retention_keep_their_own_observers(model, tokenizer, refe
             target, reference=ref_entry, max_new_tokens=1)
         assert ranked and ranked[0] == pytest.approx(query_window * heads, rel=1e-4), (query_window, retain_ratio)
         if retain_ratio is not None:
-            assert retained == pytest.approx([16 * heads] * len(retained), rel=1e-4), query_window
+            assert retained and retained == pytest.approx([16 * heads] * len(retained), rel=1e-4), query_window

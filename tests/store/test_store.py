@@ -91,13 +91,47 @@ def test_a_shared_entry_never_carries_a_private_prompt(edit_engine):
     assert torch.equal(*shared_keys)
 
 
-def test_stores_on_engines_of_one_model_take_turns(model, engine, edit_engine):
+def test_stores_on_engines_of_one_model_take_turns(model, engine, edit_engine, monkeypatch):
     """Two engines on one model share its modules (the engine's first-layer capture hook sits on them): every
-    store on either serialises its model calls under one lock."""
+    store on either serialises its model calls under one lock. Two threads, one per store, start together; each
+    engine call lingers inside, and no two calls may ever be inside at once."""
     assert engine.model is edit_engine.model
     assert KVStore(engine)._engine_lock is KVStore(edit_engine)._engine_lock
     other = ReuseEngine(build_model("llama", seed=1), FakeTokenizer(), ReuseConfig())
     assert KVStore(other)._engine_lock is not KVStore(engine)._engine_lock
+
+    import time
+
+    inside, most, guard = [0], [0], threading.Lock()
+    for e in (engine, edit_engine):
+        def watched(*args, _generate=e.generate, **kwargs):
+            with guard:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.05)  # a call without the lock would overlap the other thread's here
+            try:
+                return _generate(*args, **kwargs)
+            finally:
+                with guard:
+                    inside[0] -= 1
+        monkeypatch.setattr(e, "generate", watched)
+    stores = [KVStore(engine), KVStore(edit_engine)]
+    start, errors = threading.Barrier(2), []
+
+    def serve(store, seed):
+        try:
+            start.wait(10)
+            for i in range(3):
+                store.generate(base_tokens(40, seed=seed + i), tenant="t", max_new_tokens=NEW)
+        except Exception as err:  # noqa: BLE001 - the test reads it
+            errors.append(err)
+
+    threads = [threading.Thread(target=serve, args=(store, 50 + 10 * n)) for n, store in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and most[0] == 1, (errors, most)
 
 
 def test_prefix_base_lifts_the_similarity_gate(edit_engine):
@@ -155,7 +189,7 @@ def test_under_the_gate_only_the_exact_prefix_is_taken(engine):
     assert out.stats["hit"] and out.stats["matched_tokens"] == 30 and out.stats["exact_tokens"] == 30
     torch.testing.assert_close(out.entry.keys, engine.prefill(request).keys, atol=1e-4, rtol=1e-4)
     # The engine's own keyword, refused from a store's caller like the other serving choices.
-    with pytest.raises(TypeError, match="prefix_only"):
+    with pytest.raises(TypeError, match="prefix_only: chosen by the store"):
         store.generate(request, tenant="t", max_new_tokens=NEW, prefix_only=True)
 
 
@@ -247,7 +281,7 @@ def test_bad_tenant_and_engine(engine, model):
             store.generate([5, 6, 7], tenant=tenant, max_new_tokens=NEW)
         with pytest.raises((TypeError, ValueError), match="tenant"):
             store.lookup([5, 6, 7], tenant=tenant)
-    with pytest.raises(TypeError, match="reference"):
+    with pytest.raises(TypeError, match="reference: chosen by the store"):  # not Python's "multiple values"
         store.generate([5, 6, 7], reference=None)
     with pytest.raises(ValueError, match="retain_ratio"):
         KVStore(ReuseEngine(model, FakeTokenizer(), ReuseConfig(retain_ratio=0.5)))
