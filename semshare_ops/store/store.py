@@ -184,7 +184,8 @@ class KVStore:
         entry = out.entry
         checksum = entry_checksum(entry) if self.checksums else None
         if hit:
-            parent, depth = choice.base_id, choice.depth
+            # An entry whose K/V are all a full prefill's (nothing left reused in any layer) carries no drift.
+            parent, depth = choice.base_id, 0 if entry.exact_prefix >= len(request.ids) else choice.depth
             edits, opcodes = edit_script(choice.base.token_ids.tolist(), request.ids)
         else:
             parent, depth, edits, opcodes = None, 0, None, None
@@ -240,7 +241,8 @@ class KVStore:
             if below_gate:
                 prefix = min(prefix, entry.exact_prefix)
                 cost = costs[entry_id] = total - prefix
-            new_depth = depth_after(depth, len(base_ids), prefix, prefix if below_gate else match.matched)
+            # Served from its exact rows only, the entry is exact throughout: no hop of drift (depth 0).
+            new_depth = 0 if below_gate else depth_after(depth, len(base_ids), prefix, match.matched)
             if (match.matched < self.min_reuse_tokens
                     or (below_gate and prefix < self.min_reuse_tokens)
                     or new_depth > self.max_depth):

@@ -7,7 +7,8 @@ its `depth`: the number of reuse hops its K/V went through since a full prefill.
 hop (tokens not recomputed keep K/V computed in another context), so a hop counts unless it was a pure extension:
 the base is a prefix of the request and nothing past that prefix was matched, in which case the reused K/V are
 causal-prefix K/V, the same a full prefill computes (a growing chat history stays at the depth of its first turn;
-`depth_after`). The store's `max_depth` bounds the depth of every entry it stores: a base is not used when serving from
+`depth_after`). An entry whose K/V are all a full prefill's (served from a base's exact rows only, under the gate,
+or with nothing left reused in any layer: its `exact_prefix` is its whole length) has depth 0. The store's `max_depth` bounds the depth of every entry it stores: a base is not used when serving from
 it would exceed it (with max_depth=0 the store serves only pure extensions of stored prompts, as a prefix cache
 does, and keeps only exact K/V). Entries loaded from a save made under a larger bound keep their depth; they are not
 used as bases past it.

@@ -149,7 +149,7 @@ def test_prefix_base_lifts_the_similarity_gate(edit_engine):
     again = store.generate(turn1, tenant="w", max_new_tokens=NEW).stats["request_id"]
     out = store.generate(turn1[:-1] + fresh(100), tenant="w", max_new_tokens=NEW)
     assert out.stats["hit"] and out.stats["base_id"] == again
-    assert out.stats["matched_tokens"] == 39 and out.stats["depth"] == 1
+    assert out.stats["matched_tokens"] == 39 and out.stats["depth"] == 0  # under the gate: its exact rows only
     # A prefix of fewer than min_reuse_tokens (16) tokens is not worth the reuse path.
     short = base_tokens(10, seed=72)
     store.generate(short, tenant="v", max_new_tokens=NEW)
@@ -174,7 +174,7 @@ def test_under_the_gate_only_the_exact_prefix_is_taken(engine):
     request = a[:20] + a[100:140] + fresh(100)  # 60 of 160 tokens found in the base: under the 0.5 gate
     assert store.lookup(request, tenant="t").cost == len(request) - 20
     out = store.generate(request, tenant="t", max_new_tokens=NEW)
-    assert out.stats["hit"] and out.stats["mode"] == "reuse"
+    assert out.stats["hit"] and out.stats["mode"] == "reuse" and out.stats["depth"] == 0  # exact throughout
     assert out.stats["matched_tokens"] == 20 and out.stats["exact_tokens"] == 20
     assert out.stats["recomputed_tokens"] == [len(request) - 20] * engine.num_layers
     full = engine.prefill(request)
@@ -187,7 +187,14 @@ def test_under_the_gate_only_the_exact_prefix_is_taken(engine):
     request = b[:100] + fresh(200)
     out = store.generate(request, tenant="t", max_new_tokens=NEW)
     assert out.stats["hit"] and out.stats["matched_tokens"] == 30 and out.stats["exact_tokens"] == 30
+    assert out.stats["depth"] == 0 and served.stats["depth"] == 1  # the base drifted one hop; what it lent did not
     torch.testing.assert_close(out.entry.keys, engine.prefill(request).keys, atol=1e-4, rtol=1e-4)
+    # Above the gate, an entry left with no reused row (ratio 1.0) is exact too: depth 0, where a hop counted before.
+    exact_store = KVStore(ReuseEngine(engine.model, FakeTokenizer(), ReuseConfig(recompute_ratio=1.0)))
+    exact_store.generate(a, tenant="t", max_new_tokens=NEW)
+    out = exact_store.generate(replace(a, 30, 4), tenant="t", max_new_tokens=NEW)
+    assert out.stats["hit"] and out.stats["depth"] == 0
+    assert exact_store.get(out.stats["request_id"]).entry.exact_prefix == len(a)
     # The engine's own keyword, refused from a store's caller like the other serving choices.
     with pytest.raises(TypeError, match="prefix_only: chosen by the store"):
         store.generate(request, tenant="t", max_new_tokens=NEW, prefix_only=True)
