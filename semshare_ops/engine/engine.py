@@ -516,9 +516,9 @@ class ReuseEngine:
         prefix_only=True takes from `reference` only its exact common prefix with the prompt (the positions whose K/V
         it holds exactly as a full prefill of the prompt computes them, as a prefix cache would) and computes every
         other position in full, whatever the similarity: a full prefill's result for less work (the store's path
-        for a base under the gate that shares an exact prefix). Generation is greedy, one sequence (batch size 1), over the engine's cache, whatever the
-        model's generation_config says about sampling, beams or its cache; other `generate` keyword arguments go to
-        HF `generate`.
+        for a base under the gate that shares an exact prefix). Generation is greedy, one sequence (batch size 1),
+        over the engine's cache, whatever the model's generation_config says about sampling, beams or its cache;
+        other `generate` keyword arguments go to HF `generate`.
         """
         start = time.perf_counter()
         check_count("max_new_tokens", max_new_tokens, minimum=1)

@@ -1,17 +1,17 @@
 """The DELTA tree: which stored entry each entry's K/V were served from, the edits between them, and the reuse hops.
 
-Each stored entry records its parent (the base whose K/V it was served from; None after a full prefill), the edit
-script from the parent's token ids to its own (`edit_script`: the engine's token alignment, `matching.edit_opcodes`,
-with counts in tokens: `keep` and `insert` and `replace` count the entry's own tokens, `delete` the parent's), and
-its `depth`: the number of reuse hops its K/V went through since a full prefill. Reused K/V drift a little at each
-hop (tokens not recomputed keep K/V computed in another context), so a hop counts unless it was a pure extension:
-the base is a prefix of the request and nothing past that prefix was matched, in which case the reused K/V are
-causal-prefix K/V, the same a full prefill computes (a growing chat history stays at the depth of its first turn;
-`depth_after`). An entry whose K/V are all a full prefill's (served from a base's exact rows only, under the gate,
-or with nothing left reused in any layer: its `exact_prefix` is its whole length) has depth 0. The store's `max_depth` bounds the depth of every entry it stores: a base is not used when serving from
-it would exceed it (with max_depth=0 the store serves only pure extensions of stored prompts, as a prefix cache
-does, and keeps only exact K/V). Entries loaded from a save made under a larger bound keep their depth; they are not
-used as bases past it.
+Each stored entry records its parent (the base whose K/V it was served from; None after a full prefill), the edit script
+from the parent's token ids to its own (`edit_script`: the engine's token alignment, `matching.edit_opcodes`, with
+counts in tokens: `keep` and `insert` and `replace` count the entry's own tokens, `delete` the parent's), and its
+`depth`: the number of reuse hops its K/V went through since a full prefill. Reused K/V drift a little at each hop
+(tokens not recomputed keep K/V computed in another context), so a hop counts unless it was a pure extension: the base
+is a prefix of the request and nothing past that prefix was matched, in which case the reused K/V are causal-prefix K/V,
+the same a full prefill computes (a growing chat history stays at the depth of its first turn; `depth_after`). An entry
+whose K/V are all a full prefill's (served from a base's exact rows only, under the gate, or with nothing left reused in
+any layer: its `exact_prefix` is its whole length) has depth 0. The store's `max_depth` bounds the depth of every entry
+it stores: a base is not used when serving from it would exceed it (with max_depth=0 the store serves only pure
+extensions of stored prompts, as a prefix cache does, and keeps only exact K/V). Entries loaded from a save made under a
+larger bound keep their depth; they are not used as bases past it.
 
 Long chains are merged: when an entry is evicted or removed, its children are re-parented to its parent, with the
 edit script recomputed directly between the two token sequences; depth is a property of the K/V (their drift), so

@@ -187,7 +187,8 @@ def test_config_defaults():
 
 
 @pytest.mark.parametrize("field, value, error", [
-    ("lsh_bits", 0, ValueError), ("lsh_bits", 1025, ValueError), ("lsh_bits", True, TypeError), ("lsh_bits", 64.0, TypeError),
+    ("lsh_bits", 0, ValueError), ("lsh_bits", 1025, ValueError), ("lsh_bits", True, TypeError),
+    ("lsh_bits", 64.0, TypeError),
     ("embedding_rope_base", 0.0, ValueError), ("embedding_rope_base", -1.0, ValueError),
     ("embedding_rope_base", float("nan"), ValueError), ("recompute_ratio", "0.2", TypeError),
     ("recompute_ratio", float("inf"), ValueError), ("check_layers", 1.5, TypeError), ("rope_correction", 1, TypeError),
