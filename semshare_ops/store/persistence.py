@@ -32,11 +32,11 @@ Saves into one directory take turns under an exclusive `flock` of the directory,
 two stores or two processes (the kernel drops the lock of a saver that dies), and each picks fresh names for the
 files it creates, so no two saves ever write one file: the last to commit wins, complete. A save whose directory
 was moved, removed or replaced while it waited for the lock is refused, with nothing written (the lock only holds
-what it opened; moving a store while a save runs is the caller's to avoid). Loads take no lock: the
-index they read names a file that exists, and when a save commits and removes that file before they open it,
-they read the new index and start again. Once open, the file is read through that one descriptor (a save removing
-it meanwhile changes nothing) into memory the store owns: no loaded tensor is a view of the file on disk. The
-guarantees rest on POSIX rename, fsync of a directory and flock (Linux, the package's platform).
+what it opened; moving a store while a save runs is the caller's to avoid). Loads take no lock: the index they read
+names a file that exists, and when a save commits and removes that file before they open it, they read the new index
+and start again. Once open, the file is read through that one descriptor (a save removing it meanwhile changes
+nothing) into memory the store owns: no loaded tensor is a view of the file on disk. The guarantees rest on POSIX
+rename, fsync of a directory and flock (Linux, the package's platform).
 
 Checks at load, each a ValueError naming the file and the field (FileNotFoundError for a missing index or tensor
 file), so that no malformed store is served from, and none fails later with a KeyError or a RecursionError:
@@ -429,9 +429,8 @@ class SavedStore:
         """The saved counters and entries, in file order (LRU, device tier first), each checked against the engine
         and, with `verify`, against its saved checksum.
 
-        Each node's K/V are on CPU, whatever its tier (the store moves those its device tier keeps); its `key` is
-        the saved
-        sentence embedding when `sentence_keys` and the file has one, else None (the store computes it); its
+        Each node's K/V are on CPU, whatever its tier (the store moves those its device tier keeps); its `key` is the
+        saved sentence embedding when `sentence_keys` and the file has one, else None (the store computes it); its
         `checksum` is the saved one; its children are not filled in.
         """
         index, tensors, path = self.index, self.tensors, self.tensor_path
