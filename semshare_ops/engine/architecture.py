@@ -95,7 +95,8 @@ class Architecture:
         unrotated = frozenset(unrotated & set(layer_types))
         inv_freq, max_positions, reason = {}, getattr(cfg, "max_position_embeddings", None), "the model's context"
         for t in unrotated:
-            inv_freq[t] = torch.zeros(1)  # turns a key by 0 at any delta: reused keys are copied as they are
+            # fp32, as rope_reuse_ takes it: turns a key by 0 at any delta, so reused keys are copied as they are
+            inv_freq[t] = torch.zeros(1, dtype=torch.float32)
         for t, rope_type in rope_types.items():
             prefix = "" if t is None else f"{t}_"
             if rope_type in LENGTH_DEPENDENT_ROPE or "dynamic" in str(rope_type):

@@ -359,7 +359,7 @@ class RowSchedule:
         self.rows = torch.arange(self.n, device=mandatory.device)  # sorted indices into the n positions
         if counts[0] < self.n:
             self.rows = self.order[: counts[0]].sort().values
-        self.fused = torch.zeros(self.n, device=mandatory.device)
+        self.fused = torch.zeros(self.n, dtype=torch.float32, device=mandatory.device)  # not the default dtype
         self.deviation: Optional[float] = None  # the last check layer's mean_relative_deviation
         self.chooses = has_rows_to_choose(counts, int(mandatory.sum()), self.n)  # else `rank` has nothing to do
 

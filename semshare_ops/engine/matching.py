@@ -216,7 +216,8 @@ def rotate_embeddings(embeddings: torch.Tensor, base: float = 10000.0,
 def lsh_planes(dim: int, bits: int, seed: int) -> torch.Tensor:
     """The random hyperplanes of one engine: deterministic from (dim, bits, seed)."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(dim, bits, generator=gen)
+    # fp32 whatever torch's default dtype (simhash takes fp32 planes; a bf16 default would also change the planes)
+    return torch.randn(dim, bits, generator=gen, dtype=torch.float32)
 
 
 def embedding_codes(embeddings: torch.Tensor, planes: torch.Tensor, base: float = 10000.0,

@@ -29,7 +29,7 @@ class SentenceEmbedder:
         """``[len(texts), 384]`` float32 unit vectors, row i for ``texts[i]``."""
         # Longest first, so each batch pads to a similar length; rows go back to the input order at the end.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        out = torch.empty(len(texts), self.model.config.hidden_size)
+        out = torch.empty(len(texts), self.model.config.hidden_size, dtype=torch.float32)
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
             enc = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,

@@ -179,5 +179,6 @@ class RetrievalIndex:
         if cached is None:
             keys = self._keys.get(ns, {})
             ids = list(keys)
-            cached = self._matrix[ns] = (ids, torch.stack(list(keys.values())) if ids else torch.empty(0))
+            cached = self._matrix[ns] = (ids, torch.stack(list(keys.values())) if ids
+                                         else torch.empty(0, dtype=torch.float32))
         return cached

@@ -323,3 +323,29 @@ def test_the_first_layer_capture_stops_only_its_own_thread(model, tokenizer, ref
     assert got["first"].token_ids == want_first.token_ids
     assert torch.equal(got["first"].entry.keys, want_first.entry.keys)
     assert torch.equal(got["first"].entry.values, want_first.entry.values)
+
+
+@pytest.mark.parametrize("default", [torch.bfloat16, torch.float64])
+def test_torchs_default_dtype_changes_nothing(model, tokenizer, reference_ids, default):
+    """A default dtype other than fp32 (left set after building a bf16 model, say) reached the LSH planes and the
+    ranking's accumulator: prefill refused the engine's own planes, and in bf16 the rows chosen moved. Every float
+    the engine and the store make for themselves is fp32: the same rows, bit for bit, under any default."""
+    from semshare_ops.store import KVStore
+
+    config = dict(recompute_decay=0.7, recompute_ratio=0.3)  # a shrinking set: the ranking accumulates
+    target = edited(reference_ids, "replace")
+    engine = engine_for(model, tokenizer, **config)
+    want = engine.generate(target, reference=engine.prefill(reference_ids), max_new_tokens=4, return_entry=True)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        other = engine_for(model, tokenizer, **config)
+        got = other.generate(target, reference=other.prefill(reference_ids), max_new_tokens=4, return_entry=True)
+        store = KVStore(other)
+        store.generate(reference_ids, max_new_tokens=2)
+        served = store.generate(target, max_new_tokens=2)
+    finally:
+        torch.set_default_dtype(previous)
+    assert got.token_ids == want.token_ids and got.stats["recomputed_tokens"] == want.stats["recomputed_tokens"]
+    assert torch.equal(got.entry.keys, want.entry.keys) and torch.equal(got.entry.values, want.entry.values)
+    assert served.stats["hit"]
