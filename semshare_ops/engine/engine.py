@@ -591,9 +591,18 @@ class ReuseEngine:
         return self.decoder.embed_tokens.weight.device
 
     @property
+    def kv_dtype(self) -> torch.dtype:
+        """The dtype of the K/V the model's attention writes, that of its projections (the largest floating-point
+        tensor of the first layer's attention): a model may keep its embeddings and norms apart in fp32 (Ergo's
+        `_keep_in_fp32_modules_strict`) while its attention runs in bf16."""
+        attention = getattr(self.decoder.layers[0], "self_attn", None)
+        weights = [p for p in attention.parameters() if p.is_floating_point()] if attention is not None else []
+        return max(weights, key=torch.Tensor.numel).dtype if weights else self.decoder.embed_tokens.weight.dtype
+
+    @property
     def token_bytes(self) -> int:
         """K/V bytes of one token in one layer (a request's kv_bytes is layers x tokens x this)."""
-        return self.kv_heads * 2 * self.head_dim * self._dtype.itemsize
+        return self.kv_heads * 2 * self.head_dim * self.kv_dtype.itemsize
 
     def tokenize(self, prompt: Prompt, max_new_tokens: int = 0) -> torch.Tensor:
         """A prompt's token ids (int64 [T] on the engine's device): a str through the tokenizer (no chat template),
@@ -648,10 +657,6 @@ class ReuseEngine:
 
     # ---- steps -----------------------------------------------------------------------------------------------
 
-    @property
-    def _dtype(self) -> torch.dtype:
-        return self.decoder.embed_tokens.weight.dtype
-
     def _fingerprint(self) -> str:
         """What decides whether another engine's entries are valid here: the config, the tokenizer, the dtype and
         a digest of every parameter and buffer (a fine-tune that keeps the embeddings, as LoRA usually does,
@@ -663,7 +668,7 @@ class ReuseEngine:
         tensors = [(name, t) for name, t in self.model.named_parameters()] + \
             [(name, t) for name, t in self.model.named_buffers()]
         weights = [[name, str(t.dtype), list(t.shape), tensor_digest(t)] for name, t in tensors]
-        blob = json.dumps([cfg, type(self.tokenizer).__name__, len(self.tokenizer), probe, str(self._dtype), weights],
+        blob = json.dumps([cfg, type(self.tokenizer).__name__, len(self.tokenizer), probe, str(self.kv_dtype), weights],
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -768,7 +773,7 @@ class ReuseEngine:
 
     def _new_cache(self, capacity: int, used: int = 0, storage: Optional[tuple] = None) -> SemShareCache:
         return SemShareCache.allocate(self.num_layers, capacity, self.kv_heads, self.head_dim, self.head_dim,
-                                      self._dtype, self.device, used, storage)
+                                      self.kv_dtype, self.device, used, storage)
 
     def _request_cache(self, capacity: int, used: int = 0) -> SemShareCache:
         """The cache of one request (`generate`, `score`), laid in the storage an earlier request gave back
@@ -779,7 +784,7 @@ class ReuseEngine:
         shape = (self.num_layers, capacity, self.kv_heads, self.head_dim)
         with self._spare_lock:
             spare, self._spare = self._spare, None
-        if spare is not None and not SemShareCache.storage_fits(spare, shape, shape, self._dtype, self.device):
+        if spare is not None and not SemShareCache.storage_fits(spare, shape, shape, self.kv_dtype, self.device):
             spare = None  # too small: the larger storage of this request replaces it when given back
         return self._new_cache(capacity, used, spare)
 
@@ -891,7 +896,7 @@ class ReuseEngine:
         hidden = torch.cat([hidden, hidden], dim=1)
         rows = torch.cat([torch.arange(n), torch.arange(n) + delta]).to(self.device)
         cache = self._new_cache(capacity=n + delta)
-        tol = 1e-4 if self._dtype == torch.float32 else 2e-2
+        tol = 1e-4 if self.kv_dtype == torch.float32 else 2e-2
         found: Dict[tuple, List[int]] = {}
         with cache.active():
             for idx in range(self.num_layers):
@@ -958,7 +963,7 @@ class ReuseEngine:
                                               f"applies (the masks' windows: {', '.join(built) or 'no mask built'}), "
                                               "so its own output and the engine's would differ past "
                                               f"{layer.window} tokens")
-        tol = 1e-3 if self._dtype == torch.float32 else 5e-2
+        tol = 1e-3 if self.kv_dtype == torch.float32 else 5e-2
         scale = stock.abs().max().clamp_min(1.0)
         if not torch.isfinite(engine).all() or (engine - stock).abs().max() > tol * scale:
             raise refusal(self.model, "its logits through semshare attention differ from its own attention by "

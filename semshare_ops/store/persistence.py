@@ -690,7 +690,7 @@ class _Shapes:
 
 def _engine_shapes(engine: ReuseEngine, saved_lsh: Dict) -> _Shapes:
     weight = engine.decoder.embed_tokens.weight
-    return _Shapes(engine.num_layers, engine.kv_heads, engine.head_dim, weight.dtype, weight.shape[1],
+    return _Shapes(engine.num_layers, engine.kv_heads, engine.head_dim, engine.kv_dtype, weight.shape[1],
                    math.ceil(saved_lsh["lsh_bits"] / 64), engine.model.config.vocab_size, engine.max_positions)
 
 
