@@ -349,3 +349,34 @@ def test_torchs_default_dtype_changes_nothing(model, tokenizer, reference_ids, d
     assert got.token_ids == want.token_ids and got.stats["recomputed_tokens"] == want.stats["recomputed_tokens"]
     assert torch.equal(got.entry.keys, want.entry.keys) and torch.equal(got.entry.values, want.entry.values)
     assert served.stats["hit"]
+
+
+@pytest.mark.parametrize("flips", [1, 3])
+def test_self_check_tries_other_prompts_before_refusing(tokenizer, flips):
+    """In half precision, rounding can flip a mixture-of-experts routing at a near-tie on one row of the check's
+    prompt (gpt-oss and param2moe were refused so in bf16). Stand-in: the model's own logits are put off on one row
+    for the first `flips` prompts. One prompt off: the next two agree and the model is served; every prompt off (an
+    engine that computes something else than the model): refused, naming the difference."""
+    from semshare_ops.engine import ReuseEngine
+    from semshare_ops.engine.architecture import UnsupportedModelError
+
+    model = build_model("llama", seed=0)
+    forward, calls = model.forward, []
+
+    def stock_off(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if kwargs.get("use_cache") is False:  # the check's stock call (the engine's own calls use its cache)
+            calls.append(len(calls))
+            if len(calls) <= flips:
+                out.logits[0, 3] += 1.0
+        return out
+
+    model.forward = stock_off
+    if flips == 1:
+        engine = ReuseEngine(model, tokenizer, ReuseConfig())
+        assert len(calls) == 2
+        assert engine.generate(rand_tokens(30, seed=5), max_new_tokens=2).stats["mode"] == "full"
+    else:
+        with pytest.raises(UnsupportedModelError, match=r"differ from its own attention by 1 .*\(and on two more\)"):
+            ReuseEngine(model, tokenizer, ReuseConfig())
+        assert len(calls) == 3
