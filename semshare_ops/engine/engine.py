@@ -464,6 +464,7 @@ class ReuseEngine:
         with torch.inference_mode():
             self.rope_groups = self._probe_rope()
             self._self_check()
+        self._checked_dtype = self.kv_dtype  # what the probe and the checks above measured
 
     # ---- public API ----------------------------------------------------------------------------------------
 
@@ -609,6 +610,9 @@ class ReuseEngine:
         a sequence of ids as given. ValueError naming `prompt` when it is empty, holds ids outside the vocabulary,
         or does not fit, with `max_new_tokens`, in the positions the engine serves."""
         check_count("max_new_tokens", max_new_tokens, minimum=0)
+        if self.kv_dtype != self._checked_dtype:  # every request goes through here
+            raise ValueError(f"model: cast from {self._checked_dtype} to {self.kv_dtype} after this engine was made; "
+                             "its rotary frequencies and checks were measured in the former: make another engine")
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt)["input_ids"]
             self._check_vocabulary(ids, "prompt", "; the tokenizer made one outside it (one of another model?)")
@@ -683,6 +687,16 @@ class ReuseEngine:
         if reference.codes_lsh is not None and tuple(reference.codes_lsh) != self.codes_lsh:
             raise ValueError(f"reference: its token codes were made with other LSH settings ({', '.join(LSH_SETTINGS)}"
                              f" = {tuple(reference.codes_lsh)}) than this engine's {self.codes_lsh}")
+        # A ReferenceEntry is a plain dataclass: K/V swapped in after it was made (another dtype, layout or length)
+        # would fail inside an op, named as an argument the caller never passed.
+        tokens = reference.token_ids.numel() if reference.token_ids.dim() == 1 else -1
+        for name in ("keys", "values"):
+            kv = getattr(reference, name)
+            if kv.dtype != self.kv_dtype or kv.dim() != 4 or tuple(kv.shape[:3]) != (self.num_layers, tokens,
+                                                                                      self.kv_heads):
+                raise ValueError(f"reference: its {name} are {kv.dtype} {tuple(kv.shape)}; this engine's are "
+                                 f"{self.kv_dtype} [{self.num_layers}, {tokens} tokens, {self.kv_heads} KV heads, "
+                                 "head dim]")
 
     def _serve_prompt(self, ids: torch.Tensor, reference: Optional[ReferenceEntry], gate: float, capacity: int,
                       prefix_only: bool = False):

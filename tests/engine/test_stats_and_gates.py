@@ -353,3 +353,32 @@ def test_a_config_stays_as_checked():
     assert cfg.recompute_ratio == 0.2
     with pytest.raises(ValueError, match="recompute_ratio"):
         dataclasses.replace(cfg, recompute_ratio=5.0)
+
+
+def test_a_reference_whose_kv_were_swapped_is_refused_by_name(model, tokenizer, reference_ids, ref_entry):
+    """The fingerprint vouches for the model, not for tensors replaced in the entry afterwards: K/V of another dtype
+    or length failed inside rope_reuse_ as `k_src`, an argument the caller never passed."""
+    engine = engine_for(model, tokenizer)
+    for swapped in (dataclasses.replace(ref_entry, keys=ref_entry.keys.half()),
+                    dataclasses.replace(ref_entry, values=ref_entry.values[:, :-1]),
+                    dataclasses.replace(ref_entry, keys=ref_entry.keys[:-1])):
+        with pytest.raises(ValueError, match=r"reference: its (keys|values) are"):
+            engine.generate(reference_ids, reference=swapped, max_new_tokens=2)
+    assert engine.generate(reference_ids, reference=ref_entry, max_new_tokens=2).stats["mode"] == "reuse"
+
+
+def test_a_model_cast_after_the_engine_was_made_is_refused(tokenizer):
+    """The engine measures the model's rotary frequencies and checks it in the dtype it has when the engine is made:
+    cast afterwards (model.to(torch.bfloat16)), its keys rotate by bf16-rounded frequencies the engine does not use
+    (reused keys 1e-2 off, growing with the distance moved). Every request is refused by name until another engine is
+    made."""
+    model = build_model("llama", seed=0)
+    engine = engine_for(model, tokenizer)
+    prompt = rand_tokens(30, seed=2)
+    engine.generate(prompt, max_new_tokens=1)
+    model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"model: cast from torch.float32 to torch.bfloat16"):
+        engine.generate(prompt, max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"model: cast"):
+        engine.prefill(prompt)
+    assert engine_for(model, tokenizer).generate(prompt, max_new_tokens=1).stats["mode"] == "full"
