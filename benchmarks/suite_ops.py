@@ -29,8 +29,7 @@ DEVICE = os.environ.get("SEMSHARE_BENCH_DEVICE") or ("cuda" if torch.cuda.is_ava
 MODELS = os.environ.get("SEMSHARE_BENCH_MODELS", "smollm2-135m").split()
 LENGTHS = [int(n) for n in os.environ.get("SEMSHARE_BENCH_LENGTHS", "1024").split()]
 RATIOS = [float(r) for r in os.environ.get("SEMSHARE_BENCH_RATIOS", "0.2 1.0").split()]
-DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-    os.environ.get("SEMSHARE_BENCH_DTYPE", "bfloat16")]
+DTYPE = getattr(torch, os.environ.get("SEMSHARE_BENCH_DTYPE", "bfloat16"))  # as the CLI's --dtype (cli.common)
 HAMMING_REFERENCE_MAX = 2048  # the reference loops over 64 bit positions on [N, N] tensors: minutes past this
 
 CASES = [pytest.param(bench.SHAPES[m], n, id=f"{m}-{n}") for m in MODELS for n in LENGTHS]
