@@ -153,6 +153,22 @@ def test_baselines_too_big_or_out_of_memory_are_recorded_absent(monkeypatch, cei
     assert r["us"] > 0 and r["TFLOP/s"] > 0
 
 
+def test_masked_sdpa_baseline_computes_partial_attn_and_builds_its_mask_once(monkeypatch):
+    """The SDPA baseline is what partial_attn computes (GQA, a window), and its mask is built when the call is made,
+    not inside the timed call (a serving engine builds it once per batch)."""
+    built = []
+    visible_mask = bench.ref.visible_mask
+    monkeypatch.setattr(bench.ref, "visible_mask", lambda *a, **k: built.append(1) or visible_mask(*a, **k))
+    q, k, v, q_pos = bench.partial_attn_inputs(bench.SHAPES["smollm2-135m"], 40, 0.5, torch.float64)
+    for window in (-1, 7):
+        call = bench._sdpa_masked(q, k, v, q_pos, window)
+        outs = [call() for _ in range(3)]
+        expected = bench.ref.partial_attn(q, k, v, q_pos, window=window)[0]
+        for out in outs:
+            torch.testing.assert_close(out.transpose(0, 1), expected, rtol=1e-5, atol=1e-5)  # the oracle: fp32
+    assert len(built) == 2 + 2  # one per call made, one per reference run; none per timed call
+
+
 def test_inputs_and_work_counts_match_the_records():
     shape = bench.SHAPES["llama3-8b"]
     q, k, v, q_pos = bench.partial_attn_inputs(shape, 64, 1.0, torch.bfloat16)
