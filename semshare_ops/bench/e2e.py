@@ -20,6 +20,8 @@ every method, all through the same engine and decode path (one new token: the fi
   token costs. Edit level 0 serves the reference itself (an identical prompt).
 Times follow `vllm bench serve`'s names (`mean_ttft_ms`, `median_ttft_ms`, `p99_ttft_ms`); `kv_bytes` is the K/V a
 request holds after prefill; `peak_memory_bytes` is the device's peak allocation during the request (CUDA only).
+The methods of one target are timed in rounds, each once per round, after one untimed round (each method's first
+run, with its one-time costs, was in its mean before 2026-12-05, and the methods ran one after another).
 
 Targets are the reference with edits spread over the text (tokens replaced, inserted or deleted in short spans,
 taken from the text itself), so that `similarity` of the request is about 1 - edited share. The real model runs on
@@ -31,14 +33,14 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
 from ..engine import ReuseConfig, ReuseEngine
 from ..engine.prompts import DEMO_REFERENCE, adds_bos
 from .shapes import IdTokenizer, random_model, random_prompt  # noqa: F401  (re-exported for the CLI)
-from .timing import ttft_stats
+from .timing import interleaved_ttft_stats
 
 EDIT_LEVELS = (0.02, 0.1, 0.3)  # share of reference tokens touched by edits
 METHODS = ("full", "hf", "prefix", "cacheblend", "semshare", "decode")
@@ -102,22 +104,32 @@ def edit_tokens(ids: Sequence[int], share: float, seed: int, span: int = 8) -> L
     return out
 
 
-def _serve(engine: ReuseEngine, config: Optional[ReuseConfig], target: List[int], entry, repeat: int) -> Dict:
+class _Run(NamedTuple):
+    """One method on one target: `request` serves it once and returns its TTFT in ms; `facts` gives what the last
+    request reported besides its time (kv_bytes, mode, reuse ratio, ...)."""
+    request: Callable[[], float]
+    facts: Callable[[], Dict]
+
+
+FACTS = ("kv_bytes", "kv_bytes_full", "mode", "matched_tokens", "reuse_ratio", "similarity")
+
+
+def _engine_run(engine: ReuseEngine, config: Optional[ReuseConfig], target: List[int], entry) -> _Run:
+    """The engine serving `target` under `config`, from `entry` (a full prefill when `config` is None)."""
     last: Dict = {}
 
     def request() -> float:
-        last.update(engine.generate(target, reference=entry if config is not None else None, max_new_tokens=1).stats)
+        with engine.using(config):
+            last.update(engine.generate(target, reference=entry if config is not None else None,
+                                        max_new_tokens=1).stats)
         return last["ttft_ms"]
 
-    with engine.using(config):
-        timing = ttft_stats(request, repeat, str(engine.device), release=engine.release_cache_storage)
-    return {**timing, **{key: last[key] for key in ("kv_bytes", "kv_bytes_full", "mode", "matched_tokens",
-                                                    "reuse_ratio", "similarity")}}
+    return _Run(request, lambda: {key: last[key] for key in FACTS})
 
 
-def _serve_stock(engine: ReuseEngine, target: List[int], repeat: int) -> Dict:
-    """TTFT of the model's own forward on the target: HF's cache and the model's own attention, greedy first token.
-    The call passes through the engine's attention dispatch, which hands it on while no semshare cache is active."""
+def _stock_run(engine: ReuseEngine, target: List[int]) -> _Run:
+    """The model's own forward on the target: HF's cache and the model's own attention, greedy first token. The
+    call passes through the engine's attention dispatch, which hands it on while no semshare cache is active."""
     ids = torch.tensor([target], device=engine.device)
 
     @torch.inference_mode()
@@ -128,12 +140,13 @@ def _serve_stock(engine: ReuseEngine, target: List[int], repeat: int) -> Dict:
         return (time.perf_counter() - start) * 1e3
 
     kv_full = engine.num_layers * len(target) * engine.token_bytes
-    return {**ttft_stats(request, repeat, str(engine.device)), "kv_bytes": kv_full, "kv_bytes_full": kv_full, "mode": "full",
-            "matched_tokens": 0, "reuse_ratio": 0.0, "similarity": None}
+    return _Run(request, lambda: {"kv_bytes": kv_full, "kv_bytes_full": kv_full, "mode": "full",
+                                  "matched_tokens": 0, "reuse_ratio": 0.0, "similarity": None})
 
 
-def _serve_last_token(engine: ReuseEngine, target: List[int], repeat: int) -> Dict:
-    """TTFT of the last prompt token alone, the earlier ones already in HF's cache (cropped back between runs)."""
+def _last_token_run(engine: ReuseEngine, target: List[int]) -> _Run:
+    """The last prompt token alone, the earlier ones already in HF's cache (prefilled here, outside the timing;
+    cropped back between runs)."""
     from transformers import DynamicCache
 
     ids = torch.tensor([target], device=engine.device)
@@ -152,9 +165,9 @@ def _serve_last_token(engine: ReuseEngine, target: List[int], repeat: int) -> Di
         return (time.perf_counter() - start) * 1e3
 
     kv_full = engine.num_layers * len(target) * engine.token_bytes
-    return {**ttft_stats(request, repeat, str(engine.device)), "kv_bytes": kv_full, "kv_bytes_full": kv_full,
-            "mode": "decode", "matched_tokens": len(target) - 1, "reuse_ratio": 1 - 1 / len(target),
-            "similarity": None}
+    return _Run(request, lambda: {"kv_bytes": kv_full, "kv_bytes_full": kv_full, "mode": "decode",
+                                  "matched_tokens": len(target) - 1, "reuse_ratio": 1 - 1 / len(target),
+                                  "similarity": None})
 
 
 def run_e2e(engine: ReuseEngine, reference_for_length: Callable[[int], List[int]], lengths: Sequence[int],
@@ -163,7 +176,10 @@ def run_e2e(engine: ReuseEngine, reference_for_length: Callable[[int], List[int]
             recompute_ratios: Sequence[float] = ()) -> List[Dict]:
     """One record per (length, edit level, method); speedups are against `full` on the same target.
 
-    `recompute_ratios` sweeps semshare over several ratios (one record each); empty: the engine's own ratio.
+    The methods of one target are timed in rounds (`interleaved_ttft_stats`): each serves the target once per round,
+    after one untimed round, so that a drift of the machine's speed does not land on one method. `full` is always
+    timed (the speedups are against it) and recorded when asked for. `recompute_ratios` sweeps semshare over
+    several ratios (one record each); empty: the engine's own ratio.
     """
     configs = method_configs(engine.config, engine.num_layers)
     unknown = [m for m in methods if m not in configs]
@@ -174,22 +190,27 @@ def run_e2e(engine: ReuseEngine, reference_for_length: Callable[[int], List[int]
         semshare = configs["semshare"]
         variants = [v for v in variants if v[0] != "semshare"] + [
             ("semshare", dataclasses.replace(semshare, recompute_ratio=r)) for r in recompute_ratios]
-    engine.generate([1, 2, 3, 4], max_new_tokens=1)  # warm-up outside the timings
+    engine.generate([1, 2, 3, 4], max_new_tokens=1)  # warm-up outside the timings: thread pools, first calls
     records = []
     for length in lengths:
         reference = reference_for_length(length)
         entry = engine.prefill(reference)
         for level in edit_levels:
             target = edit_tokens(reference, level, seed=seed + length)
-            full = _serve(engine, None, target, entry, repeat)
-            runs = ([("full", None, full)] if "full" in methods else []) + (
-                [("hf", None, _serve_stock(engine, target, repeat))] if "hf" in methods else []) + [
-                (method, config, _serve(engine, config, target, entry, repeat)) for method, config in variants] + (
-                [("decode", None, _serve_last_token(engine, target, repeat))] if "decode" in methods else [])
-            for method, config, result in runs:
+            runs = [("full", None, _engine_run(engine, None, target, entry))] + (
+                [("hf", None, _stock_run(engine, target))] if "hf" in methods else []) + [
+                (method, config, _engine_run(engine, config, target, entry)) for method, config in variants] + (
+                [("decode", None, _last_token_run(engine, target))] if "decode" in methods else [])
+            timings = interleaved_ttft_stats({str(i): run.request for i, (_, _, run) in enumerate(runs)}, repeat,
+                                             str(engine.device), release=engine.release_cache_storage)
+            full_ms = timings["0"]["mean_ttft_ms"]
+            for i, (method, config, run) in enumerate(runs):
+                if i == 0 and "full" not in methods:
+                    continue
+                result = timings[str(i)]
                 record = {"method": method, "prompt_tokens": len(target), "edited_share": level,
                           "recompute_ratio": None if config is None else config.recompute_ratio, **result,
-                          "speedup_vs_full": full["mean_ttft_ms"] / max(result["mean_ttft_ms"], 1e-9)}
+                          **run.facts(), "speedup_vs_full": full_ms / max(result["mean_ttft_ms"], 1e-9)}
                 records.append(record)
                 progress(record)
     return records

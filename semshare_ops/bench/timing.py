@@ -63,24 +63,40 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def ttft_stats(request: Callable[[], float], repeat: int, device: str,
-               release: Optional[Callable[[], None]] = None) -> Dict:
-    """Run `request` (it returns its TTFT in ms) `repeat` times: TTFT statistics in `vllm bench serve`'s names, and
-    the device's peak allocation during a request (CUDA only; None elsewhere). `release` drops what the caller keeps
-    between requests for the next one's use (the engine's cache storage): called before each request's baseline on
-    CUDA, so that memory counts in the request's peak instead of in the baseline (torch's caching allocator hands
-    the same block back, so the request's time does not change)."""
+               release: Optional[Callable[[], None]] = None, warmup: int = 0) -> Dict:
+    """TTFT statistics of one request run `repeat` times (see `interleaved_ttft_stats`)."""
+    return interleaved_ttft_stats({"": request}, repeat, device, release, warmup)[""]
+
+
+def interleaved_ttft_stats(requests: Dict[str, Callable[[], float]], repeat: int, device: str,
+                           release: Optional[Callable[[], None]] = None, warmup: int = 1) -> Dict[str, Dict]:
+    """Run each of `requests` (each returns its TTFT in ms) `repeat` times, round after round, each once per round in
+    the given order, after `warmup` untimed rounds: per request, TTFT statistics in `vllm bench serve`'s names and
+    the device's peak allocation during a request (CUDA only; None elsewhere).
+
+    Rounds, not one request's runs after another's: a shared VM drifts by tens of percent within a minute, and a
+    ratio between requests of the same rounds is immune to that drift. The warm-up round keeps a request's first
+    run out of its statistics: it pays what later runs do not (new shapes' allocations and kernel selection).
+    `release` drops what the caller keeps between requests for the next one's use (the engine's cache storage):
+    called before each request's baseline on CUDA, so that memory counts in the request's peak instead of in the
+    baseline (torch's caching allocator hands the same block back, so the request's time does not change)."""
     cuda = device.startswith("cuda")
-    ttfts, peak = [], None
+    for _ in range(warmup):
+        for request in requests.values():
+            request()
+    ttfts: Dict[str, List[float]] = {name: [] for name in requests}
+    peaks: Dict[str, Optional[int]] = {name: None for name in requests}
     for _ in range(repeat):
-        if cuda:
-            if release is not None:
-                release()
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-        ttfts.append(request())
-        if cuda:
-            peak = torch.cuda.max_memory_allocated(device) - before
-    return {"mean_ttft_ms": statistics.fmean(ttfts), "median_ttft_ms": statistics.median(ttfts),
-            "p99_ttft_ms": percentile(ttfts, 99), "std_ttft_ms": statistics.pstdev(ttfts), "runs": len(ttfts),
-            "peak_memory_bytes": peak}
+        for name, request in requests.items():
+            if cuda:
+                if release is not None:
+                    release()
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            ttfts[name].append(request())
+            if cuda:
+                peaks[name] = torch.cuda.max_memory_allocated(device) - before
+    return {name: {"mean_ttft_ms": statistics.fmean(t), "median_ttft_ms": statistics.median(t),
+                   "p99_ttft_ms": percentile(t, 99), "std_ttft_ms": statistics.pstdev(t), "runs": len(t),
+                   "peak_memory_bytes": peaks[name]} for name, t in ttfts.items()}

@@ -209,9 +209,10 @@ def test_hf_method_runs_no_semshare_code(monkeypatch):
     engine = ReuseEngine(build_model("llama", seed=0), FakeTokenizer(), ReuseConfig())
     monkeypatch.setattr(hf.ops, "partial_attn", lambda *a, **k: pytest.fail("hf baseline ran partial_attn"))
     monkeypatch.setattr(hf, "_causal_sdpa", lambda *a, **k: pytest.fail("hf baseline used the semshare cache"))
-    result = e2e._serve_stock(engine, rand_tokens(200, seed=5), repeat=2)
-    assert result["runs"] == 2 and result["mean_ttft_ms"] > 0 and result["mode"] == "full"
-    assert result["kv_bytes"] == engine.num_layers * 200 * engine.token_bytes
+    run = e2e._stock_run(engine, rand_tokens(200, seed=5))
+    assert run.request() > 0 and run.request() > 0
+    facts = run.facts()
+    assert facts["mode"] == "full" and facts["kv_bytes"] == engine.num_layers * 200 * engine.token_bytes
 
 
 def test_run_e2e_sweeps_semshare_recompute_ratios():
@@ -224,6 +225,46 @@ def test_run_e2e_sweeps_semshare_recompute_ratios():
     low, high = records[2], records[3]
     assert high["reuse_ratio"] < low["reuse_ratio"]  # the ratio really reached the engine
     assert "0.80" in e2e.format_e2e(records)
+
+
+def test_requests_are_timed_in_rounds_after_an_untimed_one():
+    """Each request runs once per round, in order, after a warm-up round whose (slow, cold) time counts nowhere."""
+    from semshare_ops.bench import timing
+
+    calls = []
+
+    def request(name, times):
+        return lambda: calls.append(name) or times.pop(0)
+
+    stats = timing.interleaved_ttft_stats({"a": request("a", [900.0, 10.0, 12.0]),
+                                           "b": request("b", [800.0, 20.0, 26.0])}, 2, "cpu")
+    assert calls == ["a", "b"] * 3
+    assert stats["a"]["mean_ttft_ms"] == 11.0 and stats["b"]["mean_ttft_ms"] == 23.0
+    assert stats["a"]["runs"] == 2 and stats["b"]["p99_ttft_ms"] == pytest.approx(25.94)
+    calls.clear()
+    assert timing.ttft_stats(request("c", [5.0, 7.0]), 2, "cpu")["mean_ttft_ms"] == 6.0  # no warm-up asked
+    assert calls == ["c", "c"]
+
+
+def test_run_e2e_interleaves_the_methods_of_a_target(monkeypatch):
+    """Every method of a target serves it once per round, after one untimed round; `full` is timed even when not
+    recorded (the speedups are against it)."""
+    engine = ReuseEngine(build_model("llama", seed=0), FakeTokenizer(), ReuseConfig())
+    reference = rand_tokens(200, seed=2)
+    served, generate = [], engine.generate
+
+    def logged(ids, reference=None, **kwargs):
+        if len(ids) > 4:  # not the engine's first warm-up call
+            served.append("full" if reference is None else f"{engine.config.matching}@{engine.config.recompute_ratio}")
+        return generate(ids, reference=reference, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", logged)
+    records = e2e.run_e2e(engine, lambda n: reference[:n], [128], [0.1], methods=["prefix", "semshare"], repeat=2,
+                          recompute_ratios=[0.1, 0.8])
+    assert [r["method"] for r in records] == ["prefix", "semshare", "semshare"]
+    one_round = ["full", "prefix@0.0", f"{engine.config.matching}@0.1", f"{engine.config.matching}@0.8"]
+    assert served == one_round * 3
+    assert all(r["runs"] == 2 for r in records)
 
 
 def test_run_e2e_rejects_unknown_method():
