@@ -481,7 +481,8 @@ class ReuseEngine:
     def using(self, config: Optional[ReuseConfig]) -> Iterator["ReuseEngine"]:
         """Serve with `config` inside the block (None: keep the current one); the old config comes back after.
 
-        Not thread-safe on its own: callers that share an engine across threads hold their own lock around it.
+        Not thread-safe on its own: callers that share an engine across threads hold their own lock around it (with
+        stores serving from the engine, `KVStore.model_lock`, which the stores hold to read the config).
         """
         previous = self.config
         if config is not None:

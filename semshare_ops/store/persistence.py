@@ -144,14 +144,18 @@ def engine_lsh(engine: ReuseEngine) -> Dict:
     return dict(zip(LSH_FIELDS, engine.codes_lsh))
 
 
-def snapshot(engine: ReuseEngine, config: Dict, counters: Counters, nodes: Iterable[Node],
+def snapshot(engine: ReuseEngine, fingerprint: str, config: Dict, counters: Counters, nodes: Iterable[Node],
              sentence_keys: bool) -> Snapshot:
-    """Metadata and tensor references of `nodes` (in LRU order, device tier first); run it under the index lock."""
+    """Metadata and tensor references of `nodes` (in LRU order, device tier first), every one made under the engine
+    weights of `fingerprint`; run it under the index lock."""
     nodes = list(nodes)
+    other = next((n.id for n in nodes if n.entry.fingerprint != fingerprint), None)
+    if other is not None:  # the index vouches for one fingerprint: another entry's would be served after a load
+        raise ValueError(f"snapshot: entry {other} was made under other weights than the engine's now")
     meta = [{"id": n.id, "tenant": n.tenant, "shared": n.shared, "parent": n.parent, "depth": n.depth,
              "edits": n.edits, "opcodes": None if n.opcodes is None else [list(op) for op in n.opcodes],
              "tier": n.tier, "stamp": n.stamp, "exact_prefix": n.entry.exact_prefix} for n in nodes]
-    index = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": engine.fingerprint, "config": config,
+    index = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": fingerprint, "config": config,
              "engine_lsh": engine_lsh(engine), "clock": counters.clock, "evictions": counters.evictions,
              "offloads": counters.offloads, "entries": meta}
     entries = [(n.id, n.entry, n.key if sentence_keys else None, n.checksum) for n in nodes]

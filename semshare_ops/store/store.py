@@ -32,11 +32,20 @@ timing side channel; vLLM's `cache_salt` exists for the same reason). Opt in per
 secret.
 
 Threads. `generate` may be called from many threads. The store's index (the tree and its nodes, the tiers, the
-retrieval index, the counters) is guarded by one lock held for short sections only (retrieval, insertion, eviction);
-alignment runs outside it. Model calls (tokenizer, embedding lookup, `engine.generate`) are serialised by a lock per
-model, shared by every store on every engine of that model: the HF model and the batch-1 engine are not made for
-concurrent forwards (two engines may share one model's modules, and what one sets on them, the other would run
-into), so threads give no parallel prefill, only a store that stays consistent under concurrent use.
+retrieval index, the counters) is guarded by one lock held for short sections only (retrieval, insertion, eviction).
+Model calls (tokenizer, embedding lookups, the engine's fingerprint, alignment with its LSH lookups,
+`engine.generate`) and every read of the engine's config are serialised by a lock per model (`model_lock`), shared
+by every store on every engine of that model: the HF model and the batch-1 engine are not made for concurrent
+forwards (two engines may share one model's modules, and what one sets on them, the other would run into), so
+threads give no parallel prefill, only a store that stays consistent under concurrent use. A thread that changes the
+engine's config while a store serves from it (`engine.using`) holds `model_lock` around the change: the store then
+judges and serves each request by one config, the engine's own (it read another thread's temporary gate).
+
+Weights changed in place. An engine whose weights change takes its fingerprint again and refuses the entries made
+before as references (docs/contract.md section 4). The store drops them when a request or a save first sees the
+new fingerprint (they would fail every request that retrieved one, and a save would have written them under the new
+weights' fingerprint, to be served after a load), and does not store an entry made under weights that changed while
+its request was served (`request_id` None).
 """
 from __future__ import annotations
 
@@ -139,6 +148,7 @@ class KVStore:
         self._index = RetrievalIndex(embedding)
         self._clock = 0
         self._keys = PromptKeys(engine, self._engine_lock, embedding)  # loads MiniLM for embedding="minilm"
+        self._weights: Optional[str] = None  # the engine fingerprint every stored entry was made under (index lock)
 
     # Fixed at construction, hence read-only: the tiers hold the budgets, the retrieval parts the kind of key.
     @property
@@ -153,6 +163,13 @@ class KVStore:
     def embedding(self) -> str:
         return self._keys.embedding
 
+    @property
+    def model_lock(self) -> threading.RLock:
+        """The lock that serialises model calls and config reads on this store's model, the same object for every
+        store on every engine of that model: hold it around `engine.using` (or any other change of the engine's
+        config or weights) while stores serve from the engine (package doc: Threads)."""
+        return self._engine_lock
+
     # ---- serving -----------------------------------------------------------------------------------------------
 
     def generate(self, prompt: Prompt, tenant: str = "default", shared: bool = False, max_new_tokens: int = 64,
@@ -160,7 +177,8 @@ class KVStore:
         """Serve `prompt` from its cheapest visible base (or a full prefill) and store its K/V.
 
         stats gain `hit` (K/V were loaded from a base: mode "reuse"), `base_id` (that base, else None), `tenant`,
-        `shared`, `request_id` (this request's stored entry; None if it is larger than the whole budget), `depth`,
+        `shared`, `request_id` (this request's stored entry; None if it is larger than the whole budget, or the
+        engine's weights changed while it was served), `depth`,
         `lookup_ms`; `ttft_ms` counts from this call (retrieval and alignment included), `engine_ttft_ms` from the
         engine call.
         """
@@ -213,22 +231,27 @@ class KVStore:
         return Lookup(c.base_id, c.cost, len(request.ids), c.depth, c.candidates)
 
     def _choose(self, request: Request, tenant: str, shared: bool) -> _Choice:
-        """Retrieve and expand (under the index lock), align candidates (outside it), pick the cheapest usable
-        base."""
+        """Retrieve and expand (under the index lock), align candidates (under the model lock), pick the cheapest
+        usable base."""
         namespaces = [SHARED] if shared else [tenant]  # the one the entry goes into (package doc: Tenants)
         total = len(request.ids)
+        with self._engine_lock:
+            fingerprint = self.engine.fingerprint  # after an in-place change of a weight it hashes them all again
         with self._lock:
+            self._drop_other_weights(fingerprint)
             retrieved = self._index.retrieve(request, namespaces, self.candidates)
             if not retrieved:
                 return _Choice(None, None, total, 0, [], {})
             candidates = self._tree.expand(retrieved, self.candidates, namespaces)
             snapshot = [(n.id, n.entry, n.depth, n.stamp) for n in candidates]
         best, costs = None, {}
-        # Read once: this request is judged, and served, by one gate, and tested as the engine tests it (matched /
-        # total < gate; matched < gate * total rounds otherwise: 55 of 100 at 0.55 would pass one and fail the other).
-        gate = self.engine.config.min_similarity
-        for entry_id, entry, depth, stamp in snapshot:
-            match = self.engine.match(entry, request.ids)
+        with self._engine_lock:
+            # Read once: this request is judged, and served, by one gate, and tested as the engine tests it (matched
+            # / total < gate; matched < gate * total rounds otherwise: 55 of 100 at 0.55 would pass one and fail the
+            # other). Alignment reads the config too, and LSH matching looks up the model's embeddings.
+            gate = self.engine.config.min_similarity
+            matches = [self.engine.match(entry, request.ids) for _, entry, _, _ in snapshot]
+        for (entry_id, entry, depth, stamp), match in zip(snapshot, matches):
             cost = total - match.matched
             costs[entry_id] = cost
             base_ids = entry.token_ids.tolist()
@@ -266,8 +289,8 @@ class KVStore:
 
     def _insert(self, entry: ReferenceEntry, tenant: str, shared: bool, key: torch.Tensor, parent: Optional[str],
                 depth: int, edits, opcodes, chain: List[str], checksum: Optional[str]) -> Optional[str]:
-        if not self._tiers.fits(entry):
-            return None
+        if not self._tiers.fits(entry) or entry.fingerprint != self._weights:
+            return None  # too big for the whole budget, or made under weights that changed while it was served
         if parent is not None and parent not in self._tree:
             # The base left while this request was served: hang the entry on its nearest surviving ancestor.
             parent, edits, opcodes = self._tree.surviving_base(chain, entry.token_ids.tolist())
@@ -304,6 +327,17 @@ class KVStore:
         """Take a node that left the tiers out of the tree (merging its chain) and the retrieval index."""
         self._tree.remove(node)
         self._index.remove(node)
+
+    def _drop_other_weights(self, fingerprint: str) -> None:
+        """Drop every entry made under other weights than `fingerprint` (the engine's now): it can never be served.
+        Children before their parents, so that no chain is merged (an edit script computed) for a node that leaves
+        next."""
+        if fingerprint == self._weights:
+            return
+        stale = [n for n in self._tree.nodes() if n.entry.fingerprint != fingerprint]
+        for node in sorted(stale, key=lambda n: -len(self._tree.chain(n.id))):
+            self._drop(node)
+        self._weights = fingerprint
 
     def _enforce_budgets(self) -> None:
         offloaded: List[Node] = []
@@ -394,11 +428,14 @@ class KVStore:
         written, when an entry no longer matches the checksum taken when it was stored.
         """
         directory = check_directory(directory)
+        with self._engine_lock:
+            fingerprint = self.engine.fingerprint
 
         def take_snapshot() -> persistence.Snapshot:
             with self._lock:
+                self._drop_other_weights(fingerprint)  # the index vouches for one fingerprint: every entry's
                 counters = persistence.Counters(self._clock, self.evictions, self.offloads)
-                return persistence.snapshot(self.engine, self.config(), counters, self._tiers.nodes(),
+                return persistence.snapshot(self.engine, fingerprint, self.config(), counters, self._tiers.nodes(),
                                             sentence_keys=self.embedding == "minilm")
 
         with self._save_lock:
@@ -435,6 +472,7 @@ class KVStore:
         key_size = store._keys.sentence_size
         with store._lock:
             store._clock, store.evictions, store.offloads = counters.clock, counters.evictions, counters.offloads
+            store._weights = nodes[0].entry.fingerprint if nodes else None  # each restored as the engine's
         for node in nodes:
             if rehash:  # the engine hashes tokens with other planes: rehash them
                 with store._engine_lock, torch.inference_mode():

@@ -784,6 +784,28 @@ def test_next_id_attack_cannot_alias_an_entry(engine, tmp_path, monkeypatch):
     assert loaded.lookup(root, tenant="alice").base_id == alice.id
 
 
+def test_entries_from_before_a_weight_change_are_not_saved_as_the_new_weights(tmp_path):
+    """The index carries one fingerprint, the engine's at the save: an entry made before an in-place weight change
+    was written under the new weights' fingerprint and, after a load, served as theirs. The save drops such entries;
+    the loaded store holds only what the new weights made. A snapshot that still holds one is refused."""
+    from semshare_ops.store import persistence
+
+    engine = ReuseEngine(build_model("llama", seed=4), FakeTokenizer(), ReuseConfig())
+    store, root = _filled_store(engine)
+    with torch.no_grad():
+        engine.model.lm_head.weight.add_(0.01)
+    store.save(tmp_path)
+    assert len(store) == 0 and _index(tmp_path)["entries"] == []
+    loaded = KVStore.load(tmp_path, engine)
+    assert len(loaded) == 0 and loaded.lookup(root, tenant="alice").base_id is None
+    kept = loaded.generate(root, tenant="alice", max_new_tokens=NEW).stats["request_id"]
+    loaded.save(tmp_path)
+    assert [e.id for e in KVStore.load(tmp_path, engine).entries()] == [kept]
+    stale = [n for n in loaded._tiers.nodes()]
+    with pytest.raises(ValueError, match="made under other weights"):
+        persistence.snapshot(engine, "0" * 64, loaded.config(), persistence.Counters(0, 0, 0), stale, False)
+
+
 def test_load_refuses_other_model_version_and_bad_files(engine, tmp_path):
     store, _ = _filled_store(engine)
     store.save(tmp_path)

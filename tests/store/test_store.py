@@ -134,6 +134,89 @@ def test_stores_on_engines_of_one_model_take_turns(model, engine, edit_engine, m
     assert not errors and most[0] == 1, (errors, most)
 
 
+def test_a_config_changed_under_the_model_lock_does_not_judge_a_store_request(edit_engine, monkeypatch):
+    """Another thread holds `model_lock` around `engine.using(min_similarity=0.0)` while a store request is between
+    retrieval and alignment: the request waits for it and is judged by the engine's own gate (0.5). It read the
+    temporary 0.0 outside every lock and reused a base matching a third of it."""
+    import dataclasses
+    import time
+
+    store = KVStore(edit_engine)
+    base = base_tokens(60, seed=71)
+    store.generate(base, tenant="t", max_new_tokens=NEW)
+    target = fresh(30) + base[20:40] + fresh(10)  # 20 of its 60 tokens in the base, no common prefix
+    retrieved, inside = threading.Event(), threading.Event()
+    retrieve = store._index.retrieve
+    monkeypatch.setattr(store._index, "retrieve",
+                        lambda *a, **k: (retrieve(*a, **k), retrieved.set(), inside.wait(10))[0])
+
+    def other_caller():
+        retrieved.wait(10)
+        with store.model_lock, edit_engine.using(dataclasses.replace(edit_engine.config, min_similarity=0.0)):
+            inside.set()
+            time.sleep(0.4)
+        finished.set()
+
+    finished = threading.Event()
+    other = threading.Thread(target=other_caller)
+    other.start()
+    out = store.generate(target, tenant="t", max_new_tokens=NEW)
+    other.join(10)
+    assert finished.is_set() and edit_engine.config.min_similarity == 0.5
+    assert out.stats["hit"] is False and out.stats["mode"] == "full"
+
+
+def test_alignment_looks_up_embeddings_under_the_model_lock(engine, monkeypatch):
+    """LSH matching embeds the tokens edit alignment leaves unmatched: a model call, under the lock that
+    serialises model calls (it ran outside it, beside another store's `engine.generate`)."""
+    store = KVStore(engine)
+    base = base_tokens(80, seed=73)
+    store.generate(base, tenant="t", max_new_tokens=NEW)
+    held, embed = [], engine.embed
+    monkeypatch.setattr(engine, "embed", lambda ids: held.append(store.model_lock._is_owned()) or embed(ids))
+    store.lookup(replace(base, 30, 5), tenant="t")
+    assert len(held) >= 2 and all(held), held  # the request's key and the unmatched tokens' codes
+
+
+def _changed_in_place(engine: ReuseEngine) -> None:
+    with torch.no_grad():
+        engine.model.lm_head.weight.add_(0.01)
+
+
+def test_entries_made_before_the_weights_changed_are_dropped_not_failed():
+    """After an in-place weight change every stored entry is refused by the engine as a reference: a request that
+    retrieved one failed (even an unrelated prompt, since retrieval returns the nearest keys). The store drops
+    them at the first request that sees the new fingerprint and serves a full prefill."""
+    engine = ReuseEngine(build_model("llama", seed=3), FakeTokenizer(), ReuseConfig())
+    store = KVStore(engine)
+    first = base_tokens(120, seed=75)
+    a = store.generate(first, tenant="t", max_new_tokens=NEW).stats["request_id"]
+    b = store.generate(replace(first, 50, 4), tenant="t", max_new_tokens=NEW).stats["request_id"]
+    assert store.get(b).parent == a
+    _changed_in_place(engine)
+    out = store.generate(replace(first, 80, 4), tenant="t", max_new_tokens=NEW)
+    assert out.stats["hit"] is False and out.stats["mode"] == "full"
+    assert [e.id for e in store.entries()] == [out.stats["request_id"]]
+    assert out.token_ids == engine.generate(replace(first, 80, 4), max_new_tokens=NEW).token_ids
+    assert store.generate(first, tenant="t", max_new_tokens=NEW).stats["hit"] is True  # served from the new one
+
+
+def test_an_entry_made_while_the_weights_changed_is_not_stored(monkeypatch):
+    """A request whose entry was made under other weights than those its store last saw (they changed while it was
+    served) is served but not stored: the store would hold an entry the engine refuses."""
+    engine = ReuseEngine(build_model("llama", seed=3), FakeTokenizer(), ReuseConfig())
+    store = KVStore(engine)
+    generate = engine.generate
+
+    def changed_then_generate(*args, **kwargs):
+        _changed_in_place(engine)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", changed_then_generate)
+    out = store.generate(base_tokens(60, seed=77), tenant="t", max_new_tokens=NEW)
+    assert out.stats["request_id"] is None and len(store) == 0 and out.token_ids
+
+
 def test_prefix_base_lifts_the_similarity_gate(edit_engine):
     """An earlier chat turn is a prefix of the next request: reused even when it covers less than
     config.min_similarity (0.5) of it; the same tokens elsewhere than at the start are not."""
