@@ -178,9 +178,8 @@ class KVStore:
 
         stats gain `hit` (K/V were loaded from a base: mode "reuse"), `base_id` (that base, else None), `tenant`,
         `shared`, `request_id` (this request's stored entry; None if it is larger than the whole budget, or the
-        engine's weights changed while it was served), `depth`,
-        `lookup_ms`; `ttft_ms` counts from this call (retrieval and alignment included), `engine_ttft_ms` from the
-        engine call.
+        engine's weights changed while it was served), `depth`, `lookup_ms`; `ttft_ms` counts from this call
+        (retrieval and alignment included), `engine_ttft_ms` from the engine call.
         """
         start = time.perf_counter()
         check_tenant(tenant)
