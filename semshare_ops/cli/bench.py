@@ -37,7 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                    help="e2e: hf is the model's own forward and attention with HF's cache, through the engine's "
                    "dispatch, timed in the same run (default: all)")
-    p.add_argument("--repeat", type=int, default=None, help="e2e: runs per method and prompt (default: 3)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="e2e: timed runs per method and prompt, in rounds over the methods after one untimed round "
+                   "(default: 3)")
     p.add_argument("--recompute-ratio", type=float, nargs="+", default=None,
                    help="e2e: semshare's recompute ratio; several: one semshare row per ratio (default: 0.2)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
