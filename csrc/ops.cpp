@@ -3,6 +3,7 @@
 // from Python in semshare_ops/ops/__init__.py.
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(semshare, m) {
@@ -48,6 +49,12 @@ void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::j
 void rope_reuse_inplace_or_view(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
   const at::Tensor k_dst = argument(op, stack, 0).toTensor();
   const at::Tensor v_dst = argument(op, stack, 1).toTensor();
+  // bump_version below refuses an inference tensor outside inference mode, but only after the kernel wrote it:
+  // refused first, so that nothing is written.
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k_dst", k_dst}, {"v_dst", v_dst}}) {
+    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), "rope_reuse_: ", name, " is an inference tensor (made under "
+                "torch.inference_mode()): update it in place under torch.inference_mode() too");
+  }
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);

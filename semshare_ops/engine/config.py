@@ -10,6 +10,13 @@ SELECTIONS = ("deviation", "attention", "blend", "lookahead")
 BUDGETS = ("fixed", "adaptive")
 
 
+def _as_float(value) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
 @dataclass(frozen=True)
 class ReuseConfig:
     """Knobs of the reuse path. Defaults are our own choices where the papers leave them open (docs/design.md).
@@ -82,7 +89,7 @@ class ReuseConfig:
             if isinstance(value, bool) != (kinds == (bool,)) or not isinstance(value, kinds):
                 raise TypeError(f"{name}: expected {' or '.join(k.__name__ for k in kinds)}, got "
                                 f"{type(value).__name__} {value!r}")
-            if isinstance(value, float) and not math.isfinite(value):
+            if float in kinds and not math.isfinite(_as_float(value)):  # an int past a float's range is too
                 raise ValueError(f"{name}: expected a finite number, got {value}")
         if not isinstance(self.matching, str) or self.matching not in MATCHING_METHODS:
             raise ValueError(f"matching: expected one of {', '.join(map(repr, MATCHING_METHODS))}, "

@@ -417,6 +417,11 @@ class ReuseEngine:
         exactly; see architecture.py for what is checked, statically and by two small measured probes."""
         if config is not None and not isinstance(config, ReuseConfig):
             raise TypeError(f"config: expected a ReuseConfig or None, got {type(config).__name__}")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model: expected a Hugging Face causal LM (a torch.nn.Module), got {type(model).__name__}")
+        if not callable(tokenizer) or not callable(getattr(tokenizer, "decode", None)):
+            raise TypeError(f"tokenizer: expected a Hugging Face tokenizer (callable, with decode), got "
+                            f"{type(tokenizer).__name__}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = config or ReuseConfig()
         self._spare: Optional[tuple] = None  # cache storage of a finished request, for the next (_request_cache)
@@ -525,11 +530,10 @@ class ReuseEngine:
         start = time.perf_counter()
         check_count("max_new_tokens", max_new_tokens, minimum=1)
         check_gate(min_similarity)
-        if not isinstance(prefix_only, bool):
-            raise TypeError(f"prefix_only: expected a bool, got {type(prefix_only).__name__}")
-        if generate_kwargs.get("num_return_sequences", 1) != 1 or generate_kwargs.get("num_beams", 1) != 1:
-            raise ValueError("num_return_sequences / num_beams: the engine serves one sequence per request "
-                             "(batch size 1); run several requests instead")
+        for name, flag in (("return_entry", return_entry), ("prefix_only", prefix_only)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(flag).__name__} {flag!r}")
+        check_generate_kwargs(generate_kwargs)
         gate = self.config.min_similarity if min_similarity is None else min_similarity
         if return_entry and self.config.retain_ratio is not None:
             raise ValueError("return_entry: a request served with retain_ratio keeps a partial cache; "
@@ -616,14 +620,17 @@ class ReuseEngine:
                              "its rotary frequencies and checks were measured in the former: make another engine")
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt)["input_ids"]
+            if torch.is_tensor(ids) or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in ids):
+                raise TypeError("tokenizer: expected it to return a list of int token ids for prompt, got "
+                                f"{type(ids).__name__} {str(ids)[:80]}")
             self._check_vocabulary(ids, "prompt", "; the tokenizer made one outside it (one of another model?)")
         else:
             ids = self._token_ids(prompt, "prompt", "a str or a 1-D sequence of token ids")
         if len(ids) == 0:
             raise ValueError("prompt: empty prompt (no tokens)")
         if self.max_positions and len(ids) + max_new_tokens > self.max_positions:
-            raise ValueError(f"prompt: {len(ids)} tokens + {max_new_tokens} new exceed {self.max_positions} positions "
-                             f"({self.arch.position_limit_reason})")
+            raise ValueError(f"prompt / max_new_tokens: {len(ids)} tokens + {max_new_tokens} new exceed "
+                             f"{self.max_positions} positions ({self.arch.position_limit_reason})")
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
     def _token_ids(self, value, name: str, expected: str) -> List[int]:
@@ -636,11 +643,13 @@ class ReuseEngine:
         if torch.is_tensor(value):
             if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
                 raise TypeError(f"{name}: expected integer token ids, got a {value.dtype} tensor")
+            if value.device.type == "meta":
+                raise ValueError(f"{name}: a tensor on the meta device holds no token ids")
             ids = value.tolist()
         else:
-            bad = next((t for t in value if isinstance(t, bool) or not isinstance(t, numbers.Integral)), None)
-            if bad is not None:
-                raise TypeError(f"{name}: expected integer token ids, got {type(bad).__name__} {bad!r}")
+            bad = [t for t in value if isinstance(t, bool) or not isinstance(t, numbers.Integral)][:1]
+            if bad:  # a list, not next(..., None): None is itself a bad id
+                raise TypeError(f"{name}: expected integer token ids, got {type(bad[0]).__name__} {bad[0]!r}")
             ids = [int(t) for t in value]
         self._check_vocabulary(ids, name)
         return ids
@@ -688,16 +697,27 @@ class ReuseEngine:
         if reference.codes_lsh is not None and tuple(reference.codes_lsh) != self.codes_lsh:
             raise ValueError(f"reference: its token codes were made with other LSH settings ({', '.join(LSH_SETTINGS)}"
                              f" = {tuple(reference.codes_lsh)}) than this engine's {self.codes_lsh}")
-        # A ReferenceEntry is a plain dataclass: K/V swapped in after it was made (another dtype, layout or length)
-        # would fail inside an op, named as an argument the caller never passed.
-        tokens = reference.token_ids.numel() if reference.token_ids.dim() == 1 else -1
+        # A ReferenceEntry is a plain dataclass: a field swapped after it was made (K/V of another dtype, layout,
+        # length or device; codes of another width) would fail inside an op or a copy, named as an argument the
+        # caller never passed, or serve wrongly (exact_prefix=True taken as 1).
+        ids = reference.token_ids
+        if not torch.is_tensor(ids) or ids.dim() != 1 or ids.dtype != torch.long or ids.device.type == "meta":
+            raise ValueError(f"reference: its token_ids are {_described(ids)}; expected an int64 [tokens] tensor")
+        tokens = ids.numel()
         for name in ("keys", "values"):
             kv = getattr(reference, name)
-            if kv.dtype != self.kv_dtype or kv.dim() != 4 or tuple(kv.shape[:3]) != (self.num_layers, tokens,
-                                                                                      self.kv_heads):
-                raise ValueError(f"reference: its {name} are {kv.dtype} {tuple(kv.shape)}; this engine's are "
-                                 f"{self.kv_dtype} [{self.num_layers}, {tokens} tokens, {self.kv_heads} KV heads, "
-                                 "head dim]")
+            if not torch.is_tensor(kv) or kv.dtype != self.kv_dtype or kv.device.type == "meta" or \
+                    tuple(kv.shape) != (self.num_layers, tokens, self.kv_heads, self.head_dim):
+                raise ValueError(f"reference: its {name} are {_described(kv)}; this engine's are {self.kv_dtype} "
+                                 f"[{self.num_layers}, {tokens} tokens, {self.kv_heads} KV heads, {self.head_dim}]")
+        codes, words = reference.codes, (self.config.lsh_bits + 63) // 64
+        if not torch.is_tensor(codes) or codes.dtype != torch.long or tuple(codes.shape) != (tokens, words) or \
+                codes.device.type == "meta":
+            raise ValueError(f"reference: its codes are {_described(codes)}; this engine's are int64 [{tokens} "
+                             f"tokens, {words} words]")
+        prefix = reference.exact_prefix
+        if isinstance(prefix, bool) or not isinstance(prefix, numbers.Integral) or not 0 <= prefix <= tokens:
+            raise ValueError(f"reference: its exact_prefix is {prefix!r}; expected an int in [0, {tokens}]")
 
     def _serve_prompt(self, ids: torch.Tensor, reference: Optional[ReferenceEntry], gate: float, capacity: int,
                       prefix_only: bool = False):
@@ -1145,7 +1165,9 @@ class ReuseEngine:
         rows recomputed during decode."""
         # Greedy, one beam, over the engine's own cache, whatever the model's generation_config says about sampling,
         # beams or the cache to build (a "static" cache_implementation there would make HF refuse the engine's cache).
-        kwargs = {"do_sample": False, "num_beams": 1, "cache_implementation": None, "max_new_tokens": max_new_tokens,
+        # use_cache: without it HF feeds the whole sequence again at every step, into a cache that holds it already.
+        kwargs = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "use_cache": True,
+                  "cache_implementation": None, "max_new_tokens": max_new_tokens,
                   "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **generate_kwargs}
         timer = kwargs["streamer"] = _FirstTokenTimer(start, generate_kwargs.get("streamer"))
         processors = LogitsProcessorList(generate_kwargs.get("logits_processor") or [])
@@ -1176,6 +1198,39 @@ class ReuseEngine:
         with cache.active():
             return self.model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None],
                                        **{self._cache_kw: cache}, **kwargs)
+
+
+def _described(value) -> str:
+    """A tensor's dtype, shape and device (or a non-tensor's type) for a message."""
+    if torch.is_tensor(value):
+        return f"{value.dtype} {tuple(value.shape)} on {value.device}"
+    return f"a {type(value).__name__}"
+
+
+# HF generate arguments the engine sets itself: the prompt and its cache are the engine's, and decoding is one greedy
+# sequence over that cache (assisted decoding would crop it).
+_ENGINE_GENERATE_ARGS = ("input_ids", "inputs_embeds", "attention_mask", "past_key_values", "cache", "inputs",
+                         "assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
+def check_generate_kwargs(generate_kwargs: Dict) -> None:
+    """Refuse by name the HF generate arguments `ReuseEngine.generate` cannot pass on (each got HF's own error, or
+    was served wrongly: use_cache=False gave other tokens from the third on)."""
+    taken = [name for name in _ENGINE_GENERATE_ARGS if name in generate_kwargs]
+    if taken:
+        raise TypeError(f"{taken[0]}: set by the engine (the prompt, its cache and greedy decoding over it are the "
+                        "engine's), not passed to HF generate")
+    if generate_kwargs.get("num_return_sequences", 1) != 1 or generate_kwargs.get("num_beams", 1) != 1:
+        raise ValueError("num_return_sequences / num_beams: the engine serves one sequence per request "
+                         "(batch size 1); run several requests instead")
+    if generate_kwargs.get("use_cache", True) is not True:
+        raise ValueError("use_cache: the engine decodes over its own cache; it cannot be turned off")
+    processors = generate_kwargs.get("logits_processor")
+    if processors is not None and (not isinstance(processors, (list, tuple)) or not all(map(callable, processors))):
+        raise TypeError(f"logits_processor: expected a list of logits processors, got {type(processors).__name__}")
+    streamer = generate_kwargs.get("streamer")
+    if streamer is not None and not all(callable(getattr(streamer, m, None)) for m in ("put", "end")):
+        raise TypeError(f"streamer: expected an HF streamer (with put and end), got {type(streamer).__name__}")
 
 
 # The ReuseConfig fields the token codes depend on: fixed for an engine's life (`using` refuses to change them).

@@ -206,7 +206,7 @@ def rotate_embeddings(embeddings: torch.Tensor, base: float = 10000.0,
     The rotation is the one rope_reuse_ applies (oracle.rotate), with each row's delta its own position.
     """
     tokens, dim = embeddings.shape
-    inv_freq = base ** (-torch.arange(dim // 2, dtype=torch.float32, device=embeddings.device) * 2 / dim)
+    inv_freq = float(base) ** (-torch.arange(dim // 2, dtype=torch.float32, device=embeddings.device) * 2 / dim)
     if positions is None:
         positions = torch.arange(tokens, device=embeddings.device)
     return oracle.rotate(embeddings.float()[:, None, :], positions.to(embeddings.device), inv_freq,

@@ -6,6 +6,7 @@ L layers, P pairs, W = ceil(bits / 64) code words.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -50,6 +51,7 @@ def hamming_topk(q_codes: torch.Tensor, k_codes: torch.Tensor, k: int) -> Tuple[
     q_codes [Nq, W], k_codes [Nk, W] int64 -> (dist int32 [Nq, k], idx int64 [Nq, k]), ascending by distance,
     ties broken by the smaller reference index; 1 <= k <= Nk.
     """
+    _check_number("k", k, int)
     return torch.ops.semshare.hamming_topk.default(q_codes, k_codes, k)
 
 
@@ -64,7 +66,7 @@ def rope_reuse_(k_dst: torch.Tensor, v_dst: torch.Tensor, k_src: torch.Tensor, v
     (i, i + rotary_dim / 2) as HF rotate_half, else (2i, 2i + 1). delta == 0 copies bit for bit.
     """
     if not isinstance(neox, bool):  # the schema's `bool neox` takes None as False: the other convention, silently
-        raise TypeError(f"neox: expected a bool, got {type(neox).__name__}")
+        raise TypeError(f"neox: expected a bool, got {type(neox).__name__} {neox!r}")
     torch.ops.semshare.rope_reuse_.default(k_dst, v_dst, k_src, v_src, src_idx, dst_idx, delta, inv_freq, neox)
 
 
@@ -83,5 +85,17 @@ def partial_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch
     Returns out [Nq, Hq, Dv] in q's dtype and lse [Nq, Hq] fp32 (natural log, of the capped logits, sink
     included); no visible key: out 0 and lse -inf (the sink's logit with sinks).
     """
+    if scale is not None:
+        _check_number("scale", scale, float)
+    _check_number("window", window, int)
+    _check_number("softcap", softcap, float)
     return torch.ops.semshare.partial_attn.default(q, k, v, q_pos, kv_pos, cu_seqlens_q, cu_seqlens_k, scale, window,
                                                    softcap, sinks)
+
+
+def _check_number(name: str, value, kind: type) -> None:
+    """The schemas' `int` and `float` take a bool as 0 / 1 (window=True ran as a one-position window): refused
+    here, as everywhere else in the package; an int is a float's value too."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if kind is int else numbers.Real):
+        raise TypeError(f"{name}: expected {'an int' if kind is int else 'a number'}, got {type(value).__name__} "
+                        f"{value!r}")

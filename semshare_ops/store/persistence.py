@@ -286,16 +286,19 @@ def _locked(directory: Path):
 
 
 def _committed_index(directory: Path) -> Optional[Dict]:
-    """The index a save would replace: None when there is none, {} when it does not read as JSON (a damaged store
-    index, replaced by this save). An index.json of some other program is refused, naming the directory: a save
-    there would replace it and remove files it does not know to be its own."""
+    """The index a save would replace: None when there is none. An index.json that is not a KVStore index, or
+    cannot be read as JSON (some other program's, or a store index damaged past recognition: a committed index
+    is always whole JSON), is refused, naming the directory: a save there would replace it and remove files it does
+    not know to be its own. (One that does not read as JSON was replaced, as a damaged index of a store.)"""
     path = directory / INDEX_FILE
     try:
         index = json.loads(path.read_bytes())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, RecursionError):
-        return {}
+    except (OSError, ValueError, RecursionError) as err:
+        raise ValueError(f"save: directory {directory} holds an {INDEX_FILE} that cannot be read as JSON ("
+                         f"{type(err).__name__}): another program's, or a damaged store index; nothing was written "
+                         "(move it away to save here)") from err
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ValueError(f"save: directory {directory} holds an {INDEX_FILE} that is not a KVStore index; nothing "
                          "was written (save the store into a directory of its own)")

@@ -211,6 +211,14 @@ def test_edit_opcodes_past_the_cell_budget_use_difflib_on_the_middle(monkeypatch
 # ---- rotate_embeddings -----------------------------------------------------------------------------------------
 
 
+def test_rotate_embeddings_takes_an_int_base_past_int64():
+    """ReuseConfig takes an int embedding_rope_base; one past int64 (10**20) failed every request with an
+    OverflowError, where the float 1e20 worked."""
+    x = torch.randn(7, 16, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(matching.rotate_embeddings(x, 10**20), matching.rotate_embeddings(x, 1e20), rtol=0,
+                               atol=0)
+
+
 def test_rotate_embeddings_identity_at_position_zero_and_preserves_norms():
     x = torch.randn(50, DIM, generator=gen(5))
     out = matching.rotate_embeddings(x)

@@ -193,14 +193,16 @@ def test_config_defaults():
     ("embedding_rope_base", float("nan"), ValueError), ("recompute_ratio", "0.2", TypeError),
     ("recompute_ratio", float("inf"), ValueError), ("check_layers", 1.5, TypeError), ("rope_correction", 1, TypeError),
     ("min_similarity", None, TypeError), ("lsh_max_distance", 128, ValueError), ("matching", None, ValueError),
-    ("guard_margin", "1", TypeError), ("guard_margin", float("inf"), ValueError), ("guard_margin", True, TypeError)])
+    ("guard_margin", "1", TypeError), ("guard_margin", float("inf"), ValueError), ("guard_margin", True, TypeError),
+    pytest.param("budget_cap", 10**400, ValueError, id="budget_cap-int-past-float"),
+    pytest.param("embedding_rope_base", 10**400, ValueError, id="embedding_rope_base-int-past-float")])
 def test_config_fields_are_typed(field, value, error):
     with pytest.raises(error, match=field):
         ReuseConfig(**{field: value})
 
 
 @pytest.mark.parametrize("prompt", [None, 5, 3.5, {"a": 1}, b"abc", [1.0, 2.0], ["1", "2"], [True, 3],
-                                    torch.tensor([1.0, 2.0])])
+                                    torch.tensor([1.0, 2.0]), [None, 3], [3, None]])
 def test_prompts_that_are_not_text_or_token_ids_are_refused(model, tokenizer, ref_entry, prompt):
     engine = engine_for(model, tokenizer)
     with pytest.raises(TypeError, match="prompt"):
@@ -214,11 +216,62 @@ def test_prompts_that_are_not_text_or_token_ids_are_refused(model, tokenizer, re
                                           ({"max_new_tokens": 2.5}, "max_new_tokens"),
                                           ({"num_return_sequences": 2}, "num_return_sequences"),
                                           ({"num_beams": 3}, "num_beams"),
-                                          ({"min_similarity": 1.5}, "min_similarity")])
+                                          ({"min_similarity": 1.5}, "min_similarity"),
+                                          ({"return_entry": "no"}, "return_entry"),
+                                          ({"prefix_only": np.bool_(True)}, "prefix_only: expected a bool, got bool_? "
+                                                                            "np.True_"),
+                                          ({"use_cache": False}, "use_cache"),
+                                          ({"inputs_embeds": torch.zeros(1, 3, 8)}, "inputs_embeds"),
+                                          ({"attention_mask": torch.ones(1, 3)}, "attention_mask"),
+                                          ({"assistant_model": object()}, "assistant_model"),
+                                          ({"prompt_lookup_num_tokens": 3}, "prompt_lookup_num_tokens"),
+                                          ({"streamer": "x"}, "streamer"),
+                                          ({"logits_processor": "x"}, "logits_processor"),
+                                          ({"max_new_tokens": 10**6}, "prompt / max_new_tokens")])
 def test_generate_arguments_are_checked(model, tokenizer, kwargs, name):
     engine = engine_for(model, tokenizer)
     with pytest.raises((TypeError, ValueError), match=name):
         engine.generate([5, 6, 7], **{"max_new_tokens": 2, **kwargs})
+
+
+def test_a_generation_config_without_cache_or_with_more_sequences_still_decodes_greedily_over_the_cache(
+        model, tokenizer, reference_ids):
+    """use_cache=False in a generation config (the model's own, as some checkpoints ship it, or one passed) made HF
+    feed the whole sequence again at every step into the engine's cache: other tokens from the third on, served as a
+    normal result. num_return_sequences=2 there failed inside HF. The engine's decoding is greedy, one sequence,
+    over its cache, whatever the config says: the tokens are the model's own greedy ones."""
+    from transformers import GenerationConfig
+
+    engine = engine_for(model, tokenizer)
+    prompt = reference_ids[:40]
+    ids = torch.tensor([prompt])
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    for config in (GenerationConfig(use_cache=False), GenerationConfig(num_return_sequences=2, do_sample=True)):
+        assert engine.generate(prompt, max_new_tokens=6, generation_config=config).token_ids == expected
+    saved = model.generation_config.use_cache
+    model.generation_config.use_cache = False
+    try:
+        assert engine.generate(prompt, max_new_tokens=6).token_ids == expected
+    finally:
+        model.generation_config.use_cache = saved
+
+
+def test_engine_arguments_and_prompt_devices_are_named(model, tokenizer):
+    with pytest.raises(TypeError, match="tokenizer: expected"):
+        ReuseEngine(model, None)
+    with pytest.raises(TypeError, match="model: expected"):
+        ReuseEngine(None, tokenizer)
+    engine = engine_for(model, tokenizer)
+    with pytest.raises(ValueError, match="prompt: a tensor on the meta device"):
+        engine.generate(torch.tensor([5, 6, 7], device="meta"), max_new_tokens=2)
+
+    class FloatTokenizer(FakeTokenizer):  # int() of its ids truncated them: the prompt served was another one
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [float(i) + 0.5 for i in super().__call__(text)["input_ids"]]}
+
+    with pytest.raises(TypeError, match="tokenizer: expected it to return a list of int token ids"):
+        ReuseEngine(model, FloatTokenizer()).generate("hello", max_new_tokens=1)
 
 
 def test_per_call_gate_leaves_the_config_alone(model, tokenizer, ref_entry):
@@ -361,9 +414,18 @@ def test_a_reference_whose_kv_were_swapped_is_refused_by_name(model, tokenizer, 
     engine = engine_for(model, tokenizer)
     for swapped in (dataclasses.replace(ref_entry, keys=ref_entry.keys.half()),
                     dataclasses.replace(ref_entry, values=ref_entry.values[:, :-1]),
-                    dataclasses.replace(ref_entry, keys=ref_entry.keys[:-1])):
+                    dataclasses.replace(ref_entry, keys=ref_entry.keys[:-1]),
+                    dataclasses.replace(ref_entry, keys=ref_entry.keys[..., :-1]),
+                    dataclasses.replace(ref_entry, values=torch.empty(ref_entry.values.shape, device="meta"))):
         with pytest.raises(ValueError, match=r"reference: its (keys|values) are"):
             engine.generate(reference_ids, reference=swapped, max_new_tokens=2)
+    for field, value, said in (("codes", ref_entry.codes[:, :1], "codes"), ("codes", ref_entry.codes.int(), "codes"),
+                               ("token_ids", ref_entry.token_ids.tolist(), "token_ids"),
+                               ("exact_prefix", True, "exact_prefix"), ("exact_prefix", None, "exact_prefix"),
+                               ("exact_prefix", len(reference_ids) + 1, "exact_prefix")):
+        with pytest.raises(ValueError, match=f"reference: its {said} "):
+            engine.generate(reference_ids, reference=dataclasses.replace(ref_entry, **{field: value}),
+                            max_new_tokens=2)
     assert engine.generate(reference_ids, reference=ref_entry, max_new_tokens=2).stats["mode"] == "reuse"
 
 

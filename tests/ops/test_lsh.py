@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+import semshare_ops
+
 from op_testutils import DTYPE_IDS, DTYPES, expect_arg_error, fake_call, impl_module, make_generator, randn
 
 BITS = [1, 63, 64, 65, 128, 200]
@@ -355,3 +357,12 @@ def test_hamming_topk_one_word_codes_of_any_stride(device):
     got = ops.hamming_topk(qt, r, 4)
     want = ops.hamming_topk(qt.contiguous(), r.contiguous(), 4)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("k", [True, np.bool_(True), 1.0, "1"], ids=["bool", "numpy-bool", "float", "str"])
+def test_hamming_topk_k_must_be_an_int(k):
+    """The schema's `int k` takes True as 1: the wrapper refuses it, as every other int argument of the package."""
+    codes = torch.randint(-2**62, 2**62, (5, 2), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="k: expected an int"):
+        semshare_ops.hamming_topk(codes, codes, k)
+    assert semshare_ops.hamming_topk(codes, codes, np.int64(2))[1].shape == (5, 2)  # a numpy int is an int

@@ -2,8 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
+
+import semshare_ops
 import torch.nn.functional as F
 
 from op_testutils import (
@@ -1145,3 +1148,16 @@ def test_bad_device(name):
     a[name] = a[name].cpu()
     expect_arg_error(lambda: ops.partial_attn(*(a[n] for n in ARG_NAMES)), name)
 
+
+@pytest.mark.parametrize("name, value", [("window", True), ("window", 2.5), ("softcap", True), ("softcap", "1"),
+                                         ("scale", True), ("scale", np.bool_(False))])
+def test_scalar_arguments_refuse_bools_and_other_types(name, value):
+    """The schema's `int window` and `float softcap` / `float? scale` take True as 1 (window=True ran as a
+    one-position window, 2.1 off the default call): the wrapper refuses them by name."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 2, 8, generator=gen) for _ in range(3))
+    with pytest.raises(TypeError, match=f"{name}: expected"):
+        semshare_ops.partial_attn(q, k, v, torch.arange(6), **{name: value})
+    out = semshare_ops.partial_attn(q, k, v, torch.arange(6), scale=np.float32(0.5), window=np.int64(3), softcap=2)[0]
+    torch.testing.assert_close(out, semshare_ops.partial_attn(q, k, v, torch.arange(6), scale=0.5, window=3, softcap=2.0)[0],
+                               rtol=0, atol=0)

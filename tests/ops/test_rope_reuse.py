@@ -673,6 +673,23 @@ def test_neox_must_be_a_bool(device, neox):
     assert_bits_equal(a["v_dst"].cpu(), v_before, "v_dst after a rejected call")
 
 
+def test_inference_tensor_outputs_are_refused_before_anything_is_written(device):
+    """Caches made under torch.inference_mode() and updated outside it: the version bump after the kernel refused
+    them (torch's rule), but only once k_dst and v_dst were written. Refused first now, naming k_dst, nothing
+    written; under inference_mode the call runs."""
+    with torch.inference_mode():
+        a = make_case(device, seed=33)
+    a = {name: t if name in ("k_dst", "v_dst") else t.clone() for name, t in a.items()}  # sources: normal tensors
+    k_before, v_before = a["k_dst"].cpu().clone(), a["v_dst"].cpu().clone()
+    with pytest.raises(RuntimeError, match="rope_reuse_: k_dst is an inference tensor"):
+        call(impl_module("ops"), a)
+    assert_bits_equal(a["k_dst"].cpu(), k_before, "k_dst after a rejected call")
+    assert_bits_equal(a["v_dst"].cpu(), v_before, "v_dst after a rejected call")
+    with torch.inference_mode():
+        call(impl_module("ops"), a)
+    assert not torch.equal(a["k_dst"].cpu(), k_before)
+
+
 # Refused by the real kernels only: what index values decide, which a traced call (the fake kernel) cannot see.
 VALUE_CASES = {"src_idx_out_of_range", "dst_idx_out_of_range", "dst_idx_duplicate"}
 # Decided from strides and storage offsets the fake kernel sees as numbers only with fixed sizes (symbolic ones would

@@ -184,6 +184,11 @@ def test_save_leaves_files_it_cannot_tell_are_its_own(engine, tmp_path):
     with pytest.raises(ValueError, match=r"directory .*foreign holds an index\.json that is not a KVStore index"):
         store.save(foreign)
     assert {p.name: p.read_bytes() for p in foreign.iterdir()} == files
+    files["index.json"] = b"other-app index v1"  # not JSON: it was replaced as a damaged store index
+    (foreign / "index.json").write_bytes(files["index.json"])
+    with pytest.raises(ValueError, match=r"directory .*foreign holds an index\.json that cannot be read as JSON"):
+        store.save(foreign)
+    assert {p.name: p.read_bytes() for p in foreign.iterdir()} == files
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in (".tmpAbC123", "entries.safetensors"):
