@@ -45,10 +45,16 @@ def check_entry_id(entry_id) -> str:
 
 
 def check_directory(directory) -> Path:
-    if not isinstance(directory, (str, os.PathLike)) or isinstance(directory, bytes) or not str(directory):
-        raise TypeError(f"directory: expected a non-empty str or os.PathLike, got {type(directory).__name__} "
+    try:  # a PathLike's __fspath__ may itself return bytes or another type
+        path = os.fspath(directory) if isinstance(directory, (str, os.PathLike)) else None
+    except TypeError:
+        path = None
+    if not isinstance(path, str) or not path:
+        raise TypeError(f"directory: expected a non-empty str or os.PathLike of a str, got {type(directory).__name__} "
                         f"{directory!r}")
-    return Path(directory)
+    if "\0" in path:
+        raise ValueError(f"directory: a path with a NUL character: {path!r}")
+    return Path(path)
 
 
 def check_settings(settings: Dict, prefix: str = "") -> Dict:

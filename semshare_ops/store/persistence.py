@@ -168,6 +168,7 @@ def write(directory: Path, take_snapshot: Callable[[], Snapshot]) -> Dict[str, s
     """Save a new generation into `directory` (created if missing; module doc for the steps and why). The snapshot
     is taken once this save holds the directory, so that of two saves of one store the later state commits last.
     Returns the checksum written per entry id."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     _make_directory(directory)
@@ -184,7 +185,10 @@ def write(directory: Path, take_snapshot: Callable[[], Snapshot]) -> Dict[str, s
             metadata = {"format": FORMAT, "version": str(FORMAT_VERSION), "generation": str(generation),
                         "fingerprint": snap.index["fingerprint"]}
             written.append(tensor_name)
-            save_file(tensors, str(directory / tensor_name), metadata=metadata)
+            try:
+                save_file(tensors, str(directory / tensor_name), metadata=metadata)
+            except SafetensorError as err:  # its I/O failures (a read-only directory, a full disk): an OSError
+                raise OSError(f"save: writing {directory / tensor_name} failed: {err}") from err
             del tensors
             # safetensors creates the file 0600 (its temporary file's mode); the index gets the umask's mode, and a
             # store whose index another user can read but not its tensors would not load for them.

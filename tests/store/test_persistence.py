@@ -811,6 +811,22 @@ def test_entries_from_before_a_weight_change_are_not_saved_as_the_new_weights(tm
         persistence.snapshot(engine, "0" * 64, loaded.config(), persistence.Counters(0, 0, 0), stale, False)
 
 
+def test_an_io_failure_inside_safetensors_is_an_oserror(engine, tmp_path, monkeypatch):
+    """safetensors reports a failed write (a read-only directory, a full disk) as its own SafetensorError, which a
+    caller catching OSError missed: raised as an OSError naming the file, the previous generation kept whole."""
+    store, _ = _filled_store(engine)
+    store.save(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def refused(tensors, filename, metadata=None):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", refused)
+    with pytest.raises(OSError, match=r"save: writing .*entries-.*\.safetensors failed: .*Permission denied"):
+        store.save(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_load_refuses_other_model_version_and_bad_files(engine, tmp_path):
     store, _ = _filled_store(engine)
     store.save(tmp_path)
@@ -861,10 +877,21 @@ def test_load_refuses_other_model_version_and_bad_files(engine, tmp_path):
 
 def test_save_and_load_arguments(engine, tmp_path):
     store, _ = _filled_store(engine)
-    for bad in (None, 5, b"dir", ""):
+    class Returns(os.PathLike):  # a PathLike whose __fspath__ gives bytes or no path at all
+        def __init__(self, value):
+            self.value = value
+
+        def __fspath__(self):
+            return self.value
+
+    for bad in (None, 5, b"dir", "", Returns(b"dir"), Returns(3)):
         with pytest.raises(TypeError, match="directory"):
             store.save(bad)
-    store.save(tmp_path)
+        with pytest.raises(TypeError, match="directory"):
+            KVStore.load(bad, engine)
+    with pytest.raises(ValueError, match="directory: a path with a NUL"):
+        store.save(str(tmp_path) + "\0x")
+    store.save(Returns(str(tmp_path)))
     with pytest.raises(TypeError, match="verify"):
         KVStore.load(tmp_path, engine, verify="no")
     with pytest.raises(TypeError, match="capacity"):
