@@ -52,8 +52,9 @@ void rope_reuse_inplace_or_view(const c10::OperatorHandle& op, c10::DispatchKeyS
   // bump_version below refuses an inference tensor outside inference mode, but only after the kernel wrote it:
   // refused first, so that nothing is written.
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k_dst", k_dst}, {"v_dst", v_dst}}) {
-    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), "rope_reuse_: ", name, " is an inference tensor (made under "
-                "torch.inference_mode()): update it in place under torch.inference_mode() too");
+    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), "rope_reuse_: ", name,
+                " is an inference tensor (made under torch.inference_mode()): update it in place under "
+                "torch.inference_mode() too");
   }
   {
     at::AutoDispatchBelowADInplaceOrView guard;

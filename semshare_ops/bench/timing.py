@@ -62,12 +62,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def ttft_stats(request: Callable[[], float], repeat: int, device: str,
-               release: Optional[Callable[[], None]] = None, warmup: int = 0) -> Dict:
-    """TTFT statistics of one request run `repeat` times (see `interleaved_ttft_stats`)."""
-    return interleaved_ttft_stats({"": request}, repeat, device, release, warmup)[""]
-
-
 def interleaved_ttft_stats(requests: Dict[str, Callable[[], float]], repeat: int, device: str,
                            release: Optional[Callable[[], None]] = None, warmup: int = 1) -> Dict[str, Dict]:
     """Run each of `requests` (each returns its TTFT in ms) `repeat` times, round after round, each once per round in

@@ -620,7 +620,7 @@ class ReuseEngine:
                              "its rotary frequencies and checks were measured in the former: make another engine")
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt)["input_ids"]
-            if torch.is_tensor(ids) or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in ids):
+            if torch.is_tensor(ids) or _non_int_ids(ids):
                 raise TypeError("tokenizer: expected it to return a list of int token ids for prompt, got "
                                 f"{type(ids).__name__} {str(ids)[:80]}")
             self._check_vocabulary(ids, "prompt", "; the tokenizer made one outside it (one of another model?)")
@@ -647,7 +647,7 @@ class ReuseEngine:
                 raise ValueError(f"{name}: a tensor on the meta device holds no token ids")
             ids = value.tolist()
         else:
-            bad = [t for t in value if isinstance(t, bool) or not isinstance(t, numbers.Integral)][:1]
+            bad = _non_int_ids(value)[:1]
             if bad:  # a list, not next(..., None): None is itself a bad id
                 raise TypeError(f"{name}: expected integer token ids, got {type(bad[0]).__name__} {bad[0]!r}")
             ids = [int(t) for t in value]
@@ -1198,6 +1198,12 @@ class ReuseEngine:
         with cache.active():
             return self.model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None],
                                        **{self._cache_kw: cache}, **kwargs)
+
+
+def _non_int_ids(values) -> list:
+    """The values that are not token ids (only integers are; a bool is not one): a float or a digit string, which
+    int() would take silently."""
+    return [t for t in values if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
 
 
 def _described(value) -> str:

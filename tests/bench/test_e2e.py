@@ -129,7 +129,7 @@ def test_cuda_timing_and_provenance_name_the_device_given(monkeypatch):
                         ("max_memory_allocated", 5000), ("get_device_name", "GPU 1")]:
         monkeypatch.setattr(torch.cuda, name, named(name, value))
     assert timing.median_us(lambda: None, "cuda:1", warmup=1, repeat=2) == pytest.approx(250.0)
-    stats = timing.ttft_stats(lambda: 12.5, 2, "cuda:1")
+    stats = timing.interleaved_ttft_stats({"": lambda: 12.5}, 2, "cuda:1", warmup=0)[""]
     assert stats["peak_memory_bytes"] == 4000 and stats["median_ttft_ms"] == 12.5
     assert provenance.environment("cuda:1")["device_name"] == "GPU 1"
     assert calls and all(arg in ("cuda:1", "stream of cuda:1") for _, arg in calls), calls
@@ -160,8 +160,10 @@ def test_cuda_peak_memory_counts_the_storage_the_engine_keeps_between_requests(m
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["live"]))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["live"])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
-    assert timing.ttft_stats(request, 3, "cuda")["peak_memory_bytes"] == 0  # the spare read as the baseline
-    assert timing.ttft_stats(request, 3, "cuda", release=release)["peak_memory_bytes"] == 3000
+    stats = timing.interleaved_ttft_stats({"": request}, 3, "cuda", warmup=0)[""]
+    assert stats["peak_memory_bytes"] == 0  # the spare read as the baseline
+    stats = timing.interleaved_ttft_stats({"": request}, 3, "cuda", release=release, warmup=0)[""]
+    assert stats["peak_memory_bytes"] == 3000
     engine = ReuseEngine(build_model("llama", seed=0), FakeTokenizer(), ReuseConfig())
     engine.generate(rand_tokens(40, seed=1), max_new_tokens=1)
     assert engine._spare is not None
@@ -242,7 +244,8 @@ def test_requests_are_timed_in_rounds_after_an_untimed_one():
     assert stats["a"]["mean_ttft_ms"] == 11.0 and stats["b"]["mean_ttft_ms"] == 23.0
     assert stats["a"]["runs"] == 2 and stats["b"]["p99_ttft_ms"] == pytest.approx(25.94)
     calls.clear()
-    assert timing.ttft_stats(request("c", [5.0, 7.0]), 2, "cpu")["mean_ttft_ms"] == 6.0  # no warm-up asked
+    no_warmup = timing.interleaved_ttft_stats({"c": request("c", [5.0, 7.0])}, 2, "cpu", warmup=0)
+    assert no_warmup["c"]["mean_ttft_ms"] == 6.0
     assert calls == ["c", "c"]
 
 

@@ -1159,5 +1159,5 @@ def test_scalar_arguments_refuse_bools_and_other_types(name, value):
     with pytest.raises(TypeError, match=f"{name}: expected"):
         semshare_ops.partial_attn(q, k, v, torch.arange(6), **{name: value})
     out = semshare_ops.partial_attn(q, k, v, torch.arange(6), scale=np.float32(0.5), window=np.int64(3), softcap=2)[0]
-    torch.testing.assert_close(out, semshare_ops.partial_attn(q, k, v, torch.arange(6), scale=0.5, window=3, softcap=2.0)[0],
-                               rtol=0, atol=0)
+    expected = semshare_ops.partial_attn(q, k, v, torch.arange(6), scale=0.5, window=3, softcap=2.0)[0]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
