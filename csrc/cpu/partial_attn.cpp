@@ -36,6 +36,8 @@ constexpr int64_t kBlockK = 64;       // keys per tile: one row of S is 8 vector
 constexpr int64_t kRows = 64;         // about this many rows (query x head-in-group) per query tile
 constexpr int64_t kVChunk = 16;       // V and O rows padded to whole micro-kernel columns: 2 vectors
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
+constexpr float kMaxFloat = std::numeric_limits<float>::max();
 
 inline vf8 splat(float x) { return vf8{x, x, x, x, x, x, x, x}; }
 
@@ -261,7 +263,11 @@ inline void attend_tile(int64_t rows, int64_t D, int64_t Dvp, int64_t nk, int64_
       for (int c = 0; c < 8; ++c) store8(pr + 8 * c, splat(0.0f));
       continue;
     }
-    const float m_new = std::max(M[row], tile_max);
+    // The running max stops at FLT_MAX: a +inf logit then weighs e^(inf - FLT_MAX) = +inf, every finite one 0, and
+    // the row ends with L = +inf, so lse = +inf and out = O / L NaN, as the oracle's logsumexp and softmax (with
+    // the max at +inf, e^(inf - inf) would make L NaN). exp8 is NaN at +inf: that lane is set apart after the
+    // loop, only in a tile that has one (inside, the select and the logits it keeps alive cost 3-5%).
+    const float m_new = std::min(std::max(M[row], tile_max), kMaxFloat);
     alpha[row] = exp1(M[row] - m_new);  // 0 on the first visible tile (M = -inf)
     const vf8 vm = splat(m_new);
     vf8 vsum = splat(0.0f);
@@ -270,6 +276,15 @@ inline void attend_tile(int64_t rows, int64_t D, int64_t Dvp, int64_t nk, int64_
       const vf8 pc = exp8(a[c] - vm);
       vsum += pc;
       store8(pr + 8 * c, pc);
+    }
+    if (tile_max == kPosInf) {  // so no NaN logit here (the max is NaN-sticky): a NaN p is e^(inf - FLT_MAX)
+      vsum = splat(0.0f);
+      for (int c = 0; c < 8; ++c) {
+        const vf8 p = load8(pr + 8 * c);
+        const vf8 pc = p != p ? splat(kPosInf) : p;
+        vsum += pc;
+        store8(pr + 8 * c, pc);
+      }
     }
     L[row] = L[row] * alpha[row] + hsum(vsum);
     M[row] = m_new;
@@ -451,16 +466,16 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
   // -inf. A sink adds exp(sink) to the denominator only: with m = max(M, sink), L' = L e^(M - m) + e^(sink - m) and
   // out = O e^(M - m) / L'; a sink of +inf takes all the weight (out 0, lse +inf). A NaN anywhere in a row's logits
   // or sink leaves L NaN, and the row comes out NaN (a +inf sink included): never as "no visible key" (L == 0).
+  // A +inf logit leaves M = FLT_MAX, L = +inf and O infinite or NaN: lse +inf and out NaN, a +inf sink included.
   auto finish = [&](int64_t i, int64_t h, const float* orow, float m, float l) {
     scalar_t* dst = op + i * os0 + h * os1;
     float o_scale = 1.0f;
     if (sink && sink[h] != kNegInf) {
       const float sk = sink[h];
-      const float m_new = std::isnan(sk) || sk == std::numeric_limits<float>::infinity() ? sk : std::max(m, sk);
+      const float m_new = std::isnan(sk) || sk == kPosInf ? sk : std::max(m, sk);
       o_scale = l != 0.0f ? std::exp(m - m_new) : 0.0f;
       // (+inf sink: all the weight, unless the row saw a NaN, which stays NaN)
-      l = m_new == std::numeric_limits<float>::infinity() ? (std::isnan(l) ? l : 1.0f)
-                                                          : l * o_scale + std::exp(sk - m_new);
+      l = m_new == kPosInf ? (std::isnan(l) ? l : 1.0f) : l * o_scale + std::exp(sk - m_new);
       m = m_new;
     }
     if (l != 0.0f) {

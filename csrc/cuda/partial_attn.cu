@@ -18,6 +18,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -82,17 +83,24 @@ __device__ __forceinline__ bool key_visible(int64_t p, int64_t qp, int64_t windo
   return p >= 0 && p <= qp && (window <= 0 || p > window_start_d(qp, window));
 }
 
+template <bool kLog2>
+__device__ __forceinline__ float exp_in(float x) {
+  return kLog2 ? exp2f(x) : expf(x);
+}
+
 // A sink logit joins a finished row's softmax denominator, not its output. m and l are the row's running max and
-// sum and `sink` its sink logit, all in log2 units (the exp2 softmax). Returns the factor that turns the row's
-// accumulated output into its output (1 / l without a sink; 0 when the row saw no key and has no sink) and leaves m
-// and l including the sink.
+// sum and `sink` its sink logit, all in log2 units (the exp2 softmax) or all natural. Returns the factor that turns
+// the row's accumulated output into its output (1 / l without a sink; 0 when the row saw no key and has no sink)
+// and leaves m and l including the sink.
 // A NaN in the row's logits (l NaN) or its sink comes out NaN, never as "no visible key" (l == 0); a sink of +inf
-// takes all the weight (output 0, lse +inf) from a row without NaN.
-__device__ __forceinline__ float fold_sink_log2(float sink, float& m, float& l) {
+// takes all the weight (output 0, lse +inf) from a row without NaN. A row with a +inf logit (m = FLT_MAX, l = +inf,
+// output infinite or NaN) comes out NaN with lse +inf, beside any sink.
+template <bool kLog2>
+__device__ __forceinline__ float fold_sink(float sink, float& m, float& l) {
   if (sink == -INFINITY) return l != 0.0f ? 1.0f / l : 0.0f;
   const float m_new = isnan(sink) || sink == INFINITY ? sink : fmaxf(m, sink);
-  const float o_scale = l != 0.0f ? exp2f(m - m_new) : 0.0f;
-  l = m_new == INFINITY ? (isnan(l) ? l : 1.0f) : l * o_scale + exp2f(sink - m_new);  // a NaN row stays NaN
+  const float o_scale = l != 0.0f ? exp_in<kLog2>(m - m_new) : 0.0f;
+  l = m_new == INFINITY ? (isnan(l) ? l : 1.0f) : l * o_scale + exp_in<kLog2>(sink - m_new);  // NaN stays NaN
   m = m_new;
   return o_scale / l;
 }
@@ -203,7 +211,9 @@ __global__ void __launch_bounds__(kWarps * 32)
       s = visible ? s : -INFINITY;
       const float tile_max = warp_max(s);
       if (tile_max == -INFINITY) continue;  // uniform per warp: this row sees nothing here
-      const float m_old = Ms[row], m_new = fmaxf(m_old, tile_max);
+      // The running max stops at FLT_MAX: a +inf logit weighs e^(inf - FLT_MAX) = +inf, so lse = +inf and out NaN
+      // as in the oracle (with the max at +inf, e^(inf - inf) would make the sum NaN).
+      const float m_old = Ms[row], m_new = fminf(fmaxf(m_old, tile_max), FLT_MAX);
       const float alpha = expf(m_old - m_new);  // 0 on the first visible tile
       const float pj = visible ? expf(s - m_new) : 0.0f;
       const float sum = warp_sum(pj);
@@ -224,14 +234,13 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 
   // Finish each row: its lse, and in Ls the factor from accumulated to final output (sinks folded in).
-  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
   for (int64_t row = threadIdx.x; row < rows; row += blockDim.x) {
     const int64_t i = a.order[t0 + row / G], h = g * G + row % G;
     const float l = Ls[row];
-    if (a.sinks) {
-      float m2 = Ms[row] * kLog2e, l2 = l;
-      Ls[row] = fold_sink_log2(a.sinks[h] * kLog2e, m2, l2);
-      lse[i * a.q_heads + h] = l2 != 0.0f ? (m2 + log2f(l2)) * kLn2 : -INFINITY;
+    if (a.sinks) {  // in natural units: Ms * log2(e) could overflow where Ms does not
+      float m = Ms[row], l2 = l;
+      Ls[row] = fold_sink<false>(a.sinks[h], m, l2);
+      lse[i * a.q_heads + h] = l2 != 0.0f ? m + logf(l2) : -INFINITY;
     } else {
       Ls[row] = l != 0.0f ? 1.0f / l : 0.0f;
       lse[i * a.q_heads + h] = l != 0.0f ? Ms[row] + logf(l) : -INFINITY;
@@ -407,7 +416,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     for (int r = 0; r < 2; ++r) {  // a row's 64 scores sit in the 4 lanes of a quad
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      const float m_new = fmaxf(m[r], tile_max[r]);
+      // Stops at FLT_MAX, as in the CUDA-core kernel: a +inf logit gives p = +inf, lse +inf and out NaN.
+      const float m_new = fminf(fmaxf(m[r], tile_max[r]), FLT_MAX);
       m_use[r] = m_new == -INFINITY ? 0.0f : m_new;  // nothing visible yet: p = exp2(-inf) = 0, no NaN
       const float alpha = exp2f(m[r] - m_use[r]);   // 0 while m was -inf
       m[r] = m_new;
@@ -454,7 +464,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     if (row_i[r] < 0) continue;
     // Sinks join the denominator once: here without a split, in merge_splits_kernel with one.
     const float sink = a.sinks && a.n_splits == 1 ? a.sinks[row_h[r]] * kLog2e : -INFINITY;
-    const float inv = fold_sink_log2(sink, m[r], l[r]);
+    const float inv = fold_sink<true>(sink, m[r], l[r]);
     const float row_lse = l[r] != 0.0f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
     if (a.n_splits > 1) {
       const int64_t part_row = (blockIdx.z * a.nq_total + row_i[r]) * a.q_heads + row_h[r];
@@ -478,7 +488,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
 // Split-KV merge: one warp per (query, head) row. Each slice's output is normalised over its own keys, so the
 // row's output is the slices' outputs weighted by exp(lse_z - lse_max), and its lse is the log of their sum.
 // A sink adds exp(sink - lse_max) to the sum and nothing to the output. A row no slice saw anything for gets
-// zeros and -inf (the sink's logit, with sinks), as without splits.
+// zeros and -inf (the sink's logit, with sinks), as without splits. A term at lse_max weighs 1, not e^(inf - inf):
+// a slice with a +inf logit (lse +inf, output NaN) makes the row NaN with lse +inf; a +inf sink alone, 0 and +inf.
 template <bool kBf16, int D>
 __global__ void __launch_bounds__(kMmaWarps * 32)
     merge_splits_kernel(uint16_t* __restrict__ out, float* __restrict__ lse, AttnArgs a) {
@@ -496,17 +507,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     nan_row = nan_row || isnan(lz);
     lse_max = fmaxf(lse_max, lz);
   }
-  if (sink == INFINITY && !nan_row) {  // as fold_sink_log2: the sink takes all the weight
-#pragma unroll
-    for (int c = 0; c < D / 64; ++c) *reinterpret_cast<uint32_t*>(orow + 64 * c + 2 * lane) = pack2<kBf16>(0.0f, 0.0f);
-    if (lane == 0) lse[row] = INFINITY;
-    return;
-  }
   float acc[D / 64][2] = {};
-  float weight_sum = lse_max != -INFINITY && sink != -INFINITY ? expf(sink - lse_max) : 0.0f;
+  float weight_sum = sink == -INFINITY ? 0.0f : sink == lse_max ? 1.0f : expf(sink - lse_max);
   if (lse_max != -INFINITY) {
     for (int64_t z = 0; z < a.n_splits; ++z) {
-      const float w = expf(a.lse_part[z * rows + row] - lse_max);  // 0 for a slice that saw nothing
+      const float lz = a.lse_part[z * rows + row];
+      const float w = lz == lse_max ? 1.0f : expf(lz - lse_max);  // 0 for a slice that saw nothing
       weight_sum += w;
       const float* part = a.o_part + (z * rows + row) * D;
 #pragma unroll

@@ -931,6 +931,46 @@ def test_a_nan_the_row_sees_beats_a_sink_of_inf(impl, device, nk):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("sink", [None, 2.0, math.inf], ids=["no_sink", "sink", "sink_inf"])
+@pytest.mark.parametrize("nk", [40, 2048])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_a_logit_of_inf_gives_lse_inf_and_out_nan(impl, device, dtype, nk, sink):
+    """A +inf logit a query sees (an inf in k, or q.k past fp32's range) gives lse +inf and out NaN, as the oracle's
+    logsumexp and softmax do, with or without a sink (+inf sink included: the row is not "all weight on the sink"); a
+    -inf logit counts as a key of weight 0. The kernels once gave lse NaN (e^(inf - inf) in the running sum). On 4
+    threads the CPU kernel cuts 2048 keys into slices merged after; the emulated CUDA kernel splits them over its SMs."""
+    q, k, v = make_qkv(device, dtype, 3, nk, 4, 2, 64, seed=126)
+    qp = pos([nk - 1, 3, nk // 2], device)
+    q[:, :, 6] = q[:, :, 6].abs() + 0.5  # > 0 for every query head: inf in k's dim 6 makes q.k +inf
+    k[nk // 4, 0, 6] = math.inf  # kv head 0 (query heads 0, 1), seen by queries 0 and 2, not by 1 (position 3)
+    k[1, 1, 6] = -math.inf  # kv head 1 (query heads 2, 3): a -inf logit for every query
+    if dtype == torch.float32:  # q.k overflows fp32 at the last key: +inf for query 0, heads 2 and 3, only
+        q[0, 2:, 9], k[nk - 1, 1, 9] = 1e20, 1e20  # scale * q.k too, however the kernels order it
+    sinks = None if sink is None else torch.full((4,), sink, device=device)
+    inf_rows = torch.zeros(3, 4, dtype=torch.bool)
+    inf_rows[[0, 2], :2] = True
+    if dtype == torch.float32:
+        inf_rows[0, 2:] = True
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        out, lse = impl.partial_attn(q, k, v, qp, sinks=sinks)
+    finally:
+        torch.set_num_threads(threads)
+    ref_out, ref_lse = impl_module("oracle").partial_attn(q, k, v, qp, sinks=sinks)
+    out, lse, ref_out, ref_lse = out.cpu().float(), lse.cpu(), ref_out.cpu().float(), ref_lse.cpu()
+    want_inf = torch.ones_like(inf_rows) if sink == math.inf else inf_rows  # a +inf sink: lse +inf on every row
+    assert torch.equal(torch.isposinf(ref_lse), want_inf) and torch.isnan(ref_out[inf_rows]).all()
+    assert torch.equal(torch.isposinf(lse), want_inf), f"lse {lse[inf_rows].tolist()} where the oracle's is +inf"
+    assert torch.isnan(out[inf_rows]).all(), "a row with a +inf logit gives NaN out"
+    if sink == math.inf:  # every other row: all the weight on the sink
+        assert (out[~inf_rows] == 0).all() and (ref_out[~inf_rows] == 0).all()
+        return
+    assert torch.isfinite(out[~inf_rows]).all() and torch.isfinite(lse[~inf_rows]).all()
+    torch.testing.assert_close(out[~inf_rows].double(), ref_out[~inf_rows].double(), **tol(dtype, 2.0))
+    torch.testing.assert_close(lse[~inf_rows], ref_lse[~inf_rows], atol=LSE_ATOL, rtol=1e-5)
+
+
 def test_no_derivative_refused_by_name(device):
     """partial_attn has no derivative: under grad mode a tensor of the call that requires grad is refused by name
     (its outputs would otherwise require grad with no gradient flowing back); under no_grad the call runs."""
