@@ -938,7 +938,8 @@ def test_a_logit_of_inf_gives_lse_inf_and_out_nan(impl, device, dtype, nk, sink)
     """A +inf logit a query sees (an inf in k, or q.k past fp32's range) gives lse +inf and out NaN, as the oracle's
     logsumexp and softmax do, with or without a sink (+inf sink included: the row is not "all weight on the sink"); a
     -inf logit counts as a key of weight 0. The kernels once gave lse NaN (e^(inf - inf) in the running sum). On 4
-    threads the CPU kernel cuts 2048 keys into slices merged after; the emulated CUDA kernel splits them over its SMs."""
+    threads the CPU kernel cuts 2048 keys into slices merged after; the emulated CUDA kernel splits them over its
+    SMs."""
     q, k, v = make_qkv(device, dtype, 3, nk, 4, 2, 64, seed=126)
     qp = pos([nk - 1, 3, nk // 2], device)
     q[:, :, 6] = q[:, :, 6].abs() + 0.5  # > 0 for every query head: inf in k's dim 6 makes q.k +inf
