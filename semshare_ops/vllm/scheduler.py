@@ -39,6 +39,11 @@ from .options import ConnectorOptions, RequestOptions, parse_request
 logger = logging.getLogger("semshare_ops.vllm")
 
 
+def _whole(counts: List[int], rows: int) -> bool:
+    """Whether per-layer recompute counts over the `rows` positions past a plan's exact prefix cover them all."""
+    return all(c >= rows for c in counts)
+
+
 @dataclass
 class LoadPlan:
     req_id: str
@@ -78,6 +83,10 @@ class RequestState:
     allocated: bool = False
     awaiting_report: bool = False
     donor_depth: int = 0
+    # No row past the plan's exact prefix left reused in any layer (an extension of the donor, ratio 1.0): the
+    # prompt's K/V are a full prefill's. Set from the plan for "edit" matching (the worker recomputes the rows the
+    # scheduler counts), and from the worker's report for any matching.
+    whole: bool = False
     taint: Optional[tuple] = None  # (first hash index, original hashes, original hasher)
 
 
@@ -184,6 +193,7 @@ class SchedulerSide:
         # What the worker will recompute if it matches what this alignment matched ("edit"); its report replaces
         # this with what it did.
         counts = recompute_rows(choice.match, stop, self.num_layers, cfg, exact).counts
+        state.whole = cfg.matching == "edit" and _whole(counts, stop - exact)
         self._set_recomputed(stats, [c + 1 for c in counts])
         stats.update(mode="reuse", reason=None, loaded_tokens=stop - prefix_hit, exact_tokens=exact)
         self._taint(request, state, prefix_hit)
@@ -264,16 +274,26 @@ class SchedulerSide:
             before, total = computed[req_id], len(state.token_ids)
             if not before < total <= before + scheduled:
                 continue  # the prompt is not completed in this step
-            depth = state.donor_depth + 1 if state.stats["mode"] == "reuse" else 0
+            depth, exact = self._donor_depth_and_exact(state)
             if depth > self.options.max_depth:
                 state.stats["saved_reason"] = f"depth {depth} exceeds max_depth {self.options.max_depth}"
                 continue
             block_ids = torch.tensor(self.manager.get_block_ids(req_id)[0], dtype=torch.long)
             saves.append(SavePlan(req_id, req_id, torch.tensor(state.token_ids), block_ids))
-            exact = kept_exact_prefix(state.plan.exact, total) if state.stats["mode"] == "reuse" else total
             info = DonorInfo(req_id, state.namespace, state.token_ids, depth, exact)
             self.pending_saves[req_id] = (info, state.stats)
         return loads, saves
+
+    @staticmethod
+    def _donor_depth_and_exact(state: RequestState) -> tuple:
+        """The depth and exact prefix of a request's K/V as a donor. A full prefill, or a reuse that left no row
+        reused past its exact prefix (`whole`), is exact throughout and depth 0, as the HF store's entries:
+        otherwise a growing chat served turn after turn from its previous turn would count every turn as a hop,
+        stop being kept at max_depth, and have the exact rows of earlier turns recomputed as if approximate."""
+        total = len(state.token_ids)
+        if state.stats["mode"] != "reuse" or state.whole:
+            return 0, total
+        return state.donor_depth + 1, kept_exact_prefix(state.plan.exact, total)
 
     def _refuse_unwritten_prefixes(self, loads: List[LoadPlan], scheduler_output, computed: Dict[str, int]) -> None:
         """A load whose prefix-cache hit [0, p) lies in blocks another request computes in this same step fails.
@@ -304,15 +324,7 @@ class SchedulerSide:
             return
         if report.get("disabled") and not self.disabled:
             self.disabled = report["disabled"]
-        for donor_id in report.get("saved", {}):
-            info, stats = self.pending_saves.pop(donor_id, (None, None))
-            if info is not None:
-                self.index.add(info)
-                stats["saved"] = True
-        for donor_id in report.get("unsaved", []):  # the worker skipped it (a failed load, too large, an error)
-            self.pending_saves.pop(donor_id, None)
-        for donor_id in report.get("evicted", []):
-            self.index.remove(donor_id)
+        # Loads first: a load's report can change what the request's donor, saved in the same step, holds exactly.
         for req_id, result in report.get("loads", {}).items():
             state = self.requests.get(req_id) or self.finished.pop(req_id, None)
             if state is None:
@@ -331,6 +343,19 @@ class SchedulerSide:
                          load_ms=result["load_ms"], assemble_ms=result["assemble_ms"],
                          recompute_ms=result["recompute_ms"], worker_match_ms=result["match_ms"],
                          attention_runs=result["runs"], check_deviation=result["check_deviation"])
+            state.whole = _whole(result["recomputed"], state.plan.stop - state.plan.exact)
+            if req_id in self.pending_saves:  # saved in the step that loaded it
+                info = self.pending_saves[req_id][0]
+                info.depth, info.exact_prefix = self._donor_depth_and_exact(state)
+        for donor_id in report.get("saved", {}):
+            info, stats = self.pending_saves.pop(donor_id, (None, None))
+            if info is not None:
+                self.index.add(info)
+                stats["saved"] = True
+        for donor_id in report.get("unsaved", []):  # the worker skipped it (a failed load, too large, an error)
+            self.pending_saves.pop(donor_id, None)
+        for donor_id in report.get("evicted", []):
+            self.index.remove(donor_id)
 
     def _set_recomputed(self, stats: Dict, per_layer: List[int]) -> None:
         """Per-layer recomputed tokens of a reuse request, the exact prefix hit counted as reused."""

@@ -236,6 +236,26 @@ def test_an_identical_prompt_is_vllms_own_output(llm, texts, donor_salt):
     assert max(abs(a - b) for a, b in zip(out.logprobs, plain.logprobs)) < LOGPROB_ATOL
 
 
+def test_a_growing_chat_is_served_from_its_last_turn_exactly(llm, texts):
+    """Six turns, each the last one and 60 new tokens (past max_depth 4): each is served from the turn before it,
+    whose rows are all exact (it recomputed every row past its own donor in every layer), so it loads them all
+    exactly and recomputes only its new tokens; each is kept as a donor of depth 0. Its K/V were once taken as exact
+    only up to the first turn: the earlier turns' rows were recomputed as approximate, the depth grew by one per
+    turn, and from the sixth on no turn was kept."""
+    reference, _, unrelated = texts
+    turns = [reference[:240] + unrelated[:60 * k] for k in range(6)]
+    assert serve(llm, turns[0], "growing-chat").stats["mode"] == "full"
+    for before, turn in zip(turns, turns[1:]):
+        s = serve(llm, turn, "growing-chat").stats
+        assert s["mode"] == "reuse" and s["donor_depth"] == 0 and s["saved"], s
+        assert s["exact_tokens"] == len(before), s
+        assert s["recomputed_tokens"] == [len(turn) - len(before)] * len(s["recomputed_tokens"]), s
+    out = serve(llm, turns[-1], "growing-chat", {"save": False})
+    plain = serve(llm, turns[-1], "growing-chat-plain", OFF)
+    assert out.stats["exact_tokens"] == len(turns[-1]) - 1 and out.tokens == plain.tokens
+    assert max(abs(a - b) for a, b in zip(out.logprobs, plain.logprobs)) < LOGPROB_ATOL
+
+
 def test_a_misspelt_setting_stops_the_engine_at_start_up(model_dir, tmp_path):
     """A raw kv_transfer_config (as `vllm serve --kv-transfer-config` passes it, past engine_args' own checks):
     the engine refuses to start and the error names the key; it never serves with a default nobody chose."""

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 
 from semshare_ops.vllm.donors import DonorInfo
-from semshare_ops.vllm.options import ConnectorOptions
+from semshare_ops.vllm.options import ConnectorOptions, parse_extra_config
 from semshare_ops.vllm.scheduler import SavePlan, SchedulerSide
 from semshare_ops.vllm.worker import WorkerSide
 
@@ -15,11 +15,11 @@ BS = 4  # block size
 LAYERS = 3
 
 
-def _side(**config_fields):
+def _side(options=None, **config_fields):
     config = SimpleNamespace(
         model_config=SimpleNamespace(get_num_layers=lambda parallel: LAYERS, architectures=["LlamaForCausalLM"]),
         parallel_config=None, cache_config=SimpleNamespace(block_size=BS), **{"lora_config": None, **config_fields})
-    side = SchedulerSide(config, ConnectorOptions())
+    side = SchedulerSide(config, options or ConnectorOptions())
     side.tables = {}  # req_id -> its block table, as the manager keeps it
     side.bind(SimpleNamespace(block_pool=SimpleNamespace(hash_block_size=BS),
                               get_block_ids=lambda req_id: [side.tables[req_id]]))
@@ -45,12 +45,12 @@ DONOR = list(range(100, 140))  # 40 tokens
 TARGET = DONOR[:20] + [7, 8] + DONOR[22:]  # an edit at 20-21
 
 
-def _admit(side, prefix_hit, table):
-    """A reuse request of TARGET whose vLLM prefix hit is `prefix_hit` tokens, admitted with block table `table`."""
-    side.index.add(DonorInfo("donor", "s", DONOR, depth=0, exact_prefix=len(DONOR)))
-    request = _request("b", TARGET)
+def _admit(side, prefix_hit, table, target=TARGET, donor_depth=0):
+    """A reuse request of `target` whose vLLM prefix hit is `prefix_hit` tokens, admitted with block table `table`."""
+    side.index.add(DonorInfo("donor", "s", DONOR, depth=donor_depth, exact_prefix=len(DONOR)))
+    request = _request("b", target)
     claimed, _ = side.get_num_new_matched_tokens(request, prefix_hit)
-    assert claimed == len(TARGET) - 1 - prefix_hit
+    assert claimed == len(target) - 1 - prefix_hit
     side.update_state_after_alloc(request, claimed)
     side.tables["b"] = table
     return request
@@ -132,3 +132,59 @@ def test_a_save_the_worker_skips_is_forgotten():
     worker.wait_for_save(SimpleNamespace(saves=[SavePlan("r", "r", torch.tensor(TARGET), torch.arange(10))]))
     side.apply_report(worker.take_report())
     assert side.pending_saves == {} and "r" not in side.index
+
+
+EXTENSION = DONOR + list(range(200, 212))  # the donor and 12 new tokens: a growing chat's next turn
+
+
+def _report(recomputed, saved=True):
+    load = {"recomputed": recomputed, "matched_tokens": len(DONOR), "covered_tokens": len(DONOR), "load_ms": 1.0,
+            "assemble_ms": 1.0, "recompute_ms": 1.0, "match_ms": 1.0, "runs": [], "check_deviation": None}
+    return {"loads": {"b": load}, **({"saved": {"b": 1}} if saved else {})}
+
+
+def test_an_extension_of_its_donor_is_an_exact_donor_of_depth_0():
+    """Every row past the donor's exact rows is new, so recomputed in every layer: the prompt's K/V are a full
+    prefill's. As a donor it is exact throughout and no hop deeper (it was kept as depth + 1 with the donor's
+    length as its exact prefix: a growing chat stopped being kept after max_depth turns, and every turn recomputed
+    the earlier turns' exact rows as approximate)."""
+    side = _side()
+    _admit(side, 0, list(range(13)), EXTENSION, donor_depth=3)
+    assert side.requests["b"].plan.exact == len(DONOR)
+    _, saves = side.build_step(_output(new=[("b", len(EXTENSION) - 1, 1, list(range(13)))]))
+    info = side.pending_saves["b"][0]
+    assert len(saves) == 1 and (info.depth, info.exact_prefix) == (0, len(EXTENSION))
+    side.apply_report(_report([len(EXTENSION) - 1 - len(DONOR)] * LAYERS))
+    assert side.requests["b"].stats["mode"] == "reuse"
+    added = side.index.get("b")
+    assert (added.depth, added.exact_prefix) == (0, len(EXTENSION))
+
+
+def test_a_donor_at_max_depth_still_keeps_an_extension():
+    side = _side(parse_extra_config({"max_depth": 1}))
+    _admit(side, 0, list(range(13)), EXTENSION, donor_depth=1)
+    _, saves = side.build_step(_output(new=[("b", len(EXTENSION) - 1, 1, list(range(13)))]))
+    assert len(saves) == 1 and "saved_reason" not in side.requests["b"].stats
+
+
+def test_an_edit_keeps_its_depth_and_common_prefix():
+    side = _side()
+    _admit(side, 0, list(range(10)), donor_depth=2)
+    side.build_step(_output(new=[("b", 39, 1, list(range(10)))]))
+    side.apply_report(_report([39 - 20, 10, 10]))
+    info = side.index.get("b")
+    assert (info.depth, info.exact_prefix) == (3, 20)
+
+
+def test_the_workers_report_decides_under_lsh_matching():
+    """Under LSH matching the worker aligns again and may recompute other rows than the scheduler counted: the
+    donor saved in the load step takes what the worker's report says it did, before it joins the index."""
+    for recomputed, want in (([len(EXTENSION) - 1 - len(DONOR)] * LAYERS, (0, len(EXTENSION))),
+                             ([len(EXTENSION) - 1 - len(DONOR), 5, 5], (1, len(DONOR)))):
+        side = _side(parse_extra_config({"matching": "lsh"}))
+        _admit(side, 0, list(range(13)), EXTENSION)
+        assert not side.requests["b"].whole  # not taken from the plan: the worker matches by itself
+        side.build_step(_output(new=[("b", len(EXTENSION) - 1, 1, list(range(13)))]))
+        info = side.pending_saves["b"][0]
+        side.apply_report(_report(recomputed))  # the load and the save in one report: the load is read first
+        assert "b" not in side.pending_saves and (info.depth, info.exact_prefix) == want
