@@ -31,12 +31,17 @@ from typing import Dict, List, Mapping, Optional, Set
 
 import torch
 
+from ..engine import matching
 from ..engine.engine import exact_prefix, kept_exact_prefix, recompute_rows
 from .donors import DonorIndex, DonorInfo
 from .model import Unsupported, check_config
 from .options import ConnectorOptions, RequestOptions, parse_request
 
 logger = logging.getLogger("semshare_ops.vllm")
+
+# Under min_similarity, a donor's exact common prefix is still loaded when it goes this many tokens past vLLM's own
+# prefix-cache hit (the HF store's min_reuse_tokens default): fewer do not pay for a load.
+MIN_PREFIX_TOKENS = 16
 
 
 def _whole(counts: List[int], rows: int) -> bool:
@@ -60,6 +65,9 @@ class LoadPlan:
     # The alignment the donor was chosen by: the worker takes it as it is for matching "edit" (aligning the same
     # two prompts again there would double the largest overhead of a load), and starts LSH from it otherwise.
     match: Optional[object] = None  # engine.matching.Match
+    # Under min_similarity: [start, stop) is the donor's exact common prefix (stop = exact), taken as it is with
+    # this identity match whatever the matching, nothing recomputed; vLLM computes [stop, T) over exact K/V.
+    prefix_only: bool = False
 
 
 @dataclass
@@ -87,6 +95,9 @@ class RequestState:
     # prompt's K/V are a full prefill's. Set from the plan for "edit" matching (the worker recomputes the rows the
     # scheduler counts), and from the worker's report for any matching.
     whole: bool = False
+    # The prompt begins with its whole donor (an identical prompt, a growing chat's next turn): no hop of drift,
+    # the donor's rows keep their own context (store.tree.depth_after, the HF store's rule).
+    extension: bool = False
     taint: Optional[tuple] = None  # (first hash index, original hashes, original hasher)
 
 
@@ -141,7 +152,7 @@ class SchedulerSide:
         stats = {"mode": "full", "reason": None, "prompt_tokens": len(ids), "prefix_hit_tokens": 0,
                  "loaded_tokens": 0, "exact_tokens": 0, "matched_tokens": 0, "similarity": None, "donor_id": None,
                  "donor_depth": None, "recomputed_tokens": [len(ids)] * self.num_layers, "reuse_ratio": 0.0,
-                 "check_deviation": None, "saved": False}
+                 "check_deviation": None, "saved": False, "prefix_only": False}
         options = None
         try:
             params = request.kv_transfer_params
@@ -179,16 +190,21 @@ class SchedulerSide:
         similarity = choice.covered / total
         stats.update(donor_id=choice.donor.donor_id, donor_depth=choice.donor.depth,
                      matched_tokens=choice.match.matched, similarity=similarity)
-        if similarity < cfg.min_similarity:
-            stats.update(mode="fallback", reason=f"similarity {similarity:.3f} is below min_similarity "
-                                                 f"{cfg.min_similarity} (donor {choice.donor.donor_id})")
-            return 0
         stop = total - 1
         exact = max(prefix_hit, exact_prefix(choice.match, choice.donor.exact_prefix, stop))
+        refusal = "load failed on purpose (fail_load_for_testing)" if opts.fail_load else None
+        if similarity < cfg.min_similarity:
+            gated = f"similarity {similarity:.3f} is below min_similarity {cfg.min_similarity} (donor " \
+                    f"{choice.donor.donor_id})"
+            if exact - prefix_hit < MIN_PREFIX_TOKENS:
+                stats.update(mode="fallback", reason=gated)
+                return 0
+            return self._plan_prefix(request, state, choice, prefix_hit, exact, refusal, gated)
         state.plan = LoadPlan(request.request_id, choice.donor.donor_id, torch.tensor(state.token_ids),
-                              prefix_hit, stop, cfg, exact, match=choice.match,
-                              refusal="load failed on purpose (fail_load_for_testing)" if opts.fail_load else None)
+                              prefix_hit, stop, cfg, exact, match=choice.match, refusal=refusal)
         state.donor_depth = choice.donor.depth
+        donor_ids = choice.donor.token_ids
+        state.extension = state.token_ids[:len(donor_ids)] == list(donor_ids)
         self.index.touch(choice.donor.donor_id)
         # What the worker will recompute if it matches what this alignment matched ("edit"); its report replaces
         # this with what it did.
@@ -198,6 +214,26 @@ class SchedulerSide:
         stats.update(mode="reuse", reason=None, loaded_tokens=stop - prefix_hit, exact_tokens=exact)
         self._taint(request, state, prefix_hit)
         return stop - prefix_hit
+
+    def _plan_prefix(self, request, state: RequestState, choice, prefix_hit: int, exact: int, refusal: Optional[str],
+                     gated: str) -> int:
+        """Under the gate, only the donor's exact common prefix [p, exact), as the HF store's prefix_only: rows a
+        full prefill would compute (the same tokens at the same positions, within the donor's exact rows), and vLLM
+        computes the rest over them, so the gate's promise, vLLM's own result, holds: nothing is recomputed, no
+        block is tainted, and the request is an exact donor of depth 0. It pays where vLLM's prefix cache does not
+        hold that prefix: the donor's blocks evicted there, salted (the donor was served by reuse), or a part
+        block."""
+        total = len(state.token_ids)
+        pairs = torch.arange(exact)
+        prefix = matching.Match(pairs, pairs.clone(), torch.ones(exact, dtype=torch.bool), total)
+        state.plan = LoadPlan(request.request_id, choice.donor.donor_id, torch.tensor(state.token_ids), prefix_hit,
+                              exact, state.options.config, exact, match=prefix, refusal=refusal, prefix_only=True)
+        state.donor_depth, state.whole, state.extension = choice.donor.depth, True, False
+        self.index.touch(choice.donor.donor_id)
+        self._set_recomputed(state.stats, [total - exact] * self.num_layers)
+        state.stats.update(mode="reuse", reason=f"{gated}: only its exact common prefix is taken",
+                           loaded_tokens=exact - prefix_hit, exact_tokens=exact, prefix_only=True)
+        return exact - prefix_hit
 
     def update_state_after_alloc(self, request, num_external_tokens: int) -> None:
         state = self.requests.get(request.request_id)
@@ -213,7 +249,13 @@ class SchedulerSide:
                                    loaded_tokens=0)
 
     def _cancel(self, request, state: RequestState) -> None:
-        state.plan, state.confirmed = None, False
+        """Undoes a decision: its plan, taint and stats. A request asked about again (vLLM could not admit it) is
+        decided afresh, and one whose new decision ends early (its donor evicted meanwhile) must not keep "reuse"
+        without a plan: it was reported as one, and its save read the missing plan (an engine-core crash)."""
+        state.plan, state.confirmed, state.whole, state.extension, state.donor_depth = None, False, False, False, 0
+        if state.options is not None:  # (without options the stats hold why: a fallback from the start)
+            state.stats.update(mode="full", reason=None, loaded_tokens=0, exact_tokens=0, matched_tokens=0,
+                               similarity=None, donor_id=None, donor_depth=None, prefix_only=False)
         self._untaint(request, state)
 
     # ---- prefix-cache pollution ----------------------------------------------------------------------------------
@@ -286,14 +328,16 @@ class SchedulerSide:
 
     @staticmethod
     def _donor_depth_and_exact(state: RequestState) -> tuple:
-        """The depth and exact prefix of a request's K/V as a donor. A full prefill, or a reuse that left no row
-        reused past its exact prefix (`whole`), is exact throughout and depth 0, as the HF store's entries:
-        otherwise a growing chat served turn after turn from its previous turn would count every turn as a hop,
-        stop being kept at max_depth, and have the exact rows of earlier turns recomputed as if approximate."""
+        """The depth and exact prefix of a request's K/V as a donor, by the HF store's rules. A full prefill, or a
+        reuse that left no row reused past its exact prefix (`whole`), is exact throughout and depth 0: otherwise a
+        growing chat served turn after turn from its previous turn would count every turn as a hop, stop being kept
+        at max_depth, and have the exact rows of earlier turns recomputed as if approximate. An extension of its
+        donor keeps the donor's depth; any other reuse is one hop deeper."""
         total = len(state.token_ids)
         if state.stats["mode"] != "reuse" or state.whole:
             return 0, total
-        return state.donor_depth + 1, kept_exact_prefix(state.plan.exact, total)
+        depth = state.donor_depth if state.extension else state.donor_depth + 1
+        return depth, kept_exact_prefix(state.plan.exact, total)
 
     def _refuse_unwritten_prefixes(self, loads: List[LoadPlan], scheduler_output, computed: Dict[str, int]) -> None:
         """A load whose prefix-cache hit [0, p) lies in blocks another request computes in this same step fails.
@@ -337,7 +381,9 @@ class SchedulerSide:
                              recomputed_tokens=[total - stats["prefix_hit_tokens"]] * self.num_layers)
                 stats["reuse_ratio"] = stats["prefix_hit_tokens"] / max(total, 1)
                 continue
-            self._set_recomputed(stats, [c + 1 for c in result["recomputed"]])
+            # (+ the tokens vLLM computes: the last one, or under the gate every one past the exact prefix)
+            tail = len(state.token_ids) - state.plan.stop
+            self._set_recomputed(stats, [c + tail for c in result["recomputed"]])
             stats.update(matched_tokens=result["matched_tokens"],
                          similarity=result["covered_tokens"] / max(len(state.token_ids), 1),
                          load_ms=result["load_ms"], assemble_ms=result["assemble_ms"],

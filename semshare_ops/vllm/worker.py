@@ -157,8 +157,8 @@ class WorkerSide:
         t0 = time.perf_counter()
         if plan.match is not None and plan.match.src.numel() and int(plan.match.src.max()) >= len(donor.token_ids):
             raise LoadFailed(f"donor {plan.donor_id} is not the prompt the scheduler aligned")
-        if cfg.matching == "edit" and plan.match is not None:
-            match = plan.match  # the scheduler's alignment of the same two prompts
+        if (cfg.matching == "edit" or plan.prefix_only) and plan.match is not None:
+            match = plan.match  # the scheduler's alignment of the same two prompts (or its exact common prefix)
         else:
             codes = functools.partial(self._codes, ids) if cfg.matching != "edit" else None
             match = matching.match_tokens(donor.token_ids, ids, cfg.matching, donor.codes, codes,

@@ -256,6 +256,27 @@ def test_a_growing_chat_is_served_from_its_last_turn_exactly(llm, texts):
     assert max(abs(a - b) for a, b in zip(out.logprobs, plain.logprobs)) < LOGPROB_ATOL
 
 
+def test_a_turn_under_the_gate_takes_its_exact_history_only(llm, texts):
+    """A chat turn that adds more than it keeps (similarity under min_similarity) loads the previous turn's rows
+    exactly (they are exact, though served by reuse, and vLLM's prefix cache does not hold them: their blocks are
+    salted) and vLLM computes the rest: vLLM's own result, an exact donor the next turn extends."""
+    reference, _, unrelated = texts
+    first, second = reference[:240], reference[:240] + unrelated[:60]
+    third = second + unrelated[60:640]
+    serve(llm, first, "gated-chat")
+    assert serve(llm, second, "gated-chat").stats["mode"] == "reuse"
+    out = serve(llm, third, "gated-chat")
+    s = out.stats
+    assert s["mode"] == "reuse" and s["prefix_only"] and s["similarity"] < 0.5 and s["saved"], s
+    assert s["exact_tokens"] == len(second) and s["loaded_tokens"] == len(second) - s["prefix_hit_tokens"], s
+    assert s["recomputed_tokens"] == [len(third) - len(second)] * len(s["recomputed_tokens"]), s
+    plain = serve(llm, third, "gated-chat-plain", OFF)
+    assert out.tokens == plain.tokens
+    assert max(abs(a - b) for a, b in zip(out.logprobs, plain.logprobs)) < LOGPROB_ATOL
+    s = serve(llm, third + unrelated[:30], "gated-chat", {"save": False}).stats
+    assert s["mode"] == "reuse" and s["donor_depth"] == 0 and s["exact_tokens"] == len(third), s
+
+
 def test_a_misspelt_setting_stops_the_engine_at_start_up(model_dir, tmp_path):
     """A raw kv_transfer_config (as `vllm serve --kv-transfer-config` passes it, past engine_args' own checks):
     the engine refuses to start and the error names the key; it never serves with a default nobody chose."""

@@ -180,7 +180,7 @@ def test_the_workers_report_decides_under_lsh_matching():
     """Under LSH matching the worker aligns again and may recompute other rows than the scheduler counted: the
     donor saved in the load step takes what the worker's report says it did, before it joins the index."""
     for recomputed, want in (([len(EXTENSION) - 1 - len(DONOR)] * LAYERS, (0, len(EXTENSION))),
-                             ([len(EXTENSION) - 1 - len(DONOR), 5, 5], (1, len(DONOR)))):
+                             ([len(EXTENSION) - 1 - len(DONOR), 5, 5], (0, len(DONOR)))):  # the donor's depth
         side = _side(parse_extra_config({"matching": "lsh"}))
         _admit(side, 0, list(range(13)), EXTENSION)
         assert not side.requests["b"].whole  # not taken from the plan: the worker matches by itself
@@ -188,3 +188,81 @@ def test_the_workers_report_decides_under_lsh_matching():
         info = side.pending_saves["b"][0]
         side.apply_report(_report(recomputed))  # the load and the save in one report: the load is read first
         assert "b" not in side.pending_saves and (info.depth, info.exact_prefix) == want
+
+
+def test_an_extension_of_an_approximate_donor_keeps_its_depth():
+    """The HF store's rule (store.tree.depth_after): the donor's rows keep their own context, no hop of drift. Its
+    exact prefix stays the donor's; the connector once counted a hop, so a growing chat whose first turn was an edit
+    stopped being kept max_depth turns later, where the HF store kept every turn."""
+    side = _side()
+    side.index.add(DonorInfo("donor", "s", DONOR, depth=2, exact_prefix=20))
+    request = _request("b", EXTENSION)
+    claimed, _ = side.get_num_new_matched_tokens(request, 0)
+    side.update_state_after_alloc(request, claimed)
+    side.tables["b"] = list(range(13))
+    side.build_step(_output(new=[("b", len(EXTENSION) - 1, 1, side.tables["b"])]))
+    side.apply_report(_report([len(EXTENSION) - 1 - 20, 20, 20]))  # rows 20-39 left reused in layers 1-2
+    info = side.index.get("b")
+    assert (info.depth, info.exact_prefix) == (2, 20)
+
+
+def test_a_request_decided_again_without_a_donor_is_no_reuse():
+    """vLLM asks again about a request it could not admit, with another prefix hit, and its donor was evicted
+    meanwhile: the new decision (no donor) replaces the old one. The stats once kept "reuse" (donor, loaded tokens)
+    without a plan, and the step that completed the prompt read the missing plan to save it: an AttributeError in
+    vLLM's engine core."""
+    side = _side()
+    side.index.add(DonorInfo("donor", "s", DONOR, depth=0, exact_prefix=len(DONOR)))
+    request = _request("b", TARGET)
+    assert side.get_num_new_matched_tokens(request, 0) == (len(TARGET) - 1, False)
+    side.apply_report({"evicted": ["donor"]})
+    assert side.get_num_new_matched_tokens(request, 4) == (0, False)
+    stats = side.requests["b"].stats
+    assert stats["mode"] == "full" and stats["reason"] == "no donor in this namespace yet", stats
+    assert stats["donor_id"] is None and stats["loaded_tokens"] == 0 and stats["exact_tokens"] == 0, stats
+    side.update_state_after_alloc(request, 0)
+    side.tables["b"] = list(range(10))
+    _, saves = side.build_step(_output(new=[("b", 4, len(TARGET) - 4, side.tables["b"])]))
+    info = side.pending_saves["b"][0]
+    assert len(saves) == 1 and (info.depth, info.exact_prefix) == (0, len(TARGET))
+
+
+LONG_TURN = DONOR + list(range(300, 360))  # an exact donor and 60 new tokens: similarity 0.4, under the gate
+
+
+def test_under_the_gate_only_the_exact_common_prefix_is_loaded():
+    """The HF store's prefix_only: the donor's exact rows shared with the prompt are taken as they are and vLLM
+    computes the rest, so the result is vLLM's own; no block is tainted (every row is exact) and the request is an
+    exact donor of depth 0. The connector once fell back to vLLM's prefill of everything past its prefix-cache hit,
+    which does not hold rows the donor got by reuse (their blocks are salted)."""
+    side = _side()
+    side.index.add(DonorInfo("donor", "s", DONOR, depth=2, exact_prefix=len(DONOR)))
+    request = _request("b", LONG_TURN)
+    hasher = request._block_hasher
+    claimed, _ = side.get_num_new_matched_tokens(request, 8)
+    state = side.requests["b"]
+    s = state.stats
+    assert claimed == len(DONOR) - 8 and state.plan.prefix_only and state.plan.stop == state.plan.exact == len(DONOR)
+    assert s["mode"] == "reuse" and s["prefix_only"] and "only its exact common prefix" in s["reason"], s
+    assert s["recomputed_tokens"] == [len(LONG_TURN) - len(DONOR)] * LAYERS and s["exact_tokens"] == len(DONOR)
+    assert state.taint is None and request._block_hasher is hasher
+    side.update_state_after_alloc(request, claimed)
+    side.tables["b"] = list(range(25))
+    loads, saves = side.build_step(_output(new=[("b", len(DONOR), len(LONG_TURN) - len(DONOR), side.tables["b"])]))
+    assert len(loads) == 1 and loads[0].refusal is None and len(saves) == 1
+    side.apply_report(_report([0] * LAYERS))
+    assert s["recomputed_tokens"] == [len(LONG_TURN) - len(DONOR)] * LAYERS  # vLLM's share, once
+    info = side.index.get("b")
+    assert (info.depth, info.exact_prefix) == (0, len(LONG_TURN))
+
+
+def test_under_the_gate_a_short_or_approximate_prefix_is_a_fallback():
+    """Fewer than MIN_PREFIX_TOKENS (16) exact rows past vLLM's own hit: 12 past a 28-token hit of an exact donor;
+    12 past an 8-token hit where the donor holds only 20 exact rows (past them its K/V are approximate)."""
+    for exact_rows, prefix_hit in ((len(DONOR), 28), (20, 8)):
+        side = _side()
+        side.index.add(DonorInfo("donor", "s", DONOR, depth=1, exact_prefix=exact_rows))
+        request = _request("b", LONG_TURN)
+        assert side.get_num_new_matched_tokens(request, prefix_hit) == (0, False)
+        s = side.requests["b"].stats
+        assert s["mode"] == "fallback" and "min_similarity" in s["reason"] and not s["prefix_only"], s
