@@ -741,11 +741,14 @@ class ReuseEngine:
                 stats["recomputed_tokens"], stats["exact_tokens"], stats["check_deviation"] = \
                     self._assemble_and_recompute(cache, reference, ids, match)
                 kv_bytes = cache.nbytes() + self.num_layers * self.token_bytes  # + the last prompt token
-                # No row left reused in any layer (an extension of the reference, ratio 1.0): every row past the
-                # exact prefix was computed in every layer over exact K/V, so the whole prompt's K/V are a full
-                # prefill's, and an entry of it serves a later extension as a prefix (a growing chat's next turn).
-                stale = len(cache.stale) > 0 or cache.dropped
-                exact = kept_exact_prefix(stats["exact_tokens"], len(ids)) if stale else len(ids)
+                # The rows before the first one some layer left reused were computed in every layer over exact K/V
+                # (causal attention reads only the rows before): a full prefill's. With none left reused (an
+                # extension of the reference, ratio 1.0) that is the whole prompt, and an entry of it serves a later
+                # extension as a prefix (a growing chat's next turn). Rows dropped by retain_ratio: the taken prefix.
+                if cache.dropped:
+                    exact = kept_exact_prefix(stats["exact_tokens"], len(ids))
+                else:
+                    exact = kept_exact_prefix(int(cache.stale[0]) if len(cache.stale) else len(ids) - 1, len(ids))
         if cache is None:
             cache = self._request_cache(capacity=capacity)
         kv_full = self.num_layers * len(ids) * self.token_bytes

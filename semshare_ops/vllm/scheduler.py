@@ -44,11 +44,6 @@ logger = logging.getLogger("semshare_ops.vllm")
 MIN_PREFIX_TOKENS = 16
 
 
-def _whole(counts: List[int], rows: int) -> bool:
-    """Whether per-layer recompute counts over the `rows` positions past a plan's exact prefix cover them all."""
-    return all(c >= rows for c in counts)
-
-
 @dataclass
 class LoadPlan:
     req_id: str
@@ -91,10 +86,12 @@ class RequestState:
     allocated: bool = False
     awaiting_report: bool = False
     donor_depth: int = 0
-    # No row past the plan's exact prefix left reused in any layer (an extension of the donor, ratio 1.0): the
-    # prompt's K/V are a full prefill's. Set from the plan for "edit" matching (the worker recomputes the rows the
-    # scheduler counts), and from the worker's report for any matching.
-    whole: bool = False
+    # Positions [0, exact_until) hold a full prefill's K/V once loaded: the plan's exact prefix and the rows after
+    # it that every layer recomputed, up to the first one some layer left reused; the plan's stop when none was (an
+    # extension of an exact donor, ratio 1.0: the whole prompt is then a full prefill's). From the plan (for "edit"
+    # matching, stop when its counts cover every row: the worker recomputes the rows the scheduler counts), then
+    # from the worker's report, which knows which rows its ranking kept.
+    exact_until: int = 0
     # The prompt begins with its whole donor (an identical prompt, a growing chat's next turn): no hop of drift,
     # the donor's rows keep their own context (store.tree.depth_after, the HF store's rule).
     extension: bool = False
@@ -209,7 +206,8 @@ class SchedulerSide:
         # What the worker will recompute if it matches what this alignment matched ("edit"); its report replaces
         # this with what it did.
         counts = recompute_rows(choice.match, stop, self.num_layers, cfg, exact).counts
-        state.whole = cfg.matching == "edit" and _whole(counts, stop - exact)
+        whole = cfg.matching == "edit" and all(c >= stop - exact for c in counts)
+        state.exact_until = stop if whole else exact
         self._set_recomputed(stats, [c + 1 for c in counts])
         stats.update(mode="reuse", reason=None, loaded_tokens=stop - prefix_hit, exact_tokens=exact)
         self._taint(request, state, prefix_hit)
@@ -228,7 +226,7 @@ class SchedulerSide:
         prefix = matching.Match(pairs, pairs.clone(), torch.ones(exact, dtype=torch.bool), total)
         state.plan = LoadPlan(request.request_id, choice.donor.donor_id, torch.tensor(state.token_ids), prefix_hit,
                               exact, state.options.config, exact, match=prefix, refusal=refusal, prefix_only=True)
-        state.donor_depth, state.whole, state.extension = choice.donor.depth, True, False
+        state.donor_depth, state.exact_until, state.extension = choice.donor.depth, exact, False
         self.index.touch(choice.donor.donor_id)
         self._set_recomputed(state.stats, [total - exact] * self.num_layers)
         state.stats.update(mode="reuse", reason=f"{gated}: only its exact common prefix is taken",
@@ -252,7 +250,7 @@ class SchedulerSide:
         """Undoes a decision: its plan, taint and stats. A request asked about again (vLLM could not admit it) is
         decided afresh, and one whose new decision ends early (its donor evicted meanwhile) must not keep "reuse"
         without a plan: it was reported as one, and its save read the missing plan (an engine-core crash)."""
-        state.plan, state.confirmed, state.whole, state.extension, state.donor_depth = None, False, False, False, 0
+        state.plan, state.confirmed, state.exact_until, state.extension, state.donor_depth = None, False, 0, False, 0
         if state.options is not None:  # (without options the stats hold why: a fallback from the start)
             state.stats.update(mode="full", reason=None, loaded_tokens=0, exact_tokens=0, matched_tokens=0,
                                similarity=None, donor_id=None, donor_depth=None, prefix_only=False)
@@ -329,15 +327,16 @@ class SchedulerSide:
     @staticmethod
     def _donor_depth_and_exact(state: RequestState) -> tuple:
         """The depth and exact prefix of a request's K/V as a donor, by the HF store's rules. A full prefill, or a
-        reuse that left no row reused past its exact prefix (`whole`), is exact throughout and depth 0: otherwise a
-        growing chat served turn after turn from its previous turn would count every turn as a hop, stop being kept
-        at max_depth, and have the exact rows of earlier turns recomputed as if approximate. An extension of its
-        donor keeps the donor's depth; any other reuse is one hop deeper."""
+        reuse that left no row reused past its exact prefix (`exact_until` at the plan's stop), is exact throughout
+        and depth 0: otherwise a growing chat served turn after turn from its previous turn would count every turn as
+        a hop, stop being kept at max_depth, and have the exact rows of earlier turns recomputed as if approximate.
+        An extension of its donor keeps the donor's depth; any other reuse is one hop deeper, exact up to
+        `exact_until`."""
         total = len(state.token_ids)
-        if state.stats["mode"] != "reuse" or state.whole:
+        if state.stats["mode"] != "reuse" or state.exact_until >= state.plan.stop:
             return 0, total
         depth = state.donor_depth if state.extension else state.donor_depth + 1
-        return depth, kept_exact_prefix(state.plan.exact, total)
+        return depth, kept_exact_prefix(state.exact_until, total)
 
     def _refuse_unwritten_prefixes(self, loads: List[LoadPlan], scheduler_output, computed: Dict[str, int]) -> None:
         """A load whose prefix-cache hit [0, p) lies in blocks another request computes in this same step fails.
@@ -389,7 +388,7 @@ class SchedulerSide:
                          load_ms=result["load_ms"], assemble_ms=result["assemble_ms"],
                          recompute_ms=result["recompute_ms"], worker_match_ms=result["match_ms"],
                          attention_runs=result["runs"], check_deviation=result["check_deviation"])
-            state.whole = _whole(result["recomputed"], state.plan.stop - state.plan.exact)
+            state.exact_until = result["exact_until"]
             if req_id in self.pending_saves:  # saved in the step that loaded it
                 info = self.pending_saves[req_id][0]
                 info.depth, info.exact_prefix = self._donor_depth_and_exact(state)

@@ -170,11 +170,12 @@ class WorkerSide:
         t1 = time.perf_counter()
         self._assemble(plan, donor, src, dst, cfg.rope_correction)
         t2 = time.perf_counter()
-        runs, deviation = self._recompute(plan, mandatory, first, counts, match.unmatched_mask()[:prefill])
+        runs, deviation, exact_until = self._recompute(plan, mandatory, first, counts,
+                                                       match.unmatched_mask()[:prefill])
         t3 = time.perf_counter()
         covered = int((match.dst >= start).sum()) + start
         return {"matched_tokens": match.matched, "covered_tokens": covered, "recomputed": counts, "runs": runs,
-                "check_deviation": deviation,
+                "check_deviation": deviation, "exact_until": exact_until,
                 "match_ms": (t1 - t0) * 1e3, "assemble_ms": (t2 - t1) * 1e3, "recompute_ms": (t3 - t2) * 1e3}
 
     def _assemble(self, plan, donor: Donor, src: torch.Tensor, dst: torch.Tensor, rope_correction: bool) -> None:
@@ -202,12 +203,14 @@ class WorkerSide:
     def _recompute(self, plan, mandatory: torch.Tensor, first: torch.Tensor, counts: List[int],
                    unmatched: torch.Tensor):
         """The HF engine's `_recompute` over positions [exact, stop) (engine.ReuseEngine._recompute: the same
-        counts, ranking and nesting) through vLLM's layers."""
+        counts, ranking and nesting) through vLLM's layers. Returns the runs per layer, the check layer's
+        deviation, and where the prompt's exact rows end: the first row some layer left reused (the rows before it
+        were computed in every layer over exact K/V), or stop when none was."""
         model, cfg, exact, stop = self.model, plan.config, plan.exact, plan.stop
         n, num_layers = stop - exact, model.num_layers
         runs = []
         if n == 0:
-            return runs, None
+            return runs, None, stop
         # Ranked by deviation only (the connector does not take `selection`): vLLM's layers keep their queries.
         schedule = RowSchedule(counts, mandatory[exact:stop], cfg, num_layers, first[exact:stop],
                                unmatched[exact:stop])
@@ -244,7 +247,8 @@ class WorkerSide:
             keep = schedule.advance(idx)
             if keep is not None:
                 hidden, residual, context = hidden[keep], residual[keep], None
-        return runs, schedule.deviation
+        stale = schedule.stale()  # (every row past the last layer computed, when the loop stopped early)
+        return runs, schedule.deviation, exact + int(stale[0]) if len(stale) else stop
 
 
 def _empty_report() -> Dict:

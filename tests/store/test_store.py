@@ -263,13 +263,15 @@ def test_under_the_gate_only_the_exact_prefix_is_taken(engine):
     full = engine.prefill(request)
     torch.testing.assert_close(out.entry.keys, full.keys, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.entry.values, full.values, atol=1e-4, rtol=1e-4)
-    # A base served by reuse holds exact K/V only up to its exact prefix (30 here): no more is lent under the gate.
+    # A base served by reuse holds exact K/V only up to its exact prefix (past its edit at 30, up to the first row
+    # some layer left reused): no more is lent under the gate.
     b = replace(a, 30, 4)
     served = store.generate(b, tenant="t", max_new_tokens=NEW)
-    assert served.stats["hit"] and store.get(served.stats["request_id"]).entry.exact_prefix == 30
+    n = store.get(served.stats["request_id"]).entry.exact_prefix
+    assert served.stats["hit"] and 30 < n < 100
     request = b[:100] + fresh(200)
     out = store.generate(request, tenant="t", max_new_tokens=NEW)
-    assert out.stats["hit"] and out.stats["matched_tokens"] == 30 and out.stats["exact_tokens"] == 30
+    assert out.stats["hit"] and out.stats["matched_tokens"] == n and out.stats["exact_tokens"] == n
     assert out.stats["depth"] == 0 and served.stats["depth"] == 1  # the base drifted one hop; what it lent did not
     torch.testing.assert_close(out.entry.keys, engine.prefill(request).keys, atol=1e-4, rtol=1e-4)
     # Above the gate, an entry left with no reused row (ratio 1.0) is exact too: depth 0, where a hop counted before.

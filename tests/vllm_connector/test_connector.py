@@ -256,6 +256,20 @@ def test_a_growing_chat_is_served_from_its_last_turn_exactly(llm, texts):
     assert max(abs(a - b) for a, b in zip(out.logprobs, plain.logprobs)) < LOGPROB_ATOL
 
 
+def test_a_donor_is_exact_past_its_edit_up_to_its_first_row_left_reused(llm, texts):
+    """The rows of an edit (and the boundary rows after it) are recomputed in every layer over exact K/V: the donor
+    kept from that request is exact up to the first row some layer left reused, past the edit, and a later request
+    sharing a longer prefix with it takes those rows as exact (the donor once said: up to the edit)."""
+    reference, _, unrelated = texts
+    first = reference[:400]
+    second = reference[:200] + unrelated[:10] + reference[210:400]
+    serve(llm, first, "exact-past-edit")
+    s = serve(llm, second, "exact-past-edit").stats
+    assert s["mode"] == "reuse" and s["exact_tokens"] == 200 and s["saved"], s
+    s = serve(llm, second[:300] + unrelated[100:200], "exact-past-edit", {"save": False}).stats
+    assert s["mode"] == "reuse" and 210 <= s["exact_tokens"] < 300, s  # the edit (200-209) and after
+
+
 def test_a_turn_under_the_gate_takes_its_exact_history_only(llm, texts):
     """A chat turn that adds more than it keeps (similarity under min_similarity) loads the previous turn's rows
     exactly (they are exact, though served by reuse, and vLLM's prefix cache does not hold them: their blocks are

@@ -84,7 +84,7 @@ def _preempted(side, prefix_hit_on_resume):
     side.build_step(_output(new=[("b", 39, 1, table)]))  # the load step; the prompt completes: a save is planned
     side.apply_report({"loads": {"b": {"recomputed": [39, 10, 10], "matched_tokens": 38, "covered_tokens": 38,
                                        "load_ms": 1.0, "assemble_ms": 1.0, "recompute_ms": 1.0, "match_ms": 1.0,
-                                       "runs": [], "check_deviation": None}},
+                                       "runs": [], "check_deviation": None, "exact_until": 24}},
                        "saved": {"b": 1}})
     request.num_preemptions = 1
     assert side.get_num_new_matched_tokens(request, prefix_hit_on_resume) == (0, False)
@@ -96,7 +96,7 @@ def _preempted(side, prefix_hit_on_resume):
 def test_a_request_resumed_from_its_loaded_blocks_stays_a_reuse_and_is_no_exact_donor():
     stats, info = _preempted(_side(), 24)  # vLLM still holds the salted (approximate) blocks 0-5
     assert stats["mode"] == "reuse" and "resumed from 24" in stats["reason"], stats
-    assert info.depth == 1 and info.exact_prefix == 20  # the common prefix of the edit, not the whole prompt
+    assert info.depth == 1 and info.exact_prefix == 24  # what its load left exact (report), not the whole prompt
 
 
 def test_a_request_preempted_and_recomputed_is_an_exact_donor():
@@ -137,9 +137,11 @@ def test_a_save_the_worker_skips_is_forgotten():
 EXTENSION = DONOR + list(range(200, 212))  # the donor and 12 new tokens: a growing chat's next turn
 
 
-def _report(recomputed, saved=True):
+def _report(recomputed, exact_until, saved=True):
+    """The worker's report of the load of request b (and its save): `exact_until`, its first row left reused."""
     load = {"recomputed": recomputed, "matched_tokens": len(DONOR), "covered_tokens": len(DONOR), "load_ms": 1.0,
-            "assemble_ms": 1.0, "recompute_ms": 1.0, "match_ms": 1.0, "runs": [], "check_deviation": None}
+            "assemble_ms": 1.0, "recompute_ms": 1.0, "match_ms": 1.0, "runs": [], "check_deviation": None,
+            "exact_until": exact_until}
     return {"loads": {"b": load}, **({"saved": {"b": 1}} if saved else {})}
 
 
@@ -154,7 +156,7 @@ def test_an_extension_of_its_donor_is_an_exact_donor_of_depth_0():
     _, saves = side.build_step(_output(new=[("b", len(EXTENSION) - 1, 1, list(range(13)))]))
     info = side.pending_saves["b"][0]
     assert len(saves) == 1 and (info.depth, info.exact_prefix) == (0, len(EXTENSION))
-    side.apply_report(_report([len(EXTENSION) - 1 - len(DONOR)] * LAYERS))
+    side.apply_report(_report([len(EXTENSION) - 1 - len(DONOR)] * LAYERS, len(EXTENSION) - 1))
     assert side.requests["b"].stats["mode"] == "reuse"
     added = side.index.get("b")
     assert (added.depth, added.exact_prefix) == (0, len(EXTENSION))
@@ -167,26 +169,30 @@ def test_a_donor_at_max_depth_still_keeps_an_extension():
     assert len(saves) == 1 and "saved_reason" not in side.requests["b"].stats
 
 
-def test_an_edit_keeps_its_depth_and_common_prefix():
+def test_an_edit_is_one_hop_deeper_and_exact_up_to_its_first_row_left_reused():
+    """Exact: the common prefix (20) and the rows after it every layer recomputed (the edit's own, 20-21, and two
+    boundary rows), as the worker's ranking kept them; the donor once recorded the common prefix only."""
     side = _side()
     _admit(side, 0, list(range(10)), donor_depth=2)
     side.build_step(_output(new=[("b", 39, 1, list(range(10)))]))
-    side.apply_report(_report([39 - 20, 10, 10]))
+    assert side.pending_saves["b"][0].exact_prefix == 20  # before the report: what the plan knows
+    side.apply_report(_report([39 - 20, 10, 10], 24))
     info = side.index.get("b")
-    assert (info.depth, info.exact_prefix) == (3, 20)
+    assert (info.depth, info.exact_prefix) == (3, 24)
 
 
 def test_the_workers_report_decides_under_lsh_matching():
     """Under LSH matching the worker aligns again and may recompute other rows than the scheduler counted: the
     donor saved in the load step takes what the worker's report says it did, before it joins the index."""
-    for recomputed, want in (([len(EXTENSION) - 1 - len(DONOR)] * LAYERS, (0, len(EXTENSION))),
-                             ([len(EXTENSION) - 1 - len(DONOR), 5, 5], (0, len(DONOR)))):  # the donor's depth
+    stop = len(EXTENSION) - 1
+    for recomputed, exact_until, want in (([stop - len(DONOR)] * LAYERS, stop, (0, len(EXTENSION))),
+                                          ([stop - len(DONOR), 5, 5], 45, (0, 45))):  # the donor's depth
         side = _side(parse_extra_config({"matching": "lsh"}))
         _admit(side, 0, list(range(13)), EXTENSION)
-        assert not side.requests["b"].whole  # not taken from the plan: the worker matches by itself
+        assert side.requests["b"].exact_until == len(DONOR)  # not from the plan's counts: the worker matches again
         side.build_step(_output(new=[("b", len(EXTENSION) - 1, 1, list(range(13)))]))
         info = side.pending_saves["b"][0]
-        side.apply_report(_report(recomputed))  # the load and the save in one report: the load is read first
+        side.apply_report(_report(recomputed, exact_until))  # the load and the save in one report: load first
         assert "b" not in side.pending_saves and (info.depth, info.exact_prefix) == want
 
 
@@ -201,7 +207,7 @@ def test_an_extension_of_an_approximate_donor_keeps_its_depth():
     side.update_state_after_alloc(request, claimed)
     side.tables["b"] = list(range(13))
     side.build_step(_output(new=[("b", len(EXTENSION) - 1, 1, side.tables["b"])]))
-    side.apply_report(_report([len(EXTENSION) - 1 - 20, 20, 20]))  # rows 20-39 left reused in layers 1-2
+    side.apply_report(_report([len(EXTENSION) - 1 - 20, 20, 20], 20))  # rows 20-39 left reused in layers 1-2
     info = side.index.get("b")
     assert (info.depth, info.exact_prefix) == (2, 20)
 
@@ -250,7 +256,7 @@ def test_under_the_gate_only_the_exact_common_prefix_is_loaded():
     side.tables["b"] = list(range(25))
     loads, saves = side.build_step(_output(new=[("b", len(DONOR), len(LONG_TURN) - len(DONOR), side.tables["b"])]))
     assert len(loads) == 1 and loads[0].refusal is None and len(saves) == 1
-    side.apply_report(_report([0] * LAYERS))
+    side.apply_report(_report([0] * LAYERS, len(DONOR)))
     assert s["recomputed_tokens"] == [len(LONG_TURN) - len(DONOR)] * LAYERS  # vLLM's share, once
     info = side.index.get("b")
     assert (info.depth, info.exact_prefix) == (0, len(LONG_TURN))
