@@ -247,7 +247,7 @@ class WorkerSide:
             keep = schedule.advance(idx)
             if keep is not None:
                 hidden, residual, context = hidden[keep], residual[keep], None
-        stale = schedule.stale()  # (every row past the last layer computed, when the loop stopped early)
+        stale = schedule.stale()  # (a loop stopped early: no deeper layer computed any row, so all are stale)
         return runs, schedule.deviation, exact + int(stale[0]) if len(stale) else stop
 
 
