@@ -853,8 +853,7 @@ class ReuseEngine:
         """The reference's exact common prefix with the prompt: the same tokens at the same positions, within the
         rows the reference holds exactly (its `exact_prefix`), and nothing else."""
         n = min(matching.common_prefix(reference.token_ids.tolist(), ids.tolist()), reference.exact_prefix)
-        pairs = torch.arange(n)
-        return matching.Match(pairs, pairs.clone(), torch.ones(n, dtype=torch.bool), len(ids))
+        return matching.exact_prefix_match(n, len(ids))
 
     def _assemble_and_recompute(self, cache: SemShareCache, reference: ReferenceEntry, ids: torch.Tensor,
                                 match: matching.Match) -> tuple:

@@ -174,6 +174,13 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def exact_prefix_match(n: int, target_tokens: int) -> Match:
+    """The first `n` target positions taking the reference's K/V at the same positions, every token equal: an exact
+    common prefix taken alone (the store's and the vLLM connector's serving under the similarity gate)."""
+    pairs = torch.arange(n)
+    return Match(pairs, pairs.clone(), torch.ones(n, dtype=torch.bool), target_tokens)
+
+
 def prefix_pairs(reference_ids: Sequence[int], target_ids: Sequence[int],
                  block: int = 16) -> tuple[list[int], list[int]]:
     """The common prefix, cut to whole blocks (a prefix cache hashes full blocks only)."""

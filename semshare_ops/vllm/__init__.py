@@ -12,7 +12,8 @@ a donor has its KV cache assembled from the donor's (keys re-rotated to their ne
 partly recomputed through vLLM's own decoder layers, exactly as `ReuseEngine` does on a Hugging Face model; vLLM then
 computes the last prompt token and decodes. Anything that cannot be served that way (low similarity, preemption, a
 failed load, an unsupported model) takes vLLM's own prefill, with the reason in the stats (under the similarity gate,
-after the donor's exact common prefix with the prompt). Approximate K/V never becomes an exact prefix-cache hit. docs/contract.md section 6 is the contract; scheduler.py and worker.py say how.
+after the donor's exact common prefix with the prompt). Approximate K/V never becomes an exact prefix-cache hit.
+docs/contract.md section 6 is the contract; scheduler.py and worker.py say how.
 
 Modules: `options` (settings, no vLLM import), `connector` (the class vLLM loads), `scheduler` and `worker` (its two
 sides), `donors`, `model` (vLLM's layers driven row by row), `layout` (the paged cache and its inverse), `plugin`

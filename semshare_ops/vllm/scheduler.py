@@ -222,10 +222,9 @@ class SchedulerSide:
         hold that prefix: the donor's blocks evicted there, salted (the donor was served by reuse), or a part
         block."""
         total = len(state.token_ids)
-        pairs = torch.arange(exact)
-        prefix = matching.Match(pairs, pairs.clone(), torch.ones(exact, dtype=torch.bool), total)
         state.plan = LoadPlan(request.request_id, choice.donor.donor_id, torch.tensor(state.token_ids), prefix_hit,
-                              exact, state.options.config, exact, match=prefix, refusal=refusal, prefix_only=True)
+                              exact, state.options.config, exact, match=matching.exact_prefix_match(exact, total),
+                              refusal=refusal, prefix_only=True)
         state.donor_depth, state.exact_until, state.extension = choice.donor.depth, exact, False
         self.index.touch(choice.donor.donor_id)
         self._set_recomputed(state.stats, [total - exact] * self.num_layers)
