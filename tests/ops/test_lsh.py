@@ -255,6 +255,45 @@ def test_hamming_topk_random(impl, device, words):
     check_topk(dist, idx, q_codes, k_codes, 16)
 
 
+def ordered_codes(rng, order, nq, nk, words):
+    """Reference codes whose distance to a base code falls (or rises) along the reference index, in steps that tie
+    runs of codes; queries: the base code, near copies of it and one random code. Codes that grow nearer along the
+    row defeat a selection that keeps a running cut from the codes seen so far."""
+    bits = 64 * words
+    base = np.unpackbits(random_codes(rng, 1, words).view(np.uint8), bitorder="little").astype(bool)
+    flips = np.linspace(bits - 1, 0, nk).round().astype(int)  # distance to base, falling
+    if order == "rising":
+        flips = flips[::-1]
+    elif order == "nearest_last":
+        flips = np.roll(flips[::-1], -1)
+    refs = np.tile(base, (nk, 1))
+    for j, f in enumerate(flips):
+        refs[j, rng.choice(bits, size=f, replace=False)] ^= True
+    queries = np.tile(base, (nq, 1))
+    for i in range(1, nq - 1):
+        queries[i, rng.choice(bits, size=i, replace=False)] ^= True
+    queries[-1] = rng.integers(0, 2, size=bits).astype(bool)
+    pack = lambda b: torch.from_numpy(np.packbits(b, axis=-1, bitorder="little").view("<i8").copy())
+    return pack(queries), pack(refs), flips
+
+
+@pytest.mark.parametrize("order", ["falling", "rising", "nearest_last"])
+@pytest.mark.parametrize("words", [1, 2, 3, 4])
+def test_hamming_topk_reference_orders(impl, device, order, words):
+    """Whatever the order of the reference codes, and on each side of the CPU kernel's choices (a strided sample
+    for the first cut from 256 codes and k <= 16; 64, 128, 256 bits specialised; blocks of 16 with a tail)."""
+    rng = np.random.default_rng(300 + words)
+    q_codes, k_codes, flips = ordered_codes(rng, order, 5, 1003, words)
+    want_d, _ = np_hamming_topk(q_codes[:1], k_codes, 1003)
+    assert np.array_equal(np.sort(want_d[0]), np.sort(flips))  # the test has its power: distances as built
+    q_codes, k_codes = q_codes.to(device), k_codes.to(device)
+    for k in (1, 4, 16, 17):
+        dist, idx = impl.hamming_topk(q_codes, k_codes, k)
+        check_topk(dist, idx, q_codes, k_codes, k)
+        dist, idx = impl.hamming_topk(q_codes, k_codes[:255], k)  # too few codes for the sample
+        check_topk(dist, idx, q_codes, k_codes[:255], k)
+
+
 def test_hamming_topk_many_references(impl, device):
     """Nk and k beyond any small tile or heap size, with heavy ties."""
     rng = np.random.default_rng(61)
