@@ -18,11 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def git(*args: str) -> str:
-    return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True).stdout.strip()
+from commit_tree import REPO, commit_tree, git
 
 
 def bench(tree: Path, length: int, levels, methods, repeat: int, out: Path) -> tuple:
@@ -47,32 +43,17 @@ def main() -> int:
     args = parser.parse_args()
 
     commit = git("rev-parse", args.commit)
-    own_build = bool(git("diff", "--stat", commit, "--", "csrc"))  # the working tree, which the built .so is of
-    built = next((REPO / "semshare_ops").glob("_C*.so"), None)
-    if built is None:
-        raise SystemExit("build the extension first (make build)")
     records, provenance = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
-        old = Path(tmp) / "tree"
-        git("worktree", "add", "--detach", str(old), commit)
-        try:
-            if own_build:  # the commit's kernels differ from this tree's: its own extension, built in place
-                subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=old, check=True,
-                               env={**os.environ, "SEMSHARE_CPU_ONLY": "1"}, stdout=subprocess.DEVNULL)
-            else:
-                (old / "semshare_ops" / built.name).write_bytes(built.read_bytes())
-            for rnd in range(args.rounds):
-                for length in args.lengths:
-                    for tree, where in (("commit", old), ("this", REPO)):
-                        run, meta = bench(where, length, args.edit_levels, args.methods, args.repeat,
-                                          Path(tmp) / "run.json")
-                        provenance.setdefault(tree, {k: v for k, v in meta.items() if k != "records"})
-                        records += [{**r, "tree": tree, "round": rnd} for r in run]
-                        print(f"round {rnd} {length} {tree}: " + ", ".join(
-                            f"{r['method']} {r['edited_share']:.2f} {r['mean_ttft_ms']:.0f} ms" for r in run),
-                            flush=True)
-        finally:
-            git("worktree", "remove", "--force", str(old))
+    with commit_tree(commit) as (old, extension), tempfile.TemporaryDirectory() as tmp:
+        for rnd in range(args.rounds):
+            for length in args.lengths:
+                for tree, where in (("commit", old), ("this", REPO)):
+                    run, meta = bench(where, length, args.edit_levels, args.methods, args.repeat,
+                                      Path(tmp) / "run.json")
+                    provenance.setdefault(tree, {k: v for k, v in meta.items() if k != "records"})
+                    records += [{**r, "tree": tree, "round": rnd} for r in run]
+                    print(f"round {rnd} {length} {tree}: " + ", ".join(
+                        f"{r['method']} {r['edited_share']:.2f} {r['mean_ttft_ms']:.0f} ms" for r in run), flush=True)
 
     summary = []
     keys = sorted({(r["prompt_tokens"], r["edited_share"], r["method"]) for r in records})
@@ -87,7 +68,7 @@ def main() -> int:
             print(f"{tokens:>5} {level:.2f} {method:<9} commit {a:8.0f} ms  this {b:8.0f} ms  x{b / a:.2f}")
     result = {"command": " ".join(["python", *sys.argv]), "commit": commit, "this": git("rev-parse", "HEAD"),
               "this_tree_changes": git("diff", "--stat", "HEAD"),
-              "commit_extension": "built" if own_build else "copied",
+              "commit_extension": extension,
               "provenance": provenance, "summary": summary, "records": records}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -381,11 +381,15 @@ def bench_partial_attn(shape: ModelShape, tokens: int, device: str, ratio: float
     return _against(record, ceilings, "matmul_TFLOP/s", tflops)
 
 
+OPS = ("simhash", "hamming_topk", "rope_reuse_", "partial_attn")  # what run_ops times, in its order
+
+
 def run_ops(device: str = "cpu", models: Optional[List[str]] = None, lengths: Optional[List[int]] = None,
             ratios: Optional[List[float]] = None, progress: Callable[[Dict], None] = lambda r: None,
             dtype: torch.dtype = torch.bfloat16, ceilings: Optional[Dict] = None, flex: bool = True,
-            windows: Sequence[int] = ()) -> List[Dict]:
-    """Records of every op at every model shape and length (lengths of 8192 and 16384 are for GPUs).
+            windows: Sequence[int] = (), ops_to_time: Sequence[str] = OPS) -> List[Dict]:
+    """Records of each of `ops_to_time` (default: all, in `OPS` order) at every model shape and length (lengths of
+    8192 and 16384 are for GPUs).
 
     `ceilings` (from `device_ceilings(device, dtype)`) are measured once here when not given; pass them to keep
     the numbers every record's percentage was computed against. Each of `windows` adds, after each partial_attn
@@ -400,13 +404,19 @@ def run_ops(device: str = "cpu", models: Optional[List[str]] = None, lengths: Op
     for name in models:
         shape = SHAPES[name]
         for tokens in lengths:
-            # dense causal SDPA at this shape and length: measured once for all ratios
-            causal = sdpa_causal_tflops(shape, tokens, dtype, device)
-            runs = [lambda: bench_simhash(shape, tokens, device, dtype=dtype, ceilings=ceilings),
-                    lambda: bench_hamming_topk(shape, tokens, device, ceilings=ceilings),
-                    lambda: bench_rope_reuse(shape, tokens, device, dtype=dtype, ceilings=ceilings)]
-            runs += [lambda r=r: bench_partial_attn(shape, tokens, device, ratio=r, dtype=dtype, ceilings=ceilings,
-                                                    sdpa_causal_rate=causal, flex=flex) for r in ratios]
+            runs = []
+            if "simhash" in ops_to_time:
+                runs.append(lambda: bench_simhash(shape, tokens, device, dtype=dtype, ceilings=ceilings))
+            if "hamming_topk" in ops_to_time:
+                runs.append(lambda: bench_hamming_topk(shape, tokens, device, ceilings=ceilings))
+            if "rope_reuse_" in ops_to_time:
+                runs.append(lambda: bench_rope_reuse(shape, tokens, device, dtype=dtype, ceilings=ceilings))
+            if "partial_attn" in ops_to_time:
+                # dense causal SDPA at this shape and length: measured once for all ratios
+                causal = sdpa_causal_tflops(shape, tokens, dtype, device)
+                runs += [lambda r=r: bench_partial_attn(shape, tokens, device, ratio=r, dtype=dtype,
+                                                        ceilings=ceilings, sdpa_causal_rate=causal, flex=flex)
+                         for r in ratios]
             for run in runs:
                 record = run()
                 progress(record)

@@ -12,7 +12,8 @@ METHODS = ["full", "hf", "prefix", "cacheblend", "semshare", "decode"]  # bench.
 
 # The flags of one sub-command, with their defaults: they parse as None so that one given to the other sub-command is
 # refused by name, not silently ignored (run() fills the defaults in).
-OPS_DEFAULTS = {"models": ["smollm2-135m"], "ratios": [0.1, 0.2, 1.0], "windows": []}
+OPS = ["simhash", "hamming_topk", "rope_reuse_", "partial_attn"]  # bench.ops.OPS, without importing it
+OPS_DEFAULTS = {"models": ["smollm2-135m"], "ratios": [0.1, 0.2, 1.0], "windows": [], "ops": OPS}
 E2E_DEFAULTS = {"model": None, "shape": None, "layers": None, "edit_levels": [0.02, 0.1, 0.3], "methods": METHODS,
                 "repeat": 3, "recompute_ratio": [0.2]}
 
@@ -28,6 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ratios", nargs="+", type=float, default=None, help="ops: recompute ratios (default: 0.1 0.2 1.0)")
     p.add_argument("--windows", nargs="+", type=int, default=None,
                    help="ops: also time partial_attn with these sliding windows (positions; default: none)")
+    p.add_argument("--ops", nargs="+", choices=OPS, default=None, help="ops: the ops to time (default: all)")
     p.add_argument("--model", default=None, help="e2e: local HF model directory (default: embedded SmolLM2)")
     p.add_argument("--shape", default=None, help="e2e: random-weight model of a real shape (llama3-8b, "
                    "qwen2.5-7b) instead of a real model: speed only")
@@ -97,7 +99,7 @@ def run_ops(args, device: str) -> Dict:
     records = bench_ops(device, args.models, args.lengths, args.ratios,
                         progress=(lambda r: None) if args.json else
                         (lambda r: print(format_table([r]).splitlines()[1], flush=True)),
-                        dtype=dtype, ceilings=ceilings, windows=args.windows)
+                        dtype=dtype, ceilings=ceilings, windows=args.windows, ops_to_time=args.ops)
     return {**environment(device), "dtype": args.dtype, "ceilings": ceilings, "records": records}
 
 

@@ -67,6 +67,21 @@ def test_bench_ops_json(capsys):
         assert record["us"] > 0 and record["speedup"]["reference"] > 0
 
 
+def test_bench_ops_times_only_the_ops_asked_for(capsys, monkeypatch):
+    from semshare_ops.bench import ops as bench_ops
+    from semshare_ops.cli import bench as cli_bench
+
+    assert list(bench_ops.OPS) == cli_bench.OPS  # the CLI's copy, kept to not import torch at parse time
+    monkeypatch.setattr(bench_ops, "sdpa_causal_tflops", lambda *a, **k: pytest.fail("partial_attn was not asked"))
+    assert cli.main(["bench", "ops", "--json", "--lengths", "128", "--ops", "hamming_topk", "simhash"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["op"] for r in result["records"]] == ["simhash", "hamming_topk"]  # OPS order, not the flag's
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "ops", "--ops", "hamming"])
+    assert e.value.code == 2
+    _one_error_line(capsys, "--ops")
+
+
 @pytest.mark.slow
 def test_run_json_on_the_embedded_model(capsys, monkeypatch, tmp_path, smollm2):
     monkeypatch.setattr(models, "load_model", lambda *a, **k: smollm2)
@@ -331,6 +346,7 @@ def test_unsupported_model_exits_2_with_one_line(capsys, monkeypatch, tmp_path, 
     ("e2e", ["--models", "llama3-8b"], "--models: not an option of bench e2e"),
     ("e2e", ["--ratios", "0.5"], "--ratios: not an option of bench e2e"),
     ("e2e", ["--windows", "4"], "--windows: not an option of bench e2e"),
+    ("e2e", ["--ops", "simhash"], "--ops: not an option of bench e2e"),
     ("e2e", ["--model", "/does/not/exist", "--shape", "smollm2-135m"], "--model"),
     ("e2e", ["--layers", "1"], "--layers: only with --shape"),
 ])

@@ -1,0 +1,43 @@
+"""An earlier commit's tree with an extension of its own kernels, in a temporary git worktree: what the
+`*_against_commit.py` benchmarks time this tree against."""
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def built_extension() -> Path:
+    """This tree's built extension (of the working tree's csrc/)."""
+    built = next((REPO / "semshare_ops").glob("_C*.so"), None)
+    if built is None:
+        raise SystemExit("build the extension first (make build)")
+    return built
+
+
+@contextlib.contextmanager
+def commit_tree(commit: str) -> Iterator[Tuple[Path, str]]:
+    """(the commit's worktree, "built" or "copied"): when csrc/ differs between the commit and the working tree,
+    the commit's own extension is built there (CPU kernels only); otherwise this tree's build is copied in."""
+    own_build = bool(git("diff", "--stat", commit, "--", "csrc"))
+    built = built_extension()
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree"
+        git("worktree", "add", "--detach", str(tree), commit)
+        try:
+            if own_build:
+                subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree, check=True,
+                               env={**os.environ, "SEMSHARE_CPU_ONLY": "1"}, stdout=subprocess.DEVNULL)
+            else:
+                (tree / "semshare_ops" / built.name).write_bytes(built.read_bytes())
+            yield tree, "built" if own_build else "copied"
+        finally:
+            git("worktree", "remove", "--force", str(tree))
