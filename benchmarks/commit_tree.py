@@ -1,12 +1,13 @@
 """An earlier commit's tree with an extension of its own kernels, in a temporary git worktree: what the
 `*_against_commit.py` benchmarks time this tree against."""
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,3 +42,14 @@ def commit_tree(commit: str) -> Iterator[Tuple[Path, str]]:
             yield tree, "built" if own_build else "copied"
         finally:
             git("worktree", "remove", "--force", str(tree))
+
+
+def save_comparison(out: Optional[str], commit: str, extension: str, provenance: Dict, summary: List[Dict],
+                    records: List[Dict]) -> None:
+    """Write a comparison's result, with what it compared: the two commits, this tree's uncommitted changes and how
+    the commit's extension was made."""
+    if out:
+        result = {"command": " ".join(["python", *sys.argv]), "commit": commit, "this": git("rev-parse", "HEAD"),
+                  "this_tree_changes": git("diff", "--stat", "HEAD"), "commit_extension": extension,
+                  "provenance": provenance, "summary": summary, "records": records}
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from commit_tree import REPO, commit_tree, git
+from commit_tree import REPO, commit_tree, git, save_comparison
 
 
 def bench(tree: Path, length: int, levels, methods, repeat: int, out: Path) -> tuple:
@@ -66,12 +66,7 @@ def main() -> int:
                             "this_ttft_ms": b, "ratio": b / a,
                             **{f"{tree}_reuse_ratio": [r["reuse_ratio"] for r in v] for tree, v in runs.items()}})
             print(f"{tokens:>5} {level:.2f} {method:<9} commit {a:8.0f} ms  this {b:8.0f} ms  x{b / a:.2f}")
-    result = {"command": " ".join(["python", *sys.argv]), "commit": commit, "this": git("rev-parse", "HEAD"),
-              "this_tree_changes": git("diff", "--stat", "HEAD"),
-              "commit_extension": extension,
-              "provenance": provenance, "summary": summary, "records": records}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    save_comparison(args.out, commit, extension, provenance, summary, records)
     return 0
 
 

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from commit_tree import REPO, built_extension, commit_tree, git
+from commit_tree import REPO, built_extension, commit_tree, git, save_comparison
 
 SETTING = ("op", "model", "tokens", "bits", "k", "reuse", "ratio", "window", "dtype")  # what names a record's case
 
@@ -72,11 +72,7 @@ def main() -> int:
         summary.append({**named, "commit_us": us["commit"], "this_us": us["this"],
                         "speedup": us["commit"] / us["this"]})
         print(f"{named}: commit {us['commit']:.0f} us, this {us['this']:.0f} us, x{us['commit'] / us['this']:.2f}")
-    result = {"command": " ".join(["python", *sys.argv]), "commit": commit, "this": git("rev-parse", "HEAD"),
-              "this_tree_changes": git("diff", "--stat", "HEAD"), "commit_extension": extension,
-              "provenance": provenance, "summary": summary, "records": records}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    save_comparison(args.out, commit, extension, provenance, summary, records)
     return 0
 
 
