@@ -17,11 +17,17 @@ def git(*args: str) -> str:
 
 
 def built_extension() -> Path:
-    """This tree's built extension (of the working tree's csrc/)."""
-    built = next((REPO / "semshare_ops").glob("_C*.so"), None)
-    if built is None:
-        raise SystemExit("build the extension first (make build)")
-    return built
+    """This tree's built extension, refused when a source in csrc/ or setup.py is newer than it (it would time
+    other kernels than the working tree's) or when there are several."""
+    built = list((REPO / "semshare_ops").glob("_C*.so"))
+    if len(built) != 1:
+        raise SystemExit(f"expected one built extension in semshare_ops/, found {[p.name for p in built]}: "
+                         "build the extension (make build)")
+    sources = [REPO / "setup.py", *(p for p in (REPO / "csrc").rglob("*") if p.is_file())]
+    newer = [str(p.relative_to(REPO)) for p in sources if p.stat().st_mtime > built[0].stat().st_mtime]
+    if newer:
+        raise SystemExit(f"the built extension is older than {newer[:3]}: rebuild it (make build)")
+    return built[0]
 
 
 @contextlib.contextmanager

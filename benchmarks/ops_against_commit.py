@@ -65,10 +65,13 @@ def main() -> int:
 
     summary = []
     for case in dict.fromkeys(tuple(r.get(k) for k in SETTING) for r in records):
-        us = {tree: statistics.median(r["us"] for r in records
-                                      if r["tree"] == tree and tuple(r.get(k) for k in SETTING) == case)
-              for tree in ("commit", "this")}
         named = {k: v for k, v in zip(SETTING, case) if v is not None}
+        times = {tree: [r["us"] for r in records if r["tree"] == tree and tuple(r.get(k) for k in SETTING) == case]
+                 for tree in ("commit", "this")}
+        if not all(times.values()):
+            print(f"{named}: timed by one tree only, left out of the summary")
+            continue
+        us = {tree: statistics.median(t) for tree, t in times.items()}
         summary.append({**named, "commit_us": us["commit"], "this_us": us["this"],
                         "speedup": us["commit"] / us["this"]})
         print(f"{named}: commit {us['commit']:.0f} us, this {us['this']:.0f} us, x{us['commit'] / us['this']:.2f}")

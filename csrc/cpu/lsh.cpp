@@ -69,7 +69,7 @@ void nearest_codes(const uint64_t* q, const uint64_t* kp, int64_t nk, int64_t wo
   const int64_t max_dist = 64 * words;
   int64_t* count = s.count.data();
   int64_t cut = max_dist;
-  if (nk >= 4 * kSample && k <= kSample / 4) {
+  if (nk >= 4 * kSample && k <= kSample / 4) {  // a sample worth its cost, whose k-th nearest is a useful bound
     // Without a first guess, codes growing nearer along the row would all pass the cut (1.3x slower than the plain
     // counting sort); a sample spread over the row bounds the cut from the start.
     std::fill(count, count + max_dist + 1, 0);

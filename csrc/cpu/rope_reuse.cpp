@@ -18,7 +18,7 @@
 namespace semshare {
 namespace {
 
-// A call that writes more than this streams its rows past the caches (non-temporal stores): a row store that
+// A call whose pairs write more than this streams its rows past the caches (non-temporal stores): a row store that
 // misses the cache first reads the line it overwrites, so a gather larger than the last-level cache (32 MiB on
 // the EPYC it was measured on) moves 3 bytes per byte copied; streamed, 2. Smaller calls (the vLLM worker's, one
 // layer of blocks at a time) keep ordinary stores, so that the rows they write stay cached for what reads them next.
@@ -61,13 +61,15 @@ void rope_reuse_kernel(const RopeReuseShape& s, const at::Tensor& k_dst, const a
   const size_t esz = sizeof(scalar_t);
   const int64_t per_pair = s.layers * s.heads * (s.head_dim + s.v_head_dim);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(per_pair, 1));
-  const bool stream = s.pairs * per_pair * static_cast<int64_t>(esz) > kStreamBytes;
+  int64_t valid = 0;  // the pairs that write (skipped ones do not)
+  for (int64_t p = 0; p < s.pairs; ++p) valid += src[p] >= 0 && dst[p] >= 0;
+  const bool stream = valid * per_pair * static_cast<int64_t>(esz) > kStreamBytes;
 
   at::parallel_for(0, s.pairs, grain, [&](int64_t begin, int64_t end) {
-    // cos/sin of this pair's angles, shared by every layer and head of the pair; a rotated key row is built in
-    // `krow` and stored whole.
+    // cos/sin of this pair's angles, shared by every layer and head of the pair. A streamed call builds a rotated
+    // key row in `krow` and stores it whole; others rotate into the cache row itself.
     std::vector<float> cos_t(half), sin_t(half);
-    std::vector<scalar_t> krow(D);
+    std::vector<scalar_t> krow(stream ? D : 0);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t si = src[p], di = dst[p];
       if (si < 0 || di < 0) continue;
@@ -93,7 +95,7 @@ void rope_reuse_kernel(const RopeReuseShape& s, const at::Tensor& k_dst, const a
             store_row(kout, kin, D * esz, stream);
             continue;
           }
-          scalar_t* k = krow.data();
+          scalar_t* k = stream ? krow.data() : kout;
           if (neox) {  // pairs (i, i + half): HF rotate_half
             for (int64_t i = 0; i < half; ++i) {
               const float x1 = static_cast<float>(kin[i]), x2 = static_cast<float>(kin[i + half]);
@@ -108,7 +110,7 @@ void rope_reuse_kernel(const RopeReuseShape& s, const at::Tensor& k_dst, const a
             }
           }
           if (rot < D) std::memcpy(k + rot, kin + rot, (D - rot) * esz);  // dims past rotary_dim: unchanged
-          store_row(kout, k, D * esz, stream);
+          if (stream) store_row(kout, k, D * esz, stream);
         }
       }
     }

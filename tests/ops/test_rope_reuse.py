@@ -316,21 +316,26 @@ STREAM_BYTES = 32 << 20  # csrc/cpu/rope_reuse.cpp kStreamBytes: a call writing 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("neox", [True, False], ids=["neox", "interleaved"])
 def test_a_call_past_the_streaming_size(dtype, neox):
-    """The CPU kernel streams the rows of a call that writes more than 32 MiB (non-temporal stores, 16 bytes at a
-    time, where a row starts on a 16-byte boundary). The caches are views with a head stride of 65 elements, so
-    rows alternate between streamed and ordinary stores; some pairs have delta 0 (a copy), some are skipped."""
+    """The CPU kernel streams the rows of a call whose pairs write more than 32 MiB (non-temporal stores, 16 bytes
+    at a time, where a row starts on a 16-byte boundary). The caches are views with a head stride of 65 elements,
+    so some rows are streamed (1 in 4 in fp32, 1 in 8 in bf16) and the others copied; some pairs are copies (delta
+    0, bit-exact, -0.0 included), some skipped; the interleaved case rotates only 48 of 64 dims."""
     layers, heads, dim, pairs = 4, 8, 64, 2300 if dtype == torch.float32 else 4600
-    assert pairs * layers * heads * 2 * dim * dtype.itemsize > STREAM_BYTES  # the test has its power
     a = make_case("cpu", dtype=dtype, layers=layers, t_dst=pairs + 100, t_src=pairs + 50, heads=heads, dim=dim,
-                  v_dim=dim, pairs=pairs, max_delta=3000, seed=41)
+                  v_dim=dim, pairs=pairs, max_delta=3000, rotary_dim=None if neox else 48, seed=41)
+    a["delta"][::7] = 0
+    a["dst_idx"][::50] = -1
+    written = int(((a["src_idx"] >= 0) & (a["dst_idx"] >= 0)).sum()) * layers * heads * 2 * dim * dtype.itemsize
+    assert written > STREAM_BYTES  # the test has its power
     for name in ("k_dst", "v_dst"):  # the same values, laid out with 65 elements per head
         padded = torch.zeros(a[name].shape[:-1] + (dim + 1,), dtype=dtype)
         padded[..., :dim] = a[name]
         a[name] = padded[..., :dim]
     assert a["k_dst"].stride(-2) == dim + 1
-    a["delta"][::7] = 0
-    a["dst_idx"][::50] = -1
+    copies = (a["delta"] == 0) & (a["dst_idx"] >= 0)
+    a["k_src"][:, a["src_idx"][copies], :, ::5] = -0.0
     run_and_check(impl_module("ops"), a, neox, dtype)
+    assert_bits_equal(a["k_dst"][:, a["dst_idx"][copies]], a["k_src"][:, a["src_idx"][copies]], "delta-0 key rows")
 
 
 @pytest.mark.parametrize("kernel, dims", [("vec", (32, 24)), ("scalar", (30, 22))])
