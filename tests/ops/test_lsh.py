@@ -260,7 +260,7 @@ def ordered_codes(rng, order, nq, nk, words):
     runs of codes; queries: the base code, near copies of it and one random code. Codes that grow nearer along the
     row defeat a selection that keeps a running cut from the codes seen so far."""
     bits = 64 * words
-    base = np.unpackbits(random_codes(rng, 1, words).view(np.uint8), bitorder="little").astype(bool)
+    base = np_unpack(torch.from_numpy(random_codes(rng, 1, words)))
     flips = np.linspace(bits - 1, 0, nk).round().astype(int)  # distance to base, falling
     if order == "rising":
         flips = flips[::-1]
@@ -273,8 +273,7 @@ def ordered_codes(rng, order, nq, nk, words):
     for i in range(1, nq - 1):
         queries[i, rng.choice(bits, size=i, replace=False)] ^= True
     queries[-1] = rng.integers(0, 2, size=bits).astype(bool)
-    pack = lambda b: torch.from_numpy(np.packbits(b, axis=-1, bitorder="little").view("<i8").copy())
-    return pack(queries), pack(refs), flips
+    return torch.from_numpy(np_pack(queries)), torch.from_numpy(np_pack(refs)), flips
 
 
 @pytest.mark.parametrize("order", ["falling", "rising", "nearest_last"])
