@@ -4,10 +4,12 @@ With --baseline-tree, the same measurements run from another checkout (its own b
 rounds, so the two kernels meet the same spells of a shared machine.
 
     python benchmarks/decode_attn.py [--lengths 1024 4096 16384] [--queries 1 4 16 64] [--rounds 2]
-                                     [--baseline-tree DIR] [--out benchmarks/results/decode_attn_cpu.json]
+                                     [--model smollm2-135m] [--baseline-tree DIR]
+                                     [--out benchmarks/results/decode_attn_cpu.json]
 
-Each call reads a different layer's K/V (SmolLM2-135M's heads: 9 query heads, 3 KV heads of 64; 30 layers'
-worth), as a decode step does, so a cache that fits in L3 is not read from it on every call. The queries are the
+Each call reads a different layer's K/V (the model's heads, from bench.shapes: SmolLM2-135M by default, 9 query
+heads, 3 KV heads of 64; one cache per layer, at most 2 GiB of them), as a decode step does, so a cache that fits
+in L3 is not read from it on every call. The queries are the
 last positions of the cache (causal); bytes counted: K and V of every key, read once. SDPA gets K/V head-major (as
 HF's cache keeps them) with `enable_gqa`, no mask for one query and the boolean causal mask otherwise. The read
 ceiling is `torch.sum` over 256 MiB.
@@ -21,14 +23,18 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 9, 3, 64, 30
+CACHE_BYTES = 2 * 2**30  # the most that the layers' K/V of one length take
 
 
-def worker(lengths, queries) -> list:
+def worker(lengths, queries, model) -> list:
     import torch
 
     import semshare_ops
+    from semshare_ops.bench.shapes import ModelShape
     from semshare_ops.bench.timing import paired_median_us
+
+    shape = ModelShape.of(model)
+    Q_HEADS, KV_HEADS, HEAD_DIM = shape.q_heads, shape.kv_heads, shape.head_dim
 
     torch.manual_seed(0)
     big = torch.randn(64 * 2**20)
@@ -36,6 +42,7 @@ def worker(lengths, queries) -> list:
     del big
     records = []
     for nk in lengths:
+        LAYERS = max(2, min(shape.layers, CACHE_BYTES // (2 * nk * KV_HEADS * HEAD_DIM * 4)))
         caches = [(torch.randn(nk, KV_HEADS, HEAD_DIM), torch.randn(nk, KV_HEADS, HEAD_DIM)) for _ in range(LAYERS)]
         head_major = [(k.transpose(0, 1)[None].contiguous(), v.transpose(0, 1)[None].contiguous()) for k, v in caches]
         for nq in queries:
@@ -62,14 +69,15 @@ def worker(lengths, queries) -> list:
             records.append({"keys": nk, "queries": nq, "us": round(us[0], 1), "sdpa_us": round(us[1], 1),
                             "GB/s": round(kv_bytes / us[0] / 1e3, 2), "read_GB/s": round(read_gbps, 2),
                             "pct_of_read": round(100 * kv_bytes / us[0] / 1e3 / read_gbps, 1),
-                            "vs_sdpa": round(us[1] / us[0], 2), "threads": torch.get_num_threads()})
+                            "vs_sdpa": round(us[1] / us[0], 2), "threads": torch.get_num_threads(),
+                            "model": model, "layers": LAYERS})
     return records
 
 
 def run_tree(tree: Path, args) -> list:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, __file__, "--worker", "--lengths", *map(str, args.lengths), "--queries",
-           *map(str, args.queries)]
+           *map(str, args.queries), "--model", args.model]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -79,12 +87,13 @@ def main() -> int:
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 16384])
     parser.add_argument("--queries", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--model", default="smollm2-135m", help="the heads of one of bench.shapes' models")
     parser.add_argument("--baseline-tree", default=None, help="a checkout with its extension built in place")
     parser.add_argument("--out", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.lengths, args.queries)))
+        print(json.dumps(worker(args.lengths, args.queries, args.model)))
         return 0
 
     trees = {"this": REPO}
@@ -117,7 +126,7 @@ def main() -> int:
     if args.out:
         from semshare_ops.bench.provenance import environment
 
-        meta = {**environment(), "baseline_tree": None}
+        meta = {**environment(), "model": args.model, "baseline_tree": None}
         if args.baseline_tree:
             head = subprocess.run(["git", "-C", str(trees["baseline"]), "rev-parse", "HEAD"], capture_output=True,
                                   text=True).stdout.strip()

@@ -312,9 +312,10 @@ constexpr int64_t kMaxSplits = 64;
 // them, into a buffer that stays in L1.
 constexpr int64_t kLocalPackTiles = 2;
 
-// One unit of work: the queries sorted[q_begin, q_end) of sequence b, with every query head of KV head g, against
-// the keys [k_begin, k_end) of the sequence (tile-aligned from its first key). part < 0: the whole range, finished
-// in place; otherwise slice `slice` of `slices` of a split item whose partial rows start at part.
+// One unit of work: the queries sorted[q_begin, q_end) of sequence b, with every query head of the KV heads
+// [g, g + heads_per_item), against the keys [k_begin, k_end) of the sequence (tile-aligned from its first key).
+// part < 0: the whole range, finished in place; otherwise slice `slice` of `slices` of a split item whose partial
+// rows start at part.
 struct WorkItem {
   int64_t b, g, q_begin, q_end, k_begin, k_end, cost, part, slice, slices;
 };
@@ -362,14 +363,28 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
       break;
     }
   }
-  // Each (sequence, query tile, KV head) and the key range its queries can see: from the first query's window
-  // (default positions only) to the last query's position (default positions) or the sequence's end (kv_pos). A
-  // sequence without keys gets an empty range: its items only finish their rows (zeros and -inf).
-  std::vector<WorkItem> items;
-  int64_t max_tiles_per_seq = 0, longest = 0;
+  int64_t max_tiles_per_seq = 0;
   for (int64_t b = 0; b < s.batch; ++b) {
-    const int64_t k0 = s.cu_k[b], k1 = s.cu_k[b + 1], nq_b = s.cu_q[b + 1] - s.cu_q[b];
-    max_tiles_per_seq = std::max(max_tiles_per_seq, (nq_b + tile_q - 1) / tile_q);
+    max_tiles_per_seq = std::max(max_tiles_per_seq, (s.cu_q[b + 1] - s.cu_q[b] + tile_q - 1) / tile_q);
+  }
+  const bool few_tiles = max_tiles_per_seq <= kLocalPackTiles;
+  // k.stride(0) != 0: ldk == 0 tells attend_tile its K is a packed tile, so an expanded K is packed instead.
+  const bool direct = few_tiles && std::is_same_v<scalar_t, float> && D % 8 == 0 && Dv % kVChunk == 0 &&
+                      k.stride(0) != 0;
+  const bool local_pack = few_tiles && !direct, shared_pack = !few_tiles;
+  // Read in place, a key's row holds every KV head (768 bytes for SmolLM2); an item of one head reads a third of
+  // each (an eighth for Llama-3-8B), a stride that the hardware prefetchers follow poorly, and other items read the
+  // rest of the same rows at other times: one item then takes every head and reads whole rows, one contiguous
+  // stream (the key slices below keep the threads busy), 1.2-1.5x on decode calls. Packed tiles hold one head.
+  const int64_t heads_per_item = direct ? s.kv_heads : 1;
+
+  // Each (sequence, query tile, KV heads of an item) and the key range its queries can see: from the first query's
+  // window (default positions only) to the last query's position (default positions) or the sequence's end
+  // (kv_pos). A sequence without keys gets an empty range: its items only finish their rows (zeros and -inf).
+  std::vector<WorkItem> items;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int64_t k0 = s.cu_k[b], k1 = s.cu_k[b + 1];
     for (int64_t t = s.cu_q[b]; t < s.cu_q[b + 1]; t += tile_q) {
       const int64_t t_end = std::min(t + tile_q, s.cu_q[b + 1]);
       int64_t kb = k0, ke = k1;
@@ -380,8 +395,8 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
         kb = std::min(kb, ke > k0 ? (ke - k0 - 1) / kBlockK * kBlockK + k0 : k0);
       }
       longest = std::max(longest, ke - kb);
-      for (int64_t g = 0; g < s.kv_heads; ++g) {
-        items.push_back({b, g, t, t_end, kb, ke, (t_end - t) * (ke - kb + kBlockK), -1, 0, 1});
+      for (int64_t g = 0; g < s.kv_heads; g += heads_per_item) {
+        items.push_back({b, g, t, t_end, kb, ke, (t_end - t) * (ke - kb + kBlockK) * heads_per_item, -1, 0, 1});
       }
     }
   }
@@ -403,11 +418,11 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
         split.push_back(w);
         continue;
       }
-      const int64_t rows = (w.q_end - w.q_begin) * G;
+      const int64_t rows = (w.q_end - w.q_begin) * G * heads_per_item;
       for (int64_t z = 0; z < slices; ++z) {
         const int64_t kb = w.k_begin + z * split_keys, ke = std::min(w.k_end, kb + split_keys);
-        split.push_back({w.b, w.g, w.q_begin, w.q_end, kb, ke, (w.q_end - w.q_begin) * (ke - kb + kBlockK),
-                         part_rows, z, slices});
+        split.push_back({w.b, w.g, w.q_begin, w.q_end, kb, ke,
+                         (w.q_end - w.q_begin) * (ke - kb + kBlockK) * heads_per_item, part_rows, z, slices});
       }
       part_rows += slices * rows;
     }
@@ -439,11 +454,6 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
     }
   };
 
-  const bool few_tiles = max_tiles_per_seq <= kLocalPackTiles;
-  // k.stride(0) != 0: ldk == 0 tells attend_tile its K is a packed tile, so an expanded K is packed instead.
-  const bool direct = few_tiles && std::is_same_v<scalar_t, float> && D % 8 == 0 && Dv % kVChunk == 0 &&
-                      k.stride(0) != 0;
-  const bool local_pack = few_tiles && !direct, shared_pack = !few_tiles;
   std::vector<int64_t> tile_base(s.batch + 1, 0);
   for (int64_t b = 0; b < s.batch; ++b) {
     tile_base[b + 1] = tile_base[b] + (s.cu_k[b + 1] - s.cu_k[b] + kBlockK - 1) / kBlockK;
@@ -492,8 +502,10 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
   const int64_t n_items = static_cast<int64_t>(items.size());
   const int64_t workers = std::min<int64_t>(threads, std::max<int64_t>(n_items, 1));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    const int64_t rows_max = tile_q * G;
-    AlignedBuffer qbuf(rows_max * D), sbuf(rows_max * kBlockK), obuf(rows_max * Dvp), mbuf(rows_max),
+    // Rows of an item: head by head (KV head w.g + gi: rows gi * nq * G onwards), query by query, then the heads
+    // of the group. S holds one KV head's rows at a time.
+    const int64_t rows_max = tile_q * G * heads_per_item;
+    AlignedBuffer qbuf(rows_max * D), sbuf(tile_q * G * kBlockK), obuf(rows_max * Dvp), mbuf(rows_max),
         lbuf(rows_max), alphabuf(rows_max), biasbuf(tile_q * kBlockK), ktbuf(local_pack ? D * kBlockK : 0),
         vbuf(local_pack ? kBlockK * Dvp : 0);
     std::vector<int64_t> tile_qpos(tile_q), key_pos(kBlockK);
@@ -507,17 +519,20 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
 
     for (int64_t it = next++; it < n_items; it = next++) {
       const WorkItem& w = items[it];
-      const int64_t nq = w.q_end - w.q_begin, rows = nq * G;
+      const int64_t nq = w.q_end - w.q_begin, head_rows = nq * G, rows = head_rows * heads_per_item;
       const int64_t k0 = s.cu_k[w.b];
 
-      // Q rows (query r, head-in-group hh) -> row r * G + hh, in fp32 with the softmax scale folded in.
+      // Q rows (KV head w.g + gi, query r, head-in-group hh) -> row (gi * nq + r) * G + hh, in fp32 with the
+      // softmax scale folded in.
       for (int64_t r = 0; r < nq; ++r) {
         const int64_t i = order[w.q_begin + r];
         tile_qpos[r] = qpos[i];
-        for (int64_t hh = 0; hh < G; ++hh) {
-          const scalar_t* src = qp + i * qs0 + (w.g * G + hh) * qs1;
-          float* dst = Q + (r * G + hh) * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * scale;
+        for (int64_t gi = 0; gi < heads_per_item; ++gi) {
+          for (int64_t hh = 0; hh < G; ++hh) {
+            const scalar_t* src = qp + i * qs0 + ((w.g + gi) * G + hh) * qs1;
+            float* dst = Q + ((gi * nq + r) * G + hh) * D;
+            for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * scale;
+          }
         }
       }
       std::fill(O, O + rows * Dvp, 0.0f);
@@ -554,14 +569,16 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
           V = reinterpret_cast<const float*>(vp + j0 * vs0 + w.g * vs1);
           ldk = ks0;
           ldv = vs0;
-          // The next tile's rows are requested now: one head's rows are a stride apart, which the hardware
-          // prefetchers follow poorly, and a decode call is nothing but this stream.
+          // The next tile's rows are requested now, every head's part: the rows are a stride apart (and their
+          // heads too, where K/V are views), and a decode call is nothing but this stream.
           const int64_t next_nk = std::min(kBlockK, w.k_end - j0 - kBlockK);
           for (int64_t j = 0; j < next_nk; ++j) {
-            const char* kr = reinterpret_cast<const char*>(Kt + (kBlockK + j) * ldk);
-            const char* vr = reinterpret_cast<const char*>(V + (kBlockK + j) * ldv);
-            for (int64_t b = 0; b < D * 4; b += 64) __builtin_prefetch(kr + b);
-            for (int64_t b = 0; b < Dv * 4; b += 64) __builtin_prefetch(vr + b);
+            for (int64_t gi = 0; gi < heads_per_item; ++gi) {
+              const char* kr = reinterpret_cast<const char*>(Kt + (kBlockK + j) * ldk + gi * ks1);
+              const char* vr = reinterpret_cast<const char*>(V + (kBlockK + j) * ldv + gi * vs1);
+              for (int64_t b = 0; b < D * 4; b += 64) __builtin_prefetch(kr + b);
+              for (int64_t b = 0; b < Dv * 4; b += 64) __builtin_prefetch(vr + b);
+            }
           }
         } else if (local_pack) {
           pack_tile(w.g, j0, nk, ktbuf.get(), vbuf.get());
@@ -584,14 +601,20 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
             }
           }
         }
-        attend_tile(rows, D, Dvp, nk, G, need_mask, softcap, Q, Kt, ldk, V, ldv, bias, S, O, M, L, alpha);
+        for (int64_t gi = 0; gi < heads_per_item; ++gi) {  // heads past the first: read in place only
+          const int64_t row0 = gi * head_rows;
+          attend_tile(head_rows, D, Dvp, nk, G, need_mask, softcap, Q + row0 * D, Kt + gi * ks1, ldk,
+                      V + gi * vs1, ldv, bias, S, O + row0 * Dvp, M + row0, L + row0, alpha + row0);
+        }
       }
 
       if (w.part < 0) {
-        for (int64_t r = 0; r < nq; ++r) {
-          for (int64_t hh = 0; hh < G; ++hh) {
-            const int64_t row = r * G + hh;
-            finish(order[w.q_begin + r], w.g * G + hh, O + row * Dvp, M[row], L[row]);
+        for (int64_t gi = 0; gi < heads_per_item; ++gi) {
+          for (int64_t r = 0; r < nq; ++r) {
+            for (int64_t hh = 0; hh < G; ++hh) {
+              const int64_t row = (gi * nq + r) * G + hh;
+              finish(order[w.q_begin + r], (w.g + gi) * G + hh, O + row * Dvp, M[row], L[row]);
+            }
           }
         }
       } else {  // a slice: its state, merged below
@@ -614,10 +637,11 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
     std::vector<float> acc(Dvp);
     for (int64_t x = begin; x < end; ++x) {
       const WorkItem& w = *heads[x];
-      const int64_t nq = w.q_end - w.q_begin, rows = nq * G;
-      for (int64_t r = 0; r < nq; ++r) {
+      const int64_t nq = w.q_end - w.q_begin, rows = nq * G * heads_per_item;
+      for (int64_t rg = 0; rg < nq * heads_per_item; ++rg) {  // (KV head gi, query r) as gi * nq + r
+        const int64_t gi = rg / nq, r = rg % nq;
         for (int64_t hh = 0; hh < G; ++hh) {
-          const int64_t row = w.part + r * G + hh;
+          const int64_t row = w.part + rg * G + hh;
           // A slice whose visible logits include a NaN has L = NaN (its M may still be -inf, when NaN was all it
           // saw): carried here, so the row comes out NaN and never as "no visible key".
           float m = kNegInf;
@@ -638,7 +662,7 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
             }
           }
           if (nan_row) l = std::numeric_limits<float>::quiet_NaN();
-          finish(order[w.q_begin + r], w.g * G + hh, acc.data(), m, l);
+          finish(order[w.q_begin + r], (w.g + gi) * G + hh, acc.data(), m, l);
         }
       }
     }
