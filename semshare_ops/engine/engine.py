@@ -38,6 +38,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, 
 
 import torch
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .. import ops
@@ -146,27 +147,30 @@ class _MarginGuard(LogitsProcessor):
         return scores
 
 
-class _DecodeRecompute(LogitsProcessor):
+class _DecodeRecompute(StoppingCriteria):
     """ReuseConfig.decode_recompute: between decode steps, the next `rows` stale prompt positions (`cache.stale`, in
-    position order) run through every layer (ReuseEngine._recompute_stale). Called before each of the `steps` tokens
-    is chosen, after that step's forward: the first call (the first token's) does nothing, so the first token is not
-    delayed, and neither does the last, whose rows no later step would read. Returns the scores unchanged."""
+    position order) run through every layer (ReuseEngine._recompute_stale). Called once per step of at most `steps`,
+    after that step's forward (generate: as a stopping criterion, once the step's token is chosen and streamed, so
+    that it knows the token): the first call (the first token's) does nothing, so the first token is not delayed,
+    and neither does the last, whose rows no later step would read: the `steps`-th, or the one whose token is one of
+    `stop_ids` (an end of sequence, where generate stops). Never stops generation itself."""
 
-    def __init__(self, engine: "ReuseEngine", ids: torch.Tensor, cache: SemShareCache, rows: int, steps: int):
+    def __init__(self, engine: "ReuseEngine", ids: torch.Tensor, cache: SemShareCache, rows: int, steps: int,
+                 stop_ids: frozenset = frozenset()):
         self.engine, self.ids, self.cache, self.rows, self.steps = engine, ids, cache, rows, steps
-        self.calls = self.done = 0
+        self.stop_ids, self.calls, self.done = stop_ids, 0, 0
 
-    def step(self) -> None:
+    def step(self, last: bool = False) -> None:
         stale = self.cache.stale
-        if 0 < self.calls < self.steps - 1 and self.done < len(stale):
+        if 0 < self.calls < self.steps - 1 and not last and self.done < len(stale):
             positions = stale[self.done: self.done + self.rows]
             self.engine._recompute_stale(self.cache, self.ids, positions)
             self.done += len(positions)
         self.calls += 1
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.step()
-        return scores
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.step(last=bool(self.stop_ids) and int(input_ids[0, -1]) in self.stop_ids)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def decaying_counts(total: int, layers: int, lead: int, floor: int, target_mean: float, decay: float) -> List[int]:
@@ -1174,12 +1178,17 @@ class ReuseEngine:
         timer = kwargs["streamer"] = _FirstTokenTimer(start, generate_kwargs.get("streamer"))
         processors = LogitsProcessorList(generate_kwargs.get("logits_processor") or [])
         watch = _MarginGuard(guard_margin, len(ids), bool(kwargs.get("output_logits"))) if guard_margin > 0 else None
-        # After the guard: a step it refuses is not taken, so nothing is recomputed for it.
-        heal = _DecodeRecompute(self, ids, cache, self.config.decode_recompute, max_new_tokens) \
-            if self.config.decode_recompute and len(cache.stale) else None
+        # A stopping criterion, so after the guard's processor: a step it refuses is not taken, so nothing is
+        # recomputed for it.
+        heal = _DecodeRecompute(self, ids, cache, self.config.decode_recompute, max_new_tokens,
+                                self._stop_token_ids(kwargs)) if self.config.decode_recompute and len(cache.stale) \
+            else None
+        criteria = generate_kwargs.get("stopping_criteria")
+        if heal is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList(list(criteria or []) + [heal])
         try:
             out = self._generate(ids, cache, {**kwargs, "logits_processor": LogitsProcessorList(
-                [p for p in (watch, heal) if p is not None] + list(processors))})
+                ([watch] if watch is not None else []) + list(processors))})
             done, record = [], None if watch is None else {
                 "margin": guard_margin, "repaired_at": None, "lowest_lead": watch.lowest}
         except _GuardTripped as trip:
@@ -1188,13 +1197,24 @@ class ReuseEngine:
             timer.restart()
             cache = self._request_cache(capacity=len(ids) + max_new_tokens)
             out = self._generate(torch.cat([ids, ids.new_tensor(done)]), cache,
-                                 {**kwargs, "max_new_tokens": max_new_tokens - len(done), "logits_processor": processors})
+                                 {**kwargs, "max_new_tokens": max_new_tokens - len(done),
+                                  "logits_processor": processors, "stopping_criteria": criteria})
         logits = getattr(out, "logits", None)  # a GenerateOutput when return_dict_in_generate=True
         if logits is not None and done:
             logits = tuple(watch.scores[:len(done)]) + tuple(logits)
         sequences = getattr(out, "sequences", out)
         new_ids = done + sequences[0, len(ids) + len(done):].tolist()
         return new_ids, timer.first_token_s, logits, cache, record, 0 if heal is None else heal.done
+
+    def _stop_token_ids(self, kwargs: Dict) -> frozenset:
+        """The end-of-sequence ids a generate call with `kwargs` stops at (its eos_token_id, else its generation
+        config's, else the model's)."""
+        config = kwargs.get("generation_config") or self.model.generation_config
+        eos = kwargs["eos_token_id"] if "eos_token_id" in kwargs else getattr(config, "eos_token_id", None)
+        if eos is None:
+            return frozenset()
+        eos = eos.tolist() if torch.is_tensor(eos) else eos
+        return frozenset(int(t) for t in (eos if isinstance(eos, (list, tuple)) else [eos]))
 
     def _generate(self, ids: torch.Tensor, cache: SemShareCache, kwargs: Dict):
         with cache.active():

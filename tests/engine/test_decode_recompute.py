@@ -4,6 +4,7 @@ conftest.py."""
 
 import pytest
 import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
 from semshare_ops.engine import ReuseConfig
 from engine_testutils import NEW, edited, engine_for  # noqa: E402
@@ -62,6 +63,33 @@ def test_rows_per_step_until_none_is_stale(model, tokenizer, reference_ids, ref_
         assert generate(engine, prompt, **kwargs).stats["decode_recomputed_tokens"] == 0
     every = engine_for(model, tokenizer, recompute_ratio=1.0, decode_recompute=3)
     assert generate(every, target, reference=ref_entry).stats["decode_recomputed_tokens"] == 0
+
+
+class Calls(StoppingCriteria):
+    def __init__(self):
+        self.steps = 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.steps += 1
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def test_a_generation_ended_by_eos_recomputes_nothing_after_its_last_token(model, tokenizer, reference_ids, ref_entry):
+    """The step whose token ends the generation is the last, as the max_new_tokens-th is: no later step reads its
+    rows. score() over the same tokens recomputes the same rows."""
+    target = edited(reference_ids, "few")
+    engine = engine_for(model, tokenizer, recompute_ratio=0.1, decode_recompute=3)
+    tokens = generate(engine, target, reference=ref_entry).token_ids
+    # An end of sequence at step `end` (< NEW - 1): a token first met there, so greedy decoding stops at it (the
+    # tiny Qwen2 alternates two tokens: step 1).
+    end = max(i for i in range(1, NEW - 1) if tokens[i] not in tokens[:i])
+    calls = Calls()  # a criterion of the caller's: still called at every step beside the engine's own
+    out = generate(engine, target, reference=ref_entry, eos_token_id=tokens[end],
+                   stopping_criteria=StoppingCriteriaList([calls]))
+    assert out.token_ids == tokens[:end + 1] and calls.steps == end + 1
+    assert out.stats["decode_recomputed_tokens"] == 3 * (end + 1 - 2)  # between the end + 1 steps' forwards
+    _, stats = engine.score(target, out.token_ids, reference=ref_entry)
+    assert stats["decode_recomputed_tokens"] == out.stats["decode_recomputed_tokens"]
 
 
 def test_score_recomputes_where_generate_does(model, tokenizer, reference_ids, ref_entry):
