@@ -4,7 +4,7 @@ With --baseline-tree, the same measurements run from another checkout (its own b
 rounds, so the two kernels meet the same spells of a shared machine.
 
     python benchmarks/decode_attn.py [--lengths 1024 4096 16384] [--queries 1 4 16 64] [--rounds 2]
-                                     [--model smollm2-135m] [--baseline-tree DIR]
+                                     [--model smollm2-135m] [--dtype float32] [--baseline-tree DIR]
                                      [--out benchmarks/results/decode_attn_cpu.json]
 
 Each call reads a different layer's K/V (the model's heads, from bench.shapes: SmolLM2-135M by default, 9 query
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE_BYTES = 2 * 2**30  # the most that the layers' K/V of one length take
 
 
-def worker(lengths, queries, model) -> list:
+def worker(lengths, queries, model, dtype_name) -> list:
     import torch
 
     import semshare_ops
@@ -34,6 +34,8 @@ def worker(lengths, queries, model) -> list:
     from semshare_ops.bench.timing import paired_median_us
 
     shape = ModelShape.of(model)
+    dtype = getattr(torch, dtype_name)
+    size = torch.empty((), dtype=dtype).element_size()
     Q_HEADS, KV_HEADS, HEAD_DIM = shape.q_heads, shape.kv_heads, shape.head_dim
 
     torch.manual_seed(0)
@@ -42,11 +44,12 @@ def worker(lengths, queries, model) -> list:
     del big
     records = []
     for nk in lengths:
-        LAYERS = max(2, min(shape.layers, CACHE_BYTES // (2 * nk * KV_HEADS * HEAD_DIM * 4)))
-        caches = [(torch.randn(nk, KV_HEADS, HEAD_DIM), torch.randn(nk, KV_HEADS, HEAD_DIM)) for _ in range(LAYERS)]
+        LAYERS = max(2, min(shape.layers, CACHE_BYTES // (2 * nk * KV_HEADS * HEAD_DIM * size)))
+        caches = [(torch.randn(nk, KV_HEADS, HEAD_DIM).to(dtype), torch.randn(nk, KV_HEADS, HEAD_DIM).to(dtype))
+                  for _ in range(LAYERS)]
         head_major = [(k.transpose(0, 1)[None].contiguous(), v.transpose(0, 1)[None].contiguous()) for k, v in caches]
         for nq in queries:
-            q = torch.randn(nq, Q_HEADS, HEAD_DIM)
+            q = torch.randn(nq, Q_HEADS, HEAD_DIM).to(dtype)
             q_pos = torch.arange(nk - nq, nk)
             qh = q.transpose(0, 1)[None].contiguous()
             mask = None if nq == 1 else (torch.arange(nk)[None, :] <= q_pos[:, None])
@@ -65,19 +68,19 @@ def worker(lengths, queries, model) -> list:
             # a median of 9 rounds of LAYERS calls each, the two timed in turn
             us = [t / LAYERS for t in paired_median_us(
                 [lambda: [ours() for _ in range(LAYERS)], lambda: [sdpa() for _ in range(LAYERS)]], "cpu")]
-            kv_bytes = 2 * nk * KV_HEADS * HEAD_DIM * 4
+            kv_bytes = 2 * nk * KV_HEADS * HEAD_DIM * size
             records.append({"keys": nk, "queries": nq, "us": round(us[0], 1), "sdpa_us": round(us[1], 1),
                             "GB/s": round(kv_bytes / us[0] / 1e3, 2), "read_GB/s": round(read_gbps, 2),
                             "pct_of_read": round(100 * kv_bytes / us[0] / 1e3 / read_gbps, 1),
                             "vs_sdpa": round(us[1] / us[0], 2), "threads": torch.get_num_threads(),
-                            "model": model, "layers": LAYERS})
+                            "model": model, "dtype": dtype_name, "layers": LAYERS})
     return records
 
 
 def run_tree(tree: Path, args) -> list:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, __file__, "--worker", "--lengths", *map(str, args.lengths), "--queries",
-           *map(str, args.queries), "--model", args.model]
+           *map(str, args.queries), "--model", args.model, "--dtype", args.dtype]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -88,12 +91,13 @@ def main() -> int:
     parser.add_argument("--queries", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--model", default="smollm2-135m", help="the heads of one of bench.shapes' models")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="Q, K and V")
     parser.add_argument("--baseline-tree", default=None, help="a checkout with its extension built in place")
     parser.add_argument("--out", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.lengths, args.queries, args.model)))
+        print(json.dumps(worker(args.lengths, args.queries, args.model, args.dtype)))
         return 0
 
     trees = {"this": REPO}
@@ -126,7 +130,7 @@ def main() -> int:
     if args.out:
         from semshare_ops.bench.provenance import environment
 
-        meta = {**environment(), "model": args.model, "baseline_tree": None}
+        meta = {**environment(), "model": args.model, "dtype": args.dtype, "baseline_tree": None}
         if args.baseline_tree:
             head = subprocess.run(["git", "-C", str(trees["baseline"]), "rev-parse", "HEAD"], capture_output=True,
                                   text=True).stdout.strip()

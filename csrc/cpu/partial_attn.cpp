@@ -308,8 +308,8 @@ constexpr int64_t kMaxSplits = 64;
 
 // K/V are packed (fp32, K transposed) once per call into a shared buffer when more than this many query tiles of a
 // sequence read each K/V tile. With fewer, a packed tile would be used once or twice and packing costs about what
-// its arithmetic does: fp32 K/V are read where they lie, other dtypes packed (converted) by the item that reads
-// them, into a buffer that stays in L1.
+// its arithmetic does: fp32 K/V are read where they lie, other dtypes converted to fp32 rows (not transposed) by
+// the item that reads them, into a buffer that stays in L1 or L2.
 constexpr int64_t kLocalPackTiles = 2;
 
 // One unit of work: the queries sorted[q_begin, q_end) of sequence b, with every query head of the KV heads
@@ -363,20 +363,30 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
       break;
     }
   }
-  int64_t max_tiles_per_seq = 0;
+  int64_t max_tiles_per_seq = 0, max_tile_q = 0;
   for (int64_t b = 0; b < s.batch; ++b) {
-    max_tiles_per_seq = std::max(max_tiles_per_seq, (s.cu_q[b + 1] - s.cu_q[b] + tile_q - 1) / tile_q);
+    const int64_t nq_b = s.cu_q[b + 1] - s.cu_q[b];
+    max_tiles_per_seq = std::max(max_tiles_per_seq, (nq_b + tile_q - 1) / tile_q);
+    max_tile_q = std::max(max_tile_q, std::min(nq_b, tile_q));
   }
   const bool few_tiles = max_tiles_per_seq <= kLocalPackTiles;
-  // k.stride(0) != 0: ldk == 0 tells attend_tile its K is a packed tile, so an expanded K is packed instead.
-  const bool direct = few_tiles && std::is_same_v<scalar_t, float> && D % 8 == 0 && Dv % kVChunk == 0 &&
-                      k.stride(0) != 0;
-  const bool local_pack = few_tiles && !direct, shared_pack = !few_tiles;
-  // Read in place, a key's row holds every KV head (768 bytes for SmolLM2); an item of one head reads a third of
-  // each (an eighth for Llama-3-8B), a stride that the hardware prefetchers follow poorly, and other items read the
-  // rest of the same rows at other times: one item then takes every head and reads whole rows, one contiguous
+  // Rows: K/V read as fp32 rows by the dot-product kernel, where they lie (fp32) or converted a tile at a time
+  // (other dtypes: a shift for bf16, where packing transposed one element at a time cost about what a decode
+  // call's arithmetic does). The dot products cost more per FLOP than the packed tile's micro-kernel, so other
+  // dtypes take this path only while a head's rows times D stay within kRowsWork (SmolLM2's 16 queries: 48 x 64;
+  // Llama-3-8B's 16, 64 x 128, measured 0.87x). k.stride(0) != 0: ldk == 0 tells attend_tile its K is a packed
+  // tile, so an expanded K is packed instead.
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  constexpr int64_t kRowsWork = 4096;
+  const bool rows_path = few_tiles && D % 8 == 0 && Dv % kVChunk == 0 && k.stride(0) != 0 &&
+                         (kFloat || max_tile_q * G * D <= kRowsWork);
+  const bool convert = rows_path && !kFloat;
+  const bool local_pack = few_tiles && !rows_path, shared_pack = !few_tiles;
+  // A key's row holds every KV head (768 bytes for SmolLM2); an item of one head reads a third of each (an eighth
+  // for Llama-3-8B), a stride that the hardware prefetchers follow poorly, and other items read the rest of the same
+  // rows at other times: on the rows path one item then takes every head and reads whole rows, one contiguous
   // stream (the key slices below keep the threads busy), 1.2-1.5x on decode calls. Packed tiles hold one head.
-  const int64_t heads_per_item = direct ? s.kv_heads : 1;
+  const int64_t heads_per_item = rows_path ? s.kv_heads : 1;
 
   // Each (sequence, query tile, KV heads of an item) and the key range its queries can see: from the first query's
   // window (default positions only) to the last query's position (default positions) or the sequence's end
@@ -506,8 +516,9 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
     // of the group. S holds one KV head's rows at a time.
     const int64_t rows_max = tile_q * G * heads_per_item;
     AlignedBuffer qbuf(rows_max * D), sbuf(tile_q * G * kBlockK), obuf(rows_max * Dvp), mbuf(rows_max),
-        lbuf(rows_max), alphabuf(rows_max), biasbuf(tile_q * kBlockK), ktbuf(local_pack ? D * kBlockK : 0),
-        vbuf(local_pack ? kBlockK * Dvp : 0);
+        lbuf(rows_max), alphabuf(rows_max), biasbuf(tile_q * kBlockK),
+        ktbuf(local_pack ? D * kBlockK : convert ? kBlockK * heads_per_item * D : 0),
+        vbuf(local_pack ? kBlockK * Dvp : convert ? kBlockK * heads_per_item * Dv : 0);
     std::vector<int64_t> tile_qpos(tile_q), key_pos(kBlockK);
     float* Q = qbuf.get();
     float* S = sbuf.get();
@@ -563,21 +574,37 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
         const bool need_mask = !(all_present && pos_max <= q_min && whole_window);
 
         const float *Kt, *V;
-        int64_t ldk = 0, ldv = Dvp;
-        if (direct) {  // fp32 rows where they lie (the branch is dead for other dtypes)
-          Kt = reinterpret_cast<const float*>(kp + j0 * ks0 + w.g * ks1);
-          V = reinterpret_cast<const float*>(vp + j0 * vs0 + w.g * vs1);
-          ldk = ks0;
-          ldv = vs0;
+        int64_t ldk = 0, ldv = Dvp, k_head = 0, v_head = 0;  // k_head, v_head: from one KV head's row to the next
+        if (rows_path) {
+          if constexpr (kFloat) {  // fp32 rows where they lie
+            Kt = kp + j0 * ks0 + w.g * ks1;
+            V = vp + j0 * vs0 + w.g * vs1;
+            ldk = ks0, ldv = vs0, k_head = ks1, v_head = vs1;
+          } else {  // the tile's rows of the item's heads in fp32, head after head within a key's row
+            float* kc = ktbuf.get();
+            float* vc = vbuf.get();
+            for (int64_t j = 0; j < nk; ++j) {
+              for (int64_t gi = 0; gi < heads_per_item; ++gi) {
+                const scalar_t* kr = kp + (j0 + j) * ks0 + (w.g + gi) * ks1;
+                const scalar_t* vr = vp + (j0 + j) * vs0 + (w.g + gi) * vs1;
+                float* kd = kc + (j * heads_per_item + gi) * D;
+                float* vd = vc + (j * heads_per_item + gi) * Dv;
+                for (int64_t d = 0; d < D; ++d) kd[d] = static_cast<float>(kr[d]);
+                for (int64_t e = 0; e < Dv; ++e) vd[e] = static_cast<float>(vr[e]);
+              }
+            }
+            Kt = kc, V = vc;
+            ldk = heads_per_item * D, ldv = heads_per_item * Dv, k_head = D, v_head = Dv;
+          }
           // The next tile's rows are requested now, every head's part: the rows are a stride apart (and their
           // heads too, where K/V are views), and a decode call is nothing but this stream.
           const int64_t next_nk = std::min(kBlockK, w.k_end - j0 - kBlockK);
           for (int64_t j = 0; j < next_nk; ++j) {
             for (int64_t gi = 0; gi < heads_per_item; ++gi) {
-              const char* kr = reinterpret_cast<const char*>(Kt + (kBlockK + j) * ldk + gi * ks1);
-              const char* vr = reinterpret_cast<const char*>(V + (kBlockK + j) * ldv + gi * vs1);
-              for (int64_t b = 0; b < D * 4; b += 64) __builtin_prefetch(kr + b);
-              for (int64_t b = 0; b < Dv * 4; b += 64) __builtin_prefetch(vr + b);
+              const char* kr = reinterpret_cast<const char*>(kp + (j0 + kBlockK + j) * ks0 + (w.g + gi) * ks1);
+              const char* vr = reinterpret_cast<const char*>(vp + (j0 + kBlockK + j) * vs0 + (w.g + gi) * vs1);
+              for (int64_t b = 0; b < D * int64_t(sizeof(scalar_t)); b += 64) __builtin_prefetch(kr + b);
+              for (int64_t b = 0; b < Dv * int64_t(sizeof(scalar_t)); b += 64) __builtin_prefetch(vr + b);
             }
           }
         } else if (local_pack) {
@@ -601,10 +628,10 @@ void partial_attn_kernel(const PartialAttnShape& s, const at::Tensor& q, const a
             }
           }
         }
-        for (int64_t gi = 0; gi < heads_per_item; ++gi) {  // heads past the first: read in place only
+        for (int64_t gi = 0; gi < heads_per_item; ++gi) {  // heads past the first: the rows path only
           const int64_t row0 = gi * head_rows;
-          attend_tile(head_rows, D, Dvp, nk, G, need_mask, softcap, Q + row0 * D, Kt + gi * ks1, ldk,
-                      V + gi * vs1, ldv, bias, S, O + row0 * Dvp, M + row0, L + row0, alpha + row0);
+          attend_tile(head_rows, D, Dvp, nk, G, need_mask, softcap, Q + row0 * D, Kt + gi * k_head, ldk,
+                      V + gi * v_head, ldv, bias, S, O + row0 * Dvp, M + row0, L + row0, alpha + row0);
         }
       }
 
