@@ -9,10 +9,9 @@ rounds, so the two kernels meet the same spells of a shared machine.
 
 Each call reads a different layer's K/V (the model's heads, from bench.shapes: SmolLM2-135M by default, 9 query
 heads, 3 KV heads of 64; one cache per layer, at most 2 GiB of them), as a decode step does, so a cache that fits
-in L3 is not read from it on every call. The queries are the
-last positions of the cache (causal); bytes counted: K and V of every key, read once. SDPA gets K/V head-major (as
-HF's cache keeps them) with `enable_gqa`, no mask for one query and the boolean causal mask otherwise. The read
-ceiling is `torch.sum` over 256 MiB.
+in L3 is not read from it on every call. The queries are the last positions of the cache (causal); bytes counted:
+K and V of every key, read once. SDPA gets K/V head-major (as HF's cache keeps them) with `enable_gqa`, no mask for
+one query and the boolean causal mask otherwise. The read ceiling is `torch.sum` over 256 MiB.
 """
 import argparse
 import json
@@ -35,8 +34,6 @@ def worker(lengths, queries, model, dtype_name) -> list:
 
     shape = ModelShape.of(model)
     dtype = getattr(torch, dtype_name)
-    size = torch.empty((), dtype=dtype).element_size()
-    Q_HEADS, KV_HEADS, HEAD_DIM = shape.q_heads, shape.kv_heads, shape.head_dim
 
     torch.manual_seed(0)
     big = torch.randn(64 * 2**20)
@@ -44,36 +41,35 @@ def worker(lengths, queries, model, dtype_name) -> list:
     del big
     records = []
     for nk in lengths:
-        LAYERS = max(2, min(shape.layers, CACHE_BYTES // (2 * nk * KV_HEADS * HEAD_DIM * size)))
-        caches = [(torch.randn(nk, KV_HEADS, HEAD_DIM).to(dtype), torch.randn(nk, KV_HEADS, HEAD_DIM).to(dtype))
-                  for _ in range(LAYERS)]
+        kv_bytes = 2 * nk * shape.kv_heads * shape.head_dim * dtype.itemsize  # one layer's K and V
+        layers = max(2, min(shape.layers, CACHE_BYTES // kv_bytes))
+        caches = [tuple(torch.randn(nk, shape.kv_heads, shape.head_dim).to(dtype) for _ in "kv") for _ in range(layers)]
         head_major = [(k.transpose(0, 1)[None].contiguous(), v.transpose(0, 1)[None].contiguous()) for k, v in caches]
         for nq in queries:
-            q = torch.randn(nq, Q_HEADS, HEAD_DIM).to(dtype)
+            q = torch.randn(nq, shape.q_heads, shape.head_dim).to(dtype)
             q_pos = torch.arange(nk - nq, nk)
             qh = q.transpose(0, 1)[None].contiguous()
             mask = None if nq == 1 else (torch.arange(nk)[None, :] <= q_pos[:, None])
             calls = {"n": 0}
 
             def ours():
-                k, v = caches[calls["n"] % LAYERS]
+                k, v = caches[calls["n"] % layers]
                 calls["n"] += 1
                 semshare_ops.partial_attn(q, k, v, q_pos)
 
             def sdpa():
-                k, v = head_major[calls["n"] % LAYERS]
+                k, v = head_major[calls["n"] % layers]
                 calls["n"] += 1
                 torch.nn.functional.scaled_dot_product_attention(qh, k, v, attn_mask=mask, enable_gqa=True)
 
-            # a median of 9 rounds of LAYERS calls each, the two timed in turn
-            us = [t / LAYERS for t in paired_median_us(
-                [lambda: [ours() for _ in range(LAYERS)], lambda: [sdpa() for _ in range(LAYERS)]], "cpu")]
-            kv_bytes = 2 * nk * KV_HEADS * HEAD_DIM * size
+            # a median of 9 rounds of `layers` calls each, the two timed in turn
+            us = [t / layers for t in paired_median_us(
+                [lambda: [ours() for _ in range(layers)], lambda: [sdpa() for _ in range(layers)]], "cpu")]
             records.append({"keys": nk, "queries": nq, "us": round(us[0], 1), "sdpa_us": round(us[1], 1),
                             "GB/s": round(kv_bytes / us[0] / 1e3, 2), "read_GB/s": round(read_gbps, 2),
                             "pct_of_read": round(100 * kv_bytes / us[0] / 1e3 / read_gbps, 1),
                             "vs_sdpa": round(us[1] / us[0], 2), "threads": torch.get_num_threads(),
-                            "model": model, "dtype": dtype_name, "layers": LAYERS})
+                            "model": model, "dtype": dtype_name, "layers": layers})
     return records
 
 
