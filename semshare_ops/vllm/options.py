@@ -6,7 +6,8 @@ Engine settings are the `ReuseConfig` fields that apply to vLLM (`ReuseConfig` c
 connector's own:
 - `donor_bytes` (default 1 GiB): the worker's budget for donors' K/V, least recently used evicted first;
 - `max_depth` (default 4): a request served by reuse from a donor of depth d is kept as a donor of depth d + 1, and
-  not kept past `max_depth` (reuse hops compound their approximation; a full prefill is depth 0);
+  not kept past `max_depth` (reuse hops compound their approximation; a full prefill is depth 0, and so is a reuse
+  that left no row reused);
 - `candidates` (default 4): donors of the request's namespace aligned token by token, after a cheap pre-ranking.
 Request settings: `reuse` and `save` (booleans, default True: take a donor's K/V / keep this prompt as a donor)
 and per-request values of the per-request `ReuseConfig` fields (`recompute_ratio`, ...).

@@ -71,6 +71,9 @@ class SavePlan:
     donor_id: str
     token_ids: torch.Tensor
     block_ids: torch.Tensor
+    # Keep it only if this step's load of the request reports rows [0, exact_needed) exact (`exact_until`), that is a
+    # reuse that left no row reused: one hop past max_depth, kept only as the exact donor of depth 0 it then is.
+    exact_needed: Optional[int] = None
 
 
 @dataclass
@@ -314,11 +317,16 @@ class SchedulerSide:
             if not before < total <= before + scheduled:
                 continue  # the prompt is not completed in this step
             depth, exact = self._donor_depth_and_exact(state)
+            exact_needed = None
             if depth > self.options.max_depth:
                 state.stats["saved_reason"] = f"depth {depth} exceeds max_depth {self.options.max_depth}"
-                continue
+                if not state.awaiting_report:
+                    continue
+                # Its load runs in this step, and under LSH matching only the worker knows whether it leaves any
+                # row reused: the worker keeps it only if none is (then it is exact, depth 0: apply_report).
+                exact_needed = state.plan.stop
             block_ids = torch.tensor(self.manager.get_block_ids(req_id)[0], dtype=torch.long)
-            saves.append(SavePlan(req_id, req_id, torch.tensor(state.token_ids), block_ids))
+            saves.append(SavePlan(req_id, req_id, torch.tensor(state.token_ids), block_ids, exact_needed))
             info = DonorInfo(req_id, state.namespace, state.token_ids, depth, exact)
             self.pending_saves[req_id] = (info, state.stats)
         return loads, saves
@@ -396,6 +404,7 @@ class SchedulerSide:
             if info is not None:
                 self.index.add(info)
                 stats["saved"] = True
+                stats.pop("saved_reason", None)  # a save past max_depth its load left exact (exact_needed)
         for donor_id in report.get("unsaved", []):  # the worker skipped it (a failed load, too large, an error)
             self.pending_saves.pop(donor_id, None)
         for donor_id in report.get("evicted", []):

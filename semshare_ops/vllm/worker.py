@@ -114,6 +114,10 @@ class WorkerSide:
                 # Its cache holds a failed load's leftovers this step; vLLM recomputes it first.
                 self.report["unsaved"].append(save.donor_id)
                 continue
+            if save.exact_needed is not None and \
+                    self.report["loads"].get(save.req_id, {}).get("exact_until", -1) < save.exact_needed:
+                self.report["unsaved"].append(save.donor_id)  # past max_depth and not exact: not a donor
+                continue
             try:
                 with torch.inference_mode():
                     keys, values = self.model.read_all(save.block_ids, 0, len(save.token_ids))

@@ -140,6 +140,23 @@ def test_the_kv_only_pass_writes_what_the_whole_layer_writes(llm):
     assert found == [{"keys_equal": True, "values_equal": True, "written": True, "inputs_kept": True}] * 2, found
 
 
+def _engine_of_its_own(script, model_dir, tmp_path_factory):
+    """Run `script` (an engine of its own, in one process) and return what it printed as its RESULT."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path_factory.mktemp("engine") / "run.py"
+    path.write_text(script.format(tests=str(Path(__file__).parents[1]), model=model_dir))
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 SMALL_ENGINE = """
 import json, sys
 sys.path.insert(0, {tests!r})
@@ -179,19 +196,7 @@ if __name__ == "__main__":
 def small_engine(model_dir, tmp_path_factory):
     """Scheduling cases of an engine of its own, in one process (VLLM_ENABLE_V1_MULTIPROCESSING=0: requests given
     to one `generate` call are all queued before its first step, which the engine-core process does not promise)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    path = tmp_path_factory.mktemp("small_engine") / "run.py"
-    path.write_text(SMALL_ENGINE.format(tests=str(Path(__file__).parents[1]), model=model_dir))
-    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, done.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return _engine_of_its_own(SMALL_ENGINE, model_dir, tmp_path_factory)
 
 
 def test_a_prefix_computed_in_the_same_step_is_vllms_own_prefill(small_engine):
@@ -213,6 +218,49 @@ def test_a_request_preempted_after_its_load_is_never_an_exact_donor(small_engine
     assert case["again"]["mode"] == "reuse" and case["again"]["donor_id"] is not None, case
     same, diff = case["full"]
     assert same and diff < LOGPROB_ATOL, case
+
+
+LSH_ENGINE = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from vllm_testutils import OFF, serve
+if __name__ == "__main__":
+    from vllm import LLM
+    import semshare_ops.vllm as ssv
+    from semshare_ops.bench.e2e import edit_tokens, text_prompt
+    llm = LLM({model!r}, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+              **ssv.engine_args(matching="lsh", max_depth=0))
+    reference = text_prompt(llm.get_tokenizer(), 400)
+    first, second = edit_tokens(reference, 0.1, seed=7), edit_tokens(reference, 0.1, seed=8)
+    diff = lambda a, b: (a.tokens == b.tokens, max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)))
+    donor = serve(llm, reference, "lsh")
+    whole = serve(llm, first, "lsh", {{"recompute_ratio": 1.0, "min_similarity": 0.0}})
+    part = serve(llm, second, "lsh", {{"min_similarity": 0.0}})
+    result = {{"donor": donor.stats, "whole": whole.stats, "part": part.stats,
+              "full": diff(whole, serve(llm, first, "lsh-full", OFF))}}
+    print("RESULT " + json.dumps(result))
+"""
+
+
+@pytest.fixture(scope="module")
+def lsh_engine(model_dir, tmp_path_factory):
+    return _engine_of_its_own(LSH_ENGINE, model_dir, tmp_path_factory)
+
+
+def test_under_lsh_matching_every_row_recomputed_is_vllms_own_prefill_and_an_exact_donor(lsh_engine):
+    """An engine matching by LSH with max_depth 0: a reuse is one hop past it, so it is kept only when its load
+    leaves no row reused (ratio 1.0), as the exact donor of depth 0 its K/V then are. Only the worker knows that
+    under LSH (it aligns again), in the step that loads and saves the prompt; such a prompt was once never kept."""
+    case = lsh_engine
+    assert case["donor"]["mode"] == "full" and case["donor"]["saved"], case["donor"]
+    whole = case["whole"]
+    assert whole["mode"] == "reuse" and whole["donor_depth"] == 0, whole
+    assert whole["saved"] and "saved_reason" not in whole, whole
+    same, diff = case["full"]
+    assert same and diff < LOGPROB_ATOL, case
+    part = case["part"]  # the default ratio leaves rows reused: one hop deeper than max_depth allows
+    assert part["mode"] == "reuse" and min(part["recomputed_tokens"]) < part["prompt_tokens"] - part["exact_tokens"]
+    assert not part["saved"] and part["saved_reason"] == "depth 1 exceeds max_depth 0", part
 
 
 def test_unsupported_architectures_are_named():

@@ -196,6 +196,44 @@ def test_the_workers_report_decides_under_lsh_matching():
         assert "b" not in side.pending_saves and (info.depth, info.exact_prefix) == want
 
 
+def test_a_reuse_past_max_depth_is_kept_only_if_its_load_leaves_no_row_reused():
+    """A donor at max_depth and an edit of it (no extension), under LSH matching: one hop past max_depth, unless the
+    worker's load recomputes every row past the exact prefix in every layer (ratio 1.0, a budget that covers them):
+    its K/V are then a full prefill's, an exact donor of depth 0. Only the worker knows, in the step that loads and
+    saves it; the save was once refused when the step was built, so such a prompt was never kept."""
+    stop = len(TARGET) - 1
+    for exact_until, kept in ((stop, True), (24, False)):
+        side = _side(parse_extra_config({"matching": "lsh", "max_depth": 1}))
+        _admit(side, 0, list(range(10)), donor_depth=1)
+        _, saves = side.build_step(_output(new=[("b", stop, 1, list(range(10)))]))
+        assert len(saves) == 1 and saves[0].exact_needed == stop, saves
+        assert side.requests["b"].stats["saved_reason"] == "depth 2 exceeds max_depth 1"
+        # The worker, with this step's load reported: it keeps the donor only if the load left every row exact.
+        worker = WorkerSide(SimpleNamespace(), parse_extra_config({"matching": "lsh"}))
+        worker.model = SimpleNamespace(read_all=lambda blocks, start, stop: (torch.randn(LAYERS, len(TARGET), 1, 4),
+                                                                           torch.randn(LAYERS, len(TARGET), 1, 4)))
+        worker._codes = lambda ids: torch.zeros(len(ids), 2, dtype=torch.long)
+        worker.report["loads"]["b"] = _report([stop - 20] * LAYERS, exact_until)["loads"]["b"]
+        worker.wait_for_save(SimpleNamespace(saves=saves))
+        assert ("b" in worker.store._donors) == kept
+        side.apply_report(worker.take_report())
+        stats = side.requests["b"].stats
+        assert side.pending_saves == {} and stats["saved"] == kept and ("saved_reason" in stats) != kept, stats
+        if kept:
+            info = side.index.get("b")
+            assert (info.depth, info.exact_prefix) == (0, len(TARGET))
+        else:
+            assert "b" not in side.index
+    # A save built after its load's report came back (a later step; vLLM completes a reused prompt in its load
+    # step, so only the scheduler's side is exercised here): that report decides, as it did.
+    side = _side(parse_extra_config({"matching": "lsh", "max_depth": 1}))
+    _admit(side, 0, list(range(10)), donor_depth=1)
+    side.build_step(_output(new=[("b", 0, 16, list(range(10)))]))
+    side.apply_report(_report([stop - 20] * LAYERS, 24, saved=False))
+    _, saves = side.build_step(_output(cached=[("b", 16, stop - 15, None)]))
+    assert saves == [] and side.requests["b"].stats["saved_reason"] == "depth 2 exceeds max_depth 1"
+
+
 def test_an_extension_of_an_approximate_donor_keeps_its_depth():
     """The HF store's rule (store.tree.depth_after): the donor's rows keep their own context, no hop of drift. Its
     exact prefix stays the donor's; the connector once counted a hop, so a growing chat whose first turn was an edit
