@@ -138,13 +138,18 @@ inline void check_simhash_args(const at::Tensor& x, const at::Tensor& planes) {
 
 inline int64_t simhash_words(int64_t bits) { return (bits + 63) / 64; }
 
+// The empty int64 codes [..., W] of x's rows.
+inline at::Tensor simhash_codes_for(const at::Tensor& x, int64_t bits) {
+  auto shape = x.sizes().vec();
+  shape.back() = simhash_words(bits);
+  return at::empty(shape, x.options().dtype(at::kLong));
+}
+
 // The projection both devices start from, as [rows, B] fp32 through the BLAS (cuBLAS on CUDA, which torch keeps
 // out of TF32 for fp32 unless the user allows it), and the empty int64 output [..., W] its signs are packed into.
 inline std::pair<at::Tensor, at::Tensor> simhash_projection(const at::Tensor& x, const at::Tensor& planes) {
   const at::Tensor proj = at::matmul(x.reshape({-1, x.size(-1)}).to(at::kFloat), planes).contiguous();
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = simhash_words(planes.size(1));
-  return {proj, at::empty(out_shape, x.options().dtype(at::kLong))};
+  return {proj, simhash_codes_for(x, planes.size(1))};
 }
 
 // ---- hamming_topk ----------------------------------------------------------------------------------------------

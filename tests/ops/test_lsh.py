@@ -88,6 +88,17 @@ def test_simhash_many_rows_and_1d(impl, device, nbits):
     check_simhash(impl.simhash(x[5], planes), x[5], planes)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_simhash_large_half_precision_input_on_cpu(dtype):
+    """Past 8M elements the CPU kernel widens bf16/fp16 rows to fp32 a block at a time (about 4 MiB: 255 rows of
+    4097 features here, so 8 whole blocks and 9 rows) instead of copying the whole input: each row keeps its codes."""
+    gen = make_generator(31)
+    x = randn((2049, 4097), gen=gen, dtype=dtype)
+    planes = randn((4097, 64), gen=gen)
+    assert x.numel() > 8 << 20
+    check_simhash(impl_module("ops").simhash(x, planes), x, planes)
+
+
 @pytest.mark.parametrize("impl", ["cuda_emulated"], indirect=True)  # make cuda-emulate runs it too
 def test_simhash_rows_beyond_one_launch_are_chunked(impl, monkeypatch):
     """One warp per (row, word), 8 per block, in launches of at most the device's grid.x limit
