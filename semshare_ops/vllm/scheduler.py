@@ -322,8 +322,8 @@ class SchedulerSide:
                 state.stats["saved_reason"] = f"depth {depth} exceeds max_depth {self.options.max_depth}"
                 if not state.awaiting_report:
                     continue
-                # Its load runs in this step, and under LSH matching only the worker knows whether it leaves any
-                # row reused: the worker keeps it only if none is (then it is exact, depth 0: apply_report).
+                # Its load runs in this step, and under lsh/hybrid matching only the worker knows whether it leaves
+                # any row reused: the worker keeps it only if none is (then it is exact, depth 0: apply_report).
                 exact_needed = state.plan.stop
             block_ids = torch.tensor(self.manager.get_block_ids(req_id)[0], dtype=torch.long)
             saves.append(SavePlan(req_id, req_id, torch.tensor(state.token_ids), block_ids, exact_needed))
