@@ -146,10 +146,9 @@ inline at::Tensor simhash_codes_for(const at::Tensor& x, int64_t bits) {
 }
 
 // The projection both devices start from, as [rows, B] fp32 through the BLAS (cuBLAS on CUDA, which torch keeps
-// out of TF32 for fp32 unless the user allows it), and the empty int64 output [..., W] its signs are packed into.
-inline std::pair<at::Tensor, at::Tensor> simhash_projection(const at::Tensor& x, const at::Tensor& planes) {
-  const at::Tensor proj = at::matmul(x.reshape({-1, x.size(-1)}).to(at::kFloat), planes).contiguous();
-  return {proj, simhash_codes_for(x, planes.size(1))};
+// out of TF32 for fp32 unless the user allows it); its signs are packed into simhash_codes_for(x, B).
+inline at::Tensor simhash_projection(const at::Tensor& x, const at::Tensor& planes) {
+  return at::matmul(x.reshape({-1, x.size(-1)}).to(at::kFloat), planes).contiguous();
 }
 
 // ---- hamming_topk ----------------------------------------------------------------------------------------------

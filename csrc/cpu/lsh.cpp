@@ -13,16 +13,14 @@ namespace semshare {
 namespace {
 
 // x's rows projected on the planes, [rows, bits] fp32. Large bf16 and fp16 inputs are widened a block of rows at a
-// time into one buffer of about 4 MiB and multiplied from there: an fp32 copy of the whole x (the device-generic
-// path) past 32 MiB, glibc's largest threshold for serving an allocation from mmap, gets fresh pages on every call,
-// and faulting them in takes as long as the GEMM (4096 x 4096 bf16: 47-55 ms against 27-28 ms blocked, the fp32
-// input's time). Smaller copies reuse the heap's pages and beat the blocked GEMMs (4096 x 576: 3.4 ms against 4.3).
-// The same fp32 values go through the GEMM either way.
+// time into one buffer of about 4 MiB and multiplied from there: an fp32 copy of the whole x (simhash_projection,
+// both devices' path) past 32 MiB, glibc's largest threshold for serving an allocation from mmap, gets fresh pages
+// on every call, and faulting them in takes as long as the GEMM (4096 x 4096 bf16: 47-55 ms against 27-28 ms
+// blocked, the fp32 input's time). Smaller copies reuse the heap's pages and beat the blocked GEMMs (4096 x 576:
+// 3.4 ms against 4.3). The same fp32 values go through the GEMM either way.
 at::Tensor projection(const at::Tensor& x, const at::Tensor& planes) {
+  if (x.scalar_type() == at::kFloat || x.numel() <= (int64_t(8) << 20)) return simhash_projection(x, planes);
   const at::Tensor rows = x.reshape({-1, x.size(-1)});
-  if (rows.scalar_type() == at::kFloat || rows.numel() <= (int64_t(8) << 20)) {
-    return at::matmul(rows.to(at::kFloat), planes).contiguous();
-  }
   const int64_t n = rows.size(0), features = rows.size(1);
   const int64_t block = std::min(n, std::max<int64_t>(1, (int64_t(1) << 20) / features));
   at::Tensor proj = at::empty({n, planes.size(1)}, planes.options());

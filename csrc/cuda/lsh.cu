@@ -121,7 +121,8 @@ at::Tensor simhash_cuda(const at::Tensor& x, const at::Tensor& planes) {
   check_simhash_args(x, planes);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t bits = planes.size(1), words = simhash_words(bits);
-  const auto [proj, out] = simhash_projection(x, planes);
+  const at::Tensor proj = simhash_projection(x, planes);
+  const at::Tensor out = simhash_codes_for(x, bits);
   const int64_t rows = proj.size(0);
   if (rows * words == 0) return out;
   const int threads = 256, warps_per_block = threads / 32;
