@@ -17,7 +17,9 @@ run in the same process, a few seconds apart (the machine's speed drifts by tens
   - `prefix`: vLLM's prefix cache (reuse off, the reference's salt: its exact common prefix is a hit), after the
     reuse runs, which leave nothing in the prefix cache;
   each with max_tokens=1; TTFT is the wall time of `LLM.generate` for that one request. The methods run in a
-  different order each round. Every run's stats and `num_cached_tokens` are recorded.
+  different order each round. Every run's stats and `num_cached_tokens` are recorded, and the CPU seconds each
+  process spent on the request (`cpu_s`: this one, vLLM's engine core and its worker, by process title), which show
+  where two cores go besides the model.
 """
 from __future__ import annotations
 
@@ -58,6 +60,20 @@ def prompts(tokenizer, length: int, count: int):
     return [ids[i * length:(i + 1) * length] for i in range(count)]
 
 
+def cpu_seconds() -> dict:
+    """User + system CPU seconds used so far by this process and by each of its descendants (vLLM names its engine
+    core and worker processes `VLLM::EngineCore` and `VLLM::Worker`; the kernel keeps the first 15 characters)."""
+    import psutil  # a vLLM dependency
+
+    used = {"caller": sum(psutil.Process().cpu_times()[:2])}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            used[child.name()] = used.get(child.name(), 0.0) + sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return used
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.in_process:  # read by vLLM when the engine starts
@@ -81,11 +97,14 @@ def main(argv=None) -> dict:
     def serve(ids, salt, options):
         params = SamplingParams(temperature=0, max_tokens=1,
                                 extra_args={"kv_transfer_params": {"semshare": options}})
+        before = cpu_seconds()
         start = time.perf_counter()
         out = llm.generate([{"prompt_token_ids": list(ids), "cache_salt": salt}], params, use_tqdm=False)[0]
         seconds = time.perf_counter() - start
-        return {"ttft_s": seconds, "num_cached_tokens": out.num_cached_tokens, "prompt_tokens": len(ids),
-                "token": list(out.outputs[0].token_ids), "stats": (out.kv_transfer_params or {}).get("semshare")}
+        cpu_s = {name: used - before.get(name, 0.0) for name, used in cpu_seconds().items()}
+        return {"ttft_s": seconds, "cpu_s": cpu_s, "num_cached_tokens": out.num_cached_tokens,
+                "prompt_tokens": len(ids), "token": list(out.outputs[0].token_ids),
+                "stats": (out.kv_transfer_params or {}).get("semshare")}
 
     serve(references[0][:64], "warm-up", {"save": False})
     off = {"reuse": False, "save": False}
@@ -115,7 +134,9 @@ def main(argv=None) -> dict:
         row = {"mean_ttft_ms": statistics.mean(ttfts), "median_ttft_ms": statistics.median(ttfts),
                "min_ttft_ms": min(ttfts), "max_ttft_ms": max(ttfts),
                "speedup_vs_full_median": statistics.median(speedups), "speedup_vs_full_runs": speedups,
-               "mean_cached_tokens": statistics.mean(r[name]["num_cached_tokens"] for r in runs)}
+               "mean_cached_tokens": statistics.mean(r[name]["num_cached_tokens"] for r in runs),
+               "mean_cpu_s": {proc: statistics.mean(r[name]["cpu_s"].get(proc, 0.0) for r in runs)
+                              for proc in sorted({p for r in runs for p in r[name]["cpu_s"]})}}
         if name.startswith("reuse"):
             stats = [r[name]["stats"] for r in runs]
             row["modes"] = sorted({s["mode"] for s in stats})

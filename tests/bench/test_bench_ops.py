@@ -457,3 +457,37 @@ def test_similarity_gate_refuses_a_run_without_similarity(monkeypatch):
                                        "ttft_ms": 1.0, "mode": "full"}}}
     with pytest.raises(SystemExit, match="old: no similarity"):
         _gate_script(monkeypatch).replay([record], "v @ 0.2", [0.5])
+
+
+# ---- benchmarks/vllm_e2e.py: where a request's CPU time went, by process ------------------------------------------
+
+def test_vllm_benchmark_counts_each_child_process_cpu_seconds_under_its_name(monkeypatch):
+    """vLLM's engine core and worker are the benchmark's child processes: `cpu_seconds` must count a child's CPU time
+    under the child's name (a child that burns 0.3 CPU s between two readings shows about that), and the caller's
+    own apart from it. Runs without vLLM (psutil comes with accelerate)."""
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the script sets vLLM's variables when it is imported
+    spec = importlib.util.spec_from_file_location("vllm_e2e_script", ROOT / "benchmarks" / "vllm_e2e.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    burn = ("import sys, time\nsys.stdin.readline()\nt = time.process_time()\n"
+            "while time.process_time() - t < 0.3: pass\nprint('done', flush=True)\nsys.stdin.readline()\n")
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        name = psutil.Process(child.pid).name()
+        before = script.cpu_seconds()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "done"
+        after = script.cpu_seconds()
+    finally:
+        child.kill()
+        child.wait()
+    assert set(after) >= {"caller", name}, after
+    assert 0.25 <= after[name] - before.get(name, 0.0) < 1.5, (before, after)
+    assert 0.0 <= after["caller"] - before["caller"] < 0.25, (before, after)  # the caller waited on a pipe
