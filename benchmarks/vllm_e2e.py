@@ -61,8 +61,8 @@ def prompts(tokenizer, length: int, count: int):
 
 
 def cpu_seconds() -> dict:
-    """User + system CPU seconds used so far by this process and by each of its descendants (vLLM names its engine
-    core and worker processes `VLLM::EngineCore` and `VLLM::Worker`; the kernel keeps the first 15 characters)."""
+    """User + system CPU seconds used so far by this process (`caller`) and by each of its descendants, by process
+    title (vLLM titles its engine core and worker processes `VLLM::EngineCore` and `VLLM::Worker`)."""
     import psutil  # a vLLM dependency
 
     used = {"caller": sum(psutil.Process().cpu_times()[:2])}

@@ -477,17 +477,17 @@ def test_vllm_benchmark_counts_each_child_process_cpu_seconds_under_its_name(mon
     spec.loader.exec_module(script)
     burn = ("import sys, time\nsys.stdin.readline()\nt = time.process_time()\n"
             "while time.process_time() - t < 0.3: pass\nprint('done', flush=True)\nsys.stdin.readline()\n")
-    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        name = psutil.Process(child.pid).name()
-        before = script.cpu_seconds()
-        child.stdin.write("go\n")
-        child.stdin.flush()
-        assert child.stdout.readline().strip() == "done"
-        after = script.cpu_seconds()
-    finally:
-        child.kill()
-        child.wait()
+    with subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as child:
+        try:
+            name = psutil.Process(child.pid).name()
+            before = script.cpu_seconds()
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            assert child.stdout.readline().strip() == "done"
+            after = script.cpu_seconds()
+        finally:
+            child.kill()
     assert set(after) >= {"caller", name}, after
     assert 0.25 <= after[name] - before.get(name, 0.0) < 1.5, (before, after)
     assert 0.0 <= after["caller"] - before["caller"] < 0.25, (before, after)  # the caller waited on a pipe
