@@ -119,8 +119,10 @@ def lcs_pairs(a: Sequence[int], b: Sequence[int]) -> list[tuple[int, int]]:
     Bit-parallel (Hyyro 2004, after Allison and Dix): row i of the DP table is one integer V_i with bit j clear
     where L[i][j+1] - L[i][j] = 1, so L[i][j] = j - popcount(V_i & (2^j - 1)), and one row costs a few operations on
     len(b)-bit integers. The table is built over both sequences reversed, so that the traceback, which takes a
-    diagonal match whenever it keeps the optimum, takes each match as early as possible in the prompts: where a
-    token repeats at an edit, a common prefix stays whole (its K/V are exact) rather than the run after the edit.
+    diagonal match whenever it keeps the optimum, takes each match as early as possible in `b` (the target): where
+    a token repeats at an edit, a common prefix stays whole (its K/V are exact) rather than the run after the edit.
+    Which of two copies in `a` a run lands on, where both give as long an alignment, is not chosen: after a
+    change, a passage `a` holds twice and `b` once may go to `a`'s later copy.
     """
     n, m = len(a), len(b)
     if n == 0 or m == 0:

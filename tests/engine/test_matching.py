@@ -117,8 +117,9 @@ def test_edit_pairs_keep_no_stray_coincidences():
 
 
 def test_edit_pairs_are_a_longest_common_subsequence_despite_a_repeated_passage():
-    """difflib anchors on the longest block: a passage repeated in the prompt, longer than the stretches between
-    edits, makes it align crosswise and drop the rest. The LCS keeps every untouched token."""
+    """A prompt that holds a passage twice, edited every 40 tokens (both copies included): the LCS keeps every
+    untouched token, each where it was. (Where a copy is left untouched and longer than the stretches between edits,
+    difflib would anchor on it crosswise: test_edit_opcodes_cell_budget_is_inclusive.)"""
     passage = random_tokens(60, seed=11)
     ref = random_tokens(100, seed=12) + passage + random_tokens(100, seed=13) + passage
     tgt = list(ref)
@@ -188,6 +189,36 @@ def test_edit_pairs_are_an_lcs_with_the_common_prefix_and_suffix_aligned_first(s
     assert dst[:head] == src[:head] == list(range(head))  # the exact prefix stays whole
 
 
+def test_lcs_pairs_keep_a_common_prefix_whole_where_a_token_repeats_at_the_edit():
+    """lcs_pairs takes each match as early as possible: where the target repeats the token at an edit, the two
+    alignments are equally long, and the one kept pairs the common prefix with itself (K/V exact) rather than
+    shifting its last token onto the repeat. A table built over the sequences as they stand (not reversed) takes the
+    matches as late as possible and cuts the prefix short."""
+    ref = random_tokens(40, seed=90)
+    p = 17
+    tgt = ref[:p] + [ref[p - 1]] + ref[p:]  # the prefix's last token repeated right after it
+    pairs = matching.lcs_pairs(ref, tgt)
+    assert len(pairs) == len(ref) == lcs_length(ref, tgt)
+    assert pairs[:p] == [(i, i) for i in range(p)]
+    assert pairs[p:] == [(i, i + 1) for i in range(p, len(ref))]
+
+
+def test_edit_pairs_give_a_passage_the_target_repeats_to_its_first_copy():
+    """The target quotes a passage of the reference twice: only one copy can take the reference's K/V, and it is
+    the first, which stands where the reference has it (no shift), the second being left to recompute. The same
+    length of alignment takes the second copy when the traceback gives up target tokens before reference ones."""
+    head, tail = random_tokens(20, seed=91), random_tokens(20, seed=92)
+    passage = random_tokens(12, seed=93)
+    fresh = lambda n, seed: [VOCAB + t for t in random_tokens(n, seed)]  # noqa: E731  ids the reference lacks
+    ref = head + fresh(5, 94) + passage + fresh(30, 95) + tail
+    tgt = head + fresh(5, 96) + passage + fresh(7, 97) + passage + tail
+    dst, src = matching.edit_pairs(ref, tgt)
+    assert_valid_pairs(dst, src, ref, tgt)
+    first = list(range(25, 37))  # the passage's place in both prompts
+    assert dst == list(range(20)) + first + list(range(len(tgt) - 20, len(tgt)))
+    assert src == list(range(20)) + first + list(range(len(ref) - 20, len(ref)))
+
+
 def test_edit_opcodes_of_an_identical_or_extended_prompt():
     ref = random_tokens(500, seed=60)
     assert matching.edit_opcodes(ref, ref) == [("equal", 0, 500, 0, 500)]
@@ -206,6 +237,41 @@ def test_edit_opcodes_past_the_cell_budget_use_difflib_on_the_middle(monkeypatch
     dst, src = matching.edit_pairs(ref, tgt)
     assert_valid_pairs(dst, src, ref, tgt)
     assert len(dst) == 100 + 80 + 90
+
+
+def test_edit_opcodes_past_the_cell_budget_keep_frequent_tokens(monkeypatch):
+    """difflib runs with autojunk off: with it on, every token that makes up more than 1% of a middle of 200 tokens
+    or more counts as junk and anchors nothing, so a prompt of few distinct ids (digits, a table) would lose a long
+    untouched stretch. Here every id is that frequent, and every target token but the 20 new ones is kept (where
+    the deleted stretch starts or ends is left to chance: a token may equal its neighbour across the cut)."""
+    monkeypatch.setattr(matching, "_LCS_MAX_CELLS", 100)
+    ref = random_tokens(600, seed=80, vocab=16)
+    tgt = ref[:100] + [VOCAB + t for t in random_tokens(20, seed=81)] + ref[120:500] + ref[510:]
+    dst, src = matching.edit_pairs(ref, tgt)
+    assert_valid_pairs(dst, src, ref, tgt)
+    assert set(range(len(tgt))) - set(dst) == set(range(100, 120)), "an untouched stretch was not kept"
+
+
+def test_edit_opcodes_cell_budget_is_inclusive(monkeypatch):
+    """The LCS runs up to and including `_LCS_MAX_CELLS` cells between the common prefix and suffix, difflib only
+    above. A passage the prompt holds twice tells them apart: the target edits the first copy and leaves the
+    second intact, so difflib's longest block pairs the reference's first copy with the target's second (a tie it
+    gives to the earliest in the reference) and gives up what lies between; the LCS keeps every untouched token."""
+    passage = random_tokens(60, seed=84)
+    ref = random_tokens(100, seed=85) + passage + random_tokens(100, seed=86) + passage + random_tokens(40, seed=87)
+    tgt = list(ref)
+    edits = [20, 60, 100, 130, 180, 220, 259, 320, 340]  # no untouched stretch as long as the passage but its copy
+    for p in edits:
+        tgt[p] = (tgt[p] + 1) % VOCAB
+    head, tail = edits[0], len(ref) - 1 - edits[-1]  # the common prefix and suffix stop at the first and last edit
+    cells = (len(ref) - head - tail) * (len(tgt) - head - tail)
+    monkeypatch.setattr(matching, "_LCS_MAX_CELLS", cells)
+    dst, src = matching.edit_pairs(ref, tgt)
+    assert len(dst) == len(tgt) - len(edits) and dst == src
+    monkeypatch.setattr(matching, "_LCS_MAX_CELLS", cells - 1)
+    dst, src = matching.edit_pairs(ref, tgt)
+    assert_valid_pairs(dst, src, ref, tgt)
+    assert len(dst) < len(tgt) - len(edits) - 100  # difflib: the crosswise anchor costs over 100 tokens
 
 
 # ---- rotate_embeddings -----------------------------------------------------------------------------------------
@@ -453,6 +519,22 @@ def test_breaks_are_where_the_reused_context_stops_following_the_target():
     assert matching.match_tokens(ids, torch.cat([torch.tensor([99]), ids]), "edit").breaks().tolist() == [1]
 
 
+@pytest.mark.parametrize("n", [1, 37])
+def test_exact_prefix_match_is_the_edit_match_of_a_prompt_sharing_only_that_prefix(n):
+    """exact_prefix_match(n, T) (what the engine serves when it reuses the exact common prefix alone): the first n
+    target positions on the same reference positions, all exact, over a target of T tokens, the rest unmatched.
+    Edit alignment of a prompt that shares exactly that prefix and nothing else must give the very same Match."""
+    ref = random_tokens(80, seed=70)
+    tgt = ref[:n] + [VOCAB + t for t in random_tokens(50, seed=71)]  # ids the reference lacks after the prefix
+    m = matching.exact_prefix_match(n, len(tgt))
+    edit = matching.match_tokens(torch.tensor(ref), torch.tensor(tgt), "edit")
+    for name in ("dst", "src", "exact"):
+        assert torch.equal(getattr(m, name), getattr(edit, name)), name
+    assert m.target_tokens == edit.target_tokens == len(tgt)
+    assert m.unmatched_mask().tolist() == [False] * n + [True] * 50
+    assert m.breaks().numel() == 0  # the reused context follows the target's own throughout
+
+
 # ---- lsh_pairs on hand-made codes ------------------------------------------------------------------------------
 
 
@@ -475,6 +557,54 @@ def test_exact_token_match_wins_over_nearer_code():
     assert dst.tolist() == [0, 1]
     assert src.tolist() == [2, 1]  # target 1 has no same-id candidate: nearest code (0b0001 at 1, ties -> lower)
     assert exact.tolist() == [True, False]
+
+
+def flip_bits(code: int, count: int, seed: int) -> int:
+    """`code` with `count` of its low 62 bits flipped, chosen at random: a code at Hamming distance `count`."""
+    for b in torch.randperm(62, generator=gen(seed))[:count].tolist():
+        code ^= 1 << b
+    return code
+
+
+def random_code(seed: int) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=gen(seed)))
+
+
+def test_exact_token_match_out_of_range_does_not_shadow_a_nearer_code():
+    """A reference token with the target's id wins only within max_distance: out of range it must not displace the
+    nearer code with another id (which is within range), else the target token goes unmatched."""
+    base = random_code(100)
+    ref_codes = codes(flip_bits(base, 5, 101), flip_bits(base, 1, 102))  # same id at distance 5, other id at 1
+    ref_ids = torch.tensor([30, 10])
+    tgt_codes, tgt_ids = codes(base), torch.tensor([30])
+    dst, src, exact = lsh_pairs(tgt_codes, ref_codes, tgt_ids, ref_ids, torch.tensor([0]), 3)
+    assert dst.tolist() == [0] and src.tolist() == [1] and exact.tolist() == [False]
+    dst, src, exact = lsh_pairs(tgt_codes, ref_codes, tgt_ids, ref_ids, torch.tensor([0]), 5)  # in range (inclusive)
+    assert dst.tolist() == [0] and src.tolist() == [0] and exact.tolist() == [True]
+
+
+def test_nearest_of_several_same_id_candidates_wins():
+    """Two reference tokens with the target's id within range: the nearer code is taken (its position is nearer
+    the target's, the codes being position-rotated), not the farther one; a yet nearer code of another id loses."""
+    base = random_code(103)
+    ref_codes = codes(flip_bits(base, 6, 104), flip_bits(base, 2, 105), base)
+    ref_ids = torch.tensor([30, 30, 10])
+    dst, src, exact = lsh_pairs(codes(base), ref_codes, torch.tensor([30]), ref_ids, torch.tensor([0]), 8)
+    assert dst.tolist() == [0] and src.tolist() == [1] and exact.tolist() == [True]
+
+
+def test_same_id_is_sought_among_the_four_nearest_codes():
+    """lsh_pairs looks for the target's id among its `neighbours` (4 by default) nearest reference codes: a same-id
+    code 4th nearest is taken over the three nearer ones, one 5th nearest is not seen and the nearest code wins."""
+    base = random_code(106)
+    others = [flip_bits(base, d, 107 + d) for d in range(4)]  # distances 0, 1, 2, 3, ids 10..13
+    ids = [10, 11, 12, 13]
+    fourth = lsh_pairs(codes(base), codes(*others[:3], flip_bits(base, 4, 111)), torch.tensor([30]),
+                       torch.tensor(ids[:3] + [30]), torch.tensor([0]), 8)
+    assert fourth[1].tolist() == [3] and fourth[2].tolist() == [True]
+    fifth = lsh_pairs(codes(base), codes(*others, flip_bits(base, 4, 111)), torch.tensor([30]),
+                      torch.tensor(ids + [30]), torch.tensor([0]), 8)
+    assert fifth[1].tolist() == [0] and fifth[2].tolist() == [False]
 
 
 def test_max_distance_zero_only_identical_codes():
@@ -550,6 +680,24 @@ def test_chunk_pairs_nothing_in_common():
     assert matching.chunk_pairs(random_tokens(64, seed=5), [VOCAB + 9] * 64) == ([], [])
 
 
+def test_chunk_pairs_reach_both_ends():
+    """The last reference offset (len - chunk) is searched too, and the target's last chunk counts when the target
+    ends exactly on a chunk boundary: off-by-ones at either end lose a whole chunk."""
+    ref = random_tokens(100, seed=120)
+    junk = [VOCAB + t for t in random_tokens(16, seed=121)]
+    assert matching.chunk_pairs(ref, ref[84:] + junk, chunk=16) == (list(range(16)), list(range(84, 100)))
+    assert matching.chunk_pairs(ref, junk + ref[30:46], chunk=16) == (list(range(16, 32)), list(range(30, 46)))
+
+
+def test_chunk_pairs_take_the_first_occurrence_in_the_reference():
+    """A chunk the reference holds twice is taken from its first occurrence (as documented)."""
+    passage = random_tokens(16, seed=122)
+    fresh = lambda n, seed: [VOCAB + t for t in random_tokens(n, seed)]  # noqa: E731
+    ref = fresh(10, 123) + passage + fresh(25, 124) + passage + fresh(5, 125)
+    tgt = passage + fresh(16, 126)
+    assert matching.chunk_pairs(ref, tgt, chunk=16) == (list(range(16)), list(range(10, 26)))
+
+
 @pytest.mark.parametrize("method", ["prefix", "chunk"])
 def test_match_tokens_baseline_methods_are_exact(method):
     ref = torch.tensor(random_tokens(160, seed=6))
@@ -559,6 +707,19 @@ def test_match_tokens_baseline_methods_are_exact(method):
     assert torch.equal(tgt[m.dst], ref[m.src])
     if method == "prefix":
         assert m.dst.tolist() == list(range(64))
+
+
+def test_match_tokens_baselines_use_16_token_blocks():
+    """match_tokens' "prefix" and "chunk" use the defaults of prefix_pairs and chunk_pairs: 16-token blocks (vLLM's
+    block, CacheBlend's chunk). A common prefix of 56 gives 3 blocks (48 tokens); the 9 tokens inserted at 56 spoil
+    the target chunks [48, 64) and [64, 80); the target's partial last chunk [160, 169) is not reused."""
+    ref = torch.tensor(random_tokens(160, seed=127))
+    tgt = torch.cat([ref[:56], torch.tensor([VOCAB + t for t in random_tokens(9, seed=128)]), ref[56:]])
+    m = matching.match_tokens(ref, tgt, "prefix")
+    assert m.dst.tolist() == m.src.tolist() == list(range(48))
+    m = matching.match_tokens(ref, tgt, "chunk")
+    assert m.dst.tolist() == list(range(48)) + list(range(80, 160))
+    assert m.src.tolist() == list(range(48)) + list(range(71, 151))
 
 
 def test_match_refuses_an_unknown_method_or_missing_codes():
