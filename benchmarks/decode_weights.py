@@ -9,13 +9,11 @@ model's order, one round times:
 - `linear`: `F.linear` of one row, as the model calls it (torch's mm; on an MKL build, MKL's sgemv);
 - `linear_1_thread`: the same under `torch.set_num_threads(1)`, which tells whether the product uses both cores;
 - `sum`: `W.sum()`, the read ceiling of these very tensors.
-Medians over `--rounds` rounds (the methods in turn within each), after one untimed round; GB/s count each weight's
-bytes once.
+Medians over `--rounds` rounds (`bench.timing.paired_median_us`: the methods in turn within each, after one untimed
+call of each); GB/s count each weight's bytes once.
 """
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 
@@ -28,6 +26,7 @@ def main(argv=None) -> dict:
     import torch
 
     from semshare_ops.bench.provenance import environment
+    from semshare_ops.bench.timing import paired_median_us
     from semshare_ops.engine.models import load_model
 
     model, _ = load_model(progress=False)
@@ -53,18 +52,11 @@ def main(argv=None) -> dict:
             w.sum()
 
     methods = {"linear": linear, "linear_1_thread": linear_1_thread, "sum": read}
-    times = {name: [] for name in methods}
     with torch.inference_mode():
-        for round_ in range(args.rounds + 1):
-            for name, fn in methods.items():
-                start = time.perf_counter()
-                fn()
-                if round_:
-                    times[name].append(time.perf_counter() - start)
-    summary = {name: {"median_ms": statistics.median(t) * 1e3, "gbps": nbytes / statistics.median(t) / 1e9}
-               for name, t in times.items()}
+        medians_us = paired_median_us(list(methods.values()), "cpu", repeat=args.rounds)
+    summary = {name: {"median_ms": us / 1e3, "gbps": nbytes / us / 1e3} for name, us in zip(methods, medians_us)}
     result = {"environment": environment("cpu"), "weights": len(weights), "weight_bytes": nbytes,
-              "rounds": args.rounds, "summary": summary, "times_s": times}
+              "rounds": args.rounds, "summary": summary}
     for name, row in summary.items():
         print(f"{name:>16}: {row['median_ms']:7.1f} ms  {row['gbps']:5.1f} GB/s")
     if args.out:

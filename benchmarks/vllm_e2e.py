@@ -65,8 +65,9 @@ def cpu_seconds() -> dict:
     title (vLLM titles its engine core and worker processes `VLLM::EngineCore` and `VLLM::Worker`)."""
     import psutil  # a vLLM dependency
 
-    used = {"caller": sum(psutil.Process().cpu_times()[:2])}
-    for child in psutil.Process().children(recursive=True):
+    caller = psutil.Process()
+    used = {"caller": sum(caller.cpu_times()[:2])}
+    for child in caller.children(recursive=True):
         try:
             used[child.name()] = used.get(child.name(), 0.0) + sum(child.cpu_times()[:2])
         except psutil.NoSuchProcess:

@@ -76,6 +76,11 @@ def rand_tokens(n: int, seed: int) -> list[int]:
     return torch.randint(2, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def popcount_distance(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Hamming distance of two packed int64 code rows, by python popcount (independent of the ops)."""
+    return sum(bin((int(x) ^ int(y)) & (2**64 - 1)).count("1") for x, y in zip(a.tolist(), b.tolist()))
+
+
 def edited(ref: list[int], kind: str, seed: int = 0) -> list[int]:
     new = rand_tokens(40, seed=200 + seed)
     if kind == "identical":

@@ -11,6 +11,8 @@ import torch
 
 from semshare_ops.engine import matching
 
+from engine_testutils import popcount_distance
+
 VOCAB = 512
 DIM = 64
 BITS = 128
@@ -30,9 +32,9 @@ def random_tokens(n: int, seed: int, vocab: int = VOCAB) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=gen(seed)).tolist()
 
 
-def popcount_distance(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Hamming distance of two packed int64 code rows, by python popcount (independent of the ops)."""
-    return sum(bin((int(x) ^ int(y)) & (2**64 - 1)).count("1") for x, y in zip(a.tolist(), b.tolist()))
+def new_tokens(n: int, seed: int) -> list[int]:
+    """Random ids past VOCAB: tokens no reference of random_tokens holds."""
+    return [VOCAB + t for t in random_tokens(n, seed)]
 
 
 def assert_valid_pairs(dst, src, reference_ids, target_ids):
@@ -209,9 +211,8 @@ def test_edit_pairs_give_a_passage_the_target_repeats_to_its_first_copy():
     length of alignment takes the second copy when the traceback gives up target tokens before reference ones."""
     head, tail = random_tokens(20, seed=91), random_tokens(20, seed=92)
     passage = random_tokens(12, seed=93)
-    fresh = lambda n, seed: [VOCAB + t for t in random_tokens(n, seed)]  # noqa: E731  ids the reference lacks
-    ref = head + fresh(5, 94) + passage + fresh(30, 95) + tail
-    tgt = head + fresh(5, 96) + passage + fresh(7, 97) + passage + tail
+    ref = head + new_tokens(5, 94) + passage + new_tokens(30, 95) + tail
+    tgt = head + new_tokens(5, 96) + passage + new_tokens(7, 97) + passage + tail
     dst, src = matching.edit_pairs(ref, tgt)
     assert_valid_pairs(dst, src, ref, tgt)
     first = list(range(25, 37))  # the passage's place in both prompts
@@ -246,7 +247,7 @@ def test_edit_opcodes_past_the_cell_budget_keep_frequent_tokens(monkeypatch):
     the deleted stretch starts or ends is left to chance: a token may equal its neighbour across the cut)."""
     monkeypatch.setattr(matching, "_LCS_MAX_CELLS", 100)
     ref = random_tokens(600, seed=80, vocab=16)
-    tgt = ref[:100] + [VOCAB + t for t in random_tokens(20, seed=81)] + ref[120:500] + ref[510:]
+    tgt = ref[:100] + new_tokens(20, seed=81) + ref[120:500] + ref[510:]
     dst, src = matching.edit_pairs(ref, tgt)
     assert_valid_pairs(dst, src, ref, tgt)
     assert set(range(len(tgt))) - set(dst) == set(range(100, 120)), "an untouched stretch was not kept"
@@ -525,7 +526,7 @@ def test_exact_prefix_match_is_the_edit_match_of_a_prompt_sharing_only_that_pref
     target positions on the same reference positions, all exact, over a target of T tokens, the rest unmatched.
     Edit alignment of a prompt that shares exactly that prefix and nothing else must give the very same Match."""
     ref = random_tokens(80, seed=70)
-    tgt = ref[:n] + [VOCAB + t for t in random_tokens(50, seed=71)]  # ids the reference lacks after the prefix
+    tgt = ref[:n] + new_tokens(50, seed=71)  # nothing after the prefix is in the reference
     m = matching.exact_prefix_match(n, len(tgt))
     edit = matching.match_tokens(torch.tensor(ref), torch.tensor(tgt), "edit")
     for name in ("dst", "src", "exact"):
@@ -684,7 +685,7 @@ def test_chunk_pairs_reach_both_ends():
     """The last reference offset (len - chunk) is searched too, and the target's last chunk counts when the target
     ends exactly on a chunk boundary: off-by-ones at either end lose a whole chunk."""
     ref = random_tokens(100, seed=120)
-    junk = [VOCAB + t for t in random_tokens(16, seed=121)]
+    junk = new_tokens(16, seed=121)
     assert matching.chunk_pairs(ref, ref[84:] + junk, chunk=16) == (list(range(16)), list(range(84, 100)))
     assert matching.chunk_pairs(ref, junk + ref[30:46], chunk=16) == (list(range(16, 32)), list(range(30, 46)))
 
@@ -692,9 +693,8 @@ def test_chunk_pairs_reach_both_ends():
 def test_chunk_pairs_take_the_first_occurrence_in_the_reference():
     """A chunk the reference holds twice is taken from its first occurrence (as documented)."""
     passage = random_tokens(16, seed=122)
-    fresh = lambda n, seed: [VOCAB + t for t in random_tokens(n, seed)]  # noqa: E731
-    ref = fresh(10, 123) + passage + fresh(25, 124) + passage + fresh(5, 125)
-    tgt = passage + fresh(16, 126)
+    ref = new_tokens(10, 123) + passage + new_tokens(25, 124) + passage + new_tokens(5, 125)
+    tgt = passage + new_tokens(16, 126)
     assert matching.chunk_pairs(ref, tgt, chunk=16) == (list(range(16)), list(range(10, 26)))
 
 
@@ -714,7 +714,7 @@ def test_match_tokens_baselines_use_16_token_blocks():
     block, CacheBlend's chunk). A common prefix of 56 gives 3 blocks (48 tokens); the 9 tokens inserted at 56 spoil
     the target chunks [48, 64) and [64, 80); the target's partial last chunk [160, 169) is not reused."""
     ref = torch.tensor(random_tokens(160, seed=127))
-    tgt = torch.cat([ref[:56], torch.tensor([VOCAB + t for t in random_tokens(9, seed=128)]), ref[56:]])
+    tgt = torch.cat([ref[:56], torch.tensor(new_tokens(9, seed=128)), ref[56:]])
     m = matching.match_tokens(ref, tgt, "prefix")
     assert m.dst.tolist() == m.src.tolist() == list(range(48))
     m = matching.match_tokens(ref, tgt, "chunk")

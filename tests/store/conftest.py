@@ -6,7 +6,10 @@ import sys
 
 import pytest
 
+import torch
+
 from semshare_ops.engine import ReuseConfig, ReuseEngine
+from semshare_ops.store.retrieval import PromptKeys
 
 from engine_testutils import FakeTokenizer, build_model
 
@@ -28,3 +31,10 @@ def engine(model):
 def edit_engine(model):
     """Exact token alignment only: a base's cost is exactly its edit distance in target tokens."""
     return ReuseEngine(model, FakeTokenizer(), ReuseConfig(matching="edit"))
+
+
+@pytest.fixture
+def equal_keys(monkeypatch):
+    """A useless embedding: every prompt gets the same key, so retrieval's top-k by key is the oldest entries, and a
+    base is found through the prefix anchor or the tree alone."""
+    monkeypatch.setattr(PromptKeys, "key_of", lambda self, ids, mean: torch.zeros(4, dtype=torch.long))

@@ -8,20 +8,19 @@ import pytest
 import torch
 
 from semshare_ops.engine import ReuseConfig, ReuseEngine
-from semshare_ops.store.retrieval import ANCHOR_TOKENS, PromptKeys
+from semshare_ops.store.retrieval import ANCHOR_TOKENS
 from semshare_ops.store.store import KVStore
 
-from engine_testutils import FakeTokenizer
+from engine_testutils import FakeTokenizer, popcount_distance
 from store_testutils import NEW, TOKEN_BYTES, base_tokens, fresh
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_prefix_anchor_finds_history_the_embedding_misses(edit_engine, monkeypatch):
+def test_prefix_anchor_finds_history_the_embedding_misses(edit_engine, equal_keys):
     """With a useless embedding (every key equal: the top-1 is the oldest entry), the earlier turn is still found
     through its first 16 tokens."""
     store = KVStore(edit_engine, candidates=1)
-    monkeypatch.setattr(PromptKeys, "key_of", lambda self, ids, mean: torch.zeros(4, dtype=torch.long))
     for seed in range(80, 84):
         store.generate(base_tokens(60, seed), tenant="t", max_new_tokens=NEW)
     turn1 = base_tokens(60, seed=90)
@@ -31,12 +30,11 @@ def test_prefix_anchor_finds_history_the_embedding_misses(edit_engine, monkeypat
     assert store.lookup(fresh(5) + turn1, tenant="t").base_id is None  # no anchor, and the top-1 is unrelated
 
 
-def test_a_prompt_of_exactly_the_anchor_length_has_an_anchor(edit_engine, monkeypatch):
+def test_a_prompt_of_exactly_the_anchor_length_has_an_anchor(edit_engine, equal_keys):
     """A prompt of exactly ANCHOR_TOKENS (16) tokens is one whole block: it is anchored when stored, and a request of
     16 tokens looks its anchor up, as a prefix cache finds a first full block. Useless embedding as above: the top-1
     is an unrelated older entry, so each base below is found through the anchor alone."""
     store = KVStore(edit_engine, candidates=1)
-    monkeypatch.setattr(PromptKeys, "key_of", lambda self, ids, mean: torch.zeros(4, dtype=torch.long))
     store.generate(base_tokens(60, seed=91), tenant="t", max_new_tokens=NEW)
     block = base_tokens(ANCHOR_TOKENS, seed=92)
     short = store.generate(block, tenant="t", max_new_tokens=NEW).stats["request_id"]
@@ -47,13 +45,12 @@ def test_a_prompt_of_exactly_the_anchor_length_has_an_anchor(edit_engine, monkey
     assert look.base_id == stored and look.cost == 0
 
 
-def test_the_anchor_brings_the_most_recent_prompts_and_no_more(edit_engine, monkeypatch):
+def test_the_anchor_brings_the_most_recent_prompts_and_no_more(edit_engine, equal_keys):
     """Of the stored prompts beginning with the request's 16 tokens, the `candidates` most recently stored are
     candidates, not the oldest and not all of them. Here candidates=1 and three prompts share the anchor and nothing
     else (min_reuse_tokens=17, so none is served from another's 16-token prefix and the tree adds no neighbour):
     the request, the newest one extended, sees that one and the top-1 by key only."""
     store = KVStore(edit_engine, candidates=1, min_reuse_tokens=17)
-    monkeypatch.setattr(PromptKeys, "key_of", lambda self, ids, mean: torch.zeros(4, dtype=torch.long))
     oldest = store.generate(base_tokens(60, seed=94), tenant="t", max_new_tokens=NEW).stats["request_id"]
     head = base_tokens(ANCHOR_TOKENS, seed=95)
     same_head = [head + base_tokens(50, seed) for seed in (96, 97, 98)]
@@ -63,12 +60,11 @@ def test_the_anchor_brings_the_most_recent_prompts_and_no_more(edit_engine, monk
     assert set(look.candidates) == {oldest, ids[2]} and tuple(look) == (ids[2], 10)
 
 
-def test_anchors_are_kept_per_namespace(edit_engine, monkeypatch):
+def test_anchors_are_kept_per_namespace(edit_engine, equal_keys):
     """An anchor is filed under the entry's namespace, not under the tenant that stored it: a prompt that tenant t
     stored with shared=True is found through its first 16 tokens by shared requests (here tenant u's), and never by
     t's private requests, which see t's private entries only (the top-1 by key there is t's unrelated one)."""
     store = KVStore(edit_engine, candidates=1)
-    monkeypatch.setattr(PromptKeys, "key_of", lambda self, ids, mean: torch.zeros(4, dtype=torch.long))
     private = store.generate(base_tokens(60, seed=115), tenant="t", max_new_tokens=NEW).stats["request_id"]
     store.generate(base_tokens(60, seed=116), tenant="u", shared=True, max_new_tokens=NEW)
     prompt = base_tokens(60, seed=117)
@@ -163,10 +159,6 @@ def test_minilm_retrieval(text_engine):
     assert look.base_id == ids[1] and list(look.candidates) == [ids[1]]
 
 
-def _hamming(a, b):
-    return sum(bin((x ^ y) & (2**64 - 1)).count("1") for x, y in zip(a.tolist(), b.tolist()))
-
-
 def test_model_key_is_centred_on_the_embedding_tables_mean(model):
     """The model key hashes the prompt's mean embedding minus the mean row of the embedding table. Shifting every
     row of the table by one large common vector therefore moves no key (up to rounding), and unrelated prompts keep
@@ -183,6 +175,6 @@ def test_model_key_is_centred_on_the_embedding_tables_mean(model):
         store = KVStore(ReuseEngine(m, FakeTokenizer(), ReuseConfig()))
         keys[name] = [store._keys.request(p, NEW).key for p in prompts]
     for a, b in zip(keys["plain"], keys["shifted"]):
-        assert _hamming(a, b) <= 8
+        assert popcount_distance(a, b) <= 8
     for a, b in itertools.combinations(keys["shifted"], 2):
-        assert _hamming(a, b) >= 80
+        assert popcount_distance(a, b) >= 80

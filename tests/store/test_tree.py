@@ -1,10 +1,8 @@
 """The DELTA tree (semshare_ops/store/tree.py): edit scripts, chains found through the tree, depth, merging."""
 
 import pytest
-import torch
 
 from semshare_ops.engine import matching
-from semshare_ops.store.retrieval import PromptKeys
 from semshare_ops.store.store import KVStore
 from semshare_ops.store.tree import edit_script
 
@@ -161,13 +159,12 @@ def test_merging_recomputes_an_asymmetric_edit_script_parent_to_child(edit_engin
     assert_tree_consistent(store)
 
 
-def test_expand_adds_the_n_most_recent_children(edit_engine, monkeypatch):
+def test_expand_adds_the_n_most_recent_children(edit_engine, equal_keys):
     """The retrieved entry's `candidates` most recently stored children are candidates too (here 2 of 4), and no
     more. With every key equal the top-2 are the two oldest entries (root, child1); each child replaces 3 tokens of
     the root within the first 16 (no shared prefix anchor), so child3 reaches the candidates only as one of the root's
     two most recent children: the request, child3 with 2 more tokens replaced, is served from it."""
     store = KVStore(edit_engine, candidates=2)
-    monkeypatch.setattr(PromptKeys, "key_of", lambda self, ids, mean: torch.zeros(4, dtype=torch.long))
     root = base_tokens(120, seed=33)
     id0 = store.generate(root, tenant="t", max_new_tokens=NEW).stats["request_id"]
     children = [replace(root, at, 3) for at in (1, 4, 7, 10)]
