@@ -3,7 +3,9 @@
 Runs on a tiny random Llama with a fake tokenizer (conftest.py); prompts from store_testutils.py.
 """
 
+import dataclasses
 import threading
+import time
 
 import pytest
 import torch
@@ -100,8 +102,6 @@ def test_stores_on_engines_of_one_model_take_turns(model, engine, edit_engine, m
     other = ReuseEngine(build_model("llama", seed=1), FakeTokenizer(), ReuseConfig())
     assert KVStore(other)._engine_lock is not KVStore(engine)._engine_lock
 
-    import time
-
     inside, most, guard = [0], [0], threading.Lock()
     for e in (engine, edit_engine):
         def watched(*args, _generate=e.generate, **kwargs):
@@ -138,9 +138,6 @@ def test_a_config_changed_under_the_model_lock_does_not_judge_a_store_request(ed
     """Another thread holds `model_lock` around `engine.using(min_similarity=0.0)` while a store request is between
     retrieval and alignment: the request waits for it and is judged by the engine's own gate (0.5). It read the
     temporary 0.0 outside every lock and reused a base matching a third of it."""
-    import dataclasses
-    import time
-
     store = KVStore(edit_engine)
     base = base_tokens(60, seed=71)
     store.generate(base, tenant="t", max_new_tokens=NEW)
@@ -300,6 +297,87 @@ def test_store_gate_is_the_engines_at_equality(edit_engine):
     assert out["hit"] and out["base_id"] == base and out["mode"] == "reuse"
 
 
+def test_under_the_gate_an_exact_prefix_of_min_reuse_tokens_is_enough(edit_engine):
+    """min_reuse_tokens (16) is the least a base under the gate must share as an exact prefix: 16 tokens are served
+    from it, 15 are not worth the reuse path."""
+    store = KVStore(edit_engine)
+    base = base_tokens(60, seed=74)
+    base_id = store.generate(base, tenant="t", max_new_tokens=NEW).stats["request_id"]
+    request = base[:16] + fresh(60)  # 16 of 76 tokens: under the 0.5 gate
+    assert tuple(store.lookup(request, tenant="t")) == (base_id, 60)
+    out = store.generate(request, tenant="t", max_new_tokens=NEW).stats
+    assert out["hit"] and out["base_id"] == base_id and out["matched_tokens"] == 16
+    assert store.lookup(base[:15] + fresh(60), tenant="t").base_id is None
+
+
+def test_under_the_gate_a_reused_base_is_costed_by_its_exact_rows(engine):
+    """A base that was itself served by reuse lends, under the gate, only its exact prefix (n rows, past its edit at
+    30), not the 100 tokens it shares with the request: the lookup's cost, and the candidate's cost it reports,
+    count what those n rows leave to compute, as the engine will serve it."""
+    store = KVStore(engine)
+    a = base_tokens(200, seed=90)
+    store.generate(a, tenant="t", max_new_tokens=NEW)
+    b = replace(a, 30, 4)
+    served = store.generate(b, tenant="t", max_new_tokens=NEW).stats
+    n = store.get(served["request_id"]).entry.exact_prefix
+    assert served["hit"] and 30 < n < 100
+    request = b[:100] + fresh(200)
+    look = store.lookup(request, tenant="t")
+    assert look.base_id == served["request_id"]
+    assert look.cost == look.candidates[look.base_id] == len(request) - n
+
+
+def test_a_request_is_served_by_the_gate_it_was_judged_by(model, monkeypatch):
+    """The gate the store read when it chose the base goes with the engine call: a config changed (under the model
+    lock) between the choice and the serving, here to a gate of 0.99, does not turn the reuse the store judged by
+    0.5 into a full prefill of a request it recorded as a hit."""
+    engine = ReuseEngine(model, FakeTokenizer(), ReuseConfig(matching="edit"))  # its own: its config changes
+    store = KVStore(engine)
+    base = base_tokens(100, seed=76)
+    base_id = store.generate(base, tenant="t", max_new_tokens=NEW).stats["request_id"]
+    choose = store._choose
+
+    def choose_then_raise_the_gate(*args):
+        choice = choose(*args)
+        with store.model_lock:
+            engine.config = dataclasses.replace(engine.config, min_similarity=0.99)
+        return choice
+
+    monkeypatch.setattr(store, "_choose", choose_then_raise_the_gate)
+    out = store.generate(replace(base, 40, 8), tenant="t", max_new_tokens=NEW).stats  # 92 of 100 tokens matched
+    assert engine.config.min_similarity == 0.99
+    assert out["hit"] and out["mode"] == "reuse" and out["base_id"] == base_id
+
+
+def test_of_equal_cost_and_depth_the_most_recently_used_base_is_chosen(edit_engine):
+    """Two bases as cheap and as deep as each other: the more recently stored or served from wins, as the LRU tiers
+    would keep it longest. a and b each replace 4 tokens of x (both depth 1, roots once x is removed)."""
+    store = KVStore(edit_engine)
+    x = base_tokens(120, seed=77)
+    x_id = store.generate(x, tenant="t", max_new_tokens=NEW).stats["request_id"]
+    a_tokens = replace(x, 30, 4)
+    a, b = (store.generate(p, tenant="t", max_new_tokens=NEW).stats["request_id"]
+            for p in (a_tokens, replace(x, 60, 4)))
+    store.remove(x_id)
+    assert store.get(a).depth == store.get(b).depth == 1
+    look = store.lookup(x, tenant="t")
+    assert look.candidates == {a: 4, b: 4} and look.base_id == b  # b was stored after a
+    served = store.generate(replace(a_tokens, 90, 2), tenant="t", max_new_tokens=NEW).stats
+    assert served["base_id"] == a  # a is now the more recently used
+    assert store.lookup(x, tenant="t").base_id == a
+
+
+def test_ttft_counts_the_stores_lookup(engine, monkeypatch):
+    """ttft_ms is what the caller waits for its first token: the store's retrieval and alignment (retrieval slowed by
+    50 ms here) before the engine's own time to first token, not the engine's alone."""
+    store = KVStore(engine)
+    retrieve = store._index.retrieve
+    monkeypatch.setattr(store._index, "retrieve", lambda *a, **k: (time.sleep(0.05), retrieve(*a, **k))[1])
+    stats = store.generate(base_tokens(40, seed=78), tenant="t", max_new_tokens=NEW).stats
+    assert stats["lookup_ms"] >= 50
+    assert stats["ttft_ms"] >= stats["engine_ttft_ms"] + stats["lookup_ms"]
+
+
 def test_stored_tensors_unchanged_after_serving(engine):
     store = KVStore(engine, checksums=True)
     root = base_tokens(150, seed=40)
@@ -316,6 +394,18 @@ def test_stored_tensors_unchanged_after_serving(engine):
     with torch.inference_mode():  # entries are inference tensors: only code in inference mode could write them
         store.get(rid).entry.values[0, 0, 0, 0] += 1.0
     assert store.verify() == [rid]
+
+
+def test_verify_skips_entries_stored_without_a_checksum(engine):
+    """A store made with checksums=False records no checksum when it stores an entry: verify() has nothing to compare
+    such an entry with, and reports none of them (not every one as damaged), even one changed in memory."""
+    store = KVStore(engine)
+    ids = [store.generate(base_tokens(60, seed), tenant="t", max_new_tokens=NEW).stats["request_id"]
+           for seed in (41, 42)]
+    assert store.verify() == []
+    with torch.inference_mode():
+        store.get(ids[0]).entry.values[0, 0, 0, 0] += 1.0
+    assert store.verify() == []
 
 
 def test_concurrent_generate(engine):
@@ -377,4 +467,22 @@ def test_bad_tenant_and_engine(engine, model):
         store.generate([5, 6, 7], reference=None)
     with pytest.raises(ValueError, match="retain_ratio"):
         KVStore(ReuseEngine(model, FakeTokenizer(), ReuseConfig(retain_ratio=0.5)))
+    assert len(store) == 0
+
+
+def test_serving_choices_and_flags_are_refused_by_name(engine):
+    """The store chooses the reference, the gate and prefix_only: a caller's value is refused by name (not with
+    Python's "multiple values"). `shared` is True or False only, in generate and lookup: a truthy "false" would
+    publish a private prompt into the shared namespace. Nothing is stored."""
+    store = KVStore(engine)
+    prompt = base_tokens(40, seed=79)
+    for name, value in (("reference", None), ("return_entry", False), ("min_similarity", 0.0),
+                        ("prefix_only", False)):
+        with pytest.raises(TypeError, match=f"{name}: chosen by the store"):
+            store.generate(prompt, tenant="t", max_new_tokens=NEW, **{name: value})
+    for shared in ("false", 1, None):
+        with pytest.raises(TypeError, match="shared"):
+            store.generate(prompt, tenant="t", shared=shared, max_new_tokens=NEW)
+        with pytest.raises(TypeError, match="shared"):
+            store.lookup(prompt, tenant="t", shared=shared)
     assert len(store) == 0

@@ -86,3 +86,31 @@ def test_a_failed_copy_to_the_cpu_tier_leaves_the_store_whole(edit_engine, tmp_p
     assert store.get(a).tier == "offload" and store.offloads == 1 and c in store
     store.save(tmp_path)
     assert [e.id for e in KVStore.load(tmp_path, edit_engine).entries()] == [e.id for e in store.entries()]
+
+
+def test_a_copy_that_fails_after_another_moved_keeps_that_move_counted(edit_engine, monkeypatch):
+    """A request pushes two entries out of the device tier: the first one's copy to the CPU tier succeeds, the
+    second's fails (host memory, simulated). The request raises and stores nothing, no entry is lost: the first stays
+    offloaded and counted as such (its move was whole), the second stays on the device."""
+    n = 64
+    size = n * TOKEN_BYTES
+    store = KVStore(edit_engine, capacity_bytes=2 * size, offload_bytes=4 * size)
+    a, b = (store.generate(base_tokens(n, seed), tenant="t", max_new_tokens=NEW).stats["request_id"]
+            for seed in (53, 54))
+    copy, copies = tiers.host_copy, []
+
+    def second_copy_fails(entry):
+        copies.append(entry)
+        if len(copies) == 2:
+            raise MemoryError("simulated: no host memory for the CPU tier")
+        return copy(entry)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tiers, "host_copy", second_copy_fails)
+        with pytest.raises(MemoryError, match="simulated"):
+            store.generate(base_tokens(2 * n, 55), tenant="u", max_new_tokens=NEW)  # needs both a's and b's room
+    assert len(copies) == 2
+    assert [(e.id, e.tier) for e in store.entries()] == [(b, "device"), (a, "offload")]
+    assert store.offloads == 1 and store.evictions == 0
+    assert store.device_nbytes == store.offloaded_nbytes == size
+    assert_tree_consistent(store)
