@@ -254,8 +254,10 @@ class SchedulerSide:
         without a plan: it was reported as one, and its save read the missing plan (an engine-core crash)."""
         state.plan, state.confirmed, state.exact_until, state.extension, state.donor_depth = None, False, 0, False, 0
         if state.options is not None:  # (without options the stats hold why: a fallback from the start)
+            total, hit = len(state.token_ids), state.stats["prefix_hit_tokens"]
             state.stats.update(mode="full", reason=None, loaded_tokens=0, exact_tokens=0, matched_tokens=0,
-                               similarity=None, donor_id=None, donor_depth=None, prefix_only=False)
+                               similarity=None, donor_id=None, donor_depth=None, prefix_only=False,
+                               recomputed_tokens=[total - hit] * self.num_layers, reuse_ratio=hit / max(total, 1))
         self._untaint(request, state)
 
     # ---- prefix-cache pollution ----------------------------------------------------------------------------------

@@ -473,6 +473,10 @@ def test_a_plan_vllm_does_not_take_is_undone(target, hits, claims):
     state = side.requests["b"]
     assert {k: state.stats[k] for k in FULL} == {**FULL, "reason": "vLLM's own prefix-cache hit was preferred",
                                                  "prompt_tokens": len(target)}
+    # a full prefill's figures over the last hit asked about, not the cancelled plan's
+    hit = hits[-1]
+    assert state.stats["recomputed_tokens"] == [len(target) - hit] * LAYERS
+    assert state.stats["reuse_ratio"] == hit / len(target)
     assert state.plan is None and state.taint is None
     assert request.block_hashes == hashes and request._block_hasher is hasher
     assert side.get_num_new_matched_tokens(request, 12) == (0, False) and state.plan is None
