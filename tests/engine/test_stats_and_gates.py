@@ -166,10 +166,27 @@ def test_token_ids_out_of_vocab_rejected(model, tokenizer):
 
 @pytest.mark.parametrize("field, value", [("matching", "foo"), ("recompute_ratio", 1.5), ("recompute_ratio", -0.1),
                                           ("retain_ratio", 0.0), ("retain_ratio", 1.5), ("min_similarity", 2.0),
-                                          ("check_layers", 0), ("guard_margin", -0.5)])
+                                          ("min_similarity", -0.1), ("check_layers", 0), ("guard_margin", -0.5),
+                                          ("recompute_decay", 0.0), ("recompute_decay", 1.5), ("retain_decay", 0.0),
+                                          ("retain_decay", 1.01), ("lsh_seed", -2**63 - 1), ("lsh_seed", 2**64),
+                                          ("lsh_max_distance", -1), ("embedding_rope_base", 1.0)])
 def test_bad_config_rejected(field, value):
-    with pytest.raises(ValueError, match=field):
+    """Just past each end of a range (the ends themselves: test_config_accepts_the_ends_of_every_range)."""
+    with pytest.raises(ValueError, match=f"^{field}: "):  # its own check, not another naming it
         ReuseConfig(**{field: value})
+
+
+@pytest.mark.parametrize("fields", [
+    dict(recompute_ratio=0.0), dict(recompute_ratio=1.0), dict(retain_ratio=1.0), dict(min_similarity=0.0),
+    dict(min_similarity=1.0), dict(check_layers=1), dict(query_window=1), dict(budget_cap=1.0),
+    dict(recompute_decay=1.0), dict(retain_decay=1.0), dict(lsh_bits=1, lsh_max_distance=0), dict(lsh_bits=1024),
+    dict(lsh_bits=64, lsh_max_distance=63), dict(lsh_seed=-2**63), dict(lsh_seed=2**64 - 1),
+    dict(embedding_rope_base=1.001)], ids=lambda fields: ",".join(f"{k}={v}" for k, v in fields.items()))
+def test_config_accepts_the_ends_of_every_range(fields):
+    """A range's closed ends, and values just inside its open ones, are valid: a bound one step too tight
+    refuses them."""
+    cfg = ReuseConfig(**fields)
+    assert {name: getattr(cfg, name) for name in fields} == fields
 
 
 def test_config_defaults():
@@ -197,7 +214,7 @@ def test_config_defaults():
     pytest.param("budget_cap", 10**400, ValueError, id="budget_cap-int-past-float"),
     pytest.param("embedding_rope_base", 10**400, ValueError, id="embedding_rope_base-int-past-float")])
 def test_config_fields_are_typed(field, value, error):
-    with pytest.raises(error, match=field):
+    with pytest.raises(error, match=f"^{field}: "):  # the field's own check, not another that names it
         ReuseConfig(**{field: value})
 
 
