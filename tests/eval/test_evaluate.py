@@ -1,6 +1,7 @@
 """semshare_ops.evaluate (`semshare eval`): metrics, one pair end to end on a tiny model, the summary keys."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +28,36 @@ def test_rouge_l():
     # rouge-score drops every token that is not [a-z0-9]; equal outputs still score 1, different ones 0
     assert evaluate.rouge_l("\n\n# \n# \n#", "\n\n# \n# \n#") == 1.0
     assert evaluate.rouge_l("# \n#", "- \n-") == 0.0
+    assert evaluate.rouge_l("", "the cat") == 0.0 and evaluate.rouge_l("the cat", " ") == 0.0  # one side empty
+
+
+def _record(rouge, floor, first, first8, ttft_full=10.0, ttft=4.0):
+    """One pair's record as evaluate_pair writes it, with only what summarise reads; floor None: no baselines."""
+    reuse = {"recompute_ratio": 0.2, "rougeL": rouge, "first_token_equal": first, "first8_equal": first8,
+             "kl_first_token": 0.01, "reuse_ratio": 0.8, "similarity": 0.9, "matched_tokens": 30, "mode": "reuse",
+             "guard": None, "ttft_ms": ttft}
+    record = {"reuse": [reuse], "prompt_tokens": 40, "ttft_ms_full": ttft_full}
+    if floor is not None:
+        record.update(rougeL_noise_floor=floor, rougeL_gptcache=0.1)
+    return record
+
+
+def test_summarise_pairs_each_output_with_its_own_floor():
+    """The means, the standard errors over pairs and the paired difference to the floor, against hand-worked
+    figures; a pair without a floor is left out of the paired difference only."""
+    records = [_record(0.5, 0.9, True, False), _record(0.8, 0.6, True, True), _record(1.0, 1.0, False, True),
+               _record(0.3, None, True, False)]
+    summary = evaluate.summarise(records)
+    rouges, paired = [0.5, 0.8, 1.0, 0.3], [0.5 - 0.9, 0.8 - 0.6, 1.0 - 1.0]
+    assert summary["pairs"] == 4 and summary["rougeL"] == pytest.approx(0.65)
+    assert summary["rougeL_stderr"] == pytest.approx(float(np.std(rouges, ddof=1)) / 2.0)
+    assert summary["rougeL_minus_floor"] == pytest.approx(-0.2 / 3)
+    assert summary["rougeL_minus_floor_stderr"] == pytest.approx(float(np.std(paired, ddof=1)) / 3 ** 0.5)
+    assert summary["rougeL_noise_floor"] == pytest.approx(2.5 / 3)
+    assert (summary["first_token_agreement"], summary["first8_agreement"]) == (0.75, 0.5)
+    one = evaluate.summarise(records[:1])
+    assert one["rougeL"] == 0.5 and one["rougeL_stderr"] is None and one["rougeL_minus_floor_stderr"] is None
+    assert evaluate.summarise(records[:2])["rougeL_stderr"] == pytest.approx(0.15)  # two pairs have a spread
 
 
 def test_first_token_kl():
