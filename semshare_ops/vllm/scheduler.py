@@ -167,8 +167,8 @@ class SchedulerSide:
 
     def _decide(self, request, state: RequestState, prefix_hit: int) -> int:
         stats, opts, total = state.stats, state.options, len(state.token_ids)
-        stats.update(prefix_hit_tokens=prefix_hit, recomputed_tokens=[total - prefix_hit] * self.num_layers,
-                     reuse_ratio=prefix_hit / max(total, 1))
+        stats["prefix_hit_tokens"] = prefix_hit
+        self._set_full_prefill(stats)
         if opts is None:
             return 0  # bad options: the reason is already in the stats
         if not opts.reuse:
@@ -254,10 +254,9 @@ class SchedulerSide:
         without a plan: it was reported as one, and its save read the missing plan (an engine-core crash)."""
         state.plan, state.confirmed, state.exact_until, state.extension, state.donor_depth = None, False, 0, False, 0
         if state.options is not None:  # (without options the stats hold why: a fallback from the start)
-            total, hit = len(state.token_ids), state.stats["prefix_hit_tokens"]
             state.stats.update(mode="full", reason=None, loaded_tokens=0, exact_tokens=0, matched_tokens=0,
-                               similarity=None, donor_id=None, donor_depth=None, prefix_only=False,
-                               recomputed_tokens=[total - hit] * self.num_layers, reuse_ratio=hit / max(total, 1))
+                               similarity=None, donor_id=None, donor_depth=None, prefix_only=False)
+            self._set_full_prefill(state.stats)
         self._untaint(request, state)
 
     # ---- prefix-cache pollution ----------------------------------------------------------------------------------
@@ -384,10 +383,8 @@ class SchedulerSide:
             state.awaiting_report = False
             stats = state.stats
             if "error" in result:
-                total = len(state.token_ids)
-                stats.update(mode="fallback", reason=result["error"], loaded_tokens=0,
-                             recomputed_tokens=[total - stats["prefix_hit_tokens"]] * self.num_layers)
-                stats["reuse_ratio"] = stats["prefix_hit_tokens"] / max(total, 1)
+                stats.update(mode="fallback", reason=result["error"], loaded_tokens=0)
+                self._set_full_prefill(stats)
                 continue
             # (+ the tokens vLLM computes: the last one, or under the gate every one past the exact prefix)
             tail = len(state.token_ids) - state.plan.stop
@@ -411,6 +408,12 @@ class SchedulerSide:
             self.pending_saves.pop(donor_id, None)
         for donor_id in report.get("evicted", []):
             self.index.remove(donor_id)
+
+    def _set_full_prefill(self, stats: Dict) -> None:
+        """Per-layer recomputed tokens of a full prefill over vLLM's own prefix hit, which counts as reused."""
+        hit = stats["prefix_hit_tokens"]
+        stats["recomputed_tokens"] = [stats["prompt_tokens"] - hit] * self.num_layers
+        stats["reuse_ratio"] = hit / max(stats["prompt_tokens"], 1)
 
     def _set_recomputed(self, stats: Dict, per_layer: List[int]) -> None:
         """Per-layer recomputed tokens of a reuse request, the exact prefix hit counted as reused."""
