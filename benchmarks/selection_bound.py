@@ -23,7 +23,7 @@ import torch
 
 from semshare_ops.bench.provenance import environment
 from semshare_ops.engine import ReuseConfig, ReuseEngine
-from semshare_ops.engine.engine import effective_check_layers, selection_scores
+from semshare_ops.engine.rows import effective_check_layers, selection_scores
 from semshare_ops.eval.evaluate import floor_prompt, rouge_l
 
 from ablate_selection import engine_and_pairs, kl_rows, pair_arguments  # this folder (run as a script)

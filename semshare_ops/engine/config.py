@@ -41,7 +41,7 @@ class ReuseConfig:
     # near-duplicates at ratio 0.2: teacher-forced KL 0.0030 against 0.0067 for 0 at reuse 0.780, both confident
     # divergences repaired; 8 no better (docs/design.md). 0: left to the ranking.
     recompute_boundary: int = 4
-    # How rows are ranked for recompute (engine.selection_scores): "deviation" of reused from fresh K/V, "attention"
+    # How rows are ranked for recompute (rows.selection_scores): "deviation" of reused from fresh K/V, "attention"
     # the last `query_window` prompt tokens pay them at the check layer, "blend" (their product), or "lookahead"
     # (ProphetKV's two stages: those tokens first run through every layer over the reused cache, and the attention
     # they pay in the layers past the check layers multiplies the deviation; their rows come out of the budget).
@@ -54,7 +54,7 @@ class ReuseConfig:
     progressive: bool = True
     # "adaptive": the unmatched rows (no reusable K/V) on top of recompute_ratio of the others, so a worse match
     # recomputes more; the matched rows the tail makes mandatory are the first of that share, more only where they
-    # exceed it (engine.recompute_counts); "fixed": recompute_ratio of the prompt, every mandatory row included.
+    # exceed it (rows.recompute_counts); "fixed": recompute_ratio of the prompt, every mandatory row included.
     # Adaptive measured better on the 60 built-in near-duplicates at equal or higher reuse (raw prompts: ROUGE-L 0.73
     # at reuse 0.78 against 0.67 for fixed at 0.74; docs/design.md): under "fixed" a prompt whose unmatched rows take
     # the whole budget recomputes none of its stale matched rows.

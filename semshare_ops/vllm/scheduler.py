@@ -32,7 +32,7 @@ from typing import Dict, List, Mapping, Optional, Set
 import torch
 
 from ..engine import matching
-from ..engine.engine import exact_prefix, kept_exact_prefix, recompute_rows
+from ..engine.rows import exact_prefix, kept_exact_prefix, recompute_rows
 from .donors import DonorIndex, DonorInfo
 from .model import Unsupported, check_config
 from .options import ConnectorOptions, RequestOptions, parse_request

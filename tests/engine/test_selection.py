@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from semshare_ops.engine import ReuseConfig  # noqa: E402
 from semshare_ops.engine.config import SELECTIONS  # noqa: E402
-from semshare_ops.engine.engine import exact_prefix, recompute_counts  # noqa: E402
+from semshare_ops.engine.rows import exact_prefix, recompute_counts  # noqa: E402
 from semshare_ops.engine.hf import SemShareCache  # noqa: E402
 from semshare_ops.engine.matching import Match  # noqa: E402
 
@@ -304,7 +304,7 @@ def test_boundary_rows_are_the_first_the_budget_takes(model, tokenizer, referenc
 
 
 def test_first_rows_rank_above_the_others_and_below_the_mandatory():
-    from semshare_ops.engine.engine import RowSchedule
+    from semshare_ops.engine.rows import RowSchedule
 
     n, layers = 30, 3
     mandatory, first = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
@@ -348,7 +348,7 @@ def test_ranking_reads_no_reused_kv_of_mandatory_rows(selection):
     """A mandatory row is recomputed anyway, and an unmatched one has no reused K/V: the vLLM connector's slot holds
     whatever an earlier request left there. Whatever it holds (NaN here), the order of the competing rows over the
     progressive rankings is the same."""
-    from semshare_ops.engine.engine import RowSchedule
+    from semshare_ops.engine.rows import RowSchedule
 
     n, layers = 40, 6
     mandatory = torch.zeros(n, dtype=torch.bool)
@@ -506,7 +506,7 @@ def test_lookahead_runs_only_with_rows_to_choose(model, tokenizer, reference_ids
 def test_lookahead_rows_come_out_of_the_budget():
     """The lookahead's rows run in every layer, so the recompute counts give up as many: the same work per request
     at the same recompute_ratio (down to the mandatory floor)."""
-    from semshare_ops.engine.engine import lookahead_rows
+    from semshare_ops.engine.rows import lookahead_rows
 
     config = ReuseConfig(selection="lookahead", query_window=16, recompute_ratio=0.3)
     assert lookahead_rows(config, 500) == 16 and lookahead_rows(config, 10) == 10

@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from semshare_ops.engine import ReuseConfig, ReuseEngine  # noqa: E402
-from semshare_ops.engine.engine import decaying_counts  # noqa: E402
+from semshare_ops.engine.rows import decaying_counts  # noqa: E402
 
 from engine_testutils import (
     EDITS, HEAD_DIM, REF_LEN, KV_HEADS, LAYERS, MAX_POS, NEW, STATS_KEYS, VOCAB, FakeTokenizer, build_model, edited,
