@@ -8,9 +8,9 @@ forward, doing what `ReuseEngine` does between match and decode:
    vLLM's own exact prefix-cache hit, left as it is;
 3. recompute a nested row set past the exact prefix layer by layer through vLLM's decoder layers
    (`model.VllmModel`): every row in the check layers, then the unmatched rows, the boundary rows and the rows whose
-   K/V deviate most at the last check layer (`engine.rows.recompute_rows`, `engine.rows.RowSchedule`: the HF engine's own
-   schedule and ranking); where the next layer takes fewer rows, the dropped ones get only their K/V in this layer
-   (`VllmModel.write_kv`), as in the HF engine;
+   K/V deviate most at the last check layer (`engine.rows.recompute_rows`, `engine.rows.RowSchedule`: the HF
+   engine's own schedule and ranking); where the next layer takes fewer rows, the dropped ones get only their K/V
+   in this layer (`VllmModel.write_kv`), as in the HF engine;
 4. vLLM then computes the last prompt token in its forward, and decodes.
 
 A failure anywhere (a donor evicted since the scheduler chose it, an exception) reports the request's blocks from p
