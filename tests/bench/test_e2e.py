@@ -79,15 +79,15 @@ def test_cacheblend_recomputes_15_percent_in_every_layer_past_the_first(num_laye
     come from the engine's own count (`recompute_rows`), for a prompt whose tokens are matched, none at its own
     position (no exact prefix), but `unmatched` of them. The old config (recompute_ratio 0.15 as the mean over all
     layers, layer 0 included) gave 0%, 2.8% and 12% here with every token matched."""
-    from semshare_ops.engine import engine as engine_module
     from semshare_ops.engine.matching import Match
+    from semshare_ops.engine.rows import recompute_rows
 
     config = e2e.method_configs(base, num_layers)["cacheblend"]
     tokens = 1001  # the prompt; the engine counts rows among the first tokens - 1, the last always computed
     prefill = tokens - 1
     positions = torch.cat([torch.arange(100), torch.arange(100 + unmatched, tokens)])
     match = Match(positions, positions + 16, torch.ones(len(positions), dtype=torch.bool), tokens)
-    counts = engine_module.recompute_rows(match, prefill, num_layers, config).counts
+    counts = recompute_rows(match, prefill, num_layers, config).counts
     assert len(counts) == num_layers and counts[0] == prefill
     for layer, count in enumerate(counts[1:], start=1):
         # count + 1: the last prompt token is recomputed in every layer besides the counted rows

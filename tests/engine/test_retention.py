@@ -55,13 +55,13 @@ def test_selection_and_retention_keep_their_own_observers(model, tokenizer, refe
     observer window, whichever is larger: each query's weights sum to 1 per head, so the scores sum to queries x
     heads. One observer once served both (the larger count), so retention changed the ranking and the ranking
     changed retention."""
-    from semshare_ops.engine import engine as engine_module
+    from semshare_ops.engine import engine as engine_module, rows as rows_module
 
     target = [(reference_ids[0] + 1) % 512] + edited(reference_ids, "replace")[1:]  # no exact prefix: every slot
     heads = model.config.num_attention_heads
     ranked, retained = [], []
-    select = engine_module.selection_scores
-    monkeypatch.setattr(engine_module, "selection_scores",
+    select = rows_module.selection_scores
+    monkeypatch.setattr(rows_module, "selection_scores",
                         lambda selection, reused, fresh, attention: ranked.append(float(attention.sum()))
                         or select(selection, reused, fresh, attention))
     retain = engine_module.ReuseEngine._retain
