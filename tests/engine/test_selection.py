@@ -4,6 +4,7 @@ and the teacher-forced `score` the ablation ranks them by. On the tiny random Ll
 import dataclasses
 from typing import Optional
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 from semshare_ops.engine import ReuseConfig  # noqa: E402
 from semshare_ops.engine.config import SELECTIONS  # noqa: E402
-from semshare_ops.engine.rows import exact_prefix, recompute_counts  # noqa: E402
+from semshare_ops.engine.rows import (effective_check_layers, exact_prefix, mean_relative_deviation,  # noqa: E402
+                                      recompute_counts, recompute_rows, selection_scores)
 from semshare_ops.engine.hf import SemShareCache  # noqa: E402
 from semshare_ops.engine.matching import Match  # noqa: E402
 
@@ -140,6 +142,63 @@ def test_exact_prefix_stops_at_the_first_row_not_taken_in_place():
     assert exact_prefix(match(torch.arange(n), fuzzy), n, n) == 3
     gap = Match(torch.tensor([0, 1, 3]), torch.tensor([0, 1, 3]), torch.ones(3, dtype=torch.bool), n)
     assert exact_prefix(gap, n, n) == 2  # position 2 unmatched
+    # No room at all (a window covering the whole prompt leaves a negative limit): nothing is exact, and a negative
+    # bound must not slice the match from its end.
+    assert exact_prefix(match(torch.arange(n)), n, -3) == 0
+    assert exact_prefix(match(torch.arange(n)), 0, n) == 0
+    assert exact_prefix(match(torch.arange(n)), n, 1) == 1  # one row is a prefix too
+
+
+def test_scores_need_attention_and_the_deviation_needs_a_matched_row():
+    """The scores, worked out in numpy: "deviation" ||dK|| + ||dV|| per row, "attention" the attention, "blend" and
+    "lookahead" their product. A ranking by attention without recorded attention is refused by name (not an
+    AttributeError on None), and the check deviation over no matched row is None (a mean over nothing is no figure:
+    not NaN). With one matched row it is that row's (||dK|| + ||dV||) / (||K|| + ||V||) of the fresh K/V."""
+    g = torch.Generator().manual_seed(7)
+    reused, fresh = [tuple(torch.randn(5, 2, 4, generator=g) for _ in range(2)) for _ in range(2)]
+    attention = torch.rand(5, generator=g) + 0.1
+    dk, dv = ((f.numpy() - r.numpy()).reshape(5, -1).astype(np.float64) for r, f in zip(reused, fresh))
+    deviation = np.linalg.norm(dk, axis=1) + np.linalg.norm(dv, axis=1)
+    np.testing.assert_allclose(selection_scores("deviation", reused, fresh, None).numpy(), deviation, rtol=1e-5)
+    for selection in ("blend", "lookahead"):
+        np.testing.assert_allclose(selection_scores(selection, reused, fresh, attention).numpy(),
+                                   deviation * attention.numpy(), rtol=1e-5)
+    for selection in ("attention", "blend", "lookahead"):
+        with pytest.raises(RuntimeError, match=f"selection '{selection}': no attention scores"):
+            selection_scores(selection, reused, fresh, None)
+    assert torch.equal(selection_scores("attention", reused, fresh, attention), attention)
+    assert mean_relative_deviation(reused, fresh, torch.ones(5, dtype=torch.bool)) is None
+    only = torch.ones(5, dtype=torch.bool)
+    only[3] = False
+    (k0, v0), (k1, v1) = ((t[3].numpy().ravel().astype(np.float64) for t in pair) for pair in (reused, fresh))
+    want = (np.linalg.norm(k1 - k0) + np.linalg.norm(v1 - v0)) / (np.linalg.norm(k1) + np.linalg.norm(v1))
+    assert mean_relative_deviation(reused, fresh, only) == pytest.approx(want, rel=1e-5)
+    # A ratio of norms: K/V a thousand times smaller (a model with tiny activations) read the same.
+    small = [tuple(t * 1e-3 for t in pair) for pair in (reused, fresh)]
+    assert mean_relative_deviation(*small, only) == pytest.approx(want, rel=1e-5)
+
+
+def test_with_nothing_exact_the_check_layers_take_every_row():
+    """`recompute_counts` with its defaults (no exact prefix, no lookahead), worked by hand: the budget is a mean of
+    0.3 x 41 - 1 = 11.3 rows over 30 layers (the last token, always computed, counted in it); the two check layers
+    take all 40, so the 28 others need 28 c >= 339 - 80, c = 10. An exact prefix of 10 takes its rows out of the
+    check layers and leaves the budget the whole prompt's (28 c >= 339 - 60: 10 again)."""
+    config = ReuseConfig(recompute_ratio=0.3, budget="fixed", check_layers=2, recompute_decay=1.0)
+    assert recompute_counts(40, 30, 0, config) == [40, 40] + [10] * 28
+    assert recompute_counts(40, 30, 0, config, exact=10) == [30, 30] + [10] * 28
+    # The lookahead's 4 rows run through every layer: 4 off the mean, 28 c >= 30 x 7.3 - 80, c = 5.
+    assert recompute_counts(40, 30, 0, config, lookahead=4) == [40, 40] + [5] * 28
+    # A budget of exactly every row past the prefix (0.5 x 10 - 1 = 4 = 9 - 5) leaves none to rank: no pass to pay.
+    half = ReuseConfig(recompute_ratio=0.5, budget="fixed", recompute_decay=1.0)
+    assert recompute_counts(9, 6, 0, half, exact=5, lookahead=2) == [4] * 6
+    # No budget at all (a prefix hit at ratio 0: no check layer, 0 x 21 - 1 < 0): no row in any layer.
+    assert recompute_counts(20, 4, 0, ReuseConfig(matching="prefix", recompute_ratio=0.0)) == [0] * 4
+    # recompute_rows with its defaults: nothing exact, every row in the check layers.
+    positions = torch.arange(40)
+    shifted = Match(positions, positions + 3, torch.ones(40, dtype=torch.bool), 41)
+    assert recompute_rows(shifted, 40, 30, config).counts == [40, 40] + [10] * 28
+    assert effective_check_layers(config) == 2
+    assert effective_check_layers(dataclasses.replace(config, matching="prefix")) == 0  # a prefix hit is exact
 
 
 @pytest.mark.parametrize("selection,progressive", VARIANTS)
@@ -326,6 +385,37 @@ def test_first_rows_rank_above_the_others_and_below_the_mandatory():
     # What decode_recompute takes: every row not in the last layer's set, in position order.
     schedule.advance(1)
     assert schedule.stale().tolist() == sorted(set(range(n)) - set(schedule.rows.tolist()))
+
+
+def test_a_schedule_without_check_layers_starts_from_its_first_tiers():
+    """No check layer (prefix matching): the first layer already takes only `counts[0]` rows, the mandatory then the
+    first ones, before anything is ranked."""
+    from semshare_ops.engine.rows import RowSchedule
+
+    mandatory, first = (torch.tensor([bool(int(c)) for c in bits]) for bits in ("100100", "001000"))
+    schedule = RowSchedule([3, 3], mandatory, ReuseConfig(matching="prefix"), 2, first)
+    assert schedule.rows.tolist() == [0, 2, 3]
+
+
+def test_the_check_deviation_is_the_check_layers_alone():
+    """`deviation` (stats["check_deviation"]) is read at the last check layer; a later layer that ranks again
+    (`progressive`, where the set shrinks) changes the order, not that figure."""
+    from semshare_ops.engine.rows import RowSchedule
+
+    n = 12
+    config = ReuseConfig(recompute_ratio=0.3, check_layers=1, budget="fixed", progressive=True)
+    schedule = RowSchedule([n, 8, 4], torch.zeros(n, dtype=torch.bool), config, 3)
+    gen = torch.Generator().manual_seed(5)
+    reused = (torch.randn(n, 2, 4, generator=gen), torch.randn(n, 2, 4, generator=gen))
+    fresh = tuple(t + 0.1 * torch.randn(t.shape, generator=gen) for t in reused)
+    schedule.rank(0, reused, fresh)
+    check = schedule.deviation
+    assert check == pytest.approx(mean_relative_deviation(reused, fresh, torch.zeros(n, dtype=torch.bool)))
+    schedule.advance(0)
+    assert schedule.ranks(1)
+    rows = schedule.rows
+    schedule.rank(1, tuple(t[rows] for t in reused), tuple(3.0 * t[rows] for t in fresh))
+    assert schedule.deviation == check
 
 
 def test_the_tails_rows_come_out_of_the_adaptive_share(model, tokenizer, reference_ids, ref_entry):

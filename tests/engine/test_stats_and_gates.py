@@ -406,6 +406,20 @@ def test_a_steep_decay_still_meets_the_budget(decay):
     assert target <= sum(counts) / layers <= target + 1.0  # a count moves by one row: the mean by 1/30
 
 
+def test_more_lead_layers_than_layers_gives_one_count_per_layer():
+    """check_layers above the model's depth: every layer is a check layer, and there are exactly `layers` counts
+    (not `lead` of them, which would shift every later layer's count)."""
+    assert decaying_counts(12, 2, 3, 0, 4.0, 1.0) == [12, 12]
+    assert decaying_counts(12, 3, 3, 0, 4.0, 1.0) == [12, 12, 12]
+
+
+def test_a_mean_that_counts_reach_exactly_is_met_not_passed():
+    """The bisection takes the smallest counts whose mean is at least the target: a target of exactly 5 rows a layer
+    gives 5 in every layer (decay 1.0), not 6."""
+    assert decaying_counts(10, 4, 0, 0, 5.0, 1.0) == [5, 5, 5, 5]
+    assert decaying_counts(10, 4, 1, 0, 7.0, 1.0) == [10, 6, 6, 6]  # one lead layer: 10 + 3 c >= 28, c = 6 exactly
+
+
 def test_a_huge_boundary_costs_no_more_than_the_prompt(model, tokenizer, reference_ids, ref_entry):
     target = edited(reference_ids, "few")
     out = engine_for(model, tokenizer, recompute_boundary=10**9).generate(target, reference=ref_entry,
