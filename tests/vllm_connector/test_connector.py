@@ -7,13 +7,17 @@ re-rotation and the layer-by-layer recompute are exact); the default settings re
 becomes an exact prefix-cache hit; every way out (a failed load, bad options, an unrelated prompt, a namespace
 without donors) falls back to vLLM's own prefill, with the reason in the stats.
 """
+import dataclasses
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
 from vllm_testutils import LOGPROB_ATOL, OFF, serve, serve_together  # noqa: E402
 
-from semshare_ops.vllm.model import Unsupported, check_architecture  # noqa: E402
+from semshare_ops.vllm.model import RopeGroup, Unsupported, check_architecture, check_config, runs_of  # noqa: E402
 
 
 
@@ -269,6 +273,41 @@ def test_unsupported_architectures_are_named():
     with pytest.raises(Unsupported, match="unknown"):
         check_architecture(None)
     check_architecture(["LlamaForCausalLM"])
+    with pytest.raises(Unsupported, match=r"\['LlamaForCausalLM', 'GPT2LMHeadModel'\].*served: LlamaForCausalLM"):
+        check_architecture(["LlamaForCausalLM", "GPT2LMHeadModel"])  # one unsupported name is enough
+    with pytest.raises(Unsupported, match="model architecture unknown"):
+        check_architecture([])
+
+
+def test_unsupported_configurations_are_named():
+    """check_config: the architecture from the model config (none given: unknown), then LoRA refused by name."""
+    def config(architectures=("LlamaForCausalLM",), **kwargs):
+        return SimpleNamespace(model_config=SimpleNamespace(architectures=list(architectures)), **kwargs)
+
+    check_config(config())
+    check_config(config(lora_config=None))
+    with pytest.raises(Unsupported, match="enable_lora"):
+        check_config(config(lora_config=SimpleNamespace(max_loras=1)))
+    with pytest.raises(Unsupported, match="Qwen2ForCausalLM"):
+        check_config(config(["Qwen2ForCausalLM"]))
+    with pytest.raises(Unsupported, match="unknown"):
+        check_config(SimpleNamespace(model_config=SimpleNamespace()))
+
+
+def test_runs_of_consecutive_positions():
+    """(start, stop) of each maximal run of consecutive rows, worked by hand."""
+    runs = runs_of(torch.tensor([2, 3, 4, 7, 9, 10, 11, 20]))
+    assert runs.dtype == torch.long and runs.tolist() == [[2, 5], [7, 8], [9, 12], [20, 21]]
+    assert runs_of(torch.tensor([0, 1, 2, 3])).tolist() == [[0, 4]]
+    assert runs_of(torch.tensor([5])).tolist() == [[5, 6]]
+    empty = runs_of(torch.tensor([], dtype=torch.long))
+    assert empty.shape == (0, 2) and empty.dtype == torch.long
+
+
+def test_rope_groups_are_frozen():
+    group = RopeGroup(layers=(0, 2), inv_freq=torch.rand(4), neox=True)
+    with pytest.raises(dataclasses.FrozenInstanceError, match="neox"):
+        group.neox = False
 
 
 def test_an_identical_prompt_is_vllms_own_output(llm, texts, donor_salt):

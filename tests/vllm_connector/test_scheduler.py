@@ -171,6 +171,18 @@ def test_a_save_the_worker_skips_is_forgotten():
     assert side.pending_saves == {} and "r" not in side.index
 
 
+def test_the_worker_hands_each_report_and_failed_block_once():
+    """take_report: None while nothing happened, else the report, then a fresh empty one; take_failed_blocks: the
+    blocks of failed loads, once."""
+    worker = WorkerSide(SimpleNamespace(), ConnectorOptions())
+    assert worker.take_report() is None and worker.take_failed_blocks() == set()
+    worker.report["evicted"].extend(["d1", "d2"])  # as a save that evicted two donors reports them
+    worker.failed_blocks.update({3, 5})
+    assert worker.take_report() == {"loads": {}, "saved": {}, "evicted": ["d1", "d2"], "unsaved": []}
+    assert worker.take_report() is None
+    assert worker.take_failed_blocks() == {3, 5} and worker.take_failed_blocks() == set()
+
+
 EXTENSION = DONOR + list(range(200, 212))  # the donor and 12 new tokens: a growing chat's next turn
 
 
