@@ -307,15 +307,16 @@ def watching_mask_windows() -> Iterator[list]:
 def mask_window(mask_function, far: int = 1 << 40):
     """The sliding window of a transformers mask function (batch, head, q_idx, kv_idx) -> visible: w where query q
     sees keys q - w < k <= q, None where it sees every earlier key, UNKNOWN_WINDOW where it is neither (or cannot
-    be called on plain positions). Read at two distant query positions, one past and one just before a large power
-    of two (a chunked mask shows them different spans), by bisecting for the first key seen."""
+    be called on plain positions). Read at distant query positions, one just before a large power of two and two
+    neighbours just past half of it (a chunked mask shows neighbouring queries different spans, whatever its chunk
+    size), by bisecting for the first key seen."""
     def sees(q: int, k: int) -> bool:
         zero = torch.tensor(0)
         return bool(mask_function(zero, zero, torch.tensor(q), torch.tensor(k)))
 
     try:
         found = set()
-        for q in (far - 1, far // 2 + 1):
+        for q in (far - 1, far // 2, far // 2 + 1):
             if not sees(q, q) or sees(q, q + 1):
                 return UNKNOWN_WINDOW
             lo, hi = 0, q  # the first key seen lies in [lo, hi]

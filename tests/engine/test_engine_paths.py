@@ -3,6 +3,8 @@ recompute tail, and the causal fast path (whole-cache steps to SDPA).
 
 On small randomly initialised Llama and Qwen2 models (fixtures in conftest.py)."""
 
+import dataclasses
+import math
 
 import pytest
 import torch
@@ -380,3 +382,283 @@ def test_self_check_tries_other_prompts_before_refusing(tokenizer, flips):
         with pytest.raises(UnsupportedModelError, match=r"differ from its own attention by 1 .*\(and on two more\)"):
             ReuseEngine(model, tokenizer, ReuseConfig())
         assert len(calls) == 3
+
+
+# ---- the shims on their own: the token-major layer, the cache, what an attention call passes ----------------------
+
+
+def _kv(n, seed, heads=2, dim=5, v_dim=6):
+    """K and V of n tokens as an attention module hands them to the cache: [1, H, n, D]."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, heads, n, dim, generator=g), torch.randn(1, heads, n, v_dim, generator=g)
+
+
+def _token_major(*states):
+    return torch.cat(states, 2)[0].transpose(0, 1)
+
+
+def test_token_major_layer_appends_grows_and_reports_its_sizes():
+    """Appends go to the next slots at the next positions; a full layer doubles, or grows to what it needs when that
+    is more, keeping what it holds; empty slots have position -1."""
+    from semshare_ops.engine.hf import TokenMajorLayer
+
+    layer = TokenMajorLayer(torch.zeros(4, 2, 5), torch.zeros(4, 2, 6))
+    assert layer.kv_pos.tolist() == [-1] * 4 and layer.used == layer.length == 0
+    k1, v1 = _kv(3, seed=1)
+    keys, values = layer.update(k1, v1)
+    assert torch.equal(keys, _token_major(k1)) and torch.equal(values, _token_major(v1))
+    k2, v2 = _kv(3, seed=2)  # 6 tokens in 4 slots: doubled to 8
+    keys, values = layer.update(k2, v2)
+    assert layer.keys.shape == (8, 2, 5) and layer.values.shape == (8, 2, 6)
+    assert torch.equal(keys, _token_major(k1, k2)) and torch.equal(values, _token_major(v1, v2))
+    assert layer.kv_pos.tolist() == [0, 1, 2, 3, 4, 5, -1, -1] and layer.step_positions.tolist() == [3, 4, 5]
+    assert layer.used == layer.length == layer.get_seq_length() == 6
+    assert layer.nbytes() == 6 * (2 * 5 + 2 * 6) * 4
+    assert layer.get_mask_sizes(3) == (9, 0) and layer.get_max_length() == -1
+    k3, v3 = _kv(11, seed=3)  # 17 tokens: more than twice 8, grown to 17
+    keys, values = layer.update(k3, v3)
+    assert layer.keys.shape[0] == 17 and layer.kv_pos.tolist() == list(range(17))
+    assert torch.equal(keys, _token_major(k1, k2, k3)) and torch.equal(values, _token_major(v1, v2, v3))
+
+    layer.keep(torch.tensor([0, 3, 16]))  # compacted to 3 slots: the next token goes to slot 3 at position 17
+    k4, v4 = _kv(1, seed=4)
+    keys, values = layer.update(k4, v4)
+    assert layer.kv_pos.tolist() == [0, 3, 16, 17, -1, -1] and layer.used == 4 and layer.length == 18  # 3 slots doubled
+    assert torch.equal(keys, torch.cat([_token_major(k1, k2, k3)[[0, 3, 16]], _token_major(k4)]))
+    assert torch.equal(values, torch.cat([_token_major(v1, v2, v3)[[0, 3, 16]], _token_major(v4)]))
+    with pytest.raises(NotImplementedError, match="beam search"):
+        layer.reorder_cache(torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="batch size must be 1"):
+        layer.update(*(torch.cat([s, s]) for s in _kv(1, seed=5)))
+
+
+def test_a_compacted_layer_is_never_in_order_again():
+    """Compaction ends slot == position for good: not after a compaction that keeps every position (reordered), nor
+    after one that keeps none, where the next tokens land in slot 0 at the positions after the last."""
+    from semshare_ops.engine.hf import TokenMajorLayer
+
+    layer = TokenMajorLayer(torch.zeros(4, 2, 5), torch.zeros(4, 2, 6))
+    layer.update(*_kv(3, seed=9))
+    layer.keep(torch.tensor([2, 1, 0]))
+    layer.update(*_kv(1, seed=10))
+    assert not layer.in_order and not layer.causal_step and layer.kv_pos[:4].tolist() == [2, 1, 0, 3]
+    layer.write_positions = torch.arange(4)  # every position rewritten, at slots that held others
+    layer.update(*_kv(4, seed=11))
+    assert not layer.causal_step
+    layer.keep(torch.zeros(0, dtype=torch.long))
+    layer.write_positions = None
+    layer.update(*_kv(2, seed=12))
+    assert not layer.causal_step and layer.kv_pos.tolist() == [4, 5] and layer.used == 2 and layer.length == 6
+
+
+def test_token_major_layer_recomputes_in_place_and_stops_after_a_kv_only_write():
+    """A layer that starts with `used` positions; a recompute writes slot == position and counts nothing new (a causal
+    step only when it rewrites every position); a K/V-only layer raises KVWritten once its K/V are in."""
+    from semshare_ops.engine.hf import KVWritten, TokenMajorLayer
+
+    start_k, start_v = torch.randn(6, 2, 5), torch.randn(6, 2, 6)
+    layer = TokenMajorLayer(start_k.clone(), start_v.clone(), used=3)
+    assert layer.kv_pos.tolist() == [0, 1, 2, -1, -1, -1] and layer.used == layer.length == 3
+    layer.write_positions = torch.tensor([0, 2])
+    k, v = _kv(2, seed=6)
+    keys, values = layer.update(k, v)
+    assert keys.shape[0] == 3 and torch.equal(keys[[0, 2]], _token_major(k)) and torch.equal(keys[1], start_k[1])
+    assert torch.equal(values[[0, 2]], _token_major(v)) and torch.equal(values[1], start_v[1])
+    assert layer.used == layer.length == 3 and layer.step_positions.tolist() == [0, 2] and not layer.causal_step
+    layer.write_positions = torch.arange(3)
+    layer.update(*_kv(3, seed=7))
+    assert layer.causal_step and layer.used == 3
+
+    layer.write_positions, layer.stop_after_write = None, True
+    k, v = _kv(2, seed=8)
+    with pytest.raises(KVWritten):
+        layer.update(k, v)
+    assert torch.equal(layer.keys[3:5], _token_major(k)) and layer.kv_pos.tolist() == [0, 1, 2, 3, 4, -1]
+
+
+def test_cache_allocation_lays_its_layers_in_storage_that_fits():
+    """allocate: one [L, capacity, H, D] K and V allocation, the layers views of it, each with `used` positions; the
+    storage of an earlier cache is taken when it is of the dtype and device and at least as large, else refused."""
+    from semshare_ops.engine.hf import SemShareCache
+
+    cache = SemShareCache.allocate(3, 5, 2, 4, 6, torch.float32, "cpu", used=2)
+    assert cache.keys.shape == (3, 5, 2, 4) and cache.values.shape == (3, 5, 2, 6) and len(cache.layers) == 3
+    assert all(layer.used == 2 and layer.kv_pos.tolist() == [0, 1, -1, -1, -1] for layer in cache.layers)
+    assert cache.layers[2].keys.data_ptr() == cache.keys[2].data_ptr() == cache.storage[0].data_ptr() + 2 * 40 * 4
+    assert cache.layers[1].values.data_ptr() == cache.values[1].data_ptr() == cache.storage[1].data_ptr() + 60 * 4
+    assert cache.observe == cache.retain_observe == 0 and cache.stale.numel() == 0 and not cache.dropped
+    assert cache.nbytes() == 3 * 2 * (2 * 4 + 2 * 6) * 4
+    cache.set_write_positions(1, torch.tensor([1]))
+    assert cache.layers[1].write_positions.tolist() == [1] and cache.layers[0].write_positions is None
+
+    storage = (torch.randn(3 * 5 * 2 * 4 + 7), torch.randn(3 * 5 * 2 * 6))
+    again = SemShareCache.allocate(3, 5, 2, 4, 6, torch.float32, "cpu", storage=storage)
+    assert again.storage is storage and again.keys.data_ptr() == storage[0].data_ptr()
+    assert again.values.data_ptr() == storage[1].data_ptr()
+    assert all(layer.used == layer.length == 0 and layer.kv_pos.tolist() == [-1] * 5 for layer in again.layers)
+    for bad in [(storage[0][:119], storage[1]), (storage[0], storage[1][:179]), (storage[0].double(), storage[1]),
+                (storage[0], storage[1].half()), (storage[0], torch.empty(180, device="meta"))]:
+        with pytest.raises(RuntimeError, match="storage handed in is too small or of another dtype or device"):
+            SemShareCache.allocate(3, 5, 2, 4, 6, torch.float32, "cpu", storage=bad)
+
+
+def test_visibility_takes_window_cap_and_sinks_and_refuses_the_rest():
+    from semshare_ops.engine.hf import Visibility, visibility
+
+    module = torch.nn.Identity()
+    none = visibility(module, {"dropout": 0.0, "sliding_window": None, "softcap": None, "position_ids": 1,
+                               "is_causal": True, "head_mask": None})
+    assert none == Visibility() == Visibility(-1, 0.0, None) and none.plain
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        none.window = 8
+    sinks = torch.tensor([0.5, -1.25], dtype=torch.bfloat16, requires_grad=True)
+    vis = visibility(module, {"sliding_window": 4096, "softcap": 50, "s_aux": sinks, "scaling": 0.125})
+    assert vis.window == 4096 and type(vis.softcap) is float and vis.softcap == 50.0 and not vis.plain
+    assert vis.sinks.dtype == torch.float32 and not vis.sinks.requires_grad and vis.sinks.tolist() == [0.5, -1.25]
+    assert not Visibility(window=8).plain and not Visibility(softcap=30.0).plain
+    assert not Visibility(sinks=torch.zeros(2)).plain
+    with pytest.raises(NotImplementedError, match=r"Identity: .* the argument\(s\) alibi, head_mask that this model"):
+        visibility(module, {"head_mask": torch.ones(1), "alibi": 1, "sliding_window": 8, "unused": None})
+    with pytest.raises(NotImplementedError, match="Identity: attention dropout 0.1 \\(eval mode only\\)"):
+        visibility(module, {"dropout": 0.1})
+
+
+def test_attention_received_is_each_querys_softmax_weight_on_each_visible_slot():
+    """Against a loop over queries, heads and slots: softmax of the (capped) logits over the keys the query sees
+    (position known, not after it, inside the window), summed over the query heads (two per K/V head)."""
+    from semshare_ops.engine.hf import Visibility, _attention_received
+
+    g = torch.Generator().manual_seed(11)
+    q, key = torch.randn(3, 4, 8, generator=g) * 2, torch.randn(6, 2, 8, generator=g)
+    kv_pos, q_pos, scale = torch.tensor([0, 5, 2, -1, 4, 3]), torch.tensor([3, 4, 5]), 0.4
+    for window, softcap, sink in [(-1, 0.0, None), (3, 2.5, None), (-1, 0.0, 0.7)]:
+        logit = [[[float(q[i, h] @ key[j, h // 2]) * scale for j in range(6)] for h in range(4)] for i in range(3)]
+        if softcap:
+            logit = [[[softcap * math.tanh(x / softcap) for x in row] for row in head] for head in logit]
+        sees = [[0 <= kv_pos[j] <= q_pos[i] and (window < 0 or kv_pos[j] > q_pos[i] - window) for j in range(6)]
+                for i in range(3)]
+        lse = torch.tensor([[math.log(sum(math.exp(logit[i][h][j]) for j in range(6) if sees[i][j])
+                                      + (math.exp(sink) if sink is not None else 0.0)) for h in range(4)]
+                            for i in range(3)])
+        expected = torch.tensor([[sum(math.exp(logit[i][h][j] - lse[i, h]) for h in range(4)) if sees[i][j] else 0.0
+                                  for j in range(6)] for i in range(3)])
+        vis = Visibility(window, softcap, None if sink is None else torch.full((4,), sink))
+        received = _attention_received(q, key, q_pos, kv_pos, lse, scale, vis)
+        torch.testing.assert_close(received, expected, atol=1e-5, rtol=1e-5)
+        if sink is None:  # every head's weights sum to one over what the query sees
+            torch.testing.assert_close(received.sum(1), torch.full((3,), 4.0))
+    assert sees[0] == [True, False, True, False, False, True]
+
+
+def test_outside_a_semshare_cache_calls_go_to_the_previous_attention(monkeypatch):
+    """The mask and attention of the implementation a model had before; "eager" is the modeling file's own function,
+    and a module whose file has none is refused. Inside an active cache: no mask."""
+    from transformers.models.llama import modeling_llama
+
+    from semshare_ops.engine import hf
+
+    config = modeling_llama.LlamaConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=1)
+    assert hf.previous_implementation(config) == "sdpa"  # a config never switched
+    monkeypatch.setitem(hf._PREVIOUS_ATTENTION, id(config), "eager")
+    attention = modeling_llama.LlamaAttention(config, layer_idx=0)
+    assert hf._previous_attention(attention) is modeling_llama.eager_attention_forward
+
+    class Attention(torch.nn.Module):  # defined here, where no eager_attention_forward is
+        pass
+
+    module = Attention()
+    module.config = config
+    with pytest.raises(NotImplementedError, match="Attention: no eager_attention_forward in its modeling file"):
+        hf._previous_attention(module)
+    monkeypatch.setitem(hf._PREVIOUS_ATTENTION, id(config), "sdpa")
+    assert hf._previous_attention(module) is hf.ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    cache = hf.SemShareCache.allocate(1, 2, 1, 8, 8, torch.float32, "cpu")
+    with cache.active() as active:
+        assert active is cache and hf._ACTIVE_CACHE.get() is cache
+        assert hf.semshare_mask(config=config, mask_function=None) is None
+    assert hf._ACTIVE_CACHE.get() is None
+
+
+def _attention_by_hand(query, key, value, q_pos, kv_pos, scale, window=-1):
+    """Softmax attention written out: queries [1, Hq, n, D] over token-major keys [slots, Hkv, D] at the given
+    positions; returns the output [n, Hq, Dv] and the weights [n, Hq, slots]."""
+    q = query[0].transpose(0, 1)
+    group = q.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    visible = (kv_pos[None, :] >= 0) & (kv_pos[None, :] <= q_pos[:, None])
+    if window > 0:
+        visible &= kv_pos[None, :] > q_pos[:, None] - window
+    logits = torch.einsum("qhd,khd->qhk", q, k) * scale
+    weights = torch.softmax(logits.masked_fill(~visible[:, None, :], float("-inf")), -1)
+    return torch.einsum("qhk,khd->qhd", weights, v), weights
+
+
+def test_semshare_attention_serves_the_active_layer(monkeypatch):
+    """Inside an active cache: attention over the layer's slots at their positions, with the call's scale (else
+    1/sqrt(D)) and window; the window recorded on the layer; on CPU never SDPA's causal kernel, and nowhere for a
+    windowed step; the observers' scores only for a recompute step, over the last `observe` / `retain_observe`
+    queries."""
+    from semshare_ops.engine import hf
+
+    monkeypatch.setattr(hf, "_causal_sdpa", lambda *args: pytest.fail("this step must not go to SDPA"))
+    g = torch.Generator().manual_seed(21)
+    module = torch.nn.Module()
+    module.layer_idx = 1
+    cache = hf.SemShareCache.allocate(2, 8, 2, 8, 8, torch.float32, "cpu")
+    cache.observe, cache.retain_observe = 2, 3
+    layer, pos = cache.layers[1], torch.arange(6)
+    key, value = layer.update(torch.randn(1, 2, 6, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g))
+    query = torch.randn(1, 4, 6, 8, generator=g)
+    assert layer.causal_step  # a prefill: SDPA's on CUDA only
+    with cache.active():
+        out, weights = hf.semshare_attention(module, query, key, value, None, scaling=None, dropout=0.0)
+        assert out.shape == (1, 6, 4, 8) and weights is None and layer.window == -1 and layer.scores is None
+        torch.testing.assert_close(out[0], _attention_by_hand(query, key, value, pos, pos, 8 ** -0.5)[0])
+        monkeypatch.setattr(hf, "CAUSAL_SDPA_DEVICE_TYPES", ("cpu", "cuda"))
+        out, _ = hf.semshare_attention(module, query, key, value, None, scaling=0.3, sliding_window=4)
+        assert layer.window == 4 and layer.scores is None and layer.retain_scores is None
+        torch.testing.assert_close(out[0], _attention_by_hand(query, key, value, pos, pos, 0.3, window=4)[0])
+
+        layer.write_positions = torch.tensor([2, 3, 4, 5])  # a recompute of the last four positions
+        key, value = layer.update(torch.randn(1, 2, 4, 8, generator=g), torch.randn(1, 2, 4, 8, generator=g))
+        query = torch.randn(1, 4, 4, 8, generator=g)
+        out, _ = hf.semshare_attention(module, query, key, value, None, scaling=0.3)
+    expected, weights = _attention_by_hand(query, key, value, layer.write_positions, pos, 0.3)
+    torch.testing.assert_close(out[0], expected)
+    received = weights.sum(1)  # [queries, slots]: summed over the heads
+    torch.testing.assert_close(layer.scores, received[-2:].sum(0))
+    torch.testing.assert_close(layer.retain_scores, received[-3:].sum(0))
+
+
+def test_a_call_with_the_models_own_cache_goes_to_the_previous_attention():
+    """Inside an active semshare cache, K/V in HF's [1, H, n, D] layout (not a token-major layer's) go to the
+    attention the model had before."""
+    from transformers.models.llama import modeling_llama
+
+    from semshare_ops.engine import hf
+
+    config = modeling_llama.LlamaConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=1)
+    module = modeling_llama.LlamaAttention(config, layer_idx=0).eval()
+    g = torch.Generator().manual_seed(22)
+    query, key, value = (torch.randn(1, h, 5, 8, generator=g) for h in (2, 1, 1))
+    expected, _ = hf.ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, None, scaling=0.3)
+    with hf.SemShareCache.allocate(1, 8, 1, 8, 8, torch.float32, "cpu").active():
+        out, _ = hf.semshare_attention(module, query, key, value, None, scaling=0.3)
+    assert torch.equal(out, expected)
+
+
+def test_outside_a_cache_the_mask_is_the_previous_ones_and_its_window_is_collected_when_watched(monkeypatch):
+    from transformers import masking_utils
+
+    from semshare_ops.engine import hf
+
+    calls = []
+    monkeypatch.setattr(hf, "ALL_MASK_ATTENTION_FUNCTIONS", {"sdpa": lambda *a, **k: calls.append((a, k)) or "mask"})
+    config, causal = transformers.LlamaConfig(), masking_utils.causal_mask_function
+    assert hf.semshare_mask(7, config=config, mask_function=causal) == "mask"  # not watched: nothing collected
+    assert calls == [((7,), {"config": config, "mask_function": causal})]
+    with hf.watching_mask_windows() as windows:
+        hf.semshare_mask(config=config, mask_function=masking_utils.sliding_window_causal_mask_function(4))
+        hf.semshare_mask(config=config, mask_function=causal)
+    assert windows == [4, None] and len(calls) == 3 and hf._MASK_WINDOWS.get() is None

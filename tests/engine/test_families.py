@@ -259,6 +259,52 @@ def test_mask_window_reads_transformers_mask_functions():
     assert mask_window(None) == UNKNOWN_WINDOW
 
 
+def test_mask_window_reads_masks_that_are_no_causal_window_as_unknown():
+    """Unknown, never a window or None: a mask where a query sees later keys (bidirectional, or the next one), one
+    where it does not see itself, and one that also sees every even key before its window (no single span of keys).
+    A mask is read for the first sequence and head."""
+    from semshare_ops.engine.hf import UNKNOWN_WINDOW, mask_window
+
+    def bidirectional(b, h, q, k):
+        return torch.tensor(True)
+
+    def strictly_before(b, h, q, k):
+        return k < q
+
+    def window_and_even(b, h, q, k):
+        return (k <= q) & ((k > q - 4) | (k % 2 == 0))
+
+    def one_ahead(b, h, q, k):
+        return k <= q + 1
+
+    def causal_in_the_first_sequence_and_head(b, h, q, k):
+        return (k <= q) & (b == 0) & (h == 0)
+
+    assert mask_window(bidirectional) == UNKNOWN_WINDOW
+    assert mask_window(strictly_before) == UNKNOWN_WINDOW
+    assert mask_window(window_and_even) == UNKNOWN_WINDOW
+    assert mask_window(one_ahead) == UNKNOWN_WINDOW
+    assert mask_window(causal_in_the_first_sequence_and_head) is None
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 6, 7, 64])
+def test_mask_window_reads_no_chunked_mask_as_a_window(chunk):
+    """A chunked mask is no sliding window, whatever its chunk size: query q sees the keys from the start of its
+    chunk, so neighbouring queries see spans of different lengths. (Chunks of 2, 3 and 6 divide 2**39 - 2, the
+    distance between two queries that read the same span under them: read alone, those two made them windows of
+    2, 1 and 4.)"""
+    from transformers import masking_utils as mu
+
+    from semshare_ops.engine.hf import UNKNOWN_WINDOW, mask_window
+
+    chunked = getattr(mu, "chunked_causal_mask_function", None)
+    if chunked is None:
+        pytest.skip("this transformers has no chunked mask")
+    args = inspect.signature(chunked).parameters
+    fn = chunked(chunk, torch.zeros(1, dtype=torch.long)) if len(args) == 2 else chunked(chunk)
+    assert mask_window(fn) == UNKNOWN_WINDOW
+
+
 def test_kv_dtype_is_the_attentions_not_the_embeddings(monkeypatch):
     """Ergo keeps its embeddings and norms in fp32 (`_keep_in_fp32_modules_strict`) and runs its attention in the
     dtype asked for: the engine made its caches in the embeddings' fp32 and refused the model ("cannot be run one
