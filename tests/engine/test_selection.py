@@ -12,8 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 from semshare_ops.engine import ReuseConfig  # noqa: E402
 from semshare_ops.engine.config import SELECTIONS  # noqa: E402
-from semshare_ops.engine.rows import (effective_check_layers, exact_prefix, mean_relative_deviation,  # noqa: E402
-                                      recompute_counts, recompute_rows, selection_scores)
+from semshare_ops.engine.rows import (effective_check_layers, exact_prefix, kept_exact_prefix,  # noqa: E402
+                                      mean_relative_deviation, recompute_counts, recompute_rows, selection_scores)
 from semshare_ops.engine.hf import SemShareCache  # noqa: E402
 from semshare_ops.engine.matching import Match  # noqa: E402
 
@@ -191,6 +191,9 @@ def test_with_nothing_exact_the_check_layers_take_every_row():
     # A budget of exactly every row past the prefix (0.5 x 10 - 1 = 4 = 9 - 5) leaves none to rank: no pass to pay.
     half = ReuseConfig(recompute_ratio=0.5, budget="fixed", recompute_decay=1.0)
     assert recompute_counts(9, 6, 0, half, exact=5, lookahead=2) == [4] * 6
+    # The last token's share: 0.5 x (11 + 1) - 1 = 5 rows a layer, met exactly by 11 + 3 x 3 = 20 over 4 layers.
+    quarter = ReuseConfig(recompute_ratio=0.5, budget="fixed", check_layers=1, recompute_decay=1.0)
+    assert recompute_counts(11, 4, 0, quarter) == [11, 3, 3, 3]
     # No budget at all (a prefix hit at ratio 0: no check layer, 0 x 21 - 1 < 0): no row in any layer.
     assert recompute_counts(20, 4, 0, ReuseConfig(matching="prefix", recompute_ratio=0.0)) == [0] * 4
     # recompute_rows with its defaults: nothing exact, every row in the check layers.
@@ -199,6 +202,10 @@ def test_with_nothing_exact_the_check_layers_take_every_row():
     assert recompute_rows(shifted, 40, 30, config).counts == [40, 40] + [10] * 28
     assert effective_check_layers(config) == 2
     assert effective_check_layers(dataclasses.replace(config, matching="prefix")) == 0  # a prefix hit is exact
+    # A window (or tail) longer than the prompt makes every row mandatory, the first included.
+    assert bool(recompute_rows(shifted, 40, 30, config, window=45).mandatory.all())
+    # The served prompt's own exact prefix: all of it once every row before the last was exact, else what was.
+    assert [kept_exact_prefix(exact, 10) for exact in (0, 8, 9, 10)] == [0, 8, 10, 10]
 
 
 @pytest.mark.parametrize("selection,progressive", VARIANTS)
@@ -332,6 +339,12 @@ def test_budget_cap_bounds_the_adaptive_extra_never_the_mandatory_rows():
     assert mean_share(ReuseConfig(recompute_ratio=ratio, budget_cap=1.25), 400) >= 0.4  # the unmatched rows, all
     assert (recompute_counts(prefill, layers, 100, ReuseConfig(budget="fixed", budget_cap=1.25))
             == recompute_counts(prefill, layers, 100, ReuseConfig(budget="fixed")))  # a ceiling of "adaptive" only
+    # Worked by hand, 9 rows, 4 layers, 5 unmatched at ratio 0.5: the fixed target 0.5 x 10 - 1 = 4 rows a layer, the
+    # adaptive extra 0.5 x 5 = 2.5 capped at (cap - 1) x 0.5 x 10. Cap 1.4: 2 more, a mean of 6 = (9 + 3 x 5) / 4;
+    # cap 1.44: 2.2 more, 6.2, which 5 rows a layer miss by 0.2 and 6 meet.
+    for cap, deep in ((1.4, 5), (1.44, 6)):
+        capped = ReuseConfig(recompute_ratio=0.5, budget_cap=cap, check_layers=1, recompute_decay=1.0)
+        assert recompute_counts(9, 4, 5, capped) == [9, deep, deep, deep], cap
     for bad in (0.5, -1.0):
         with pytest.raises(ValueError, match="budget_cap"):
             ReuseConfig(budget_cap=bad)
@@ -392,9 +405,44 @@ def test_a_schedule_without_check_layers_starts_from_its_first_tiers():
     first ones, before anything is ranked."""
     from semshare_ops.engine.rows import RowSchedule
 
-    mandatory, first = (torch.tensor([bool(int(c)) for c in bits]) for bits in ("100100", "001000"))
-    schedule = RowSchedule([3, 3], mandatory, ReuseConfig(matching="prefix"), 2, first)
-    assert schedule.rows.tolist() == [0, 2, 3]
+    def tiers(mandatory: str, first: str, counts: list) -> list:
+        must, first_rows = (torch.tensor([c == "1" for c in bits]) for bits in (mandatory, first))
+        return RowSchedule(counts, must, ReuseConfig(matching="prefix"), len(counts), first_rows).rows.tolist()
+
+    assert tiers("100100", "001000", [3, 2]) == [0, 2, 3]
+    assert tiers("000100", "110000", [2, 2]) == [0, 3]  # a mandatory row above first rows before it
+    # Every layer recomputing every row: nothing to rank, so no check layer reads a deviation either.
+    every = RowSchedule([6, 6, 6], torch.zeros(6, dtype=torch.bool), ReuseConfig(check_layers=1), 3)
+    assert not any(every.ranks(idx) for idx in range(3))
+
+
+def test_each_ranking_layer_weighs_the_same_and_only_shrinking_layers_rank():
+    """Progressive ranking sums each ranking layer's scores over their mean, so a layer whose K/V deviate on a
+    hundred times the scale does not outvote the next; and a layer ranks again only where the next takes fewer rows.
+    Deviations worked by hand: layer 0 scores rows 0-3 100, 90, 80, 10 (over their mean 70: 1.43, 1.29, 1.14, 0.14)
+    and keeps 0-2; layer 1 scores them 0.001, 0.005, 0.03 (over 0.012: 0.08, 0.42, 2.5), so rows 2 and 1 lead, where
+    raw sums would keep 0 and 1."""
+    from semshare_ops.engine.rows import RowSchedule
+
+    config = ReuseConfig(recompute_ratio=0.3, check_layers=1, budget="fixed", progressive=True)
+    schedule = RowSchedule([4, 3, 3, 2], torch.zeros(4, dtype=torch.bool), config, 4)
+    gen = torch.Generator().manual_seed(11)
+
+    def kv_deviating_by(amounts):
+        reused = tuple(torch.randn(len(amounts), 2, 4, generator=gen) for _ in range(2))
+        unit = torch.zeros(len(amounts), 2, 4)
+        unit[:, 0, 0] = torch.tensor(amounts)  # ||dK|| = amount, dV = 0
+        return reused, (reused[0] + unit, reused[1].clone())
+
+    assert schedule.ranks(0)
+    schedule.rank(0, *kv_deviating_by([100.0, 90.0, 80.0, 10.0]))
+    schedule.advance(0)
+    assert schedule.rows.tolist() == [0, 1, 2]
+    assert not schedule.shrinks(1) and not schedule.ranks(1) and schedule.advance(1) is None  # 3 -> 3 rows
+    assert schedule.shrinks(2) and schedule.ranks(2)
+    schedule.rank(2, *kv_deviating_by([0.001, 0.005, 0.03]))
+    schedule.advance(2)
+    assert schedule.rows.tolist() == [1, 2]
 
 
 def test_the_check_deviation_is_the_check_layers_alone():

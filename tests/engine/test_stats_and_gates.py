@@ -395,11 +395,12 @@ def test_token_ids_past_the_model_from_a_tokenizer_are_refused(model):
 
 
 @pytest.mark.parametrize("decay", [0.1, 1e-12, 1e-300])
-def test_a_steep_decay_still_meets_the_budget(decay):
+@pytest.mark.parametrize("target", [100.0, 300.0])
+def test_a_steep_decay_still_meets_the_budget(decay, target):
     """The per-layer counts meet the target mean for any decay in (0, 1]: a small one made the bisection's top
     overflow (ZeroDivisionError from 1e-12 over 30 layers) or too coarse to resolve (at 0.1 the base came out
     about 1e15 times too big, every tail layer that could be full was)."""
-    layers, total, target = 30, 1000, 100.0
+    layers, total = 30, 1000  # at 300 a layer eight layers are full: the bisection must reach far past total
     counts = decaying_counts(total, layers, 2, 10, target, decay)
     assert counts[:2] == [total, total] and all(10 <= c <= total for c in counts)
     assert counts == sorted(counts, reverse=True)
