@@ -68,6 +68,29 @@ def build_model(arch: str, seed: int):
     return model.eval()
 
 
+TINY_WORDS = ["<unk>", "<pad>", "<s>", "</s>"] + "the a cat dog sat ran on in mat box and then".split()
+
+
+def save_tiny_model(where, model_type: str = "llama", **extra):
+    """A tiny random `model_type` (two layers, GQA 2/1) and a word-level tokenizer over TINY_WORDS saved as a local
+    Hugging Face directory, as `--model` or `load_model` would find one; returns the model as saved."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as word_models
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(word_models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(where)
+    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                  max_position_embeddings=512, pad_token_id=1, bos_token_id=2, eos_token_id=3, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(where)
+    return model
+
+
 def engine_for(model, tokenizer, **config):
     return ReuseEngine(model, tokenizer, ReuseConfig(**config))
 

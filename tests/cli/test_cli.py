@@ -409,23 +409,9 @@ def test_bench_missing_cuda_index_exits_2(capsys, monkeypatch, device):
 
 
 def _save_tiny_model(where, model_type, **extra):
-    """A tiny random `model_type` and a word-level tokenizer saved as a local Hugging Face directory."""
-    import torch
-    from tokenizers import Tokenizer
-    from tokenizers import models as word_models
-    from tokenizers import pre_tokenizers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from engine_testutils import save_tiny_model  # imports transformers: only where a test needs the model
 
-    words = ["<unk>", "<pad>", "<s>", "</s>"] + "the a cat dog sat ran on in mat box and then".split()
-    tokenizer = Tokenizer(word_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(where)
-    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                  max_position_embeddings=512, pad_token_id=1, bos_token_id=2, eos_token_id=3, **extra)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(where)
+    save_tiny_model(where, model_type, **extra)
     return where
 
 

