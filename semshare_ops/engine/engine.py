@@ -444,7 +444,6 @@ class ReuseEngine:
         changes K/V all the same)."""
         cfg = self.model.config.to_dict()
         cfg.pop("_name_or_path", None)
-        cfg.pop("_attn_implementation_autoset", None)
         probe = self.tokenizer("semshare fingerprint: 0123456789 Hello, world!")["input_ids"]
         tensors = [(name, t) for name, t in self.model.named_parameters()] + \
             [(name, t) for name, t in self.model.named_buffers()]

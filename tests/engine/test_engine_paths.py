@@ -64,6 +64,43 @@ def test_string_prompt_goes_through_tokenizer(model, tokenizer):
     assert isinstance(out.text, str) and out.text == tokenizer.decode(out.token_ids)
 
 
+def test_tokenize_checks_the_room_it_is_asked_to_leave(model, tokenizer):
+    """`tokenize` is public (the store tokenizes a request before it looks for a donor): `max_new_tokens` is checked
+    by name there, not left to a later step, and counts against the positions served."""
+    engine = engine_for(model, tokenizer)
+    assert engine.tokenize([5, 6, 7], max_new_tokens=4).tolist() == [5, 6, 7]
+    with pytest.raises(ValueError, match="max_new_tokens: expected at least 0, got -1"):
+        engine.tokenize([5, 6, 7], max_new_tokens=-1)
+    with pytest.raises(TypeError, match="max_new_tokens: expected an integer, got float 2.5"):
+        engine.tokenize([5, 6, 7], max_new_tokens=2.5)
+    with pytest.raises(ValueError, match="prompt / max_new_tokens"):
+        engine.tokenize([5, 6, 7], max_new_tokens=engine.max_positions - 2)
+    assert len(engine.tokenize([5] * engine.max_positions)) == engine.max_positions  # no room asked by default
+
+
+def test_a_tensor_of_token_ids_is_a_prompt_like_its_list(model, tokenizer, reference_ids, ref_entry):
+    """A 1-D integer tensor (any integer dtype) is served as the list of its ids."""
+    engine = engine_for(model, tokenizer)
+    target = edited(reference_ids, "replace")
+    expected = engine.generate(target, reference=ref_entry, max_new_tokens=3).token_ids
+    for dtype in (torch.int64, torch.int32):
+        out = engine.generate(torch.tensor(target, dtype=dtype), reference=ref_entry, max_new_tokens=3)
+        assert out.token_ids == expected and out.stats["mode"] == "reuse"
+
+
+def test_layer_slices_cover_exactly_the_layers_given():
+    """How `rope_reuse_` is called per group of layers sharing a RoPE: one strided view where the group's layers are
+    evenly spaced, else one slice per run of consecutive layers (mixed-attention families, e.g. 5 sliding : 1 global)."""
+    from semshare_ops.engine.engine import layer_slices
+
+    assert layer_slices([4]) == [slice(4, 5, 1)]
+    assert layer_slices([1, 3, 5, 7]) == [slice(1, 8, 2)]
+    assert layer_slices([0, 1, 2, 4, 5, 7]) == [slice(0, 3), slice(4, 6), slice(7, 8)]
+    for layers in ([0, 1, 2, 3], [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11], [2, 5, 6, 7, 9], [0, 6, 12, 13]):
+        covered = [i for part in layer_slices(layers) for i in range(32)[part]]
+        assert covered == layers
+
+
 def test_prefix_baseline_recomputes_only_the_suffix_and_is_exact(model, tokenizer, reference_ids, ref_entry):
     """Prefix caching: the block-aligned common prefix is exact, every later token is computed in every layer."""
     target = reference_ids[:150] + rand_tokens(30, seed=7)

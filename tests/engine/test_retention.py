@@ -3,6 +3,8 @@
 On small randomly initialised Llama and Qwen2 models (fixtures in conftest.py)."""
 
 
+import math
+
 import pytest
 import torch
 
@@ -79,3 +81,34 @@ def test_selection_and_retention_keep_their_own_observers(model, tokenizer, refe
         assert ranked and ranked[0] == pytest.approx(query_window * heads, rel=1e-4), (query_window, retain_ratio)
         if retain_ratio is not None:
             assert retained and retained == pytest.approx([16 * heads] * len(retained), rel=1e-4), query_window
+
+
+def test_retention_keeps_the_sinks_the_window_and_the_most_attended(model, tokenizer, reference_ids, ref_entry,
+                                                                    monkeypatch):
+    """Which K/V entries a layer keeps: the first 4 tokens (attention sinks) and the 16-token observer window always,
+    then the slots its observer attended to most; every layer past the check layer drops some at ratio 0.5."""
+    from semshare_ops.engine.hf import TokenMajorLayer
+
+    calls, keep = [], TokenMajorLayer.keep
+
+    def spy(layer, slots):
+        calls.append((layer.retain_scores.clone(), slots.clone()))
+        return keep(layer, slots)
+
+    monkeypatch.setattr(TokenMajorLayer, "keep", spy)
+    target = edited(reference_ids, "replace")
+    prefill, sinks, window = len(target) - 1, 4, 16
+    engine = engine_for(model, tokenizer, retain_ratio=0.5, check_layers=1)
+    assert engine.generate(target, reference=ref_entry, max_new_tokens=2).stats["mode"] == "reuse"
+    assert len(calls) == engine.num_layers - 1
+    chose = 0
+    for scores, slots in calls:
+        kept = set(slots.tolist())
+        assert slots.tolist() == sorted(kept) and kept <= set(range(prefill))
+        assert set(range(sinks)) | set(range(prefill - window, prefill)) <= kept
+        middle = range(sinks, prefill - window)
+        taken = [scores[i].item() for i in middle if i in kept]
+        left = [scores[i].item() for i in middle if i not in kept]
+        assert left and min(taken, default=math.inf) >= max(left)
+        chose += bool(taken)
+    assert chose  # some layer keeps more than the sinks and the window

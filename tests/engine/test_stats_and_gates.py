@@ -3,6 +3,7 @@
 On small randomly initialised Llama and Qwen2 models (fixtures in conftest.py)."""
 
 import dataclasses
+import re
 import time
 
 import numpy as np
@@ -228,11 +229,15 @@ def test_prompts_that_are_not_text_or_token_ids_are_refused(model, tokenizer, re
         engine.prefill(prompt)
 
 
+ENGINE_ARGS = ("inputs_embeds", "attention_mask", "assistant_model", "prompt_lookup_num_tokens", "past_key_values",
+               "cache")
+
+
 @pytest.mark.parametrize("kwargs, name", [({"max_new_tokens": -500}, "max_new_tokens"),
                                           ({"max_new_tokens": 0}, "max_new_tokens"),
                                           ({"max_new_tokens": 2.5}, "max_new_tokens"),
-                                          ({"num_return_sequences": 2}, "num_return_sequences"),
-                                          ({"num_beams": 3}, "num_beams"),
+                                          ({"num_return_sequences": 2}, "num_return_sequences / num_beams: the engine"),
+                                          ({"num_beams": 3}, "num_return_sequences / num_beams: the engine"),
                                           ({"min_similarity": 1.5}, "min_similarity"),
                                           ({"return_entry": "no"}, "return_entry"),
                                           ({"prefix_only": np.bool_(True)}, "prefix_only: expected a bool, got bool_? "
@@ -242,11 +247,15 @@ def test_prompts_that_are_not_text_or_token_ids_are_refused(model, tokenizer, re
                                           ({"attention_mask": torch.ones(1, 3)}, "attention_mask"),
                                           ({"assistant_model": object()}, "assistant_model"),
                                           ({"prompt_lookup_num_tokens": 3}, "prompt_lookup_num_tokens"),
+                                          ({"past_key_values": None}, "past_key_values"),
+                                          ({"cache": None}, "cache"),
                                           ({"streamer": "x"}, "streamer"),
                                           ({"logits_processor": "x"}, "logits_processor"),
                                           ({"max_new_tokens": 10**6}, "prompt / max_new_tokens")])
 def test_generate_arguments_are_checked(model, tokenizer, kwargs, name):
     engine = engine_for(model, tokenizer)
+    if name in ENGINE_ARGS:  # refused by the engine, not by HF's own error that may name it too
+        name = f"{name}: set by the engine"
     with pytest.raises((TypeError, ValueError), match=name):
         engine.generate([5, 6, 7], **{"max_new_tokens": 2, **kwargs})
 
@@ -301,15 +310,45 @@ def test_per_call_gate_leaves_the_config_alone(model, tokenizer, ref_entry):
 
 def test_fingerprint_follows_every_weight(arch, tokenizer):
     """A fine-tune that keeps the embeddings (as LoRA does) changes K/V: its fingerprint differs, and its engine
-    refuses the base model's entries. The same weights in another model object give the same fingerprint."""
+    refuses the base model's entries. The same weights in another model object give the same fingerprint, loaded
+    from another path too (a store moved with its model directory)."""
     base, twin, same = build_model(arch, seed=0), build_model(arch, seed=0), build_model(arch, seed=0)
     with torch.no_grad():
         twin.model.layers[-1].self_attn.v_proj.weight[0, 0] += 1e-3
     assert torch.equal(base.model.embed_tokens.weight, twin.model.embed_tokens.weight)
+    base.config._name_or_path, same.config._name_or_path = "/models/here", "/mnt/copied/there"
     e_base, e_twin, e_same = (engine_for(m, tokenizer) for m in (base, twin, same))
     assert e_base.fingerprint != e_twin.fingerprint and e_base.fingerprint == e_same.fingerprint
     with pytest.raises(ValueError, match="reference"):
         e_twin.generate([5, 6, 7], reference=e_base.prefill([5, 6, 7, 8]), max_new_tokens=1)
+
+
+def test_tensor_digest_sees_every_word_and_remembers_per_version():
+    """The fingerprint's digest of a weight: any one changed word changes it, in the first chunk or a later one (the
+    chunks weighted apart, so two swapped chunks differ too), a tail of fewer than 8 bytes included, a word's top bit
+    too (every word's multiplier is odd, so no bit is lost mod 2^64); the same bytes give the same digest, another
+    length another one. It is remembered on the tensor until the tensor changes."""
+    from semshare_ops.engine.engine import _DIGEST_CHUNK, tensor_digest
+
+    chunk = 8 * _DIGEST_CHUNK  # bytes
+    base = torch.randint(0, 256, (2 * chunk + 13,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    digest = tensor_digest(base)
+    assert digest == tensor_digest(base.clone()) and digest.endswith(f":{base.numel()}")
+    for where, bit in [(0, 1), (chunk - 1, 1), (chunk + 5, 1), (2 * chunk + 12, 1)] + \
+            [(8 * w + 7, 0x80) for w in (0, 1, 2, 3, 5, 8, 13, 21, chunk // 8 + 1)]:  # the top bit of a word too
+        changed = base.clone()
+        changed[where] ^= bit
+        assert tensor_digest(changed) != digest, where
+    swapped = torch.cat([base[chunk:2 * chunk], base[:chunk], base[2 * chunk:]])
+    assert tensor_digest(swapped) != digest
+    assert tensor_digest(base[:-1]) != digest
+
+    remembered = base.clone()
+    first = tensor_digest(remembered)
+    remembered._semshare_digest = (remembered._semshare_digest[0], "remembered")
+    assert tensor_digest(remembered) == "remembered"  # not hashed again while unchanged
+    remembered[0] ^= 1  # an in-place change moves the version counter: hashed again
+    assert tensor_digest(remembered) not in ("remembered", first)
 
 
 def test_fingerprint_follows_an_in_place_update(arch, tokenizer):
@@ -364,6 +403,16 @@ def test_a_config_is_a_reuse_config(model, tokenizer):
     assert engine.config == ReuseConfig()
 
 
+@pytest.mark.parametrize("bits", [1, 63, 64, 65, 130, 1024])
+def test_codes_take_as_many_words_as_their_bits_need(model, tokenizer, reference_ids, bits):
+    """An entry's codes are ceil(lsh_bits / 64) int64 words per token, and the engine that made them serves them."""
+    engine = engine_for(model, tokenizer, lsh_bits=bits, lsh_max_distance=min(24, bits - 1))
+    entry = engine.prefill(reference_ids)
+    assert entry.codes.shape == (len(reference_ids), -(-bits // 64))
+    out = engine.generate(edited(reference_ids, "replace"), reference=entry, max_new_tokens=2, min_similarity=0.0)
+    assert out.stats["mode"] == "reuse"
+
+
 def test_lsh_settings_are_fixed_per_engine_and_checked_on_entries(model, tokenizer, reference_ids):
     """The token codes depend on lsh_bits, lsh_seed and embedding_rope_base: `using` refuses to change them (they
     were silently ignored), and an entry hashed with other settings is refused by name (it matched nothing)."""
@@ -383,6 +432,17 @@ def test_lsh_settings_are_fixed_per_engine_and_checked_on_entries(model, tokeniz
         with pytest.raises(ValueError, match="reference: its token codes were made with other LSH settings"):
             engine.generate(target, reference=other, max_new_tokens=2)
     assert engine.generate(target, reference=own, max_new_tokens=2).stats["mode"] == "reuse"
+
+
+def test_token_ids_are_the_models_vocabulary_ends_included(model, tokenizer):
+    """Ids 0 and vocab_size - 1 are token ids like any other; -1 and vocab_size are refused naming the prompt."""
+    engine = engine_for(model, tokenizer)
+    prompt = [0] + rand_tokens(20, seed=9) + [VOCAB - 1]
+    assert engine.tokenize(prompt).tolist() == prompt
+    assert len(engine.generate(prompt, max_new_tokens=2).token_ids) == 2
+    for bad in (-1, VOCAB):
+        with pytest.raises(ValueError, match=re.escape(f"prompt: token ids must lie in [0, {VOCAB})")):
+            engine.generate(prompt[:5] + [bad], max_new_tokens=2)
 
 
 def test_token_ids_past_the_model_from_a_tokenizer_are_refused(model):
@@ -451,6 +511,12 @@ def test_a_reference_whose_kv_were_swapped_is_refused_by_name(model, tokenizer, 
                     dataclasses.replace(ref_entry, values=torch.empty(ref_entry.values.shape, device="meta"))):
         with pytest.raises(ValueError, match=r"reference: its (keys|values) are"):
             engine.generate(reference_ids, reference=swapped, max_new_tokens=2)
+    half = ref_entry.keys.half()
+    with pytest.raises(ValueError, match=re.escape(f"its keys are torch.float16 {tuple(half.shape)} on cpu; this "
+                                                   "engine's are torch.float32 [")):
+        engine.generate(reference_ids, reference=dataclasses.replace(ref_entry, keys=half), max_new_tokens=2)
+    with pytest.raises(ValueError, match="its token_ids are a list; expected an int64"):
+        engine.generate(reference_ids, reference=dataclasses.replace(ref_entry, token_ids=[1, 2]), max_new_tokens=2)
     for field, value, said in (("codes", ref_entry.codes[:, :1], "codes"), ("codes", ref_entry.codes.int(), "codes"),
                                ("token_ids", ref_entry.token_ids.tolist(), "token_ids"),
                                ("exact_prefix", True, "exact_prefix"), ("exact_prefix", None, "exact_prefix"),
