@@ -251,6 +251,7 @@ ENGINE_ARGS = ("inputs_embeds", "attention_mask", "assistant_model", "prompt_loo
                                           ({"cache": None}, "cache"),
                                           ({"streamer": "x"}, "streamer"),
                                           ({"logits_processor": "x"}, "logits_processor"),
+                                          ({"logits_processor": [1]}, "logits_processor: expected a list of logits"),
                                           ({"max_new_tokens": 10**6}, "prompt / max_new_tokens")])
 def test_generate_arguments_are_checked(model, tokenizer, kwargs, name):
     engine = engine_for(model, tokenizer)
