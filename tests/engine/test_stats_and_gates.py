@@ -383,6 +383,8 @@ def test_score_arguments_are_checked_and_named(model, tokenizer):
                                 (torch.tensor([5.0]), TypeError), ([VOCAB], ValueError), ([], ValueError)):
         with pytest.raises(error, match="continuation"):
             engine.score(prompt, continuation)
+    for gate in (0.0, 1.0, 0, 1):  # the ends are gates too
+        assert engine.score(prompt, [5, 6], min_similarity=gate)[0].shape == (2, VOCAB)
     gate = np.float32(0.3)  # numpy's numbers are numbers, in generate too
     logits, _ = engine.score(prompt, [5, 6], min_similarity=gate)
     assert logits.shape == (2, VOCAB)
