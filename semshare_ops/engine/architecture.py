@@ -47,8 +47,8 @@ class RopeGroup:
     layers: Tuple[int, ...]
     layer_type: Optional[str]  # the rotary embedding's layer_type argument for these layers (None: single rotary)
     inv_freq: Optional[torch.Tensor]  # fp32 [rotary_dim / 2]
-    neox: bool = True  # HF rotate_half pairs (i, i + rotary_dim / 2); False: interleaved (2i, 2i + 1)
-    sign: int = 1  # 1: keys turn by +position * inv_freq, as in HF's rotate_half; -1: by -position (nanochat)
+    neox: bool  # HF rotate_half pairs (i, i + rotary_dim / 2); False: interleaved (2i, 2i + 1)
+    sign: int  # 1: keys turn by +position * inv_freq, as in HF's rotate_half; -1: by -position (nanochat)
 
 
 @dataclass
