@@ -10,8 +10,10 @@ A refused family raises ValueError at ReuseEngine(...) naming the feature and th
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from engine_testutils import FakeTokenizer
 from semshare_ops import ReuseConfig, ReuseEngine
+from semshare_ops.engine.architecture import declared_windows
 
 VOCAB = 256
 PROMPT = 300  # longer than every window below (64)
@@ -53,6 +56,15 @@ SERVED = {
     "gemma": ("gemma", {}),  # scaled embeddings
     "gemma2": ("gemma2", dict(sliding_window=64, attn_logit_softcapping=5.0, final_logit_softcapping=30.0)),
     "gemma3": ("gemma3_text", dict(sliding_window=64, num_hidden_layers=4, sliding_window_pattern=2)),  # 2 ropes
+    # longrope on the global layers only: its limit lives in their entry of the per-layer-type rope_parameters
+    "gemma3-longrope-global": ("gemma3_text", dict(sliding_window=64, num_hidden_layers=4, sliding_window_pattern=2,
+                                                   rope_parameters={
+                                                       "sliding_attention": dict(rope_type="default",
+                                                                                 rope_theta=10000.0),
+                                                       "full_attention": dict(rope_type="longrope", rope_theta=1e6,
+                                                                              short_factor=[1.0] * 8,
+                                                                              long_factor=[2.0] * 8,
+                                                                              original_max_position_embeddings=512)})),
     "stablelm": ("stablelm", dict(partial_rotary_factor=0.5)),  # partial rotary
     "olmo2": ("olmo2", {}),
     "granite": ("granite", {}),
@@ -138,7 +150,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def build(model_type: str, overrides: dict):
     skip_unless_known(model_type)
-    cfg = AutoConfig.for_model(model_type, **{**BASE, **overrides})
+    # a deep copy: a config keeps the nested dicts it is given (rope_parameters), and a test may edit its model's
+    cfg = AutoConfig.for_model(model_type, **copy.deepcopy({**BASE, **overrides}))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # always NEW tokens
@@ -229,6 +242,13 @@ def test_length_dependent_rope_is_refused_past_its_original_length():
     with pytest.raises(ValueError, match="longrope"):
         engine.generate([2 + i % 250 for i in range(500)], max_new_tokens=20)
     assert len(engine.generate([2 + i % 250 for i in range(500)], max_new_tokens=8).token_ids) == 8
+    # Per layer type: Gemma-3's global layers' longrope holds until 512, a length its config names nowhere else.
+    model = build(*SERVED["gemma3-longrope-global"])
+    assert getattr(model.config, "original_max_position_embeddings", None) is None
+    engine = ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
+    assert engine.max_positions == 512
+    with pytest.raises(ValueError, match="'longrope' RoPE changes its frequencies with the sequence length past 512"):
+        engine.generate([2 + i % 250 for i in range(500)], max_new_tokens=20)
     # dynamic RoPE's limit is the model's own max_position_embeddings: the refusal still names the rope type (the
     # model itself runs past that length, with other frequencies), not only "the model's context".
     model = build(*SERVED["llama-rope-dynamic"])
@@ -332,3 +352,126 @@ def test_kv_dtype_is_the_attentions_not_the_embeddings(monkeypatch):
     with torch.inference_mode():
         want = exact(torch.tensor([target])).logits[0, -1].float()
     torch.testing.assert_close(out.logits[0][0].float(), want, atol=1e-2, rtol=0)
+
+
+# config field(s) -> words the refusal must contain. Each field is one that a family's config names and that no probe
+# needs to confirm (architecture._refuse_static); set alone on a Llama, which would otherwise be served.
+STATIC_REFUSALS = {
+    "alibi": (dict(alibi=True), "ALiBi"),
+    "kv_lora_rank": (dict(kv_lora_rank=16), "MLA"),
+    "qk_rope_head_dim": (dict(qk_rope_head_dim=8), "MLA"),
+    "mrope_section": (dict(mrope_section=[2, 3, 3]), "M-RoPE"),
+    "rope_parameters.mrope_section": (dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                mrope_section=[2, 3, 3])), "M-RoPE"),
+    "attention_chunk_size": (dict(attention_chunk_size=64), "chunked local attention"),
+    "attn_temperature_tuning": (dict(attn_temperature_tuning=True, no_rope_layers=[1, 0, 1]),
+                                "attn_temperature_tuning"),
+    "use_bidirectional_attention": (dict(use_bidirectional_attention=True), "bidirectional"),
+    "is_causal": (dict(is_causal=False), "bidirectional"),
+    "is_encoder_decoder": (dict(is_encoder_decoder=True), "encoder-decoder"),
+}
+
+
+@pytest.mark.parametrize("name", list(STATIC_REFUSALS))
+def test_each_config_field_the_static_checks_read_is_refused_alone(name):
+    fields, feature = STATIC_REFUSALS[name]
+    model = build("llama", {})
+    for key, value in fields.items():
+        setattr(model.config, key, value)
+    with pytest.raises(ValueError, match=re.escape(feature)) as info:
+        ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
+    assert "LlamaForCausalLM" in str(info.value)
+
+
+def test_temperature_tuning_without_nope_layers_is_served():
+    """Llama4 scales queries by position only in its layers without RoPE: with every layer rotating, nothing reads
+    the cache's length, and the model is served."""
+    model = build("llama", {})
+    model.config.attn_temperature_tuning, model.config.no_rope_layers = True, [1, 1, 1]
+    assert ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig()).max_positions == BASE["max_position_embeddings"]
+
+
+def test_an_encoder_decoder_is_refused():
+    """T5Gemma rotates its keys like Gemma, but its decoder reads an encoder's output: refused by name."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    skip_unless_known("t5gemma")
+    sub = {k: v for k, v in BASE.items() if k != "pad_token_id"}
+    cfg = AutoConfig.for_model("t5gemma", encoder=sub, decoder=sub, vocab_size=VOCAB)
+    model = AutoModelForSeq2SeqLM.from_config(cfg).eval()
+    with pytest.raises(ValueError, match="T5GemmaForConditionalGeneration: an encoder-decoder model"):
+        ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
+
+
+@pytest.mark.parametrize("window", [None, 0, -64, True, 64.0, "64"])
+def test_declared_windows_ignore_what_is_no_positive_int(window):
+    """A config's sliding_window counts only as a positive int: 0, negatives, a bool, a float or a string declare
+    no window (bool is an int in Python; True would read as a 1-token window)."""
+    for types in (None, ["sliding_attention", "full_attention"] * 2):
+        cfg = SimpleNamespace(sliding_window=window, layer_types=types)
+        assert declared_windows(cfg, 4) == [None] * 4
+
+
+def test_declared_windows_per_layer_type():
+    cfg = SimpleNamespace(sliding_window=64, layer_types=["sliding_attention", "full_attention"] * 3)
+    assert declared_windows(cfg, 4) == [64, None, 64, None]  # the first num_layers types
+    assert declared_windows(SimpleNamespace(sliding_window=64), 3) == [64, 64, 64]  # no layer_types: every layer
+    assert declared_windows(SimpleNamespace(sliding_window=1), 2) == [1, 1]  # the smallest window is one
+
+
+def test_a_rotary_embedding_is_found_by_its_config_fields_whatever_its_class_is_named():
+    """A rotary module whose class name does not say "Rotary" (remote code names its own) is still a RoPE model
+    when its config names rope fields: served, and the probe confirms the rotation."""
+    model = build("llama", {})
+    rotary = model.model.rotary_emb
+    rotary.__class__ = type("PositionTurner", (type(rotary),), {})
+    assert not any("Rotary" in type(m).__name__ for m in model.modules())
+    target, _ = prompts()
+    engine = ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
+    out = engine.generate(target, reference=engine.prefill(target), max_new_tokens=NEW)
+    assert out.stats["mode"] == "reuse" and out.token_ids == stock_generate(model, target)
+
+
+@pytest.mark.parametrize("missing", ["embed_tokens", "layers", "rotary_emb"])
+def test_a_decoder_without_one_of_the_parts_the_engine_drives_is_refused_as_a_layout(missing):
+    model = build("llama", {})
+    delattr(model.model, missing)
+    with pytest.raises(ValueError, match="LlamaForCausalLM: a layout the engine cannot drive"):
+        ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-rope-yarn", "llama-rope-linear", "gemma3"])
+def test_rope_with_fixed_frequencies_is_limited_by_the_models_context_alone(name):
+    """Only length-dependent ropes (dynamic, longrope) are named as the reason a request is refused; the others keep
+    their frequencies at any length, and the model's context is the limit."""
+    model = build(*SERVED[name])
+    engine = ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
+    assert engine.max_positions == model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=r"positions \(the model's context\)$"):
+        engine.generate([2 + i % 250 for i in range(engine.max_positions)], max_new_tokens=2)
+
+
+def test_a_rotary_embedding_without_frequencies_the_engine_can_read_is_refused():
+    """One inv_freq, or one per layer type: a rotary module with neither is refused by name, before any layer runs."""
+    model = build("llama", {})
+    del model.model.rotary_emb.inv_freq
+    with pytest.raises(ValueError, match="a rotary embedding \\(LlamaRotaryEmbedding\\) with neither one inv_freq"):
+        ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
+
+
+def test_a_length_dependent_rope_without_its_length_is_refused():
+    """The length up to which longrope keeps its frequencies must be named somewhere: not guessed."""
+    model = build(*SERVED["gemma3-longrope-global"])
+    del model.config.rope_parameters["full_attention"]["original_max_position_embeddings"]
+    with pytest.raises(ValueError, match="Gemma3ForCausalLM: 'longrope' RoPE without original_max_position_embeddings"):
+        ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
+
+
+def test_a_rope_limit_past_the_models_context_does_not_raise_it():
+    """Gemma-3's global layers' longrope holds until 512, its context ends at 400: the context is the limit."""
+    model_type, overrides = SERVED["gemma3-longrope-global"]
+    model = build(model_type, dict(overrides, max_position_embeddings=400))
+    engine = ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
+    assert engine.max_positions == 400
+    with pytest.raises(ValueError, match=r"exceed 400 positions \(the model's context\)$"):
+        engine.generate([2 + i % 250 for i in range(399)], max_new_tokens=2)
