@@ -76,6 +76,9 @@ def test_tokenize_checks_the_room_it_is_asked_to_leave(model, tokenizer):
     with pytest.raises(ValueError, match="prompt / max_new_tokens"):
         engine.tokenize([5, 6, 7], max_new_tokens=engine.max_positions - 2)
     assert len(engine.tokenize([5] * engine.max_positions)) == engine.max_positions  # no room asked by default
+    # A reference generates nothing: it may fill every position the engine serves.
+    full = rand_tokens(engine.max_positions, seed=5)
+    assert engine.prefill(full).keys.shape[1] == engine.max_positions
 
 
 def test_a_tensor_of_token_ids_is_a_prompt_like_its_list(model, tokenizer, reference_ids, ref_entry):
@@ -86,6 +89,24 @@ def test_a_tensor_of_token_ids_is_a_prompt_like_its_list(model, tokenizer, refer
     for dtype in (torch.int64, torch.int32):
         out = engine.generate(torch.tensor(target, dtype=dtype), reference=ref_entry, max_new_tokens=3)
         assert out.token_ids == expected and out.stats["mode"] == "reuse"
+
+
+def test_the_cache_goes_by_the_name_the_model_declares(model, tokenizer, reference_ids, ref_entry):
+    """transformers 5.24 renamed forward's and the decoder layers' `past_key_values` to `cache` (the old name
+    deprecated, removal announced for 5.40): where the model declares `cache`, no request passes the old name."""
+    import inspect
+    import warnings
+
+    if "cache" not in inspect.signature(type(model).forward).parameters:
+        pytest.skip("this transformers names the cache past_key_values")
+    engine = engine_for(model, tokenizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.prefill(reference_ids)
+        out = engine.generate(edited(reference_ids, "few"), reference=ref_entry, max_new_tokens=2)
+        engine.generate(reference_ids, max_new_tokens=2)
+    assert out.stats["mode"] == "reuse"
+    assert not [str(w.message) for w in caught if "past_key_values" in str(w.message)]
 
 
 def test_layer_slices_cover_exactly_the_layers_given():

@@ -287,6 +287,17 @@ def test_a_generation_config_without_cache_or_with_more_sequences_still_decodes_
 def test_engine_arguments_and_prompt_devices_are_named(model, tokenizer):
     with pytest.raises(TypeError, match="tokenizer: expected"):
         ReuseEngine(model, None)
+
+    class NoDecode:  # callable, but nothing to turn the ids back into text
+        def __call__(self, text):
+            return tokenizer(text)
+
+    class NotCallable:  # decodes, but cannot tokenize a prompt
+        decode = staticmethod(tokenizer.decode)
+
+    for wrong in (NoDecode(), NotCallable()):
+        with pytest.raises(TypeError, match=f"tokenizer: expected .*got {type(wrong).__name__}"):
+            ReuseEngine(model, wrong)
     with pytest.raises(TypeError, match="model: expected"):
         ReuseEngine(None, tokenizer)
     engine = engine_for(model, tokenizer)
@@ -371,6 +382,27 @@ def test_fingerprint_follows_an_in_place_update(arch, tokenizer):
     assert out.stats["mode"] == "reuse" and out.token_ids == engine.generate(prompt, max_new_tokens=2).token_ids
 
 
+def test_fingerprint_is_taken_once_when_the_engine_is_made_and_again_only_after_a_change(arch, tokenizer,
+                                                                                         monkeypatch):
+    """The weights' digest is a pass over every weight: the engine takes it when it is made (not in the first
+    request's time) and keeps it while no parameter or buffer changed; a change takes it again, once."""
+    calls = []
+    real = ReuseEngine._fingerprint
+    monkeypatch.setattr(ReuseEngine, "_fingerprint", lambda self: calls.append(1) or real(self))
+    model = build_model(arch, seed=0)
+    engine = engine_for(model, tokenizer)
+    assert len(calls) == 1
+    prompt = rand_tokens(REF_LEN, seed=100)
+    entry = engine.prefill(prompt)
+    engine.generate(prompt, reference=entry, max_new_tokens=2)
+    before = engine.fingerprint
+    assert len(calls) == 1
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(2.0)
+    assert engine.fingerprint != before and engine.fingerprint == engine.fingerprint
+    assert len(calls) == 2
+
+
 def test_score_arguments_are_checked_and_named(model, tokenizer):
     """score takes what generate takes, refused under the same names: the gate, and its continuation as token ids
     named `continuation` (not `prompt`)."""
@@ -394,6 +426,20 @@ def test_score_arguments_are_checked_and_named(model, tokenizer):
             engine.generate(prompt, max_new_tokens=2, prefix_only=flag)
 
 
+def test_a_set_up_that_fails_refuses_the_model_by_name(model, tokenizer, monkeypatch):
+    """Anything a new family does differently while the engine is made, which no check names, is refused as a
+    model the engine cannot serve (a ValueError naming the class and the error), neither raised raw nor ignored."""
+    from semshare_ops.engine import engine as engine_module
+
+    def fails(model):
+        raise RuntimeError("an attention interface this engine does not know")
+
+    monkeypatch.setattr(engine_module, "use_semshare_attention", fails)
+    with pytest.raises(ValueError, match=f"{type(model).__name__}: setting up reuse failed \\(RuntimeError: an "
+                                         "attention interface this engine does not know\\)"):
+        ReuseEngine(model, tokenizer)
+
+
 def test_a_config_is_a_reuse_config(model, tokenizer):
     with pytest.raises(TypeError, match="config: expected a ReuseConfig"):
         ReuseEngine(model, tokenizer, {"matching": "edit"})
@@ -404,6 +450,15 @@ def test_a_config_is_a_reuse_config(model, tokenizer):
     with pytest.raises(ValueError, match="lsh_seed"):
         ReuseConfig(lsh_seed=2**70)
     assert engine.config == ReuseConfig()
+    current = engine.config
+    with engine.using(None) as same:  # None keeps the current config
+        assert same is engine and engine.config is current
+    other = ReuseConfig(recompute_ratio=0.5)
+    with pytest.raises(RuntimeError, match="inside"):
+        with engine.using(other):
+            assert engine.config is other
+            raise RuntimeError("inside")
+    assert engine.config is current  # put back, an error inside the block too
 
 
 @pytest.mark.parametrize("bits", [1, 63, 64, 65, 130, 1024])
