@@ -78,7 +78,9 @@ def test_tokenize_checks_the_room_it_is_asked_to_leave(model, tokenizer):
     assert len(engine.tokenize([5] * engine.max_positions)) == engine.max_positions  # no room asked by default
     # A reference generates nothing: it may fill every position the engine serves.
     full = rand_tokens(engine.max_positions, seed=5)
-    assert engine.prefill(full).keys.shape[1] == engine.max_positions
+    entry = engine.prefill(full)
+    assert entry.keys.shape[1] == engine.max_positions
+    assert engine.match(entry, full).matched == engine.max_positions  # match() asks no room either
 
 
 def test_a_tensor_of_token_ids_is_a_prompt_like_its_list(model, tokenizer, reference_ids, ref_entry):
@@ -89,6 +91,33 @@ def test_a_tensor_of_token_ids_is_a_prompt_like_its_list(model, tokenizer, refer
     for dtype in (torch.int64, torch.int32):
         out = engine.generate(torch.tensor(target, dtype=dtype), reference=ref_entry, max_new_tokens=3)
         assert out.token_ids == expected and out.stats["mode"] == "reuse"
+
+
+def test_the_text_leaves_special_tokens_out(model, reference_ids):
+    """`out.text` is the answer as a user reads it: the tokenizer is asked to skip special tokens (an end of
+    sequence, a chat template's markers), while `token_ids` keeps every id."""
+    from engine_testutils import FakeTokenizer
+
+    class Recording(FakeTokenizer):
+        def decode(self, ids, skip_special_tokens=False):
+            self.asked.append(skip_special_tokens)
+            return super().decode(ids)
+
+    tokenizer = Recording()
+    tokenizer.asked = []
+    out = engine_for(model, tokenizer).generate(reference_ids[:20], max_new_tokens=2)
+    assert tokenizer.asked == [True] and len(out.token_ids) == 2
+
+
+def test_generate_decodes_64_tokens_unless_told(model, tokenizer, reference_ids):
+    """The engine and the store decode the same 64 new tokens by default (a model that never stops early)."""
+    import inspect
+
+    from semshare_ops.store import KVStore
+
+    out = engine_for(model, tokenizer).generate(reference_ids[:20])
+    assert len(out.token_ids) == 64
+    assert inspect.signature(KVStore.generate).parameters["max_new_tokens"].default == 64
 
 
 def test_the_cache_goes_by_the_name_the_model_declares(model, tokenizer, reference_ids, ref_entry):
