@@ -4,7 +4,9 @@ recompute tail, and the causal fast path (whole-cache steps to SDPA).
 On small randomly initialised Llama and Qwen2 models (fixtures in conftest.py)."""
 
 import dataclasses
+import inspect
 import math
+import warnings
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ import semshare_ops.ops as ss_ops  # noqa: E402
 from semshare_ops.engine import GenerationOutput, ReferenceEntry, ReuseConfig  # noqa: E402
 
 from engine_testutils import (
-    LAYERS, NEW, build_model, edited, engine_for, generate_with_logits, rand_tokens)  # noqa: E402
+    LAYERS, NEW, FakeTokenizer, build_model, edited, engine_for, generate_with_logits, rand_tokens)  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,8 +98,6 @@ def test_a_tensor_of_token_ids_is_a_prompt_like_its_list(model, tokenizer, refer
 def test_the_text_leaves_special_tokens_out(model, reference_ids):
     """`out.text` is the answer as a user reads it: the tokenizer is asked to skip special tokens (an end of
     sequence, a chat template's markers), while `token_ids` keeps every id."""
-    from engine_testutils import FakeTokenizer
-
     class Recording(FakeTokenizer):
         def decode(self, ids, skip_special_tokens=False):
             self.asked.append(skip_special_tokens)
@@ -111,8 +111,6 @@ def test_the_text_leaves_special_tokens_out(model, reference_ids):
 
 def test_generate_decodes_64_tokens_unless_told(model, tokenizer, reference_ids):
     """The engine and the store decode the same 64 new tokens by default (a model that never stops early)."""
-    import inspect
-
     from semshare_ops.store import KVStore
 
     out = engine_for(model, tokenizer).generate(reference_ids[:20])
@@ -123,9 +121,6 @@ def test_generate_decodes_64_tokens_unless_told(model, tokenizer, reference_ids)
 def test_the_cache_goes_by_the_name_the_model_declares(model, tokenizer, reference_ids, ref_entry):
     """transformers 5.24 renamed forward's and the decoder layers' `past_key_values` to `cache` (the old name
     deprecated, removal announced for 5.40): where the model declares `cache`, no request passes the old name."""
-    import inspect
-    import warnings
-
     if "cache" not in inspect.signature(type(model).forward).parameters:
         pytest.skip("this transformers names the cache past_key_values")
     engine = engine_for(model, tokenizer)
