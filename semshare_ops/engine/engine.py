@@ -868,8 +868,8 @@ class ReuseEngine:
         prefill = len(ids)
         q = lookahead_rows(self.config, prefill - exact)
         queries = torch.arange(prefill - q, prefill, device=self.device)
+        # The queries among them are written over, in each layer before its attention reads them.
         hidden_rows = unmatched.to(self.device).nonzero().flatten()
-        hidden_rows = hidden_rows[hidden_rows < prefill - q]
         touched = torch.cat([queries, hidden_rows])
         saved = (cache.keys[:, touched].clone(), cache.values[:, touched].clone(),
                  [layer.kv_pos[hidden_rows].clone() for layer in cache.layers])

@@ -114,3 +114,28 @@ def test_refused_settings():
         ReuseConfig(decode_recompute=4, retain_ratio=0.5)
     with pytest.raises(TypeError, match="decode_recompute"):
         ReuseConfig(decode_recompute=2.5)
+
+
+def test_the_query_window_is_read_in_the_prefill_only(model, tokenizer, reference_ids, ref_entry, monkeypatch):
+    """selection="attention" reads what the query window pays each row in the prefill's recompute; the decode's
+    recompute steps read nothing (each reading is one more pass over Q x K, and nothing ranks after the prefill)."""
+    import semshare_ops.engine.engine as engine_module
+    import semshare_ops.engine.hf as hf
+
+    phase, reads = ["prefill"], {"prefill": 0, "decode": 0}
+    received, recompute_stale = hf._attention_received, engine_module.ReuseEngine._recompute_stale
+
+    def counted(*args, **kwargs):
+        reads[phase[0]] += 1
+        return received(*args, **kwargs)
+
+    def in_decode(self, *args, **kwargs):
+        phase[0] = "decode"
+        return recompute_stale(self, *args, **kwargs)
+
+    monkeypatch.setattr(hf, "_attention_received", counted)
+    monkeypatch.setattr(engine_module.ReuseEngine, "_recompute_stale", in_decode)
+    engine = engine_for(model, tokenizer, selection="attention", recompute_ratio=0.1, decode_recompute=3)
+    out = generate(engine, edited(reference_ids, "few"), reference=ref_entry)
+    assert out.stats["decode_recomputed_tokens"] == 3 * (NEW - 2)  # the decode's recompute ran
+    assert reads["prefill"] > 0 and reads["decode"] == 0

@@ -354,6 +354,21 @@ def test_kv_dtype_is_the_attentions_not_the_embeddings(monkeypatch):
     torch.testing.assert_close(out.logits[0][0].float(), want, atol=1e-2, rtol=0)
 
 
+def test_kv_dtype_without_floating_point_attention_weights_is_the_embeddings():
+    """An attention whose weights are not floating point (int8 weights, as bitsandbytes keeps them, computing in the
+    embeddings' dtype) or a first layer without `self_attn`: the K/V dtype is the embeddings'."""
+    from types import SimpleNamespace
+
+    from semshare_ops.engine import engine as engine_module
+
+    embeddings = torch.nn.Embedding(4, 8, dtype=torch.bfloat16)
+    quantized = torch.nn.Module()
+    quantized.weight = torch.nn.Parameter(torch.ones(8, 8, dtype=torch.int8), requires_grad=False)
+    for layer in (SimpleNamespace(self_attn=quantized), SimpleNamespace()):
+        engine = SimpleNamespace(decoder=SimpleNamespace(layers=[layer], embed_tokens=embeddings))
+        assert engine_module.ReuseEngine.kv_dtype.fget(engine) == torch.bfloat16
+
+
 # config field(s) -> words the refusal must contain. Each field is one that a family's config names and that no probe
 # needs to confirm (architecture._refuse_static); set alone on a Llama, which would otherwise be served.
 STATIC_REFUSALS = {

@@ -617,6 +617,16 @@ def test_lookahead_hides_rows_without_kv_and_leaves_the_cache_as_it_was(model, t
     torch.testing.assert_close(cache.values, before[1], atol=0, rtol=0, equal_nan=True)
     assert all(torch.equal(layer.kv_pos, kv_pos) for layer, kv_pos in zip(cache.layers, before[2]))
     assert all(layer.scores is None and cache.observe == 0 for layer in cache.layers)
+    # Unmatched rows among the queries: each query writes its own K/V before its layer's attention reads them, so
+    # the result is the same as with those rows matched, and their slots are put back as they were (NaN).
+    unmatched[-3:] = True
+    cache.keys[:, -3:], cache.values[:, -3:] = float("nan"), float("nan")
+    before = (cache.keys.clone(), cache.values.clone(), [layer.kv_pos.clone() for layer in cache.layers])
+    with torch.no_grad(), cache.active():
+        again = engine._lookahead(cache, torch.tensor(ids[:prefill]), 0, unmatched)
+    torch.testing.assert_close(again, fused, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cache.keys, before[0], atol=0, rtol=0, equal_nan=True)
+    assert all(torch.equal(layer.kv_pos, kv_pos) for layer, kv_pos in zip(cache.layers, before[2]))
 
 
 def test_lookahead_runs_only_with_rows_to_choose(model, tokenizer, reference_ids, ref_entry):

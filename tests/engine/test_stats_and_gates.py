@@ -329,6 +329,11 @@ def test_per_call_gate_leaves_the_config_alone(model, tokenizer, ref_entry):
     target = edited(rand_tokens(REF_LEN, seed=100), "few")
     assert engine.generate(target, reference=ref_entry, max_new_tokens=2).stats["mode"] == "fallback"
     assert engine.generate(target, reference=ref_entry, max_new_tokens=2, min_similarity=0.0).stats["mode"] == "reuse"
+    # score() takes the per-call gate too, each way
+    assert engine.score(target, [5, 6], reference=ref_entry)[1]["mode"] == "fallback"
+    assert engine.score(target, [5, 6], reference=ref_entry, min_similarity=0.0)[1]["mode"] == "reuse"
+    assert engine_for(model, tokenizer).score(target, [5, 6], reference=ref_entry, min_similarity=1.0)[1]["mode"] \
+        == "fallback"
     assert engine.config.min_similarity == 1.0
 
 
