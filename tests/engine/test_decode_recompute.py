@@ -90,6 +90,11 @@ def test_a_generation_ended_by_eos_recomputes_nothing_after_its_last_token(model
     assert out.stats["decode_recomputed_tokens"] == 3 * (end + 1 - 2)  # between the end + 1 steps' forwards
     _, stats = engine.score(target, out.token_ids, reference=ref_entry)
     assert stats["decode_recomputed_tokens"] == out.stats["decode_recomputed_tokens"]
+    # The end of sequence given as a tensor of several ids, as HF generate takes it too
+    never = next(t for t in range(model.config.vocab_size) if t not in tokens)
+    again = generate(engine, target, reference=ref_entry, eos_token_id=torch.tensor([never, tokens[end]]))
+    assert again.token_ids == out.token_ids
+    assert again.stats["decode_recomputed_tokens"] == out.stats["decode_recomputed_tokens"]
 
 
 def test_score_recomputes_where_generate_does(model, tokenizer, reference_ids, ref_entry):
@@ -102,7 +107,9 @@ def test_score_recomputes_where_generate_does(model, tokenizer, reference_ids, r
     one, _ = engine.score(target, out.token_ids[:1], reference=ref_entry)  # nothing to recompute before a step
     torch.testing.assert_close(one, logits[:1], rtol=1e-4, atol=1e-4)
     # and it changes the logits: without it, from the second step on, they differ
-    plain, _ = engine_for(model, tokenizer, recompute_ratio=0.1).score(target, out.token_ids, reference=ref_entry)
+    plain, plain_stats = engine_for(model, tokenizer, recompute_ratio=0.1).score(target, out.token_ids,
+                                                                                  reference=ref_entry)
+    assert plain_stats["decode_recomputed_tokens"] == 0
     torch.testing.assert_close(plain[:2], logits[:2], rtol=1e-4, atol=1e-4)
     assert (plain[2:] - logits[2:]).abs().max() > 1e-3
 

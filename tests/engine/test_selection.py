@@ -286,15 +286,17 @@ def test_selection_config_is_checked():
         ReuseConfig(progressive=1)
 
 
-@pytest.mark.parametrize("served", ["full", "reuse"])
+@pytest.mark.parametrize("served", ["full", "reuse", "retained"])
 def test_score_is_the_logits_generate_decodes_with(model, tokenizer, reference_ids, ref_entry, served):
+    """"retained": deeper layers keep fewer entries (retain_ratio), one check layer, so layer 1 holds fewer slots
+    than the prompt; what the continuation starts after is the prompt's length, not a deep layer's slot count."""
     target = edited(reference_ids, "few")
-    engine = engine_for(model, tokenizer)
-    reference = ref_entry if served == "reuse" else None
+    engine = engine_for(model, tokenizer, **(dict(retain_ratio=0.5, check_layers=1) if served == "retained" else {}))
+    reference = None if served == "full" else ref_entry
     out = engine.generate(target, reference=reference, max_new_tokens=NEW, output_logits=True,
                           return_dict_in_generate=True)
     logits, stats = engine.score(target, out.token_ids, reference=reference)
-    assert stats["mode"] == served and logits.shape == (NEW, model.config.vocab_size)
+    assert stats["mode"] == ("full" if served == "full" else "reuse") and logits.shape == (NEW, model.config.vocab_size)
     torch.testing.assert_close(logits, torch.cat(out.logits).float(), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="continuation"):
         engine.score(target, [])
@@ -664,3 +666,23 @@ def test_lookahead_rows_come_out_of_the_budget():
     looked = recompute_counts(prefill, layers, 20, config, lookahead=16)
     assert abs((sum(plain) - sum(looked)) - 16 * layers) <= layers  # rounding of the per-layer counts
     assert looked[:2] == [prefill] * 2 and min(looked) >= 20
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_attention_is_read_only_where_a_ranking_uses_it(model, tokenizer, reference_ids, ref_entry, selection,
+                                                        monkeypatch):
+    """Reading the attention a query window pays is one more pass over Q x K in every layer it is read in: the
+    selections that rank by it read it, the deviation alone reads none (retention, which reads it too, is off)."""
+    import semshare_ops.engine.hf as hf
+
+    reads, received = [], hf._attention_received
+
+    def counted(*args, **kwargs):
+        reads.append(1)
+        return received(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "_attention_received", counted)
+    out = engine_for(model, tokenizer, selection=selection, recompute_ratio=0.5).generate(  # rows to choose
+        edited(reference_ids, "few"), reference=ref_entry, max_new_tokens=2)
+    assert out.stats["mode"] == "reuse"
+    assert (len(reads) > 0) == (selection != "deviation"), (selection, len(reads))
