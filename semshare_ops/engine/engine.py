@@ -873,8 +873,7 @@ class ReuseEngine:
         touched = torch.cat([queries, hidden_rows])
         saved = (cache.keys[:, touched].clone(), cache.values[:, touched].clone(),
                  [layer.kv_pos[hidden_rows].clone() for layer in cache.layers])
-        check = effective_check_layers(self.config)
-        deep = check if check < self.num_layers else 0
+        deep = effective_check_layers(self.config)  # < num_layers, or no row would be left to choose (no pass)
         fused = torch.zeros(prefill - exact, dtype=torch.float32, device=self.device)
         # Hidden: invisible to attention (partial_attn's contract) and zero, since a masked slot's NaN would still
         # reach the output through 0 * NaN.

@@ -367,6 +367,13 @@ def test_kv_dtype_without_floating_point_attention_weights_is_the_embeddings():
     for layer in (SimpleNamespace(self_attn=quantized), SimpleNamespace()):
         engine = SimpleNamespace(decoder=SimpleNamespace(layers=[layer], embed_tokens=embeddings))
         assert engine_module.ReuseEngine.kv_dtype.fget(engine) == torch.bfloat16
+    # Projections in fp16 beside a small norm kept in fp32: the projections' (the largest tensor's) dtype
+    mixed = torch.nn.Module()
+    mixed.q_proj = torch.nn.Linear(8, 8, bias=False, dtype=torch.float16)
+    mixed.q_norm = torch.nn.LayerNorm(8, dtype=torch.float32)
+    engine = SimpleNamespace(decoder=SimpleNamespace(layers=[SimpleNamespace(self_attn=mixed)],
+                                                     embed_tokens=embeddings))
+    assert engine_module.ReuseEngine.kv_dtype.fget(engine) == torch.float16
 
 
 # config field(s) -> words the refusal must contain. Each field is one that a family's config names and that no probe

@@ -636,7 +636,7 @@ def test_lookahead_runs_only_with_rows_to_choose(model, tokenizer, reference_ids
     the lookahead does not run: the request costs and computes what "deviation" does. It once ran (and billed) its
     pass anyway, and on a weak match recomputed more rows than a full prefill (reuse_ratio < 0)."""
     target = edited(reference_ids, "few")
-    for kwargs in ({}, {"recompute_ratio": 0.05}):
+    for kwargs in ({}, {"recompute_ratio": 0.05}, {"recompute_ratio": 0.5, "check_layers": LAYERS}):
         dev = engine_for(model, tokenizer, **kwargs).generate(target, reference=ref_entry, max_new_tokens=4)
         look = engine_for(model, tokenizer, selection="lookahead", **kwargs).generate(target, reference=ref_entry,
                                                                                       max_new_tokens=4)
