@@ -309,7 +309,7 @@ class ReuseEngine:
         cache, stats, exact = self._serve_prompt(ids, reference, gate, capacity=len(ids) + max_new_tokens,
                                                  prefix_only=prefix_only)
         new_ids, ttft_s, logits, cache, stats["guard"], stats["decode_recomputed_tokens"] = self._decode(
-            ids, cache, max_new_tokens, start, generate_kwargs, self._guard_margin(stats, cache))
+            ids, cache, max_new_tokens, start, generate_kwargs, self._guard_margin(cache))
         if stats["guard"] is not None and stats["guard"]["repaired_at"] is not None:
             # Repaired: the prompt ended up prefilled in full, so nothing was saved; the cache is exact throughout.
             stats["guard"]["reuse_ratio"], stats["reuse_ratio"], exact = stats["reuse_ratio"], 0.0, len(ids)
@@ -522,14 +522,12 @@ class ReuseEngine:
                      kv_bytes=kv_full if kv_bytes is None else kv_bytes, kv_bytes_full=kv_full)
         return cache, stats, exact
 
-    def _guard_margin(self, stats: Dict, cache: SemShareCache) -> float:
+    def _guard_margin(self, cache: SemShareCache) -> float:
         """The guard watches a request served by reuse that kept stale rows: a reused row past the exact prefix in
         some layer (`cache.stale`, what the recompute left; not `recomputed_tokens`, which also counts the
         lookahead's rows), or K/V entries dropped by retain_ratio (`cache.dropped`: none when every layer keeps its
         whole prompt, as at retain_ratio 1.0 or within the sink tokens and observer window of a short one). An exact
-        cache (an identical prompt, ratio 1.0) is not watched."""
-        if stats["mode"] != "reuse":
-            return 0.0
+        cache (an identical prompt, ratio 1.0) is not watched, nor a full prefill's (empty: nothing reused)."""
         stale = len(cache.stale) > 0 or cache.dropped
         return self.config.guard_margin if stale else 0.0
 

@@ -74,7 +74,8 @@ class Calls(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def test_a_generation_ended_by_eos_recomputes_nothing_after_its_last_token(model, tokenizer, reference_ids, ref_entry):
+def test_a_generation_ended_by_eos_recomputes_nothing_after_its_last_token(model, tokenizer, reference_ids, ref_entry,
+                                                                            monkeypatch):
     """The step whose token ends the generation is the last, as the max_new_tokens-th is: no later step reads its
     rows. score() over the same tokens recomputes the same rows."""
     target = edited(reference_ids, "few")
@@ -93,6 +94,16 @@ def test_a_generation_ended_by_eos_recomputes_nothing_after_its_last_token(model
     # The end of sequence given as a tensor of several ids, as HF generate takes it too
     never = next(t for t in range(model.config.vocab_size) if t not in tokens)
     again = generate(engine, target, reference=ref_entry, eos_token_id=torch.tensor([never, tokens[end]]))
+    assert again.token_ids == out.token_ids
+    assert again.stats["decode_recomputed_tokens"] == out.stats["decode_recomputed_tokens"]
+    # ... or in a generation config: the call's, else the model's
+    from transformers import GenerationConfig
+
+    again = generate(engine, target, reference=ref_entry, generation_config=GenerationConfig(eos_token_id=tokens[end]))
+    assert again.token_ids == out.token_ids
+    assert again.stats["decode_recomputed_tokens"] == out.stats["decode_recomputed_tokens"]
+    monkeypatch.setattr(model.generation_config, "eos_token_id", tokens[end])
+    again = generate(engine, target, reference=ref_entry)
     assert again.token_ids == out.token_ids
     assert again.stats["decode_recomputed_tokens"] == out.stats["decode_recomputed_tokens"]
 

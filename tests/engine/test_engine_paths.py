@@ -744,3 +744,33 @@ def test_outside_a_cache_the_mask_is_the_previous_ones_and_its_window_is_collect
         hf.semshare_mask(config=config, mask_function=masking_utils.sliding_window_causal_mask_function(4))
         hf.semshare_mask(config=config, mask_function=causal)
     assert windows == [4, None] and len(calls) == 3 and hf._MASK_WINDOWS.get() is None
+
+
+def test_prefix_only_takes_the_exact_common_prefix_and_nothing_else(model, tokenizer, reference_ids, ref_entry):
+    """generate(prefix_only=True), the store's path for a base under the gate: the reference's rows shared exactly
+    with the prompt are taken as they are, whatever the similarity, and every other row is computed in every layer:
+    the full prefill's tokens and logits for less work. A similar prompt is served the same way (no reuse past the
+    prefix), and no gate applies (a prefix of one token is taken)."""
+    engine = engine_for(model, tokenizer)
+    n, k = len(reference_ids), 100
+    for tail in (rand_tokens(n, seed=41), list(reference_ids[k + 1:])):  # unrelated, or the reference's own
+        target = list(reference_ids[:k]) + [int(reference_ids[k]) ^ 1] + tail[:n - k - 1]
+        full = engine.generate(target, max_new_tokens=NEW, output_logits=True, return_dict_in_generate=True)
+        out = engine.generate(target, reference=ref_entry, max_new_tokens=NEW, prefix_only=True, output_logits=True,
+                              return_dict_in_generate=True, min_similarity=1.0)
+        assert out.stats["mode"] == "reuse" and out.stats["exact_tokens"] == k
+        assert out.stats["matched_tokens"] == k and out.stats["recomputed_tokens"] == [len(target) - k] * LAYERS
+        assert out.token_ids == full.token_ids
+        torch.testing.assert_close(torch.cat(out.logits), torch.cat(full.logits), atol=1e-4, rtol=1e-4)
+    target = [int(reference_ids[0])] + rand_tokens(n - 1, seed=42)
+    out = engine.generate(target, reference=ref_entry, max_new_tokens=2, prefix_only=True)
+    assert out.stats["mode"] == "reuse" and out.stats["exact_tokens"] == 1
+
+
+def test_a_forward_that_never_reaches_the_first_layer_is_named(model, tokenizer, monkeypatch):
+    """_layer_input stops the model's own forward at its first decoder layer; a forward that returns without calling
+    it (a model the engine misreads) is an error that says so, not an IndexError."""
+    engine = engine_for(model, tokenizer)
+    monkeypatch.setattr(engine.decoder, "forward", lambda *args, **kwargs: None)
+    with pytest.raises(RuntimeError, match="never called its first decoder layer"):
+        engine._layer_input(torch.tensor([5, 6, 7]), torch.arange(3))

@@ -40,6 +40,11 @@ def test_guard_off_by_zero_and_unwatched_without_stale_rows(model, tokenizer, re
     assert generate(engine_for(model, tokenizer, guard_margin=1e9, recompute_ratio=1.0), target,
                     reference=ref_entry).stats["guard"] is None
     assert generate(huge, target).stats["guard"] is None
+    assert generate(huge, target, reference=ref_entry, min_similarity=1.0).stats["guard"] is None  # a fallback
+    # A full prefill on the storage a watched request handed on (entries dropped by retain_ratio) is not watched
+    retained = engine_for(model, tokenizer, guard_margin=1e9, retain_ratio=0.3)
+    assert generate(retained, target, reference=ref_entry).stats["guard"] is not None
+    assert generate(retained, target).stats["guard"] is None
 
 
 def test_retention_that_drops_nothing_is_not_watched(model, tokenizer, reference_ids, ref_entry):
