@@ -49,7 +49,7 @@ from .config import ReuseConfig
 from .architecture import Architecture, RopeGroup, UnsupportedModelError, declared_windows, refusal
 from .hf import KVWritten, SemShareCache, previous_implementation, use_semshare_attention, watching_mask_windows
 from .rows import (QUERY_SELECTIONS, RowPlan, RowSchedule, decaying_counts, effective_check_layers, exact_prefix,
-                   kept_exact_prefix, lookahead_rows, recompute_rows)
+                   kept_exact_prefix, recompute_rows)
 
 Prompt = Union[str, Sequence[int]]
 
@@ -812,7 +812,7 @@ class ReuseEngine:
             return None
         schedule = RowSchedule(plan.counts, plan.mandatory[exact:].to(self.device), cfg, num_layers,
                                plan.first[exact:], unmatched[exact:])
-        lookahead = self._lookahead(cache, ids, exact, unmatched) if plan.lookahead else None
+        lookahead = self._lookahead(cache, ids, exact, unmatched, plan.lookahead) if plan.lookahead else None
         hidden = self._layer_input(ids[exact + schedule.rows], exact + schedule.rows)
         cache.observe = min(cfg.query_window, n) if cfg.selection in QUERY_SELECTIONS else 0
         cache.retain_observe = window
@@ -856,15 +856,15 @@ class ReuseEngine:
         cache.stale = exact + schedule.stale()
         return schedule.deviation
 
-    def _lookahead(self, cache: SemShareCache, ids: torch.Tensor, exact: int, unmatched: torch.Tensor) -> torch.Tensor:
-        """ProphetKV's first stage: the last `query_window` positions of ids run through every layer over the cache as
-        assembled (reused K/V; the `unmatched` rows, which hold none, hidden), and the attention they pay each
-        position of [exact, len(ids)) in every layer past the check layers, normalised per layer, summed: fp32
-        [len(ids) - exact]. Layer 1's deviation sees little of a change far back; deep layers read it from
+    def _lookahead(self, cache: SemShareCache, ids: torch.Tensor, exact: int, unmatched: torch.Tensor,
+                   q: int) -> torch.Tensor:
+        """ProphetKV's first stage: the last `q` positions of ids (`RowPlan.lookahead`) run through every layer over
+        the cache as assembled (reused K/V; the `unmatched` rows, which hold none, hidden), and the attention they
+        pay each position of [exact, len(ids)) in every layer past the check layers, normalised per layer, summed:
+        fp32 [len(ids) - exact]. Layer 1's deviation sees little of a change far back; deep layers read it from
         everywhere, and these queries say which rows they read (docs/design.md, "Looking ahead"). The cache is left
         as it was: the queries' K/V and every slot's position are put back."""
         prefill = len(ids)
-        q = lookahead_rows(self.config, prefill - exact)
         queries = torch.arange(prefill - q, prefill, device=self.device)
         # The queries among them are written over, in each layer before its attention reads them.
         hidden_rows = unmatched.to(self.device).nonzero().flatten()

@@ -579,7 +579,7 @@ def test_lookahead_reads_the_attention_a_full_prefill_pays(tokenizer, arch, exac
     entry = engine.prefill(ids)
     cache = _cache_of(engine, entry.keys[:, :prefill], entry.values[:, :prefill])
     with torch.no_grad(), cache.active():
-        fused = engine._lookahead(cache, torch.tensor(ids[:prefill]), exact, torch.zeros(prefill, dtype=torch.bool))
+        fused = engine._lookahead(cache, torch.tensor(ids[:prefill]), exact, torch.zeros(prefill, dtype=torch.bool), q)
 
     eager = sharp_model()
     eager.set_attn_implementation("eager")
@@ -613,7 +613,7 @@ def test_lookahead_hides_rows_without_kv_and_leaves_the_cache_as_it_was(model, t
     cache.keys[:, 30:45], cache.values[:, 30:45] = float("nan"), float("nan")
     before = (cache.keys.clone(), cache.values.clone(), [layer.kv_pos.clone() for layer in cache.layers])
     with torch.no_grad(), cache.active():
-        fused = engine._lookahead(cache, torch.tensor(ids[:prefill]), 0, unmatched)
+        fused = engine._lookahead(cache, torch.tensor(ids[:prefill]), 0, unmatched, 8)
     assert bool(torch.isfinite(fused).all()) and bool((fused[30:45] == 0).all()) and bool((fused[:30] > 0).all())
     torch.testing.assert_close(cache.keys, before[0], atol=0, rtol=0, equal_nan=True)
     torch.testing.assert_close(cache.values, before[1], atol=0, rtol=0, equal_nan=True)
@@ -625,7 +625,7 @@ def test_lookahead_hides_rows_without_kv_and_leaves_the_cache_as_it_was(model, t
     cache.keys[:, -3:], cache.values[:, -3:] = float("nan"), float("nan")
     before = (cache.keys.clone(), cache.values.clone(), [layer.kv_pos.clone() for layer in cache.layers])
     with torch.no_grad(), cache.active():
-        again = engine._lookahead(cache, torch.tensor(ids[:prefill]), 0, unmatched)
+        again = engine._lookahead(cache, torch.tensor(ids[:prefill]), 0, unmatched, 8)
     torch.testing.assert_close(again, fused, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(cache.keys, before[0], atol=0, rtol=0, equal_nan=True)
     assert all(torch.equal(layer.kv_pos, kv_pos) for layer, kv_pos in zip(cache.layers, before[2]))
