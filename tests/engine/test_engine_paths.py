@@ -365,6 +365,35 @@ def test_entries_and_scores_do_not_share_the_storage_handed_on(model, tokenizer,
     assert engine._spare is spare and entry.keys.data_ptr() != spare[0].data_ptr()
 
 
+def test_of_two_storages_handed_back_the_larger_is_kept(model, tokenizer, reference_ids):
+    """Two requests at once: the first lays its cache in the spare storage, the second (none left) in new memory
+    of its own size. Whichever finishes last, the larger storage is the one kept for the next request."""
+    engine = engine_for(model, tokenizer)
+    engine.generate(reference_ids, max_new_tokens=2)  # leaves a spare for a whole prompt
+    for order in ((0, 1), (1, 0)):
+        large = engine._spare
+        caches = [engine._request_cache(capacity=8), engine._request_cache(capacity=8)]
+        assert caches[0].storage is large and caches[1].storage[0].numel() < large[0].numel()
+        for i in order:
+            engine._give_back(caches[i])
+        assert engine._spare is large, order
+
+
+def test_an_entry_is_never_copied_from_slots_out_of_position_order(model, tokenizer):
+    """An entry's row i is position i's K/V. A cache one of whose layers was compacted (retention) or holds fewer
+    slots than the prompt is refused, not copied out misplaced (generate refuses return_entry with retain_ratio
+    before this; the check stands behind it)."""
+    engine = engine_for(model, tokenizer)
+    ids = torch.arange(10, 20)
+    assert engine._entry_from_cache(ids, engine._new_cache(capacity=12, used=10), 10).keys.shape[:2] == (LAYERS, 10)
+    short = engine._new_cache(capacity=12, used=9)
+    compacted = engine._new_cache(capacity=12, used=10)
+    compacted.layers[2].keep(torch.tensor([0, 1, 2, 3, 5, 4, 6, 7, 8, 9]))
+    for cache in (short, compacted):
+        with pytest.raises(RuntimeError, match="prompt slots are not in position order"):
+            engine._entry_from_cache(ids, cache, 10)
+
+
 def test_the_first_layer_capture_stops_only_its_own_thread(model, tokenizer, reference_ids, ref_entry, monkeypatch):
     """The engine captures the first layer's input with a hook on the model, which other engines may share: while
     one thread's hook is on (paused there), another thread's engine on the same model serves its request as if the
