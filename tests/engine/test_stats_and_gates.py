@@ -58,6 +58,7 @@ def test_stats_full(model, tokenizer, reference_ids):
     assert s["mode"] == "full" and s["similarity"] is None and s["reuse_ratio"] == 0.0
     assert s["matched_tokens"] == 0 and s["recomputed_tokens"] == [len(target)] * LAYERS
     assert s["kv_bytes"] == s["kv_bytes_full"]
+    assert s["exact_tokens"] == 0 and s["check_deviation"] is None  # nothing taken from a reference, nothing ranked
 
 
 @pytest.mark.parametrize("method", ["edit", "lsh", "hybrid"])
@@ -100,6 +101,8 @@ def test_stats_fallback(model, tokenizer, reference_ids, ref_entry):
     check_stats(out.stats, len(target), ms)
     assert out.stats["mode"] == "fallback"
     assert out.stats["reuse_ratio"] == 0.0 and out.stats["kv_bytes"] == out.stats["kv_bytes_full"]
+    assert out.stats["exact_tokens"] == 0 and out.stats["check_deviation"] is None
+    assert out.stats["recomputed_tokens"] == [len(target)] * LAYERS
 
 
 @pytest.mark.parametrize("method", ["edit", "lsh", "hybrid"])
