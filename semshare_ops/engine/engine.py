@@ -510,11 +510,9 @@ class ReuseEngine:
                 # The rows before the first one some layer left reused were computed in every layer over exact K/V
                 # (causal attention reads only the rows before): a full prefill's. With none left reused (an
                 # extension of the reference, ratio 1.0) that is the whole prompt, and an entry of it serves a later
-                # extension as a prefix (a growing chat's next turn). Rows dropped by retain_ratio: the taken prefix.
-                if cache.dropped:
-                    exact = kept_exact_prefix(stats["exact_tokens"], len(ids))
-                else:
-                    exact = kept_exact_prefix(int(cache.stale[0]) if len(cache.stale) else len(ids) - 1, len(ids))
+                # extension as a prefix (a growing chat's next turn). (Retention makes no entry: return_entry is
+                # refused with retain_ratio, and _entry_from_cache refuses a compacted layer.)
+                exact = kept_exact_prefix(int(cache.stale[0]) if len(cache.stale) else len(ids) - 1, len(ids))
         if cache is None:
             cache = self._request_cache(capacity=capacity)
         kv_full = self.num_layers * len(ids) * self.token_bytes
@@ -609,8 +607,8 @@ class ReuseEngine:
             positions = positions.to(self.device)
             return self.token_codes(self.embed(ids[positions]), positions).cpu()
 
-        return matching.match_tokens(reference.token_ids, ids.cpu(), self.config.matching, reference.codes,
-                                     None if self.config.matching == "edit" else codes, self.config.lsh_max_distance)
+        return matching.match_tokens(reference.token_ids, ids.cpu(), self.config.matching, reference.codes, codes,
+                                     self.config.lsh_max_distance)
 
     @staticmethod
     def _prefix_match(reference: ReferenceEntry, ids: torch.Tensor) -> matching.Match:
