@@ -63,7 +63,15 @@ def test_retention_that_drops_nothing_is_not_watched(model, tokenizer, reference
     assert dropped.stats["guard"]["repaired_at"] == 0
 
 
-def test_repair_at_the_first_token_is_a_full_prefill(model, tokenizer, reference_ids, ref_entry):
+def test_repair_at_the_first_token_is_a_full_prefill(model, tokenizer, reference_ids, ref_entry, monkeypatch):
+    """The repair decodes what a full prefill does, in a cache laid out for the whole request at once, as the first
+    one was: no layer grows."""
+    from semshare_ops.engine import hf
+
+    def grow(self, needed):
+        raise AssertionError(f"a layer grew to {needed} slots")
+
+    monkeypatch.setattr(hf.TokenMajorLayer, "_grow", grow)
     target = edited(reference_ids, "few")
     full = generate(engine_for(model, tokenizer), target)
     served = generate(engine_for(model, tokenizer, recompute_ratio=0.1), target, reference=ref_entry)
