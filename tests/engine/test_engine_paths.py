@@ -803,3 +803,10 @@ def test_a_forward_that_never_reaches_the_first_layer_is_named(model, tokenizer,
     monkeypatch.setattr(engine.decoder, "forward", lambda *args, **kwargs: None)
     with pytest.raises(RuntimeError, match="never called its first decoder layer"):
         engine._layer_input(torch.tensor([5, 6, 7]), torch.arange(3))
+    # A forward that hands its first layer the hidden states by keyword is read as well as one that passes them by
+    # position (every decoder served here does the latter)
+    decoder = engine.decoder
+    monkeypatch.setattr(decoder, "forward", lambda input_ids, **kwargs: decoder.layers[0](
+        hidden_states=decoder.embed_tokens(input_ids)))
+    ids = torch.tensor([5, 6, 7])
+    torch.testing.assert_close(engine._layer_input(ids, torch.arange(3)), decoder.embed_tokens(ids[None]))

@@ -47,6 +47,17 @@ def test_guard_off_by_zero_and_unwatched_without_stale_rows(model, tokenizer, re
     assert generate(retained, target).stats["guard"] is None
 
 
+def test_one_stale_row_is_watched(model, tokenizer, reference_ids, ref_entry):
+    """A token replaced two before the end: the row after it is matched, its context changed, and with no budget
+    it is the one row left reused past the check layers (the replaced row is recomputed, the last one decoded)."""
+    target = list(reference_ids[:-3]) + [int(reference_ids[-3]) ^ 1] + list(reference_ids[-2:])
+    engine = engine_for(model, tokenizer, matching="edit", recompute_ratio=0.0, budget="fixed", recompute_boundary=0,
+                        guard_margin=1e9)
+    out = generate(engine, target, reference=ref_entry)
+    assert out.stats["recomputed_tokens"][-1] == 2  # the replaced row and the last
+    assert out.stats["guard"] is not None and out.stats["guard"]["repaired_at"] == 0
+
+
 def test_retention_that_drops_nothing_is_not_watched(model, tokenizer, reference_ids, ref_entry):
     """retain_ratio makes a cache stale only where it drops entries: not at 1.0, nor on a prompt within the sink
     tokens and observer window that every layer keeps (20 tokens). Such an identical prompt is exact, unwatched and
