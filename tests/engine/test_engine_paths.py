@@ -810,3 +810,15 @@ def test_a_forward_that_never_reaches_the_first_layer_is_named(model, tokenizer,
         hidden_states=decoder.embed_tokens(input_ids)))
     ids = torch.tensor([5, 6, 7])
     torch.testing.assert_close(engine._layer_input(ids, torch.arange(3)), decoder.embed_tokens(ids[None]))
+
+
+def test_an_entrys_embedding_is_the_mean_of_its_prompts_input_embeddings(model, tokenizer, reference_ids, ref_entry):
+    """The store's retrieval key hashes it: fp32 [hidden], the mean over the prompt's tokens, for an entry made by
+    prefill and one handed back by a reuse request alike."""
+    engine = engine_for(model, tokenizer)
+    target = edited(reference_ids, "few")
+    out = engine.generate(target, reference=ref_entry, max_new_tokens=2, return_entry=True)
+    for entry, ids in ((ref_entry, reference_ids), (out.entry, target)):
+        want = model.model.embed_tokens(torch.as_tensor(list(ids))).detach().double().mean(0)
+        assert entry.embedding.dtype == torch.float32 and entry.embedding.shape == want.shape
+        torch.testing.assert_close(entry.embedding.double(), want, atol=1e-6, rtol=1e-5)
