@@ -864,7 +864,7 @@ class ReuseEngine:
         as it was: the queries' K/V and every slot's position are put back."""
         prefill = len(ids)
         queries = torch.arange(prefill - q, prefill, device=self.device)
-        # The queries among them are written over, in each layer before its attention reads them.
+        # Every unmatched row, queries too: a query writes its own K/V in each layer before that layer reads them.
         hidden_rows = unmatched.to(self.device).nonzero().flatten()
         touched = torch.cat([queries, hidden_rows])
         saved = (cache.keys[:, touched].clone(), cache.values[:, touched].clone(),
