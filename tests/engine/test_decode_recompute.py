@@ -4,6 +4,7 @@ conftest.py."""
 
 import pytest
 import torch
+from transformers import GenerationConfig
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
 from semshare_ops.engine import ReuseConfig
@@ -91,21 +92,18 @@ def test_a_generation_ended_by_eos_recomputes_nothing_after_its_last_token(model
     assert out.stats["decode_recomputed_tokens"] == 3 * (end + 1 - 2)  # between the end + 1 steps' forwards
     _, stats = engine.score(target, out.token_ids, reference=ref_entry)
     assert stats["decode_recomputed_tokens"] == out.stats["decode_recomputed_tokens"]
-    # The end of sequence given as a tensor of several ids, as HF generate takes it too
-    never = next(t for t in range(model.config.vocab_size) if t not in tokens)
-    again = generate(engine, target, reference=ref_entry, eos_token_id=torch.tensor([never, tokens[end]]))
-    assert again.token_ids == out.token_ids
-    assert again.stats["decode_recomputed_tokens"] == out.stats["decode_recomputed_tokens"]
-    # ... or in a generation config: the call's, else the model's
-    from transformers import GenerationConfig
+    # The end of sequence as a tensor of several ids (HF generate takes it too), or in a generation config: the
+    # call's, else the model's
+    def ends_where_it_did(**kwargs):
+        again = generate(engine, target, reference=ref_entry, **kwargs)
+        assert again.token_ids == out.token_ids
+        assert again.stats["decode_recomputed_tokens"] == out.stats["decode_recomputed_tokens"]
 
-    again = generate(engine, target, reference=ref_entry, generation_config=GenerationConfig(eos_token_id=tokens[end]))
-    assert again.token_ids == out.token_ids
-    assert again.stats["decode_recomputed_tokens"] == out.stats["decode_recomputed_tokens"]
+    never = next(t for t in range(model.config.vocab_size) if t not in tokens)
+    ends_where_it_did(eos_token_id=torch.tensor([never, tokens[end]]))
+    ends_where_it_did(generation_config=GenerationConfig(eos_token_id=tokens[end]))
     monkeypatch.setattr(model.generation_config, "eos_token_id", tokens[end])
-    again = generate(engine, target, reference=ref_entry)
-    assert again.token_ids == out.token_ids
-    assert again.stats["decode_recomputed_tokens"] == out.stats["decode_recomputed_tokens"]
+    ends_where_it_did()
 
 
 def test_score_recomputes_where_generate_does(model, tokenizer, reference_ids, ref_entry):
