@@ -688,7 +688,10 @@ class ReuseEngine:
         refused. Returns the layers grouped by rotation."""
         n, delta = 4, 37
         if self.max_positions is not None and self.max_positions < n + delta + 1:
-            delta = max(1, self.max_positions - n - 1)
+            # Both sets inside the limit and apart: a position in both would be written twice in one call, and the
+            # keys compared would not be the same inputs' (a model of 8 positions was refused as not RoPE).
+            n = max(1, min(n, (self.max_positions - 1) // 2))
+            delta = max(n, self.max_positions - n - 1)
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, self.model.config.vocab_size, (n,), generator=gen).to(self.device)
         hidden = self._layer_input(ids, torch.arange(n, device=self.device))

@@ -233,6 +233,34 @@ def test_model_outside_the_engine_serves_as_before(family):
     assert stock_generate(model, target) == stock_generate(fresh, target), name
 
 
+@pytest.mark.parametrize("model_type, overrides", [
+    ("llama", dict(max_position_embeddings=4)), ("llama", dict(max_position_embeddings=8)),
+    # longrope's long factors start at 32: a probe past it would see other frequencies than the ones served
+    ("phi3", dict(rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 8,
+                                       long_factor=[2.0] * 8, original_max_position_embeddings=32),
+                  original_max_position_embeddings=32))], ids=["llama-4", "llama-8", "phi3-longrope-32"])
+def test_short_context_is_probed_inside_it(model_type, overrides):
+    """The RoPE probe fits its two sets of positions inside a short limit without overlapping them (a model of 8
+    positions was refused as not rotating its keys), and the model is served exactly up to the limit."""
+    model = build(model_type, overrides)
+    engine = ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
+    limit = engine.max_positions
+    assert limit == overrides.get("original_max_position_embeddings", overrides.get("max_position_embeddings"))
+    assert [(g.neox, g.sign) for g in engine.rope_groups] == [(True, 1)]
+    target = [2 + (7 * i) % 250 for i in range(limit - 1)]
+    reference = [target[0] + 1] + target[1:]  # the first token edited: every later row's context changed
+    with torch.inference_mode():
+        stock = model(torch.tensor([target])).logits[0, -1].float()
+    with engine.using(ReuseConfig(recompute_ratio=1.0)):
+        out = engine.generate(target, reference=engine.prefill(reference), max_new_tokens=1, output_logits=True,
+                              return_dict_in_generate=True)
+    assert out.stats["mode"] == "reuse" and out.stats["matched_tokens"] == limit - 2, out.stats
+    torch.testing.assert_close(out.logits[0][0].float(), stock, atol=1e-4 * max(1.0, stock.abs().max().item()),
+                               rtol=1e-4)
+    same = engine.generate(target, reference=engine.prefill(target), max_new_tokens=1)
+    assert same.token_ids == stock_generate(model, target)[:1]
+
+
 def test_length_dependent_rope_is_refused_past_its_original_length():
     """longrope switches to its long factors past original_max_position_embeddings (512 here): requests that
     would cross it are refused by name, shorter ones are served (the tests above)."""
