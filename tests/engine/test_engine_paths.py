@@ -587,6 +587,23 @@ def test_token_major_layer_recomputes_in_place_and_stops_after_a_kv_only_write()
     assert torch.equal(layer.keys[3:5], _token_major(k)) and layer.kv_pos.tolist() == [0, 1, 2, 3, 4, -1]
 
 
+def test_a_kv_only_pass_that_never_writes_is_an_error(model, tokenizer, monkeypatch):
+    """_write_kv runs a layer only up to its K/V write. A layer that returns without writing to the cache (a family
+    whose attention keeps its own) would leave the rows' old K/V in place: an error, and the layer's flag is reset
+    either way."""
+    engine = engine_for(model, tokenizer)
+    rows = torch.arange(4)
+    cache = engine._new_cache(capacity=4)
+    with cache.active():
+        hidden = engine._layer_input(torch.arange(10, 14), rows)
+        engine._write_kv(1, hidden, rows, cache)  # a real layer stops at its write
+        assert not cache.layers[1].stop_after_write and cache.layers[1].kv_pos.tolist() == [0, 1, 2, 3]
+        monkeypatch.setattr(engine.decoder.layers[1], "forward", lambda hidden_states, **kwargs: hidden_states)
+        with pytest.raises(RuntimeError, match="decoder layer 1 ran to its end without writing K/V"):
+            engine._write_kv(1, hidden, rows, cache)
+    assert not cache.layers[1].stop_after_write
+
+
 def test_cache_allocation_lays_its_layers_in_storage_that_fits():
     """allocate: one [L, capacity, H, D] K and V allocation, the layers views of it, each with `used` positions; the
     storage of an earlier cache is taken when it is of the dtype and device and at least as large, else refused."""
