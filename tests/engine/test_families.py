@@ -261,6 +261,36 @@ def test_short_context_is_probed_inside_it(model_type, overrides):
     assert same.token_ids == stock_generate(model, target)[:1]
 
 
+def test_keys_that_rotate_only_nearly_as_rope_are_refused():
+    """Keys scaled by 1 + 1e-4 x position on top of RoPE (the rotation plus 0.4% over the probe's 37 positions):
+    reused keys re-rotated by the position difference would be that far off, with no self-check to see it (a full
+    prefill is exact), so the probe's tolerance in fp32 is rounding, not a share of the keys."""
+    model = build("llama", {})
+    rotary = model.model.rotary_emb
+    plain = rotary.forward
+
+    def drifting(x, position_ids, *args, **kwargs):
+        cos, sin = plain(x, position_ids, *args, **kwargs)
+        scale = 1 + 1e-4 * position_ids[..., None].to(cos.dtype)
+        return cos * scale, sin * scale
+
+    rotary.forward = drifting
+    with pytest.raises(ValueError, match="keys of decoder layer 0 do not rotate as RoPE"):
+        ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
+
+
+def test_a_model_that_names_no_context_length_is_served():
+    """No max_position_embeddings (a remote-code config may lack it; transformers' own refuse None, hence the
+    validation bypassed): no limit on a request, and the probe and the self-check take their own sizes."""
+    model = build("llama", {})
+    object.__setattr__(model.config, "max_position_embeddings", None)
+    engine = ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
+    assert engine.max_positions is None
+    target, reference = prompts()
+    assert engine.generate(target, reference=engine.prefill(target), max_new_tokens=NEW).token_ids == \
+        stock_generate(model, target)
+
+
 def test_length_dependent_rope_is_refused_past_its_original_length():
     """longrope switches to its long factors past original_max_position_embeddings (512 here): requests that
     would cross it are refused by name, shorter ones are served (the tests above)."""
