@@ -590,6 +590,23 @@ def test_token_major_layer_recomputes_in_place_and_stops_after_a_kv_only_write()
     assert torch.equal(layer.keys[3:5], _token_major(k)) and layer.kv_pos.tolist() == [0, 1, 2, 3, 4, -1]
 
 
+def test_a_layer_that_returns_a_tuple_is_read_as_one_that_returns_its_hidden_states(model, tokenizer, monkeypatch):
+    """Decoder layers of transformers 5 return their hidden states; older and remote-code ones a tuple whose first
+    item they are. _run_layer reads both alike."""
+    engine = engine_for(model, tokenizer)
+    rows = torch.arange(4)
+    layer = engine.decoder.layers[1]
+    plain = layer.forward
+    outputs = []
+    for wrap in (False, True):
+        if wrap:
+            monkeypatch.setattr(layer, "forward", lambda *args, **kwargs: (plain(*args, **kwargs), None))
+        cache = engine._new_cache(capacity=4)
+        with torch.inference_mode(), cache.active():
+            outputs.append(engine._run_layer(1, engine._layer_input(torch.arange(10, 14), rows), rows, cache))
+    assert isinstance(outputs[1], torch.Tensor) and torch.equal(outputs[0], outputs[1])
+
+
 def test_a_kv_only_pass_that_never_writes_is_an_error(model, tokenizer, monkeypatch):
     """_write_kv runs a layer only up to its K/V write. A layer that returns without writing to the cache (a family
     whose attention keeps its own) would leave the rows' old K/V in place: an error, and the layer's flag is reset
@@ -597,7 +614,7 @@ def test_a_kv_only_pass_that_never_writes_is_an_error(model, tokenizer, monkeypa
     engine = engine_for(model, tokenizer)
     rows = torch.arange(4)
     cache = engine._new_cache(capacity=4)
-    with cache.active():
+    with torch.inference_mode(), cache.active():
         hidden = engine._layer_input(torch.arange(10, 14), rows)
         engine._write_kv(1, hidden, rows, cache)  # a real layer stops at its write
         assert not cache.layers[1].stop_after_write and cache.layers[1].kv_pos.tolist() == [0, 1, 2, 3]
