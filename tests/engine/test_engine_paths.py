@@ -498,6 +498,28 @@ def test_self_check_tries_other_prompts_before_refusing(tokenizer, flips, share)
         assert len(calls) == 3
 
 
+def test_self_check_refuses_a_model_that_acts_between_its_layers(tokenizer):
+    """The engine runs a model's decoder layers one by one; a model whose own forward changes the hidden states
+    between two layers (stand-in: layer 1's input scaled by 1.01, only inside the model's forward) gives the same
+    logits through semshare attention as through its own, but its K/V recomputed layer by layer differ: refused."""
+    from semshare_ops.engine import ReuseEngine
+    from semshare_ops.engine.architecture import UnsupportedModelError
+
+    model = build_model("llama", seed=0)
+    inside = []
+    model.model.register_forward_pre_hook(lambda module, args: inside.append(True))
+    # always_call: the engine reads layer 0's input by stopping the model's forward with an exception
+    model.model.register_forward_hook(lambda module, args, out: inside.clear(), always_call=True)
+
+    def between(module, args, kwargs):
+        return ((args[0] * 1.01,) + args[1:], kwargs) if inside else None
+
+    model.model.layers[1].register_forward_pre_hook(between, with_kwargs=True)
+    with pytest.raises(UnsupportedModelError, match=r"its keys recomputed layer by layer differ from its own "
+                                                    r"forward's by 0\.0\d+ \(relative\)"):
+        ReuseEngine(model, tokenizer, ReuseConfig())
+
+
 # ---- the shims on their own: the token-major layer, the cache, what an attention call passes ----------------------
 
 
