@@ -261,17 +261,20 @@ def test_short_context_is_probed_inside_it(model_type, overrides):
     assert same.token_ids == stock_generate(model, target)[:1]
 
 
-def test_keys_that_rotate_only_nearly_as_rope_are_refused():
-    """Keys scaled by 1 + 1e-4 x position on top of RoPE (the rotation plus 0.4% over the probe's 37 positions):
-    reused keys re-rotated by the position difference would be that far off, with no self-check to see it (a full
-    prefill is exact), so the probe's tolerance in fp32 is rounding, not a share of the keys."""
-    model = build("llama", {})
+@pytest.mark.parametrize("dtype, drift", [(torch.float32, 1e-4), (torch.bfloat16, 1e-3)])
+def test_keys_that_rotate_only_nearly_as_rope_are_refused(dtype, drift):
+    """Keys scaled by 1 + drift x position on top of RoPE (the rotation plus 0.4% in fp32, 3.7% in bf16, over the
+    probe's 37 positions): reused keys re-rotated by the position difference would be that far off, with no
+    self-check to see it (a full prefill is exact), so the probe's tolerance is its dtype's rounding, not a share of
+    the keys. The same model without the drift is served in either dtype."""
+    model = build("llama", {}).to(dtype)
+    ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
     rotary = model.model.rotary_emb
     plain = rotary.forward
 
     def drifting(x, position_ids, *args, **kwargs):
         cos, sin = plain(x, position_ids, *args, **kwargs)
-        scale = 1 + 1e-4 * position_ids[..., None].to(cos.dtype)
+        scale = 1 + drift * position_ids[..., None].to(cos.dtype)
         return cos * scale, sin * scale
 
     rotary.forward = drifting
