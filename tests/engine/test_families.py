@@ -207,6 +207,32 @@ def test_identical_prompt_and_edited_prompt(family):
     assert len(edited.token_ids) == NEW
 
 
+def test_reused_first_layer_kv_move_to_new_positions_as_the_model_computes_them(family):
+    """Layer 0's K/V depend on the token alone, not on its context: an entry's layer-0 K/V moved 3 positions by
+    the rotation the probe found must be the target's own full-prefill K/V there. The other tests reuse K/V with no
+    shift (identical prompts) or recompute them all (ratio 1.0), so a wrong pair convention, direction or frequency
+    showed nowhere else."""
+    name, model = family
+    engine = ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
+    target, _ = prompts()
+    reference, full = engine.prefill([3, 4, 5] + target), engine.prefill(target)
+    dst = torch.arange(len(target))
+    cache = engine._new_cache(capacity=len(target))
+    engine._reuse_kv(cache, reference, dst + 3, dst, torch.full_like(dst, -3))
+    for got, want in ((cache.keys[0], full.keys[0]), (cache.values[0], full.values[0])):
+        scale = want.float().abs().max().item()
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-4 * max(1.0, scale), rtol=1e-4, msg=name)
+
+
+def test_a_first_layer_without_rope_is_copied_unrotated():
+    """SmolLM3 with its first layer the one without RoPE: the probe groups it apart and its reused keys are copied
+    as they are (the check above on a NoPE layer)."""
+    model = build("smollm3", dict(num_hidden_layers=4, no_rope_layers=[0, 1, 1, 1]))
+    engine = ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
+    assert {g.layers: g.inv_freq is None for g in engine.rope_groups} == {(0,): True, (1, 2, 3): False}
+    test_reused_first_layer_kv_move_to_new_positions_as_the_model_computes_them(("smollm3-nope-first", model))
+
+
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_refused_with_a_clear_error(name):
     model_type, overrides, feature = REFUSED[name]
