@@ -261,10 +261,11 @@ def test_model_outside_the_engine_serves_as_before(family):
 
 @pytest.mark.parametrize("model_type, overrides", [
     ("llama", dict(max_position_embeddings=4)), ("llama", dict(max_position_embeddings=8)),
-    # longrope's long factors start at 32: a probe past it would see other frequencies than the ones served
-    ("phi3", dict(rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 8,
-                                       long_factor=[2.0] * 8, original_max_position_embeddings=32),
-                  original_max_position_embeddings=32))], ids=["llama-4", "llama-8", "phi3-longrope-32"])
+    # longrope's long factors start at 6, 32 or 40: a probe past it would see other frequencies than the ones served
+    *[("phi3", dict(rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 8,
+                                         long_factor=[2.0] * 8, original_max_position_embeddings=limit),
+                    original_max_position_embeddings=limit)) for limit in (6, 32, 40)]],
+    ids=["llama-4", "llama-8", "phi3-longrope-6", "phi3-longrope-32", "phi3-longrope-40"])
 def test_short_context_is_probed_inside_it(model_type, overrides):
     """The RoPE probe fits its two sets of positions inside a short limit without overlapping them (a model of 8
     positions was refused as not rotating its keys), and the model is served exactly up to the limit."""
