@@ -212,7 +212,10 @@ def test_reused_first_layer_kv_move_to_new_positions_as_the_model_computes_them(
     the rotation the probe found must be the target's own full-prefill K/V there. The other tests reuse K/V with no
     shift (identical prompts) or recompute them all (ratio 1.0), so a wrong pair convention, direction or frequency
     showed nowhere else."""
-    name, model = family
+    check_first_layer_kv_moved(*family)
+
+
+def check_first_layer_kv_moved(name, model):
     engine = ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
     target, _ = prompts()
     reference, full = engine.prefill([3, 4, 5] + target), engine.prefill(target)
@@ -230,7 +233,7 @@ def test_a_first_layer_without_rope_is_copied_unrotated():
     model = build("smollm3", dict(num_hidden_layers=4, no_rope_layers=[0, 1, 1, 1]))
     engine = ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
     assert {g.layers: g.inv_freq is None for g in engine.rope_groups} == {(0,): True, (1, 2, 3): False}
-    test_reused_first_layer_kv_move_to_new_positions_as_the_model_computes_them(("smollm3-nope-first", model))
+    check_first_layer_kv_moved("smollm3-nope-first", model)
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
