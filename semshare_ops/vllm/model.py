@@ -8,10 +8,12 @@ the runner's own CPU attention builder, in which every run of consecutive positi
 are positions 0..run end of the request's block table. Causal attention of any row set over the whole cache is then
 exact, and the layer writes its rows' K/V into the cache at their slots, as in a normal step.
 
-Served: Llama-architecture models (`LlamaForCausalLM`: SmolLM2, Llama 2/3, ...) on the CPU attention backend, one
-KV cache group, no tensor or pipeline parallelism, the model's dtype in the cache (no fp8), no sliding window,
-soft-capping, sinks or ALiBi, no LoRA. Anything else is refused by name (`Unsupported`), and the connector falls back
-to vLLM's own prefill for every request. At start-up a probe measures each layer's RoPE on scratch blocks: the keys of
+Served: the architectures whose decoder layers vLLM runs as Llama's do (input norm, self-attention on positions and
+hidden states, post-attention norm, MLP or mixture of experts; `SUPPORTED_ARCHITECTURES`: Llama, Mistral, Mixtral,
+Phi-3 (longrope included), Qwen2 and Qwen3, whose keys are normalised per head before RoPE) on the CPU attention
+backend, one KV cache group, no tensor or pipeline parallelism, the model's dtype in the cache (no fp8), causal
+attention with no sliding window, soft-capping, sinks or ALiBi, no LoRA. Anything else is refused by name
+(`Unsupported`), and the connector falls back to vLLM's own prefill for every request. At start-up a probe measures each layer's RoPE on scratch blocks: the keys of
 the same inputs at positions p and p + delta must differ by exactly the rotation `rope_reuse_` applies with the
 layer's inverse frequencies, as the HF engine's probe checks its models.
 """
@@ -25,11 +27,24 @@ import torch
 from ..ops import oracle
 from . import layout
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+# Architecture -> its decoder layer class. The K/V-only pass and the probe call a layer's `self_attn` and its
+# `input_layernorm` as the layer does; a class not listed here may order its parts otherwise.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "LlamaDecoderLayer",
+    "MistralForCausalLM": "MistralDecoderLayer",
+    "MixtralForCausalLM": "MixtralDecoderLayer",
+    "Phi3ForCausalLM": "LlamaDecoderLayer",  # vLLM's Phi-3 is its Llama with fused projections (and longrope)
+    "Qwen2ForCausalLM": "Qwen2DecoderLayer",
+    "Qwen3ForCausalLM": "Qwen3DecoderLayer",
+}
 
 
 class Unsupported(Exception):
     """The model or the engine's configuration is one the connector does not serve; the message says which part."""
+
+
+class _KVWritten(Exception):
+    """Raised by the K/V-only pass once its layer's attention has been handed the K/V: what follows is not needed."""
 
 
 def check_architecture(architectures) -> None:
@@ -83,8 +98,14 @@ class VllmModel:
             raise Unsupported(f"{name}: no model.layers / embed_input_ids")
         self.decoder = decoder
         self.layers = list(layers)
-        if any(type(layer).__name__ != "LlamaDecoderLayer" for layer in self.layers):
-            raise Unsupported(f"{name}: decoder layers other than LlamaDecoderLayer")
+        expected = SUPPORTED_ARCHITECTURES[name]
+        if any(type(layer).__name__ != expected for layer in self.layers):
+            raise Unsupported(f"{name}: decoder layers other than {expected}")
+        config = model.config
+        if getattr(config, "ada_rms_norm_t_cond", False) or getattr(config, "dual_chunk_attention_config", None):
+            # Mistral's time-conditioned norm needs an input the connector does not have; Qwen2's dual-chunk
+            # attention is not the paged causal attention the recompute builds metadata for.
+            raise Unsupported(f"{name}: time-conditioned norms or dual-chunk attention")
         parallel = vllm_config.parallel_config
         if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
             raise Unsupported("tensor or pipeline parallelism (each rank would have to run the same rows in step)")
@@ -105,6 +126,8 @@ class VllmModel:
             if impl.sliding_window not in (None, -1) or impl.logits_soft_cap or impl.alibi_slopes is not None or \
                     getattr(impl, "sinks", None) is not None:
                 raise Unsupported("sliding window, soft-capping, ALiBi or attention sinks")
+            if getattr(attn, "attn_type", "decoder") != "decoder":  # a str Enum: equal to its value
+                raise Unsupported(f"attention type {attn.attn_type!s} (bidirectional or encoder attention)")
         groups = runner.attn_groups
         if len(groups) != 1 or len(groups[0]) != 1:
             raise Unsupported("more than one KV cache group or attention backend")
@@ -134,10 +157,17 @@ class VllmModel:
         tensors = {}
         for idx, layer in enumerate(self.layers):
             rotary = layer.self_attn.rotary_emb
-            inv_freq = rotary._compute_inv_freq(rotary.base).float()
+            if type(rotary).__name__ == "Phi3LongRoPEScaledRotaryEmbedding":
+                # vLLM takes one factor set for the whole engine at start-up (the long one when max_model_len
+                # passes the original context), so every position rotates with the same frequencies; its
+                # constructor allows neox pairs only. The probe below checks both.
+                factors = rotary.long_factor if rotary.use_long_rope else rotary.short_factor
+                inv_freq, neox = rotary._compute_inv_freq(factors).float(), True
+            else:
+                inv_freq, neox = rotary._compute_inv_freq(rotary.base).float(), rotary.is_neox_style
             if 2 * inv_freq.numel() != rotary.rotary_dim or rotary.rotary_dim > self.head_dim:
                 raise Unsupported(f"rotary embedding {type(rotary).__name__} of layer {idx}")
-            key = (tuple(inv_freq.tolist()), bool(rotary.is_neox_style))
+            key = (tuple(inv_freq.tolist()), bool(neox))
             tensors[key] = inv_freq
             found.setdefault(key, []).append(idx)
         return [RopeGroup(tuple(layers), tensors[key], key[1]) for key, layers in found.items()]
@@ -175,23 +205,36 @@ class VllmModel:
 
     def write_kv(self, idx: int, rows: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
                  block_ids: torch.Tensor) -> None:
-        """Decoder layer `idx` on positions `rows` only up to its cache write: the layer's own input norm, QKV
-        projection and rotary embedding, and the K/V written through its attention's cache-update function (what
-        `run_layer` writes, bit for bit: the same modules on the same rows). No attention, no MLP: for rows whose
-        output the next layer does not take. `hidden` and `residual` are left as they are (vLLM's fused add-norm
-        may work in place)."""
+        """Decoder layer `idx` on positions `rows` only up to its cache write: the layer's own input norm and
+        attention module up to its attention call (QKV projection, per-head norms, rotary embedding), and the K/V
+        written as `write` writes them (what `run_layer` writes, bit for bit: the same modules on the same rows).
+        No attention, no MLP: for rows whose output the next layer does not take. `hidden` and `residual` are left
+        as they are (vLLM's fused add-norm may work in place)."""
         layer = self.layers[idx]
-        attn = layer.self_attn
         if residual is None:
             normed = layer.input_layernorm(hidden.clone())
         else:
             normed, _ = layer.input_layernorm(hidden.clone(), residual.clone())
-        qkv, _ = attn.qkv_proj(normed)
-        query, key, value = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        _, key = attn.rotary_emb(rows, query, key)  # the queries too (as the layer calls it; the CPU op is in place)
-        n = rows.numel()
-        self.write(idx, key.reshape(n, self.kv_heads, self.head_dim), value.reshape(n, self.kv_heads, self.head_dim),
-                   layout.slots_of(block_ids, rows, self.block_size))
+        n, slots = rows.numel(), layout.slots_of(block_ids, rows, self.block_size)
+
+        def write_and_stop(query, key, value, *args, **kwargs):
+            self.write(idx, key.reshape(n, self.kv_heads, self.head_dim),
+                       value.reshape(n, self.kv_heads, self.head_dim), slots)
+            raise _KVWritten
+
+        # The layer's own attention module up to its attention call (projections, per-head norms, rotary
+        # embedding: whatever the architecture does there), then stop: the attention, output projection and MLP
+        # are the rows' output, which nothing reads.
+        attention = self.attentions[idx]
+        attention.forward = write_and_stop  # an instance attribute: shadows the class's forward for this call
+        try:
+            layer.self_attn(positions=rows, hidden_states=normed)
+        except _KVWritten:
+            pass
+        else:
+            raise RuntimeError(f"decoder layer {idx}'s attention module never called its attention")
+        finally:
+            del attention.forward
 
     def read(self, idx: int, block_ids: torch.Tensor, start: int, stop: int):
         return layout.read_range(self.kv_caches[idx], block_ids, start, stop, self.isa)

@@ -17,7 +17,8 @@ pytest.importorskip("vllm")
 
 from vllm_testutils import LOGPROB_ATOL, OFF, serve, serve_together  # noqa: E402
 
-from semshare_ops.vllm.model import RopeGroup, Unsupported, check_architecture, check_config, runs_of  # noqa: E402
+from semshare_ops.vllm.model import (  # noqa: E402
+    RopeGroup, Unsupported, VllmModel, check_architecture, check_config, runs_of)
 
 
 
@@ -142,6 +143,42 @@ def test_the_kv_only_pass_writes_what_the_whole_layer_writes(llm):
 
     (found,) = llm.collective_rpc(in_worker)
     assert found == [{"keys_equal": True, "values_equal": True, "written": True, "inputs_kept": True}] * 2, found
+
+
+def test_the_start_up_probe_refuses_keys_that_move_otherwise(llm):
+    """`VllmModel.probe_rope` in the worker, on the engine's own layers: it passes with the frequencies and pair
+    convention read from the model, and refuses by name when either is not what the layers do (frequencies 1% off,
+    the other pairing), so a rotary embedding the connector reads wrongly is never served."""
+
+    def in_worker(worker):
+        import dataclasses
+
+        import torch
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        from semshare_ops.vllm.model import Unsupported
+
+        model = get_kv_transfer_group()._worker.model
+        groups, found = model.rope_groups, {}
+        wrong = {"frequencies 1% off": dataclasses.replace(groups[0], inv_freq=groups[0].inv_freq * 1.01),
+                 "the other pairing": dataclasses.replace(groups[0], neox=not groups[0].neox)}
+        try:
+            with torch.inference_mode():
+                for name, group in [("as read", groups[0])] + list(wrong.items()):
+                    model.rope_groups = [group] + groups[1:]
+                    try:
+                        model.probe_rope()
+                        found[name] = "served"
+                    except Unsupported as err:
+                        found[name] = str(err)
+        finally:
+            model.rope_groups = groups
+        return found
+
+    (found,) = llm.collective_rpc(in_worker)
+    assert found["as read"] == "served", found
+    for name in ("frequencies 1% off", "the other pairing"):
+        assert "keys of decoder layer 0 do not move with position as RoPE" in found[name], found
 
 
 def _engine_of_its_own(script, model_dir, tmp_path_factory):
@@ -288,10 +325,72 @@ def test_unsupported_configurations_are_named():
     check_config(config(lora_config=None))
     with pytest.raises(Unsupported, match="enable_lora"):
         check_config(config(lora_config=SimpleNamespace(max_loras=1)))
-    with pytest.raises(Unsupported, match="Qwen2ForCausalLM"):
-        check_config(config(["Qwen2ForCausalLM"]))
+    for served in ("MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        check_config(config([served]))
+    with pytest.raises(Unsupported, match="GemmaForCausalLM"):
+        check_config(config(["GemmaForCausalLM"]))
     with pytest.raises(Unsupported, match="unknown"):
         check_config(SimpleNamespace(model_config=SimpleNamespace()))
+
+
+def _stand_in(architecture="MistralForCausalLM", layer="MistralDecoderLayer", attn_type="decoder", **config):
+    """A runner, config and caches shaped as vLLM's, just far enough for `VllmModel`'s checks of the model."""
+    impl = type("CPUAttentionBackendImpl", (), {})()
+    impl.sliding_window, impl.logits_soft_cap, impl.alibi_slopes = -1, 0, None
+    attn = SimpleNamespace(layer_name="model.layers.0.self_attn.attn", impl=impl, attn_type=attn_type)
+    decoder_layer = type(layer, (), {})()
+    decoder_layer.self_attn = SimpleNamespace(attn=attn)
+    model = type(architecture, (), {})()
+    model.config = SimpleNamespace(**config)
+    model.model = SimpleNamespace(layers=[decoder_layer], embed_input_ids=None)
+    vllm_config = SimpleNamespace(
+        model_config=SimpleNamespace(architectures=[architecture]), lora_config=None,
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        cache_config=SimpleNamespace(cache_dtype="auto"))
+    runner = SimpleNamespace(get_model=lambda: model, attn_groups=[])
+    return runner, vllm_config, {attn.layer_name: torch.zeros(1)}
+
+
+def test_the_model_checks_refuse_what_the_architecture_name_does_not_tell():
+    """Past its name, a served architecture is refused by name where its layers are another class, where its config
+    asks for Mistral's time-conditioned norm or Qwen2's dual-chunk attention, or where its attention is not causal
+    (each checked before anything runs; the first check a model passes leads to the next)."""
+    with pytest.raises(Unsupported, match="decoder layers other than MistralDecoderLayer"):
+        VllmModel(*_stand_in(layer="LlamaDecoderLayer"))
+    with pytest.raises(Unsupported, match="time-conditioned norms or dual-chunk attention"):
+        VllmModel(*_stand_in(ada_rms_norm_t_cond=True))
+    with pytest.raises(Unsupported, match="time-conditioned norms or dual-chunk attention"):
+        VllmModel(*_stand_in("Qwen2ForCausalLM", "Qwen2DecoderLayer", dual_chunk_attention_config={"chunk_size": 8}))
+    with pytest.raises(Unsupported, match="attention type encoder_only"):
+        VllmModel(*_stand_in("Qwen2ForCausalLM", "Qwen2DecoderLayer", attn_type="encoder_only"))
+    # Past every check above: the next one (one KV cache group) is what stops the stand-in.
+    with pytest.raises(Unsupported, match="more than one KV cache group"):
+        VllmModel(*_stand_in("Qwen3ForCausalLM", "Qwen3DecoderLayer", ada_rms_norm_t_cond=False))
+
+
+def test_the_kv_only_pass_stops_at_the_attention_call_and_restores_the_module():
+    """`write_kv` runs the layer's attention module only until it calls its attention (what comes after is never
+    run), writes the K/V it was handed per head, and leaves the attention's own forward in place afterwards; a
+    module that never calls its attention is an error, not a silent skip of the layer's write."""
+    written = []
+    model = object.__new__(VllmModel)
+    model.block_size, model.kv_heads, model.head_dim = 4, 2, 3
+    model.write = lambda idx, key, value, slots: written.append((idx, key, value, slots))
+    attention = SimpleNamespace()  # stands in for vLLM's Attention module: the pass sets and removes its forward
+    model.attentions = [attention]
+    model.layers = [SimpleNamespace(input_layernorm=lambda h: 2 * h,
+                                    self_attn=lambda positions, hidden_states: attention.forward(
+                                        hidden_states, hidden_states + 1, hidden_states + 2) + 1 / 0)]
+    rows, hidden = torch.tensor([1, 2, 5]), torch.arange(18.0).reshape(3, 6)
+    model.write_kv(0, rows, hidden, None, torch.tensor([7, 8]))
+    ((idx, key, value, slots),) = written
+    assert idx == 0 and torch.equal(key, (2 * hidden + 1).reshape(3, 2, 3))
+    assert torch.equal(value, (2 * hidden + 2).reshape(3, 2, 3)) and slots.tolist() == [29, 30, 33]
+    assert not hasattr(attention, "forward")  # the module's own forward is back
+    model.layers = [SimpleNamespace(input_layernorm=lambda h: h, self_attn=lambda positions, hidden_states: 0)]
+    with pytest.raises(RuntimeError, match="never called its attention"):
+        model.write_kv(0, rows, hidden, None, torch.tensor([7, 8]))
+    assert not hasattr(attention, "forward")
 
 
 def test_runs_of_consecutive_positions():

@@ -1,0 +1,147 @@
+"""The connector on each architecture it serves besides Llama (Mistral, Qwen2 with its QKV biases, Qwen3 with its
+per-head key norms), and one it must refuse (a sliding window): tiny random-weight models made from transformers
+configs, the embedded model's tokenizer, one engine of their own each (in one process), real ShareGPT text.
+
+What is checked, per architecture: the connector serves it (the start-up probe passes); recomputing every row
+through vLLM's own layers gives vLLM's own prefill; the default settings reuse most rows; the K/V-only pass writes
+what the whole layer writes, bit for bit. A model it does not serve takes vLLM's own prefill, with the reason named.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm_testutils import LOGPROB_ATOL  # noqa: E402
+
+# Small enough to start in seconds; head_dim 64 (the CPU backend's sizes), two KV heads (GQA), 4 layers.
+COMMON = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+              num_key_value_heads=1, head_dim=64, max_position_embeddings=2048, initializer_range=0.1,
+              tie_word_embeddings=False)
+FAMILIES = {
+    "mistral": ("MistralConfig", {"sliding_window": None}),  # transformers' default is a 4096-token window
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+    "phi3": ("Phi3Config", {"sliding_window": None, "pad_token_id": 0}),
+    "mistral-sliding-window": ("MistralConfig", {"sliding_window": 64}),
+    # vLLM applies one set of longrope factors to the whole engine, the long ones here (max_model_len 1024 > 512).
+    "phi3-longrope": ("Phi3Config", {"sliding_window": None, "pad_token_id": 0, "original_max_position_embeddings": 512,
+                                     "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 32,
+                                                      "long_factor": [float(1 + i) for i in range(32)]}}),
+}
+REFUSED = {"mistral-sliding-window": "sliding window"}
+
+SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from vllm_testutils import OFF, serve
+if __name__ == "__main__":
+    import torch
+    from vllm import LLM
+    import semshare_ops.vllm as ssv
+    from semshare_ops.bench.e2e import edit_tokens, text_prompt
+    llm = LLM({model!r}, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+              **ssv.engine_args(recompute_ratio=0.2))
+    reference = text_prompt(llm.get_tokenizer(), 400)
+    target = edit_tokens(reference, 0.1, seed=7)
+    diff = lambda a, b: (a.tokens == b.tokens, max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)))
+    donor = serve(llm, reference, "s")
+    full = serve(llm, target, "full", OFF)
+    whole = serve(llm, target, "s", {{"save": False, "recompute_ratio": 1.0, "min_similarity": 0.0}})
+    part = serve(llm, target, "s", {{"save": False}})
+
+    def kv_only_against_whole_layer(worker):
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+        model = get_kv_transfer_group()._worker.model
+        if model is None:
+            return None
+        rows = torch.cat([torch.arange(3, 45), torch.arange(70, 131)])
+        need = (int(rows[-1]) + model.block_size) // model.block_size
+        block_ids = torch.arange(model.num_blocks - need, model.num_blocks, dtype=torch.long)
+        hidden = model.embed(torch.randint(0, model.model.config.vocab_size, (rows.numel(),),
+                                           generator=torch.Generator().manual_seed(1)))
+        residual, equal = None, []
+        try:
+            with torch.inference_mode():
+                for idx in range(model.num_layers):
+                    out = model.run_layer(idx, rows, hidden.clone(), None if residual is None else residual.clone(),
+                                          block_ids)
+                    whole = model.read_rows(idx, block_ids, rows)
+                    model.kv_caches[idx][block_ids].zero_()
+                    model.write_kv(idx, rows, hidden, residual, block_ids)
+                    kv_only = model.read_rows(idx, block_ids, rows)
+                    equal.append(torch.equal(whole[0], kv_only[0]) and torch.equal(whole[1], kv_only[1])
+                                 and bool((kv_only[0].abs().amax(dim=(1, 2)) > 0).all()))
+                    hidden, residual = out
+        finally:
+            for cache in model.kv_caches:
+                cache[block_ids].zero_()
+        return {{"layer": type(model.layers[0]).__name__, "equal": equal}}
+
+    (kv_only,) = llm.collective_rpc(kv_only_against_whole_layer)
+    result = {{"donor": donor.stats, "whole": whole.stats, "part": part.stats, "full": diff(whole, full),
+               "part_full": diff(part, full), "kv_only": kv_only}}
+    print("RESULT " + json.dumps(result))
+"""
+
+
+def _make_model(name: str, root: Path, tokenizer_dir: str) -> str:
+    import torch
+    import transformers
+
+    config_class, extra = FAMILIES[name]
+    config = getattr(transformers, config_class)(**{**COMMON, **extra})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out = root / name
+    model.save_pretrained(out)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tokenizer_dir) / file, out / file)
+    return str(out)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def served(request, model_dir, tmp_path_factory):
+    """(family, what its engine reported)."""
+    root = tmp_path_factory.mktemp("families")
+    model = _make_model(request.param, root, model_dir)
+    path = root / "run.py"
+    path.write_text(SCRIPT.format(tests=str(Path(__file__).parents[1]), model=model))
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    return request.param, json.loads(lines[-1][len("RESULT "):])
+
+
+def test_each_family_is_served_exactly_or_refused_by_name(served):
+    family, case = served
+    if family in REFUSED:
+        # Refused by the worker at start-up: every request is vLLM's own prefill, none is kept as a donor, and
+        # every one after the first step's report names the reason.
+        assert case["kv_only"] is None, case
+        assert case["donor"]["mode"] == "full" and not case["donor"]["saved"], case["donor"]
+        for stats in (case["whole"], case["part"]):
+            assert stats["mode"] == "fallback" and stats["reason"].startswith("unsupported model: "), stats
+            assert REFUSED[family] in stats["reason"], stats
+        same, diff = case["full"]
+        assert same and diff < LOGPROB_ATOL, case
+        return
+    layer = {"mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer", "qwen3": "Qwen3DecoderLayer",
+             "mixtral": "MixtralDecoderLayer", "phi3": "LlamaDecoderLayer", "phi3-longrope": "LlamaDecoderLayer"}[family]
+    assert case["kv_only"] == {"layer": layer, "equal": [True] * COMMON["num_hidden_layers"]}, case
+    assert case["donor"]["mode"] == "full" and case["donor"]["saved"], case["donor"]
+    whole = case["whole"]
+    assert whole["mode"] == "reuse" and whole["loaded_tokens"] > 0, whole
+    same, diff = case["full"]
+    assert same and diff < LOGPROB_ATOL, case
+    part = case["part"]
+    # Two of the four layers are check layers (every row), so about half the rows' K/V are reused at most.
+    assert part["mode"] == "reuse" and 0.3 < part["reuse_ratio"] < 1.0, part
+    assert min(part["recomputed_tokens"]) < part["prompt_tokens"] - part["exact_tokens"], part
