@@ -9,13 +9,13 @@ are positions 0..run end of the request's block table. Causal attention of any r
 exact, and the layer writes its rows' K/V into the cache at their slots, as in a normal step.
 
 Served: the architectures whose decoder layers vLLM runs as Llama's do (input norm, self-attention on positions and
-hidden states, post-attention norm, MLP or mixture of experts; `SUPPORTED_ARCHITECTURES`: Llama, Mistral, Mixtral,
-Phi-3 (longrope included), Qwen2 and Qwen3, whose keys are normalised per head before RoPE) on the CPU attention
-backend, one KV cache group, no tensor or pipeline parallelism, the model's dtype in the cache (no fp8), causal
-attention with no sliding window, soft-capping, sinks or ALiBi, no LoRA. Anything else is refused by name
-(`Unsupported`), and the connector falls back to vLLM's own prefill for every request. At start-up a probe measures each layer's RoPE on scratch blocks: the keys of
-the same inputs at positions p and p + delta must differ by exactly the rotation `rope_reuse_` applies with the
-layer's inverse frequencies, as the HF engine's probe checks its models.
+hidden states, post-attention norm, MLP or mixture of experts; `SUPPORTED_ARCHITECTURES`: Gemma, Llama, Mistral,
+Mixtral, Phi-3 (longrope included), Qwen2, Qwen3 (keys normalised per head before RoPE) and their MoE versions) on the
+CPU attention backend, one KV cache group, no tensor or pipeline parallelism, the model's dtype in the cache (no fp8),
+causal attention with no sliding window, soft-capping, sinks or ALiBi, no LoRA. Anything else is refused by name
+(`Unsupported`), and the connector falls back to vLLM's own prefill for every request. At start-up a probe measures
+each layer's RoPE on scratch blocks: the keys of the same inputs at positions p and p + delta must differ by exactly
+the rotation `rope_reuse_` applies with the layer's inverse frequencies, as the HF engine's probe checks its models.
 """
 from __future__ import annotations
 
@@ -30,12 +30,15 @@ from . import layout
 # Architecture -> its decoder layer class. The K/V-only pass and the probe call a layer's `self_attn` and its
 # `input_layernorm` as the layer does; a class not listed here may order its parts otherwise.
 SUPPORTED_ARCHITECTURES = {
+    "GemmaForCausalLM": "GemmaDecoderLayer",  # its embed_input_ids scales by sqrt(hidden_size), as its forward does
     "LlamaForCausalLM": "LlamaDecoderLayer",
     "MistralForCausalLM": "MistralDecoderLayer",
     "MixtralForCausalLM": "MixtralDecoderLayer",
     "Phi3ForCausalLM": "LlamaDecoderLayer",  # vLLM's Phi-3 is its Llama with fused projections (and longrope)
     "Qwen2ForCausalLM": "Qwen2DecoderLayer",
+    "Qwen2MoeForCausalLM": "Qwen2MoeDecoderLayer",
     "Qwen3ForCausalLM": "Qwen3DecoderLayer",
+    "Qwen3MoeForCausalLM": "Qwen3MoeDecoderLayer",
 }
 
 

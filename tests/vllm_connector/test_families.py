@@ -24,9 +24,13 @@ COMMON = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidd
               num_key_value_heads=1, head_dim=64, max_position_embeddings=2048, initializer_range=0.1,
               tie_word_embeddings=False)
 FAMILIES = {
+    "gemma": ("GemmaConfig", {}),
     "mistral": ("MistralConfig", {"sliding_window": None}),  # transformers' default is a 4096-token window
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {}),
+    "qwen2-moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                     "shared_expert_intermediate_size": 64}),
+    "qwen3-moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64}),
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
     "phi3": ("Phi3Config", {"sliding_window": None, "pad_token_id": 0}),
     "mistral-sliding-window": ("MistralConfig", {"sliding_window": 64}),
@@ -133,8 +137,10 @@ def test_each_family_is_served_exactly_or_refused_by_name(served):
         same, diff = case["full"]
         assert same and diff < LOGPROB_ATOL, case
         return
-    layer = {"mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer", "qwen3": "Qwen3DecoderLayer",
-             "mixtral": "MixtralDecoderLayer", "phi3": "LlamaDecoderLayer", "phi3-longrope": "LlamaDecoderLayer"}[family]
+    layer = {"gemma": "GemmaDecoderLayer", "mistral": "MistralDecoderLayer", "mixtral": "MixtralDecoderLayer",
+             "phi3": "LlamaDecoderLayer", "phi3-longrope": "LlamaDecoderLayer", "qwen2": "Qwen2DecoderLayer",
+             "qwen3": "Qwen3DecoderLayer", "qwen2-moe": "Qwen2MoeDecoderLayer", "qwen3-moe": "Qwen3MoeDecoderLayer"}
+    layer = layer[family]
     assert case["kv_only"] == {"layer": layer, "equal": [True] * COMMON["num_hidden_layers"]}, case
     assert case["donor"]["mode"] == "full" and case["donor"]["saved"], case["donor"]
     whole = case["whole"]
