@@ -1,6 +1,7 @@
-"""The connector on each architecture it serves besides Llama (Mistral, Qwen2 with its QKV biases, Qwen3 with its
-per-head key norms), and one it must refuse (a sliding window): tiny random-weight models made from transformers
-configs, the embedded model's tokenizer, one engine of their own each (in one process), real ShareGPT text.
+"""The connector on each architecture it serves besides Llama (Gemma with its scaled embeddings, Mistral, Mixtral,
+Phi-3 with and without longrope, Qwen2 with its QKV biases, Qwen3 with its per-head key norms, Qwen2-MoE, Qwen3-MoE),
+and one it must refuse (a sliding window): tiny random-weight models made from transformers configs, the embedded
+model's tokenizer, one engine of their own each (in one process), real ShareGPT text.
 
 What is checked, per architecture: the connector serves it (the start-up probe passes); recomputing every row
 through vLLM's own layers gives vLLM's own prefill; the default settings reuse most rows; the K/V-only pass writes
@@ -19,27 +20,33 @@ pytest.importorskip("vllm")
 
 from vllm_testutils import LOGPROB_ATOL  # noqa: E402
 
-# Small enough to start in seconds; head_dim 64 (the CPU backend's sizes), two KV heads (GQA), 4 layers.
+# Small enough to start in seconds; head_dim 64 (one of the CPU backend's sizes), one KV head for two query heads
+# (GQA), 4 layers.
 COMMON = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
               num_key_value_heads=1, head_dim=64, max_position_embeddings=2048, initializer_range=0.1,
               tie_word_embeddings=False)
+# name: (transformers config, its settings, the decoder layer class vLLM runs it with; or for a model the connector
+# must refuse, None and the reason it names).
 FAMILIES = {
-    "gemma": ("GemmaConfig", {}),
-    "mistral": ("MistralConfig", {"sliding_window": None}),  # transformers' default is a 4096-token window
-    "qwen2": ("Qwen2Config", {}),
-    "qwen3": ("Qwen3Config", {}),
-    "qwen2-moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-                                     "shared_expert_intermediate_size": 64}),
-    "qwen3-moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64}),
-    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
-    "phi3": ("Phi3Config", {"sliding_window": None, "pad_token_id": 0}),
-    "mistral-sliding-window": ("MistralConfig", {"sliding_window": 64}),
+    "gemma": ("GemmaConfig", {}, "GemmaDecoderLayer"),
+    # transformers' Mistral default is a 4096-token window
+    "mistral": ("MistralConfig", {"sliding_window": None}, "MistralDecoderLayer"),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+                "MixtralDecoderLayer"),
+    "phi3": ("Phi3Config", {"sliding_window": None}, "LlamaDecoderLayer"),
     # vLLM applies one set of longrope factors to the whole engine, the long ones here (max_model_len 1024 > 512).
-    "phi3-longrope": ("Phi3Config", {"sliding_window": None, "pad_token_id": 0, "original_max_position_embeddings": 512,
+    "phi3-longrope": ("Phi3Config", {"sliding_window": None, "original_max_position_embeddings": 512,
                                      "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 32,
-                                                      "long_factor": [float(1 + i) for i in range(32)]}}),
+                                                      "long_factor": [float(1 + i) for i in range(32)]}},
+                      "LlamaDecoderLayer"),
+    "qwen2": ("Qwen2Config", {}, "Qwen2DecoderLayer"),
+    "qwen3": ("Qwen3Config", {}, "Qwen3DecoderLayer"),
+    "qwen2-moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                     "shared_expert_intermediate_size": 64}, "Qwen2MoeDecoderLayer"),
+    "qwen3-moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64},
+                  "Qwen3MoeDecoderLayer"),
+    "mistral-sliding-window": ("MistralConfig", {"sliding_window": 64}, None, "sliding window"),
 }
-REFUSED = {"mistral-sliding-window": "sliding window"}
 
 SCRIPT = """
 import json, sys
@@ -99,7 +106,7 @@ def _make_model(name: str, root: Path, tokenizer_dir: str) -> str:
     import torch
     import transformers
 
-    config_class, extra = FAMILIES[name]
+    config_class, extra = FAMILIES[name][:2]
     config = getattr(transformers, config_class)(**{**COMMON, **extra})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -126,21 +133,18 @@ def served(request, model_dir, tmp_path_factory):
 
 def test_each_family_is_served_exactly_or_refused_by_name(served):
     family, case = served
-    if family in REFUSED:
+    layer, *refused = FAMILIES[family][2:]
+    if layer is None:
         # Refused by the worker at start-up: every request is vLLM's own prefill, none is kept as a donor, and
         # every one after the first step's report names the reason.
         assert case["kv_only"] is None, case
         assert case["donor"]["mode"] == "full" and not case["donor"]["saved"], case["donor"]
         for stats in (case["whole"], case["part"]):
             assert stats["mode"] == "fallback" and stats["reason"].startswith("unsupported model: "), stats
-            assert REFUSED[family] in stats["reason"], stats
+            assert refused[0] in stats["reason"], stats
         same, diff = case["full"]
         assert same and diff < LOGPROB_ATOL, case
         return
-    layer = {"gemma": "GemmaDecoderLayer", "mistral": "MistralDecoderLayer", "mixtral": "MixtralDecoderLayer",
-             "phi3": "LlamaDecoderLayer", "phi3-longrope": "LlamaDecoderLayer", "qwen2": "Qwen2DecoderLayer",
-             "qwen3": "Qwen3DecoderLayer", "qwen2-moe": "Qwen2MoeDecoderLayer", "qwen3-moe": "Qwen3MoeDecoderLayer"}
-    layer = layer[family]
     assert case["kv_only"] == {"layer": layer, "equal": [True] * COMMON["num_hidden_layers"]}, case
     assert case["donor"]["mode"] == "full" and case["donor"]["saved"], case["donor"]
     whole = case["whole"]
