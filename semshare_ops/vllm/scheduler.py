@@ -404,8 +404,10 @@ class SchedulerSide:
                 self.index.add(info)
                 stats["saved"] = True
                 stats.pop("saved_reason", None)  # a save past max_depth its load left exact (exact_needed)
-        for donor_id in report.get("unsaved", []):  # the worker skipped it (a failed load, too large, an error)
-            self.pending_saves.pop(donor_id, None)
+        for donor_id, reason in report.get("unsaved", {}).items():  # the worker did not keep it, and says why
+            _, stats = self.pending_saves.pop(donor_id, (None, None))
+            if stats is not None:
+                stats.setdefault("saved_reason", reason)  # the scheduler's own reason (max_depth) comes first
         for donor_id in report.get("evicted", []):
             self.index.remove(donor_id)
 

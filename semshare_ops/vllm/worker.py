@@ -110,13 +110,17 @@ class WorkerSide:
 
     def wait_for_save(self, meta) -> None:
         for save in meta.saves:
-            if save.req_id in self.failed_requests or self.model is None:
+            if self.model is None:
+                self.report["unsaved"][save.donor_id] = f"reuse is off in this engine: {self.disabled or 'no model'}"
+                continue
+            if save.req_id in self.failed_requests:
                 # Its cache holds a failed load's leftovers this step; vLLM recomputes it first.
-                self.report["unsaved"].append(save.donor_id)
+                self.report["unsaved"][save.donor_id] = "its load failed: its cache holds the failed load's rows"
                 continue
             if save.exact_needed is not None and \
                     self.report["loads"].get(save.req_id, {}).get("exact_until", -1) < save.exact_needed:
-                self.report["unsaved"].append(save.donor_id)  # past max_depth and not exact: not a donor
+                # Past max_depth and not exact: not a donor (the scheduler has said why).
+                self.report["unsaved"][save.donor_id] = "past max_depth, and its load left rows reused"
                 continue
             try:
                 with torch.inference_mode():
@@ -129,11 +133,12 @@ class WorkerSide:
                 if stored:
                     self.report["saved"][save.donor_id] = donor.nbytes
                 else:
-                    self.report["unsaved"].append(save.donor_id)
+                    self.report["unsaved"][save.donor_id] = (f"its K/V ({donor.nbytes} bytes) exceed the donor "
+                                                             f"store ({self.store.capacity_bytes} bytes)")
                 self.report["evicted"].extend(evicted)
             except Exception as err:  # a donor less, nothing worse
                 logger.warning("semshare connector: saving %s failed: %s: %s", save.req_id, type(err).__name__, err)
-                self.report["unsaved"].append(save.donor_id)
+                self.report["unsaved"][save.donor_id] = f"saving failed ({type(err).__name__}: {err})"
 
     def take_report(self) -> Optional[Dict]:
         report, self.report = self.report, _empty_report()
@@ -256,4 +261,4 @@ class WorkerSide:
 
 
 def _empty_report() -> Dict:
-    return {"loads": {}, "saved": {}, "evicted": [], "unsaved": []}
+    return {"loads": {}, "saved": {}, "evicted": [], "unsaved": {}}

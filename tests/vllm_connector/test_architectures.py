@@ -135,10 +135,13 @@ def test_each_family_is_served_exactly_or_refused_by_name(served):
     family, case = served
     layer, *refused = FAMILIES[family][2:]
     if layer is None:
-        # Refused by the worker at start-up: every request is vLLM's own prefill, none is kept as a donor, and
-        # every one after the first step's report names the reason.
+        # Refused by the worker at start-up: every request is vLLM's own prefill, none is kept as a donor (the
+        # first says why in saved_reason), and every one after the first step's report names the reason.
         assert case["kv_only"] is None, case
-        assert case["donor"]["mode"] == "full" and not case["donor"]["saved"], case["donor"]
+        donor = case["donor"]
+        assert donor["mode"] == "full" and not donor["saved"], donor
+        assert donor["saved_reason"].startswith("reuse is off in this engine: unsupported model: "), donor
+        assert refused[0] in donor["saved_reason"], donor
         for stats in (case["whole"], case["part"]):
             assert stats["mode"] == "fallback" and stats["reason"].startswith("unsupported model: "), stats
             assert refused[0] in stats["reason"], stats

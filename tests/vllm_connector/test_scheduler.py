@@ -162,13 +162,46 @@ def test_an_engine_with_lora_is_refused_by_name(caplog):
     assert _side().disabled is None
 
 
-def test_a_save_the_worker_skips_is_forgotten():
+def test_a_save_the_worker_skips_is_forgotten_and_its_reason_given():
     side = _side()
-    side.pending_saves["r"] = (DonorInfo("r", "s", TARGET, depth=0), {"saved": False})
+    stats = {"saved": False}
+    side.pending_saves["r"] = (DonorInfo("r", "s", TARGET, depth=0), stats)
     worker = WorkerSide(SimpleNamespace(), ConnectorOptions())  # no model registered: it cannot save
+    worker.disabled = "unsupported model: sliding window"
     worker.wait_for_save(SimpleNamespace(saves=[SavePlan("r", "r", torch.tensor(TARGET), torch.arange(10))]))
     side.apply_report(worker.take_report())
     assert side.pending_saves == {} and "r" not in side.index
+    assert stats == {"saved": False, "saved_reason": "reuse is off in this engine: unsupported model: sliding window"}
+
+
+def test_each_save_the_worker_skips_says_why():
+    """A failed load's leftovers, a save past max_depth whose load left rows reused (the scheduler's own reason
+    stays), K/V larger than the donor store, an error while reading them: each skipped, each reason in the stats."""
+    layers, heads, dim = 2, 1, 4
+    model = SimpleNamespace(read_all=lambda block_ids, start, stop: (torch.ones(layers, stop, heads, dim),) * 2)
+    worker = WorkerSide(SimpleNamespace(), ConnectorOptions())
+    worker.model, worker.store = model, DonorStore(capacity_bytes=2 * layers * 20 * heads * dim * 4)
+    worker.failed_requests.add("failed")
+    worker.report["loads"]["deep"] = {"exact_until": 3}
+    plans = [SavePlan("failed", "failed", torch.arange(10), torch.arange(1)),
+             SavePlan("deep", "deep", torch.arange(10), torch.arange(1), exact_needed=8),
+             SavePlan("large", "large", torch.arange(21), torch.arange(1)),
+             SavePlan("kept", "kept", torch.arange(20), torch.arange(1))]
+    worker.wait_for_save(SimpleNamespace(saves=plans))
+    model.read_all = lambda block_ids, start, stop: 1 / 0
+    worker.wait_for_save(SimpleNamespace(saves=[SavePlan("error", "error", torch.arange(10), torch.arange(1))]))
+    side = _side()
+    stats = {name: {"saved": False} for name in ("failed", "deep", "large", "kept", "error")}
+    stats["deep"]["saved_reason"] = "depth 2 exceeds max_depth 1"
+    for name, s in stats.items():
+        side.pending_saves[name] = (DonorInfo(name, "s", TARGET, depth=0), s)
+    side.apply_report(worker.take_report())
+    assert side.pending_saves == {} and "kept" in side.index and stats["kept"] == {"saved": True}
+    assert stats["failed"]["saved_reason"] == "its load failed: its cache holds the failed load's rows"
+    assert stats["deep"]["saved_reason"] == "depth 2 exceeds max_depth 1"
+    assert stats["large"]["saved_reason"] == "its K/V (1344 bytes) exceed the donor store (1280 bytes)"
+    assert stats["error"]["saved_reason"] == "saving failed (ZeroDivisionError: division by zero)"
+    assert not any(s["saved"] for name, s in stats.items() if name != "kept")
 
 
 def test_the_worker_hands_each_report_and_failed_block_once():
@@ -178,7 +211,7 @@ def test_the_worker_hands_each_report_and_failed_block_once():
     assert worker.take_report() is None and worker.take_failed_blocks() == set()
     worker.report["evicted"].extend(["d1", "d2"])  # as a save that evicted two donors reports them
     worker.failed_blocks.update({3, 5})
-    assert worker.take_report() == {"loads": {}, "saved": {}, "evicted": ["d1", "d2"], "unsaved": []}
+    assert worker.take_report() == {"loads": {}, "saved": {}, "evicted": ["d1", "d2"], "unsaved": {}}
     assert worker.take_report() is None
     assert worker.take_failed_blocks() == {3, 5} and worker.take_failed_blocks() == set()
 
