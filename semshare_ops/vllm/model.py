@@ -9,13 +9,14 @@ are positions 0..run end of the request's block table. Causal attention of any r
 exact, and the layer writes its rows' K/V into the cache at their slots, as in a normal step.
 
 Served: the architectures whose decoder layers vLLM runs as Llama's do (input norm, self-attention on positions and
-hidden states, post-attention norm, MLP or mixture of experts; `SUPPORTED_ARCHITECTURES`: Gemma, Llama, Mistral,
+hidden states, post-attention norm, MLP or mixture of experts, the residual stream passed on beside the hidden states or
+added inside the layer; `SUPPORTED_ARCHITECTURES`: Ernie 4.5, Gemma, Granite (its multipliers included), Llama, Mistral,
 Mixtral, Phi-3 (longrope included), Qwen2, Qwen3 (keys normalised per head before RoPE) and their MoE versions) on the
 CPU attention backend, one KV cache group, no tensor or pipeline parallelism, the model's dtype in the cache (no fp8),
 causal attention with no sliding window, soft-capping, sinks or ALiBi, no LoRA. Anything else is refused by name
-(`Unsupported`), and the connector falls back to vLLM's own prefill for every request. At start-up a probe measures
-each layer's RoPE on scratch blocks: the keys of the same inputs at positions p and p + delta must differ by exactly
-the rotation `rope_reuse_` applies with the layer's inverse frequencies, as the HF engine's probe checks its models.
+(`Unsupported`), and the connector falls back to vLLM's own prefill for every request. At start-up a probe measures each
+layer's RoPE on scratch blocks: the keys of the same inputs at positions p and p + delta must differ by exactly the
+rotation `rope_reuse_` applies with the layer's inverse frequencies, as the HF engine's probe checks its models.
 """
 from __future__ import annotations
 
@@ -27,18 +28,36 @@ import torch
 from ..ops import oracle
 from . import layout
 
-# Architecture -> its decoder layer class. The K/V-only pass and the probe call a layer's `self_attn` and its
-# `input_layernorm` as the layer does; a class not listed here may order its parts otherwise.
+@dataclass(frozen=True)
+class Architecture:
+    """How vLLM's model runs an architecture's decoder layers, as far as the connector must know it."""
+    layer: str  # the decoder layer class; the K/V-only pass and the probe call its `input_layernorm` and `self_attn`
+    # True: layer(positions, hidden, residual) -> (hidden, residual), the residual added by the next norm (Llama's
+    # fused add-norm). False: layer(positions, hidden) -> hidden, the residual added inside the layer (Granite's).
+    fused_residual: bool = True
+    # The model's forward scales `embed_input_ids`' output by `config.embedding_multiplier` before the first layer.
+    embedding_multiplier: bool = False
+
+
+_GRANITE = dict(fused_residual=False, embedding_multiplier=True)
+# Architecture -> how its decoder layers run. A class not listed here may order its parts otherwise.
 SUPPORTED_ARCHITECTURES = {
-    "GemmaForCausalLM": "GemmaDecoderLayer",  # its embed_input_ids scales by sqrt(hidden_size), as its forward does
-    "LlamaForCausalLM": "LlamaDecoderLayer",
-    "MistralForCausalLM": "MistralDecoderLayer",
-    "MixtralForCausalLM": "MixtralDecoderLayer",
-    "Phi3ForCausalLM": "LlamaDecoderLayer",  # vLLM's Phi-3 is its Llama with fused projections (and longrope)
-    "Qwen2ForCausalLM": "Qwen2DecoderLayer",
-    "Qwen2MoeForCausalLM": "Qwen2MoeDecoderLayer",
-    "Qwen3ForCausalLM": "Qwen3DecoderLayer",
-    "Qwen3MoeForCausalLM": "Qwen3MoeDecoderLayer",
+    # vLLM's Ernie 4.5 is its Llama with interleaved rotary pairs.
+    "Ernie4_5ForCausalLM": Architecture("LlamaDecoderLayer"),
+    "GemmaForCausalLM": Architecture("GemmaDecoderLayer"),  # embed_input_ids scales by sqrt(hidden_size) itself
+    # Granite: multipliers on the embeddings, the attention scores (the attention's own scale) and each residual
+    # branch (inside the layer).
+    "GraniteForCausalLM": Architecture("GraniteDecoderLayer", **_GRANITE),
+    "GraniteMoeForCausalLM": Architecture("GraniteMoeDecoderLayer", **_GRANITE),
+    "GraniteMoeSharedForCausalLM": Architecture("GraniteMoeSharedDecoderLayer", **_GRANITE),
+    "LlamaForCausalLM": Architecture("LlamaDecoderLayer"),
+    "MistralForCausalLM": Architecture("MistralDecoderLayer"),
+    "MixtralForCausalLM": Architecture("MixtralDecoderLayer"),
+    "Phi3ForCausalLM": Architecture("LlamaDecoderLayer"),  # vLLM's Phi-3 is its Llama with fused projections
+    "Qwen2ForCausalLM": Architecture("Qwen2DecoderLayer"),
+    "Qwen2MoeForCausalLM": Architecture("Qwen2MoeDecoderLayer"),
+    "Qwen3ForCausalLM": Architecture("Qwen3DecoderLayer"),
+    "Qwen3MoeForCausalLM": Architecture("Qwen3MoeDecoderLayer"),
 }
 
 
@@ -101,7 +120,8 @@ class VllmModel:
             raise Unsupported(f"{name}: no model.layers / embed_input_ids")
         self.decoder = decoder
         self.layers = list(layers)
-        expected = SUPPORTED_ARCHITECTURES[name]
+        self.architecture = SUPPORTED_ARCHITECTURES[name]
+        expected = self.architecture.layer
         if any(type(layer).__name__ != expected for layer in self.layers):
             raise Unsupported(f"{name}: decoder layers other than {expected}")
         config = model.config
@@ -152,8 +172,11 @@ class VllmModel:
         return 2 * self.kv_heads * self.head_dim * self.dtype.itemsize
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """The first decoder layer's input for these tokens (for Llama, the input embeddings)."""
-        return self.decoder.embed_input_ids(ids)
+        """The first decoder layer's input for these tokens, as the model's forward makes it."""
+        hidden = self.decoder.embed_input_ids(ids)
+        if self.architecture.embedding_multiplier:
+            hidden = hidden * self.model.config.embedding_multiplier
+        return hidden
 
     def _rope_groups(self) -> List[RopeGroup]:
         found: Dict[tuple, List[int]] = {}
@@ -199,12 +222,15 @@ class VllmModel:
     def run_layer(self, idx: int, rows: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
                   block_ids: torch.Tensor, context=None):
         """Decoder layer `idx` on positions `rows` (sorted, unique) of one request; K/V go into its paged cache.
-        Returns (hidden, residual) as the model's own forward passes them to the next layer."""
+        Returns (hidden, residual) as the model's own forward passes them to the next layer (residual None for
+        layers that add it inside)."""
         from vllm.forward_context import set_forward_context
 
         md, slot_mapping = context if context is not None else self.metadata(rows, block_ids)
         with set_forward_context(md, self.vllm_config, slot_mapping=slot_mapping):
-            return self.layers[idx](rows, hidden, residual)
+            if self.architecture.fused_residual:
+                return self.layers[idx](rows, hidden, residual)
+            return self.layers[idx](rows, hidden), None
 
     def write_kv(self, idx: int, rows: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
                  block_ids: torch.Tensor) -> None:

@@ -255,7 +255,7 @@ class WorkerSide:
                 schedule.rank(idx, reused, model.read_rows(idx, plan.block_ids, positions))
             keep = schedule.advance(idx)
             if keep is not None:
-                hidden, residual, context = hidden[keep], residual[keep], None
+                hidden, residual, context = hidden[keep], None if residual is None else residual[keep], None
         stale = schedule.stale()  # (a loop stopped early: no deeper layer computed any row, so all are stale)
         return runs, schedule.deviation, exact + int(stale[0]) if len(stale) else stop
 

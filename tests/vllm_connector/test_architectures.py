@@ -1,7 +1,8 @@
-"""The connector on each architecture it serves besides Llama (Gemma with its scaled embeddings, Mistral, Mixtral,
-Phi-3 with and without longrope, Qwen2 with its QKV biases, Qwen3 with its per-head key norms, Qwen2-MoE, Qwen3-MoE),
-and one it must refuse (a sliding window): tiny random-weight models made from transformers configs, the embedded
-model's tokenizer, one engine of their own each (in one process), real ShareGPT text.
+"""The connector on each architecture it serves besides Llama (Ernie 4.5 with interleaved rotary pairs, Gemma with its
+scaled embeddings, Granite and its MoE versions with their multipliers and the residual added inside the layer, Mistral,
+Mixtral, Phi-3 with and without longrope, Qwen2 with its QKV biases, Qwen3 with its per-head key norms, Qwen2-MoE,
+Qwen3-MoE), and one it must refuse (a sliding window): tiny random-weight models made from transformers configs, the
+embedded model's tokenizer, one engine of their own each (in one process), real ShareGPT text.
 
 What is checked, per architecture: the connector serves it (the start-up probe passes); recomputing every row
 through vLLM's own layers gives vLLM's own prefill; the default settings reuse most rows; the K/V-only pass writes
@@ -27,8 +28,16 @@ COMMON = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidd
               tie_word_embeddings=False)
 # name: (transformers config, its settings, the decoder layer class vLLM runs it with; or for a model the connector
 # must refuse, None and the reason it names).
+# Granite 3's multipliers: each one left out (or applied twice) changes vLLM's own prefill.
+GRANITE = dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=8.0)
 FAMILIES = {
+    "ernie4_5": ("Ernie4_5Config", {}, "LlamaDecoderLayer"),
     "gemma": ("GemmaConfig", {}, "GemmaDecoderLayer"),
+    "granite": ("GraniteConfig", GRANITE, "GraniteDecoderLayer"),
+    "granite-moe": ("GraniteMoeConfig", {**GRANITE, "num_local_experts": 4, "num_experts_per_tok": 2},
+                    "GraniteMoeDecoderLayer"),
+    "granite-moe-shared": ("GraniteMoeSharedConfig", {**GRANITE, "num_local_experts": 4, "num_experts_per_tok": 2,
+                                                      "shared_intermediate_size": 64}, "GraniteMoeSharedDecoderLayer"),
     # transformers' Mistral default is a 4096-token window
     "mistral": ("MistralConfig", {"sliding_window": None}, "MistralDecoderLayer"),
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
