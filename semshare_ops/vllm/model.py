@@ -10,13 +10,14 @@ exact, and the layer writes its rows' K/V into the cache at their slots, as in a
 
 Served: the architectures whose decoder layers vLLM runs as Llama's do (input norm, self-attention on positions and
 hidden states, post-attention norm, MLP or mixture of experts, the residual stream passed on beside the hidden states or
-added inside the layer; `SUPPORTED_ARCHITECTURES`: Ernie 4.5, Gemma, Granite (its multipliers included), Llama, Mistral,
-Mixtral, Phi-3 (longrope included), Qwen2, Qwen3 (keys normalised per head before RoPE) and their MoE versions) on the
-CPU attention backend, one KV cache group, no tensor or pipeline parallelism, the model's dtype in the cache (no fp8),
-causal attention with no sliding window, soft-capping, sinks or ALiBi, no LoRA. Anything else is refused by name
-(`Unsupported`), and the connector falls back to vLLM's own prefill for every request. At start-up a probe measures each
-layer's RoPE on scratch blocks: the keys of the same inputs at positions p and p + delta must differ by exactly the
-rotation `rope_reuse_` applies with the layer's inverse frequencies, as the HF engine's probe checks its models.
+added inside the layer; `SUPPORTED_ARCHITECTURES`: Ernie 4.5, Gemma, GLM-4, Granite (its multipliers included), Llama,
+Mistral, Mixtral, Nemotron, Phi-3 (longrope included), Qwen2, Qwen3 (keys normalised per head before RoPE) and their MoE
+versions) on the CPU attention backend, one KV cache group, no tensor or pipeline parallelism, the model's dtype in the
+cache (no fp8), causal attention with no sliding window, soft-capping, sinks or ALiBi, no LoRA. Anything else is refused
+by name (`Unsupported`), and the connector falls back to vLLM's own prefill for every request. At start-up a probe
+measures each layer's RoPE on scratch blocks: the keys of the same inputs at positions p and p + delta must differ by
+exactly the rotation `rope_reuse_` applies with the layer's inverse frequencies, as the HF engine's probe checks its
+models.
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ SUPPORTED_ARCHITECTURES = {
     # vLLM's Ernie 4.5 is its Llama with interleaved rotary pairs.
     "Ernie4_5ForCausalLM": Architecture("LlamaDecoderLayer"),
     "GemmaForCausalLM": Architecture("GemmaDecoderLayer"),  # embed_input_ids scales by sqrt(hidden_size) itself
+    # GLM-4: RoPE on the first half of each head, interleaved pairs; norms after the attention and the MLP too.
+    "Glm4ForCausalLM": Architecture("Glm4DecoderLayer"),
     # Granite: multipliers on the embeddings, the attention scores (the attention's own scale) and each residual
     # branch (inside the layer).
     "GraniteForCausalLM": Architecture("GraniteDecoderLayer", **_GRANITE),
@@ -53,6 +56,7 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": Architecture("LlamaDecoderLayer"),
     "MistralForCausalLM": Architecture("MistralDecoderLayer"),
     "MixtralForCausalLM": Architecture("MixtralDecoderLayer"),
+    "NemotronForCausalLM": Architecture("NemotronDecoderLayer"),  # RoPE on part of each head; LayerNorm1P
     "Phi3ForCausalLM": Architecture("LlamaDecoderLayer"),  # vLLM's Phi-3 is its Llama with fused projections
     "Qwen2ForCausalLM": Architecture("Qwen2DecoderLayer"),
     "Qwen2MoeForCausalLM": Architecture("Qwen2MoeDecoderLayer"),

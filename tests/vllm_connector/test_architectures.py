@@ -1,8 +1,9 @@
-"""The connector on each architecture it serves besides Llama (Ernie 4.5 with interleaved rotary pairs, Gemma with its
-scaled embeddings, Granite and its MoE versions with their multipliers and the residual added inside the layer, Mistral,
-Mixtral, Phi-3 with and without longrope, Qwen2 with its QKV biases, Qwen3 with its per-head key norms, Qwen2-MoE,
-Qwen3-MoE), and one it must refuse (a sliding window): tiny random-weight models made from transformers configs, the
-embedded model's tokenizer, one engine of their own each (in one process), real ShareGPT text.
+"""The connector on each architecture it serves besides Llama (Ernie 4.5 with interleaved rotary pairs, GLM-4 and
+Nemotron with RoPE on half of each head, Gemma with its scaled embeddings, Granite and its MoE versions with their
+multipliers and the residual added inside the layer, Mistral, Mixtral, Phi-3 with and without longrope, Qwen2 with its
+QKV biases, Qwen3 with its per-head key norms, Qwen2-MoE, Qwen3-MoE), and one it must refuse (a sliding window): tiny
+random-weight models made from transformers configs, the embedded model's tokenizer, one engine of their own each (in
+one process), real ShareGPT text.
 
 What is checked, per architecture: the connector serves it (the start-up probe passes); recomputing every row
 through vLLM's own layers gives vLLM's own prefill; the default settings reuse most rows; the K/V-only pass writes
@@ -33,6 +34,9 @@ GRANITE = dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_mu
 FAMILIES = {
     "ernie4_5": ("Ernie4_5Config", {}, "LlamaDecoderLayer"),
     "gemma": ("GemmaConfig", {}, "GemmaDecoderLayer"),
+    # RoPE on half of each head (interleaved pairs for GLM-4, neox for Nemotron)
+    "glm4": ("Glm4Config", {"pad_token_id": 0, "eos_token_id": 0}, "Glm4DecoderLayer"),
+    "nemotron": ("NemotronConfig", {}, "NemotronDecoderLayer"),
     "granite": ("GraniteConfig", GRANITE, "GraniteDecoderLayer"),
     "granite-moe": ("GraniteMoeConfig", {**GRANITE, "num_local_experts": 4, "num_experts_per_tok": 2},
                     "GraniteMoeDecoderLayer"),
