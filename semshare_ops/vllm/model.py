@@ -10,14 +10,14 @@ exact, and the layer writes its rows' K/V into the cache at their slots, as in a
 
 Served: the architectures whose decoder layers vLLM runs as Llama's do (input norm, self-attention on positions and
 hidden states, post-attention norm, MLP or mixture of experts, the residual stream passed on beside the hidden states or
-added inside the layer; `SUPPORTED_ARCHITECTURES`: Ernie 4.5, Gemma, GLM-4, Granite (its multipliers included), Llama,
-Mistral, Mixtral, Nemotron, Phi-3 (longrope included), Qwen2, Qwen3 (keys normalised per head before RoPE) and their MoE
-versions) on the CPU attention backend, one KV cache group, no tensor or pipeline parallelism, the model's dtype in the
-cache (no fp8), causal attention with no sliding window, soft-capping, sinks or ALiBi, no LoRA. Anything else is refused
-by name (`Unsupported`), and the connector falls back to vLLM's own prefill for every request. At start-up a probe
-measures each layer's RoPE on scratch blocks: the keys of the same inputs at positions p and p + delta must differ by
-exactly the rotation `rope_reuse_` applies with the layer's inverse frequencies, as the HF engine's probe checks its
-models.
+added inside the layer; `SUPPORTED_ARCHITECTURES`: Apertus, Ernie 4.5, Gemma, GLM-4, Granite (its multipliers included),
+Llama, Mistral, Mixtral, Nemotron, OLMoE, Phi-3 (longrope included), Qwen2, Qwen3 (keys normalised per head before RoPE)
+and their MoE versions) on the CPU attention backend, one KV cache group, no tensor or pipeline parallelism, the model's
+dtype in the cache (no fp8), causal attention with no sliding window, soft-capping, sinks or ALiBi, no LoRA. Anything
+else is refused by name (`Unsupported`), and the connector falls back to vLLM's own prefill for every request. At
+start-up a probe measures each layer's RoPE on scratch blocks: the keys of the same inputs at positions p and p + delta
+must differ by exactly the rotation `rope_reuse_` applies with the layer's inverse frequencies, as the HF engine's probe
+checks its models.
 """
 from __future__ import annotations
 
@@ -32,17 +32,19 @@ from . import layout
 @dataclass(frozen=True)
 class Architecture:
     """How vLLM's model runs an architecture's decoder layers, as far as the connector must know it."""
-    layer: str  # the decoder layer class; the K/V-only pass and the probe call its `input_layernorm` and `self_attn`
+    layer: str  # the decoder layer class; the K/V-only pass calls its input norm and `self_attn`
     # True: layer(positions, hidden, residual) -> (hidden, residual), the residual added by the next norm (Llama's
     # fused add-norm). False: layer(positions, hidden) -> hidden, the residual added inside the layer (Granite's).
     fused_residual: bool = True
     # The model's forward scales `embed_input_ids`' output by `config.embedding_multiplier` before the first layer.
     embedding_multiplier: bool = False
+    input_norm: str = "input_layernorm"  # the norm the layer runs on its input before `self_attn`
 
 
 _GRANITE = dict(fused_residual=False, embedding_multiplier=True)
 # Architecture -> how its decoder layers run. A class not listed here may order its parts otherwise.
 SUPPORTED_ARCHITECTURES = {
+    "ApertusForCausalLM": Architecture("ApertusDecoderLayer", input_norm="attention_layernorm"),  # per-head q/k norms
     # vLLM's Ernie 4.5 is its Llama with interleaved rotary pairs.
     "Ernie4_5ForCausalLM": Architecture("LlamaDecoderLayer"),
     "GemmaForCausalLM": Architecture("GemmaDecoderLayer"),  # embed_input_ids scales by sqrt(hidden_size) itself
@@ -57,6 +59,7 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": Architecture("MistralDecoderLayer"),
     "MixtralForCausalLM": Architecture("MixtralDecoderLayer"),
     "NemotronForCausalLM": Architecture("NemotronDecoderLayer"),  # RoPE on part of each head; LayerNorm1P
+    "OlmoeForCausalLM": Architecture("OlmoeDecoderLayer"),  # q/k norms over the whole projections
     "Phi3ForCausalLM": Architecture("LlamaDecoderLayer"),  # vLLM's Phi-3 is its Llama with fused projections
     "Qwen2ForCausalLM": Architecture("Qwen2DecoderLayer"),
     "Qwen2MoeForCausalLM": Architecture("Qwen2MoeDecoderLayer"),
@@ -244,10 +247,11 @@ class VllmModel:
         No attention, no MLP: for rows whose output the next layer does not take. `hidden` and `residual` are left
         as they are (vLLM's fused add-norm may work in place)."""
         layer = self.layers[idx]
+        norm = getattr(layer, self.architecture.input_norm)
         if residual is None:
-            normed = layer.input_layernorm(hidden.clone())
+            normed = norm(hidden.clone())
         else:
-            normed, _ = layer.input_layernorm(hidden.clone(), residual.clone())
+            normed, _ = norm(hidden.clone(), residual.clone())
         n, slots = rows.numel(), layout.slots_of(block_ids, rows, self.block_size)
 
         def write_and_stop(query, key, value, *args, **kwargs):

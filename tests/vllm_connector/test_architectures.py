@@ -1,9 +1,9 @@
-"""The connector on each architecture it serves besides Llama (Ernie 4.5 with interleaved rotary pairs, GLM-4 and
-Nemotron with RoPE on half of each head, Gemma with its scaled embeddings, Granite and its MoE versions with their
-multipliers and the residual added inside the layer, Mistral, Mixtral, Phi-3 with and without longrope, Qwen2 with its
-QKV biases, Qwen3 with its per-head key norms, Qwen2-MoE, Qwen3-MoE), and one it must refuse (a sliding window): tiny
-random-weight models made from transformers configs, the embedded model's tokenizer, one engine of their own each (in
-one process), real ShareGPT text.
+"""The connector on each architecture it serves besides Llama (Apertus with its per-head q/k norms, Ernie 4.5 with
+interleaved rotary pairs, GLM-4 and Nemotron with RoPE on half of each head, Gemma with its scaled embeddings, Granite
+and its MoE versions with their multipliers and the residual added inside the layer, Mistral, Mixtral, OLMoE with q/k
+norms over the whole projections, Phi-3 with and without longrope, Qwen2 with its QKV biases, Qwen3 with its per-head
+key norms, Qwen2-MoE, Qwen3-MoE), and one it must refuse (a sliding window): tiny random-weight models made from
+transformers configs, the embedded model's tokenizer, one engine of their own each (in one process), real ShareGPT text.
 
 What is checked, per architecture: the connector serves it (the start-up probe passes); recomputing every row
 through vLLM's own layers gives vLLM's own prefill; the default settings reuse most rows; the K/V-only pass writes
@@ -32,6 +32,7 @@ COMMON = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidd
 # Granite 3's multipliers: each one left out (or applied twice) changes vLLM's own prefill.
 GRANITE = dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=8.0)
 FAMILIES = {
+    "apertus": ("ApertusConfig", {}, "ApertusDecoderLayer"),
     "ernie4_5": ("Ernie4_5Config", {}, "LlamaDecoderLayer"),
     "gemma": ("GemmaConfig", {}, "GemmaDecoderLayer"),
     # RoPE on half of each head (interleaved pairs for GLM-4, neox for Nemotron)
@@ -46,6 +47,8 @@ FAMILIES = {
     "mistral": ("MistralConfig", {"sliding_window": None}, "MistralDecoderLayer"),
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
                 "MixtralDecoderLayer"),
+    "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "pad_token_id": 0},
+              "OlmoeDecoderLayer"),
     "phi3": ("Phi3Config", {"sliding_window": None}, "LlamaDecoderLayer"),
     # vLLM applies one set of longrope factors to the whole engine, the long ones here (max_model_len 1024 > 512).
     "phi3-longrope": ("Phi3Config", {"sliding_window": None, "original_max_position_embeddings": 512,
