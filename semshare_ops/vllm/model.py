@@ -15,9 +15,10 @@ Llama, Mistral, Mixtral, Nemotron, OLMoE, Phi-3 (longrope included), Qwen2, Qwen
 and their MoE versions) on the CPU attention backend, one KV cache group, no tensor or pipeline parallelism, the model's
 dtype in the cache (no fp8), causal attention with no sliding window, soft-capping, sinks or ALiBi, no LoRA. Anything
 else is refused by name (`Unsupported`), and the connector falls back to vLLM's own prefill for every request. At
-start-up a probe measures each layer's RoPE on scratch blocks: the keys of the same inputs at positions p and p + delta
-must differ by exactly the rotation `rope_reuse_` applies with the layer's inverse frequencies, as the HF engine's probe
-checks its models.
+start-up a self-check runs a few random tokens through the model's own forward and through the connector's
+layer-by-layer run and K/V-only pass, and every layer's K/V must agree (`self_check`); then a probe measures each
+layer's RoPE on scratch blocks: the keys of the same inputs at positions p and p + delta must differ by exactly the
+rotation `rope_reuse_` applies with the layer's inverse frequencies, as the HF engine's probe checks its models.
 """
 from __future__ import annotations
 
@@ -153,9 +154,14 @@ class VllmModel:
                 raise Unsupported(f"attention backend {type(impl).__name__}: the paged layout is known for the CPU "
                                   "backend only")
             # The CPU backend stores "none" as sliding_window -1 and logits_soft_cap 0.
-            if impl.sliding_window not in (None, -1) or impl.logits_soft_cap or impl.alibi_slopes is not None or \
-                    getattr(impl, "sinks", None) is not None:
-                raise Unsupported("sliding window, soft-capping, ALiBi or attention sinks")
+            if impl.sliding_window not in (None, -1):
+                # vLLM frees the blocks a window has passed, so a donor's K/V would have holes. A window as long as
+                # the context binds nowhere: disable_sliding_window runs it as causal attention, max_model_len
+                # capped at the window.
+                raise Unsupported("sliding window (an engine started with disable_sliding_window=True runs the "
+                                  "model with causal attention up to the window's length, which the connector serves)")
+            if impl.logits_soft_cap or impl.alibi_slopes is not None or getattr(impl, "sinks", None) is not None:
+                raise Unsupported("soft-capping, ALiBi or attention sinks")
             if getattr(attn, "attn_type", "decoder") != "decoder":  # a str Enum: equal to its value
                 raise Unsupported(f"attention type {attn.attn_type!s} (bidirectional or encoder attention)")
         groups = runner.attn_groups
@@ -289,17 +295,61 @@ class VllmModel:
     def write(self, idx: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
         layout.write_slots(self.attentions[idx], self.kv_caches[idx], key, value, slots)
 
-    # ---- start-up probe --------------------------------------------------------------------------------------------
+    # ---- start-up checks -------------------------------------------------------------------------------------------
+
+    def _scratch_blocks(self, positions: int) -> torch.Tensor:
+        """Block ids at the end of the pool for `positions` positions of a start-up check (vLLM has handed none out
+        yet; each check zeroes them after)."""
+        need = (positions + self.block_size - 1) // self.block_size
+        if need >= self.num_blocks:
+            raise Unsupported("the KV cache is too small for the start-up checks")
+        return torch.arange(self.num_blocks - need, self.num_blocks, dtype=torch.long)
+
+    @torch.inference_mode()
+    def self_check(self, n: int = 12) -> None:
+        """The model's own forward over n random tokens at positions 0..n-1, then the connector's way of running the
+        same tokens (`embed`, then `run_layer` layer by layer, and `write_kv` in each layer): every layer's K/V must
+        agree. What the connector does not know about an architecture (a multiplier between the embeddings and the
+        first layer, something done between layers, a residual stream passed on otherwise, an input norm other than
+        the one named) fails here, before any request, as a refusal that names the layer. The forward is the
+        decoder's own Python method, not its compiled `__call__`: the same modules, run eagerly."""
+        from vllm.forward_context import set_forward_context
+
+        block_ids = self._scratch_blocks(n)
+        ids = torch.randint(0, self.model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(1))
+        rows = torch.arange(n)
+        context = self.metadata(rows, block_ids)
+        tol = 1e-4 if self.dtype == torch.float32 else 2e-2
+
+        def check(idx, what, got, want):
+            for name, a, b in (("keys", got[0], want[0]), ("values", got[1], want[1])):
+                err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+                if not err <= tol:
+                    raise Unsupported(f"decoder layer {idx}: the {name} of {what} differ from the model's own forward "
+                                      f"(relative error {err:.3g}): the connector does not run this model as vLLM does")
+
+        try:
+            with set_forward_context(context[0], self.vllm_config, slot_mapping=context[1]):
+                self.decoder.forward(ids, rows, None)
+            reference = [tuple(t.clone() for t in self.read(idx, block_ids, 0, n)) for idx in range(self.num_layers)]
+            hidden, residual = self.embed(ids), None
+            for idx in range(self.num_layers):
+                self.kv_caches[idx][block_ids].zero_()
+                self.write_kv(idx, rows, hidden, residual, block_ids)
+                check(idx, "the K/V-only pass", self.read(idx, block_ids, 0, n), reference[idx])
+                self.kv_caches[idx][block_ids].zero_()
+                hidden, residual = self.run_layer(idx, rows, hidden, residual, block_ids, context)
+                check(idx, "the layer run alone", self.read(idx, block_ids, 0, n), reference[idx])
+        finally:
+            for cache in self.kv_caches:
+                cache[block_ids].zero_()
 
     @torch.inference_mode()
     def probe_rope(self, n: int = 4, delta: int = 37) -> None:
         """Each layer on the same inputs at positions 0..n-1 and delta..delta+n-1 (scratch blocks at the end of the
         pool, zeroed after): the second keys must be the first rotated by delta with the layer's inv_freq and pair
         convention, and the values equal. Raises Unsupported otherwise."""
-        need = (n + delta + self.block_size - 1) // self.block_size
-        if need >= self.num_blocks:
-            raise Unsupported("the KV cache is too small for the start-up probe")
-        block_ids = torch.arange(self.num_blocks - need, self.num_blocks, dtype=torch.long)
+        block_ids = self._scratch_blocks(n + delta)
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, self.model.config.vocab_size, (n,), generator=gen)
         hidden = self.embed(ids)

@@ -74,6 +74,7 @@ class WorkerSide:
             try:
                 with torch.inference_mode():
                     self.model = VllmModel(runner, self.vllm_config, kv_caches)
+                    self.model.self_check()
                     self.model.probe_rope()
                     cfg = self.options.reuse
                     self.planes = matching.lsh_planes(self.model.model.config.hidden_size, cfg.lsh_bits, cfg.lsh_seed)

@@ -62,7 +62,12 @@ FAMILIES = {
     "qwen3-moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64},
                   "Qwen3MoeDecoderLayer"),
     "mistral-sliding-window": ("MistralConfig", {"sliding_window": 64}, None, "sliding window"),
+    # The same, with a window as long as the context and vLLM told to run it as causal attention (Mistral 7B v0.1's
+    # 4096-token window, up to 4096 tokens): the refusal's remedy.
+    "mistral-window-disabled": ("MistralConfig", {"sliding_window": 1024}, "MistralDecoderLayer"),
 }
+# Engine arguments beside the common ones, per family.
+ENGINE_ARGS = {"mistral-window-disabled": {"disable_sliding_window": True}}
 
 SCRIPT = """
 import json, sys
@@ -74,7 +79,7 @@ if __name__ == "__main__":
     import semshare_ops.vllm as ssv
     from semshare_ops.bench.e2e import edit_tokens, text_prompt
     llm = LLM({model!r}, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
-              **ssv.engine_args(recompute_ratio=0.2))
+              **ssv.engine_args(recompute_ratio=0.2), **{engine_args!r})
     reference = text_prompt(llm.get_tokenizer(), 400)
     target = edit_tokens(reference, 0.1, seed=7)
     diff = lambda a, b: (a.tokens == b.tokens, max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)))
@@ -139,7 +144,8 @@ def served(request, model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     model = _make_model(request.param, root, model_dir)
     path = root / "run.py"
-    path.write_text(SCRIPT.format(tests=str(Path(__file__).parents[1]), model=model))
+    path.write_text(SCRIPT.format(tests=str(Path(__file__).parents[1]), model=model,
+                                  engine_args=ENGINE_ARGS.get(request.param, {})))
     done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -18,7 +18,7 @@ pytest.importorskip("vllm")
 from vllm_testutils import LOGPROB_ATOL, OFF, serve, serve_together  # noqa: E402
 
 from semshare_ops.vllm.model import (  # noqa: E402
-    RopeGroup, Unsupported, VllmModel, check_architecture, check_config, runs_of)
+    Architecture, RopeGroup, Unsupported, VllmModel, check_architecture, check_config, runs_of)
 
 
 
@@ -180,6 +180,52 @@ def test_the_start_up_probe_refuses_keys_that_move_otherwise(llm):
     for name in ("frequencies 1% off", "the other pairing"):
         assert "keys of decoder layer 0 do not move with position as RoPE" in found[name], found
 
+
+
+def test_the_start_up_self_check_refuses_a_model_run_otherwise_than_vllm_runs_it(llm):
+    """`VllmModel.self_check` in the worker, on the engine's own layers: the model's own forward and the connector's
+    layer-by-layer run (and its K/V-only pass) write the same K/V in every layer, so it passes as the model is read;
+    it refuses, naming the layer and the pass, each way of running the model that the architecture table could get
+    wrong: embeddings scaled otherwise (layer 0), the residual stream not passed on (layer 1: the first layer that
+    reads it), the wrong norm before the attention (the K/V-only pass of layer 0)."""
+
+    def in_worker(worker):
+        import dataclasses
+
+        import torch
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        from semshare_ops.vllm.model import Unsupported
+
+        model = get_kv_transfer_group()._worker.model
+        embed, run_layer, architecture = model.embed, model.run_layer, model.architecture
+        wrong = {
+            "embeddings scaled": lambda: setattr(model, "embed", lambda ids: embed(ids) * 1.5),
+            "residual dropped": lambda: setattr(model, "run_layer", lambda *a, **k: (run_layer(*a, **k)[0], None)),
+            "another norm": lambda: setattr(model, "architecture",
+                                            dataclasses.replace(architecture, input_norm="post_attention_layernorm")),
+        }
+        found = {}
+        with torch.inference_mode():
+            for name, mistake in [("as read", lambda: None)] + list(wrong.items()):
+                mistake()
+                try:
+                    model.self_check()
+                    found[name] = "served"
+                except Unsupported as err:
+                    found[name] = str(err)
+                finally:  # back to the class's methods (the mistakes are instance attributes) and the table's entry
+                    model.__dict__.pop("embed", None)
+                    model.__dict__.pop("run_layer", None)
+                    model.architecture = architecture
+        return found
+
+    (found,) = llm.collective_rpc(in_worker)
+    assert found["as read"] == "served", found
+    assert found["embeddings scaled"].startswith("decoder layer 0: the keys of the K/V-only pass differ"), found
+    assert found["residual dropped"].startswith("decoder layer 1: the keys of the K/V-only pass differ"), found
+    assert found["another norm"].startswith("decoder layer 0: the keys of the K/V-only pass differ"), found
+    assert all("does not run this model as vLLM does" in found[name] for name in found if name != "as read"), found
 
 def _engine_of_its_own(script, model_dir, tmp_path_factory):
     """Run `script` (an engine of its own, in one process) and return what it printed as its RESULT."""
@@ -379,6 +425,7 @@ def test_the_kv_only_pass_stops_at_the_attention_call_and_restores_the_module():
     written = []
     model = object.__new__(VllmModel)
     model.block_size, model.kv_heads, model.head_dim = 4, 2, 3
+    model.architecture = Architecture("StandInDecoderLayer")  # its input norm: input_layernorm
     model.write = lambda idx, key, value, slots: written.append((idx, key, value, slots))
     attention = SimpleNamespace()  # stands in for vLLM's Attention module: the pass sets and removes its forward
     model.attentions = [attention]
