@@ -11,13 +11,13 @@ exact, and the layer writes its rows' K/V into the cache at their slots, as in a
 Served: the architectures whose decoder layers vLLM runs as Llama's do (input norm, self-attention on positions and
 hidden states, post-attention norm, MLP or mixture of experts, the residual stream passed on beside the hidden states or
 added inside the layer; `SUPPORTED_ARCHITECTURES`: Apertus, Ernie 4.5, Gemma, GLM-4, Granite (its multipliers included),
-Llama, Mistral, Mixtral, Nemotron, OLMoE, Phi-3 (longrope included), Qwen2, Qwen3 (keys normalised per head before RoPE)
-and their MoE versions) on the CPU attention backend, one KV cache group, no tensor or pipeline parallelism, the model's
-dtype in the cache (no fp8), causal attention with no sliding window, soft-capping, sinks or ALiBi, no LoRA. Anything
-else is refused by name (`Unsupported`), and the connector falls back to vLLM's own prefill for every request. At
-start-up a self-check runs a few random tokens through the model's own forward and through the connector's
-layer-by-layer run and K/V-only pass, and every layer's K/V must agree (`self_check`); then a probe measures each
-layer's RoPE on scratch blocks: the keys of the same inputs at positions p and p + delta must differ by exactly the
+Llama, Mistral, Mixtral, Nemotron, OLMoE, Phi-3 (longrope included), Qwen2, Qwen3 (keys normalised per head before
+RoPE), their MoE versions and StableLM) on the CPU attention backend, one KV cache group, no tensor or pipeline
+parallelism, the model's dtype in the cache (no fp8), causal attention with no sliding window, soft-capping, sinks or
+ALiBi, no LoRA. Anything else is refused by name (`Unsupported`), and the connector falls back to vLLM's own prefill for
+every request. At start-up a self-check runs a few random tokens through the model's own forward and through the
+connector's layer-by-layer run and K/V-only pass, and every layer's K/V must agree (`self_check`); then a probe measures
+each layer's RoPE on scratch blocks: the keys of the same inputs at positions p and p + delta must differ by exactly the
 rotation `rope_reuse_` applies with the layer's inverse frequencies, as the HF engine's probe checks its models.
 """
 from __future__ import annotations
@@ -66,6 +66,10 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2MoeForCausalLM": Architecture("Qwen2MoeDecoderLayer"),
     "Qwen3ForCausalLM": Architecture("Qwen3DecoderLayer"),
     "Qwen3MoeForCausalLM": Architecture("Qwen3MoeDecoderLayer"),
+    # StableLM: LayerNorms, RoPE on a quarter of each head. vLLM registers the config's StableLmForCausalLM as its
+    # class StablelmForCausalLM: the config's name and the class's are both checked, so both are listed.
+    "StableLmForCausalLM": Architecture("StablelmDecoderLayer", fused_residual=False),
+    "StablelmForCausalLM": Architecture("StablelmDecoderLayer", fused_residual=False),
 }
 
 
@@ -243,7 +247,9 @@ class VllmModel:
         with set_forward_context(md, self.vllm_config, slot_mapping=slot_mapping):
             if self.architecture.fused_residual:
                 return self.layers[idx](rows, hidden, residual)
-            return self.layers[idx](rows, hidden), None
+            out = self.layers[idx](rows, hidden)
+            # StableLM's layers return (hidden, residual) and its model passes on the hidden states only.
+            return (out[0] if isinstance(out, tuple) else out), None
 
     def write_kv(self, idx: int, rows: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
                  block_ids: torch.Tensor) -> None:

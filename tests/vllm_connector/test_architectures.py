@@ -2,8 +2,9 @@
 interleaved rotary pairs, GLM-4 and Nemotron with RoPE on half of each head, Gemma with its scaled embeddings, Granite
 and its MoE versions with their multipliers and the residual added inside the layer, Mistral, Mixtral, OLMoE with q/k
 norms over the whole projections, Phi-3 with and without longrope, Qwen2 with its QKV biases, Qwen3 with its per-head
-key norms, Qwen2-MoE, Qwen3-MoE), and one it must refuse (a sliding window): tiny random-weight models made from
-transformers configs, the embedded model's tokenizer, one engine of their own each (in one process), real ShareGPT text.
+key norms, Qwen2-MoE, Qwen3-MoE, StableLM with RoPE on a quarter of each head), and one it must refuse (a sliding
+window): tiny random-weight models made from transformers configs, the embedded model's tokenizer, one engine of their
+own each (in one process), real ShareGPT text.
 
 What is checked, per architecture: the connector serves it (the start-up probe passes); recomputing every row
 through vLLM's own layers gives vLLM's own prefill; the default settings reuse most rows; the K/V-only pass writes
@@ -61,6 +62,7 @@ FAMILIES = {
                                      "shared_expert_intermediate_size": 64}, "Qwen2MoeDecoderLayer"),
     "qwen3-moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64},
                   "Qwen3MoeDecoderLayer"),
+    "stablelm": ("StableLmConfig", {}, "StablelmDecoderLayer"),  # RoPE on a quarter of each head, LayerNorms
     "mistral-sliding-window": ("MistralConfig", {"sliding_window": 64}, None, "sliding window"),
     # The same, with a window as long as the context and vLLM told to run it as causal attention (Mistral 7B v0.1's
     # 4096-token window, up to 4096 tokens): the refusal's remedy.
