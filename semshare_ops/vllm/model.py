@@ -10,15 +10,16 @@ exact, and the layer writes its rows' K/V into the cache at their slots, as in a
 
 Served: the architectures whose decoder layers vLLM runs as Llama's do (input norm, self-attention on positions and
 hidden states, post-attention norm, MLP or mixture of experts, the residual stream passed on beside the hidden states or
-added inside the layer; `SUPPORTED_ARCHITECTURES`: Apertus, Ernie 4.5, Gemma, GLM-4, Granite (its multipliers included),
-Llama, Mistral, Mixtral, Nemotron, OLMoE, Phi-3 (longrope included), Qwen2, Qwen3 (keys normalised per head before
-RoPE), their MoE versions and StableLM) on the CPU attention backend, one KV cache group, no tensor or pipeline
-parallelism, the model's dtype in the cache (no fp8), causal attention with no sliding window, soft-capping, sinks or
-ALiBi, no LoRA. Anything else is refused by name (`Unsupported`), and the connector falls back to vLLM's own prefill for
-every request. At start-up a self-check runs a few random tokens through the model's own forward and through the
-connector's layer-by-layer run and K/V-only pass, and every layer's K/V must agree (`self_check`); then a probe measures
-each layer's RoPE on scratch blocks: the keys of the same inputs at positions p and p + delta must differ by exactly the
-rotation `rope_reuse_` applies with the layer's inverse frequencies, as the HF engine's probe checks its models.
+added inside the layer; `SUPPORTED_ARCHITECTURES`: Apertus, Cohere, Ernie 4.5, Gemma, GLM-4, Granite (its multipliers
+included), Llama, Mistral, Mixtral, Nemotron, OLMoE, Phi-3 (longrope included), Qwen2, Qwen3 (keys normalised per head
+before RoPE), the MoE versions of these and StableLM) on the CPU attention backend, one KV cache group, no tensor or
+pipeline parallelism, the model's dtype in the cache (no fp8), causal attention with no sliding window, soft-capping,
+sinks or ALiBi, no LoRA. Anything else is refused by name (`Unsupported`), and the connector falls back to vLLM's own
+prefill for every request. At start-up a self-check runs a few random tokens through the model's own forward and through
+the connector's layer-by-layer run and K/V-only pass, and every layer's K/V must agree (`self_check`); then a probe
+measures each layer's RoPE on scratch blocks: the keys of the same inputs at positions p and p + delta must differ by
+exactly the rotation `rope_reuse_` applies with the layer's inverse frequencies, as the HF engine's probe checks its
+models.
 """
 from __future__ import annotations
 
@@ -46,11 +47,15 @@ _GRANITE = dict(fused_residual=False, embedding_multiplier=True)
 # Architecture -> how its decoder layers run. A class not listed here may order its parts otherwise.
 SUPPORTED_ARCHITECTURES = {
     "ApertusForCausalLM": Architecture("ApertusDecoderLayer", input_norm="attention_layernorm"),  # per-head q/k norms
+    # Cohere (Command R): LayerNorm, attention and MLP side by side on one norm, interleaved rotary pairs.
+    "CohereForCausalLM": Architecture("CohereDecoderLayer"),
     # vLLM's Ernie 4.5 is its Llama with interleaved rotary pairs.
     "Ernie4_5ForCausalLM": Architecture("LlamaDecoderLayer"),
+    "Ernie4_5_MoeForCausalLM": Architecture("Ernie4_5_MoeDecoderLayer"),
     "GemmaForCausalLM": Architecture("GemmaDecoderLayer"),  # embed_input_ids scales by sqrt(hidden_size) itself
     # GLM-4: RoPE on the first half of each head, interleaved pairs; norms after the attention and the MLP too.
     "Glm4ForCausalLM": Architecture("Glm4DecoderLayer"),
+    "Glm4MoeForCausalLM": Architecture("Glm4MoeDecoderLayer"),  # RoPE on half of each head, neox pairs
     # Granite: multipliers on the embeddings, the attention scores (the attention's own scale) and each residual
     # branch (inside the layer).
     "GraniteForCausalLM": Architecture("GraniteDecoderLayer", **_GRANITE),
@@ -260,10 +265,9 @@ class VllmModel:
         as they are (vLLM's fused add-norm may work in place)."""
         layer = self.layers[idx]
         norm = getattr(layer, self.architecture.input_norm)
-        if residual is None:
-            normed = norm(hidden.clone())
-        else:
-            normed, _ = norm(hidden.clone(), residual.clone())
+        normed = norm(hidden.clone()) if residual is None else norm(hidden.clone(), residual.clone())
+        if isinstance(normed, tuple):  # (normed, residual): the fused add-norm, or Cohere's norm, which returns both
+            normed = normed[0]
         n, slots = rows.numel(), layout.slots_of(block_ids, rows, self.block_size)
 
         def write_and_stop(query, key, value, *args, **kwargs):

@@ -1,10 +1,10 @@
-"""The connector on each architecture it serves besides Llama (Apertus with its per-head q/k norms, Ernie 4.5 with
-interleaved rotary pairs, GLM-4 and Nemotron with RoPE on half of each head, Gemma with its scaled embeddings, Granite
-and its MoE versions with their multipliers and the residual added inside the layer, Mistral, Mixtral, OLMoE with q/k
-norms over the whole projections, Phi-3 with and without longrope, Qwen2 with its QKV biases, Qwen3 with its per-head
-key norms, Qwen2-MoE, Qwen3-MoE, StableLM with RoPE on a quarter of each head), and one it must refuse (a sliding
-window): tiny random-weight models made from transformers configs, the embedded model's tokenizer, one engine of their
-own each (in one process), real ShareGPT text.
+"""The connector on each architecture it serves besides Llama (Apertus with its per-head q/k norms, Cohere with
+attention and MLP side by side, ERNIE-4.5-MoE, GLM-4-MoE, Ernie 4.5 with interleaved rotary pairs, GLM-4 and Nemotron
+with RoPE on half of each head, Gemma with its scaled embeddings, Granite and its MoE versions with their multipliers
+and the residual added inside the layer, Mistral, Mixtral, OLMoE with q/k norms over the whole projections, Phi-3 with
+and without longrope, Qwen2 with its QKV biases, Qwen3 with its per-head key norms, Qwen2-MoE, Qwen3-MoE, StableLM with
+RoPE on a quarter of each head), and one it must refuse (a sliding window): tiny random-weight models made from
+transformers configs, the embedded model's tokenizer, one engine of their own each (in one process), real ShareGPT text.
 
 What is checked, per architecture: the connector serves it (the start-up probe passes); recomputing every row
 through vLLM's own layers gives vLLM's own prefill; the default settings reuse most rows; the K/V-only pass writes
@@ -34,10 +34,15 @@ COMMON = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidd
 GRANITE = dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=8.0)
 FAMILIES = {
     "apertus": ("ApertusConfig", {}, "ApertusDecoderLayer"),
+    "cohere": ("CohereConfig", {"eos_token_id": 0, "bos_token_id": 1}, "CohereDecoderLayer"),
     "ernie4_5": ("Ernie4_5Config", {}, "LlamaDecoderLayer"),
+    "ernie4_5-moe": ("Ernie4_5_MoeConfig", {"moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 64,
+                                            "moe_num_shared_experts": 1}, "Ernie4_5_MoeDecoderLayer"),
     "gemma": ("GemmaConfig", {}, "GemmaDecoderLayer"),
     # RoPE on half of each head (interleaved pairs for GLM-4, neox for Nemotron)
     "glm4": ("Glm4Config", {"pad_token_id": 0, "eos_token_id": 0}, "Glm4DecoderLayer"),
+    "glm4-moe": ("Glm4MoeConfig", {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                    "pad_token_id": 0, "eos_token_id": 0}, "Glm4MoeDecoderLayer"),
     "nemotron": ("NemotronConfig", {}, "NemotronDecoderLayer"),
     "granite": ("GraniteConfig", GRANITE, "GraniteDecoderLayer"),
     "granite-moe": ("GraniteMoeConfig", {**GRANITE, "num_local_experts": 4, "num_experts_per_tok": 2},
