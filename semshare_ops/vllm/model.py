@@ -10,16 +10,16 @@ exact, and the layer writes its rows' K/V into the cache at their slots, as in a
 
 Served: the architectures whose decoder layers vLLM runs as Llama's do (input norm, self-attention on positions and
 hidden states, post-attention norm, MLP or mixture of experts, the residual stream passed on beside the hidden states or
-added inside the layer; `SUPPORTED_ARCHITECTURES`: Apertus, Cohere, Ernie 4.5, Gemma, GLM-4, Granite (its multipliers
-included), Llama, Mistral, Mixtral, Nemotron, OLMoE, Phi-3 (longrope included), Qwen2, Qwen3 (keys normalised per head
-before RoPE), the MoE versions of these and StableLM) on the CPU attention backend, one KV cache group, no tensor or
-pipeline parallelism, the model's dtype in the cache (no fp8), causal attention with no sliding window, soft-capping,
-sinks or ALiBi, no LoRA. Anything else is refused by name (`Unsupported`), and the connector falls back to vLLM's own
-prefill for every request. At start-up a self-check runs a few random tokens through the model's own forward and through
-the connector's layer-by-layer run and K/V-only pass, and every layer's K/V must agree (`self_check`); then a probe
-measures each layer's RoPE on scratch blocks: the keys of the same inputs at positions p and p + delta must differ by
-exactly the rotation `rope_reuse_` applies with the layer's inverse frequencies, as the HF engine's probe checks its
-models.
+added inside the layer; `SUPPORTED_ARCHITECTURES`: Apertus, Cohere, Ernie 4.5, Gemma 1-3, GLM-4, Granite (its
+multipliers included), Llama, Mistral, Mixtral, Nemotron, OLMoE, Phi-3 (longrope included), Qwen2, Qwen3 (keys
+normalised per head before RoPE), the MoE versions of these and StableLM) on the CPU attention backend, one KV cache
+group, no tensor or pipeline parallelism, the model's dtype in the cache (no fp8), causal attention (soft-capping
+included) with no sliding window, sinks or ALiBi, no LoRA. Anything else is refused by name (`Unsupported`), and the
+connector falls back to vLLM's own prefill for every request. At start-up a self-check runs a few random tokens through
+the model's own forward and through the connector's layer-by-layer run and K/V-only pass, and every layer's K/V must
+agree (`self_check`); then a probe measures each layer's RoPE on scratch blocks: the keys of the same inputs at
+positions p and p + delta must differ by exactly the rotation `rope_reuse_` applies with the layer's inverse
+frequencies, as the HF engine's probe checks its models.
 """
 from __future__ import annotations
 
@@ -53,6 +53,10 @@ SUPPORTED_ARCHITECTURES = {
     "Ernie4_5ForCausalLM": Architecture("LlamaDecoderLayer"),
     "Ernie4_5_MoeForCausalLM": Architecture("Ernie4_5_MoeDecoderLayer"),
     "GemmaForCausalLM": Architecture("GemmaDecoderLayer"),  # embed_input_ids scales by sqrt(hidden_size) itself
+    # Gemma-2/3: logit soft-capping (Gemma-2), norms after attention and MLP; their windows are refused below unless
+    # the engine runs without them (disable_sliding_window). Gemma-3's local layers rotate with their own base.
+    "Gemma2ForCausalLM": Architecture("Gemma2DecoderLayer"),
+    "Gemma3ForCausalLM": Architecture("Gemma3DecoderLayer"),
     # GLM-4: RoPE on the first half of each head, interleaved pairs; norms after the attention and the MLP too.
     "Glm4ForCausalLM": Architecture("Glm4DecoderLayer"),
     "Glm4MoeForCausalLM": Architecture("Glm4MoeDecoderLayer"),  # RoPE on half of each head, neox pairs
@@ -169,8 +173,10 @@ class VllmModel:
                 # capped at the window.
                 raise Unsupported("sliding window (an engine started with disable_sliding_window=True runs the "
                                   "model with causal attention up to the window's length, which the connector serves)")
-            if impl.logits_soft_cap or impl.alibi_slopes is not None or getattr(impl, "sinks", None) is not None:
-                raise Unsupported("soft-capping, ALiBi or attention sinks")
+            # Soft-capping is the attention's own (the layer runs it), so it is served; ALiBi has no RoPE to move
+            # keys by, and sinks are untested here.
+            if impl.alibi_slopes is not None or getattr(impl, "sinks", None) is not None:
+                raise Unsupported("ALiBi or attention sinks")
             if getattr(attn, "attn_type", "decoder") != "decoder":  # a str Enum: equal to its value
                 raise Unsupported(f"attention type {attn.attn_type!s} (bidirectional or encoder attention)")
         groups = runner.attn_groups

@@ -1,10 +1,11 @@
 """The connector on each architecture it serves besides Llama (Apertus with its per-head q/k norms, Cohere with
 attention and MLP side by side, ERNIE-4.5-MoE, GLM-4-MoE, Ernie 4.5 with interleaved rotary pairs, GLM-4 and Nemotron
-with RoPE on half of each head, Gemma with its scaled embeddings, Granite and its MoE versions with their multipliers
-and the residual added inside the layer, Mistral, Mixtral, OLMoE with q/k norms over the whole projections, Phi-3 with
-and without longrope, Qwen2 with its QKV biases, Qwen3 with its per-head key norms, Qwen2-MoE, Qwen3-MoE, StableLM with
-RoPE on a quarter of each head), and one it must refuse (a sliding window): tiny random-weight models made from
-transformers configs, the embedded model's tokenizer, one engine of their own each (in one process), real ShareGPT text.
+with RoPE on half of each head, Gemma with its scaled embeddings, Gemma-2 with logit soft-capping and Gemma-3 with two
+rotary bases (both with their windows disabled), Granite and its MoE versions with their multipliers and the residual
+added inside the layer, Mistral, Mixtral, OLMoE with q/k norms over the whole projections, Phi-3 with and without
+longrope, Qwen2 with its QKV biases, Qwen3 with its per-head key norms, Qwen2-MoE, Qwen3-MoE, StableLM with RoPE on a
+quarter of each head), and one it must refuse (a sliding window): tiny random-weight models made from transformers
+configs, the embedded model's tokenizer, one engine of their own each (in one process), real ShareGPT text.
 
 What is checked, per architecture: the connector serves it (the start-up probe passes); recomputing every row
 through vLLM's own layers gives vLLM's own prefill; the default settings reuse most rows; the K/V-only pass writes
@@ -39,6 +40,11 @@ FAMILIES = {
     "ernie4_5-moe": ("Ernie4_5_MoeConfig", {"moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 64,
                                             "moe_num_shared_experts": 1}, "Ernie4_5_MoeDecoderLayer"),
     "gemma": ("GemmaConfig", {}, "GemmaDecoderLayer"),
+    # Windows as long as the engine's context, run without them (disable_sliding_window, ENGINE_ARGS): Gemma-2's
+    # soft-capping, Gemma-3's two rotary bases and q/k norms.
+    "gemma2": ("Gemma2Config", {"sliding_window": 1024, "attn_logit_softcapping": 5.0, "tie_word_embeddings": True},
+               "Gemma2DecoderLayer"),
+    "gemma3": ("Gemma3TextConfig", {"sliding_window": 1024}, "Gemma3DecoderLayer"),
     # RoPE on half of each head (interleaved pairs for GLM-4, neox for Nemotron)
     "glm4": ("Glm4Config", {"pad_token_id": 0, "eos_token_id": 0}, "Glm4DecoderLayer"),
     "glm4-moe": ("Glm4MoeConfig", {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
@@ -74,7 +80,7 @@ FAMILIES = {
     "mistral-window-disabled": ("MistralConfig", {"sliding_window": 1024}, "MistralDecoderLayer"),
 }
 # Engine arguments beside the common ones, per family.
-ENGINE_ARGS = {"mistral-window-disabled": {"disable_sliding_window": True}}
+ENGINE_ARGS = {name: {"disable_sliding_window": True} for name in ("gemma2", "gemma3", "mistral-window-disabled")}
 
 SCRIPT = """
 import json, sys

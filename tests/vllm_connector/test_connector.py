@@ -372,11 +372,11 @@ def test_unsupported_configurations_are_named():
     check_config(config(lora_config=None))
     with pytest.raises(Unsupported, match="enable_lora"):
         check_config(config(lora_config=SimpleNamespace(max_loras=1)))
-    for served in ("GemmaForCausalLM", "GraniteMoeForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                   "Qwen3MoeForCausalLM"):
+    for served in ("GemmaForCausalLM", "Gemma2ForCausalLM", "GraniteMoeForCausalLM", "MistralForCausalLM",
+                   "Qwen2ForCausalLM", "Qwen3MoeForCausalLM"):
         check_config(config([served]))
-    with pytest.raises(Unsupported, match="Gemma2ForCausalLM"):  # soft-capping and sliding windows
-        check_config(config(["Gemma2ForCausalLM"]))
+    with pytest.raises(Unsupported, match="Gemma3nForCausalLM"):  # AltUp and per-layer inputs between layers
+        check_config(config(["Gemma3nForCausalLM"]))
     with pytest.raises(Unsupported, match="GraniteMoeHybridForCausalLM"):  # Mamba-2 layers beside attention
         check_config(config(["GraniteMoeHybridForCausalLM"]))
     with pytest.raises(Unsupported, match="unknown"):
