@@ -315,7 +315,8 @@ class VllmModel:
 
     def _scratch_blocks(self, positions: int) -> torch.Tensor:
         """Block ids at the end of the pool for `positions` positions of a start-up check (vLLM has handed none out
-        yet; each check zeroes them after)."""
+        yet; each check zeroes them after, as `cache[ids] = 0`: indexing by a tensor gathers a copy, whose `zero_()`
+        would leave the cache as it was)."""
         need = (positions + self.block_size - 1) // self.block_size
         if need >= self.num_blocks:
             raise Unsupported("the KV cache is too small for the start-up checks")
@@ -350,15 +351,15 @@ class VllmModel:
             reference = [tuple(t.clone() for t in self.read(idx, block_ids, 0, n)) for idx in range(self.num_layers)]
             hidden, residual = self.embed(ids), None
             for idx in range(self.num_layers):
-                self.kv_caches[idx][block_ids].zero_()
+                self.kv_caches[idx][block_ids] = 0
                 self.write_kv(idx, rows, hidden, residual, block_ids)
                 check(idx, "the K/V-only pass", self.read(idx, block_ids, 0, n), reference[idx])
-                self.kv_caches[idx][block_ids].zero_()
+                self.kv_caches[idx][block_ids] = 0
                 hidden, residual = self.run_layer(idx, rows, hidden, residual, block_ids, context)
                 check(idx, "the layer run alone", self.read(idx, block_ids, 0, n), reference[idx])
         finally:
             for cache in self.kv_caches:
-                cache[block_ids].zero_()
+                cache[block_ids] = 0
 
     @torch.inference_mode()
     def probe_rope(self, n: int = 4, delta: int = 37) -> None:
@@ -386,4 +387,4 @@ class VllmModel:
                                           f"its rotary embedding's frequencies (relative error {err:.3g})")
         finally:
             for cache in self.kv_caches:
-                cache[block_ids].zero_()
+                cache[block_ids] = 0

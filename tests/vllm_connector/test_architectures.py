@@ -118,7 +118,7 @@ if __name__ == "__main__":
                     out = model.run_layer(idx, rows, hidden.clone(), None if residual is None else residual.clone(),
                                           block_ids)
                     whole = model.read_rows(idx, block_ids, rows)
-                    model.kv_caches[idx][block_ids].zero_()
+                    model.kv_caches[idx][block_ids] = 0
                     model.write_kv(idx, rows, hidden, residual, block_ids)
                     kv_only = model.read_rows(idx, block_ids, rows)
                     equal.append(torch.equal(whole[0], kv_only[0]) and torch.equal(whole[1], kv_only[1])
@@ -126,7 +126,7 @@ if __name__ == "__main__":
                     hidden, residual = out
         finally:
             for cache in model.kv_caches:
-                cache[block_ids].zero_()
+                cache[block_ids] = 0
         return {{"layer": type(model.layers[0]).__name__, "equal": equal}}
 
     (kv_only,) = llm.collective_rpc(kv_only_against_whole_layer)

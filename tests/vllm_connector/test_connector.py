@@ -120,11 +120,11 @@ def test_the_kv_only_pass_writes_what_the_whole_layer_writes(llm):
             with torch.inference_mode():
                 for idx in (0, 1):
                     for cache in model.kv_caches:
-                        cache[block_ids].zero_()
+                        cache[block_ids] = 0
                     copies = lambda: (hidden.clone(), None if residual is None else residual.clone())  # noqa: E731
                     out = model.run_layer(idx, rows, *copies(), block_ids)
                     whole = model.read_rows(idx, block_ids, rows)
-                    model.kv_caches[idx][block_ids].zero_()
+                    model.kv_caches[idx][block_ids] = 0
                     args = copies()
                     model.write_kv(idx, rows, *args, block_ids)
                     kv_only = model.read_rows(idx, block_ids, rows)
@@ -138,7 +138,7 @@ def test_the_kv_only_pass_writes_what_the_whole_layer_writes(llm):
                     hidden, residual = out
         finally:
             for cache in model.kv_caches:
-                cache[block_ids].zero_()
+                cache[block_ids] = 0
         return found
 
     (found,) = llm.collective_rpc(in_worker)
@@ -186,8 +186,9 @@ def test_the_start_up_self_check_refuses_a_model_run_otherwise_than_vllm_runs_it
     """`VllmModel.self_check` in the worker, on the engine's own layers: the model's own forward and the connector's
     layer-by-layer run (and its K/V-only pass) write the same K/V in every layer, so it passes as the model is read;
     it refuses, naming the layer and the pass, each way of running the model that the architecture table could get
-    wrong: embeddings scaled otherwise (layer 0), the residual stream not passed on (layer 1: the first layer that
-    reads it), the wrong norm before the attention (the K/V-only pass of layer 0)."""
+    wrong: embeddings made otherwise (layer 0), the residual stream not passed on (layer 1: the first layer that
+    reads it), the wrong norm before the attention (the K/V-only pass of layer 0); and a K/V-only pass that writes
+    nothing (its slots are zeroed before it runs, so the model's own K/V left there cannot pass for it)."""
 
     def in_worker(worker):
         import dataclasses
@@ -200,7 +201,8 @@ def test_the_start_up_self_check_refuses_a_model_run_otherwise_than_vllm_runs_it
         model = get_kv_transfer_group()._worker.model
         embed, run_layer, architecture = model.embed, model.run_layer, model.architecture
         wrong = {
-            "embeddings scaled": lambda: setattr(model, "embed", lambda ids: embed(ids) * 1.5),
+            "embeddings shifted": lambda: setattr(model, "embed", lambda ids: embed(ids) + 0.05),
+            "nothing written": lambda: setattr(model, "write_kv", lambda *args: None),
             "residual dropped": lambda: setattr(model, "run_layer", lambda *a, **k: (run_layer(*a, **k)[0], None)),
             "another norm": lambda: setattr(model, "architecture",
                                             dataclasses.replace(architecture, input_norm="post_attention_layernorm")),
@@ -215,14 +217,15 @@ def test_the_start_up_self_check_refuses_a_model_run_otherwise_than_vllm_runs_it
                 except Unsupported as err:
                     found[name] = str(err)
                 finally:  # back to the class's methods (the mistakes are instance attributes) and the table's entry
-                    model.__dict__.pop("embed", None)
-                    model.__dict__.pop("run_layer", None)
+                    for method in ("embed", "run_layer", "write_kv"):
+                        model.__dict__.pop(method, None)
                     model.architecture = architecture
         return found
 
     (found,) = llm.collective_rpc(in_worker)
     assert found["as read"] == "served", found
-    assert found["embeddings scaled"].startswith("decoder layer 0: the keys of the K/V-only pass differ"), found
+    assert found["embeddings shifted"].startswith("decoder layer 0: the keys of the K/V-only pass differ"), found
+    assert found["nothing written"].startswith("decoder layer 0: the keys of the K/V-only pass differ"), found
     assert found["residual dropped"].startswith("decoder layer 1: the keys of the K/V-only pass differ"), found
     assert found["another norm"].startswith("decoder layer 0: the keys of the K/V-only pass differ"), found
     assert all("does not run this model as vLLM does" in found[name] for name in found if name != "as read"), found
