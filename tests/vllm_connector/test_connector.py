@@ -181,7 +181,6 @@ def test_the_start_up_probe_refuses_keys_that_move_otherwise(llm):
         assert "keys of decoder layer 0 do not move with position as RoPE" in found[name], found
 
 
-
 def test_the_start_up_self_check_refuses_a_model_run_otherwise_than_vllm_runs_it(llm):
     """`VllmModel.self_check` in the worker, on the engine's own layers: the model's own forward and the connector's
     layer-by-layer run (and its K/V-only pass) write the same K/V in every layer, so it passes as the model is read;
@@ -229,6 +228,7 @@ def test_the_start_up_self_check_refuses_a_model_run_otherwise_than_vllm_runs_it
     assert found["residual dropped"].startswith("decoder layer 1: the keys of the K/V-only pass differ"), found
     assert found["another norm"].startswith("decoder layer 0: the keys of the K/V-only pass differ"), found
     assert all("does not run this model as vLLM does" in found[name] for name in found if name != "as read"), found
+
 
 def _engine_of_its_own(script, model_dir, tmp_path_factory):
     """Run `script` (an engine of its own, in one process) and return what it printed as its RESULT."""
