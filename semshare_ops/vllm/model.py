@@ -255,6 +255,14 @@ class VllmModel:
         from vllm.forward_context import set_forward_context
 
         md, slot_mapping = context if context is not None else self.metadata(rows, block_ids)
+        # vLLM's attention kernels size their work by the metadata and their output by the hidden states: a mismatch
+        # reads and writes past a buffer (a heap corruption, not an error), so it is refused here.
+        n = rows.numel()
+        if hidden.shape[0] != n or (residual is not None and residual.shape[0] != n) or any(
+                slots.numel() != n for slots in slot_mapping.values()):
+            raise ValueError(f"decoder layer {idx}: {n} rows, hidden states for {hidden.shape[0]}"
+                             + ("" if residual is None else f", a residual for {residual.shape[0]}")
+                             + f", cache slots for {next(iter(slot_mapping.values())).numel()}")
         with set_forward_context(md, self.vllm_config, slot_mapping=slot_mapping):
             if self.architecture.fused_residual:
                 return self.layers[idx](rows, hidden, residual)
@@ -315,12 +323,17 @@ class VllmModel:
 
     def _scratch_blocks(self, positions: int) -> torch.Tensor:
         """Block ids at the end of the pool for `positions` positions of a start-up check (vLLM has handed none out
-        yet; each check zeroes them after, as `cache[ids] = 0`: indexing by a tensor gathers a copy, whose `zero_()`
-        would leave the cache as it was)."""
+        yet; each check clears them after)."""
         need = (positions + self.block_size - 1) // self.block_size
         if need >= self.num_blocks:
             raise Unsupported("the KV cache is too small for the start-up checks")
         return torch.arange(self.num_blocks - need, self.num_blocks, dtype=torch.long)
+
+    def _clear_scratch(self, block_ids: torch.Tensor, layers=None) -> None:
+        """Zero the scratch blocks in the given layers' caches (all by default). An assignment, not `zero_()`:
+        indexing by a tensor of ids gathers a copy, whose `zero_()` would leave the cache as it was."""
+        for idx in range(self.num_layers) if layers is None else layers:
+            self.kv_caches[idx][block_ids] = 0
 
     @torch.inference_mode()
     def self_check(self, n: int = 12) -> None:
@@ -351,15 +364,14 @@ class VllmModel:
             reference = [tuple(t.clone() for t in self.read(idx, block_ids, 0, n)) for idx in range(self.num_layers)]
             hidden, residual = self.embed(ids), None
             for idx in range(self.num_layers):
-                self.kv_caches[idx][block_ids] = 0
+                self._clear_scratch(block_ids, [idx])
                 self.write_kv(idx, rows, hidden, residual, block_ids)
                 check(idx, "the K/V-only pass", self.read(idx, block_ids, 0, n), reference[idx])
-                self.kv_caches[idx][block_ids] = 0
+                self._clear_scratch(block_ids, [idx])
                 hidden, residual = self.run_layer(idx, rows, hidden, residual, block_ids, context)
                 check(idx, "the layer run alone", self.read(idx, block_ids, 0, n), reference[idx])
         finally:
-            for cache in self.kv_caches:
-                cache[block_ids] = 0
+            self._clear_scratch(block_ids)
 
     @torch.inference_mode()
     def probe_rope(self, n: int = 4, delta: int = 37) -> None:
@@ -386,5 +398,4 @@ class VllmModel:
                         raise Unsupported(f"the keys of decoder layer {idx} do not move with position as RoPE with "
                                           f"its rotary embedding's frequencies (relative error {err:.3g})")
         finally:
-            for cache in self.kv_caches:
-                cache[block_ids] = 0
+            self._clear_scratch(block_ids)

@@ -148,7 +148,8 @@ def test_the_kv_only_pass_writes_what_the_whole_layer_writes(llm):
 def test_the_start_up_probe_refuses_keys_that_move_otherwise(llm):
     """`VllmModel.probe_rope` in the worker, on the engine's own layers: it passes with the frequencies and pair
     convention read from the model, and refuses by name when either is not what the layers do (frequencies 1% off,
-    the other pairing), so a rotary embedding the connector reads wrongly is never served."""
+    the other pairing), so a rotary embedding the connector reads wrongly is never served. Passed or refused, it
+    leaves its scratch blocks zeroed, whatever they held before."""
 
     def in_worker(worker):
         import dataclasses
@@ -159,35 +160,51 @@ def test_the_start_up_probe_refuses_keys_that_move_otherwise(llm):
         from semshare_ops.vllm.model import Unsupported
 
         model = get_kv_transfer_group()._worker.model
-        groups, found = model.rope_groups, {}
+        groups, found, cleared = model.rope_groups, {}, {}
         wrong = {"frequencies 1% off": dataclasses.replace(groups[0], inv_freq=groups[0].inv_freq * 1.01),
+                 "frequencies 2e-5 off": dataclasses.replace(groups[0], inv_freq=groups[0].inv_freq * (1 + 2e-5)),
                  "the other pairing": dataclasses.replace(groups[0], neox=not groups[0].neox)}
+        scratch = model._scratch_blocks(4 + 37)
         try:
             with torch.inference_mode():
                 for name, group in [("as read", groups[0])] + list(wrong.items()):
                     model.rope_groups = [group] + groups[1:]
+                    for cache in model.kv_caches:  # what a check leaves must not be what was there before it
+                        cache[scratch] = 1.0
                     try:
                         model.probe_rope()
                         found[name] = "served"
                     except Unsupported as err:
                         found[name] = str(err)
+                    cleared[name] = all(not cache[scratch].any() for cache in model.kv_caches)
         finally:
             model.rope_groups = groups
-        return found
+        return found, cleared
 
-    (found,) = llm.collective_rpc(in_worker)
+    ((found, cleared),) = llm.collective_rpc(in_worker)
     assert found["as read"] == "served", found
-    for name in ("frequencies 1% off", "the other pairing"):
+    for name in ("frequencies 1% off", "frequencies 2e-5 off", "the other pairing"):
         assert "keys of decoder layer 0 do not move with position as RoPE" in found[name], found
+    # Just past fp32's tolerance (1e-4 of the keys' largest value), and told as a relative error.
+    assert 1e-4 < _relative_error(found["frequencies 2e-5 off"]) < 1e-3, found
+    assert all(cleared.values()) and len(cleared) == 4, cleared
+
+
+def _relative_error(reason: str) -> float:
+    import re
+
+    return float(re.search(r"\(relative error ([0-9.e+-]+)\)", reason).group(1))
 
 
 def test_the_start_up_self_check_refuses_a_model_run_otherwise_than_vllm_runs_it(llm):
     """`VllmModel.self_check` in the worker, on the engine's own layers: the model's own forward and the connector's
     layer-by-layer run (and its K/V-only pass) write the same K/V in every layer, so it passes as the model is read;
     it refuses, naming the layer and the pass, each way of running the model that the architecture table could get
-    wrong: embeddings made otherwise (layer 0), the residual stream not passed on (layer 1: the first layer that
-    reads it), the wrong norm before the attention (the K/V-only pass of layer 0); and a K/V-only pass that writes
-    nothing (its slots are zeroed before it runs, so the model's own K/V left there cannot pass for it)."""
+    wrong: embeddings made otherwise (layer 0; 1e-4 off is past fp32's tolerance), the residual stream not passed on
+    (layer 1: the first layer that reads it), the wrong norm before the attention (the K/V-only pass of layer 0);
+    and a K/V-only pass or a layer run that writes nothing (their slots are zeroed before each runs, so K/V left
+    there cannot pass for theirs). Passed or refused, it leaves its scratch blocks zeroed, whatever they held
+    before."""
 
     def in_worker(worker):
         import dataclasses
@@ -199,17 +216,33 @@ def test_the_start_up_self_check_refuses_a_model_run_otherwise_than_vllm_runs_it
 
         model = get_kv_transfer_group()._worker.model
         embed, run_layer, architecture = model.embed, model.run_layer, model.architecture
+
+        def layer_writes_nothing(idx, rows, hidden, residual, block_ids, *args):
+            before = model.kv_caches[idx][block_ids].clone()
+            out = run_layer(idx, rows, hidden, residual, block_ids, *args)
+            model.kv_caches[idx][block_ids] = before  # the cache as the layer found it
+            return out
+
+        def embeddings_off(ids, noise=torch.Generator().manual_seed(3)):
+            exact = embed(ids)
+            return exact + 1e-4 * exact.abs().max() * torch.randn(exact.shape, generator=noise)
+
         wrong = {
             "embeddings shifted": lambda: setattr(model, "embed", lambda ids: embed(ids) + 0.05),
+            "embeddings 1e-4 off": lambda: setattr(model, "embed", embeddings_off),
             "nothing written": lambda: setattr(model, "write_kv", lambda *args: None),
+            "layer writes nothing": lambda: setattr(model, "run_layer", layer_writes_nothing),
             "residual dropped": lambda: setattr(model, "run_layer", lambda *a, **k: (run_layer(*a, **k)[0], None)),
             "another norm": lambda: setattr(model, "architecture",
                                             dataclasses.replace(architecture, input_norm="post_attention_layernorm")),
         }
-        found = {}
+        found, cleared = {}, {}
+        scratch = model._scratch_blocks(12)
         with torch.inference_mode():
             for name, mistake in [("as read", lambda: None)] + list(wrong.items()):
                 mistake()
+                for cache in model.kv_caches:  # what a check leaves must not be what was there before it
+                    cache[scratch] = 1.0
                 try:
                     model.self_check()
                     found[name] = "served"
@@ -219,15 +252,20 @@ def test_the_start_up_self_check_refuses_a_model_run_otherwise_than_vllm_runs_it
                     for method in ("embed", "run_layer", "write_kv"):
                         model.__dict__.pop(method, None)
                     model.architecture = architecture
-        return found
+                cleared[name] = all(not cache[scratch].any() for cache in model.kv_caches)
+        return found, cleared
 
-    (found,) = llm.collective_rpc(in_worker)
+    ((found, cleared),) = llm.collective_rpc(in_worker)
     assert found["as read"] == "served", found
     assert found["embeddings shifted"].startswith("decoder layer 0: the keys of the K/V-only pass differ"), found
+    assert found["embeddings 1e-4 off"].startswith("decoder layer 0: the keys of the K/V-only pass differ"), found
+    assert 1e-4 < _relative_error(found["embeddings 1e-4 off"]) < 1e-3, found  # fp32's tolerance, told as relative
     assert found["nothing written"].startswith("decoder layer 0: the keys of the K/V-only pass differ"), found
+    assert found["layer writes nothing"].startswith("decoder layer 0: the keys of the layer run alone differ"), found
     assert found["residual dropped"].startswith("decoder layer 1: the keys of the K/V-only pass differ"), found
     assert found["another norm"].startswith("decoder layer 0: the keys of the K/V-only pass differ"), found
     assert all("does not run this model as vLLM does" in found[name] for name in found if name != "as read"), found
+    assert all(cleared.values()) and len(cleared) == 7, cleared
 
 
 def _engine_of_its_own(script, model_dir, tmp_path_factory):
@@ -445,6 +483,62 @@ def test_the_kv_only_pass_stops_at_the_attention_call_and_restores_the_module():
     with pytest.raises(RuntimeError, match="never called its attention"):
         model.write_kv(0, rows, hidden, None, torch.tensor([7, 8]))
     assert not hasattr(attention, "forward")
+
+
+def test_a_layer_run_on_rows_and_inputs_of_different_lengths_is_refused_before_the_layer():
+    """vLLM's attention kernels size their work by the metadata and their output by the hidden states, so a run
+    whose rows, hidden states, residual or cache slots disagree in length would read and write past a buffer; it is
+    refused by name before the layer is called."""
+    called = []
+    model = object.__new__(VllmModel)
+    model.architecture = Architecture("StandInDecoderLayer")
+    model.layers = [lambda *args: called.append(args)]
+    rows, hidden = torch.tensor([1, 2, 5]), torch.randn(3, 6)
+    context = lambda n: ({"layer": None}, {"layer": torch.arange(n)})  # noqa: E731
+    for args, told in [((hidden[:2], None, context(3)), "3 rows, hidden states for 2, cache slots for 3"),
+                       ((hidden, hidden[:1], context(3)), "3 rows, hidden states for 3, a residual for 1"),
+                       ((hidden, None, context(6)), "3 rows, hidden states for 3, cache slots for 6")]:
+        with pytest.raises(ValueError, match=f"decoder layer 0: {told}"):
+            model.run_layer(0, rows, args[0], args[1], torch.tensor([7, 8]), args[2])
+    assert not called
+
+
+def test_the_start_up_checks_take_the_last_blocks_and_leave_the_first_alone():
+    """`_scratch_blocks`: as many blocks as the positions need, the last of the pool, never block 0 (vLLM's null
+    block, which it never hands out): a pool that cannot spare them is refused by name."""
+    model = object.__new__(VllmModel)
+    model.block_size, model.num_blocks = 16, 10
+    assert model._scratch_blocks(1).tolist() == [9] and model._scratch_blocks(16).tolist() == [9]
+    assert model._scratch_blocks(17).tolist() == [8, 9] and model._scratch_blocks(32).tolist() == [8, 9]
+    assert model._scratch_blocks(144).tolist() == list(range(1, 10))
+    assert model._scratch_blocks(0).tolist() == [] and model._scratch_blocks(144).dtype == torch.long
+    with pytest.raises(Unsupported, match="too small for the start-up checks"):
+        model._scratch_blocks(145)
+
+
+def test_the_attention_metadata_makes_each_run_of_rows_a_sequence_ending_at_its_last_row():
+    """`VllmModel.metadata` for scattered rows of one request: each run of consecutive positions is a sequence of
+    its own (its queries the run, its keys every position up to the run's end), all on the request's block table,
+    its K/V written at the rows' slots; every layer gets the same metadata and slots. Checked on what is handed to
+    vLLM's metadata builder, before any kernel reads it (a wrong start or length there is read past a buffer)."""
+    built = []
+    model = object.__new__(VllmModel)
+    model.block_size, model.layer_names = 16, ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
+    model.builder = SimpleNamespace(build=lambda **kwargs: built.append(kwargs) or "built")
+    rows, block_ids = torch.tensor([3, 4, 5, 9, 20, 21]), torch.tensor([7, 2])
+    md, slots = model.metadata(rows, block_ids)
+    ((kwargs,),) = [built]
+    common = kwargs["common_attn_metadata"]
+    assert kwargs["common_prefix_len"] == 0
+    assert common.query_start_loc.tolist() == [0, 3, 4, 6] and common.query_start_loc.dtype == torch.int32
+    assert common.query_start_loc_cpu.tolist() == [0, 3, 4, 6]
+    assert common.seq_lens.tolist() == [6, 10, 22] and common.seq_lens.dtype == torch.int32
+    assert (common.num_reqs, common.num_actual_tokens, common.max_query_len, common.max_seq_len) == (3, 6, 3, 22)
+    assert common.block_table_tensor.tolist() == [[7, 2]] * 3 and common.block_table_tensor.dtype == torch.int32
+    assert common.slot_mapping.tolist() == [115, 116, 117, 121, 36, 37] and common.causal
+    assert torch.equal(common.positions, rows)
+    assert md == dict.fromkeys(model.layer_names, "built") and list(slots) == model.layer_names
+    assert all(torch.equal(s, common.slot_mapping) for s in slots.values())
 
 
 def test_runs_of_consecutive_positions():
