@@ -291,12 +291,13 @@ def test_short_context_is_probed_inside_it(model_type, overrides):
     assert same.token_ids == stock_generate(model, target)[:1]
 
 
-@pytest.mark.parametrize("dtype, drift", [(torch.float32, 1e-4), (torch.bfloat16, 1e-3)])
+@pytest.mark.parametrize("dtype, drift", [(torch.float32, 1e-4), (torch.float32, 1e-5), (torch.bfloat16, 1e-3)])
 def test_keys_that_rotate_only_nearly_as_rope_are_refused(dtype, drift):
-    """Keys scaled by 1 + drift x position on top of RoPE (the rotation plus 0.4% in fp32, 3.7% in bf16, over the
-    probe's 37 positions): reused keys re-rotated by the position difference would be that far off, with no
-    self-check to see it (a full prefill is exact), so the probe's tolerance is its dtype's rounding, not a share of
-    the keys. The same model without the drift is served in either dtype."""
+    """Keys scaled by 1 + drift x position on top of RoPE (the rotation plus 0.4% or 0.04% in fp32, 3.7% in bf16,
+    over the probe's 37 positions): reused keys re-rotated by the position difference would be that far off, with no
+    self-check to see it (a full prefill is exact), so the probe's tolerance is its dtype's rounding (1e-4 of the
+    keys' largest value in fp32), not a share of the keys. The same model without the drift is served in either
+    dtype."""
     model = build("llama", {}).to(dtype)
     ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
     rotary = model.model.rotary_emb
@@ -310,6 +311,19 @@ def test_keys_that_rotate_only_nearly_as_rope_are_refused(dtype, drift):
     rotary.forward = drifting
     with pytest.raises(ValueError, match="keys of decoder layer 0 do not rotate as RoPE"):
         ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
+
+
+def test_keys_of_any_scale_are_found_to_rotate():
+    """The probe's tests are relative to the keys' size: a Llama whose keys are a thousandth of the usual scale (so a
+    rotation moves them by about 1e-3 in absolute terms) is still found to rotate as RoPE in every layer, not taken
+    for a model without RoPE whose reused keys would be copied unrotated."""
+    model = build("llama", {})
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight.mul_(1e-3)
+    engine = ReuseEngine(model, FakeTokenizer(VOCAB), ReuseConfig())
+    assert [g.inv_freq is not None for g in engine.rope_groups] == [True], engine.rope_groups
+    assert sorted(i for g in engine.rope_groups for i in g.layers) == list(range(engine.num_layers))
 
 
 def test_a_model_that_names_no_context_length_is_served():
