@@ -107,8 +107,7 @@ if __name__ == "__main__":
         if model is None:
             return None
         rows = torch.cat([torch.arange(3, 45), torch.arange(70, 131)])
-        need = (int(rows[-1]) + model.block_size) // model.block_size
-        block_ids = torch.arange(model.num_blocks - need, model.num_blocks, dtype=torch.long)
+        block_ids = model._scratch_blocks(int(rows[-1]) + 1)
         hidden = model.embed(torch.randint(0, model.model.config.vocab_size, (rows.numel(),),
                                            generator=torch.Generator().manual_seed(1)))
         residual, equal = None, []
@@ -118,15 +117,14 @@ if __name__ == "__main__":
                     out = model.run_layer(idx, rows, hidden.clone(), None if residual is None else residual.clone(),
                                           block_ids)
                     whole = model.read_rows(idx, block_ids, rows)
-                    model.kv_caches[idx][block_ids] = 0
+                    model._clear_scratch(block_ids, [idx])
                     model.write_kv(idx, rows, hidden, residual, block_ids)
                     kv_only = model.read_rows(idx, block_ids, rows)
                     equal.append(torch.equal(whole[0], kv_only[0]) and torch.equal(whole[1], kv_only[1])
                                  and bool((kv_only[0].abs().amax(dim=(1, 2)) > 0).all()))
                     hidden, residual = out
         finally:
-            for cache in model.kv_caches:
-                cache[block_ids] = 0
+            model._clear_scratch(block_ids)
         return {{"layer": type(model.layers[0]).__name__, "equal": equal}}
 
     (kv_only,) = llm.collective_rpc(kv_only_against_whole_layer)

@@ -111,20 +111,18 @@ def test_the_kv_only_pass_writes_what_the_whole_layer_writes(llm):
 
         model = get_kv_transfer_group()._worker.model
         rows = torch.cat([torch.arange(3, 45), torch.arange(70, 131)])
-        need = (int(rows[-1]) + model.block_size) // model.block_size
-        block_ids = torch.arange(model.num_blocks - need, model.num_blocks, dtype=torch.long)
+        block_ids = model._scratch_blocks(int(rows[-1]) + 1)
         gen = torch.Generator().manual_seed(1)
         hidden = model.embed(torch.randint(0, model.model.config.vocab_size, (rows.numel(),), generator=gen))
         residual, found = None, []
         try:
             with torch.inference_mode():
                 for idx in (0, 1):
-                    for cache in model.kv_caches:
-                        cache[block_ids] = 0
+                    model._clear_scratch(block_ids)
                     copies = lambda: (hidden.clone(), None if residual is None else residual.clone())  # noqa: E731
                     out = model.run_layer(idx, rows, *copies(), block_ids)
                     whole = model.read_rows(idx, block_ids, rows)
-                    model.kv_caches[idx][block_ids] = 0
+                    model._clear_scratch(block_ids, [idx])
                     args = copies()
                     model.write_kv(idx, rows, *args, block_ids)
                     kv_only = model.read_rows(idx, block_ids, rows)
@@ -137,8 +135,7 @@ def test_the_kv_only_pass_writes_what_the_whole_layer_writes(llm):
                     })
                     hidden, residual = out
         finally:
-            for cache in model.kv_caches:
-                cache[block_ids] = 0
+            model._clear_scratch(block_ids)
         return found
 
     (found,) = llm.collective_rpc(in_worker)
