@@ -499,14 +499,19 @@ def test_self_check_tries_other_prompts_before_refusing(tokenizer, flips, share,
         assert len(calls) == 3
 
 
-def test_self_check_refuses_a_model_that_acts_between_its_layers(tokenizer):
+@pytest.mark.parametrize("key_scale", [1.0, 1e-3])
+def test_self_check_refuses_a_model_that_acts_between_its_layers(tokenizer, key_scale):
     """The engine runs a model's decoder layers one by one; a model whose own forward changes the hidden states
     between two layers (stand-in: layer 1's input scaled by 1.01, only inside the model's forward) gives the same
-    logits through semshare attention as through its own, but its K/V recomputed layer by layer differ: refused."""
+    logits through semshare attention as through its own, but its K/V recomputed layer by layer differ: refused.
+    The error is relative to the keys' size, so keys a thousandth of the usual scale are refused the same way."""
     from semshare_ops.engine import ReuseEngine
     from semshare_ops.engine.architecture import UnsupportedModelError
 
     model = build_model("llama", seed=0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight.mul_(key_scale)
     inside = []
     model.model.register_forward_pre_hook(lambda module, args: inside.append(True))
     # always_call: the engine reads layer 0's input by stopping the model's forward with an exception

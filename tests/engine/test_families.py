@@ -133,7 +133,7 @@ REFUSED = {
     # The other way round: a window passed to the attention call (which SDPA and eager ignore) that no mask of the
     # model's forward applies (OLMoE masks causally, whatever its config says).
     "olmoe-window-not-masked": ("olmoe", dict(BASE, sliding_window=16, num_experts=4, num_experts_per_tok=2),
-                                "no attention mask of its own forward applies"),
+                                "no attention mask of its own forward applies (the masks' windows: none)"),
     # 5.25: indexed sparse attention, K/V shared across layers
     "kolibri1_1-shared-kv": ("kolibri1_1", dict(BASE, num_hidden_layers=5, index_num_heads=1),
                              "cannot be run one layer at a time"),
